@@ -1,0 +1,7 @@
+"""flashdsa: DeepSeek Sparse Attention (DSA) in PyTorch and Triton.
+
+Exact references (``flashdsa.reference``), Triton kernels (``flashdsa.ops``),
+trainable modules (``flashdsa.layers``) and the public ops re-exported here, each
+taking ``backend="auto" | "triton" | "reference"``.
+"""
+__version__ = "0.1.0"

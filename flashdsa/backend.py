@@ -1,0 +1,42 @@
+"""Backend selection: every public op takes ``backend="auto" | "triton" | "reference"``.
+
+"auto" picks the Triton kernel for CUDA tensors when Triton imports, and the
+pure-PyTorch reference otherwise. "triton" on CPU tensors runs the kernels under
+the Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before Triton is
+imported (that is how the CPU tests exercise the kernels).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Return "triton" or "reference" for an op whose main input is ``x``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    usable = triton_available() and (x.is_cuda or triton_interpreted())
+    if backend == "auto":
+        return "triton" if usable and x.is_cuda else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if not usable:
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "importing triton to run the kernels on CPU tensors")
+    return backend
