@@ -1,0 +1,75 @@
+"""Sparse and dense MLA attention in absorbed (MQA) form (SPEC 3)."""
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _softmax_out(logits: torch.Tensor, values: torch.Tensor, any_valid: torch.Tensor, out_dtype):
+    """Masked softmax of ``logits [s, h, k]`` (-inf = masked) applied to ``values [s, k, d_v]``.
+
+    Rows with no valid entry (``any_valid`` False) give out 0, max_logits -inf and lse +inf.
+    The logsumexp runs on a finite copy of such rows so that no NaN reaches autograd."""
+    safe = logits.masked_fill(~any_valid[..., None], 0.0)
+    lse = torch.logsumexp(safe, dim=-1)
+    probs = torch.exp(logits - lse[..., None])  # exactly 0 where masked
+    probs = probs.masked_fill(~any_valid[..., None], 0.0)
+    out = torch.einsum("shk,skd->shd", probs, values).to(out_dtype)
+    max_logits = logits.amax(dim=-1)
+    lse = torch.where(any_valid, lse, torch.full_like(lse, float("inf")))
+    return out, max_logits, lse
+
+
+def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                   d_v: int = 512):
+    """Attention of each query over only its selected key rows (FlashMLA sparse semantics).
+
+    q [s_q, h_q, d_qk]; kv [s_kv, 1, d_qk] (one latent head shared by all query heads;
+    the value is its first ``d_v`` dims); indices [s_q, 1, topk] integer rows of kv, where
+    -1 or >= s_kv marks an unused slot. A row listed twice counts twice.
+
+        logits[t, h, j] = sm_scale * q[t, h] . kv[indices[t, j]]
+        out[t, h]       = sum_j softmax_j(logits[t, h]) * kv[indices[t, j], :d_v]
+
+    Returns ``(out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q], lse [s_q, h_q])``,
+    the last two in fp32 (float64 for float64 inputs), lse in natural log. A query with no
+    valid index gets out 0, max_logits -inf and lse +inf. Differentiable in q and kv.
+    This reference gathers [s_q, topk, d_qk]: fine for checking, too big for real sizes.
+    """
+    ct = _compute_dtype(q)
+    s_kv = kv.shape[0]
+    idx = indices[:, 0, :].long()  # [s, k]
+    valid = (idx >= 0) & (idx < s_kv)
+    rows = kv[:, 0].to(ct)[idx.clamp(0, max(s_kv - 1, 0)) * valid]  # [s, k, d_qk]
+    logits = torch.einsum("shd,skd->shk", q.to(ct), rows) * sm_scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    any_valid = valid.any(-1)[:, None].expand(-1, q.shape[1])
+    return _softmax_out(logits, rows[..., :d_v], any_valid, q.dtype)
+
+
+def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float,
+                  d_v: int = 512):
+    """Causal dense attention in absorbed form over a flattened batch of sequences.
+
+    q [T, h_q, d_qk], kv [T, 1, d_qk]; ``cu_seqlens [B + 1]`` holds the sequence
+    boundaries in the flattened T axis. Query t attends to the key rows of its own
+    sequence up to and including t. Returns ``(out [T, h_q, d_v], lse [T, h_q])``.
+    """
+    ct = _compute_dtype(q)
+    outs, lses = [], []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks = q[start:end].to(ct), kv[start:end, 0].to(ct)
+        logits = torch.einsum("shd,kd->shk", qs, ks) * sm_scale
+        n = end - start
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
+        any_valid = torch.ones(n, q.shape[1], dtype=torch.bool, device=q.device)
+        values = ks[None, :, :d_v].expand(n, -1, -1)
+        out, _, lse = _softmax_out(logits, values, any_valid, q.dtype)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
