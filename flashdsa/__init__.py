@@ -5,3 +5,14 @@ trainable modules (``flashdsa.layers``) and the public ops re-exported here, eac
 taking ``backend="auto" | "triton" | "reference"``.
 """
 __version__ = "0.1.0"
+
+from .api import (
+    act_dequant,
+    act_quant,
+    dense_mla_fwd,
+    hadamard_transform,
+    indexer_logits,
+    indexer_topk,
+    sparse_mla_fwd,
+    topk_indices,
+)

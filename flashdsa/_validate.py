@@ -78,3 +78,14 @@ def check_range(name: str, ks: torch.Tensor, ke: torch.Tensor, upper: int) -> No
     if bool((ks < 0).any()) or bool((ke > upper).any()):
         raise ValueError(f"{name}: ks and ke must lie in [0, {upper}] (the key count), got "
                          f"ks in [{int(ks.min())}, {int(ks.max())}], ke in [{int(ke.min())}, {int(ke.max())}]")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens: int32 [B + 1], starting at 0, non-decreasing, ending at ``total``."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), layout="[B + 1]")
+    if _compiling():
+        return
+    c = cu_seqlens.tolist()
+    check(len(c) >= 2 and c[0] == 0 and c[-1] == total and all(a <= b for a, b in zip(c, c[1:])), ValueError,
+          f"cu_seqlens: expected non-decreasing offsets from 0 to {total} (the token count), got {c[:8]}"
+          f"{'...' if len(c) > 8 else ''}")

@@ -1,0 +1,165 @@
+"""The public ops: validate inputs once, then dispatch to a Triton kernel or the reference.
+
+Every op takes ``backend="auto" | "triton" | "reference"`` (see flashdsa.backend).
+Shapes follow SPEC.md: batches are flattened into the token axis and described by
+per-row candidate ranges [ks, ke) or by ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from ._validate import FLOAT_DTYPES, check, check_cu_seqlens, check_range, check_same_dtype, check_tensor
+from .backend import resolve_backend
+
+FP8_OR_FLOAT = (torch.float8_e4m3fn,) + FLOAT_DTYPES
+SCALE_DTYPES = (torch.float32, torch.float64)
+
+
+def _reference_only(op: str, backend: str, x: torch.Tensor) -> None:
+    """For ops that have no Triton kernel: accept "auto"/"reference", refuse "triton"."""
+    if resolve_backend(backend, x) == "triton" and backend == "triton":
+        raise NotImplementedError(f"{op}: there is no Triton kernel for this op; use backend='reference'")
+
+
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = "ue8m0", backend: str = "auto"):
+    """Block-wise e4m3 quantization of ``x [..., D]`` (SPEC 1): returns
+    ``(x_fp8 [..., D], scale [..., D // block_size] fp32)``. See reference.act_quant."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check(x.dim() >= 1 and x.shape[-1] % block_size == 0, ValueError,
+          f"x: last dim must be a multiple of block_size={block_size}, got shape {tuple(x.shape)}")
+    _reference_only("act_quant", backend, x)
+    return ref.act_quant(x, block_size, scale_fmt)
+
+
+def act_dequant(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int = 128, backend: str = "auto"):
+    """fp32 values of an :func:`act_quant` result."""
+    check_tensor("x_fp8", x_fp8, dtypes=(torch.float8_e4m3fn,))
+    d = x_fp8.shape[-1]
+    check(d % block_size == 0, ValueError, f"x_fp8: last dim {d} must be a multiple of block_size={block_size}")
+    check_tensor("scale", scale, dtypes=SCALE_DTYPES, shape=(*x_fp8.shape[:-1], d // block_size),
+                 device=x_fp8.device)
+    _reference_only("act_dequant", backend, x_fp8)
+    return ref.act_dequant(x_fp8, scale, block_size)
+
+
+def hadamard_transform(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform over the last dim (a power of two)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    n = x.shape[-1] if x.dim() else 0
+    check(n >= 1 and n & (n - 1) == 0, ValueError,
+          f"x: last dim must be a power of two for the Hadamard transform, got {n}")
+    _reference_only("hadamard_transform", backend, x)
+    return ref.hadamard_transform(x)
+
+
+def _check_indexer_inputs(q8, k8, k_scale, weights, ks, ke):
+    check_tensor("q8", q8, ndim=3, dtypes=FP8_OR_FLOAT, layout="[S, H, D]")
+    s, h, d = q8.shape
+    check_tensor("k8", k8, ndim=2, dtypes=(q8.dtype,), shape=(None, d), device=q8.device,
+                 layout="[S_kv, D] (same dtype and D as q8)")
+    s_kv = k8.shape[0]
+    check_tensor("k_scale", k_scale, dtypes=SCALE_DTYPES, shape=(s_kv,), device=q8.device, layout="[S_kv]")
+    check_tensor("weights", weights, dtypes=SCALE_DTYPES, shape=(s, h), device=q8.device, layout="[S, H]")
+    for name, t in (("ks", ks), ("ke", ke)):
+        check_tensor(name, t, dtypes=(torch.int32,), shape=(s,), device=q8.device, layout="[S] int32")
+    check_range("ks/ke", ks, ke, s_kv)
+
+
+def indexer_logits(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
+                   ks: torch.Tensor, ke: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Lightning-indexer scores [S, S_kv] fp32, -inf outside each row's [ks, ke)
+    (DeepGEMM ``fp8_mqa_logits`` semantics, SPEC 1).
+
+    q8 [S, H, D] e4m3 (unscaled), k8 [S_kv, D] e4m3, k_scale [S_kv] fp32, weights [S, H]
+    fp32 with the q scales and D^-0.5 folded in, ks/ke [S] int32 with 0 <= ks <= ke <= S_kv.
+    """
+    _check_indexer_inputs(q8, k8, k_scale, weights, ks, ke)
+    if resolve_backend(backend, q8) == "triton":
+        from .ops.indexer import indexer_logits as kernel
+        return kernel(q8, k8, k_scale, weights, ks, ke)
+    return ref.indexer_logits(q8, k8, k_scale, weights, ks, ke)
+
+
+def topk_indices(logits: torch.Tensor, topk: int, ks: torch.Tensor, ke: torch.Tensor,
+                 backend: str = "auto") -> torch.Tensor:
+    """[S, topk] int32 indices of the largest ``logits [S, S_kv]`` inside each row's
+    [ks, ke), -1 padded (SPEC 2)."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, layout="[S, S_kv]")
+    check(isinstance(topk, int) and topk > 0, ValueError, f"topk: expected a positive int, got {topk!r}")
+    s, s_kv = logits.shape
+    for name, t in (("ks", ks), ("ke", ke)):
+        check_tensor(name, t, dtypes=(torch.int32,), shape=(s,), device=logits.device, layout="[S] int32")
+    check_range("ks/ke", ks, ke, s_kv)
+    _reference_only("topk_indices", backend, logits)
+    return ref.topk_indices(logits, topk, ks, ke)
+
+
+def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
+                 ks: torch.Tensor, ke: torch.Tensor, topk: int, backend: str = "auto",
+                 chunk: int = 256) -> torch.Tensor:
+    """Top-k of the indexer scores without materializing [S, S_kv]: [S, topk] int32,
+    -1 padded. Arguments as :func:`indexer_logits`. The reference path scores ``chunk``
+    query rows at a time (memory O(chunk * S_kv))."""
+    _check_indexer_inputs(q8, k8, k_scale, weights, ks, ke)
+    check(isinstance(topk, int) and topk > 0, ValueError, f"topk: expected a positive int, got {topk!r}")
+    if resolve_backend(backend, q8) == "triton":
+        from .ops.indexer import indexer_topk as kernel
+        return kernel(q8, k8, k_scale, weights, ks, ke, topk)
+    out = torch.empty(q8.shape[0], topk, dtype=torch.int32, device=q8.device)
+    for t0 in range(0, q8.shape[0], chunk):
+        t1 = min(t0 + chunk, q8.shape[0])
+        logits = ref.indexer_logits(q8[t0:t1], k8, k_scale, weights[t0:t1], ks[t0:t1], ke[t0:t1])
+        out[t0:t1] = ref.topk_indices(logits, topk, ks[t0:t1], ke[t0:t1])
+    return out
+
+
+def _check_mla_inputs(q, kv, d_v):
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, layout="[s_q, h_q, d_qk]")
+    d_qk = q.shape[2]
+    check_tensor("kv", kv, ndim=3, shape=(None, 1, d_qk), dtypes=FLOAT_DTYPES, device=q.device,
+                 layout="[s_kv, 1, d_qk] (one latent head, d_qk as q)")
+    check_same_dtype(q=q, kv=kv)
+    check(isinstance(d_v, int) and 0 < d_v <= d_qk, ValueError,
+          f"d_v: expected an int in [1, d_qk={d_qk}], got {d_v!r}")
+
+
+def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float | None = None,
+                   d_v: int = 512, backend: str = "auto"):
+    """Sparse MLA attention, absorbed/MQA form (FlashMLA ``flash_mla_sparse_fwd`` semantics, SPEC 3).
+
+    Args:
+        q: [s_q, h_q, d_qk] query heads (bf16 on GPU; any float on the reference).
+        kv: [s_kv, 1, d_qk] latent rows; the value is the first ``d_v`` dims.
+        indices: [s_q, 1, topk] int32 rows of kv per query; -1 or >= s_kv are skipped.
+        sm_scale: softmax scale (default d_qk^-0.5).
+        d_v: value width (512 for DeepSeek-V3.2).
+
+    Returns:
+        (out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32);
+        a query with no valid index gets out 0, max_logits -inf and lse +inf.
+    """
+    _check_mla_inputs(q, kv, d_v)
+    check_tensor("indices", indices, ndim=3, dtypes=(torch.int32,), shape=(q.shape[0], 1, None),
+                 device=q.device, layout="[s_q, 1, topk] int32")
+    check(indices.shape[2] > 0, ValueError, "indices: topk (last dim) must be at least 1")
+    if sm_scale is None:
+        sm_scale = q.shape[2] ** -0.5
+    if resolve_backend(backend, q) == "triton":
+        from .ops.sparse_mla import sparse_mla_fwd as kernel
+        return kernel(q, kv, indices, sm_scale, d_v)
+    return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+
+
+def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float | None = None,
+                  d_v: int = 512, backend: str = "auto"):
+    """Causal dense MLA attention (absorbed form) over sequences packed along the token
+    axis: q [T, h_q, d_qk], kv [T, 1, d_qk], cu_seqlens [B + 1] int32 (0, ..., T).
+    Returns (out [T, h_q, d_v], lse [T, h_q])."""
+    _check_mla_inputs(q, kv, d_v)
+    check(kv.shape[0] == q.shape[0], ValueError,
+          f"kv: expected as many rows as q ({q.shape[0]}) for causal attention, got {kv.shape[0]}")
+    check_cu_seqlens(cu_seqlens, q.shape[0])
+    _reference_only("dense_mla_fwd", backend, q)
+    return ref.dense_mla_fwd(q, kv, cu_seqlens, sm_scale if sm_scale is not None else q.shape[2] ** -0.5, d_v)
+
