@@ -1,0 +1,177 @@
+"""nn.Modules of DeepSeek Sparse Attention: the lightning indexer and MLA attention.
+
+Parameter names follow the Hugging Face DeepSeek-V3.2 checkpoints (SPEC 6), so an
+official state dict maps one to one. Tokens of a batch are packed along one axis
+(``x [T, hidden]``) with ``cu_seqlens [B + 1]`` marking sequence boundaries.
+
+Data flow of one DSA attention call (prefill):
+hidden -> MLA projections -> indexer (q^I, k^I, weights, FP8) -> fused logits + top-k
+-> sparse MLA attention over the selected latent rows -> output projection.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import api
+from ._validate import check_cu_seqlens, check_tensor
+from .config import DSAConfig
+from .reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def causal_ranges(cu_seqlens: torch.Tensor, total: int):
+    """Candidate key ranges of packed causal attention: row t of sequence b may attend
+    to rows [cu_seqlens[b], t] of the packed axis. Returns (ks, ke) int32 [total]."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+    ks = cu_seqlens.long()[seq]
+    return ks.to(torch.int32), (rows + 1).to(torch.int32)
+
+
+class LightningIndexer(nn.Module):
+    """The DSA lightning indexer (SPEC 1): H_I small ReLU heads score every past token
+    against ONE shared 128-wide key; the top ``index_topk`` tokens are kept.
+
+    Parameters: ``wq_b`` (q_lora_rank -> H_I * d_I), ``wk`` (hidden -> d_I), ``k_norm``
+    (LayerNorm with bias, eps 1e-6), ``weights_proj`` (hidden -> H_I)."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.topk = cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Unquantized indexer queries, keys and head weights.
+
+        x [T, hidden], qr [T, q_lora_rank] (MLA's normalized query latent), cos/sin
+        [T, rope_dim // 2]. Returns q [T, H_I, d_I] and k [T, d_I] (RoPE on the first
+        rope_dim dims, half-split, then the Hadamard rotation) and weights [T, H_I] fp32
+        (weights_proj(x) * H_I^-0.5)."""
+        t = x.shape[0]
+        q = self.wq_b(qr).view(t, self.n_heads, self.head_dim)
+        k = F.layer_norm(self.wk(x).float(), (self.head_dim,), self.k_norm.weight.float(),
+                         self.k_norm.bias.float(), self.k_norm.eps).to(x.dtype)
+        r = self.rope_dim
+        q = torch.cat((apply_rope(q[..., :r], cos, sin, interleaved=False), q[..., r:]), dim=-1)
+        k = torch.cat((apply_rope(k[..., :r], cos, sin, interleaved=False), k[..., r:]), dim=-1)
+        q, k = api.hadamard_transform(q), api.hadamard_transform(k)
+        weights = self.weights_proj(x.float() if self.weights_proj.weight.dtype == torch.float32 else x)
+        return q, k, weights.float() * self.n_heads ** -0.5
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ks: torch.Tensor, ke: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Selected key rows [T, index_topk] int32 (-1 padded) for each query row, chosen
+        inside its range [ks, ke) of the packed axis. Runs in FP8 like the official
+        inference code; no gradient flows through the selection."""
+        q, k, weights = self.project(x, qr, cos, sin)
+        q8, q_scale = api.act_quant(q, self.head_dim)         # [T, H, d], [T, H, 1]
+        k8, k_scale = api.act_quant(k, self.head_dim)         # [T, d], [T, 1]
+        weights = weights * q_scale[..., 0] * self.head_dim ** -0.5
+        return api.indexer_topk(q8, k8, k_scale[:, 0], weights, ks, ke, self.topk, backend=backend)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with DeepSeek Sparse Attention.
+
+    ``mode="dsa"``: the indexer selects ``index_topk`` rows per query and attention runs
+    in absorbed (MQA) form over only those latent rows: q_nope is absorbed through
+    W_UK (from kv_b_proj) into the 512-wide latent space and the output is mapped back
+    through W_UV. ``mode="dense"``: causal attention over every past token in the usual
+    multi-head form (keys and values expanded from the latent by kv_b_proj), through
+    torch's scaled_dot_product_attention. Both give the same function when
+    index_topk >= sequence length."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.indexer = LightningIndexer(cfg)
+        inv_freq = yarn_inv_freq(self.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
+                                 cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _kv_b(self) -> torch.Tensor:
+        """kv_b_proj weight as [H, nope + v, kv_lora_rank]: W_UK rows first, then W_UV."""
+        return self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                mode: str = "dsa", backend: str = "auto") -> torch.Tensor:
+        """x [T, hidden] packed tokens; positions [T] (position of each token in its
+        sequence, for RoPE); cu_seqlens [B + 1] int32. Returns [T, hidden]."""
+        if mode not in ("dsa", "dense"):
+            raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
+        t = x.shape[0]
+        check_tensor("x", x, ndim=2, shape=(None, self.cfg.hidden_size), layout="[T, hidden_size]")
+        check_tensor("positions", positions, shape=(t,), layout="[T]")
+        check_cu_seqlens(cu_seqlens, t)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
+        kv = self.kv_a_layernorm(kv)                                          # [T, c]
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
+
+        if mode == "dense":
+            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
+        else:
+            ks, ke = causal_ranges(cu_seqlens, t)
+            indices = self.indexer(x, qr, cos, sin, ks, ke, backend=backend)  # [T, topk]
+            w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
+            q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                # [T, H, c]
+            q_full = torch.cat((q_lat, q_pe), dim=-1)                         # [T, H, c + r]
+            kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)               # [T, 1, c + r]
+            o_lat, _, _ = api.sparse_mla_fwd(q_full, kv_full, indices[:, None, :], self.softmax_scale,
+                                             d_v=self.kv_lora_rank, backend=backend)
+            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
+        return self.o_proj(out.flatten(1))
+
+    def _dense(self, q_nope, q_pe, kv, k_pe, cu_seqlens):
+        """Causal multi-head attention per sequence: [T, H, v]."""
+        t = kv.shape[0]
+        k_nope, v = self.kv_b_proj(kv).view(t, self.n_heads, self.nope + self.v_dim).split(
+            (self.nope, self.v_dim), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1)), dim=-1)
+        bounds = cu_seqlens.tolist()
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # [H, L, d] per sequence; the packed axis has no padding to mask.
+            qs, ks_, vs = (z[start:end].transpose(0, 1) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks_, vs, is_causal=True, scale=self.softmax_scale)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
