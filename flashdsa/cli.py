@@ -1,0 +1,69 @@
+"""The ``flashdsa`` command. Each subcommand is a function ``cmd_<name>(args)`` registered
+in :func:`build_parser`."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from .backend import triton_available, triton_interpreted
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions, the device and which backends are usable here."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = f"cuda: {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    else:
+        device = "cpu (no CUDA device)"
+    if not triton_available():
+        triton_state = "unavailable (pip install triton)"
+    elif torch.cuda.is_available():
+        triton_state = "usable (GPU kernels)"
+    elif triton_interpreted():
+        triton_state = "usable through the Triton interpreter (TRITON_INTERPRET=1; slow, for testing)"
+    else:
+        triton_state = "installed, but no GPU: set TRITON_INTERPRET=1 to run kernels interpreted"
+    rows = [
+        ("flashdsa", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", _package_version("triton")),
+        ("device", device),
+        ("backend reference", "usable"),
+        ("backend triton", triton_state),
+        ("backend auto", "triton" if triton_available() and torch.cuda.is_available() else "reference"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashdsa", description="DeepSeek Sparse Attention in PyTorch and Triton")
+    parser.add_argument("--version", action="version", version=f"flashdsa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, device and usable backends")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
