@@ -146,7 +146,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     if sm_scale is None:
         sm_scale = q.shape[2] ** -0.5
     if resolve_backend(backend, q) == "triton":
-        from .ops.sparse_mla import sparse_mla_fwd as kernel
+        # differentiable in q and kv (and lse): custom ops + autograd, torch.compile-traceable
+        from .ops.autograd import sparse_mla_fwd as kernel
         return kernel(q, kv, indices, sm_scale, d_v)
     return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
 

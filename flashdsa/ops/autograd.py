@@ -1,0 +1,98 @@
+"""Differentiable sparse MLA attention on the Triton kernels, visible to torch.compile.
+
+Three layers (the flash-attention interface pattern):
+  1. raw ops registered with ``torch.library.custom_op`` plus ``register_fake`` (shape and
+     dtype propagation without running a kernel), so torch.compile traces them as opaque
+     nodes instead of graph-breaking on Triton launches:
+       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v) -> (out, max_logits, lse)``
+       ``flashdsa::sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v,
+                                  deterministic) -> (dq, dkv)``
+  2. the autograd formula attached with ``torch.library.register_autograd``: it saves q,
+     kv, indices, out and lse and calls the backward op (``max_logits`` is not
+     differentiable; ``lse`` is, through dS += P * dlse);
+  3. :func:`sparse_mla_fwd`, the host function ``flashdsa.sparse_mla_fwd`` dispatches to
+     for ``backend="triton"``.
+
+Determinism: when ``torch.use_deterministic_algorithms(True)`` is on, the backward uses
+the fixed-order dkv reduction (bitwise reproducible, more memory) instead of atomics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .sparse_mla_bwd import sparse_mla_bwd as _bwd_kernel
+
+
+def _fwd_kernel(q, kv, indices, sm_scale, d_v):
+    """The Triton forward (flashdsa.ops.sparse_mla), or the reference while that module
+    lacks it (development fallback; the reference is exact, only slow)."""
+    try:
+        from .sparse_mla import sparse_mla_fwd as kernel
+    except ImportError:  # pragma: no cover - only while the forward kernel is being written
+        from ..reference import sparse_mla_fwd as kernel
+    return kernel(q, kv, indices, sm_scale, d_v)
+
+
+@torch.library.custom_op("flashdsa::sparse_mla_fwd", mutates_args=())
+def _sparse_mla_fwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                       d_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, max_logits, lse = _fwd_kernel(q, kv, indices, sm_scale, d_v)
+    # custom_op outputs may not alias inputs or each other; the kernels allocate fresh.
+    return out, max_logits.float(), lse.float()
+
+
+@_sparse_mla_fwd_op.register_fake
+def _(q, kv, indices, sm_scale, d_v):
+    s_q, h = q.shape[0], q.shape[1]
+    return (q.new_empty(s_q, h, d_v), q.new_empty(s_q, h, dtype=torch.float32),
+            q.new_empty(s_q, h, dtype=torch.float32))
+
+
+@torch.library.custom_op("flashdsa::sparse_mla_bwd", mutates_args=())
+def _sparse_mla_bwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
+                       dout: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], sm_scale: float,
+                       d_v: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_kernel(q, kv, indices, out, dout, lse, sm_scale, d_v, dlse=dlse, deterministic=deterministic)
+
+
+@_sparse_mla_bwd_op.register_fake
+def _(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v, deterministic):
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, indices, sm_scale, d_v = inputs
+    out, max_logits, lse = output
+    ctx.save_for_backward(q, kv, indices, out, lse)
+    ctx.sm_scale, ctx.d_v = sm_scale, d_v
+    ctx.mark_non_differentiable(max_logits)
+
+
+def _backward(ctx, dout, dmax_logits, dlse):
+    q, kv, indices, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dkv = _sparse_mla_bwd_op(q, kv, indices, out, dout.contiguous(), lse, dlse, ctx.sm_scale, ctx.d_v,
+                                 torch.are_deterministic_algorithms_enabled())
+    return dq, dkv, None, None, None
+
+
+torch.library.register_autograd("flashdsa::sparse_mla_fwd", _backward, setup_context=_setup_context)
+
+
+def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512):
+    """Triton sparse MLA forward, differentiable in q and kv (and through lse).
+
+    Same contract as :func:`flashdsa.ops.sparse_mla.sparse_mla_fwd`: q [s_q, h_q, d_qk],
+    kv [s_kv, 1, d_qk], indices [s_q, 1, topk] int32 -> (out [s_q, h_q, d_v] in q.dtype,
+    max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32). Inputs assumed validated.
+    """
+    return torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v))
+
+
+def sparse_mla_bwd(q, kv, indices, out, dout, lse, sm_scale, d_v=512, dlse=None, deterministic=False):
+    """The registered backward op (dq, dkv); see flashdsa.ops.sparse_mla_bwd."""
+    return torch.ops.flashdsa.sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, float(sm_scale), int(d_v),
+                                             bool(deterministic))
