@@ -1,0 +1,292 @@
+"""A DeepSeek-V3.2-style decoder: embedding, RMSNorm, MLA with DSA, SwiGLU MLP or MoE.
+
+Module tree and names follow the Hugging Face DeepSeek-V3 / V3.2 layout, so an official
+state dict maps one to one (SPEC 6)::
+
+    DSAForCausalLM(cfg)
+      .model : DSAModel
+        .embed_tokens            nn.Embedding(vocab_size, hidden_size)
+        .layers[i] : DecoderLayer
+          .input_layernorm       RMSNorm(hidden_size)
+          .self_attn             flashdsa.layers.MLA (q_a_proj, ..., o_proj, indexer.*)
+          .post_attention_layernorm RMSNorm(hidden_size)
+          .mlp                   MLP (gate_proj, up_proj, down_proj; layers < first_k_dense_replace
+                                 or when n_routed_experts is None) or MoE:
+                                   .gate : MoEGate (weight [E, hidden], buffer e_score_correction_bias [E])
+                                   .experts[j] : MLP(moe_intermediate_size)
+                                   .shared_experts : MLP(moe_intermediate_size * n_shared_experts)
+        .norm                    RMSNorm(hidden_size)
+      .lm_head                   nn.Linear(hidden_size, vocab_size)
+
+Calling convention (tokens may be batched [B, L] or packed [T] with ``cu_seqlens``)::
+
+    logits = model(input_ids [B, L])                          -> [B, L, vocab] fp32
+    logits = model(input_ids [T], cu_seqlens [B + 1] int32)   -> [T, vocab]    fp32
+    h      = model.model(input_ids, cu_seqlens, positions, mode=..., backend=...)  -> hidden [.., hidden]
+
+    keyword arguments:
+      positions  [B, L] or [T] int: RoPE position of each token; default 0, 1, ... within each sequence.
+      mode       "dsa" (indexer top-k + sparse attention, inference default) or "dense".
+      backend    "auto" | "triton" | "reference" (flashdsa.backend), passed to every op.
+      stage      None (inference) or a training stage of SPEC 5: "dense" (dense attention,
+                 LM loss only), "warmup" (dense attention + indexer KL vs. the dense attention
+                 distribution), "sparse" (top-k sparse attention + indexer KL on the selected set,
+                 indexer input detached). With a stage the call returns ``(logits, indexer_loss)``,
+                 indexer_loss a scalar tensor summed over layers (0 for "dense"); ``mode`` is
+                 implied by the stage.
+      logits_rows optional int64 tensor of packed rows: compute logits only there (e.g. the last
+                 token of each sequence when prefilling); returns [len(logits_rows), vocab].
+
+Loading and saving: :func:`flashdsa.checkpoint.from_pretrained` / ``save_pretrained``
+(config.json + safetensors, FP8 ``weight_scale_inv`` block scales dequantized on load);
+``DSAForCausalLM.from_pretrained(dir)`` and ``model.save_pretrained(dir)`` forward there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DSAConfig
+from .layers import MLA, RMSNorm
+from .reference.rope import yarn_inv_freq
+
+STAGES = (None, "dense", "warmup", "sparse")
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """The DeepSeek-V3 router ("noaux_tc"): sigmoid affinities, a per-expert correction
+    bias used only for *choosing* experts (it is adjusted by load balancing, not by
+    gradient, hence a buffer), grouped top-k: experts are split into ``n_group`` groups,
+    a group scores the sum of its two best biased affinities, the best ``topk_group``
+    groups stay eligible, and the top ``num_experts_per_tok`` eligible experts are picked.
+    Their weights are the unbiased affinities, renormalized (``norm_topk_prob``) and
+    scaled by ``routed_scaling_factor``."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        if cfg.scoring_func != "sigmoid":
+            raise ValueError(f"scoring_func: only the sigmoid router of DeepSeek-V3 is supported, got "
+                             f"{cfg.scoring_func!r}")
+        e = cfg.n_routed_experts
+        if e % cfg.n_group or not 1 <= cfg.topk_group <= cfg.n_group:
+            raise ValueError(f"n_group/topk_group: need n_routed_experts ({e}) divisible by n_group "
+                             f"({cfg.n_group}) and 1 <= topk_group ({cfg.topk_group}) <= n_group")
+        if cfg.num_experts_per_tok > e:
+            raise ValueError(f"num_experts_per_tok ({cfg.num_experts_per_tok}) > n_routed_experts ({e})")
+        self.n_experts, self.top_k = e, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(e, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x [T, hidden] -> (weights [T, top_k] fp32, expert ids [T, top_k] int64)."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))        # [T, E]
+        biased = scores + self.e_score_correction_bias.float()
+        t = x.shape[0]
+        if self.n_group > 1:
+            per_group = biased.view(t, self.n_group, -1)                        # [T, G, E/G]
+            group_score = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # [T, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            biased = biased.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_group, dim=1),
+                                        float("-inf"))
+        ids = biased.topk(self.top_k, dim=-1).indices                           # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scale, ids
+
+
+class MoE(nn.Module):
+    """Routed experts + always-on shared experts (DeepSeek-V3). Tokens are grouped by
+    expert with one sort, so each expert runs one matmul over its tokens."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(x)                                  # [T, k]
+        flat = ids.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of = order // ids.shape[1]                             # source row of each sorted slot
+        w_sorted = weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = token_of[start:start + n]
+                y = self.experts[e](x[rows]) * w_sorted[start:start + n, None].to(x.dtype)
+                out.index_add_(0, rows, y)
+                start += n
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: DSAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        moe = cfg.n_routed_experts is not None and layer_idx >= cfg.first_k_dense_replace \
+            and layer_idx % int(cfg.extra.get("moe_layer_freq", 1)) == 0
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, cu_seqlens, mode="dsa", backend="auto", stage=None):
+        """x [T, hidden] -> [T, hidden], plus the layer's indexer loss when ``stage`` is set."""
+        h = self.input_layernorm(x)
+        loss = None
+        if stage is None:
+            a = self.self_attn(h, positions, cu_seqlens, mode=mode, backend=backend)
+        else:
+            a, loss = self.self_attn(h, positions, cu_seqlens, backend=backend, stage=stage)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if stage is None else (x, loss)
+
+
+def _pack(input_ids: torch.Tensor, cu_seqlens, positions):
+    """Flatten [B, L] ids to the packed layout; derive cu_seqlens and positions when absent."""
+    if input_ids.dim() == 2:
+        b, l = input_ids.shape
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: only for packed input_ids [T]; got input_ids [B, L] "
+                             f"{tuple(input_ids.shape)}")
+        cu_seqlens = torch.arange(0, (b + 1) * l, l, dtype=torch.int32, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(l, device=input_ids.device).repeat(b)
+        return input_ids.reshape(-1), cu_seqlens, positions.reshape(-1)
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids: expected [B, L] or packed [T], got shape {tuple(input_ids.shape)}")
+    t = input_ids.shape[0]
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, t], dtype=torch.int32, device=input_ids.device)
+    if positions is None:
+        rows = torch.arange(t, device=input_ids.device)
+        seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+        positions = rows - cu_seqlens.long()[seq]
+    return input_ids, cu_seqlens, positions
+
+
+class DSAModel(nn.Module):
+    """Embedding, decoder layers, final norm (no LM head)."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, cu_seqlens=None, positions=None, mode="dsa", backend="auto", stage=None):
+        """Final hidden states, [B, L, hidden] or [T, hidden] like ``input_ids``
+        (and the summed indexer loss when ``stage`` is set)."""
+        if stage not in STAGES:
+            raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+        if mode not in ("dsa", "dense"):
+            raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
+        shape = input_ids.shape
+        ids, cu_seqlens, positions = _pack(input_ids, cu_seqlens, positions)
+        x = self.embed_tokens(ids)
+        total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            if stage is None:
+                x = layer(x, positions, cu_seqlens, mode=mode, backend=backend)
+            else:
+                x, loss = layer(x, positions, cu_seqlens, backend=backend, stage=stage)
+                if loss is not None:
+                    total = total + loss.float()
+        x = self.norm(x).view(*shape, -1)
+        return x if stage is None else (x, total)
+
+
+class DSAForCausalLM(nn.Module):
+    """DeepSeek-V3.2-style causal language model (see the module docstring for the API)."""
+
+    def __init__(self, cfg: DSAConfig, init: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.model = DSAModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if init:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None):
+        """Normal(0, initializer_range) for linear and embedding weights (0.02 unless the
+        config says otherwise), output projections scaled by 1/sqrt(2 * layers) as in GPT-2
+        so the residual stream does not grow with depth; norms at 1, router bias at 0."""
+        cfg = self.config
+        std = float(cfg.extra.get("initializer_range", 0.02)) if std is None else std
+        out_std = std / math.sqrt(2 * max(cfg.num_hidden_layers, 1))
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, out_std if name.endswith(("o_proj", "down_proj")) else std)
+            elif isinstance(m, MoEGate):
+                m.weight.normal_(0.0, std)
+                m.e_score_correction_bias.zero_()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self):
+        """Recompute non-persistent buffers (RoPE frequencies), e.g. after ``to_empty``."""
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.inv_freq = yarn_inv_freq(m.rope, cfg.rope_theta, cfg.rope_factor,
+                                           cfg.original_max_position_embeddings, cfg.max_position_embeddings,
+                                           cfg.beta_fast, cfg.beta_slow).to(m.inv_freq.device)
+
+    def forward(self, input_ids, cu_seqlens=None, positions=None, mode="dsa", backend="auto", stage=None,
+                logits_rows=None):
+        out = self.model(input_ids, cu_seqlens=cu_seqlens, positions=positions, mode=mode, backend=backend,
+                         stage=stage)
+        h, loss = (out, None) if stage is None else out
+        if logits_rows is not None:
+            h = h.reshape(-1, h.shape[-1])[logits_rows]
+        logits = self.lm_head(h).float()
+        return logits if stage is None else (logits, loss)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "DSAForCausalLM":
+        """See :func:`flashdsa.checkpoint.from_pretrained`."""
+        from .checkpoint import from_pretrained
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """See :func:`flashdsa.checkpoint.save_pretrained`."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
