@@ -1,0 +1,116 @@
+"""Triton kernels for the fp8_ds_mla latent cache format (SPEC 4; reference in
+flashdsa.reference.mla_cache): 656 bytes a token = 512 e4m3 bytes (4 tiles of 128),
+4 power-of-two fp32 scales, 64 bf16 rope values.
+
+One program converts ``BLOCK_R`` rows. The byte buffer is passed three times, viewed as
+e4m3 (row stride 656), fp32 (row stride 164, scales at 128..131) and bf16 (row stride
+328, rope at 264..327), so every field is loaded and stored with its own type.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+D_NOPE, D_ROPE, N_TILES = 512, 64, 4
+FP8_BYTES = 656
+SCALE_OFF, ROPE_OFF = D_NOPE // 4, (D_NOPE + 16) // 2  # in fp32 / bf16 elements
+BLOCK_R = 16  # rows per program: [16, 512] fp32 is 64 registers a thread at 4 warps
+
+
+@triton.jit
+def _round_to_e4m3_grid(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3 value, ties to even, in fp32.
+
+    The cast to e4m3 that follows is then exact, so the bytes do not depend on how a
+    backend rounds the conversion (the CPU interpreter rounds ties away from zero and
+    can lose the carry into the exponent; the GPU rounds ties to even)."""
+    bits = y.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1  # last kept bit of the 3-bit mantissa
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # clear 20 low bits
+    # below 2^-6 e4m3 is subnormal with a fixed step of 2^-9: adding 1.5 * 2^14 (fp32 step
+    # 2^-9 there) and subtracting it again rounds to that step, ties to even
+    sub = (y + 24576.0) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _quantize_mla_cache_kernel(kv_ptr, c8_ptr, sc_ptr, pe_ptr, n_rows, stride_kv,
+                               stride_c8, stride_sc, stride_pe, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < n_rows
+    r64 = r.to(tl.int64)
+    offs = tl.arange(0, 512)
+    x = tl.load(kv_ptr + r64[:, None] * stride_kv + offs[None, :], mask=r_mask[:, None], other=0.0)
+    x3 = tl.reshape(x.to(tl.float32), (BLOCK_R, 4, 128))  # [BLOCK_R, tile, 128]
+    amax = tl.maximum(tl.max(tl.abs(x3), 2), 1e-4)  # [BLOCK_R, 4]
+    # scale = 2^ceil(log2(amax / 448)) done on the bits (exact; log2/exp2 are approximate):
+    # a normal positive float with a zero mantissa is already a power of two, else bump
+    # the exponent and clear the mantissa.
+    bits = (amax / 448.0).to(tl.int32, bitcast=True)
+    pow_bits = tl.where((bits & 0x7FFFFF) != 0, ((bits >> 23) + 1) << 23, bits)
+    scale = pow_bits.to(tl.float32, bitcast=True)
+    y = x3 / scale[:, :, None]  # exact: scale is a power of two
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    y8 = _round_to_e4m3_grid(tl.reshape(y, (BLOCK_R, 512))).to(tl.float8e4nv)
+    tl.store(c8_ptr + r64[:, None] * stride_c8 + offs[None, :], y8, mask=r_mask[:, None])
+    offs4 = tl.arange(0, 4)
+    tl.store(sc_ptr + r64[:, None] * stride_sc + 128 + offs4[None, :], scale, mask=r_mask[:, None])
+    offs_pe = tl.arange(0, 64)
+    pe = tl.load(kv_ptr + r64[:, None] * stride_kv + 512 + offs_pe[None, :], mask=r_mask[:, None], other=0.0)
+    tl.store(pe_ptr + r64[:, None] * stride_pe + 264 + offs_pe[None, :], pe.to(tl.bfloat16), mask=r_mask[:, None])
+
+
+@triton.jit
+def _dequantize_mla_cache_kernel(c8_ptr, sc_ptr, pe_ptr, out_ptr, n_rows,
+                                 stride_c8, stride_sc, stride_pe, stride_out, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < n_rows
+    r64 = r.to(tl.int64)
+    offs = tl.arange(0, 512)
+    x8 = tl.load(c8_ptr + r64[:, None] * stride_c8 + offs[None, :], mask=r_mask[:, None], other=0.0)
+    sc = tl.load(sc_ptr + r64[:, None] * stride_sc + 128 + tl.arange(0, 4)[None, :], mask=r_mask[:, None], other=0.0)
+    x = tl.reshape(tl.reshape(x8.to(tl.float32), (BLOCK_R, 4, 128)) * sc[:, :, None], (BLOCK_R, 512))
+    tl.store(out_ptr + r64[:, None] * stride_out + offs[None, :], x.to(out_ptr.dtype.element_ty), mask=r_mask[:, None])
+    offs_pe = tl.arange(0, 64)
+    pe = tl.load(pe_ptr + r64[:, None] * stride_pe + 264 + offs_pe[None, :], mask=r_mask[:, None], other=0.0)
+    tl.store(out_ptr + r64[:, None] * stride_out + 512 + offs_pe[None, :], pe.to(out_ptr.dtype.element_ty),
+             mask=r_mask[:, None])
+
+
+def byte_views(cache: torch.Tensor):
+    """The three typed views of fp8_ds_mla bytes [N, 656]: (e4m3 [N, 656], fp32 [N, 164],
+    bf16 [N, 328]) sharing one storage."""
+    return cache.view(torch.float8_e4m3fn), cache.view(torch.float32), cache.view(torch.bfloat16)
+
+
+def quantize_mla_cache(kv: torch.Tensor) -> torch.Tensor:
+    """Rows ``kv [..., 576]`` (any float dtype) -> fp8_ds_mla bytes ``[..., 656]`` uint8."""
+    lead = kv.shape[:-1]
+    rows = kv.reshape(-1, kv.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n = rows.shape[0]
+    out = torch.empty(n, FP8_BYTES, dtype=torch.uint8, device=kv.device)
+    if n:
+        c8, sc, pe = byte_views(out)
+        _quantize_mla_cache_kernel[(triton.cdiv(n, BLOCK_R),)](
+            rows, c8, sc, pe, n, rows.stride(0), c8.stride(0), sc.stride(0), pe.stride(0),
+            BLOCK_R=BLOCK_R, num_warps=4)
+    return out.reshape(*lead, FP8_BYTES)
+
+
+def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp8_ds_mla bytes ``[..., 656]`` -> rows ``[..., 576]`` in ``dtype``."""
+    lead = cache.shape[:-1]
+    rows = cache.reshape(-1, FP8_BYTES)
+    if rows.stride(0) != FP8_BYTES or rows.stride(1) != 1:
+        rows = rows.contiguous()
+    n = rows.shape[0]
+    out = torch.empty(n, D_NOPE + D_ROPE, dtype=dtype, device=cache.device)
+    if n:
+        c8, sc, pe = byte_views(rows)
+        _dequantize_mla_cache_kernel[(triton.cdiv(n, BLOCK_R),)](
+            c8, sc, pe, out, n, c8.stride(0), sc.stride(0), pe.stride(0), out.stride(0),
+            BLOCK_R=BLOCK_R, num_warps=4)
+    return out.reshape(*lead, D_NOPE + D_ROPE)

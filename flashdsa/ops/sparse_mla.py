@@ -1,0 +1,271 @@
+"""Triton sparse MLA attention forward (FlashMLA ``flash_mla_sparse_fwd`` semantics, SPEC 3).
+
+One program handles one query token and a block of ``BLOCK_H`` query heads (MQA: all
+heads share the one latent kv head), so each selected kv row is gathered once per
+program and reused by every head of the block. The top-k list is walked in blocks of
+``BLOCK_K`` rows gathered by index; invalid indices (-1 or >= n_kv) are masked out of
+the load (no memory is touched) and get logit -inf. Softmax is online, in fp32 and in
+base 2 (sm_scale * log2(e) folded into one multiplier).
+
+d_qk = 576 is not a power of two, so the q.k dot is split into the value part (the
+first d_v = 512 dims, which is also the value ``V``) and the tail (the 64 rope dims):
+
+    s   = q[:, :d_v] @ kv[rows, :d_v]^T + q[:, d_v:] @ kv[rows, d_v:]^T      [BLOCK_H, BLOCK_K]
+    acc = acc * alpha + p @ kv[rows, :d_v]                                    [BLOCK_H, d_v]
+
+The same kernel serves paged decode (flashdsa.ops.sparse_mla_decode): the cache is a
+flat list of rows addressed by physical slot, optionally in the 656-byte fp8_ds_mla
+format (dequantized to bf16 in registers), and the top-k range may be split over
+programs (split-k) whose fp32 partial results a small combine kernel merges.
+
+Nothing of size s_q x topk x d_qk is materialized: each program holds one
+[BLOCK_K, d_qk] tile of gathered rows at a time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Block sizes per GPU family, for the fast shape (d_qk 576, d_v 512, h_q >= 64).
+# BLOCK_H: heads per program (64 = one wgmma M tile on Hopper; 8 warps split d_v in two
+# halves of 256 so the fp32 accumulator [64, 512] costs 128 registers a thread).
+# BLOCK_K: gathered rows per step; num_stages: software pipelining depth of the gathers
+# (each stage holds a [BLOCK_K, 576] bf16 tile in shared memory, q takes another 72 KB).
+# Chosen by benchmarks/bench_sparse_mla.py --sweep on an H200; see docs/benchmarks_sparse_mla.md.
+CONFIGS = {
+    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2),
+    "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2),
+}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(device: torch.device, h_q: int, d_v: int) -> dict:
+    """Block sizes for a problem; tiny/odd shapes get small blocks."""
+    if d_v > 256 and device.type == "cuda" and not _interpreted():
+        major, _ = torch.cuda.get_device_capability(device)
+        cfg = dict(CONFIGS["sm90"] if major >= 9 else CONFIGS["sm80"])
+    else:
+        cfg = dict(CONFIGS["small"])
+    cfg["BLOCK_H"] = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(h_q)))
+    if _interpreted():
+        cfg["num_stages"] = 1
+    return cfg
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    q_ptr, kv_ptr, tail_ptr, scale_ptr, idx_ptr,  # inputs
+    out_ptr, ml_ptr, lse_ptr,  # outputs (partials when SPLIT)
+    n_kv, topk, h_q, k_per_split, qk_scale,  # qk_scale = sm_scale * log2(e)
+    stride_qt, stride_qh,  # q [T, h_q, d_qk], last dim contiguous
+    stride_kv, stride_tail, stride_scale,  # row strides (in elements of each pointer's type)
+    stride_it,  # indices [T, topk], last dim contiguous
+    stride_os, stride_ot, stride_oh,  # out [(n_split,) T, h_q, d_v]
+    stride_ls, stride_lt,  # lse / max_logits [(n_split,) T, h_q]
+    D_V: tl.constexpr, D_TAIL: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    KV_FP8: tl.constexpr,  # kv_ptr holds e4m3 bytes with 4 fp32 scales per row (fp8_ds_mla)
+    UPCAST: tl.constexpr,  # compute the dots in fp32 (fp32 inputs, or the CPU interpreter)
+    SPLIT: tl.constexpr,  # write normalized fp32 partials + base-2 lse for the combine kernel
+):
+    pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
+    pid_t = tl.program_id(1)  # and share its gathered rows through L2
+    pid_s = tl.program_id(2)
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_mask = offs_h < h_q
+    dv_mask = offs_dv < D_V
+
+    # q pieces stay resident for the whole loop: [BLOCK_H, BLOCK_DV] and [BLOCK_H, BLOCK_DT]
+    q_rows = q_ptr + pid_t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh
+    q_v = tl.load(q_rows + offs_dv[None, :], mask=h_mask[:, None] & dv_mask[None, :], other=0.0)
+    if UPCAST:
+        q_v = q_v.to(tl.float32)
+        dot_dtype = tl.float32
+    else:
+        dot_dtype = q_v.dtype
+    if D_TAIL > 0:
+        offs_dt = tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt < D_TAIL
+        q_t = tl.load(q_rows + D_V + offs_dt[None, :], mask=h_mask[:, None] & dt_mask[None, :], other=0.0)
+        q_t = q_t.to(dot_dtype)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 units
+    l_i = tl.zeros([BLOCK_H], tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(topk, k_start + k_per_split)
+    idx_row = idx_ptr + pid_t.to(tl.int64) * stride_it
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        idx = tl.load(idx_row + kk, mask=kk < k_end, other=-1)  # [BLOCK_K]
+        valid = (idx >= 0) & (idx < n_kv)
+        rows = idx.to(tl.int64)  # slot * row stride overflows int32 for big caches
+        kv_v = tl.load(kv_ptr + rows[:, None] * stride_kv + offs_dv[None, :],
+                       mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_DV]
+        if KV_FP8:
+            # 4 tiles of 128 dims, one power-of-two fp32 scale each: [BLOCK_K, 4]
+            sc = tl.load(scale_ptr + rows[:, None] * stride_scale + tl.arange(0, 4)[None, :],
+                         mask=valid[:, None], other=0.0)
+            kv_f = tl.reshape(kv_v.to(tl.float32), (BLOCK_K, 4, BLOCK_DV // 4)) * sc[:, :, None]
+            kv_v = tl.reshape(kv_f, (BLOCK_K, BLOCK_DV)).to(dot_dtype)
+        else:
+            kv_v = kv_v.to(dot_dtype)
+        s = tl.dot(q_v, tl.trans(kv_v))  # [BLOCK_H, BLOCK_K] fp32
+        if D_TAIL > 0:
+            kv_t = tl.load(tail_ptr + rows[:, None] * stride_tail + offs_dt[None, :],
+                           mask=valid[:, None] & dt_mask[None, :], other=0.0)
+            s = tl.dot(q_t, tl.trans(kv_t.to(dot_dtype)), s)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None])
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no valid index: acc is 0
+    o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + pid_t.to(tl.int64) * stride_ot
+              + offs_h[:, None] * stride_oh + offs_dv[None, :])
+    l_off = pid_s.to(tl.int64) * stride_ls + pid_t.to(tl.int64) * stride_lt + offs_h
+    if SPLIT:
+        tl.store(o_ptrs, out, mask=h_mask[:, None] & dv_mask[None, :])
+        lse2 = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + l_off, lse2, mask=h_mask)
+        tl.store(ml_ptr + l_off, m_i, mask=h_mask)
+    else:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        tl.store(lse_ptr + l_off, lse, mask=h_mask)
+        tl.store(ml_ptr + l_off, m_i * 0.6931471805599453, mask=h_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    po_ptr, plse_ptr, pml_ptr,  # partials: out [S, T, h_q, d_v] fp32, lse2/max2 [S, T, h_q]
+    out_ptr, ml_ptr, lse_ptr,  # out [T, h_q, d_v], max_logits / lse [T, h_q]
+    n_split, h_q,
+    stride_ps, stride_pt, stride_ph,
+    stride_ls, stride_lt,
+    stride_ot, stride_oh,
+    D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse2_s - max lse2): each split's
+    output is already normalized by its own sum, so its weight is its share of the total."""
+    h = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DV)
+    d_mask = offs_d < D_V
+    l_ptrs = offs_s * stride_ls + t * stride_lt + h
+    lse2 = tl.load(plse_ptr + l_ptrs, mask=offs_s < n_split, other=float("-inf"))
+    mx2 = tl.max(tl.load(pml_ptr + l_ptrs, mask=offs_s < n_split, other=float("-inf")), 0)
+    big = tl.max(lse2, 0)
+    big_use = tl.where(big == float("-inf"), 0.0, big)
+    w_sum = tl.sum(tl.math.exp2(lse2 - big_use), 0)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s in range(0, n_split):
+        w = tl.math.exp2(tl.load(plse_ptr + s * stride_ls + t * stride_lt + h) - big_use)
+        o = tl.load(po_ptr + s * stride_ps + t * stride_pt + h * stride_ph + offs_d, mask=d_mask, other=0.0)
+        acc += w * o
+    has = w_sum > 0.0
+    out = acc / tl.where(has, w_sum, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    lse = tl.where(has, (big + tl.math.log2(tl.where(has, w_sum, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(lse_ptr + t * h_q + h, lse)  # lse / max_logits: contiguous [T, h_q]
+    tl.store(ml_ptr + t * h_q + h, mx2 * 0.6931471805599453)
+
+
+def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8, n_split=1,
+            config=None):
+    """Run the kernel on q [T, h_q, d_qk] and indices [T, topk] over rows kv_v [N, >= d_v]
+    (+ tail rows [N, >= d_tail], + fp32 scales [N, >= 4] when kv_fp8).
+
+    Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32)."""
+    t_q, h_q, _ = q.shape
+    topk = idx.shape[1]
+    cfg = dict(default_config(q.device, h_q, d_v))
+    if config:
+        cfg.update(config)
+    block_h, block_k = cfg["BLOCK_H"], cfg["BLOCK_K"]
+    upcast = q.dtype == torch.float32 or _interpreted()
+    block_dv = triton.next_power_of_2(d_v)
+    block_dt = max(16, triton.next_power_of_2(d_tail)) if d_tail > 0 else 16
+    n_hb = triton.cdiv(h_q, block_h)
+    out = torch.empty(t_q, h_q, d_v, dtype=q.dtype, device=q.device)
+    max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    if t_q == 0:
+        return out, max_logits, lse
+    # split-k: each split gets a whole number of BLOCK_K steps
+    n_steps = triton.cdiv(topk, block_k)
+    n_split = max(1, min(n_split, n_steps))
+    k_per_split = triton.cdiv(n_steps, n_split) * block_k
+    n_split = triton.cdiv(topk, k_per_split)
+    tail = kv_tail if kv_tail is not None else kv_v
+    scale = kv_scale if kv_scale is not None else kv_v
+    common = dict(D_V=d_v, D_TAIL=d_tail, BLOCK_DV=block_dv, BLOCK_DT=block_dt, BLOCK_H=block_h,
+                  BLOCK_K=block_k, KV_FP8=kv_fp8, UPCAST=upcast,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if n_split == 1:
+        _sparse_mla_fwd_kernel[(n_hb, t_q, 1)](
+            q, kv_v, tail, scale, idx, out, max_logits, lse,
+            n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
+            0, out.stride(0), out.stride(1), 0, lse.stride(0),
+            SPLIT=False, **common)
+        return out, max_logits, lse
+    p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
+    p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
+    p_ml = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
+    _sparse_mla_fwd_kernel[(n_hb, t_q, n_split)](
+        q, kv_v, tail, scale, idx, p_out, p_ml, p_lse,
+        n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
+        p_out.stride(0), p_out.stride(1), p_out.stride(2), p_lse.stride(0), p_lse.stride(1),
+        SPLIT=True, **common)
+    _combine_splits_kernel[(h_q, t_q)](
+        p_out, p_lse, p_ml, out, max_logits, lse, n_split, h_q,
+        p_out.stride(0), p_out.stride(1), p_out.stride(2), p_lse.stride(0), p_lse.stride(1),
+        out.stride(0), out.stride(1),
+        D_V=d_v, BLOCK_DV=block_dv, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+    return out, max_logits, lse
+
+
+def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                   d_v: int = 512, n_split: int = 1, config: dict | None = None):
+    """Sparse MLA forward (SPEC 3) on validated inputs (use ``flashdsa.sparse_mla_fwd``).
+
+    q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk] (same float dtype), indices [s_q, 1, topk] int32
+    with -1 or >= s_kv invalid. Returns ``(out [s_q, h_q, d_v] q.dtype, max_logits [s_q, h_q]
+    fp32, lse [s_q, h_q] fp32 natural log)``; a row with no valid index gives out 0,
+    max_logits -inf, lse +inf. ``n_split`` > 1 splits each row's top-k over that many
+    programs (for few tokens); ``config`` overrides the block sizes (see CONFIGS).
+    """
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv2 = kv[:, 0]
+    if kv2.stride(-1) != 1:
+        kv2 = kv2.contiguous()
+    idx = indices[:, 0]
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
+    d_qk = q.shape[-1]
+    d_tail = d_qk - d_v
+    tail = kv2[:, d_v:] if d_tail > 0 else None
+    return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config)
