@@ -164,3 +164,155 @@ def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, s
     _reference_only("dense_mla_fwd", backend, q)
     return ref.dense_mla_fwd(q, kv, cu_seqlens, sm_scale if sm_scale is not None else q.shape[2] ** -0.5, d_v)
 
+
+
+MLA_CACHE_FORMATS = ("bf16", "fp8_ds_mla")
+
+
+def _check_mla_cache(kv_cache, kv_format, device):
+    check(kv_format in MLA_CACHE_FORMATS, ValueError,
+          f"kv_format: expected one of {MLA_CACHE_FORMATS}, got {kv_format!r}")
+    if kv_format == "bf16":
+        check_tensor("kv_cache", kv_cache, dtypes=FLOAT_DTYPES, device=device,
+                     layout="[num_blocks, 64, 1, d_qk] for kv_format='bf16'")
+    else:
+        check_tensor("kv_cache", kv_cache, dtypes=(torch.uint8,), device=device,
+                     layout="[num_blocks, 64, 1, 656] uint8 for kv_format='fp8_ds_mla'")
+    check(kv_cache.dim() in (3, 4) and kv_cache.shape[1] == 64 and (kv_cache.dim() == 3 or kv_cache.shape[2] == 1),
+          ValueError, f"kv_cache: expected shape [num_blocks, 64, 1, D] (or [num_blocks, 64, D]), "
+          f"got {tuple(kv_cache.shape)}")
+    check(kv_format == "bf16" or kv_cache.shape[-1] == 656, ValueError,
+          f"kv_cache: fp8_ds_mla rows are 656 bytes, got last dim {kv_cache.shape[-1]}")
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                      sm_scale: float | None = None, d_v: int = 512, kv_format: str = "bf16",
+                      backend: str = "auto"):
+    """Sparse MLA decode over a paged latent cache (SPEC 4; FlashMLA sparse decode semantics).
+
+    Args:
+        q: [b, s_q, h_q, d_qk] decode queries (s_q 1, or 2 for MTP steps).
+        kv_cache: pages of 64 tokens: [num_blocks, 64, 1, d_qk] bf16 for ``kv_format="bf16"``,
+            or [num_blocks, 64, 1, 656] uint8 for ``"fp8_ds_mla"`` (d_qk 576, d_v 512; see
+            :func:`quantize_mla_cache`).
+        indices: [b, s_q, topk] int32 physical slots (``block_table[b, pos // 64] * 64 +
+            pos % 64``); -1 or >= num_blocks * 64 are skipped.
+        sm_scale: softmax scale (default d_qk^-0.5). d_v: value width.
+
+    Returns:
+        (out [b, s_q, h_q, d_v] in q.dtype, lse [b, s_q, h_q] fp32, natural log; +inf and
+        out 0 for a query with no valid index). The Triton path dequantizes fp8 rows in
+        registers and splits the top-k range over programs when b * s_q is small.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, layout="[b, s_q, h_q, d_qk]")
+    b, s_q, _, d_qk = q.shape
+    _check_mla_cache(kv_cache, kv_format, q.device)
+    if kv_format == "bf16":
+        check(kv_cache.shape[-1] == d_qk, ValueError,
+              f"kv_cache: expected last dim d_qk={d_qk} (as q), got {kv_cache.shape[-1]}")
+    else:
+        check(d_qk == 576 and d_v == 512, ValueError,
+              f"fp8_ds_mla holds 576-wide rows with d_v 512: got d_qk={d_qk}, d_v={d_v}")
+    check(isinstance(d_v, int) and 0 < d_v <= d_qk, ValueError,
+          f"d_v: expected an int in [1, d_qk={d_qk}], got {d_v!r}")
+    check_tensor("indices", indices, ndim=3, dtypes=(torch.int32,), shape=(b, s_q, None), device=q.device,
+                 layout="[b, s_q, topk] int32 physical slots")
+    check(indices.shape[2] > 0, ValueError, "indices: topk (last dim) must be at least 1")
+    if sm_scale is None:
+        sm_scale = d_qk ** -0.5
+    if resolve_backend(backend, q) == "triton":
+        from .ops.sparse_mla_decode import sparse_mla_decode as kernel
+        return kernel(q, kv_cache, indices, sm_scale, d_v, kv_format)
+    from .reference.mla_cache import sparse_mla_decode as reference
+    return reference(q, kv_cache, indices, sm_scale, d_v, kv_format)
+
+
+def quantize_mla_cache(kv: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """576-wide latent rows ``kv [..., 576]`` -> fp8_ds_mla bytes ``[..., 656]`` uint8 (SPEC 4):
+    512 e4m3 bytes in 4 tiles of 128 with power-of-two fp32 scales, then 64 bf16 rope values."""
+    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, layout="[..., 576]")
+    check(kv.dim() >= 1 and kv.shape[-1] == 576, ValueError,
+          f"kv: expected last dim 576 (512 latent + 64 rope), got shape {tuple(kv.shape)}")
+    if resolve_backend(backend, kv) == "triton":
+        from .ops.mla_cache import quantize_mla_cache as kernel
+        return kernel(kv)
+    from .reference.mla_cache import quantize_mla_cache as reference
+    return reference(kv)
+
+
+def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                         backend: str = "auto") -> torch.Tensor:
+    """fp8_ds_mla bytes ``[..., 656]`` uint8 -> rows ``[..., 576]`` in ``dtype``."""
+    check_tensor("cache", cache, dtypes=(torch.uint8,), layout="[..., 656] uint8")
+    check(cache.dim() >= 1 and cache.shape[-1] == 656, ValueError,
+          f"cache: expected last dim 656 (fp8_ds_mla bytes), got shape {tuple(cache.shape)}")
+    check(dtype in FLOAT_DTYPES, TypeError, f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    if resolve_backend(backend, cache) == "triton":
+        from .ops.mla_cache import dequantize_mla_cache as kernel
+        return kernel(cache, dtype)
+    from .reference.mla_cache import dequantize_mla_cache as reference
+    return reference(cache, dtype)
+
+
+def _check_paged_indexer_inputs(q8, kv_cache, weights, context_lens, block_table):
+    check_tensor("q8", q8, ndim=4, dtypes=(torch.float8_e4m3fn,), layout="[B, next_n, H, D] e4m3")
+    bsz, next_n, h, d = q8.shape
+    check(next_n in (1, 2), ValueError, f"q8: next_n (dim 1) must be 1 or 2, got {next_n}")
+    check_tensor("kv_cache", kv_cache, ndim=2, dtypes=(torch.uint8,), shape=(None, 64 * (d + 4)),
+                 device=q8.device, layout=f"[num_blocks, 64 * (D + 4)] uint8 (D = {d})")
+    check(kv_cache.is_contiguous(), ValueError, "kv_cache: expected a contiguous tensor")
+    check_tensor("weights", weights, ndim=2, dtypes=SCALE_DTYPES, shape=(bsz * next_n, h), device=q8.device,
+                 layout="[B * next_n, H]")
+    check_tensor("context_lens", context_lens, ndim=1, dtypes=(torch.int32,), shape=(bsz,), device=q8.device,
+                 layout="[B] int32")
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), shape=(bsz, None), device=q8.device,
+                 layout="[B, max_blocks] int32")
+    if bsz and not torch.compiler.is_compiling():
+        cmax = int(context_lens.max())
+        check(int(context_lens.min()) >= 0 and cmax <= block_table.shape[1] * 64, ValueError,
+              f"context_lens: expected values in [0, max_blocks * 64 = {block_table.shape[1] * 64}], "
+              f"got [{int(context_lens.min())}, {cmax}]")
+
+
+def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                         context_lens: torch.Tensor, block_table: torch.Tensor,
+                         max_context_len: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Decode index scores over the paged indexer key cache (SPEC 4; DeepGEMM
+    ``fp8_paged_mqa_logits`` semantics).
+
+    Args:
+        q8: [B, next_n, H, D] e4m3 queries, next_n 1 or 2 tokens a sequence.
+        kv_cache: uint8 [num_blocks, 64 * (D + 4)] (flashdsa.PagedIndexerCache.kv).
+        weights: [B * next_n, H] fp32, q scales and D^-0.5 folded in.
+        context_lens: [B] int32 tokens of each sequence (the new ones included).
+        block_table: [B, max_blocks] int32 physical block of each logical page.
+        max_context_len: width of the result (default max_blocks * 64).
+
+    Returns:
+        [B * next_n, max_context_len] fp32 over logical positions; query j of sequence b
+        sees positions [0, context_lens[b] - next_n + j], -inf elsewhere.
+    """
+    _check_paged_indexer_inputs(q8, kv_cache, weights, context_lens, block_table)
+    width = block_table.shape[1] * 64 if max_context_len is None else max_context_len
+    check(isinstance(width, int) and width >= 0, ValueError,
+          f"max_context_len: expected a non-negative int, got {max_context_len!r}")
+    if resolve_backend(backend, q8) == "triton":
+        from .ops.paged_indexer import paged_indexer_logits as kernel
+        return kernel(q8, kv_cache, weights, context_lens, block_table, width)
+    from .reference.paged_indexer import paged_indexer_logits as reference
+    return reference(q8, kv_cache, weights, context_lens, block_table, width)
+
+
+def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                       context_lens: torch.Tensor, block_table: torch.Tensor, topk: int,
+                       backend: str = "auto") -> torch.Tensor:
+    """[B * next_n, topk] int32 PHYSICAL slots (block * 64 + row, what sparse_mla_decode
+    takes) of each decode query's top-k keys, -1 padded; arguments as
+    :func:`paged_indexer_logits`. The Triton path never materializes the scores."""
+    _check_paged_indexer_inputs(q8, kv_cache, weights, context_lens, block_table)
+    check(isinstance(topk, int) and topk > 0, ValueError, f"topk: expected a positive int, got {topk!r}")
+    if resolve_backend(backend, q8) == "triton":
+        from .ops.paged_indexer import paged_indexer_topk as kernel
+        return kernel(q8, kv_cache, weights, context_lens, block_table, topk)
+    from .reference.paged_indexer import paged_indexer_topk as reference
+    return reference(q8, kv_cache, weights, context_lens, block_table, topk)

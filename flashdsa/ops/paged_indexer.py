@@ -1,0 +1,142 @@
+"""Triton paged lightning indexer for decode (SPEC 4) and the key-cache write path.
+
+The scoring and top-k kernels are those of flashdsa.ops.indexer run with PAGED=True:
+one program takes the next_n (1 or 2) query tokens of ONE sequence (they share its
+keys) and walks a split of its logical positions in tiles of BLOCK_N keys; each key's
+physical block comes from the block table, so a tile may span several pages. Key
+bytes are loaded as uint8 and reinterpreted as e4m3; the scales are read through an
+fp32 view of the same cache storage. Top-k returns physical slots (block * 64 + row),
+what ``sparse_mla_decode`` takes.
+
+Cache layout: uint8 [num_blocks, PAGE * (D + 4)], each block = PAGE x D e4m3 key bytes,
+then PAGE fp32 scales (PAGE = 64, D = 128: 64 * 132 bytes).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexer import (_interpreted, _num_sms, _topk_buffers, choose_split, default_config, dot_mode,
+                      indexer_logits_kernel, indexer_topk_kernel, merge_splits, topk_cap)
+
+PAGE_SIZE = 64
+
+
+def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None) -> dict:
+    h = q8.shape[2]
+    h_pad = triton.next_power_of_2(h)
+    cfg = default_config(q8.device, h, topk=topk)
+    # all next_n tokens of a sequence in one program (and N = BLOCK_Q * H_PAD >= 16)
+    cfg["BLOCK_Q"] = max(triton.next_power_of_2(next_n), triton.cdiv(16, h_pad))
+    if q8.device.type == "cuda" and not _interpreted():
+        cfg["BLOCK_N"] = 64 if cfg["BLOCK_Q"] * h_pad > 128 else cfg["BLOCK_N"]
+    cfg.update(config or {})
+    return cfg
+
+
+def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                         context_lens: torch.Tensor, block_table: torch.Tensor, max_context_len: int,
+                         config: dict | None = None, n_split: int | None = None) -> torch.Tensor:
+    """[B * next_n, max_context_len] fp32 scores over logical positions, -inf past each
+    query's causal limit. q8 [B, next_n, H, D] e4m3, kv_cache uint8 [num_blocks,
+    64 * (D + 4)], weights [B * next_n, H] fp32, context_lens [B] int32, block_table
+    [B, max_blocks] int32 (inputs assumed validated)."""
+    bsz, next_n, h, d = q8.shape
+    cfg = _paged_config(q8, next_n, False, config)
+    out = torch.empty(bsz * next_n, max_context_len, dtype=torch.float32, device=q8.device)
+    if bsz == 0 or max_context_len == 0:
+        return out
+    q = q8.reshape(bsz * next_n, h, d)
+    weights = weights.float().contiguous()
+    bn = cfg["BLOCK_N"]
+    n_split, split_len = choose_split(bsz, max_context_len, bn, q8.device, 8 * bn, n_split)
+    indexer_logits_kernel[(bsz, n_split)](
+        q, kv_cache, kv_cache.view(torch.float32), weights, context_lens, context_lens, context_lens,
+        block_table, out,
+        bsz * next_n, max_context_len, h, next_n, split_len,
+        q.stride(0), q.stride(1), 0, weights.stride(0), block_table.stride(0), out.stride(0),
+        D=d, D_PAD=max(triton.next_power_of_2(d), 16), H_PAD=triton.next_power_of_2(h),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE,
+        DOT=dot_mode(q8), PAGED=True, HEAVY_FIRST=False,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                       context_lens: torch.Tensor, block_table: torch.Tensor, topk: int,
+                       max_context_len: int | None = None, config: dict | None = None,
+                       n_split: int | None = None) -> torch.Tensor:
+    """[B * next_n, topk] int32 physical slots of each decode query's top-k keys, -1
+    padded, in no particular order; never materializes the scores. ``max_context_len``
+    (default max_blocks * 64) bounds the positions walked; the key axis is split over
+    programs when the batch alone does not fill the GPU."""
+    bsz, next_n, h, d = q8.shape
+    cfg = _paged_config(q8, next_n, True, config)
+    if max_context_len is None:
+        max_context_len = block_table.shape[1] * PAGE_SIZE
+    rows = bsz * next_n
+    if rows == 0:
+        return torch.empty(0, topk, dtype=torch.int32, device=q8.device)
+    q = q8.reshape(rows, h, d)
+    weights = weights.float().contiguous()
+    bn = cfg["BLOCK_N"]
+    cap = topk_cap(topk, bn)
+    n_split, split_len = choose_split(bsz, max(max_context_len, 1), bn, q8.device, max(cap, 8 * bn), n_split)
+    bkey, bidx, okey, oidx = _topk_buffers(rows, n_split, topk, cap, q8.device)
+    indexer_topk_kernel[(bsz, n_split)](
+        q, kv_cache, kv_cache.view(torch.float32), weights, context_lens, context_lens, context_lens,
+        block_table, bkey, bidx, okey, oidx,
+        rows, max(max_context_len, 1), h, next_n, split_len, n_split, topk,
+        q.stride(0), q.stride(1), 0, weights.stride(0), block_table.stride(0),
+        D=d, D_PAD=max(triton.next_power_of_2(d), 16), H_PAD=triton.next_power_of_2(h),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE, CAP=cap,
+        TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(q8), PAGED=True, HEAVY_FIRST=False,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return merge_splits(okey, oidx, rows, n_split, topk)
+
+
+@triton.jit
+def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_k,
+                               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                               PAGE: tl.constexpr, UE8M0: tl.constexpr):
+    """Quantize BLOCK_T keys (one e4m3 block of D each, SPEC 1) into their slots.
+    cache_ptr: the cache as uint8; scale_ptr: the same storage as fp32."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slot_ptr + t, mask=t < N, other=-1).to(tl.int64)
+    ok = slot >= 0  # negative slots are padding tokens: nothing is written
+    d = tl.arange(0, D_PAD)
+    x = tl.load(k_ptr + t.to(tl.int64)[:, None] * stride_k + d[None, :],
+                mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    scale = amax / 448.0
+    if UE8M0:
+        # round the scale UP to a power of two on its bits: exact, no log2 rounding
+        bits = scale.to(tl.int32, bitcast=True)
+        expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale = (expo << 23).to(tl.float32, bitcast=True)
+        inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
+        y = x * inv[:, None]
+    else:
+        y = x / scale[:, None]
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    y8 = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    blk = slot // PAGE
+    row = slot % PAGE
+    tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8,
+             mask=ok[:, None] & (d[None, :] < D))
+    tl.store(scale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=ok)
+
+
+def indexer_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, slots: torch.Tensor,
+                        scale_fmt: str | None = "ue8m0") -> None:
+    """Quantize keys k [N, D] (float) into kv_cache uint8 [num_blocks, 64 * (D + 4)] at
+    physical ``slots [N]`` (in place; slots < 0 skipped)."""
+    n, d = k.shape
+    if n == 0:
+        return
+    block_t = 16 if _interpreted() or k.device.type != "cuda" else 32
+    indexer_cache_write_kernel[(triton.cdiv(n, block_t),)](
+        k, slots, kv_cache, kv_cache.view(torch.float32), n, k.stride(0),
+        D=d, D_PAD=max(triton.next_power_of_2(d), 16), BLOCK_T=block_t, PAGE=PAGE_SIZE,
+        UE8M0=scale_fmt == "ue8m0", num_warps=4)
