@@ -1,0 +1,113 @@
+"""The MLA module with DSA: equality with the dense path, gradients, the detached indexer."""
+import json
+
+import pytest
+import torch
+
+from flashdsa.config import DSAConfig
+from flashdsa.layers import MLA, causal_ranges
+
+
+def tiny_config(**kw):
+    base = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16, index_topk=64,
+                max_position_embeddings=8192, original_max_position_embeddings=64, rope_factor=4.0)
+    base.update(kw)
+    return DSAConfig(**base)
+
+
+LENS = [7, 13, 5]
+
+
+def _packed(dtype=torch.float64):
+    cu = torch.tensor([0, 7, 20, 25], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in LENS])
+    x = torch.randn(sum(LENS), 64, dtype=dtype)
+    return x, pos, cu
+
+
+def test_dsa_equals_dense_when_topk_covers_sequence():
+    m = MLA(tiny_config(index_topk=16)).double()  # 16 >= the longest sequence (13)
+    x, pos, cu = _packed()
+    torch.testing.assert_close(m(x, pos, cu, "dsa"), m(x, pos, cu, "dense"), rtol=1e-10, atol=1e-12)
+
+
+def test_dsa_differs_from_dense_when_topk_is_small():
+    m = MLA(tiny_config(index_topk=3)).double()
+    x, pos, cu = _packed()
+    diff = (m(x, pos, cu, "dsa") - m(x, pos, cu, "dense")).abs().amax(-1)
+    # The first 3 tokens of each sequence see everything either way; later ones do not.
+    first3 = torch.cat([torch.arange(3) + s for s in (0, 7, 20)])
+    assert diff[first3].max() < 1e-10 and diff.max() > 1e-4
+
+
+def test_indexer_selection_is_causal_and_per_sequence():
+    m = MLA(tiny_config(index_topk=4)).double()
+    x, pos, cu = _packed()
+    ks, ke = causal_ranges(cu, x.shape[0])
+    from flashdsa.reference.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(pos, m.inv_freq)
+    qr = m.q_a_layernorm(m.q_a_proj(x))
+    idx = m.indexer(x, qr, cos, sin, ks, ke)
+    assert idx.shape == (25, 4) and idx.dtype == torch.int32
+    valid = idx >= 0
+    assert (valid.sum(1) == torch.clamp(ke - ks, max=4)).all()
+    assert ((idx >= ks[:, None]) & (idx < ke[:, None]))[valid].all()
+
+
+def test_gradients_reach_main_weights_not_indexer():
+    m = MLA(tiny_config(index_topk=5)).double()
+    x, pos, cu = _packed()
+    x.requires_grad_(True)
+    m(x, pos, cu, "dsa").square().sum().backward()
+    for name, p in m.named_parameters():
+        if name.startswith("indexer."):
+            assert p.grad is None, f"{name} got a gradient from the attention output"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    assert x.grad.abs().sum() > 0
+
+
+def test_parameter_names_match_official_layout():
+    names = set(MLA(tiny_config()).state_dict())
+    assert names == {
+        "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
+        "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight", "indexer.wq_b.weight",
+        "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias", "indexer.weights_proj.weight"}
+
+
+OFFICIAL_CONFIG = {  # DeepSeek-V3.2 config.json (the keys DSA needs)
+    "model_type": "deepseek_v32", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000, "max_position_embeddings": 163840,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+}
+
+
+def test_config_from_official_json_and_back():
+    cfg = DSAConfig.from_hf_config(json.loads(json.dumps(OFFICIAL_CONFIG)))
+    assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.rope_factor) == (64, 128, 2048, 40.0)
+    assert abs(cfg.softmax_scale - 0.13523) < 5e-6
+    assert cfg.extra["num_key_value_heads"] == 128
+    assert DSAConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    with torch.device("meta"):
+        m = MLA(cfg)
+    assert m.kv_b_proj.weight.shape == (128 * 256, 512) and m.indexer.wq_b.weight.shape == (64 * 128, 1536)
+    with pytest.raises(ValueError, match="index_head_dim"):
+        DSAConfig(index_head_dim=96)
+
+
+def test_module_rejects_bad_inputs():
+    m = MLA(tiny_config())
+    x, pos, cu = _packed(torch.float32)
+    with pytest.raises(ValueError, match="mode"):
+        m(x, pos, cu, "sparse-ish")
+    with pytest.raises(ValueError, match=r"x: expected shape \[\*, 64\]"):
+        m(x[:, :32], pos, cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(x, pos, torch.tensor([0, 7, 20], dtype=torch.int32))
