@@ -1,0 +1,400 @@
+"""Blockwise indexer KL losses (SPEC 5) in Triton: never [H, T, T] nor [T, T].
+
+Both stages share one pair of kernels; one program handles one query row t and walks
+its candidate set in blocks of BLOCK_K key rows:
+  - warm-up (``DENSE``): the causal range [ks[t], ke[t]) of contiguous rows;
+  - sparse: the selected slots indices[t, :] (gathered rows, -1 or >= S invalid).
+
+Forward (``indexer_kl_fwd_kernel``), per block of key rows r:
+    a    = q[t] @ kv[r]^T                    [H, BK]  (all attention heads in one tile)
+    p    = mean_h exp2(a * sm_scale*log2e - lse[t,h]*log2e)   [BK]  (target, detached)
+    z    = iq[t] @ ik[r]^T                   [H_I, BK]
+    I    = sum_j w[t,j] * relu(z[j])         [BK]
+and running sums: Z = sum p, sum p log p, sum p I, and an online logsumexp of I. At the
+end KL_t = (sum p log p)/Z - log Z - (sum p I)/Z + lse_I. The sparse stage also stores
+p [T, topk] fp32 (O(T * topk), as the indices), so its backward needs no attention
+recompute; the warm-up cannot store p ([T, T]) and recomputes it.
+
+Backward (``indexer_kl_bwd_kernel``), per block, with g = dL_t * (softmax(I) - p/Z):
+    dw[t]   += relu(z) @ g                   [H_I]
+    dz       = w[:, None] * (z > 0) * g      [H_I, BK]
+    diq[t]  += dz @ ik[r]                    [H_I, d_I]
+    dik[r]  += dz^T @ iq[t]                  [BK, d_I]   (fp32 atomics)
+
+Indexer precision in training: the indexer's q and k enter in bf16 (tensor cores,
+fp32 accumulation), weights in fp32; not FP8. FP8 rounding has zero gradient almost
+everywhere (it would need a straight-through estimator and re-quantizing per step),
+while bf16 is the rest of the model's training precision and the indexer costs
+little next to the attention recompute here (H_I * d_I = 8192 vs H * d_qk = 36864
+multiply-adds per (t, s) at 64 heads). Inference keeps FP8 (Hadamard-rotated, SPEC 1)
+which approximates the same bf16 score.
+
+d_qk (576) is split into a power-of-two head (512) and a tail (64) for the tiles.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# BLOCK_K: key rows per step. The attention tile is [next_pow2(H), BLOCK_K] with
+# q [H, 576] resident (147 KB bf16 at H 128); 8 warps on Hopper. "small": interpreter.
+CONFIGS = {
+    "sm90": dict(BLOCK_K=64, num_warps=8, num_stages=2),
+    "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
+}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(x: torch.Tensor, d_qk: int) -> dict:
+    return dict(CONFIGS["sm90" if x.is_cuda and not _interpreted() and d_qk > 128 else "small"])
+
+
+def _split(d: int) -> tuple[int, int]:
+    """d = head + tail with head the largest power of two <= d."""
+    head = 1 << (d.bit_length() - 1)
+    return head, d - head
+
+
+@triton.jit
+def _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K: tl.constexpr, DENSE: tl.constexpr):
+    """Key rows of slots k0 .. k0+BLOCK_K of row t, and which are valid. [BK] int64, [BK] bool."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    if DENSE:
+        rows = ks + offs
+        valid = rows < ke
+    else:
+        rows = tl.load(idx_ptr + t * stride_it + offs, mask=offs < topk, other=-1)
+        valid = (rows >= 0) & (rows < n_kv)
+    return tl.where(valid, rows, 0).to(tl.int64), valid
+
+
+@triton.jit
+def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
+                D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """p[j] = (1/H) sum_h exp(a[h, j] - lse[h]) for the gathered rows. [BK] fp32."""
+    offs_a = tl.arange(0, D_HEAD)
+    offs_b = tl.arange(0, BLOCK_DT)
+    kv_row = kv_ptr + rows[:, None] * stride_kvr
+    kv_h = tl.load(kv_row + offs_a[None, :], mask=valid[:, None], other=0.0)  # [BK, DH]
+    kv_t = tl.load(kv_row + D_HEAD + offs_b[None, :], mask=valid[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
+    a = tl.dot(q_h, tl.trans(kv_h)) + tl.dot(q_t, tl.trans(kv_t))  # [H, BK] fp32
+    pr = tl.exp2(a * qk_scale - lse2[:, None])
+    pr = tl.where(lse2[:, None] < float("inf"), pr, 0.0)  # padding heads, empty rows
+    p = tl.sum(pr, axis=0) * inv_h
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI: tl.constexpr, BLOCK_DI: tl.constexpr):
+    """z = iq @ ik[rows]^T [HI, BK] and I = sum_j w[j] relu(z[j]) [BK] (-inf where invalid)."""
+    offs_d = tl.arange(0, BLOCK_DI)
+    ik = tl.load(ik_ptr + rows[:, None] * stride_ikr + offs_d[None, :],
+                 mask=valid[:, None] & (offs_d < DI)[None, :], other=0.0)  # [BK, DI]
+    z = tl.dot(iq, tl.trans(ik))  # [HI, BK]
+    s = tl.sum(tl.maximum(z, 0.0) * w[:, None], axis=0)
+    return z, tl.where(valid, s, float("-inf")), ik
+
+
+@triton.jit
+def _load_row_inputs(q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads,
+                     stride_qt, stride_qh, stride_lt, stride_iqt, stride_iqh, stride_wt,
+                     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr,
+                     BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr):
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < n_heads
+    offs_a = tl.arange(0, D_HEAD)
+    offs_b = tl.arange(0, BLOCK_DT)
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    q_h = tl.load(q_row + offs_a[None, :], mask=mask_h[:, None], other=0.0)  # [H, DH]
+    q_t = tl.load(q_row + D_HEAD + offs_b[None, :], mask=mask_h[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
+    lse2 = tl.load(lse_ptr + t * stride_lt + offs_h, mask=mask_h, other=float("inf")) * LOG2E
+    offs_j = tl.arange(0, BLOCK_HI)
+    mask_j = offs_j < n_iheads
+    offs_d = tl.arange(0, BLOCK_DI)
+    iq = tl.load(iq_ptr + t * stride_iqt + offs_j[:, None] * stride_iqh + offs_d[None, :],
+                 mask=mask_j[:, None] & (offs_d < DI)[None, :], other=0.0)  # [HI, DI]
+    w = tl.load(w_ptr + t * stride_wt + offs_j, mask=mask_j, other=0.0).to(tl.float32)  # [HI]
+    return q_h, q_t, lse2, iq, w
+
+
+@triton.jit
+def indexer_kl_fwd_kernel(
+    q_ptr, kv_ptr, lse_ptr, iq_ptr, ik_ptr, w_ptr, idx_ptr, ks_ptr, ke_ptr,
+    kl_ptr, stats_ptr, p_ptr,
+    n_kv, n_heads, n_iheads, topk, qk_scale, inv_h,
+    stride_qt, stride_qh, stride_kvr, stride_lt, stride_iqt, stride_iqh, stride_ikr, stride_wt,
+    stride_it, stride_pt,
+    D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
+    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    q_h, q_t, lse2, iq, w = _load_row_inputs(
+        q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
+        stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
+    if DENSE:
+        ks = tl.load(ks_ptr + t).to(tl.int64)
+        ke = tl.load(ke_ptr + t).to(tl.int64)
+        n = ke - ks
+    else:
+        ks = 0
+        ke = 0
+        n = topk
+
+    z_sum = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p
+    plogp = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p ln p
+    p_i = tl.zeros([BLOCK_K], dtype=tl.float32)    # sum p I
+    m = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)  # per-lane online logsumexp of I (base e)
+    l = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
+        p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL, BLOCK_DT)
+        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI)
+        if STORE_P:
+            offs = k0 + tl.arange(0, BLOCK_K)
+            tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
+        pos = p > 0
+        z_sum += p
+        plogp += tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
+        p_i += p * tl.where(valid, s, 0.0)  # p = 0 wherever s = -inf
+        m_new = tl.maximum(m, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.exp(s - m_safe)
+        m = m_new
+    # Combine the BLOCK_K lanes.
+    zt = tl.sum(z_sum, axis=0)
+    mt = tl.max(m, axis=0)
+    mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
+    lt = tl.sum(l * tl.exp(m - mt_safe), axis=0)
+    lse_i = tl.where(lt > 0, mt_safe + tl.log(tl.where(lt > 0, lt, 1.0)), float("-inf"))
+    zt_safe = tl.where(zt > 0, zt, 1.0)
+    kl = tl.sum(plogp, axis=0) / zt_safe - tl.log(zt_safe) - tl.sum(p_i, axis=0) / zt_safe + lse_i
+    kl = tl.where(zt > 0, kl, 0.0)
+    tl.store(kl_ptr + t, kl)
+    tl.store(stats_ptr + t * 2, zt)
+    tl.store(stats_ptr + t * 2 + 1, lse_i)
+
+
+@triton.jit
+def indexer_kl_bwd_kernel(
+    q_ptr, kv_ptr, lse_ptr, iq_ptr, ik_ptr, w_ptr, idx_ptr, ks_ptr, ke_ptr,
+    dkl_ptr, stats_ptr, p_ptr, diq_ptr, dik_ptr, dw_ptr,
+    n_kv, n_heads, n_iheads, topk, qk_scale, inv_h,
+    stride_qt, stride_qh, stride_kvr, stride_lt, stride_iqt, stride_iqh, stride_ikr, stride_wt,
+    stride_it, stride_pt, stride_dkl, stride_diqt, stride_diqh, stride_dikr, stride_dwt,
+    D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
+    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    q_h, q_t, lse2, iq, w = _load_row_inputs(
+        q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
+        stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
+    if DENSE:
+        ks = tl.load(ks_ptr + t).to(tl.int64)
+        ke = tl.load(ke_ptr + t).to(tl.int64)
+        n = ke - ks
+    else:
+        ks = 0
+        ke = 0
+        n = topk
+    zt = tl.load(stats_ptr + t * 2)
+    lse_i = tl.load(stats_ptr + t * 2 + 1)
+    dkl = tl.load(dkl_ptr + t * stride_dkl).to(tl.float32)
+    inv_z = tl.where(zt > 0, 1.0 / tl.where(zt > 0, zt, 1.0), 0.0)
+    lse_i_safe = tl.where(lse_i == float("-inf"), 0.0, lse_i)
+    offs_d = tl.arange(0, BLOCK_DI)
+    mask_d = offs_d < DI
+
+    acc_iq = tl.zeros([BLOCK_HI, BLOCK_DI], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_HI], dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
+        if STORE_P:
+            offs = k0 + tl.arange(0, BLOCK_K)
+            p = tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0)
+        else:
+            p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
+                            D_HEAD, D_TAIL, BLOCK_DT)
+        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI)
+        g = tl.where(valid, tl.exp(s - lse_i_safe) - p * inv_z, 0.0) * dkl  # [BK]
+        relu_z = tl.maximum(z, 0.0)
+        acc_w += tl.sum(relu_z * g[None, :], axis=1)
+        dz = tl.where(z > 0, w[:, None] * g[None, :], 0.0)  # [HI, BK] fp32
+        dz_c = dz.to(ik.dtype)
+        acc_iq += tl.dot(dz_c, ik)  # [HI, DI]
+        dk = tl.dot(tl.trans(dz_c), iq)  # [BK, DI]
+        tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
+                      mask=valid[:, None] & mask_d[None, :], sem="relaxed")
+    offs_j = tl.arange(0, BLOCK_HI)
+    mask_j = offs_j < n_iheads
+    tl.store(diq_ptr + t * stride_diqt + offs_j[:, None] * stride_diqh + offs_d[None, :],
+             acc_iq.to(diq_ptr.dtype.element_ty), mask=mask_j[:, None] & mask_d[None, :])
+    tl.store(dw_ptr + t * stride_dwt + offs_j, acc_w, mask=mask_j)
+
+
+def _meta(q, iq, d_qk):
+    d_head, d_tail = _split(d_qk)
+    di = iq.shape[2]
+    return dict(
+        D_HEAD=d_head, D_TAIL=d_tail, BLOCK_DT=max(16, triton.next_power_of_2(max(d_tail, 1))),
+        BLOCK_H=max(16, triton.next_power_of_2(q.shape[1])),
+        DI=di, BLOCK_DI=max(16, triton.next_power_of_2(di)),
+        BLOCK_HI=max(16, triton.next_power_of_2(iq.shape[1])),
+    )
+
+
+def _row_args(q, kv2, lse, iq, ik, w, idx):
+    return (q.stride(0), q.stride(1), kv2.stride(0), lse.stride(0), iq.stride(0), iq.stride(1),
+            ik.stride(0), w.stride(0), idx.stride(0) if idx is not None else 0)
+
+
+def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
+    """Contiguous last dims, kv as [S, d_qk], indices as [T, topk]; returns also the
+    kernel's index/range placeholders (an unused pointer gets any valid tensor)."""
+    def last_c(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+    q, iq, ik, w = last_c(q), last_c(iq), last_c(ik), last_c(w)
+    kv2 = last_c(kv.reshape(kv.shape[0], kv.shape[-1]))
+    lse = lse.float().contiguous()
+    dense = indices is None
+    if dense:
+        idx = None
+        ks, ke = ks.contiguous(), ke.contiguous()
+        topk = 0
+    else:
+        idx = last_c(indices.reshape(indices.shape[0], -1))
+        topk = idx.shape[1]
+    return q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk
+
+
+def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None):
+    """Per-row KL [T] fp32, stats [T, 2] (Z, lse_I) and the stored target p [T, topk]
+    (sparse; an empty tensor for the warm-up). Either ``indices`` (sparse) or ``ks``/``ke``
+    (warm-up) is given. Inputs assumed validated; q, kv, lse are treated as constants."""
+    q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
+    T = q.shape[0]
+    cfg = _config(q, q.shape[2]) | dict(config or {})
+    kl = torch.empty(T, dtype=torch.float32, device=q.device)
+    stats = torch.empty(T, 2, dtype=torch.float32, device=q.device)
+    p = torch.empty(T, topk, dtype=torch.float32, device=q.device)
+    dummy = kl
+    sidx = idx if idx is not None else ks
+    indexer_kl_fwd_kernel[(T,)](
+        q, kv2, lse, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
+        kl, stats, p,
+        kv2.shape[0], q.shape[1], iq.shape[1], topk, sm_scale * LOG2E, 1.0 / q.shape[1],
+        *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0,
+        **_meta(q, iq, q.shape[2]), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return kl, stats, p
+
+
+def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, config=None):
+    """Gradients (diq [T, H_I, d_I] in iq.dtype, dik [S, d_I] in ik.dtype, dw [T, H_I] in
+    w.dtype) of sum_t dkl[t] * KL_t."""
+    q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
+    T = q.shape[0]
+    cfg = _config(q, q.shape[2]) | dict(config or {})
+    dkl = dkl.float().contiguous()
+    diq = torch.empty_like(iq)
+    dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
+    dw = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    dummy = dkl
+    sidx = idx if idx is not None else ks
+    indexer_kl_bwd_kernel[(T,)](
+        q, kv2, lse, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
+        dkl, stats, p if topk else dummy, diq, dik, dw,
+        kv2.shape[0], q.shape[1], iq.shape[1], topk, sm_scale * LOG2E, 1.0 / q.shape[1],
+        *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
+        diq.stride(0), diq.stride(1), dik.stride(0), dw.stride(0),
+        **_meta(q, iq, q.shape[2]), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return diq, dik.to(ik.dtype), dw.to(w.dtype)
+
+
+# torch.library registration: opaque to torch.compile, with fake (meta) kernels.
+
+@torch.library.custom_op("flashdsa::indexer_kl_fwd", mutates_args=())
+def _indexer_kl_fwd_op(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
+                       w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
+                       ke: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale)
+
+
+@_indexer_kl_fwd_op.register_fake
+def _(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale):
+    T = q.shape[0]
+    topk = 0 if indices is None else indices.shape[-1]
+    return (q.new_empty(T, dtype=torch.float32), q.new_empty(T, 2, dtype=torch.float32),
+            q.new_empty(T, topk, dtype=torch.float32))
+
+
+@torch.library.custom_op("flashdsa::indexer_kl_bwd", mutates_args=())
+def _indexer_kl_bwd_op(dkl: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, iq: torch.Tensor,
+                       ik: torch.Tensor, w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
+                       ke: Optional[torch.Tensor], stats: torch.Tensor, p: torch.Tensor,
+                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale)
+
+
+@_indexer_kl_bwd_op.register_fake
+def _(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale):
+    return torch.empty_like(iq), torch.empty_like(ik), torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale = inputs
+    kl, stats, p = output
+    ctx.save_for_backward(q, kv, lse, iq, ik, w, indices, ks, ke, stats, p)
+    ctx.sm_scale = sm_scale
+    ctx.mark_non_differentiable(stats, p)
+
+
+def _backward(ctx, dkl, dstats, dp):
+    q, kv, lse, iq, ik, w, indices, ks, ke, stats, p = ctx.saved_tensors
+    diq, dik, dw = _indexer_kl_bwd_op(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, ctx.sm_scale)
+    # The attention side (q, kv, lse) is a detached target: no gradient by design.
+    return None, None, None, diq, dik, dw, None, None, None, None
+
+
+torch.library.register_autograd("flashdsa::indexer_kl_fwd", _backward, setup_context=_setup_context)
+
+
+def _reduce(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "none":
+        return kl
+    raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def warmup_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, ks, ke, reduction="sum"):
+    """Blockwise dense warm-up loss sum_t KL(p[t] || softmax(I[t])) over [ks[t], ke[t]).
+    Same contract as :func:`flashdsa.reference.losses.warmup_kl_loss`; gradients reach
+    iq, ik and weights only."""
+    kl, _, _ = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), lse.detach(), iq, ik, weights,
+                                                 None, ks, ke, float(sm_scale))
+    return _reduce(kl, reduction)
+
+
+def sparse_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, indices, reduction="sum"):
+    """Blockwise sparse-stage loss over the selected slots ``indices`` [T, 1, topk].
+    Same contract as :func:`flashdsa.reference.losses.sparse_kl_loss`."""
+    kl, _, _ = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), lse.detach(), iq, ik, weights,
+                                                 indices, None, None, float(sm_scale))
+    return _reduce(kl, reduction)
