@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: timing, the ceilings measured in the same run, JSON results.
+
+Run a benchmark from the repo root as ``python -m benchmarks.<script>``; results go to
+benchmarks/results/<name>.json with the device, date, versions and the exact command.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median time of ``fn()`` in milliseconds (CUDA events through triton's do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def measure_ceilings(n: int = 8192) -> dict:
+    """The ceilings every benchmark reports against, measured now on this device:
+    cuBLAS bf16 matmul and fp8 (e4m3, torch._scaled_mm) matmul TFLOP/s on random n^3,
+    and device-to-device copy bandwidth in GB/s (bytes read + written)."""
+    dev = "cuda"
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    flops = 2 * n ** 3
+    bf16 = flops / bench_ms(lambda: a @ b) * 1e-9
+    a8 = a.to(torch.float8_e4m3fn)
+    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major second operand
+    one = torch.ones((), device=dev)
+    fp8 = flops / bench_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one,
+                                                    out_dtype=torch.bfloat16)) * 1e-9
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) * 1e-6
+    del a, b, a8, b8, src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": bf16, "fp8_matmul_tflops": fp8, "copy_gbps": copy}
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": "python -m " + " ".join([sys.argv[0].replace("/", ".").removesuffix(".py")] + sys.argv[1:]),
+    }
+
+
+def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
+    """Write ``{environment..., **payload}`` to ``<out_dir or benchmarks/results>/<name>.json``
+    (``$OUT`` when set, so device runs bring the file back)."""
+    out_dir = out_dir or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({**environment(), **payload}, f, indent=1)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.rjust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
