@@ -1,0 +1,183 @@
+"""DSAForCausalLM: official 671B shapes on the meta device, wiring of the packed layout,
+DSA == dense when top-k covers the context, causality, and the V3 MoE router."""
+import math
+import time
+
+import pytest
+import torch
+
+from flashdsa.config import DSAConfig
+from flashdsa.model import MLP, DSAForCausalLM, MoE, MoEGate
+
+# config.json of deepseek-ai/DeepSeek-V3.2 (671B), as published.
+OFFICIAL_671B = {
+    "architectures": ["DeepseekV32ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "index_head_dim": 128, "index_n_heads": 64, "index_topk": 2048,
+    "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v32", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.44.2", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def tiny_config(**kw) -> DSAConfig:
+    base = dict(vocab_size=67, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=3, n_routed_experts=6,
+                n_shared_experts=1, num_experts_per_tok=2, n_group=3, topk_group=2, q_lora_rank=24,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                index_head_dim=16, index_topk=4, rope_factor=1.0, max_position_embeddings=512)
+    base.update(kw)
+    return DSAConfig(**base)
+
+
+def test_official_671b_config_builds_right_shapes_on_meta():
+    cfg = DSAConfig.from_hf_config(OFFICIAL_671B)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = DSAForCausalLM(cfg, init=False)
+    build_s = time.perf_counter() - t0
+    params = dict(model.named_parameters())
+    assert all(p.is_meta for p in params.values()), "building on meta must not allocate"
+    att = "model.layers.10.self_attn."
+    want = {
+        "model.embed_tokens.weight": (129280, 7168), "lm_head.weight": (129280, 7168),
+        att + "q_a_proj.weight": (1536, 7168), att + "q_a_layernorm.weight": (1536,),
+        att + "q_b_proj.weight": (128 * 192, 1536), att + "kv_a_proj_with_mqa.weight": (576, 7168),
+        att + "kv_a_layernorm.weight": (512,), att + "kv_b_proj.weight": (128 * 256, 512),
+        att + "o_proj.weight": (7168, 128 * 128), att + "indexer.wq_b.weight": (64 * 128, 1536),
+        att + "indexer.wk.weight": (128, 7168), att + "indexer.k_norm.weight": (128,),
+        att + "indexer.k_norm.bias": (128,), att + "indexer.weights_proj.weight": (64, 7168),
+        "model.layers.2.mlp.gate_proj.weight": (18432, 7168), "model.layers.2.mlp.down_proj.weight": (7168, 18432),
+        "model.layers.3.mlp.gate.weight": (256, 7168),
+        "model.layers.3.mlp.experts.255.up_proj.weight": (2048, 7168),
+        "model.layers.60.mlp.shared_experts.down_proj.weight": (7168, 2048),
+        "model.norm.weight": (7168,),
+    }
+    for name, shape in want.items():
+        assert tuple(params[name].shape) == shape, name
+    assert "model.layers.61.self_attn.q_a_proj.weight" not in params      # no MTP layer
+    assert tuple(model.model.layers[3].mlp.gate.e_score_correction_bias.shape) == (256,)
+    assert isinstance(model.model.layers[2].mlp, MLP) and isinstance(model.model.layers[3].mlp, MoE)
+    # 671B main model (the paper's count, MTP excluded) plus the 61 indexers (~14.2M each).
+    indexer = 61 * (64 * 128 * 1536 + 128 * 7168 + 2 * 128 + 64 * 7168)
+    total = model.num_parameters()
+    assert abs((total - indexer) / 671e9 - 1) < 0.002, total
+    assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert build_s < 30
+
+
+def _seq_lens_packed(model, ids_list, mode):
+    ids = torch.cat(ids_list)
+    cu = torch.tensor([0] + [len(x) for x in ids_list], dtype=torch.int32).cumsum(0).to(torch.int32)
+    return model(ids, cu_seqlens=cu, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["dense", "dsa"])
+def test_packed_equals_separate_sequences(mode):
+    # 16 indexer heads: a score is an exact 0 (a tie) only when all 16 ReLUs are off
+    model = DSAForCausalLM(tiny_config(index_n_heads=16)).eval()
+    seqs = [torch.randint(0, 67, (n,)) for n in (7, 13, 1)]
+    packed = _seq_lens_packed(model, seqs, mode)
+    alone = torch.cat([model(s[None], mode=mode)[0] for s in seqs])
+    assert packed.shape == (21, 67)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_dsa_equals_dense_when_topk_covers_context_and_differs_otherwise():
+    ids = torch.randint(0, 67, (2, 11))
+    full = DSAForCausalLM(tiny_config(index_topk=16)).eval()
+    torch.testing.assert_close(full(ids, mode="dsa"), full(ids, mode="dense"), rtol=1e-5, atol=1e-5)
+    sparse = DSAForCausalLM(tiny_config(index_topk=3)).eval()
+    sparse.load_state_dict(full.state_dict())
+    a, b = sparse(ids, mode="dsa"), sparse(ids, mode="dense")
+    # rows with <= 3 candidates see everything; later rows must differ
+    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=1e-5, atol=1e-5)
+    assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["dense", "dsa"])
+def test_causal(mode):
+    model = DSAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 67, (1, 12))
+    ids2 = ids.clone()
+    ids2[0, 8:] = (ids2[0, 8:] + 1) % 67
+    a, b = model(ids, mode=mode), model(ids2, mode=mode)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=1e-5, atol=1e-5)
+    assert (a[:, 8:] - b[:, 8:]).abs().amax() > 1e-4
+
+
+def test_logits_rows_and_positions():
+    model = DSAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 67, (10,))
+    full = model(ids, mode="dense")
+    rows = torch.tensor([9, 3])
+    torch.testing.assert_close(model(ids, mode="dense", logits_rows=rows), full[rows])
+    # RoPE is relative: a constant shift changes nothing, a stretch changes the logits
+    torch.testing.assert_close(model(ids, positions=torch.arange(10) + 5, mode="dense"), full,
+                               rtol=1e-4, atol=1e-5)
+    assert (model(ids, positions=torch.arange(10) * 3, mode="dense") - full).abs().amax() > 1e-4
+
+
+def _naive_route(gate: MoEGate, x):
+    """Per-token loop of the V3 grouped router, straight from its description."""
+    weights, ids = [], []
+    per = gate.n_experts // gate.n_group
+    for row in x:
+        s = torch.sigmoid(gate.weight.double() @ row.double())
+        b = s + gate.e_score_correction_bias.double()
+        gscore = [sorted(b[g * per:(g + 1) * per].tolist())[-2:] for g in range(gate.n_group)]
+        best = sorted(range(gate.n_group), key=lambda g: -sum(gscore[g]))[:gate.topk_group]
+        cand = [e for e in range(gate.n_experts) if e // per in best]
+        chosen = sorted(cand, key=lambda e: -b[e].item())[:gate.top_k]
+        w = s[chosen]
+        w = w / w.sum() * gate.scale
+        weights.append(w)
+        ids.append(chosen)
+    return torch.stack(weights), torch.tensor(ids)
+
+
+def test_router_matches_naive_grouped_topk():
+    cfg = tiny_config(hidden_size=16, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = MoEGate(cfg)
+    torch.nn.init.normal_(gate.weight)
+    gate.e_score_correction_bias.normal_(0, 0.5)    # the bias changes which experts are chosen
+    x = torch.randn(9, 16)
+    w, ids = gate(x)
+    w_ref, ids_ref = _naive_route(gate, x)
+    assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values)
+    order, order_ref = ids.argsort(-1), ids_ref.argsort(-1)
+    torch.testing.assert_close(w.gather(1, order).double(), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_matches_per_token_loop():
+    cfg = tiny_config(hidden_size=16)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 16)
+    out = moe(x)
+    w, ids = moe.gate(x.view(-1, 16))
+    ref = torch.stack([sum(w[t, j] * moe.experts[int(ids[t, j])](x.view(-1, 16)[t]) for j in range(ids.shape[1]))
+                       + moe.shared_experts(x.view(-1, 16)[t]) for t in range(10)])
+    torch.testing.assert_close(out.view(-1, 16), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    model = DSAForCausalLM(tiny_config())
+    with pytest.raises(ValueError, match="mode"):
+        model(torch.zeros(1, 4, dtype=torch.long), mode="full")
+    with pytest.raises(ValueError, match="stage"):
+        model(torch.zeros(1, 4, dtype=torch.long), stage="pretrain")
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(1, 2, 4, dtype=torch.long))
