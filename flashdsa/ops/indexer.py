@@ -234,7 +234,7 @@ def indexer_logits_kernel(
     out_row = out_ptr + rows.to(tl.int64) * stride_os  # [BLOCK_Q]
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        kmask = offs < n_end
+        kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
         k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
                                              D, D_PAD, PAGE, PAGED)
         s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
@@ -319,7 +319,7 @@ def indexer_topk_kernel(
     cnt = tl.zeros([BLOCK_Q], dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        kmask = offs < n_end
+        kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
         k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
                                              D, D_PAD, PAGE, PAGED)
         s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
@@ -374,7 +374,7 @@ def choose_split(n_qblocks: int, s_kv: int, block_n: int, device: torch.device, 
     return triton.cdiv(max(s_kv, 1), split_len), split_len
 
 
-def _launch_common(q8, k8, weights, cfg):
+def _launch_common(q8):
     s, h, d = q8.shape
     h_pad = max(triton.next_power_of_2(h), 1)
     d_pad = max(triton.next_power_of_2(d), 16)
@@ -383,14 +383,16 @@ def _launch_common(q8, k8, weights, cfg):
 
 def indexer_logits(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
                    ks: torch.Tensor, ke: torch.Tensor, config: dict | None = None,
-                   n_split: int | None = None) -> torch.Tensor:
+                   n_split: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Index scores [S, S_kv] fp32, -inf outside [ks, ke). Inputs as the public
     ``flashdsa.indexer_logits`` (assumed validated): q8 [S, H, D], k8 [S_kv, D] (e4m3, or
-    fp16/fp32), k_scale [S_kv], weights [S, H] fp32, ks/ke [S] int32."""
-    s, h, d, h_pad, d_pad = _launch_common(q8, k8, weights, config)
+    fp16/fp32), k_scale [S_kv], weights [S, H] fp32, ks/ke [S] int32. ``config``
+    overrides block sizes, ``n_split`` the key-axis split, ``out`` the result buffer."""
+    s, h, d, h_pad, d_pad = _launch_common(q8)
     s_kv = k8.shape[0]
     cfg = default_config(q8.device, h, **(config or {}))
-    out = torch.empty(s, s_kv, dtype=torch.float32, device=q8.device)
+    if out is None:
+        out = torch.empty(s, s_kv, dtype=torch.float32, device=q8.device)
     if s == 0 or s_kv == 0:
         return out
     q8, k8 = q8.contiguous() if q8.stride(-1) != 1 else q8, k8.contiguous() if k8.stride(-1) != 1 else k8
@@ -420,12 +422,17 @@ def merge_splits(okey: torch.Tensor, oidx: torch.Tensor, rows: int, n_split: int
     return torch.where(best > INT32_MIN, idx, -1).to(torch.int32)
 
 
+# Tests set this to fill the scratch and outputs with garbage, so an entry the kernel
+# fails to write (or reads before writing) cannot pass unnoticed.
+POISON_BUFFERS = False
+
+
 def _topk_buffers(rows: int, n_split: int, topk: int, cap: int, device) -> tuple:
-    bkey = torch.empty(rows * n_split, cap, dtype=torch.int32, device=device)
-    bidx = torch.empty(rows * n_split, cap, dtype=torch.int32, device=device)
-    okey = torch.empty(rows * n_split, topk, dtype=torch.int32, device=device)
-    oidx = torch.empty(rows * n_split, topk, dtype=torch.int32, device=device)
-    return bkey, bidx, okey, oidx
+    bufs = tuple(torch.empty(rows * n_split, n, dtype=torch.int32, device=device) for n in (cap, cap, topk, topk))
+    if POISON_BUFFERS:
+        for b in bufs:
+            b.fill_(2 ** 31 - 7)
+    return bufs
 
 
 def topk_cap(topk: int, block_n: int) -> int:
@@ -440,7 +447,7 @@ def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weig
     -1 padded, in no particular order; computed without materializing [S, S_kv] (peak
     scratch 16 * S * n_split * CAP bytes, CAP = next_pow2(topk + BLOCK_N)). Inputs as
     :func:`indexer_logits`."""
-    s, h, d, h_pad, d_pad = _launch_common(q8, k8, weights, config)
+    s, h, d, h_pad, d_pad = _launch_common(q8)
     s_kv = k8.shape[0]
     cfg = default_config(q8.device, h, topk=True, **(config or {}))
     if s == 0:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexer import (_interpreted, _num_sms, _topk_buffers, choose_split, default_config, dot_mode,
+from .indexer import (_interpreted, _topk_buffers, choose_split, default_config, dot_mode,
                       indexer_logits_kernel, indexer_topk_kernel, merge_splits, topk_cap)
 
 PAGE_SIZE = 64
@@ -37,14 +37,16 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
 
 def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                          context_lens: torch.Tensor, block_table: torch.Tensor, max_context_len: int,
-                         config: dict | None = None, n_split: int | None = None) -> torch.Tensor:
+                         config: dict | None = None, n_split: int | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """[B * next_n, max_context_len] fp32 scores over logical positions, -inf past each
     query's causal limit. q8 [B, next_n, H, D] e4m3, kv_cache uint8 [num_blocks,
     64 * (D + 4)], weights [B * next_n, H] fp32, context_lens [B] int32, block_table
     [B, max_blocks] int32 (inputs assumed validated)."""
     bsz, next_n, h, d = q8.shape
     cfg = _paged_config(q8, next_n, False, config)
-    out = torch.empty(bsz * next_n, max_context_len, dtype=torch.float32, device=q8.device)
+    if out is None:
+        out = torch.empty(bsz * next_n, max_context_len, dtype=torch.float32, device=q8.device)
     if bsz == 0 or max_context_len == 0:
         return out
     q = q8.reshape(bsz * next_n, h, d)
@@ -120,6 +122,14 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     else:
         y = x / scale[:, None]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    # Round to the e4m3 grid ourselves (round to nearest even on a quantum of
+    # 2^(max(e, -6) - 3)), so the cast below is exact: the Triton 3.9 interpreter's
+    # fp32 -> e4m3 cast drops the carry into the exponent (31.7 became 16, not 32).
+    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    qe = tl.maximum(e, -6) - 3
+    quantum = ((qe + 127) << 23).to(tl.float32, bitcast=True)
+    inv_quantum = ((127 - qe) << 23).to(tl.float32, bitcast=True)
+    y = ((y * inv_quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: rint for |t| < 2^22
     y8 = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     blk = slot // PAGE
     row = slot % PAGE

@@ -1,0 +1,163 @@
+"""Triton indexer logits and fused top-k vs the float64 reference (SPEC 1, 2).
+
+On CPU the kernels run under the Triton interpreter with tiny block sizes (BLOCK_N 16,
+CAP = next_pow2(topk + 16)), so small problems already cross many key tiles, several
+buffer compactions and split merges.
+"""
+import pytest
+import torch
+
+from flashdsa import api
+from flashdsa import reference as ref
+from flashdsa.ops import indexer as ops
+from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
+
+DEV = KERNEL_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+
+
+def make_inputs(s, s_kv, h, d, dtype=torch.float8_e4m3fn, device=DEV, ranges="ragged"):
+    """Fresh random fp8 (or float) indexer inputs with odd candidate ranges."""
+    q = torch.randn(s, h, d, device=device) * 2
+    k = torch.randn(s_kv, d, device=device) * 2
+    q8, k8 = q.to(dtype), k.to(dtype)
+    k_scale = torch.rand(s_kv, device=device) + 0.25
+    weights = torch.randn(s, h, device=device)
+    if ranges == "ragged":  # random ranges, some empty, some full, some one key wide
+        a = torch.randint(0, s_kv + 1, (s,), device=device)
+        b = torch.randint(0, s_kv + 1, (s,), device=device)
+        ks, ke = torch.minimum(a, b), torch.maximum(a, b)
+        ks[0], ke[0] = 0, s_kv
+        if s > 1:
+            ks[1], ke[1] = s_kv // 2, s_kv // 2
+        if s > 2:
+            ks[2], ke[2] = s_kv - 1, s_kv
+    else:  # causal prefill: the last s of s_kv tokens of one sequence
+        ke = torch.arange(s_kv - s + 1, s_kv + 1, device=device)
+        ks = torch.zeros_like(ke)
+    return q8, k8, k_scale, weights, ks.int(), ke.int()
+
+
+def ref64(q8, k8, k_scale, weights, ks, ke):
+    return ref.indexer_logits(q8.double().cpu(), k8.double().cpu(), k_scale.double().cpu(), weights.double().cpu(),
+                              ks.cpu(), ke.cpu())
+
+
+def logits_budget(q8, k8, k_scale, weights, ks, ke, r64):
+    """Allowed relative error: the fp32 reference's own error vs float64, times 4 (the
+    kernel only sums in another order), floored at a few fp32 ulps."""
+    r32 = ref.indexer_logits(q8.float().cpu(), k8.float().cpu(), k_scale.float().cpu(), weights.float().cpu(),
+                             ks.cpu(), ke.cpu())
+    return max(4 * rel_err(r32, r64), 4e-7)
+
+
+@pytest.mark.parametrize("s,s_kv,h,d,dtype,ranges", [
+    (7, 150, 4, 32, torch.float8_e4m3fn, "ragged"),
+    (13, 97, 3, 48, torch.float8_e4m3fn, "causal"),   # odd heads and head dim (padded)
+    (5, 61, 8, 32, torch.float16, "ragged"),          # fp16 dot path (the sm_80 fallback)
+    (4, 45, 2, 16, torch.float32, "ragged"),          # fp32 inputs
+])
+def test_logits_match_reference(s, s_kv, h, d, dtype, ranges):
+    inputs = make_inputs(s, s_kv, h, d, dtype, ranges=ranges)
+    out = torch.full((s, s_kv), float("nan"), device=DEV)
+    ops.indexer_logits(*inputs, out=out)
+    r64 = ref64(*inputs)
+    assert not out.isnan().any(), "some logits were never written"
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r64)), "-inf mask differs from [ks, ke)"
+    assert rel_err(out.cpu(), r64) <= logits_budget(*inputs, r64)
+
+
+def test_logits_split_and_fp16_fallback_agree():
+    """Key-axis splits and the fp16 dot of e4m3 tiles (sm_80 path) give the same scores."""
+    inputs = make_inputs(6, 130, 4, 32)
+    a = ops.indexer_logits(*inputs, n_split=1)
+    b = ops.indexer_logits(*inputs, n_split=3)
+    assert torch.equal(a, b)
+    r64 = ref64(*inputs)
+    assert rel_err(b.cpu(), r64) <= logits_budget(*inputs, r64)
+
+
+def check_topk(idx, r64, ks, ke, topk, atol):
+    """Exact up to ties: right count, no duplicates, inside the range, and the sorted
+    selected reference scores equal the reference top-k scores."""
+    idx, ks, ke = idx.cpu().long(), ks.cpu().long(), ke.cpu().long()
+    assert idx.shape == (r64.shape[0], topk)
+    for t in range(idx.shape[0]):
+        want = min(topk, int(ke[t] - ks[t]))
+        row = idx[t]
+        assert bool((row[want:] == -1).all()), f"row {t}: expected -1 padding after {want} entries"
+        sel_sorted = torch.sort(row).values[topk - want:]
+        assert bool((sel_sorted >= ks[t]).all() and (sel_sorted < ke[t]).all()), f"row {t}: index out of range"
+        assert sel_sorted.unique().numel() == want, f"row {t}: duplicate indices"
+        got = torch.sort(r64[t, sel_sorted], descending=True).values
+        best = torch.topk(r64[t, ks[t]:ke[t]], want).values if want else got
+        assert torch.allclose(got, best, rtol=0, atol=atol), f"row {t}: selected scores differ"
+
+
+@pytest.mark.parametrize("s,s_kv,h,d,topk,n_split,ranges", [
+    (7, 300, 4, 32, 16, None, "ragged"),   # many compactions (CAP 32)
+    (5, 200, 4, 32, 40, 3, "causal"),      # key axis split over 3 programs, merged
+    (6, 37, 2, 32, 64, None, "ragged"),    # S_kv < topk: every row padded
+    (3, 90, 3, 48, 1, None, "ragged"),     # topk 1, odd head count and dim
+])
+def test_topk_matches_reference(s, s_kv, h, d, topk, n_split, ranges):
+    inputs = make_inputs(s, s_kv, h, d, ranges=ranges)
+    idx = ops.indexer_topk(*inputs, topk, n_split=n_split)
+    r64 = ref64(*inputs)
+    logits = ops.indexer_logits(*inputs).cpu()
+    fin = torch.isfinite(r64)
+    atol = 2 * float((logits[fin].double() - r64[fin]).abs().max()) + 1e-12
+    check_topk(idx, r64, *inputs[4:], topk, atol)
+
+
+def test_topk_exact_ties_and_rising_scores():
+    """Many exactly equal scores (duplicated keys) must still give exactly topk distinct
+    indices; scores rising along the keys make every tile pass the threshold."""
+    s, s_kv, h, d, topk = 4, 160, 2, 32, 24
+    q8, k8, k_scale, weights, ks, ke = make_inputs(s, s_kv, h, d, ranges="causal")
+    k8 = k8[torch.arange(s_kv, device=DEV) % 5].contiguous()       # 5 distinct keys: ties everywhere
+    k_scale = torch.ones(s_kv, device=DEV)
+    weights = weights.abs()
+    idx = ops.indexer_topk(q8, k8, k_scale, weights, ks, ke, topk)
+    r64 = ref64(q8, k8, k_scale, weights, ks, ke)
+    check_topk(idx, r64, ks, ke, topk, atol=1e-9 * float(r64[torch.isfinite(r64)].abs().max()))
+    rising = torch.linspace(0.5, 4.0, s_kv, device=DEV)               # later keys score higher
+    idx = ops.indexer_topk(q8, k8, rising, weights, ks, ke, topk)
+    r64 = ref64(q8, k8, rising, weights, ks, ke)
+    check_topk(idx, r64, ks, ke, topk, atol=1e-5 * float(r64[torch.isfinite(r64)].abs().max()))
+
+
+def test_api_dispatch_and_reference_agree():
+    inputs = make_inputs(5, 70, 4, 32, ranges="causal")
+    r = api.indexer_topk(*inputs, 8, backend="reference")
+    t = api.indexer_topk(*inputs, 8, backend="triton")
+    r64 = ref64(*inputs)
+    check_topk(t, r64, *inputs[4:], 8, atol=1e-4)
+    check_topk(r, r64, *inputs[4:], 8, atol=1e-4)
+    lt = api.indexer_logits(*inputs, backend="triton")
+    assert rel_err(lt.cpu(), r64) <= logits_budget(*inputs, r64)
+
+
+@requires_cuda
+@pytest.mark.parametrize("s,s_kv,h,topk,ranges", [(300, 5000, 64, 2048, "causal"), (257, 3001, 32, 512, "ragged")])
+def test_gpu_fp8_logits_and_topk(s, s_kv, h, topk, ranges):
+    """Full-size heads and d_I 128 on the GPU (fp8 tensor-core dot, real block sizes)."""
+    inputs = make_inputs(s, s_kv, h, 128, ranges=ranges, device="cuda")
+    out = torch.full((s, s_kv), float("nan"), device="cuda")
+    ops.indexer_logits(*inputs, out=out)
+    r64 = ref64(*inputs)
+    assert not out.isnan().any()
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r64))
+    # Hopper's fp8 MMA adds its products with a shortened fp32 accumulator: allow 1e-5
+    # relative on top of the fp32 reference's own error.
+    err = rel_err(out.cpu(), r64)
+    assert err <= logits_budget(*inputs, r64) + 1e-5, err
+    fin = torch.isfinite(r64)
+    atol = 2 * float((out.cpu()[fin].double() - r64[fin]).abs().max()) + 1e-12
+    for n_split in (None, 4):
+        idx = ops.indexer_topk(*inputs, topk, n_split=n_split)
+        check_topk(idx, r64, *inputs[4:], topk, atol)
