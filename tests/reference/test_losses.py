@@ -1,0 +1,131 @@
+"""The naive indexer KL losses (SPEC 5) against an independent per-row computation,
+gradcheck in float64, the detached attention side, and warm-up == sparse at full topk."""
+import pytest
+import torch
+
+from flashdsa import reference as ref
+from flashdsa.reference import losses
+
+
+def _row_kl_direct(q, kv, sm_scale, iq, ik, w, t, rows):
+    """KL for one query row over the key rows ``rows`` (a list, repeats allowed), from
+    per-head softmaxes over those rows (no lse) and explicit sums: independent of
+    losses._kl_rows."""
+    if len(rows) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    r = torch.tensor(rows)
+    a = (q[t] @ kv[r, 0].T) * sm_scale  # [H, n]
+    p = torch.softmax(a, dim=-1).mean(0)  # [n]
+    p = p / p.sum()
+    scores = (w[t][:, None] * (iq[t] @ ik[r].T).clamp_min(0)).sum(0)  # [n]
+    logq = scores - torch.logsumexp(scores, 0)
+    return (p * (p.log() - logq)).sum()
+
+
+def _setup(T=9, H=3, d_qk=20, d_v=16, HI=4, DI=8):
+    q = torch.randn(T, H, d_qk, dtype=torch.float64)
+    kv = torch.randn(T, 1, d_qk, dtype=torch.float64)
+    iq = torch.randn(T, HI, DI, dtype=torch.float64)
+    ik = torch.randn(T, DI, dtype=torch.float64)
+    w = torch.randn(T, HI, dtype=torch.float64)
+    return q, kv, iq, ik, w, d_v
+
+
+def _causal(lens):
+    ks, ke = [], []
+    s = 0
+    for n in lens:
+        ks += [s] * n
+        ke += list(range(s + 1, s + n + 1))
+        s += n
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32), cu
+
+
+def test_warmup_loss_matches_direct_per_row():
+    q, kv, iq, ik, w, d_v = _setup()
+    ks, ke, cu = _causal([4, 5])
+    _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
+    kl = losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="none")
+    want = torch.stack([_row_kl_direct(q, kv, 0.3, iq, ik, w, t, list(range(ks[t], ke[t])))
+                        for t in range(q.shape[0])])
+    torch.testing.assert_close(kl, want, rtol=1e-10, atol=1e-12)
+    assert (kl >= -1e-12).all()
+    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke), want.sum())
+    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, "mean"), want.mean())
+
+
+def test_sparse_loss_matches_direct_per_row():
+    q, kv, iq, ik, w, d_v = _setup()
+    T, topk = q.shape[0], 5
+    idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()
+    idx[0, 3:] = -1
+    idx[1, 2] = T + 1      # out of range: not a member
+    idx[2, 1] = idx[2, 0]  # listed twice: counts twice, as in the attention
+    idx[4, :] = -1         # empty row: 0
+    idx = idx[:, None]
+    _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v)
+    kl = losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
+    want = torch.stack([_row_kl_direct(q, kv, 0.3, iq, ik, w, t,
+                                       [int(r) for r in idx[t, 0] if 0 <= r < T]) for t in range(T)])
+    torch.testing.assert_close(kl, want, rtol=1e-10, atol=1e-12)
+    assert kl[4] == 0
+
+
+def test_sparse_with_every_causal_key_equals_warmup():
+    q, kv, iq, ik, w, d_v = _setup()
+    ks, ke, cu = _causal([4, 5])
+    T = q.shape[0]
+    _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
+    idx = torch.full((T, 1, 7), -1, dtype=torch.int32)
+    for t in range(T):
+        rows = torch.arange(int(ks[t]), int(ke[t]), dtype=torch.int32)
+        idx[t, 0, :len(rows)] = rows.flip(0)
+    torch.testing.assert_close(losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx),
+                               losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_gradcheck_float64_and_attention_detached(stage):
+    q, kv, iq, ik, w, d_v = _setup(T=6, H=2, d_qk=10, d_v=8, HI=3, DI=5)
+    ks, ke, cu = _causal([2, 4])
+    T = q.shape[0]
+    if stage == "warmup":
+        _, lse = ref.dense_mla_fwd(q, kv, cu, 0.5, d_v)
+        fn = lambda iq, ik, w: losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.5, ks, ke, "none")  # noqa: E731
+    else:
+        idx = torch.stack([torch.randperm(T)[:3] for _ in range(T)]).int()[:, None]
+        _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.5, d_v)
+        fn = lambda iq, ik, w: losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.5, idx, "none")  # noqa: E731
+    args = [x.clone().requires_grad_() for x in (iq, ik, w)]
+    assert torch.autograd.gradcheck(fn, args)
+    # The target is detached: the attention inputs receive no gradient.
+    qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    if stage == "warmup":
+        loss = losses.warmup_kl_loss(*args, qg, kvg, lse, 0.5, ks, ke)
+    else:
+        loss = losses.sparse_kl_loss(*args, qg, kvg, lse, 0.5, idx)
+    assert loss.grad_fn is not None
+    loss.backward()
+    assert qg.grad is None and kvg.grad is None
+
+
+def test_loss_is_zero_when_indexer_matches_target():
+    """KL(p || p) = 0: with softmax(I) equal to p the loss vanishes (and is > 0 otherwise)."""
+    q, kv, iq, ik, w, d_v = _setup()
+    T = q.shape[0]
+    ks, ke, cu = _causal([T])
+    _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
+    p = losses.attention_probs_headsum(q, kv, lse, 0.3)
+    member = torch.arange(T)[None, :] < ke[:, None]
+    kl_same = losses._kl_rows(p, p.clamp_min(1e-300).log(), member)
+    assert kl_same.abs().max() < 1e-12
+    assert losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke) > 0
+
+
+def test_bad_reduction():
+    q, kv, iq, ik, w, d_v = _setup()
+    ks, ke, cu = _causal([q.shape[0]])
+    _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="avg")
