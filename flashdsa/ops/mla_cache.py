@@ -31,6 +31,7 @@ def _round_to_e4m3_grid(y):
     # below 2^-6 e4m3 is subnormal with a fixed step of 2^-9: adding 1.5 * 2^14 (fp32 step
     # 2^-9 there) and subtracting it again rounds to that step, ties to even
     sub = (y + 24576.0) - 24576.0
+    sub = tl.where(bits < 0, -tl.abs(sub), sub)  # keep the sign (of -0 too), as torch does
     return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
 
