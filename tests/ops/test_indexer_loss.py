@@ -1,0 +1,148 @@
+"""Blockwise indexer KL losses (Triton; interpreter on CPU) == the naive materialized ones
+(float64), values and gradients, for both stages; gradients reach only the indexer."""
+import pytest
+import torch
+
+from flashdsa import reference as ref
+from flashdsa.ops import indexer_loss as ops
+from flashdsa.ops.indexer_loss import _indexer_kl_fwd_op
+from flashdsa.reference import losses
+from tests.utils import KERNEL_DEVICE, requires_cuda, rel_err
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Float tensors allocated with torch.empty / empty_like start as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _causal(lens, device):
+    ks, ke, s = [], [], 0
+    for n in lens:
+        ks += [s] * n
+        ke += list(range(s + 1, s + n + 1))
+        s += n
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return (torch.tensor(ks, dtype=torch.int32, device=device), torch.tensor(ke, dtype=torch.int32, device=device), cu)
+
+
+def _data(T, H, d_qk, HI, DI, scale_i=1.0):
+    q = torch.randn(T, H, d_qk, dtype=torch.float64)
+    kv = torch.randn(T, 1, d_qk, dtype=torch.float64)
+    iq = torch.randn(T, HI, DI, dtype=torch.float64) * scale_i
+    ik = torch.randn(T, DI, dtype=torch.float64)
+    w = torch.randn(T, HI, dtype=torch.float64) * DI ** -0.5
+    return q, kv, iq, ik, w
+
+
+def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
+    """Kernel (fp32) vs naive (float64 truth and fp32): values and gradients under a
+    random upstream gradient per row. Budget: 20x the fp32 naive error + 1e-6."""
+    g = torch.randn(q.shape[0], dtype=torch.float64)
+    naive = losses.warmup_kl_loss if stage == "warmup" else losses.sparse_kl_loss
+    blockwise = ops.warmup_kl_loss if stage == "warmup" else ops.sparse_kl_loss
+
+    def run(fn, dtype, dev):
+        xs = [x.detach().to(dev, dtype).requires_grad_() for x in (iq, ik, w)]
+        args = [x.to(dev, dtype) for x in (q, kv)] + [lse.to(dev, torch.float64 if dtype == torch.float64 else torch.float32)]
+        ex = [e.to(dev) for e in extra]
+        kl = fn(*xs, *args, sm_scale, *ex, reduction="none")
+        (kl * g.to(dev, kl.dtype)).sum().backward()
+        return [kl] + [x.grad for x in xs]
+
+    truth = run(naive, torch.float64, "cpu")
+    low = run(naive, torch.float32, "cpu")
+    got = run(blockwise, torch.float32, device)
+    for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
+        budget = 20 * rel_err(lo, t) + 1e-6
+        assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
+
+
+@pytest.mark.parametrize("lens,H,d_qk,HI,DI,block_k", [
+    ([7, 12], 3, 48, 5, 24, 16),   # ragged causal ranges, several key blocks per row
+    ([19], 20, 40, 17, 32, 16),    # heads > 16 (padded tiles), tail 8
+])
+def test_warmup_blockwise_equals_naive(lens, H, d_qk, HI, DI, block_k, poison, monkeypatch):
+    monkeypatch.setitem(ops.CONFIGS, "small", dict(ops.CONFIGS["small"], BLOCK_K=block_k))
+    T = sum(lens)
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    ks, ke, cu = _causal(lens, "cpu")
+    sm_scale = d_qk ** -0.5
+    _, lse = ref.dense_mla_fwd(q, kv, cu, sm_scale, 32)
+    _compare("warmup", q, kv, lse, iq, ik, w, sm_scale, (ks, ke), KERNEL_DEVICE)
+
+
+def test_sparse_blockwise_equals_naive(poison):
+    T, H, d_qk, HI, DI, topk = 17, 3, 48, 5, 24, 21  # topk > T: trailing slots invalid
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    idx = torch.full((T, topk), -1, dtype=torch.int32)
+    for t in range(T):
+        n = int(torch.randint(1, T, ()))
+        idx[t, :n] = torch.randperm(T)[:n].int()
+    idx[1, 0] = T + 3      # out of range
+    idx[2, 1] = idx[2, 0]  # duplicate counts twice
+    idx[5, :] = -1         # empty row
+    idx = idx[:, None]
+    sm_scale = 0.2
+    _, _, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, 32)
+    # Shift lse per (row, head) so the head-summed target does not sum to 1 (an lse from
+    # another attention, e.g. dense): the L1 normalization must then do real work.
+    lse = lse + torch.rand_like(lse)
+    _compare("sparse", q, kv, lse, iq, ik, w, sm_scale, (idx,), KERNEL_DEVICE)
+
+
+def test_only_indexer_gets_gradients_and_opcheck():
+    T, H, d_qk, HI, DI, topk = 9, 2, 48, 3, 16, 6
+    q, kv, iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, H, d_qk, HI, DI)]
+    idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None].to(KERNEL_DEVICE)
+    _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, 32)
+    q.requires_grad_()
+    kv.requires_grad_()
+    lse.requires_grad_()
+    xs = [x.requires_grad_() for x in (iq, ik, w)]
+    loss = ops.sparse_kl_loss(*xs, q, kv, lse, 0.3, idx)
+    loss.backward()
+    assert q.grad is None and kv.grad is None and lse.grad is None
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
+    torch.library.opcheck(_indexer_kl_fwd_op, (q.detach(), kv.detach(), lse.detach(),
+                                               *[x.detach().requires_grad_() for x in xs], idx, None, None, 0.3))
+
+
+@requires_cuda
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_bf16_gpu(stage):
+    """bf16 attention/indexer inputs at the real widths (d_qk 576, H 64, H_I 64, d_I 128)."""
+    T, H, d_qk, HI, DI, topk = 300, 64, 576, 64, 128, 128
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    ks, ke, cu = _causal([100, 200], "cpu")
+    sm_scale = d_qk ** -0.5
+    if stage == "warmup":
+        _, lse = ref.dense_mla_fwd(q, kv, cu, sm_scale, 512)
+        extra = (ks, ke)
+        naive, blockwise = losses.warmup_kl_loss, ops.warmup_kl_loss
+    else:
+        idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None]
+        _, _, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, 512)
+        extra = (idx,)
+        naive, blockwise = losses.sparse_kl_loss, ops.sparse_kl_loss
+    g = torch.randn(T, dtype=torch.float64)
+
+    def run(fn, dtype, dev):
+        xs = [x.to(dev, dtype).requires_grad_() for x in (iq, ik)] + [w.to(dev, torch.float32 if dtype != torch.float64 else dtype).requires_grad_()]
+        kl = fn(*xs, q.to(dev, dtype), kv.to(dev, dtype), lse.to(dev).float() if dtype != torch.float64 else lse,
+                sm_scale, *[e.to(dev) for e in extra], reduction="none")
+        (kl * g.to(dev, kl.dtype)).sum().backward()
+        return [kl] + [x.grad for x in xs]
+
+    truth = run(naive, torch.float64, "cpu")
+    low = run(naive, torch.bfloat16, "cuda")
+    got = run(blockwise, torch.bfloat16, "cuda")
+    for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
+        budget = 3 * rel_err(lo.cpu(), t) + 2e-3
+        assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
