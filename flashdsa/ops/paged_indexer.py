@@ -129,7 +129,8 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     qe = tl.maximum(e, -6) - 3
     quantum = ((qe + 127) << 23).to(tl.float32, bitcast=True)
     inv_quantum = ((127 - qe) << 23).to(tl.float32, bitcast=True)
-    y = ((y * inv_quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: rint for |t| < 2^22
+    r = ((y * inv_quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: rint for |t| < 2^22
+    y = tl.where(r == 0.0, y * 0.0, r)  # keep the sign of values that round to zero (-0 like torch)
     y8 = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     blk = slot // PAGE
     row = slot % PAGE

@@ -1,0 +1,165 @@
+"""Paged indexer (SPEC 4): cache write path, paged logits and top-k vs the reference,
+with random block tables, odd context lengths and next_n 1 and 2."""
+import pytest
+import torch
+
+from flashdsa import api
+from flashdsa import reference as ref
+from flashdsa.cache import PagedIndexerCache
+from flashdsa.ops import indexer as ops
+from flashdsa.ops import paged_indexer as pops
+from flashdsa.reference import paged_indexer as pref
+from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
+
+DEV = KERNEL_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+
+
+def make_cache(ctx, d, max_blocks, device=DEV, extra_blocks=3):
+    """A cache holding random keys for sequences of lengths ``ctx``, pages scattered by
+    a random block table (blocks past a sequence's end hold garbage ids, like vLLM)."""
+    bsz = len(ctx)
+    nb = bsz * max_blocks + extra_blocks
+    perm = torch.randperm(nb, device=device)[: bsz * max_blocks]
+    block_table = perm.view(bsz, max_blocks).int()
+    for b, n in enumerate(ctx):  # unused pages point far out of range: must never be read
+        block_table[b, (n + 63) // 64:] = 2 ** 30
+    cache = PagedIndexerCache(nb, d, device=device)
+    cache.kv.copy_(torch.randint(0, 256, cache.kv.shape, device=device, dtype=torch.uint8) & 0x77)  # finite junk
+    slots = torch.cat([pref.logical_slots(block_table, b, n) for b, n in enumerate(ctx)])
+    k = torch.randn(slots.numel(), d, device=device) * torch.rand(slots.numel(), 1, device=device) * 4
+    cache.write(k, slots, backend="reference")
+    return cache, block_table, torch.tensor(ctx, dtype=torch.int32, device=device)
+
+
+def make_queries(bsz, next_n, h, d, device=DEV):
+    q8 = (torch.randn(bsz, next_n, h, d, device=device) * 2).to(torch.float8_e4m3fn)
+    w = torch.randn(bsz * next_n, h, device=device)
+    return q8, w
+
+
+def test_cache_write_matches_reference_bytes():
+    d, nb = 32, 5
+    n = 40
+    slots = torch.randperm(nb * 64, device=DEV)[:n]
+    slots[3] = -1  # padding token: must not be written
+    # wide dynamic range: e4m3 subnormals, values rounding up across a power of two, the 448 clamp
+    k = torch.randn(n, d, device=DEV) * torch.logspace(-3, 1, n, device=DEV)[:, None]
+    k[5, 0] = 1e6
+    junk = torch.randint(0, 256, (nb, 64 * (d + 4)), dtype=torch.uint8, device=DEV)
+    a, b = junk.clone(), junk.clone()
+    pops.indexer_cache_write(a, k, slots.int())
+    pref.indexer_cache_write(b, k.cpu(), slots.cpu())
+    assert torch.equal(a.cpu(), b.cpu())
+    k8, sc = pref.indexer_cache_read(a, slots[slots >= 0], d)
+    ref8, refsc = ref.act_quant(k[slots >= 0], d, "ue8m0")
+    assert torch.equal(k8.float(), ref8.float()) and torch.equal(sc, refsc[:, 0])
+
+
+def test_cache_module_roundtrip():
+    cache = PagedIndexerCache(3, 32, device=DEV)
+    k = torch.randn(10, 32, device=DEV)
+    slots = torch.tensor([0, 1, 2, 63, 64, 65, 100, 130, 191, -1], device=DEV)
+    cache.write(k, slots, backend="triton")
+    k8, sc = cache.read(slots[:-1])
+    assert rel_err(k8.float() * sc[:, None], k[:-1]) < 0.05  # e4m3 has a 3-bit mantissa
+    with pytest.raises(ValueError, match="slots"):
+        cache.write(k, torch.full((10,), 3 * 64, device=DEV))
+    with pytest.raises(ValueError, match="k"):
+        cache.write(torch.randn(10, 16, device=DEV), slots)
+
+
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_paged_logits_match_reference(next_n):
+    ctx, h, d, max_blocks = [70, 1, 130, 2], 4, 32, 3
+    cache, bt, cl = make_cache(ctx, d, max_blocks)
+    q8, w = make_queries(len(ctx), next_n, h, d)
+    width = max_blocks * 64
+    out = torch.full((len(ctx) * next_n, width), float("nan"), device=DEV)
+    pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, width, out=out)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    assert not out.isnan().any()
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
+    r32 = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.float().cpu(), cl.cpu(), bt.cpu())
+    assert rel_err(out.cpu(), r) <= max(4 * rel_err(r32, r), 4e-7)
+    # the causal rule: query j of a sequence of n tokens sees positions <= n - next_n + j
+    for b, n in enumerate(ctx):
+        for j in range(next_n):
+            lim = n - next_n + j + 1
+            row = out[b * next_n + j].cpu()
+            assert torch.isfinite(row[:max(lim, 0)]).all() and torch.isinf(row[max(lim, 0):]).all()
+
+
+def check_paged_topk(slots, r, bt, ctx, next_n, topk):
+    """Every row holds min(topk, visible) distinct physical slots of visible positions,
+    whose reference scores are the top ones, then -1 padding."""
+    slots = slots.cpu().long()
+    for b, n in enumerate(ctx):
+        phys = pref.logical_slots(bt.cpu(), b, n)
+        slot_to_pos = {int(p): i for i, p in enumerate(phys)}
+        for j in range(next_n):
+            t = b * next_n + j
+            lim = max(n - next_n + j + 1, 0)
+            want = min(topk, lim)
+            row = slots[t]
+            assert bool((row[want:] == -1).all()), f"row {t}: expected -1 padding after {want}"
+            pos = torch.tensor([slot_to_pos[int(s)] for s in row[:want]], dtype=torch.long)  # KeyError: bad slot
+            assert pos.unique().numel() == want and bool((pos < lim).all()), f"row {t}: bad positions"
+            got = torch.sort(r[t, pos], descending=True).values
+            best = torch.topk(r[t, :lim], want).values
+            assert torch.allclose(got, best, rtol=1e-6, atol=0), f"row {t}: selected scores differ"
+
+
+@pytest.mark.parametrize("next_n,topk,n_split", [(1, 16, None), (2, 24, 2), (1, 256, None)])
+def test_paged_topk_returns_physical_slots(next_n, topk, n_split):
+    ctx, h, d, max_blocks = [150, 3, 64, 97], 4, 32, 3
+    cache, bt, cl = make_cache(ctx, d, max_blocks)
+    q8, w = make_queries(len(ctx), next_n, h, d)
+    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, n_split=n_split)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    check_paged_topk(slots, r, bt, ctx, next_n, topk)
+
+
+def test_paged_api_validation_and_backends():
+    ctx, h, d = [65, 10], 4, 32
+    cache, bt, cl = make_cache(ctx, d, 2)
+    q8, w = make_queries(2, 1, h, d)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    for backend in ("triton", "reference"):
+        slots = api.paged_indexer_topk(q8, cache.kv, w, cl, bt, 8, backend=backend)
+        check_paged_topk(slots, r, bt, ctx, 1, 8)
+    pa = api.paged_indexer_logits(q8, cache.kv, w, cl, bt, backend="triton").cpu()
+    pb = api.paged_indexer_logits(q8, cache.kv, w, cl, bt, backend="reference").cpu()
+    assert pa.shape == pb.shape == (2, 128) and rel_err(pa, pb) < 1e-5
+    with pytest.raises(ValueError, match="next_n"):
+        api.paged_indexer_topk(q8.expand(2, 3, h, d).contiguous(), cache.kv, w.repeat(3, 1), cl, bt, 8)
+    with pytest.raises(TypeError, match="q8"):
+        api.paged_indexer_logits(q8.float(), cache.kv, w, cl, bt)
+    with pytest.raises(ValueError, match="kv_cache"):
+        api.paged_indexer_logits(q8, cache.kv[:, :100], w, cl, bt)
+    with pytest.raises(ValueError, match="context_lens"):
+        api.paged_indexer_logits(q8, cache.kv, w, torch.tensor([65, 129], dtype=torch.int32, device=DEV), bt)
+
+
+@requires_cuda
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_gpu_paged_full_size(next_n):
+    ctx, h, d, max_blocks, topk = [5000, 64, 2049, 777], 64, 128, 80, 2048
+    cache, bt, cl = make_cache(ctx, d, max_blocks, device="cuda")
+    q8, w = make_queries(len(ctx), next_n, h, d, device="cuda")
+    out = pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
+    assert rel_err(out.cpu(), r) < 2e-5
+    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk).cpu()
+    ref_slots = pref.paged_indexer_topk(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu(), topk)
+    # same number of valid slots per row, and the sets agree up to near-ties
+    assert torch.equal((slots >= 0).sum(1), (ref_slots >= 0).sum(1))
+    for t in range(slots.shape[0]):
+        a = set(slots[t][slots[t] >= 0].tolist())
+        b = set(ref_slots[t][ref_slots[t] >= 0].tolist())
+        assert len(a ^ b) <= 0.01 * len(b) + 2, f"row {t}: {len(a ^ b)} slots differ"
