@@ -1,0 +1,136 @@
+"""One MLA + DSA attention layer over the paged caches: the engine's attention step.
+
+The queries of one engine step are packed along one axis: prefill chunks and decode
+tokens of several sequences together (``x [T, hidden]``). For each layer this
+
+1. runs the MLA projections of the new tokens (the lead's :class:`flashdsa.layers.MLA`
+   weights, same math as ``MLA.forward``),
+2. writes their latent rows and indexer keys into the paged caches,
+3. picks, for each query at position p, the key positions it attends to:
+   all of [0, p] when p + 1 <= index_topk (the top-k of that few candidates is all
+   of them, so this "dense path" is exact and skips the indexer), else the indexer's
+   top-k over the cached keys of its sequence,
+4. runs sparse MLA attention (absorbed form) over those physical slots and maps the
+   latent output back through W_UV and o_proj.
+
+Kernels (paged indexer top-k, sparse MLA decode, cache writes) are used on a GPU when
+they exist; otherwise everything falls back to the references (see engine/kernels.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import api
+from ..reference.rope import apply_rope, rope_cos_sin
+from . import kernels
+from .cache import PAGE_SIZE, PagedCaches
+
+
+@dataclass
+class StepMetadata:
+    """Where the packed tokens of one step come from and go to.
+
+    positions [T] int64: position of each new token in its sequence.
+    slots [T] int64: physical cache slot of each new token.
+    token_seq [T] int64: index (0..B-1) of each token's sequence in this step.
+    block_table [B, max_blocks] int32: physical blocks of each sequence (0-padded).
+    context_lens [B] int32: cached tokens of each sequence after this step.
+    query_start: python list [B + 1], offsets of each sequence's tokens in the packed axis.
+    """
+    positions: torch.Tensor
+    slots: torch.Tensor
+    token_seq: torch.Tensor
+    block_table: torch.Tensor
+    context_lens: torch.Tensor
+    query_start: list
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_start) - 1
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence has exactly one new token."""
+        return self.positions.shape[0] == self.num_seqs
+
+    def slots_of(self, b: int, n: int) -> torch.Tensor:
+        """Physical slots [n] of positions 0..n-1 of sequence b."""
+        pos = torch.arange(n, device=self.block_table.device)
+        return self.block_table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+
+
+def dense_indices(meta: StepMetadata, topk: int) -> torch.Tensor:
+    """[T, topk] int32: physical slots of positions 0..p of each query (p < topk), -1 after."""
+    dev = meta.positions.device
+    j = torch.arange(topk, device=dev)                                         # logical key positions
+    width = meta.block_table.shape[1]
+    blk = meta.block_table[meta.token_seq][:, (j // PAGE_SIZE).clamp(max=width - 1)]   # [T, topk]
+    phys = blk.long() * PAGE_SIZE + j % PAGE_SIZE
+    return torch.where(j[None, :] <= meta.positions[:, None], phys, -1).to(torch.int32)
+
+
+def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   meta: StepMetadata, caches: PagedCaches, layer: int, backend: str) -> torch.Tensor:
+    """Write the indexer keys of the new tokens, then return the attended physical slots
+    [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3)."""
+    indexer = attn.indexer
+    topk = indexer.topk
+    q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
+    caches.write_index(layer, meta.slots, k)
+    indices = dense_indices(meta, topk)
+    sparse = meta.positions + 1 > topk                   # queries that need the indexer
+    if not bool(sparse.any()):
+        return indices
+    q8, q_scale = api.act_quant(q, indexer.head_dim)     # [T, H, D] e4m3, [T, H, 1]
+    weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
+    icache = caches.index_layer(layer)
+    if meta.is_decode and kernels.use_kernels(x, backend):
+        # one query per sequence: the paged kernel scores the cache in place
+        rows = sparse.nonzero()[:, 0]
+        seqs = meta.token_seq[rows]
+        ctx = meta.context_lens[seqs].contiguous()
+        sel = kernels.paged_indexer_topk(q8[rows][:, None].contiguous(), icache, weights[rows].contiguous(),
+                                         ctx, meta.block_table[seqs].contiguous(), topk, backend)
+        indices[rows] = sel
+        return indices
+    for b in range(meta.num_seqs):
+        t0, t1 = meta.query_start[b], meta.query_start[b + 1]
+        rows = t0 + sparse[t0:t1].nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        n = int(meta.context_lens[b])
+        slots = meta.slots_of(b, n)                              # [n] logical -> physical
+        k8, k_scale = caches.read_index(layer, slots)           # [n, D], [n]
+        ke = (meta.positions[rows] + 1).to(torch.int32)
+        ks = torch.zeros_like(ke)
+        logical = api.indexer_topk(q8[rows], k8, k_scale, weights[rows], ks, ke, topk, backend=backend)
+        indices[rows] = torch.where(logical >= 0, slots[logical.long().clamp(min=0)], -1).to(torch.int32)
+    return indices
+
+
+def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: PagedCaches, layer: int,
+                        backend: str = "auto") -> torch.Tensor:
+    """The attention sub-layer of ``layer`` for packed new tokens ``x [T, hidden]``
+    (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden]."""
+    t = x.shape[0]
+    cos, sin = rope_cos_sin(meta.positions, attn.inv_freq)
+    qr = attn.q_a_layernorm(attn.q_a_proj(x))
+    q = attn.q_b_proj(qr).view(t, attn.n_heads, attn.nope + attn.rope)
+    q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
+    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+    kv, k_pe = attn.kv_a_proj_with_mqa(x).split((attn.kv_lora_rank, attn.rope), dim=-1)
+    kv = attn.kv_a_layernorm(kv)                                             # [T, c]
+    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)[:, 0]   # [T, r]
+    caches.write_latent(layer, meta.slots, torch.cat((kv, k_pe), dim=-1))
+
+    indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend)
+
+    w_uk, w_uv = attn._kv_b().split((attn.nope, attn.v_dim), dim=1)
+    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                      # [T, H, c]
+    q_full = torch.cat((q_lat, q_pe), dim=-1).contiguous()                   # [T, H, c + r]
+    o_lat = kernels.sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,
+                                     attn.kv_lora_rank, backend)             # [T, H, c]
+    out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                          # [T, H, v]
+    return attn.o_proj(out.flatten(1))

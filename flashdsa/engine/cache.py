@@ -1,0 +1,151 @@
+"""Block allocator and the paged caches of the engine (SPEC 4).
+
+Every sequence owns a list of physical blocks (pages of ``PAGE_SIZE`` = 64 tokens).
+ONE page table serves both caches and every layer: logical position p of a sequence
+lives in physical slot ``blocks[p // 64] * 64 + p % 64`` of
+
+- the MLA latent cache, per layer ``[num_blocks, 64, 1, W]`` with W = kv_lora_rank +
+  qk_rope_head_dim (576 for V3.2), stored in the model dtype ("auto"), in bf16
+  ("bf16") or as the 656-byte "fp8_ds_mla" rows (uint8 ``[num_blocks, 64, 1, 656]``);
+- the lightning-indexer key cache, per layer uint8 ``[num_blocks, 64 * (D + 4)]``:
+  in each block the 64 x D e4m3 key bytes, then 64 fp32 scales (DeepGEMM / vLLM layout).
+"""
+from __future__ import annotations
+
+import torch
+
+PAGE_SIZE = 64
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8_ds_mla")
+FP8_ROW_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16 rope values
+
+
+class NoFreeBlocks(RuntimeError):
+    """Raised by :meth:`BlockAllocator.allocate` when the pool is exhausted."""
+
+
+class BlockAllocator:
+    """A free list of physical block ids ``0 .. num_blocks - 1``.
+
+    Blocks are handed out lowest id first (a deterministic layout makes failures
+    reproducible) and returned with :meth:`free`."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks: expected a positive int, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` block ids, or :class:`NoFreeBlocks` (nothing is taken then)."""
+        if n > len(self._free):
+            raise NoFreeBlocks(f"asked for {n} blocks, {len(self._free)} free of {self.num_blocks}")
+        out = [self._free.pop() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} is not allocated (double free?)")
+            self._used.remove(b)
+        # keep the stack ordered so the lowest free id comes out next
+        self._free = sorted(self._free + list(blocks), reverse=True)
+
+
+def blocks_needed(num_tokens: int) -> int:
+    return -(-num_tokens // PAGE_SIZE)
+
+
+class PagedCaches:
+    """The latent cache and the indexer key cache of every layer, one page table.
+
+    Args:
+        num_layers, num_blocks: sizes.
+        latent_dim: width W of a latent row (kv_lora_rank + qk_rope_head_dim).
+        index_dim: indexer key width D (index_head_dim).
+        kv_cache_dtype: "auto" (the model dtype, unquantized), "bf16" or "fp8_ds_mla"
+            (needs the V3.2 widths 512 + 64).
+        model_dtype, device: of the model.
+        backend: of the cache writes ("auto": kernels on a GPU).
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, latent_dim: int, index_dim: int,
+                 kv_cache_dtype: str = "auto", model_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu", kv_lora_rank: int | None = None,
+                 backend: str = "auto"):
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        if kv_cache_dtype == "fp8_ds_mla" and (latent_dim != 576 or kv_lora_rank not in (None, 512)):
+            raise ValueError("kv_cache_dtype='fp8_ds_mla' stores 512 latent + 64 rope dims a token; this "
+                             f"model's latent row is {latent_dim} wide (kv_lora_rank {kv_lora_rank}): "
+                             "use 'auto' or 'bf16'")
+        self.num_layers, self.num_blocks = num_layers, num_blocks
+        self.latent_dim, self.index_dim = latent_dim, index_dim
+        self.kv_cache_dtype = kv_cache_dtype
+        self.backend = backend
+        self.device = torch.device(device)
+        if kv_cache_dtype == "fp8_ds_mla":
+            self.kv_format = "fp8_ds_mla"
+            self.latent = torch.zeros(num_layers, num_blocks, PAGE_SIZE, 1, FP8_ROW_BYTES, dtype=torch.uint8,
+                                      device=self.device)
+        else:
+            # "bf16" is the kernels' name of any unquantized layout; "auto" keeps the model dtype
+            self.kv_format = "bf16"
+            dt = torch.bfloat16 if kv_cache_dtype == "bf16" else model_dtype
+            self.latent = torch.zeros(num_layers, num_blocks, PAGE_SIZE, 1, latent_dim, dtype=dt,
+                                      device=self.device)
+        self.index = torch.zeros(num_layers, num_blocks, PAGE_SIZE * (index_dim + 4), dtype=torch.uint8,
+                                 device=self.device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, latent_dim: int, index_dim: int, kv_cache_dtype: str,
+                        model_dtype: torch.dtype) -> int:
+        """Memory of one block over all layers (to size the pool from free memory)."""
+        if kv_cache_dtype == "fp8_ds_mla":
+            lat = FP8_ROW_BYTES
+        else:
+            dt = torch.bfloat16 if kv_cache_dtype == "bf16" else model_dtype
+            lat = latent_dim * torch.empty((), dtype=dt).element_size()
+        return num_layers * PAGE_SIZE * (lat + index_dim + 4)
+
+    def latent_layer(self, layer: int) -> torch.Tensor:
+        return self.latent[layer]
+
+    def index_layer(self, layer: int) -> torch.Tensor:
+        return self.index[layer]
+
+    def write_latent(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store latent rows ``rows [N, W]`` at physical ``slots [N]`` (int64)."""
+        flat = self.latent[layer].view(-1, self.latent.shape[-1])
+        if self.kv_format == "fp8_ds_mla":
+            from .kernels import quantize_mla_cache
+            flat[slots] = quantize_mla_cache(rows.to(torch.bfloat16), self.backend)
+        else:
+            flat[slots] = rows.to(flat.dtype)
+
+    def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Quantize indexer keys ``keys [N, D]`` (one ue8m0 scale a token) and store them."""
+        from .kernels import indexer_cache_write
+        indexer_cache_write(self.index[layer], keys, slots, self.backend)
+
+    def read_index(self, layer: int, slots: torch.Tensor):
+        """(k8 [N, D] e4m3, k_scale [N] fp32) at physical ``slots [N]`` (all valid)."""
+        from ..reference.paged_indexer import indexer_cache_read
+        return indexer_cache_read(self.index[layer], slots, self.index_dim)
+
+    def read_latent(self, slots: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """Latent rows [N, W] at ``slots`` in ``dtype`` (dequantized for fp8_ds_mla)."""
+        flat = self.latent[layer].view(-1, self.latent.shape[-1])
+        rows = flat[slots.long()]
+        if self.kv_format == "fp8_ds_mla":
+            from .kernels import dequantize_mla_cache
+            return dequantize_mla_cache(rows, dtype)
+        return rows.to(dtype)

@@ -1,0 +1,226 @@
+"""The engine (add requests, step) and the offline ``LLM.generate`` front end."""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
+from .runner import ModelRunner
+from .sampler import SamplingParams, sample
+from .scheduler import Scheduler, Sequence, Status
+from .tokenizer import default_tokenizer
+
+
+@dataclass
+class EngineConfig:
+    """Sizes and limits of an engine.
+
+    kv_cache_dtype: "auto" (model dtype), "bf16" or "fp8_ds_mla" (see engine.cache).
+    num_blocks: pages of 64 tokens in the pool; None sizes it from free GPU memory
+        (``gpu_memory_utilization``) or, on CPU, from max_num_seqs * max_model_len.
+    max_model_len: longest prompt + output (default: the model's
+        max_position_embeddings, capped by the pool).
+    max_num_seqs: sequences in one step; max_num_batched_tokens: tokens in one step
+        (the prefill chunk size).
+    backend: "auto" | "triton" | "reference" for every op.
+    """
+    kv_cache_dtype: str = "auto"
+    num_blocks: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = 0.9
+    backend: str = "auto"
+
+
+@dataclass
+class RequestOutput:
+    """State of one request after a step (or at the end of ``generate``)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None          # "stop" | "length" | "abort"
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Continuous-batching inference over paged caches for a DSAForCausalLM.
+
+    ``add_request`` queues a request; each ``step`` runs one forward pass over the
+    tokens the scheduler picked and returns a :class:`RequestOutput` for every request
+    that got a new token or finished. Not thread safe: one thread drives it
+    (see engine.server for the serving loop)."""
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.config = config or EngineConfig()
+        cfg = model.config
+        self.model_config = cfg
+        self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        c = self.config
+        max_len = c.max_model_len or cfg.max_position_embeddings
+        num_blocks = c.num_blocks or self._auto_num_blocks(cfg, latent_dim, max_len)
+        self.max_model_len = min(max_len, num_blocks * PAGE_SIZE)
+        self.caches = PagedCaches(cfg.num_hidden_layers, num_blocks, latent_dim, cfg.index_head_dim,
+                                  c.kv_cache_dtype, self.dtype, self.device, cfg.kv_lora_rank, c.backend)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.caches, c.backend)
+        self.sequences: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    def _auto_num_blocks(self, cfg, latent_dim: int, max_len: int) -> int:
+        per_block = PagedCaches.bytes_per_block(cfg.num_hidden_layers, latent_dim, cfg.index_head_dim,
+                                                self.config.kv_cache_dtype, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * self.config.gpu_memory_utilization) // per_block)
+        # CPU: room for every sequence at full length, but at most 1 GiB
+        want = self.config.max_num_seqs * blocks_needed(min(max_len, 32768))
+        return max(1, min(want, (1 << 30) // per_block))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError when it cannot fit."""
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("prompt: expected at least one token")
+        vocab = self.model_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.sequences:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_ids, params, prompt)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.free(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if not params.ignore_eos and eos is not None:
+            ids.add(eos)
+        return ids
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token; update the text and decide whether the request is done."""
+        seq.output_ids.append(token)
+        p = seq.params
+        if token in self._stop_ids(p):
+            seq.finish_reason = "stop"
+            seq.text = self.tokenizer.decode(seq.output_ids[:-1])
+        else:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            for s in p.stop:
+                # only the tail can hold a new match: the text grew by a few characters
+                cut = seq.text.find(s, max(0, len(seq.text) - len(s) - 8))
+                if s and cut >= 0:
+                    seq.text, seq.finish_reason = seq.text[:cut], "stop"
+                    break
+        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens
+                                          or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.status = Status.FINISHED
+            self.scheduler.free(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, list(seq.output_ids), seq.text,
+                             seq.finished, seq.finish_reason, {"preemptions": seq.num_preemptions})
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; outputs of the requests that got a token this step."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits, which = self.runner.forward(scheduled)
+        for seq, n in scheduled:
+            seq.num_computed += n
+        outs = []
+        if which:
+            seqs = [scheduled[b][0] for b in which]
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, tok in zip(seqs, tokens):
+                self._append(seq, tok)
+                outs.append(self._output(seq))
+                if seq.finished:
+                    self.sequences.pop(seq.request_id, None)
+        self.num_steps += 1
+        return outs
+
+
+class LLM:
+    """Offline generation: ``LLM(path_or_model).generate(prompts, SamplingParams(...))``.
+
+    Args:
+        model: a checkpoint directory (config.json + safetensors, see
+            flashdsa.checkpoint.from_pretrained) or a DSAForCausalLM.
+        tokenizer: object with encode/decode/eos_token_id (default: byte-level).
+        device, dtype: where and how to load a checkpoint (default cuda + bf16 when a GPU
+            is present, else cpu + the checkpoint's dtype).
+        **engine_args: fields of :class:`EngineConfig`.
+    """
+
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, **engine_args):
+        if isinstance(model, (str, os.PathLike)):
+            from ..checkpoint import from_pretrained
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if dtype is None and torch.device(device).type == "cuda":
+                dtype = torch.bfloat16
+            model = from_pretrained(model, device=device, dtype=dtype)
+        elif device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Complete every prompt (a string, a list of token ids, or a list of either);
+        returns one :class:`RequestOutput` per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            if isinstance(prompt, str):
+                rid = self.engine.add_request(self.tokenizer.encode(prompt), p, prompt=prompt)
+            else:
+                rid = self.engine.add_request(list(prompt), p)
+            ids.append(rid)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """One chat completion: the messages through the tokenizer's chat template."""
+        return self.generate(self.tokenizer.apply_chat_template(messages), sampling_params)[0]

@@ -1,0 +1,146 @@
+"""Sequences and the scheduler: continuous batching with chunked prefill and
+preemption by recomputation.
+
+Each engine step the scheduler packs up to ``max_num_batched_tokens`` new tokens:
+first the running sequences in arrival order (a decode needs 1 token, an unfinished
+prefill its next chunk), then waiting sequences while tokens, blocks and
+``max_num_seqs`` allow. Requests therefore join and leave the batch between any two
+steps. When a running sequence needs a block and none is free, the most recently
+arrived running sequence is preempted: its blocks are freed, it returns to the front
+of the queue and later recomputes its prompt and the tokens it had generated (no swap).
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+
+from .cache import BlockAllocator, blocks_needed
+from .sampler import SamplingParams, make_generator
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrival = itertools.count()
+
+
+class Sequence:
+    """One request: its tokens, its blocks and how much of it is cached."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.arrival = next(_arrival)
+        self.status = Status.WAITING
+        self.blocks: list[int] = []
+        self.num_computed = 0          # tokens whose cache rows are written
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.text = ""                 # detokenized output (the engine keeps it up to date)
+        self.generator = make_generator(params)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+class Scheduler:
+    """Decides which tokens of which sequences run in the next step (module docstring)."""
+
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, got "
+                             f"{max_num_seqs} and {max_num_batched_tokens}")
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []    # in arrival order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # back to the front, behind nothing that arrived earlier than it
+        pos = 0
+        while pos < len(self.waiting) and self.waiting[pos].arrival < seq.arrival:
+            pos += 1
+        self.waiting.insert(pos, seq)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, number of new tokens)] for the next step, blocks allocated."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = blocks_needed(seq.num_computed + n) - len(seq.blocks)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break                        # seq itself was preempted: it was the last one
+            seq.blocks += self.allocator.allocate(need)
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        # admit new (or preempted) sequences; not in a step that had to preempt, which
+        # would only make them thrash
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = blocks_needed(seq.num_computed + n) - len(seq.blocks)
+            if need > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            seq.blocks += self.allocator.allocate(need)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.running.sort(key=lambda s: s.arrival)
+            scheduled.append((seq, n))
+            budget -= n
+        if not scheduled and self.has_unfinished():
+            raise RuntimeError("scheduler: no sequence fits in the cache "
+                               f"({self.allocator.num_free} free blocks of {self.allocator.num_blocks})")
+        return scheduled
