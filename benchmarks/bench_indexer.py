@@ -1,0 +1,285 @@
+"""Benchmark of the Triton lightning indexer: FP8 logits, fused top-k, paged decode.
+
+Prefill: 4096 query tokens that are the LAST 4096 of one sequence of S_kv tokens
+(causal: query t sees keys [0, S_kv - 4096 + t]), H_I 64, d_I 128, S_kv 8K / 32K / 128K.
+Decode: batch 1..128, next_n 1, context 8K..128K over the paged uint8 key cache.
+
+TFLOP/s = 2 * pairs * H_I * d_I / time, counting only (query, key) pairs inside the
+ranges. Ceilings measured in the same run: an 8192^3 e4m3 matmul (torch._scaled_mm),
+an 8192^3 bf16 matmul (cuBLAS), a device-to-device copy. Peak memory is the growth of
+torch's peak allocation over what the inputs already hold.
+
+    python benchmarks/bench_indexer.py                 # full benchmark -> benchmarks/results/indexer.json
+    python benchmarks/bench_indexer.py --sweep         # also time block-size variants
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashdsa.ops import indexer as ops  # noqa: E402
+from flashdsa.ops import paged_indexer as pops  # noqa: E402
+
+H, D, TOPK, S_Q = 64, 128, 2048, 4096
+
+
+def bench(fn, rep=200):
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
+
+
+def ceilings():
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t_bf16 = bench(lambda: a @ b)
+    a8 = a.to(torch.float8_e4m3fn)
+    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as cuBLASLt fp8 wants
+    one = torch.ones((), device="cuda")
+    try:
+        t_fp8 = bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
+    except Exception as e:  # keep the run going; the JSON then shows no fp8 ceiling
+        print("fp8 matmul failed:", repr(e)[:300])
+        t_fp8 = float("nan")
+    x = torch.empty(2 ** 28, device="cuda")  # 1 GiB
+    x.uniform_()
+    y = torch.empty_like(x)
+    t_copy = bench(lambda: y.copy_(x))
+    del a, b, a8, b8, x, y
+    return dict(bf16_matmul_tflops=2 * n ** 3 / t_bf16 / 1e9, fp8_matmul_tflops=2 * n ** 3 / t_fp8 / 1e9,
+                copy_gbps=2 * 2 ** 30 / t_copy / 1e6)
+
+
+def prefill_inputs(s_kv, s=S_Q, h=H):
+    q8 = (torch.randn(s, h, D, device="cuda") * 2).to(torch.float8_e4m3fn)
+    k8 = (torch.randn(s_kv, D, device="cuda") * 2).to(torch.float8_e4m3fn)
+    k_scale = torch.rand(s_kv, device="cuda") + 0.25
+    weights = torch.randn(s, h, device="cuda")
+    ke = torch.arange(s_kv - s + 1, s_kv + 1, device="cuda", dtype=torch.int32)
+    ks = torch.zeros_like(ke)
+    return q8, k8, k_scale, weights, ks, ke
+
+
+def peak_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def check_topk_exact(idx, logits, ks, ke, rows):
+    """Sorted selected scores of the fused top-k == torch.topk of the (identically
+    computed) materialized logits, on a sample of rows. Returns the max abs difference."""
+    worst = 0.0
+    for t in rows:
+        lg = logits[t]
+        sel = idx[t][idx[t] >= 0].long()
+        want = min(TOPK, int(ke[t] - ks[t]))
+        assert sel.numel() == want and sel.unique().numel() == want, f"row {t}: {sel.numel()} != {want}"
+        got = lg[sel].sort(descending=True).values
+        best = lg.topk(want).values
+        worst = max(worst, float((got - best).abs().max()))
+    return worst
+
+
+def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
+    inp = prefill_inputs(s_kv)
+    ks, ke = inp[4], inp[5]
+    pairs = int((ke - ks).sum())
+    flops = 2 * pairs * H * D
+    t_log = bench(lambda: ops.indexer_logits(*inp, config=cfg_logits))
+    t_topk = bench(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    logits = ops.indexer_logits(*inp, config=cfg_logits)
+    t_torch_topk = bench(lambda: torch.topk(logits, TOPK, dim=1))
+    mem_logits = peak_bytes(lambda: ops.indexer_logits(*inp, config=cfg_logits))
+    mem_topk = peak_bytes(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    res = dict(s_q=S_Q, s_kv=s_kv, h=H, d=D, topk=TOPK, pairs=pairs,
+               logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
+               logits_ratio_to_fp8_matmul=flops / t_log / 1e9 / ceil["fp8_matmul_tflops"],
+               fused_topk_ms=t_topk, fused_topk_over_logits=t_topk / t_log,
+               fused_topk_tflops=flops / t_topk / 1e9,
+               logits_plus_torch_topk_ms=t_log + t_torch_topk, torch_topk_ms=t_torch_topk,
+               peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20)
+    if check and cfg_logits == cfg_topk:
+        idx = ops.indexer_topk(*inp, TOPK, config=cfg_topk)
+        rows = list(range(0, S_Q, S_Q // 64)) + [S_Q - 1]
+        res["topk_check_max_abs_diff"] = check_topk_exact(idx, logits, ks, ke, rows)
+    del logits
+    return res
+
+
+def decode_inputs(bsz, ctx, next_n=1):
+    blocks = triton.cdiv(ctx, 64)
+    nb = bsz * blocks
+    cache = torch.randint(0, 256, (nb, 64 * (D + 4)), device="cuda", dtype=torch.uint8) & 0x77  # finite e4m3
+    cache.view(torch.float32)[:, 64 * D // 4:] = torch.rand(nb, 64, device="cuda") + 0.25
+    bt = torch.randperm(nb, device="cuda", dtype=torch.int32).view(bsz, blocks)
+    cl = torch.full((bsz,), ctx, device="cuda", dtype=torch.int32)
+    q8 = (torch.randn(bsz, next_n, H, D, device="cuda") * 2).to(torch.float8_e4m3fn)
+    w = torch.randn(bsz * next_n, H, device="cuda")
+    return q8, cache, w, cl, bt
+
+
+def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
+    q8, cache, w, cl, bt = decode_inputs(bsz, ctx, next_n)
+    width = bt.shape[1] * 64
+    flops = 2 * bsz * sum(ctx - next_n + j + 1 for j in range(next_n)) * H * D
+    t_log = bench(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
+    t_topk = bench(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+    kv_bytes = bsz * ctx * (D + 4)
+    return dict(batch=bsz, context=ctx, next_n=next_n, logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
+                logits_cache_gbps=kv_bytes / t_log / 1e6,
+                logits_gbps_incl_output=(kv_bytes + bsz * next_n * width * 4) / t_log / 1e6,
+                fused_topk_ms=t_topk, fused_topk_cache_gbps=kv_bytes / t_topk / 1e6,
+                fused_topk_over_logits=t_topk / t_log,
+                copy_ratio=(kv_bytes / t_topk / 1e6) / ceil["copy_gbps"])
+
+
+SWEEP_LOGITS = [
+    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_Q=4, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=4),
+    dict(BLOCK_N=256, BLOCK_Q=1, num_warps=8, num_stages=3),
+]
+SWEEP_TOPK = [
+    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_Q=4, num_warps=8, num_stages=3),
+]
+SWEEP_DECODE = [
+    dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, num_warps=8, num_stages=4),
+    dict(BLOCK_N=256, num_warps=8, num_stages=3),
+]
+
+
+def sweep(ceil, log):
+    out = dict(logits=[], topk=[], decode=[])
+    inp = prefill_inputs(32768)
+    flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
+    for cfg in SWEEP_LOGITS:
+        try:
+            t = bench(lambda: ops.indexer_logits(*inp, config=cfg))
+            out["logits"].append(dict(cfg=cfg, ms=t, tflops=flops / t / 1e9))
+        except Exception as e:  # a variant that fails to compile must not stop the others
+            out["logits"].append(dict(cfg=cfg, error=repr(e)[:300]))
+        log(f"sweep logits 32K {out['logits'][-1]}")
+    for s_kv in (32768, 131072):
+        inp = prefill_inputs(s_kv)
+        flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
+        for cfg in SWEEP_TOPK:
+            try:
+                t = bench(lambda: ops.indexer_topk(*inp, TOPK, config=cfg), rep=100)
+                out["topk"].append(dict(s_kv=s_kv, cfg=cfg, ms=t, tflops=flops / t / 1e9))
+            except Exception as e:
+                out["topk"].append(dict(s_kv=s_kv, cfg=cfg, error=repr(e)[:300]))
+            log(f"sweep topk {s_kv} {out['topk'][-1]}")
+    q8, cache, w, cl, bt = decode_inputs(32, 32768)
+    for cfg in SWEEP_DECODE:
+        try:
+            t = bench(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, bt.shape[1] * 64, config=cfg))
+            t2 = bench(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+            out["decode"].append(dict(cfg=cfg, logits_ms=t, topk_ms=t2, cache_gbps=32 * 32768 * 132 / t / 1e6))
+        except Exception as e:
+            out["decode"].append(dict(cfg=cfg, error=repr(e)[:300]))
+        log(f"sweep decode B32 32K {out['decode'][-1]}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="time block-size variants first")
+    ap.add_argument("--no-main", action="store_true", help="only the sweep")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "indexer.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    ceil = ceilings()
+    log(f"ceilings {ceil}")
+    result = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  torch=torch.__version__, triton=triton.__version__, command=" ".join(["python"] + sys.argv),
+                  configs=dict(logits=ops.default_config(torch.device("cuda"), H),
+                               topk=ops.default_config(torch.device("cuda"), H, topk=True)),
+                  ceilings=ceil, prefill=[], decode=[])
+
+    def save():
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if args.sweep:
+        result["sweep"] = sweep(ceil, log)
+        save()
+    if args.no_main:
+        return
+    for s_kv in (8192, 32768, 131072):
+        try:
+            r = run_prefill(s_kv, ceil)
+        except Exception as e:
+            r = dict(s_kv=s_kv, error=repr(e)[:500])
+        result["prefill"].append(r)
+        log(f"prefill {r}")
+        save()
+    for bsz in (1, 8, 32, 128):
+        for ctx in (8192, 32768, 131072):
+            try:
+                r = run_decode(bsz, ctx, ceil)
+            except Exception as e:
+                r = dict(batch=bsz, context=ctx, error=repr(e)[:500])
+            result["decode"].append(r)
+            log(f"decode {r}")
+            save()
+    try:
+        r = run_decode(32, 32768, ceil, next_n=2)
+    except Exception as e:
+        r = dict(batch=32, context=32768, next_n=2, error=repr(e)[:500])
+    result["decode"].append(r)
+    log(f"decode {r}")
+    save()
+    print(f"\n{'S_kv':>7} {'logits ms':>10} {'TFLOP/s':>8} {'% fp8':>6} {'topk ms':>8} {'topk/log':>8} "
+          f"{'torch topk ms':>13} {'peak MiB l/t':>14}")
+    for r in result["prefill"]:
+        if "error" in r:
+            print(r)
+            continue
+        print(f"{r['s_kv']:>7} {r['logits_ms']:>10.3f} {r['logits_tflops']:>8.1f} "
+              f"{100 * r['logits_ratio_to_fp8_matmul']:>5.1f}% {r['fused_topk_ms']:>8.3f} "
+              f"{r['fused_topk_over_logits']:>8.2f} {r['torch_topk_ms']:>13.3f} "
+              f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f}")
+    print(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} {'topk/log':>8}")
+    for r in result["decode"]:
+        if "error" in r:
+            print(r)
+            continue
+        print(f"{r['batch']:>4} {r['context']:>7} {r['logits_ms']:>10.3f} {r['logits_cache_gbps']:>7.0f} "
+              f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} {r['fused_topk_over_logits']:>8.2f}"
+              + ("" if r["next_n"] == 1 else "  (next_n 2)"))
+
+
+if __name__ == "__main__":
+    main()
