@@ -217,6 +217,10 @@ class DSAModel(nn.Module):
         ids, cu_seqlens, positions = _pack(input_ids, cu_seqlens, positions)
         x = self.embed_tokens(ids)
         total = x.new_zeros((), dtype=torch.float32)
+        if stage == "dense":        # plain dense attention, no indexer loss
+            mode, stage, dense_stage = "dense", None, True
+        else:
+            dense_stage = False
         for layer in self.layers:
             if stage is None:
                 x = layer(x, positions, cu_seqlens, mode=mode, backend=backend)
@@ -225,7 +229,7 @@ class DSAModel(nn.Module):
                 if loss is not None:
                     total = total + loss.float()
         x = self.norm(x).view(*shape, -1)
-        return x if stage is None else (x, total)
+        return x if stage is None and not dense_stage else (x, total)
 
 
 class DSAForCausalLM(nn.Module):

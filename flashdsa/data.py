@@ -1,0 +1,204 @@
+"""Training data: an embedded corpus that needs no download, byte-level tokens, a fixed
+held-out split, deterministic batches, and a planted-passkey retrieval task.
+
+Default corpus: the ``.py`` sources of the running interpreter's standard library
+(``sysconfig.get_paths()["stdlib"]``, about 30 MB for CPython 3.11: real, long files).
+``--data`` replaces it with the user's own text files or directories.
+
+Tokens are bytes 0..255 plus three specials (PAD, BOS, EOS), vocabulary 259. Each file
+becomes ``[BOS] bytes [EOS]``; files are concatenated in sorted path order into one
+token stream per split. A file belongs to the held-out split when the SHA-1 of its
+relative path falls in the first ``val_percent`` of the hash range, so the split does
+not depend on the file list, the machine or the Python version's other files.
+
+Batches are a pure function of ``(seed, step)``: random windows of ``seq_len + 1``
+tokens. Resuming at step s therefore replays exactly the batches a run without
+interruption would have seen, and two runs with one seed see the same tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS = 256, 257, 258
+VOCAB_SIZE = 259
+PASSKEY_PREFIX = b"\n# passkey = "
+DEFAULT_VAL_PERCENT = 3
+
+
+def encode(text: str | bytes) -> torch.Tensor:
+    """UTF-8 bytes as int64 token ids [n]."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+
+
+def decode(ids) -> str:
+    """Token ids back to text; specials are dropped, invalid UTF-8 replaced."""
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """Sorted .py files of the standard library (no site-packages)."""
+    root = stdlib_root()
+    return sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_held_out(rel_path: str, val_percent: int = DEFAULT_VAL_PERCENT) -> bool:
+    """Fixed split: the file is held out when sha1(relative path) mod 100 < val_percent."""
+    h = int.from_bytes(hashlib.sha1(rel_path.encode("utf-8")).digest()[:8], "little")
+    return h % 100 < val_percent
+
+
+def _text_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """(file, relative name) for user paths: files as given, directories walked."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += [(f, f.relative_to(p).as_posix()) for f in sorted(p.rglob("*")) if f.is_file()]
+        elif p.is_file():
+            out.append((p, p.name))
+        else:
+            raise FileNotFoundError(f"--data: {p} is neither a file nor a directory")
+    return out
+
+
+@dataclass
+class Corpus:
+    """Token streams of the two splits (int16 [n] each) and where they came from."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    n_files: tuple[int, int]
+
+    @classmethod
+    def load(cls, data: list[str] | None = None, val_percent: int = DEFAULT_VAL_PERCENT,
+             max_bytes: int | None = None) -> "Corpus":
+        """The stdlib corpus (``data=None``) or the given files/directories.
+
+        max_bytes caps each split's stream (train first ``max_bytes``, val a tenth of it,
+        at least 64 KiB), taking files in sorted order: small, fast corpora for demos."""
+        if data:
+            files, source = _text_files(data), "files: " + ", ".join(map(str, data))
+        else:
+            root = stdlib_root()
+            files = [(f, f.relative_to(root).as_posix()) for f in stdlib_files()]
+            source = f"python stdlib: {root}"
+        caps = (max_bytes, max(max_bytes // 10, 1 << 16)) if max_bytes else (None, None)
+        parts: tuple[list, list] = ([], [])
+        sizes, counts = [0, 0], [0, 0]
+        for f, rel in files:
+            split = 1 if is_held_out(rel, val_percent) else 0
+            if caps[split] is not None and sizes[split] >= caps[split]:
+                continue
+            raw = f.read_bytes()
+            if b"\0" in raw[:4096]:       # binary file: not text
+                continue
+            parts[split].append(raw)
+            sizes[split] += len(raw) + 2
+            counts[split] += 1
+        if not parts[0]:
+            raise ValueError(f"no training text found in {source}")
+        if not parts[1]:   # tiny user corpora: hold out the last file's tail instead
+            last = parts[0][-1]
+            cut = len(last) * 9 // 10
+            parts[0][-1], parts[1] = last[:cut], [last[cut:]]
+            counts[1] = 1
+        return cls(_stream(parts[0], caps[0]), _stream(parts[1], caps[1]), source, (counts[0], counts[1]))
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0, split: str = "train") -> torch.Tensor:
+        """[batch_size, seq_len + 1] int64 random windows, a pure function of (seed, step)."""
+        return random_windows(self.train if split == "train" else self.val, step, batch_size, seq_len, seed)
+
+    def eval_windows(self, n: int, seq_len: int) -> torch.Tensor:
+        """[n, seq_len + 1] int64 held-out windows at evenly spaced fixed offsets."""
+        stream = self.val
+        if len(stream) < seq_len + 1:
+            raise ValueError(f"held-out split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        starts = torch.linspace(0, len(stream) - seq_len - 1, n).long()
+        return torch.stack([stream[s:s + seq_len + 1].long() for s in starts.tolist()])
+
+
+def _stream(parts: list[bytes], cap: int | None) -> torch.Tensor:
+    """[BOS] file [EOS] for each file, concatenated: int16 [n] (bytes and specials fit)."""
+    chunks = []
+    for raw in parts:
+        chunks.append(torch.tensor([BOS], dtype=torch.int16))
+        if raw:
+            chunks.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int16))
+        chunks.append(torch.tensor([EOS], dtype=torch.int16))
+    out = torch.cat(chunks)
+    return out[:cap] if cap else out
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return g
+
+
+def random_windows(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[batch_size, seq_len + 1] int64 windows at random offsets drawn from (seed, step)."""
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=_generator(seed, step))
+    offs = torch.arange(seq_len + 1)
+    return stream[starts[:, None] + offs[None, :]].long()
+
+
+def plant_passkey(window: torch.Tensor, min_distance: int, generator: torch.Generator, digits: int = 5):
+    """Plant a retrieval task in a token window [n] (in place; returns it and the answer rows).
+
+    Writes ``\\n# passkey = DDDDD\\n`` (a random number) early in the window and the same
+    line again near its end; the digits of the second copy can only be predicted by
+    looking back at the first, more than ``min_distance`` tokens earlier. Returns
+    ``(window, rows)``: ``rows`` [digits] are positions p of the window whose *next*
+    token window[p + 1] is an answer digit, i.e. the rows of the logits to score."""
+    n = window.shape[0]
+    key = bytes(str(int(torch.randint(10**(digits - 1), 10**digits, (1,), generator=generator))), "ascii")
+    needle = encode(PASSKEY_PREFIX + key + b"\n")
+    m = len(needle)
+    q_start = n - m - int(torch.randint(1, max(2, n // 16), (1,), generator=generator))
+    latest = q_start - min_distance - m
+    if latest < 0:
+        raise ValueError(f"window of {n} tokens too short for a passkey {min_distance} tokens back")
+    k_start = int(torch.randint(0, latest + 1, (1,), generator=generator))
+    window[k_start:k_start + m] = needle
+    window[q_start:q_start + m] = needle
+    first_digit = q_start + len(PASSKEY_PREFIX)
+    rows = torch.arange(first_digit - 1, first_digit - 1 + digits)
+    return window, rows
+
+
+def retrieval_windows(corpus: Corpus, n: int, seq_len: int, min_distance: int, seed: int = 1234):
+    """n held-out windows [n, seq_len + 1] with a planted passkey each, and answer rows [n, 5]."""
+    g = torch.Generator().manual_seed(seed)
+    base = corpus.eval_windows(n, seq_len).clone()
+    rows = []
+    for i in range(n):
+        _, r = plant_passkey(base[i], min_distance, g)
+        rows.append(r)
+    return base, torch.stack(rows)
+
+
+def training_batch(corpus: Corpus, step: int, batch_size: int, seq_len: int, seed: int = 0,
+                   plant_prob: float = 0.0, min_distance: int = 0) -> torch.Tensor:
+    """A training batch [B, seq_len + 1]; with ``plant_prob`` > 0 that share of the
+    windows carries a planted passkey (teaches the retrieval skill the eval measures)."""
+    x = corpus.batch(step, batch_size, seq_len, seed)
+    if plant_prob > 0:
+        g = _generator(seed + 7919, step)
+        for i in range(batch_size):
+            if float(torch.rand((), generator=g)) < plant_prob:
+                plant_passkey(x[i], min_distance, g)
+    return x

@@ -1,0 +1,187 @@
+"""Evaluations of a DSA model against its dense counterpart.
+
+- :func:`loss_by_position`: held-out loss and perplexity, overall and per position bucket
+  ([0, 64), [64, 128), [128, 256), ... doubling): sparse attention can only hurt where a
+  query has more than ``index_topk`` candidates, so the late buckets are where to look.
+- :func:`retrieval_accuracy`: a passkey planted in real held-out code more than
+  4 x index_topk tokens before the question (flashdsa.data.plant_passkey); a sample counts
+  when every digit is the model's top prediction (teacher forcing).
+- :func:`indexer_recall`: for every layer, the share of the dense attention mass (summed
+  over heads, normalized per query) that falls on the indexer's top-k selection, averaged
+  over queries with more than top-k candidates (the others keep everything).
+- :func:`throughput`: forward tokens/s in a mode.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import Corpus, retrieval_windows
+from .layers import MLA, causal_ranges
+from .reference.rope import apply_rope, rope_cos_sin
+
+
+def position_buckets(seq_len: int, first: int = 64) -> list[tuple[int, int]]:
+    """[0, first), [first, 2 first), [2 first, 4 first), ... up to seq_len."""
+    edges = [0, min(first, seq_len)]
+    while edges[-1] < seq_len:
+        edges.append(min(edges[-1] * 2, seq_len))
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def loss_by_position(model, windows: torch.Tensor, mode: str = "dsa", backend: str = "auto",
+                     batch_size: int = 4) -> dict:
+    """Mean next-token loss over ``windows [n, L + 1]`` and per position bucket.
+
+    Returns {"loss", "ppl", "buckets": [{"start", "end", "loss", "ppl"}], "tokens"}."""
+    device = next(model.parameters()).device
+    model.eval()
+    seq_len = windows.shape[1] - 1
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    for i in range(0, len(windows), batch_size):
+        b = windows[i:i + batch_size].to(device)
+        with _autocast(device):
+            logits = model(b[:, :-1], mode=mode, backend=backend)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), b[:, 1:], reduction="none")   # [B, L]
+        sums += nll.double().sum(0).cpu()
+    per_pos = sums / len(windows)
+    buckets = []
+    for s, e in position_buckets(seq_len):
+        loss = float(per_pos[s:e].mean())
+        buckets.append({"start": s, "end": e, "loss": loss, "ppl": math.exp(loss)})
+    loss = float(per_pos.mean())
+    return {"loss": loss, "ppl": math.exp(loss), "buckets": buckets, "tokens": windows[:, 1:].numel()}
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_distance: int | None = None,
+                       mode: str = "dsa", backend: str = "auto", batch_size: int = 4, seed: int = 1234) -> dict:
+    """Passkey retrieval over ``n`` held-out windows; answer > ``min_distance`` tokens back
+    (default 4 * index_topk + 1). Returns {"accuracy", "digit_accuracy", "min_distance", "n"}."""
+    device = next(model.parameters()).device
+    model.eval()
+    if min_distance is None:
+        min_distance = 4 * model.config.index_topk + 1
+    windows, rows = retrieval_windows(corpus, n, seq_len, min_distance, seed)
+    hits, digit_hits = 0, 0
+    for i in range(0, n, batch_size):
+        b, r = windows[i:i + batch_size].to(device), rows[i:i + batch_size].to(device)
+        with _autocast(device):
+            logits = model(b[:, :-1], mode=mode, backend=backend)           # [B, L, V]
+        pred = logits.gather(1, r[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)   # [B, digits]
+        want = b.gather(1, r + 1)
+        ok = pred == want
+        hits += int(ok.all(-1).sum())
+        digit_hits += int(ok.sum())
+    return {"accuracy": hits / n, "digit_accuracy": digit_hits / (n * rows.shape[1]),
+            "min_distance": min_distance, "n": n}
+
+
+def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Head-summed, L1-normalized dense attention of one sequence: [len(rows), L] fp32.
+
+    Recomputes MLA's queries and keys the way MLA.forward does (SPEC 3, non-absorbed form)."""
+    t = x.shape[0]
+    cos, sin = rope_cos_sin(positions, mla.inv_freq)
+    qr = mla.q_a_layernorm(mla.q_a_proj(x))
+    q = mla.q_b_proj(qr).view(t, mla.n_heads, mla.nope + mla.rope)
+    q_nope, q_pe = q.split((mla.nope, mla.rope), dim=-1)
+    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+    kv, k_pe = mla.kv_a_proj_with_mqa(x).split((mla.kv_lora_rank, mla.rope), dim=-1)
+    kv = mla.kv_a_layernorm(kv)
+    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)
+    k_nope = mla.kv_b_proj(kv).view(t, mla.n_heads, mla.nope + mla.v_dim)[..., :mla.nope]
+    qf = torch.cat((q_nope, q_pe), -1)[rows].float()                               # [R, H, d]
+    kf = torch.cat((k_nope, k_pe.expand(-1, mla.n_heads, -1)), -1).float()          # [L, H, d]
+    logits = torch.einsum("rhd,lhd->hrl", qf, kf) * mla.softmax_scale
+    r_idx = torch.arange(t, device=x.device)[rows]
+    causal = torch.arange(t, device=x.device)[None, :] <= r_idx[:, None]
+    probs = logits.masked_fill(~causal[None], float("-inf")).softmax(-1)          # [H, R, L]
+    return probs.sum(0) / mla.n_heads
+
+
+@torch.no_grad()
+def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chunk: int = 1024) -> dict:
+    """Share of dense attention mass captured by the indexer's top-k, per layer.
+
+    Runs the model densely on each window [L + 1] (its last token dropped), captures each
+    layer's attention input, and compares the dense head-summed attention of every query
+    with more than ``index_topk`` candidates against the indexer's selection.
+    Returns {"mean", "per_layer": [...], "queries": n}."""
+    device = next(model.parameters()).device
+    model.eval()
+    layers = [layer.self_attn for layer in model.model.layers]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw, i=i: captured.__setitem__(i, args[0]),
+                                         with_kwargs=True) for i, m in enumerate(layers)]
+    topk = model.config.index_topk
+    mass = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    try:
+        for w in windows:
+            ids = w[:-1].to(device)
+            t = ids.shape[0]
+            if t <= topk:
+                continue
+            with _autocast(device):
+                model(ids[None], mode="dense", backend=backend)
+            positions = torch.arange(t, device=device)
+            cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+            ks, ke = causal_ranges(cu, t)
+            for li, mla in enumerate(layers):
+                x = captured[li].reshape(t, -1)
+                with _autocast(device):
+                    cos, sin = rope_cos_sin(positions, mla.inv_freq)
+                    qr = mla.q_a_layernorm(mla.q_a_proj(x))
+                    idx = mla.indexer(x, qr, cos, sin, ks, ke, backend=backend).long()   # [T, k]
+                for r0 in range(topk, t, row_chunk):
+                    rows = slice(r0, min(r0 + row_chunk, t))
+                    with _autocast(device):
+                        p = _dense_probs(mla, x, positions, rows)                        # [R, T]
+                    sel = idx[rows]
+                    got = p.gather(1, sel.clamp_min(0)) * (sel >= 0)
+                    mass[li] += float(got.sum(1).double().sum())
+            count += t - topk
+    finally:
+        for h in hooks:
+            h.remove()
+    per_layer = (mass / max(count, 1)).tolist()
+    return {"mean": sum(per_layer) / len(per_layer), "per_layer": per_layer, "queries": count}
+
+
+@torch.no_grad()
+def throughput(model, batch_size: int, seq_len: int, mode: str, backend: str = "auto", iters: int = 3) -> float:
+    """Forward tokens/s on random tokens (after one warm-up call)."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    with _autocast(device):
+        model(x, mode=mode, backend=backend)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x, mode=mode, backend=backend)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return iters * x.numel() / (time.perf_counter() - t0)
+
+
+def evaluate(model, corpus: Corpus, seq_len: int, mode: str = "dsa", backend: str = "auto", n_windows: int = 16,
+             n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4) -> dict:
+    """All of the above for one model and attention mode."""
+    windows = corpus.eval_windows(n_windows, seq_len)
+    out = {"mode": mode, "seq_len": seq_len, "index_topk": model.config.index_topk}
+    out["lm"] = loss_by_position(model, windows, mode, backend, batch_size)
+    out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, mode=mode, backend=backend,
+                                          batch_size=batch_size)
+    out["indexer_recall"] = indexer_recall(model, windows[:n_recall], backend) if n_recall else None
+    return out
