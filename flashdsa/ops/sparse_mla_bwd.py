@@ -56,14 +56,17 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Block sizes. BLOCK_H: heads per program (64 = one wgmma M tile on Hopper); BLOCK_K:
-# gathered rows per step. dq kernel: fp32 acc [64, 576] = 144 regs/thread at 8 warps.
-# dkv kernel: fp32 tile [BLOCK_K, 576] = 72 regs at BLOCK_K 32, 8 warps; q and dout of
-# the head block stay in shared memory (136 KB at 64 heads). Chosen on an H200 with
-# benchmarks/bench_sparse_mla_bwd.py (see docs/training.md); "small" is for tiny shapes
-# and the interpreter.
+# Block sizes. BLOCK_H: heads per program (64 = one wgmma M tile on Hopper).
+# dq kernel: BLOCK_K_DQ gathered rows per step; the fp32 accumulator [64, 576] costs 144
+#   registers a thread at 8 warps; shared memory holds q (72 KB) and dout (64 KB) plus
+#   num_stages tiles [BLOCK_K, 576] bf16 (36 KB at 32 rows): 2 stages of 32 rows fit in
+#   the 227 KB of an H100/H200 SM, 2 of 64 do not.
+# dkv kernel: BLOCK_K_DKV slots per step are the M of its two products (64 = one wgmma
+#   tile); the fp32 tile [64, 576] costs 144 registers at 8 warps.
+# Chosen on an H200 with benchmarks/bench_sparse_mla_bwd.py (docs/training.md has the
+# sweep); "small" is for tiny shapes and the interpreter.
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K_DQ=32, BLOCK_K_DKV=32, warps_dq=8, warps_dkv=8, stages_dq=2, stages_dkv=2),
+    "sm90": dict(BLOCK_H=64, BLOCK_K_DQ=32, BLOCK_K_DKV=64, warps_dq=8, warps_dkv=8, stages_dq=2, stages_dkv=2),
     "small": dict(BLOCK_H=16, BLOCK_K_DQ=16, BLOCK_K_DKV=16, warps_dq=4, warps_dkv=4, stages_dq=1, stages_dkv=1),
 }
 
@@ -221,6 +224,67 @@ def sparse_mla_bwd_reduce_kernel(
         tl.store(ptr, tl.load(ptr, mask=mask_d, other=0.0) + acc, mask=mask_d)
 
 
+def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
+    """Shapes, block sizes and last-dim-contiguous views shared by the launches."""
+    s_q, h, d_qk = q.shape
+    s_kv = kv.shape[0]
+    topk = indices.shape[-1]
+    cfg = dict(default_config(q, d_v))
+    if config:
+        cfg.update(config)
+
+    def last_c(x):
+        return x if x is None or x.stride(-1) == 1 else x.contiguous()
+    return dict(
+        s_q=s_q, h=h, d_qk=d_qk, s_kv=s_kv, topk=topk, d_v=d_v, d_tail=d_qk - d_v, cfg=cfg,
+        n_hb=triton.cdiv(h, cfg["BLOCK_H"]),
+        block_dv=max(16, triton.next_power_of_2(d_v)),
+        block_dt=max(16, triton.next_power_of_2(max(d_qk - d_v, 1))),
+        q=last_c(q), kv=last_c(kv.reshape(s_kv, d_qk)), idx=last_c(indices.reshape(s_q, topk)),
+        out=last_c(out), dout=last_c(dout), lse=lse.float().contiguous(),
+        dlse=None if dlse is None else dlse.float().contiguous(),
+    )
+
+
+def launch_dq(m, c0, c1, dq, p_buf, ds_buf, sm_scale):
+    """dq rows [c0, c1) and the P / dS scratch of those queries (rows 0 .. c1-c0 of the buffers)."""
+    cfg = m["cfg"]
+    qc, ic, oc, doc, lc = (m[k][c0:c1] for k in ("q", "idx", "out", "dout", "lse"))
+    dlc = m["dlse"][c0:c1] if m["dlse"] is not None else lc
+    kv2 = m["kv"]
+    sparse_mla_bwd_dq_kernel[(c1 - c0, m["n_hb"])](
+        qc, kv2, ic, oc, doc, lc, dlc, dq[c0:c1], p_buf, ds_buf,
+        m["s_kv"], m["h"], m["topk"], sm_scale,
+        qc.stride(0), qc.stride(1), kv2.stride(0), ic.stride(0),
+        oc.stride(0), oc.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
+        dq.stride(0), dq.stride(1), p_buf.stride(0), p_buf.stride(1),
+        D_V=m["d_v"], D_TAIL=m["d_tail"], BLOCK_DV=m["block_dv"], BLOCK_DT=m["block_dt"],
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DQ"], HAS_DLSE=m["dlse"] is not None,
+        num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"],
+    )
+
+
+def launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf=None):
+    """dkv contributions of queries [c0, c1): atomics into dkv [s_kv, d_qk] fp32, or
+    (det_buf given) stores into det_buf [n_hb, chunk, topk, d_qk] fp32."""
+    cfg = m["cfg"]
+    qc, ic, doc = (m[k][c0:c1] for k in ("q", "idx", "dout"))
+    deterministic = det_buf is not None
+    sb = det_buf.stride() if deterministic else (0, 0, 0, 0)
+    sparse_mla_bwd_dkv_kernel[(c1 - c0, m["n_hb"])](
+        qc, ic, doc, p_buf, ds_buf, det_buf if deterministic else dkv,
+        m["s_kv"], m["h"], m["topk"],
+        qc.stride(0), qc.stride(1), ic.stride(0), doc.stride(0), doc.stride(1),
+        p_buf.stride(0), p_buf.stride(1),
+        dkv.stride(0), sb[0], sb[1], sb[2],
+        D_V=m["d_v"], D_TAIL=m["d_tail"], BLOCK_DV=m["block_dv"], BLOCK_DT=m["block_dt"],
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DKV"], DETERMINISTIC=deterministic,
+        num_warps=cfg["warps_dkv"], num_stages=cfg["stages_dkv"],
+    )
+    if deterministic:
+        _reduce_deterministic(det_buf, ic, dkv, m["n_hb"], c1 - c0)
+
+
 def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
                    dout: torch.Tensor, lse: torch.Tensor, sm_scale: float, d_v: int = 512,
                    dlse: torch.Tensor | None = None, deterministic: bool = False,
@@ -242,75 +306,24 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
         (dq [s_q, h_q, d_qk] in q.dtype, dkv [s_kv, 1, d_qk] in kv.dtype).
     Inputs are assumed validated (flashdsa.sparse_mla_fwd checks them).
     """
-    s_q, h, d_qk = q.shape
-    s_kv = kv.shape[0]
-    topk = indices.shape[-1]
-    d_tail = d_qk - d_v
-    cfg = dict(default_config(q, d_v))
-    if config:
-        cfg.update(config)
-    bh = cfg["BLOCK_H"]
-    n_hb = triton.cdiv(h, bh)
-    block_dv = max(16, triton.next_power_of_2(d_v))
-    block_dt = max(16, triton.next_power_of_2(max(d_tail, 1)))
-
-    q = q.contiguous() if q.stride(-1) != 1 else q
-    kv2 = kv.reshape(s_kv, d_qk)
-    if kv2.stride(-1) != 1:
-        kv2 = kv2.contiguous()
-    idx = indices.reshape(s_q, topk)
-    if idx.stride(-1) != 1:
-        idx = idx.contiguous()
-    out = out if out.stride(-1) == 1 else out.contiguous()
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    lse = lse.float().contiguous()
-    if dlse is not None:
-        dlse = dlse.float().contiguous()
-
-    dq = torch.empty_like(q)
+    m = _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config)
+    s_q, h, topk, d_qk, s_kv = m["s_q"], m["h"], m["topk"], m["d_qk"], m["s_kv"]
+    dq = torch.empty_like(m["q"])
     dkv = torch.zeros(s_kv, d_qk, dtype=torch.float32, device=q.device)
 
     # Per query: P and dS in the kv dtype, plus (deterministic) the fp32 slot buffer.
     per_query = 2 * h * topk * kv.element_size()
     if deterministic:
-        per_query += n_hb * topk * d_qk * 4
+        per_query += m["n_hb"] * topk * d_qk * 4
     chunk = max(1, min(s_q, scratch_bytes // max(per_query, 1)))
     p_buf = torch.empty(chunk, h, topk, dtype=kv.dtype, device=q.device)
     ds_buf = torch.empty_like(p_buf)
-    det_buf = (torch.empty(n_hb, chunk, topk, d_qk, dtype=torch.float32, device=q.device)
+    det_buf = (torch.empty(m["n_hb"], chunk, topk, d_qk, dtype=torch.float32, device=q.device)
                if deterministic else None)
-
     for c0 in range(0, s_q, chunk):
         c1 = min(s_q, c0 + chunk)
-        n = c1 - c0
-        qc, ic, oc, doc, lc = q[c0:c1], idx[c0:c1], out[c0:c1], dout[c0:c1], lse[c0:c1]
-        dlc = dlse[c0:c1] if dlse is not None else lc
-        grid = (n, n_hb)
-        sparse_mla_bwd_dq_kernel[grid](
-            qc, kv2, ic, oc, doc, lc, dlc, dq[c0:c1], p_buf, ds_buf,
-            s_kv, h, topk, sm_scale,
-            qc.stride(0), qc.stride(1), kv2.stride(0), ic.stride(0),
-            oc.stride(0), oc.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
-            dq.stride(0), dq.stride(1), p_buf.stride(0), p_buf.stride(1),
-            D_V=d_v, D_TAIL=d_tail, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
-            BLOCK_H=bh, BLOCK_K=cfg["BLOCK_K_DQ"], HAS_DLSE=dlse is not None,
-            num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"],
-        )
-        target = det_buf if deterministic else dkv
-        sb = det_buf.stride() if deterministic else (0, 0, 0, 0)
-        sparse_mla_bwd_dkv_kernel[grid](
-            qc, ic, doc, p_buf, ds_buf, target,
-            s_kv, h, topk,
-            qc.stride(0), qc.stride(1), ic.stride(0), doc.stride(0), doc.stride(1),
-            p_buf.stride(0), p_buf.stride(1),
-            dkv.stride(0), sb[0], sb[1], sb[2],
-            D_V=d_v, D_TAIL=d_tail, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
-            BLOCK_H=bh, BLOCK_K=cfg["BLOCK_K_DKV"], DETERMINISTIC=deterministic,
-            num_warps=cfg["warps_dkv"], num_stages=cfg["stages_dkv"],
-        )
-        if deterministic:
-            _reduce_deterministic(det_buf, ic, dkv, n_hb, n)
-
+        launch_dq(m, c0, c1, dq, p_buf, ds_buf, sm_scale)
+        launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf)
     return dq, dkv.to(kv.dtype).view(s_kv, 1, d_qk)
 
 
