@@ -51,12 +51,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """One training stage (SPEC 5); see flashdsa.train."""
+    from .train import cmd_train as run
+    return run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Loss by position, passkey retrieval and indexer recall of a model; see flashdsa.evaluate."""
+    from .train import cmd_eval as run
+    return run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Dense pretrain -> (a) dense continued vs (b) DSA warm-up + sparse, at tiny scale."""
+    from .train import cmd_demo as run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashdsa", description="DeepSeek Sparse Attention in PyTorch and Triton")
     parser.add_argument("--version", action="version", version=f"flashdsa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device and usable backends")
     p.set_defaults(func=cmd_info)
+    from .train import add_demo_args, add_eval_args, add_train_args
+    p = sub.add_parser("train", help="train one stage: dense (pretrain/continue), warmup (indexer KL), sparse")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="loss/perplexity by position, passkey retrieval, indexer recall")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("demo", help="the whole DSA recipe at tiny scale on CPU, against dense, as a table")
+    add_demo_args(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -17,6 +17,7 @@ states and the data step: a resumed run reproduces the uninterrupted one exactly
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -267,3 +268,264 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     set_trainable(model, "dense")
     model.eval()
     return state
+
+
+@dataclass
+class ComparisonConfig:
+    """The dense-vs-DSA comparison: dense pretraining, then from the same weights
+    (a) dense training continued and (b) DSA warm-up + sparse training, on the same tokens
+    (branch (b)'s warm-up and sparse steps together cover branch (a)'s data steps)."""
+
+    preset: str = "tiny"
+    seq_len: int = 512
+    batch_size: int = 8
+    pretrain_steps: int = 400
+    branch_steps: int = 200          # (a) dense steps = (b) warm-up + sparse steps
+    warmup_steps: int = 50           # DSA warm-up stage (indexer only)
+    lr: float = 2e-3
+    branch_lr: float = 6e-4
+    warmup_lr: float = 1e-3          # the paper's warm-up learning rate
+    plant_prob: float = 0.3
+    seed: int = 0
+    backend: str = "auto"
+    eval_windows: int = 16
+    eval_retrieval: int = 32
+    eval_recall: int = 4
+    untrained_indexer_row: bool = True   # also evaluate (a) with DSA and its never-trained indexer
+    log_every: int = 25
+
+
+def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_config: DSAConfig | None = None,
+                   out_dir: str | None = None, progress: bool = True, log=print) -> dict:
+    """Run the comparison and evaluate every branch; returns a JSON-able dict with
+    "rows" (one per evaluated model) and the configs. ``out_dir`` gets HF exports."""
+    from .evaluate import evaluate, throughput
+
+    torch.manual_seed(cc.seed)
+    mcfg = model_config or preset_config(cc.preset, cc.seq_len)
+    if cc.branch_steps <= cc.warmup_steps:
+        raise ValueError(f"branch_steps ({cc.branch_steps}) must exceed warmup_steps ({cc.warmup_steps})")
+    model = DSAForCausalLM(mcfg).to(device)
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers, width "
+        f"{mcfg.hidden_size}, context {cc.seq_len}, index_topk {mcfg.index_topk}; corpus {corpus.source} "
+        f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M held-out tokens)")
+    base = dict(batch_size=cc.batch_size, seq_len=cc.seq_len, seed=cc.seed, plant_prob=cc.plant_prob,
+                backend=cc.backend, log_every=cc.log_every)
+    eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,
+                   backend=cc.backend)
+    stages = {}
+
+    def run(name, tc, data_step):
+        st = train(model, corpus, tc, data_step=data_step, progress=progress)
+        stages[name] = {"steps": st.step, "tokens": st.tokens, "seconds": st.train_seconds,
+                        "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9), "first_data_step": data_step,
+                        "final_loss": st.history[-1][1] if st.history else None, "history": st.history}
+        return st
+
+    pre = run("pretrain (dense)", TrainConfig(stage="dense", steps=cc.pretrain_steps, lr=cc.lr,
+                                              warmup_steps=max(cc.pretrain_steps // 20, 1), **base), 0)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+
+    branch = dict(warmup_steps=max(cc.branch_steps // 20, 1), **base)
+    run("(a) dense continued", TrainConfig(stage="dense", steps=cc.branch_steps, lr=cc.branch_lr, **branch),
+        pre.data_step)
+    rows.append({"name": "(a) dense continued", "attention": "dense",
+                 **evaluate(model, corpus, cc.seq_len, "dense", **dict(eval_kw, n_recall=0))})
+    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dense", cc.backend)
+    if cc.untrained_indexer_row:
+        rows.append({"name": "(a) + DSA, untrained indexer", "attention": "dsa",
+                     **evaluate(model, corpus, cc.seq_len, "dsa", **eval_kw)})
+        rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dsa", cc.backend)
+    if out_dir:
+        model.save_pretrained(Path(out_dir) / "dense_continued")
+
+    model.load_state_dict(start)
+    wu = run("(b) DSA warm-up", TrainConfig(stage="warmup", steps=cc.warmup_steps, lr=cc.warmup_lr,
+                                           **dict(branch, warmup_steps=max(cc.warmup_steps // 10, 1))),
+             pre.data_step)
+    run("(b) DSA sparse", TrainConfig(stage="sparse", steps=cc.branch_steps - cc.warmup_steps, lr=cc.branch_lr,
+                                      **branch), wu.data_step)
+    rows.append({"name": "(b) DSA warm-up + sparse", "attention": "dsa",
+                 **evaluate(model, corpus, cc.seq_len, "dsa", **eval_kw)})
+    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dsa", cc.backend)
+    if out_dir:
+        model.save_pretrained(Path(out_dir) / "dsa")
+    for r in rows:
+        name = {"(a) dense continued": "(a) dense continued", "(a) + DSA, untrained indexer": "(a) dense continued",
+                "(b) DSA warm-up + sparse": "(b) DSA sparse"}[r["name"]]
+        r["train_tokens_per_s"] = stages[name]["tokens_per_s"]
+    return {"model_config": mcfg.to_hf_config(), "comparison": dataclasses.asdict(cc), "stages": stages,
+            "rows": rows, "device": str(device)}
+
+
+def format_table(result: dict) -> str:
+    """The comparison as a plain-text table (one row per evaluated model)."""
+    rows = result["rows"]
+    buckets = rows[0]["lm"]["buckets"]
+    late = buckets[-1]
+    head = ["model", "attn", "loss", "ppl", f"ppl@{late['start']}-{late['end']}", "retrieval",
+            "idx recall", "train tok/s", "fwd tok/s"]
+    table = [head]
+    for r in rows:
+        rec = r.get("indexer_recall")
+        table.append([r["name"], r["attention"], f"{r['lm']['loss']:.4f}", f"{r['lm']['ppl']:.3f}",
+                      f"{r['lm']['buckets'][-1]['ppl']:.3f}",
+                      f"{100 * r['retrieval']['accuracy']:.1f}% ({100 * r['retrieval']['digit_accuracy']:.0f}%)",
+                      "-" if rec is None else f"{100 * rec['mean']:.1f}%",
+                      f"{r.get('train_tokens_per_s', 0):,.0f}", f"{r.get('forward_tokens_per_s', 0):,.0f}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    r0 = rows[0]["retrieval"]
+    lines.append(f"retrieval: passkey in held-out code > {r0['min_distance'] - 1} tokens (4 x index_topk) back, "
+                 f"all digits right (digits right); loss/ppl per byte on held-out code; idx recall = dense attention "
+                 f"mass on the top-{rows[0]['index_topk']} selection")
+    return "\n".join(lines)
+
+
+# ---- command line (flashdsa train / eval / demo; registered in flashdsa.cli) ----
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _add_common(p, seq_len: int):
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files or directories (default: the Python standard library sources)")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap the training stream (held-out: a tenth)")
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+
+def add_train_args(p):
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--out", required=True, help="output directory: train_state.pt and model/ (HF format)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=("tiny", "small"), help="fresh model of this size (default tiny)")
+    g.add_argument("--init", help="start from a train_state.pt or a Hugging Face model directory")
+    p.add_argument("--resume", help="a train_state.pt of this stage: continue it exactly")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-3 dense, 1e-3 warmup, 6e-4 sparse")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up (default steps / 20)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plant-prob", type=float, default=0.3, help="share of windows with a planted passkey")
+    p.add_argument("--data-step", type=int, default=None,
+                   help="first data step (default: where --init's train_state stopped, else 0)")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    _add_common(p, 512)
+
+
+def add_eval_args(p):
+    p.add_argument("model", help="a train_state.pt or a Hugging Face model directory")
+    p.add_argument("--mode", default="dsa", choices=("dsa", "dense"))
+    p.add_argument("--windows", type=int, default=16, help="held-out windows for the loss")
+    p.add_argument("--retrieval", type=int, default=32, help="passkey samples")
+    p.add_argument("--recall-windows", type=int, default=4, help="windows for indexer recall (0: skip)")
+    _add_common(p, 512)
+
+
+def add_demo_args(p):
+    d = ComparisonConfig()
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    p.add_argument("--branch-steps", type=int, default=d.branch_steps)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows)
+    p.add_argument("--eval-retrieval", type=int, default=d.eval_retrieval)
+    p.add_argument("--eval-recall", type=int, default=d.eval_recall)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="directory for the two models (HF format)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_common(p, d.seq_len)
+    p.set_defaults(max_bytes=4 << 20)
+
+
+def cmd_train(args) -> int:
+    device = _device(args.device)
+    corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
+    data_step = args.data_step
+    if args.resume:
+        blob = torch.load(args.resume, map_location="cpu", weights_only=False)
+        model = DSAForCausalLM(DSAConfig.from_hf_config(blob["model_config"]), init=False)
+        model.reset_buffers()
+        data_step = blob["state"]["data_step"] - blob["state"]["step"]
+    elif args.init:
+        model = load_model(args.init)
+        if data_step is None and not Path(args.init).is_dir():
+            data_step = torch.load(args.init, map_location="cpu", weights_only=False)["state"]["data_step"]
+    else:
+        model = DSAForCausalLM(preset_config(args.preset or "tiny", args.seq_len))
+    model.to(device)
+    lr = args.lr if args.lr is not None else {"dense": 2e-3, "warmup": 1e-3, "sparse": 6e-4}[args.stage]
+    cfg = TrainConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                      min_lr_ratio=args.min_lr_ratio,
+                      warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(args.steps // 20, 1),
+                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                      plant_prob=args.plant_prob, backend=args.backend, amp=False if args.no_amp else None,
+                      save_every=args.save_every, out_dir=args.out)
+    print(f"stage {cfg.stage}: {model.num_parameters() / 1e6:.2f}M parameters on {device}, {cfg.steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}; corpus {corpus.source}")
+    st = train(model, corpus, cfg, data_step=data_step or 0, resume=args.resume)
+    model.save_pretrained(Path(args.out) / "model")
+    summary = {"stage": cfg.stage, "steps": st.step, "data_step": st.data_step, "tokens": st.tokens,
+               "seconds": st.train_seconds, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),
+               "final": st.history[-1] if st.history else None}
+    print(f"done: {st.step} steps, {st.tokens:,} tokens, {summary['tokens_per_s']:,.0f} tok/s; "
+          f"wrote {Path(args.out) / 'train_state.pt'} and {Path(args.out) / 'model'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    device = _device(args.device)
+    model = load_model(args.model, device)
+    corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
+    res = evaluate(model, corpus, args.seq_len, args.mode, args.backend, n_windows=args.windows,
+                   n_retrieval=args.retrieval, n_recall=args.recall_windows)
+    lm, rt = res["lm"], res["retrieval"]
+    print(f"{args.model} ({args.mode} attention, context {args.seq_len}, index_topk {model.config.index_topk})")
+    print(f"  held-out loss {lm['loss']:.4f}  ppl {lm['ppl']:.3f}  over {lm['tokens']:,} tokens")
+    for b in lm["buckets"]:
+        print(f"    positions [{b['start']:>6}, {b['end']:>6}): loss {b['loss']:.4f}  ppl {b['ppl']:.3f}")
+    print(f"  passkey retrieval (> {rt['min_distance'] - 1} tokens back): {100 * rt['accuracy']:.1f}% "
+          f"({100 * rt['digit_accuracy']:.1f}% of digits, {rt['n']} samples)")
+    if res["indexer_recall"]:
+        rc = res["indexer_recall"]
+        print(f"  indexer recall: {100 * rc['mean']:.1f}% (per layer "
+              + ", ".join(f"{100 * v:.1f}%" for v in rc["per_layer"]) + ")")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
+    cc = ComparisonConfig(preset="tiny", seq_len=args.seq_len, batch_size=args.batch_size,
+                          pretrain_steps=args.pretrain_steps, branch_steps=args.branch_steps,
+                          warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend,
+                          eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
+                          eval_recall=args.eval_recall)
+    print(f"flashdsa demo: dense pretraining ({cc.pretrain_steps} steps), then from the same weights "
+          f"(a) dense for {cc.branch_steps} steps vs (b) DSA warm-up {cc.warmup_steps} + sparse "
+          f"{cc.branch_steps - cc.warmup_steps} steps on the same tokens; {device}", flush=True)
+    res = run_comparison(cc, corpus, device, out_dir=args.out, progress=not args.quiet)
+    res["wall_seconds"] = time.perf_counter() - t0
+    print()
+    print(format_table(res))
+    print(f"total {res['wall_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
