@@ -127,7 +127,7 @@ class PagedCaches:
         flat = self.latent[layer].view(-1, self.latent.shape[-1])
         if self.kv_format == "fp8_ds_mla":
             from .kernels import quantize_mla_cache
-            flat[slots] = quantize_mla_cache(rows.to(torch.bfloat16), self.backend)
+            flat[slots] = quantize_mla_cache(rows.contiguous(), self.backend)
         else:
             flat[slots] = rows.to(flat.dtype)
 
