@@ -95,7 +95,7 @@ class Corpus:
             files = [(f, f.relative_to(root).as_posix()) for f in stdlib_files()]
             source = f"python stdlib: {root}"
         caps = (max_bytes, max(max_bytes // 10, 1 << 16)) if max_bytes else (None, None)
-        parts: tuple[list, list] = ([], [])
+        parts: list[list[bytes]] = [[], []]
         sizes, counts = [0, 0], [0, 0]
         for f, rel in files:
             split = 1 if is_held_out(rel, val_percent) else 0

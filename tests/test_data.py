@@ -1,0 +1,92 @@
+"""The embedded corpus, byte tokens, fixed split, deterministic batches, passkey planting."""
+import pytest
+import torch
+
+from flashdsa.data import (BOS, EOS, PASSKEY_PREFIX, VOCAB_SIZE, Corpus, decode, encode, is_held_out,
+                           plant_passkey, random_windows, retrieval_windows, stdlib_files, training_batch)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.load(max_bytes=1 << 20)
+
+
+def test_bytes_round_trip():
+    text = "def f(x):\n    return 'é' + x  # ü\n"
+    ids = encode(text)
+    assert ids.dtype == torch.int64 and ids.max() < 256 and len(ids) == len(text.encode())
+    assert decode(torch.cat([torch.tensor([BOS]), ids, torch.tensor([EOS])])) == text
+    assert VOCAB_SIZE == 259
+
+
+def test_stdlib_corpus_and_fixed_split(corpus):
+    files = stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    # the split depends only on the relative path
+    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
+    share = sum(is_held_out(f"pkg/mod{i}.py") for i in range(4000)) / 4000
+    assert 0.02 < share < 0.04
+    assert corpus.train.dtype == torch.int16 and len(corpus.train) == 1 << 20
+    assert corpus.n_files[1] > 0 and len(corpus.val) > 1 << 16
+    assert int(corpus.train[0]) == BOS and int(corpus.train.max()) < VOCAB_SIZE
+    assert "python stdlib" in corpus.source
+    text = decode(corpus.train[:5000])
+    assert "def " in text or "import " in text
+    # held-out text never appears in training: a 200-byte held-out slice is not a substring
+    val = bytes(int(t) for t in corpus.val[1000:1200] if int(t) < 256)
+    assert val not in bytes(int(t) for t in corpus.train[:200000] if int(t) < 256)
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus):
+    a = corpus.batch(7, 4, 64, seed=3)
+    assert a.shape == (4, 65) and a.dtype == torch.int64
+    assert torch.equal(a, corpus.batch(7, 4, 64, seed=3))
+    assert not torch.equal(a, corpus.batch(8, 4, 64, seed=3))
+    assert not torch.equal(a, corpus.batch(7, 4, 64, seed=4))
+    # a window is a contiguous slice of the stream
+    s = corpus.train.long()
+    row = a[0]
+    starts = (s[: len(s) - 64] == row[0]).nonzero()[:, 0]
+    assert any(torch.equal(s[i:i + 65], row) for i in starts.tolist())
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        random_windows(s[:10], 0, 1, 64)
+
+
+def test_passkey_is_far_back_and_rows_point_at_digits():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w = torch.full((300,), ord("x"))
+        w, rows = plant_passkey(w, 129, g)
+        text = decode(w)
+        assert text.count(PASSKEY_PREFIX.decode()) == 2
+        first, second = (i for i in range(len(text)) if text.startswith(PASSKEY_PREFIX.decode(), i))
+        key = text[second + len(PASSKEY_PREFIX):second + len(PASSKEY_PREFIX) + 5]
+        assert key.isdigit() and text[first + len(PASSKEY_PREFIX):].startswith(key)
+        assert decode(w[rows + 1]) == key
+        assert int(rows[0]) + 1 - (first + len(PASSKEY_PREFIX)) > 129
+    with pytest.raises(ValueError, match="too short"):
+        plant_passkey(torch.zeros(100, dtype=torch.long), 90, g)
+
+
+def test_retrieval_and_training_batches(corpus):
+    w, rows = retrieval_windows(corpus, 3, 256, 65)
+    assert w.shape == (3, 257) and rows.shape == (3, 5)
+    assert torch.equal(w, retrieval_windows(corpus, 3, 256, 65)[0])
+    b = training_batch(corpus, 0, 16, 256, plant_prob=0.5, min_distance=65)
+    n = sum(decode(x).count(PASSKEY_PREFIX.decode()) >= 2 for x in b)
+    assert 2 <= n <= 14
+    assert torch.equal(b, training_batch(corpus, 0, 16, 256, plant_prob=0.5, min_distance=65))
+    assert torch.equal(training_batch(corpus, 0, 16, 256), corpus.batch(0, 16, 256))
+
+
+def test_user_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n" * 2000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("second file\n" * 2000)
+    c = Corpus.load([str(tmp_path)])
+    assert "files:" in c.source and len(c.val) > 0
+    text = decode(torch.cat([c.train, c.val]))
+    assert text.count("hello world") == 2000 and text.count("second file") == 2000
+    with pytest.raises(FileNotFoundError, match="--data"):
+        Corpus.load([str(tmp_path / "missing")])
