@@ -202,14 +202,16 @@ def _forward_loss(model, x, y, cfg: TrainConfig):
 
 
 def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: int = 0,
-          resume: str | os.PathLike | None = None, progress: bool = True) -> TrainState:
+          resume: str | os.PathLike | None = None, progress: bool = True,
+          stop_after: int | None = None) -> TrainState:
     """Run one stage on ``model`` in place and return its TrainState.
 
     ``data_step``: the first data step (continue the token stream where the previous
     stage stopped: pass the previous state's ``data_step``). ``resume``: a TrainState
     file of this stage; model, optimizer, schedule, RNG and data position are restored.
     With ``cfg.out_dir`` a TrainState is written to ``out_dir/train_state.pt`` every
-    ``save_every`` steps and at the end."""
+    ``save_every`` steps and at the end. ``stop_after``: leave after that many steps of
+    this call (a time-limited job), saving the state so that ``resume`` continues it."""
     device = next(model.parameters()).device
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     min_distance = cfg.min_distance if cfg.min_distance is not None else 4 * model.config.index_topk + 1
@@ -236,7 +238,8 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     model.train()
     t_start = time.perf_counter() - state.train_seconds
     tokens_run = 0
-    while state.step < cfg.steps:
+    last = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
+    while state.step < last:
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
                                cfg.plant_prob, min_distance).to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
@@ -248,15 +251,15 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        loss, lm, idx = float(loss.detach()), float(lm.detach()), float(idx.detach())
         state.step += 1
         state.data_step += 1
         state.tokens += x.numel()
         tokens_run += x.numel()
         if state.step % max(cfg.log_every, 1) == 0 or state.step == cfg.steps:
-            state.history.append((state.step, float(loss), float(lm), float(idx)))
+            state.history.append((state.step, loss, lm, idx))
         if bar is not None:
-            bar.update(state.step - 1, tokens_run, loss=float(loss), lm=float(lm),
-                       **({"kl": float(idx)} if cfg.stage != "dense" else {}))
+            bar.update(state.step - 1, tokens_run, loss=loss, lm=lm, **({"kl": idx} if cfg.stage != "dense" else {}))
         state.train_seconds = time.perf_counter() - t_start
         if ckpt and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
             save_train_state(ckpt, model, opt, cfg, state)

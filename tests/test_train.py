@@ -1,0 +1,92 @@
+"""Training stages, schedule, exact resume, progress output."""
+import io
+
+import pytest
+import torch
+
+from flashdsa.data import Corpus
+from flashdsa.model import DSAForCausalLM
+from flashdsa.train import Progress, TrainConfig, lr_factor, preset_config, set_trainable, train
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.load(max_bytes=1 << 18)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return DSAForCausalLM(preset_config("tiny", SEQ))
+
+
+def _cfg(**kw):
+    base = dict(steps=6, batch_size=2, seq_len=SEQ, lr=3e-3, warmup_steps=2, log_every=1, plant_prob=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[55] == pytest.approx(0.55)
+
+
+def test_dense_stage_learns(corpus):
+    model = _model()
+    st = train(model, corpus, _cfg(steps=25, lr=1e-2), progress=False)
+    losses = [h[1] for h in st.history]
+    assert st.step == 25 and st.data_step == 25 and st.tokens == 25 * 2 * SEQ
+    assert losses[-1] < losses[0] - 1.0, losses     # ln(259) = 5.56 -> well below after 25 steps
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_exact_resume(corpus, tmp_path):
+    ref = _model()
+    train(ref, corpus, _cfg(), progress=False)
+    part = _model()
+    train(part, corpus, _cfg(out_dir=str(tmp_path)), progress=False, stop_after=3)
+    other = _model(seed=1)                    # different weights: all must come from the file
+    torch.manual_seed(123)
+    st = train(other, corpus, _cfg(out_dir=str(tmp_path)), progress=False, resume=tmp_path / "train_state.pt")
+    assert st.step == 6 and st.data_step == 6
+    for (name, a), b in zip(ref.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="stage"):
+        train(_model(), corpus, _cfg(stage="sparse"), resume=tmp_path / "train_state.pt", progress=False)
+
+
+def test_data_step_continues_the_stream(corpus, monkeypatch):
+    import flashdsa.train as tr
+    seen = []
+    real = tr.training_batch
+    monkeypatch.setattr(tr, "training_batch", lambda c, step, *a: seen.append(step) or real(c, step, *a))
+    st = train(_model(), corpus, _cfg(steps=2), data_step=5, progress=False)
+    assert seen == [5, 6] and st.data_step == 7
+
+
+def test_warmup_freezes_all_but_indexer():
+    model = _model()
+    trainable = set_trainable(model, "warmup")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".indexer." in n for n in names) and len(trainable) == len(names)
+    set_trainable(model, "dense")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_progress_lines():
+    out = io.StringIO()
+    bar = Progress(4, "dense", every=2, stream=out)
+    for i in range(4):
+        bar.update(i, (i + 1) * 100, loss=1.5)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "4/4" in lines[-1] and "loss 1.5000" in lines[-1] and "tok/s" in lines[-1]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(stage="pretrain")
