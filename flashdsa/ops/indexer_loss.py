@@ -43,10 +43,14 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# BLOCK_K: key rows per step. The attention tile is [next_pow2(H), BLOCK_K] with
-# q [H, 576] resident (147 KB bf16 at H 128); 8 warps on Hopper. "small": interpreter.
+# BLOCK_K: key rows per step. The attention tile is [next_pow2(H), BLOCK_K] with q of
+# all heads resident in shared memory (72 KB bf16 at H 64, 144 KB at H 128), plus per
+# stage a kv tile [BLOCK_K, 576] (36 KB at 32 rows) and an indexer key tile [BLOCK_K, 128];
+# at H 128 only one stage fits in the 227 KB of an H100/H200 SM. "small": interpreter.
+# Chosen on an H200 with benchmarks/bench_indexer_loss.py --sweep (docs/training.md).
 CONFIGS = {
-    "sm90": dict(BLOCK_K=64, num_warps=8, num_stages=2),
+    "sm90": dict(BLOCK_K=32, num_warps=8, num_stages=2),
+    "sm90_h128": dict(BLOCK_K=32, num_warps=8, num_stages=1),
     "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
 }
 
@@ -55,8 +59,10 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(x: torch.Tensor, d_qk: int) -> dict:
-    return dict(CONFIGS["sm90" if x.is_cuda and not _interpreted() and d_qk > 128 else "small"])
+def _config(q: torch.Tensor) -> dict:
+    if not q.is_cuda or _interpreted() or q.shape[2] <= 128:
+        return dict(CONFIGS["small"])
+    return dict(CONFIGS["sm90" if q.shape[1] <= 64 else "sm90_h128"])
 
 
 def _split(d: int) -> tuple[int, int]:
@@ -79,16 +85,24 @@ def _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K: tl.const
 
 
 @triton.jit
-def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
-                D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
-    """p[j] = (1/H) sum_h exp(a[h, j] - lse[h]) for the gathered rows. [BK] fp32."""
+def _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale,
+                  D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """Attention logits of all heads against the gathered rows, in base 2
+    (sm_scale * log2(e) * q.kv). [H, BK] fp32."""
     offs_a = tl.arange(0, D_HEAD)
     offs_b = tl.arange(0, BLOCK_DT)
     kv_row = kv_ptr + rows[:, None] * stride_kvr
     kv_h = tl.load(kv_row + offs_a[None, :], mask=valid[:, None], other=0.0)  # [BK, DH]
     kv_t = tl.load(kv_row + D_HEAD + offs_b[None, :], mask=valid[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
-    a = tl.dot(q_h, tl.trans(kv_h)) + tl.dot(q_t, tl.trans(kv_t))  # [H, BK] fp32
-    pr = tl.exp2(a * qk_scale - lse2[:, None])
+    return (tl.dot(q_h, tl.trans(kv_h)) + tl.dot(q_t, tl.trans(kv_t))) * qk_scale
+
+
+@triton.jit
+def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
+                D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """p[j] = (1/H) sum_h exp(a[h, j] - lse[h]) for the gathered rows. [BK] fp32."""
+    a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT)
+    pr = tl.exp2(a2 - lse2[:, None])
     pr = tl.where(lse2[:, None] < float("inf"), pr, 0.0)  # padding heads, empty rows
     p = tl.sum(pr, axis=0) * inv_h
     return tl.where(valid, p, 0.0)
@@ -130,13 +144,13 @@ def _load_row_inputs(q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads,
 @triton.jit
 def indexer_kl_fwd_kernel(
     q_ptr, kv_ptr, lse_ptr, iq_ptr, ik_ptr, w_ptr, idx_ptr, ks_ptr, ke_ptr,
-    kl_ptr, stats_ptr, p_ptr,
+    kl_ptr, stats_ptr, p_ptr, lse_out_ptr,
     n_kv, n_heads, n_iheads, topk, qk_scale, inv_h,
     stride_qt, stride_qh, stride_kvr, stride_lt, stride_iqt, stride_iqh, stride_ikr, stride_wt,
     stride_it, stride_pt,
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
-    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr,
+    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, COMPUTE_LSE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     q_h, q_t, lse2, iq, w = _load_row_inputs(
@@ -150,6 +164,23 @@ def indexer_kl_fwd_kernel(
         ks = 0
         ke = 0
         n = topk
+
+    if COMPUTE_LSE:
+        # No lse from the attention (e.g. torch SDPA ran it): one extra pass over the
+        # candidate set for each head's logsumexp (online, base 2), stored for the backward.
+        m_h = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for k0 in range(0, n, BLOCK_K):
+            rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
+            a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT)
+            a2 = tl.where(valid[None, :], a2, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(a2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(a2 - m_safe[:, None]), axis=1)
+            m_h = m_new
+        offs_h = tl.arange(0, BLOCK_H)
+        lse2 = tl.where((l_h > 0) & (offs_h < n_heads), m_h + tl.log2(tl.where(l_h > 0, l_h, 1.0)), float("inf"))
+        tl.store(lse_out_ptr + t * stride_lt + offs_h, lse2 * LN2, mask=offs_h < n_heads)
 
     z_sum = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p
     plogp = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p ln p
@@ -266,7 +297,7 @@ def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
         return x if x.stride(-1) == 1 else x.contiguous()
     q, iq, ik, w = last_c(q), last_c(iq), last_c(ik), last_c(w)
     kv2 = last_c(kv.reshape(kv.shape[0], kv.shape[-1]))
-    lse = lse.float().contiguous()
+    lse = lse.float().contiguous() if lse is not None else None
     dense = indices is None
     if dense:
         idx = None
@@ -279,12 +310,17 @@ def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
 
 
 def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None):
-    """Per-row KL [T] fp32, stats [T, 2] (Z, lse_I) and the stored target p [T, topk]
-    (sparse; an empty tensor for the warm-up). Either ``indices`` (sparse) or ``ks``/``ke``
-    (warm-up) is given. Inputs assumed validated; q, kv, lse are treated as constants."""
+    """Per-row KL [T] fp32, stats [T, 2] (Z, lse_I), the stored target p [T, topk]
+    (sparse; an empty tensor for the warm-up) and, when ``lse`` is None, the attention
+    lse [T, H] the kernel computed (else an empty tensor). Either ``indices`` (sparse) or
+    ``ks``/``ke`` (warm-up) is given. Inputs assumed validated; q, kv, lse are constants."""
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
     T = q.shape[0]
-    cfg = _config(q, q.shape[2]) | dict(config or {})
+    cfg = _config(q) | dict(config or {})
+    compute_lse = lse is None
+    lse_out = torch.empty((T, q.shape[1]) if compute_lse else (0, 0), dtype=torch.float32, device=q.device)
+    if compute_lse:
+        lse = lse_out
     kl = torch.empty(T, dtype=torch.float32, device=q.device)
     stats = torch.empty(T, 2, dtype=torch.float32, device=q.device)
     p = torch.empty(T, topk, dtype=torch.float32, device=q.device)
@@ -292,13 +328,13 @@ def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None
     sidx = idx if idx is not None else ks
     indexer_kl_fwd_kernel[(T,)](
         q, kv2, lse, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
-        kl, stats, p,
+        kl, stats, p, lse_out if compute_lse else kl,
         kv2.shape[0], q.shape[1], iq.shape[1], topk, sm_scale * LOG2E, 1.0 / q.shape[1],
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0,
         **_meta(q, iq, q.shape[2]), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        COMPUTE_LSE=compute_lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return kl, stats, p
+    return kl, stats, p, lse_out
 
 
 def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, config=None):
@@ -306,7 +342,7 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     w.dtype) of sum_t dkl[t] * KL_t."""
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
     T = q.shape[0]
-    cfg = _config(q, q.shape[2]) | dict(config or {})
+    cfg = _config(q) | dict(config or {})
     dkl = dkl.float().contiguous()
     diq = torch.empty_like(iq)
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
@@ -328,9 +364,10 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
 # torch.library registration: opaque to torch.compile, with fake (meta) kernels.
 
 @torch.library.custom_op("flashdsa::indexer_kl_fwd", mutates_args=())
-def _indexer_kl_fwd_op(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
-                       w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
-                       ke: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _indexer_kl_fwd_op(q: torch.Tensor, kv: torch.Tensor, lse: Optional[torch.Tensor], iq: torch.Tensor,
+                       ik: torch.Tensor, w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
+                       ke: Optional[torch.Tensor], sm_scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale)
 
 
@@ -338,8 +375,9 @@ def _indexer_kl_fwd_op(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, iq:
 def _(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale):
     T = q.shape[0]
     topk = 0 if indices is None else indices.shape[-1]
+    lse_shape = (T, q.shape[1]) if lse is None else (0, 0)
     return (q.new_empty(T, dtype=torch.float32), q.new_empty(T, 2, dtype=torch.float32),
-            q.new_empty(T, topk, dtype=torch.float32))
+            q.new_empty(T, topk, dtype=torch.float32), q.new_empty(lse_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("flashdsa::indexer_kl_bwd", mutates_args=())
@@ -357,13 +395,13 @@ def _(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale):
 
 def _setup_context(ctx, inputs, output):
     q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale = inputs
-    kl, stats, p = output
-    ctx.save_for_backward(q, kv, lse, iq, ik, w, indices, ks, ke, stats, p)
+    kl, stats, p, lse_out = output
+    ctx.save_for_backward(q, kv, lse if lse is not None else lse_out, iq, ik, w, indices, ks, ke, stats, p)
     ctx.sm_scale = sm_scale
-    ctx.mark_non_differentiable(stats, p)
+    ctx.mark_non_differentiable(stats, p, lse_out)
 
 
-def _backward(ctx, dkl, dstats, dp):
+def _backward(ctx, dkl, dstats, dp, dlse_out):
     q, kv, lse, iq, ik, w, indices, ks, ke, stats, p = ctx.saved_tensors
     diq, dik, dw = _indexer_kl_bwd_op(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, ctx.sm_scale)
     # The attention side (q, kv, lse) is a detached target: no gradient by design.
@@ -386,15 +424,15 @@ def _reduce(kl: torch.Tensor, reduction: str) -> torch.Tensor:
 def warmup_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, ks, ke, reduction="sum"):
     """Blockwise dense warm-up loss sum_t KL(p[t] || softmax(I[t])) over [ks[t], ke[t]).
     Same contract as :func:`flashdsa.reference.losses.warmup_kl_loss`; gradients reach
-    iq, ik and weights only."""
-    kl, _, _ = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), lse.detach(), iq, ik, weights,
-                                                 None, ks, ke, float(sm_scale))
+    iq, ik and weights only. ``lse=None``: computed here (one more pass of q.kv)."""
+    kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
+                                           iq, ik, weights, None, ks, ke, float(sm_scale))[0]
     return _reduce(kl, reduction)
 
 
 def sparse_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, indices, reduction="sum"):
     """Blockwise sparse-stage loss over the selected slots ``indices`` [T, 1, topk].
     Same contract as :func:`flashdsa.reference.losses.sparse_kl_loss`."""
-    kl, _, _ = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), lse.detach(), iq, ik, weights,
-                                                 indices, None, None, float(sm_scale))
+    kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
+                                           iq, ik, weights, indices, None, None, float(sm_scale))[0]
     return _reduce(kl, reduction)

@@ -31,14 +31,23 @@ def indexer_scores(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor) ->
     return torch.einsum("tj,tjs->ts", weights.to(ct), dots)
 
 
-def attention_probs_headsum(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """p[t, s] = (1/H) sum_h exp(sm_scale q[t,h].kv[s] - lse[t,h]) for every s: [T, S], detached.
-    Rows whose lse is +inf (no valid key) give 0."""
-    q, kv, lse = q.detach(), kv.detach(), lse.detach()
+def attention_probs_headsum(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor | None, sm_scale: float,
+                            rows: torch.Tensor | None = None, member: torch.Tensor | None = None) -> torch.Tensor:
+    """p[t, j] = (1/H) sum_h exp(sm_scale q[t,h].kv[r_j] - lse[t,h]), detached, over the key rows
+    r_j = rows[t, j] ([T, N], default every row: N = S). ``lse=None``: the logsumexp is taken
+    here over the entries where ``member`` [T, N] is True (as the attention over that set
+    would). Rows whose lse is +inf (no valid key) give 0."""
+    q, kv = q.detach(), kv.detach()
     ct = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.einsum("thd,sd->ths", q.to(ct), kv[:, 0].to(ct)) * sm_scale
-    probs = torch.exp(logits - lse.to(ct)[..., None])
-    return probs.nan_to_num(0.0).mean(dim=1)
+    logits = torch.einsum("thd,sd->ths", q.to(ct), kv[:, 0].to(ct)) * sm_scale  # [T, H, S]
+    if rows is not None:
+        logits = logits.gather(2, rows[:, None, :].expand(-1, logits.shape[1], -1))  # [T, H, N]
+    if lse is None:
+        masked = logits.masked_fill(~member[:, None, :], float("-inf"))
+        lse = torch.logsumexp(masked, dim=-1)
+        lse = torch.where(member.any(-1)[:, None], lse, torch.full_like(lse, float("inf")))
+    probs = torch.exp(logits - lse.detach().to(ct)[..., None])
+    return probs.nan_to_num(0.0, posinf=0.0).mean(dim=1)
 
 
 def _kl_rows(p: torch.Tensor, scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -69,13 +78,13 @@ def warmup_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q:
 
     iq [T, H_I, d_I], ik [S, d_I], weights [T, H_I]: the indexer (gradients flow to these);
     q [T, H, d_qk], kv [S, 1, d_qk], lse [T, H]: the dense attention's inputs and its
-    natural-log lse over the same ranges (detached). ks, ke [T] int. reduction: "sum"
-    (SPEC 5), "mean" (over the T rows) or "none" ([T]).
+    natural-log lse over the same ranges (detached; None: computed here from q and kv).
+    ks, ke [T] int. reduction: "sum" (SPEC 5), "mean" (over the T rows) or "none" ([T]).
     """
-    p = attention_probs_headsum(q, kv, lse, sm_scale)
-    scores = indexer_scores(iq, ik, weights)
     cols = torch.arange(ik.shape[0], device=iq.device)
     member = (cols[None, :] >= ks[:, None].long()) & (cols[None, :] < ke[:, None].long())
+    p = attention_probs_headsum(q, kv, lse, sm_scale, member=member)
+    scores = indexer_scores(iq, ik, weights)
     return _reduce(_kl_rows(p.to(scores.dtype), scores, member), reduction)
 
 
@@ -88,6 +97,6 @@ def sparse_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q:
     s = ik.shape[0]
     member = (idx >= 0) & (idx < s)
     rows = idx.clamp(0, max(s - 1, 0))
-    p = attention_probs_headsum(q, kv, lse, sm_scale).gather(1, rows)
+    p = attention_probs_headsum(q, kv, lse, sm_scale, rows=rows, member=member)
     scores = indexer_scores(iq, ik, weights).gather(1, rows)
     return _reduce(_kl_rows(p.to(scores.dtype), scores, member), reduction)

@@ -50,7 +50,8 @@ def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
 
     def run(fn, dtype, dev):
         xs = [x.detach().to(dev, dtype).requires_grad_() for x in (iq, ik, w)]
-        args = [x.to(dev, dtype) for x in (q, kv)] + [lse.to(dev, torch.float64 if dtype == torch.float64 else torch.float32)]
+        args = [x.to(dev, dtype) for x in (q, kv)]
+        args.append(None if lse is None else lse.to(dev, torch.float64 if dtype == torch.float64 else torch.float32))
         ex = [e.to(dev) for e in extra]
         kl = fn(*xs, *args, sm_scale, *ex, reduction="none")
         (kl * g.to(dev, kl.dtype)).sum().backward()
@@ -64,18 +65,25 @@ def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
 
 
-@pytest.mark.parametrize("lens,H,d_qk,HI,DI,block_k", [
-    ([7, 12], 3, 48, 5, 24, 16),   # ragged causal ranges, several key blocks per row
-    ([19], 20, 40, 17, 32, 16),    # heads > 16 (padded tiles), tail 8
+@pytest.mark.parametrize("lens,H,d_qk,HI,DI,block_k,given_lse", [
+    ([7, 12], 3, 48, 5, 24, 16, True),   # ragged causal ranges, several key blocks per row
+    ([7, 12], 3, 48, 5, 24, 16, False),  # lse computed by the loss kernel (attention ran elsewhere)
+    ([19], 20, 40, 17, 32, 16, True),    # heads > 16 (padded tiles), tail 8
 ])
-def test_warmup_blockwise_equals_naive(lens, H, d_qk, HI, DI, block_k, poison, monkeypatch):
+def test_warmup_blockwise_equals_naive(lens, H, d_qk, HI, DI, block_k, given_lse, poison, monkeypatch):
     monkeypatch.setitem(ops.CONFIGS, "small", dict(ops.CONFIGS["small"], BLOCK_K=block_k))
     T = sum(lens)
     q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
     ks, ke, cu = _causal(lens, "cpu")
     sm_scale = d_qk ** -0.5
     _, lse = ref.dense_mla_fwd(q, kv, cu, sm_scale, 32)
-    _compare("warmup", q, kv, lse, iq, ik, w, sm_scale, (ks, ke), KERNEL_DEVICE)
+    _compare("warmup", q, kv, lse if given_lse else None, iq, ik, w, sm_scale, (ks, ke), KERNEL_DEVICE)
+    if given_lse:
+        return
+    # The kernel's own lse equals the attention's.
+    _, _, _, lse_k = ops.indexer_kl_fwd(q.float(), kv.float(), None, iq.float(), ik.float(), w.float(), None,
+                                        ks, ke, sm_scale)
+    assert rel_err(lse_k, lse) < 1e-6
 
 
 def test_sparse_blockwise_equals_naive(poison):

@@ -129,3 +129,20 @@ def test_bad_reduction():
     _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
     with pytest.raises(ValueError, match="reduction"):
         losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="avg")
+
+
+def test_lse_none_equals_the_attention_lse():
+    """lse=None (computed inside the loss) gives the loss of the attention's own lse."""
+    q, kv, iq, ik, w, d_v = _setup()
+    ks, ke, cu = _causal([4, 5])
+    _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
+    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, None, 0.3, ks, ke),
+                               losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
+    T = q.shape[0]
+    idx = torch.stack([torch.randperm(T)[:5] for _ in range(T)]).int()
+    idx[1, 2] = idx[1, 0]
+    idx[2, :] = -1
+    idx = idx[:, None]
+    _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v)
+    torch.testing.assert_close(losses.sparse_kl_loss(iq, ik, w, q, kv, None, 0.3, idx),
+                               losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx))

@@ -1,0 +1,171 @@
+"""Sparse MLA backward on the GPU: TFLOP/s at the prefill shapes of the forward benchmark.
+
+    python -m benchmarks.bench_sparse_mla_bwd [--sweep] [--heads 64 128]
+
+Shapes: s_q 4096, s_kv 8192, topk 2048, d_qk 576, d_v 512, bf16, indices = topk distinct
+random rows per query (every slot valid). FLOP convention: 2.5 x the forward's
+2*s_q*h*topk*(d_qk + d_v) (the usual one for attention backward; the exact count of
+the five products, 2*s_q*h*topk*(3*d_qk + 2*d_v), is 1.2% higher and also reported).
+
+Times (median, triton.testing.do_bench): the full backward (both kernels, scratch
+included), each kernel alone, the deterministic mode, and the forward for reference.
+With --sweep, block-size variants of each kernel are compiled in parallel worker
+processes first (Triton's on-disk cache), then timed one by one.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+
+import torch
+
+from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+
+S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
+
+DQ_VARIANTS = [  # (BLOCK_K_DQ, warps_dq, stages_dq)
+    (32, 8, 2), (64, 8, 1), (32, 4, 2), (16, 4, 3), (32, 8, 3),
+]
+DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv)
+    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 4, 2), (128, 8, 1),
+]
+
+
+def fwd_flops(h: int) -> float:
+    return 2.0 * S_Q * h * TOPK * (D_QK + D_V)
+
+
+def make_inputs(h: int, s_q=S_Q, s_kv=S_KV, topk=TOPK, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(s_q, h, D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(s_kv, 1, D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.rand(s_q, s_kv, device="cuda", generator=g).topk(topk, dim=1).indices.int()[:, None]
+    dout = torch.randn(s_q, h, D_V, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, kv, idx, dout
+
+
+def _cfg(dq=None, dkv=None):
+    c = {}
+    if dq:
+        c.update(BLOCK_K_DQ=dq[0], warps_dq=dq[1], stages_dq=dq[2])
+    if dkv:
+        c.update(BLOCK_K_DKV=dkv[0], warps_dkv=dkv[1], stages_dkv=dkv[2])
+    return c
+
+
+def _compile_worker(kind: str, variant: tuple) -> tuple:
+    """Compile one variant on a small problem with the same specializations (every int
+    argument divisible by 16 as in the big one) so the big run hits Triton's cache."""
+    try:
+        from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
+        from flashdsa.ops.sparse_mla import sparse_mla_fwd
+        q, kv, idx, dout = make_inputs(64, s_q=64, s_kv=1024, topk=256)
+        out, _, lse = sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
+        cfg = _cfg(dq=variant) if kind == "dq" else _cfg(dkv=variant)
+        sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg)
+        if kind == "dkv" and variant == DKV_VARIANTS[0]:
+            sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg, deterministic=True)
+        torch.cuda.synchronize()
+        return kind, variant, None
+    except Exception as e:  # out of shared memory / registers: reported, skipped
+        return kind, variant, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(variants) -> dict:
+    failures = {}
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(12, len(variants)), mp_context=ctx) as ex:
+        for kind, variant, err in ex.map(_compile_worker, *zip(*variants)):
+            if err:
+                failures[(kind, variant)] = err
+                print(f"compile {kind} {variant}: {err}")
+    return failures
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+
+    from flashdsa.ops import sparse_mla_bwd as bwd_mod
+    from flashdsa.ops.sparse_mla import sparse_mla_fwd
+
+    variants = [("dq", v) for v in DQ_VARIANTS] + [("dkv", v) for v in DKV_VARIANTS]
+    failures = precompile(variants if args.sweep else variants[:1] + [("dkv", DKV_VARIANTS[0])])
+    ceil = measure_ceilings()
+    print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
+    sm_scale = D_QK ** -0.5
+    rows = []
+    for h in args.heads:
+        q, kv, idx, dout = make_inputs(h)
+        out, _, lse = sparse_mla_fwd(q, kv, idx, sm_scale, D_V)
+        f_fwd = fwd_flops(h)
+        f_bwd = 2.5 * f_fwd
+        t_fwd = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V))
+        rows.append(dict(h=h, variant="forward", ms=t_fwd, tflops=f_fwd / t_fwd * 1e-9))
+
+        def full(cfg=None, det=False):
+            return bwd_mod.sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, D_V, config=cfg, deterministic=det)
+
+        dq_a, dkv_a = full()
+        dq_d, dkv_d = full(det=True)
+        dq_b, dkv_b = full()
+        check = dict(
+            dkv_atomic_run_to_run=float((dkv_a.float() - dkv_b.float()).norm() / dkv_a.float().norm()),
+            dkv_det_vs_atomic=float((dkv_d.float() - dkv_a.float()).norm() / dkv_a.float().norm()),
+            dq_det_vs_atomic=float((dq_d.float() - dq_a.float()).norm() / dq_a.float().norm()),
+            finite=bool(torch.isfinite(dq_a).all() and torch.isfinite(dkv_a).all()),
+        )
+        print(f"h={h} checks:", check)
+        del dq_a, dkv_a, dq_d, dkv_d, dq_b, dkv_b
+        t = bench_ms(full, warmup=50, rep=300)
+        rows.append(dict(h=h, variant="bwd default", ms=t, tflops=f_bwd / t * 1e-9,
+                         exact_tflops=f_fwd * (3 * D_QK + 2 * D_V) / (D_QK + D_V) / t * 1e-9,
+                         ratio_bf16=f_bwd / t * 1e-9 / ceil["bf16_matmul_tflops"], **check))
+        t = bench_ms(lambda: full(det=True), warmup=50, rep=300)
+        rows.append(dict(h=h, variant="bwd deterministic", ms=t, tflops=f_bwd / t * 1e-9,
+                         ratio_bf16=f_bwd / t * 1e-9 / ceil["bf16_matmul_tflops"]))
+
+        if args.sweep:
+            # Each kernel alone over the whole problem (one chunk: scratch fits at 4096 x 128 x 2048 x 2 x 2 B).
+            m0 = bwd_mod._prepare(q, kv, idx, out, dout, lse, None, D_V, None)
+            p_buf = torch.empty(S_Q, h, TOPK, dtype=q.dtype, device="cuda")
+            ds_buf = torch.empty_like(p_buf)
+            dq = torch.empty_like(q)
+            dkv = torch.zeros(S_KV, D_QK, dtype=torch.float32, device="cuda")
+            bwd_mod.launch_dq(m0, 0, S_Q, dq, p_buf, ds_buf, sm_scale)
+            for kind, vs in (("dq", DQ_VARIANTS), ("dkv", DKV_VARIANTS)):
+                for v in vs:
+                    if (kind, v) in failures:
+                        rows.append(dict(h=h, variant=f"{kind} {v}", ms=None, note="compile failed"))
+                        continue
+                    m = bwd_mod._prepare(q, kv, idx, out, dout, lse, None, D_V,
+                                         _cfg(dq=v) if kind == "dq" else _cfg(dkv=v))
+                    if kind == "dq":
+                        fn = lambda: bwd_mod.launch_dq(m, 0, S_Q, dq, p_buf, ds_buf, sm_scale)  # noqa: E731
+                        fl = f_fwd * (2 * D_QK + D_V) / (D_QK + D_V)  # s, dP, dq
+                    else:
+                        fn = lambda: bwd_mod.launch_dkv(m, 0, S_Q, p_buf, ds_buf, dkv)  # noqa: E731
+                        fl = f_fwd  # dS^T q (576) + P^T dout (512)
+                    try:
+                        t = bench_ms(fn, warmup=25, rep=150)
+                        rows.append(dict(h=h, variant=f"{kind} {v}", ms=t, tflops=fl / t * 1e-9))
+                    except Exception as e:
+                        rows.append(dict(h=h, variant=f"{kind} {v}", ms=None, note=str(e)[:120]))
+            del p_buf, ds_buf, dq, dkv
+        del q, kv, idx, dout, out, lse
+        torch.cuda.empty_cache()
+
+    print_table(rows, ["h", "variant", "ms", "tflops", "ratio_bf16"])
+    path = write_result("sparse_mla_bwd" + ("_sweep" if args.sweep else ""), dict(
+        shape=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V, dtype="bf16"),
+        flop_convention="2.5 x forward 2*s_q*h*topk*(d_qk+d_v); 'exact_tflops' counts the five products",
+        ceilings=ceil, config=bwd_mod.CONFIGS["sm90"], rows=rows,
+        compile_failures={f"{k} {v}": e for (k, v), e in failures.items()}))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
