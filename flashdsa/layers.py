@@ -85,7 +85,13 @@ class LightningIndexer(nn.Module):
         """Selected key rows [T, index_topk] int32 (-1 padded) for each query row, chosen
         inside its range [ks, ke) of the packed axis. Runs in FP8 like the official
         inference code; no gradient flows through the selection."""
-        q, k, weights = self.project(x, qr, cos, sin)
+        return self.select(*self.project(x, qr, cos, sin), ks, ke, backend=backend)
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+               ke: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Top-k rows from already projected q [T, H_I, d_I], k [T, d_I], weights [T, H_I]
+        (the outputs of :meth:`project`), quantized to FP8 as at inference."""
         q8, q_scale = api.act_quant(q, self.head_dim)         # [T, H, d], [T, H, 1]
         k8, k_scale = api.act_quant(k, self.head_dim)         # [T, d], [T, 1]
         weights = weights * q_scale[..., 0] * self.head_dim ** -0.5
@@ -126,10 +132,28 @@ class MLA(nn.Module):
         """kv_b_proj weight as [H, nope + v, kv_lora_rank]: W_UK rows first, then W_UV."""
         return self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
+    STAGES = ("dense", "warmup", "sparse")
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                mode: str = "dsa", backend: str = "auto") -> torch.Tensor:
+                mode: str = "dsa", backend: str = "auto", stage: str | None = None):
         """x [T, hidden] packed tokens; positions [T] (position of each token in its
-        sequence, for RoPE); cu_seqlens [B + 1] int32. Returns [T, hidden]."""
+        sequence, for RoPE); cu_seqlens [B + 1] int32. Returns [T, hidden].
+
+        ``stage`` (training, SPEC 5) replaces ``mode`` and makes the call return
+        ``(out [T, hidden], indexer_loss)``, the loss a scalar fp32 tensor to add to the
+        LM loss (it only reaches the indexer's parameters):
+          "dense"  dense attention; the loss is 0.
+          "warmup" dense attention + KL(head-summed dense attention probabilities ||
+                   softmax of the index scores) over every causal position. Freeze the
+                   rest with :meth:`freeze_all_but_indexer`.
+          "sparse" top-k sparse attention + the KL restricted to the selected rows.
+        In both loss stages the indexer sees detached inputs, so the LM loss sends no
+        gradient into it and its loss none into the rest. The loss is the mean over
+        query tokens of the per-token KL (SPEC 5's sum over t, divided by T), computed
+        blockwise (flashdsa.ops.indexer_loss) on the Triton backend, naively otherwise.
+        """
+        if stage is not None:
+            return self._forward_stage(x, positions, cu_seqlens, stage, backend)
         if mode not in ("dsa", "dense"):
             raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
         t = x.shape[0]
@@ -159,6 +183,71 @@ class MLA(nn.Module):
                                              d_v=self.kv_lora_rank, backend=backend)
             out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
         return self.o_proj(out.flatten(1))
+
+    def _forward_stage(self, x, positions, cu_seqlens, stage, backend):
+        """The training stages of :meth:`forward`: (out [T, hidden], indexer loss)."""
+        from .backend import resolve_backend
+        from .ops import indexer_loss as losses_blockwise
+        from .reference import losses as losses_naive
+
+        if stage not in self.STAGES:
+            raise ValueError(f"stage: expected one of {self.STAGES}, got {stage!r}")
+        if stage == "dense":
+            return self.forward(x, positions, cu_seqlens, mode="dense", backend=backend), \
+                x.new_zeros((), dtype=torch.float32)
+        t = x.shape[0]
+        check_tensor("x", x, ndim=2, shape=(None, self.cfg.hidden_size), layout="[T, hidden_size]")
+        check_tensor("positions", positions, shape=(t,), layout="[T]")
+        check_cu_seqlens(cu_seqlens, t)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
+        kv = self.kv_a_layernorm(kv)                                          # [T, c]
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
+        ks, ke = causal_ranges(cu_seqlens, t)
+
+        # The indexer learns from its loss only: its inputs are cut from the graph.
+        iq, ik, iw_proj = self.indexer.project(x.detach(), qr.detach(), cos, sin)
+        # Score weights as the FP8 path folds them, minus the q scales: w * H_I^-0.5 * d_I^-0.5.
+        iw = iw_proj * self.indexer.head_dim ** -0.5
+        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
+        q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
+        kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
+        blockwise = resolve_backend(backend, x) == "triton"
+        fns = losses_blockwise if blockwise else losses_naive
+
+        if stage == "warmup":
+            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
+            # SDPA gives no lse: the loss computes it from the absorbed q and latent rows,
+            # whose logits equal the multi-head ones.
+            loss = fns.warmup_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(), None, self.softmax_scale,
+                                      ks, ke, reduction="mean")
+        else:
+            indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
+                                          backend=backend)[:, None, :]        # [T, 1, topk]
+            o_lat, _, lse = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
+                                               d_v=self.kv_lora_rank, backend=backend)
+            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
+            loss = fns.sparse_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(), lse.detach(),
+                                      self.softmax_scale, indices, reduction="mean")
+        return self.o_proj(out.flatten(1)), loss.float()
+
+    @staticmethod
+    def freeze_all_but_indexer(module: nn.Module, freeze: bool = True) -> list[nn.Parameter]:
+        """Warm-up stage helper: ``requires_grad=False`` on every parameter of ``module``
+        (an MLA or a whole model) except the lightning indexers' (``freeze=True``), or
+        ``True`` on all of them (``freeze=False``). Returns the trainable parameters."""
+        trainable = []
+        for name, p in module.named_parameters():
+            keep = not freeze or name.startswith("indexer.") or ".indexer." in name
+            p.requires_grad_(keep)
+            if keep:
+                trainable.append(p)
+        return trainable
 
     def _dense(self, q_nope, q_pe, kv, k_pe, cu_seqlens):
         """Causal multi-head attention per sequence: [T, H, v]."""
