@@ -161,14 +161,32 @@ class DecoderLayer(nn.Module):
             and layer_idx % int(cfg.extra.get("moe_layer_freq", 1)) == 0
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, cu_seqlens, mode="dsa", backend="auto", stage=None):
-        """x [T, hidden] -> [T, hidden], plus the layer's indexer loss when ``stage`` is set."""
-        h = self.input_layernorm(x)
-        loss = None
+    def _attend(self, h, positions, cu_seqlens, mode, backend, stage):
         if stage is None:
-            a = self.self_attn(h, positions, cu_seqlens, mode=mode, backend=backend)
+            return self.self_attn(h, positions, cu_seqlens, mode=mode, backend=backend), None
+        return self.self_attn(h, positions, cu_seqlens, backend=backend, stage=stage)
+
+    def forward(self, x, positions, cu_seqlens, mode="dsa", backend="auto", stage=None, per_sequence=False):
+        """x [T, hidden] -> [T, hidden], plus the layer's indexer loss when ``stage`` is set.
+
+        per_sequence: call the attention once per sequence of ``cu_seqlens`` instead of once
+        on the packed batch. Same result; the pure-PyTorch reference ops score every query
+        against the whole packed axis (masking other sequences), so on CPU this turns
+        O((sum L)^2) work into O(sum L^2)."""
+        h = self.input_layernorm(x)
+        bounds = cu_seqlens.tolist() if per_sequence else []
+        if len(bounds) > 2:
+            outs, losses = [], []
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                if e > s:
+                    cu = torch.tensor([0, e - s], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+                    o, l_ = self._attend(h[s:e], positions[s:e], cu, mode, backend, stage)
+                    outs.append(o)
+                    losses.append(l_)
+            a = torch.cat(outs)
+            loss = None if stage is None else sum(losses)
         else:
-            a, loss = self.self_attn(h, positions, cu_seqlens, backend=backend, stage=stage)
+            a, loss = self._attend(h, positions, cu_seqlens, mode, backend, stage)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x if stage is None else (x, loss)
@@ -221,11 +239,13 @@ class DSAModel(nn.Module):
             mode, stage, dense_stage = "dense", None, True
         else:
             dense_stage = False
+        # CPU (reference ops): attend sequence by sequence, see DecoderLayer.forward
+        per_sequence = not x.is_cuda
         for layer in self.layers:
             if stage is None:
-                x = layer(x, positions, cu_seqlens, mode=mode, backend=backend)
+                x = layer(x, positions, cu_seqlens, mode=mode, backend=backend, per_sequence=per_sequence)
             else:
-                x, loss = layer(x, positions, cu_seqlens, backend=backend, stage=stage)
+                x, loss = layer(x, positions, cu_seqlens, backend=backend, stage=stage, per_sequence=per_sequence)
                 if loss is not None:
                     total = total + loss.float()
         x = self.norm(x).view(*shape, -1)

@@ -181,3 +181,17 @@ def test_bad_arguments_are_named():
         model(torch.zeros(1, 4, dtype=torch.long), stage="pretrain")
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(1, 2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["dense", "dsa"])
+def test_per_sequence_attention_equals_packed(mode):
+    """The CPU shortcut (attention called per sequence) computes the packed function."""
+    model = DSAForCausalLM(tiny_config(index_n_heads=16)).eval()
+    layer = model.model.layers[0]
+    lens = [5, 12, 9]
+    cu = torch.tensor([0, 5, 17, 26], dtype=torch.int32)
+    x = torch.randn(26, 32)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    a = layer(x, pos, cu, mode=mode, per_sequence=False)
+    b = layer(x, pos, cu, mode=mode, per_sequence=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,205 @@
+"""Dense vs. DSA quality study: does the two-stage recipe (SPEC 5) keep dense quality?
+
+Pretrain a small DeepSeek-V3.2-style model densely on the Python standard library
+(byte tokens), then from the same weights train on the same tokens
+  (a) dense, continued;
+  (b) DSA: warm-up (indexers only, KL to the dense attention), then sparse training
+      (top-k attention, LM loss + KL on the selected set);
+and compare held-out loss, perplexity by position, passkey retrieval with the answer more
+than 4 x top-k tokens back, indexer recall and tokens/s. Writes
+benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it.
+
+    python -m benchmarks.quality_study                  # H200, one call of < 10 minutes:
+                                                        # 8 layers, width 512, context 8192, top-k 512
+    python -m benchmarks.quality_study --toy            # CPU logic check at toy size (~1 minute)
+
+Step counts follow from a time budget: a short probe times one step of each stage, then
+pretraining gets ``--pretrain-share`` of the training time and the two branches split the rest
+(they see the same tokens, so (b)'s warm-up + sparse steps = (a)'s steps).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+from flashdsa.data import Corpus  # noqa: E402
+from flashdsa.model import DSAForCausalLM  # noqa: E402
+from flashdsa.train import ComparisonConfig, TrainConfig, format_table, preset_config, run_comparison, train  # noqa: E402
+
+
+def probe_step_seconds(mcfg, corpus, cc: ComparisonConfig, device, backend: str, steps: int = 2) -> dict:
+    """Seconds per optimizer step of each stage on a throwaway model (first step excluded:
+    kernel compilation and autotuning)."""
+    model = DSAForCausalLM(mcfg).to(device)
+    out = {}
+    for stage in ("dense", "warmup", "sparse"):
+        tc = TrainConfig(stage=stage, steps=steps + 1, batch_size=cc.batch_size, seq_len=cc.seq_len,
+                         backend=backend, warmup_steps=1, plant_prob=cc.plant_prob)
+        train(model, corpus, tc, progress=False, stop_after=1)
+        st = train(model, corpus, tc, progress=False)
+        out[stage] = st.train_seconds / max(st.step, 1)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_share: float) -> tuple[int, int, int]:
+    """(pretrain, branch, warm-up) steps filling ``train_budget`` seconds."""
+    per_branch_step = sec["dense"] + warmup_share * sec["warmup"] + (1 - warmup_share) * sec["sparse"]
+    branch_time = train_budget * (1 - pretrain_share)
+    branch = max(int(branch_time / per_branch_step), 10)
+    pretrain = max(int(train_budget * pretrain_share / sec["dense"]), 10)
+    warm = max(int(branch * warmup_share), 2)
+    return pretrain, branch, warm
+
+
+def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+              logx: bool = False, w: int = 640, h: int = 400) -> str:
+    """A minimal SVG line chart (no plotting dependency)."""
+    import math
+    pts = [p for s in series.values() for p in s]
+    fx = (lambda v: math.log2(max(v, 1e-9))) if logx else (lambda v: v)
+    xs, ys = [fx(p[0]) for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    L, R, T, B = 70, 170, 40, 50
+    sx = lambda v: L + (fx(v) - x0) / (x1 - x0) * (w - L - R)  # noqa: E731
+    sy = lambda v: h - B - (v - y0) / (y1 - y0) * (h - T - B)  # noqa: E731
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="black"/>',
+           f'<text x="{(L + w - R) / 2}" y="{h - 12}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="16" y="{(T + h - B) / 2}" transform="rotate(-90 16 {(T + h - B) / 2})" '
+           f'text-anchor="middle">{ylabel}</text>']
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{L - 6}" y="{sy(yv) + 4}" text-anchor="end">{yv:.3g}</text>')
+        xv = x0 + (x1 - x0) * i / 4
+        xl = 2 ** xv if logx else xv
+        out.append(f'<text x="{L + (xv - x0) / (x1 - x0) * (w - L - R)}" y="{h - B + 16}" '
+                   f'text-anchor="middle">{xl:.4g}</text>')
+    for i, (name, s) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{path}"/>')
+        out.append(f'<text x="{w - R + 8}" y="{T + 16 * i + 10}" fill="{c}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
+    files = []
+    curves = {}
+    for name, st in res["stages"].items():
+        curves[name] = [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
+    p = os.path.join(out_dir, f"{prefix}_loss.svg")
+    Path(p).write_text(svg_lines(curves, "training LM loss (same data steps for both branches)", "data step",
+                                 "loss (nats/byte)"))
+    files.append(p)
+    ppl = {r["name"]: [((b["start"] + b["end"]) / 2, b["loss"]) for b in r["lm"]["buckets"]] for r in res["rows"]}
+    p = os.path.join(out_dir, f"{prefix}_loss_by_position.svg")
+    Path(p).write_text(svg_lines(ppl, "held-out loss by position", "position (bucket centre)", "loss (nats/byte)",
+                                 logx=True))
+    files.append(p)
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--toy", action="store_true", help="CPU logic check: tiny model, context 256, few steps")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=480, help="training + evaluation wall-clock budget")
+    ap.add_argument("--eval-reserve-s", type=float, default=100, help="part of the budget kept for evaluation")
+    ap.add_argument("--pretrain-share", type=float, default=0.55)
+    ap.add_argument("--warmup-share", type=float, default=0.15, help="share of (b)'s steps spent in warm-up")
+    ap.add_argument("--pretrain-steps", type=int, help="override the planned step counts")
+    ap.add_argument("--branch-steps", type=int)
+    ap.add_argument("--warmup-steps", type=int)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--branch-lr", type=float, default=4e-4)
+    ap.add_argument("--warmup-lr", type=float, default=1e-3)
+    ap.add_argument("--plant-prob", type=float, default=0.3)
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-retrieval", type=int, default=32)
+    ap.add_argument("--eval-recall", type=int, default=2)
+    ap.add_argument("--max-bytes", type=int, default=None)
+    ap.add_argument("--out", default=None, help="output directory (default $OUT or benchmarks/results)")
+    args = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
+    if args.toy:
+        args.seq_len, args.batch_size = min(args.seq_len, 256), min(args.batch_size, 4)
+        args.eval_windows, args.eval_retrieval, args.eval_recall = 4, 8, 1
+        args.max_bytes = args.max_bytes or (1 << 20)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out_dir = args.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    corpus = Corpus.load(max_bytes=args.max_bytes)
+    mcfg = preset_config("tiny" if args.toy else "small", args.seq_len)
+    cc = ComparisonConfig(preset="tiny" if args.toy else "small", seq_len=args.seq_len, batch_size=args.batch_size,
+                          lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, plant_prob=args.plant_prob,
+                          backend=args.backend, eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
+                          eval_recall=args.eval_recall, log_every=10)
+
+    notes = []
+    backend = args.backend
+    try:
+        sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
+    except Exception as e:  # a kernel that does not support this shape: say so, fall back, keep going
+        if backend == "reference":
+            raise
+        notes.append(f"backend {backend!r} failed in the probe ({type(e).__name__}: {e}); used 'reference'")
+        traceback.print_exc()
+        backend = cc.backend = "reference"
+        sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
+    elapsed = time.perf_counter() - t_start
+    train_budget = max(args.budget_s - args.eval_reserve_s - elapsed, 10)
+    pre, branch, warm = plan_steps(sec, train_budget, args.pretrain_share, args.warmup_share)
+    cc.pretrain_steps = args.pretrain_steps or pre
+    cc.branch_steps = args.branch_steps or branch
+    cc.warmup_steps = args.warmup_steps or warm
+    print(f"probe s/step {sec}; plan: pretrain {cc.pretrain_steps}, branches {cc.branch_steps} "
+          f"(warm-up {cc.warmup_steps}) steps of {cc.batch_size} x {cc.seq_len} tokens", flush=True)
+
+    res = run_comparison(cc, corpus, device, model_config=copy.deepcopy(mcfg), progress=True)
+    res["probe_seconds_per_step"] = sec
+    res["notes"] = notes
+    res["wall_seconds"] = time.perf_counter() - t_start
+    table = format_table(res)
+    print(table)
+    res["table"] = table
+    dense, dsa = res["rows"][0], res["rows"][-1]
+    res["summary"] = {
+        "loss_gap_pct": 100 * (dsa["lm"]["loss"] / dense["lm"]["loss"] - 1),
+        "retrieval_gap_points": 100 * (dsa["retrieval"]["accuracy"] - dense["retrieval"]["accuracy"]),
+        "indexer_recall_pct": 100 * dsa["indexer_recall"]["mean"] if dsa["indexer_recall"] else None,
+        "targets": "loss within 1%, retrieval within 2 points, recall >= 90%",
+    }
+    print(res["summary"])
+    name = "quality_study_toy" if args.toy else "quality_study"
+    path = write_result(name, res, out_dir)
+    plots = write_plots(res, out_dir, name)
+    print("wrote", path, *plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
