@@ -62,7 +62,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         cfg = model.config
         self.model_config = cfg
-        self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+        self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -172,12 +172,28 @@ class LLMEngine:
         return outs
 
 
+def load_model(path, device=None, dtype=None):
+    """A DSAForCausalLM from a Hugging Face directory or a ``train_state.pt``; on a GPU
+    by default, in bf16 there unless ``dtype`` says otherwise."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None and torch.device(device).type == "cuda":
+        dtype = torch.bfloat16
+    if str(path).endswith(".pt"):
+        from ..train import load_model as load_train_state
+        model = load_train_state(path, device=device)
+        return model.to(dtype) if dtype is not None else model
+    from ..checkpoint import from_pretrained
+    return from_pretrained(path, device=device, dtype=dtype)
+
+
 class LLM:
     """Offline generation: ``LLM(path_or_model).generate(prompts, SamplingParams(...))``.
 
     Args:
         model: a checkpoint directory (config.json + safetensors, see
-            flashdsa.checkpoint.from_pretrained) or a DSAForCausalLM.
+            flashdsa.checkpoint.from_pretrained), a ``train_state.pt`` of ``flashdsa train``
+            or a DSAForCausalLM.
         tokenizer: object with encode/decode/eos_token_id (default: byte-level).
         device, dtype: where and how to load a checkpoint (default cuda + bf16 when a GPU
             is present, else cpu + the checkpoint's dtype).
@@ -187,12 +203,7 @@ class LLM:
     def __init__(self, model, tokenizer=None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, **engine_args):
         if isinstance(model, (str, os.PathLike)):
-            from ..checkpoint import from_pretrained
-            if device is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            if dtype is None and torch.device(device).type == "cuda":
-                dtype = torch.bfloat16
-            model = from_pretrained(model, device=device, dtype=dtype)
+            model = load_model(model, device, dtype)
         elif device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args))

@@ -6,18 +6,18 @@ from flashdsa.model import DSAForCausalLM
 
 
 def tiny_model(seed: int = 0, dtype=torch.float64, **kw) -> DSAForCausalLM:
-    """2 layers (one dense MLP, one MoE), odd head counts, YaRN RoPE, a 258-token
-    vocabulary (bytes + bos/eos) and index_topk 8 so that sparse selection starts early.
+    """2 layers (one dense MLP, one MoE), odd head counts, YaRN RoPE, a 259-token
+    vocabulary (bytes + pad/bos/eos) and index_topk 8 so that sparse selection starts early.
 
     7 indexer heads of 32: with fewer, many keys score exactly 0 (every head's ReLU off)
     and the top-k boundary falls in a tie that two correct implementations may break
     differently (SPEC 2); :func:`boundary_ties` checks that the tests avoid that."""
-    base = dict(vocab_size=258, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
+    base = dict(vocab_size=259, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
                 num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=3, n_routed_experts=4,
                 n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=24,
                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=7,
                 index_head_dim=32, index_topk=8, rope_factor=4.0, original_max_position_embeddings=32,
-                max_position_embeddings=512)
+                max_position_embeddings=512, bos_token_id=257, eos_token_id=258)
     base.update(kw)
     torch.manual_seed(seed)
     # a larger init than 0.02 gives peaked next-token distributions: greedy tokens then
