@@ -24,11 +24,11 @@ from benchmarks.common import bench_ms, measure_ceilings, print_table, write_res
 
 S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
-DQ_VARIANTS = [  # (BLOCK_K_DQ, warps_dq, stages_dq)
-    (32, 8, 2), (64, 8, 1), (32, 4, 2), (16, 4, 3), (32, 8, 3),
+DQ_VARIANTS = [  # (BLOCK_K_DQ, warps_dq, stages_dq); the first is CONFIGS["sm90"]
+    (32, 8, 2), (64, 8, 1), (32, 4, 2), (32, 16, 2), (16, 8, 3),
 ]
-DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv)
-    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 4, 2), (128, 8, 1),
+DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv); the first is CONFIGS["sm90"]
+    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 16, 2), (128, 16, 1),
 ]
 
 
@@ -83,17 +83,35 @@ def precompile(variants) -> dict:
     return failures
 
 
+def wait_for(path, limit_s=180.0):
+    import os
+    import time
+    t0 = time.time()
+    while path and not os.path.exists(path) and time.time() - t0 < limit_s:
+        time.sleep(1.0)
+    if path:
+        print(f"waited {time.time() - t0:.0f} s for {path} (exists: {os.path.exists(path)})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--precompile-only", action="store_true", help="compile the variants (parallel) and exit")
+    ap.add_argument("--no-precompile", action="store_true", help="skip the parallel compile step")
+    ap.add_argument("--wait-for", default=None, help="after compiling, wait (<= 180 s) for this file to exist "
+                    "before timing, so that other GPU work started beside this run is over")
     args = ap.parse_args()
 
     from flashdsa.ops import sparse_mla_bwd as bwd_mod
     from flashdsa.ops.sparse_mla import sparse_mla_fwd
 
     variants = [("dq", v) for v in DQ_VARIANTS] + [("dkv", v) for v in DKV_VARIANTS]
-    failures = precompile(variants if args.sweep else variants[:1] + [("dkv", DKV_VARIANTS[0])])
+    failures = {} if args.no_precompile else precompile(
+        variants if args.sweep else variants[:1] + [("dkv", DKV_VARIANTS[0])])
+    if args.precompile_only:
+        return
+    wait_for(args.wait_for)
     ceil = measure_ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     sm_scale = D_QK ** -0.5
