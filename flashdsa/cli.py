@@ -69,6 +69,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete prompts with the inference engine; see flashdsa.engine.cli."""
+    from .engine.cli import cmd_generate as run
+    return run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP server; see flashdsa.engine.server."""
+    from .engine.cli import cmd_serve as run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashdsa", description="DeepSeek Sparse Attention in PyTorch and Triton")
     parser.add_argument("--version", action="version", version=f"flashdsa {__version__}")
@@ -85,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole DSA recipe at tiny scale on CPU, against dense, as a table")
     add_demo_args(p)
     p.set_defaults(func=cmd_demo)
+    from .engine.cli import add_generate_args, add_serve_args
+    p = sub.add_parser("generate", help="complete prompts with the inference engine (paged DSA)")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""The ``flashdsa generate`` and ``flashdsa serve`` subcommands (registered in flashdsa/cli.py).
+
+MODEL is a Hugging Face directory (config.json + safetensors), a ``train_state.pt`` of
+``flashdsa train``, or ``random:tiny`` / ``random:small`` for a randomly initialized
+preset (smoke tests and demos: the text is noise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF model directory, train_state.pt, or random:tiny / random:small")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
+                   help="parameter dtype (auto: bf16 on GPU, the checkpoint's on CPU)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16", "fp8_ds_mla"))
+    p.add_argument("--num-blocks", type=int, default=None, help="cache pages of 64 tokens (default: from memory)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (prefill chunk)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random:* models")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_engine_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several, generated as one batch); default: lines of stdin")
+    p.add_argument("--chat", action="store_true", help="treat each prompt as one user message")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--served-model-name", default=None, help="the 'model' of responses (default: MODEL)")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429")
+
+
+def build_llm(args):
+    from .llm import LLM
+    dtype = DTYPES[args.dtype]
+    if args.model.startswith("random:"):
+        from ..model import DSAForCausalLM
+        from ..train import preset_config
+        torch.manual_seed(args.seed)
+        model = DSAForCausalLM(preset_config(args.model.split(":", 1)[1]))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None and torch.device(device).type == "cuda":
+            dtype = torch.bfloat16
+        model = model.to(device=device, dtype=dtype)
+        dtype = device = None
+    else:
+        model, device = args.model, args.device
+    return LLM(model, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete prompts and print the texts (or JSON lines)."""
+    from .sampler import SamplingParams
+    prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        print("flashdsa generate: no prompt (use --prompt or pipe lines on stdin)", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.sample_seed, max_tokens=args.max_tokens, stop=args.stop,
+                                ignore_eos=args.ignore_eos)
+        llm = build_llm(args)
+        if args.chat:
+            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        outs = llm.generate(prompts, params)
+    except ValueError as e:
+        print(f"flashdsa generate: {e}", file=sys.stderr)
+        return 2
+    for out in outs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(out.text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API until interrupted."""
+    from .server import ServerLimits, serve
+    llm = build_llm(args)
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          max_concurrent=args.max_concurrent)
+    serve(llm.engine, args.host, args.port, args.served_model_name or args.model, limits)
+    return 0

@@ -1,0 +1,56 @@
+"""`flashdsa generate` in-process and `flashdsa serve` as a real subprocess."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from flashdsa.cli import main
+from flashdsa.engine import LLM, SamplingParams
+from flashdsa.model import DSAForCausalLM
+from flashdsa.train import preset_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generate_matches_llm(capsys):
+    assert main(["generate", "random:tiny", "--seed", "4", "--prompt", "def f(x):", "--prompt", "import",
+                 "--max-tokens", "9", "--ignore-eos", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    torch.manual_seed(4)
+    llm = LLM(DSAForCausalLM(preset_config("tiny")))
+    want = llm.generate(["def f(x):", "import"], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    assert [x["token_ids"] for x in lines] == [w.token_ids for w in want]
+    assert all(x["finish_reason"] == "length" for x in lines)
+
+
+def test_generate_rejects_too_long(capsys):
+    assert main(["generate", "random:tiny", "--prompt", "x" * 30, "--max-model-len", "32",
+                 "--max-tokens", "8"]) == 2
+    assert "max_model_len" in capsys.readouterr().err
+
+
+def test_serve_subprocess():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "flashdsa.cli", "serve", "random:tiny", "--port", "0",
+                             "--served-model-name", "t"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, line
+        url = line.split(" on ")[1].split()[0]
+        req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 4}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        assert body["model"] == "t" and body["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= body["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
