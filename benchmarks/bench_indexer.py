@@ -82,8 +82,9 @@ def peak_bytes(fn):
 
 
 def check_topk_exact(idx, logits, ks, ke, rows):
-    """Sorted selected scores of the fused top-k == torch.topk of the (identically
-    computed) materialized logits, on a sample of rows. Returns the max abs difference."""
+    """Sorted selected scores of the fused top-k vs torch.topk of the materialized
+    logits, on a sample of rows (right count, no duplicates). Returns the max abs
+    difference (0 up to fp32 summation-order differences between the two kernels)."""
     worst = 0.0
     for t in rows:
         lg = logits[t]
@@ -114,7 +115,7 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
                fused_topk_tflops=flops / t_topk / 1e9,
                logits_plus_torch_topk_ms=t_log + t_torch_topk, torch_topk_ms=t_torch_topk,
                peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20)
-    if check and cfg_logits == cfg_topk:
+    if check:
         idx = ops.indexer_topk(*inp, TOPK, config=cfg_topk)
         rows = list(range(0, S_Q, S_Q // 64)) + [S_Q - 1]
         res["topk_check_max_abs_diff"] = check_topk_exact(idx, logits, ks, ke, rows)
@@ -150,27 +151,20 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
 
 
 SWEEP_LOGITS = [
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_Q=4, num_warps=8, num_stages=3),
     dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=4),
-    dict(BLOCK_N=256, BLOCK_Q=1, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
 ]
 SWEEP_TOPK = [
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_Q=4, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=2),
+    dict(BLOCK_N=256, BLOCK_Q=1, num_warps=8, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3, APPEND_TILES=True, CAP_MULT=2),
+    dict(BLOCK_N=256, BLOCK_Q=1, num_warps=8, num_stages=3, APPEND_TILES=True, CAP_MULT=2),
+    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=3, APPEND_TILES=True, CAP_MULT=2),
 ]
-SWEEP_DECODE = [
-    dict(BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_N=128, num_warps=4, num_stages=3),
-    dict(BLOCK_N=128, num_warps=8, num_stages=4),
-    dict(BLOCK_N=256, num_warps=8, num_stages=3),
-]
+SWEEP_DECODE = []  # swept in the first run (docs/benchmarks_indexer.md); set in ops.paged_indexer
 
 
 def sweep(ceil, log):
@@ -184,7 +178,7 @@ def sweep(ceil, log):
         except Exception as e:  # a variant that fails to compile must not stop the others
             out["logits"].append(dict(cfg=cfg, error=repr(e)[:300]))
         log(f"sweep logits 32K {out['logits'][-1]}")
-    for s_kv in (32768, 131072):
+    for s_kv in (131072,):
         inp = prefill_inputs(s_kv)
         flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
         for cfg in SWEEP_TOPK:
@@ -194,6 +188,7 @@ def sweep(ceil, log):
             except Exception as e:
                 out["topk"].append(dict(s_kv=s_kv, cfg=cfg, error=repr(e)[:300]))
             log(f"sweep topk {s_kv} {out['topk'][-1]}")
+        del inp
     q8, cache, w, cl, bt = decode_inputs(32, 32768)
     for cfg in SWEEP_DECODE:
         try:
@@ -232,14 +227,20 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    cfg_topk = None
     if args.sweep:
         result["sweep"] = sweep(ceil, log)
+        ok = [r for r in result["sweep"]["topk"] if "ms" in r]
+        if ok:  # the fused top-k rows below use the fastest variant of this run
+            cfg_topk = min(ok, key=lambda r: r["ms"])["cfg"]
+            result["configs"]["topk_used"] = cfg_topk
+            log(f"top-k config used: {cfg_topk}")
         save()
     if args.no_main:
         return
     for s_kv in (8192, 32768, 131072):
         try:
-            r = run_prefill(s_kv, ceil)
+            r = run_prefill(s_kv, ceil, cfg_topk=cfg_topk)
         except Exception as e:
             r = dict(s_kv=s_kv, error=repr(e)[:500])
         result["prefill"].append(r)

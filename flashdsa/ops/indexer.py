@@ -49,22 +49,26 @@ import triton.language as tl
 INT32_MIN = -(2 ** 31)
 INT32_MIN_C = tl.constexpr(INT32_MIN)
 
-# Block sizes per GPU family (H_I = 64, d_I = 128; BLOCK_Q * H_PAD is the dot's N).
-# BLOCK_N keys a tile (the dot's M; 128 = two wgmma M tiles over 8 warps); num_stages:
-# software-pipelining depth of the key tiles (16 KB each at D = 128 in fp8).
-# Chosen by the variant sweep of benchmarks/bench_indexer.py on an H200
-# (docs/benchmarks_indexer.md).
+# Block sizes per GPU family (H_I = 64, d_I = 128; QH = BLOCK_Q * H_PAD is the dot's N).
+# BLOCK_N keys a tile (the dot's M; 64 = one wgmma M tile for a 4-warp warpgroup);
+# num_stages: software-pipelining depth of the key tiles (8 KB each at D = 128 in fp8).
+# Chosen by the variant sweep of benchmarks/bench_indexer.py on an H200 (2026-11-28,
+# 4096 x 32K causal: 848 TFLOP/s for 64/256/4 warps, 686 for 128/128/8 warps;
+# docs/benchmarks_indexer.md).
 CONFIGS = {
-    "sm90": dict(BLOCK_N=128, QH=128, num_warps=8, num_stages=3),
+    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1),
 }
 # The top-k kernel holds a [BLOCK_Q, CAP] tile of its buffer during a compaction;
 # fewer query rows a program keep that tile in registers.
+# APPEND_TILES: append whole tiles instead of the passing scores (see the kernel);
+# CAP_MULT: buffer length in units of next_pow2(topk + BLOCK_N) (longer segments
+# between compactions, more scratch).
 TOPK_CONFIGS = {
-    "sm90": dict(BLOCK_N=128, QH=128, num_warps=8, num_stages=3),
-    "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3),
-    "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1),
+    "sm90": dict(BLOCK_N=128, QH=64, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1, APPEND_TILES=False, CAP_MULT=1),
 }
 
 # dot modes: how the q.k products are computed
@@ -253,14 +257,16 @@ def indexer_logits_kernel(
 
 
 @triton.jit
-def _kth_largest(keys, valid, cnt, k):
+def _kth_largest(keys, valid, nvalid, thr, k):
     """Per row of keys [BLOCK_Q, CAP] (entries where ``valid``), the k-th largest key
     (exact; any value for rows with fewer than k entries). Binary search on the int32
-    key range: invariant count(key >= lo) >= k > count(key >= hi + 1)."""
+    key range: invariant count(key >= lo) >= k > count(key >= hi + 1). ``thr`` (the
+    last threshold, with >= k entries at or above it) tightens the start."""
     big = tl.where(valid, keys, INT32_MIN_C)
-    lo = tl.min(tl.where(valid, keys, 2147483647), axis=1).to(tl.int64)
+    lo = tl.min(tl.where(valid, keys, 2147483647), axis=1)
+    lo = tl.maximum(lo, thr).to(tl.int64)
     hi = tl.max(big, axis=1).to(tl.int64)
-    lo = tl.where(cnt >= k, lo, hi)  # nothing to search in short rows
+    lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in short rows
     while tl.max(hi - lo) > 0:
         mid = lo + (hi - lo + 1) // 2
         c = tl.sum((big >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
@@ -271,25 +277,28 @@ def _kth_largest(keys, valid, cnt, k):
 
 
 @triton.jit
-def _select(bkey_ptr, bidx_ptr, base, cnt, k, CAP: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Exact top-k of each row's buffer (base [BLOCK_Q] int64 offsets, cnt entries).
-    Returns (take [BLOCK_Q, CAP] mask, pos = destination of each taken entry, keys, idx,
-    T = the k-th largest key, n_take [BLOCK_Q]). Rows with cnt <= k take everything."""
+def _select(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Exact top-k of each row's buffer (base [BLOCK_Q] int64 offsets, cnt slots, slots
+    holding INT32_MIN are empty). Returns (take [BLOCK_Q, CAP] mask, pos = destination of
+    each taken entry, keys, idx, T = the k-th largest key, n_take [BLOCK_Q], full = rows
+    with more than k entries). Rows with at most k entries take all of them."""
     c = tl.arange(0, CAP)
     inb = c[None, :] < cnt[:, None]
     ptr = base[:, None] + c[None, :]
     keys = tl.load(bkey_ptr + ptr, mask=inb, other=INT32_MIN_C)
     idx = tl.load(bidx_ptr + ptr, mask=inb, other=-1)
-    T = _kth_largest(keys, inb, cnt, k)
-    gt = inb & (keys > T[:, None])
-    eq = inb & (keys == T[:, None])
+    valid = inb & (keys != INT32_MIN_C)
+    nvalid = tl.sum(valid.to(tl.int32), axis=1)
+    T = _kth_largest(keys, valid, nvalid, thr, k)
+    gt = valid & (keys > T[:, None])
+    eq = valid & (keys == T[:, None])
     n_gt = tl.sum(gt.to(tl.int32), axis=1)
     take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= (k - n_gt)[:, None]))
-    full = cnt > k
-    take = tl.where(full[:, None], take, inb)
+    full = nvalid > k
+    take = tl.where(full[:, None], take, valid)
     pos = tl.cumsum(take.to(tl.int32), axis=1) - 1
-    n_take = tl.minimum(cnt, k)
-    return take, pos, keys, idx, T, n_take
+    n_take = tl.minimum(nvalid, k)
+    return take, pos, keys, idx, T, n_take, full
 
 
 @triton.jit
@@ -301,10 +310,19 @@ def indexer_topk_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAP: tl.constexpr,
     TOPK_PAD: tl.constexpr, DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    APPEND_TILES: tl.constexpr,
 ):
     """Streaming top-k. Buffers bkey/bidx [S * n_split, CAP] int32 (scratch); outputs
     okey/oidx [S * n_split, topk] int32: per (row, split) its top-k keys and indices
-    (-1 / INT32_MIN padded), in buffer order."""
+    (-1 / INT32_MIN padded), in buffer order.
+
+    The key tiles are walked in segments: a segment is as many tiles as the fullest
+    buffer has room for, so its inner loop never compacts and stays a plain loop that
+    Triton software-pipelines (loads of the next tiles in flight during the dots);
+    compactions happen between segments. APPEND_TILES=False appends only the scores
+    above the threshold (positions by a cumsum over the tile); True appends a row's
+    whole tile (scores below the threshold or outside the range as empty slots) when
+    any of its scores passes: no scan, more compactions."""
     pid_q = tl.program_id(0)
     if HEAVY_FIRST:
         pid_q = tl.num_programs(0) - 1 - pid_q
@@ -317,36 +335,51 @@ def indexer_topk_kernel(
     base = (rows.to(tl.int64) * n_split + pid_s) * CAP  # [BLOCK_Q] buffer rows
     thr = tl.full([BLOCK_Q], INT32_MIN_C, tl.int32)
     cnt = tl.zeros([BLOCK_Q], dtype=tl.int32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
-        k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
-                                             D, D_PAD, PAGE, PAGED)
-        s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
-        key = _score_key(s)
-        inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :]) & kmask[:, None] & rmask[None, :]
-        keep = inside & (key > thr[None, :])
-        keep_i = keep.to(tl.int32)
-        n_keep = tl.sum(keep_i, axis=0)  # [BLOCK_Q]
-        if tl.max(n_keep) > 0:
-            pos = cnt[None, :] + tl.cumsum(keep_i, axis=0) - 1
-            ptr = base[None, :] + pos
-            tl.store(bkey_ptr + ptr, key, mask=keep)
-            tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=keep)
-            cnt += n_keep
-            if tl.max(cnt) > CAP - BLOCK_N:
-                # the next tile could overflow a buffer: shrink every full row to topk
-                tl.debug_barrier()  # appends by other threads must be visible
-                take, pos2, keys, idx, T, n_take = _select(bkey_ptr, bidx_ptr, base, cnt, topk, CAP, BLOCK_Q)
-                tl.debug_barrier()  # every thread has read its entries before any moves
-                ptr2 = base[:, None] + pos2
-                tl.store(bkey_ptr + ptr2, keys, mask=take)
-                tl.store(bidx_ptr + ptr2, idx, mask=take)
-                tl.debug_barrier()
-                thr = tl.where(cnt > topk, T, thr)
-                cnt = n_take
+    seg = lo
+    while seg < hi:
+        room = (CAP - tl.max(cnt)) // BLOCK_N  # >= 1: cnt <= CAP - BLOCK_N here
+        seg_end = tl.minimum(seg + room * BLOCK_N, hi)
+        for n0 in range(seg, seg_end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
+            k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k,
+                                                 stride_bt, D, D_PAD, PAGE, PAGED)
+            s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
+            key = _score_key(s)
+            inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :]) & kmask[:, None]
+            keep = inside & (key > thr[None, :])
+            if APPEND_TILES:
+                any_keep = (tl.max(keep.to(tl.int32), axis=0) > 0) & rmask  # [BLOCK_Q]
+                pos = cnt[None, :] + tl.arange(0, BLOCK_N)[:, None]
+                ptr = base[None, :] + pos
+                m = any_keep[None, :] & (pos >= 0)
+                tl.store(bkey_ptr + ptr, tl.where(keep, key, INT32_MIN_C), mask=m)
+                tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=m)
+                cnt += tl.where(any_keep, BLOCK_N, 0)
+            else:
+                keep = keep & rmask[None, :]
+                keep_i = keep.to(tl.int32)
+                pos = cnt[None, :] + tl.cumsum(keep_i, axis=0) - 1
+                ptr = base[None, :] + pos
+                tl.store(bkey_ptr + ptr, key, mask=keep)
+                tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=keep)
+                cnt += tl.sum(keep_i, axis=0)
+        seg = seg_end
+        if (tl.max(cnt) > CAP - BLOCK_N) & (seg < hi):
+            # the next tile could overflow a buffer: shrink every row with more than topk
+            # entries to exactly topk and raise its threshold to the topk-th key
+            tl.debug_barrier()  # appends by other threads must be visible
+            take, pos2, keys, idx, T, n_take, full = _select(bkey_ptr, bidx_ptr, base, cnt, thr, topk, CAP,
+                                                             BLOCK_Q)
+            tl.debug_barrier()  # every thread has read its entries before any moves
+            ptr2 = base[:, None] + pos2
+            tl.store(bkey_ptr + ptr2, keys, mask=take)
+            tl.store(bidx_ptr + ptr2, idx, mask=take)
+            tl.debug_barrier()
+            thr = tl.where(full, T, thr)
+            cnt = n_take
     tl.debug_barrier()
-    take, pos, keys, idx, T, n_take = _select(bkey_ptr, bidx_ptr, base, cnt, topk, CAP, BLOCK_Q)
+    take, pos, keys, idx, T, n_take, full = _select(bkey_ptr, bidx_ptr, base, cnt, thr, topk, CAP, BLOCK_Q)
     obase = (rows.to(tl.int64) * n_split + pid_s) * topk
     optr = obase[:, None] + pos
     tl.store(okey_ptr + optr, keys, mask=take & rmask[:, None])
@@ -435,9 +468,10 @@ def _topk_buffers(rows: int, n_split: int, topk: int, cap: int, device) -> tuple
     return bufs
 
 
-def topk_cap(topk: int, block_n: int) -> int:
-    """Candidate buffer length: room for topk survivors plus one tile of newcomers."""
-    return triton.next_power_of_2(topk + block_n)
+def topk_cap(topk: int, block_n: int, mult: int = 1) -> int:
+    """Candidate buffer length: room for topk survivors plus one tile of newcomers
+    (times ``mult``)."""
+    return triton.next_power_of_2(topk + block_n) * mult
 
 
 def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
@@ -457,7 +491,7 @@ def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weig
     k_scale = k_scale.float().contiguous()
     bq, bn = cfg["BLOCK_Q"], cfg["BLOCK_N"]
     nq = triton.cdiv(s, bq)
-    cap = topk_cap(topk, bn)
+    cap = topk_cap(topk, bn, cfg.get("CAP_MULT", 1))
     n_split, split_len = choose_split(nq, s_kv, bn, q8.device, max(cap, 4 * bn), n_split)
     bkey, bidx, okey, oidx = _topk_buffers(s, n_split, topk, cap, q8.device)
     indexer_topk_kernel[(nq, n_split)](
@@ -467,5 +501,5 @@ def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weig
         q8.stride(0), q8.stride(1), k8.stride(0), weights.stride(0), 0,
         D=d, D_PAD=d_pad, H_PAD=h_pad, BLOCK_Q=bq, BLOCK_N=bn, PAGE=64, CAP=cap,
         TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(q8), PAGED=False, HEAVY_FIRST=True,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        APPEND_TILES=cfg.get("APPEND_TILES", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return merge_splits(okey, oidx, s, n_split, topk)

@@ -23,14 +23,21 @@ from .indexer import (_interpreted, _topk_buffers, choose_split, default_config,
 PAGE_SIZE = 64
 
 
+# Decode block sizes on sm_90 (one sequence a program, so the dot's N is next_n * H_PAD):
+# from the variant sweep of benchmarks/bench_indexer.py on an H200 (2026-11-28, batch 32
+# x 32K context: logits 0.069 ms with BLOCK_N 128 / 4 warps vs 0.096 with 64).
+PAGED_SM90 = dict(logits=dict(BLOCK_N=128, num_warps=4, num_stages=3),
+                  topk=dict(BLOCK_N=64, num_warps=4, num_stages=3))
+
+
 def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None) -> dict:
     h = q8.shape[2]
     h_pad = triton.next_power_of_2(h)
     cfg = default_config(q8.device, h, topk=topk)
+    if q8.device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(q8.device) >= (9, 0):
+        cfg.update(PAGED_SM90["topk" if topk else "logits"])
     # all next_n tokens of a sequence in one program (and N = BLOCK_Q * H_PAD >= 16)
     cfg["BLOCK_Q"] = max(triton.next_power_of_2(next_n), triton.cdiv(16, h_pad))
-    if q8.device.type == "cuda" and not _interpreted():
-        cfg["BLOCK_N"] = 64 if cfg["BLOCK_Q"] * h_pad > 128 else cfg["BLOCK_N"]
     cfg.update(config or {})
     return cfg
 
@@ -83,7 +90,7 @@ def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.
     q = q8.reshape(rows, h, d)
     weights = weights.float().contiguous()
     bn = cfg["BLOCK_N"]
-    cap = topk_cap(topk, bn)
+    cap = topk_cap(topk, bn, cfg.get("CAP_MULT", 1))
     n_split, split_len = choose_split(bsz, max(max_context_len, 1), bn, q8.device, max(cap, 8 * bn), n_split)
     bkey, bidx, okey, oidx = _topk_buffers(rows, n_split, topk, cap, q8.device)
     indexer_topk_kernel[(bsz, n_split)](
@@ -94,7 +101,7 @@ def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.
         D=d, D_PAD=max(triton.next_power_of_2(d), 16), H_PAD=triton.next_power_of_2(h),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE, CAP=cap,
         TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(q8), PAGED=True, HEAVY_FIRST=False,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        APPEND_TILES=cfg.get("APPEND_TILES", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return merge_splits(okey, oidx, rows, n_split, topk)
 
 

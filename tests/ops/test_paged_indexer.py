@@ -36,6 +36,22 @@ def make_cache(ctx, d, max_blocks, device=DEV, extra_blocks=3):
     return cache, block_table, torch.tensor(ctx, dtype=torch.int32, device=device)
 
 
+def paged_budget(q8, cache, w, cl, bt, r):
+    """Relative error allowed for the paged kernels' logits vs the float64 reference r:
+    fp32 summation order, plus the fp8 tensor-core accumulation on a GPU (see
+    tests/ops/test_indexer.py: FP8_MMA_REL times the norm of the |q|,|k|,|w| scores)."""
+    budget = 1e-6
+    if q8.is_cuda:
+        d = q8.shape[-1]
+        kv_abs = cache.kv.clone()
+        kv_abs[:, : 64 * d] &= 0x7F  # clear the e4m3 sign bits of the keys
+        mag = pref.paged_indexer_logits(q8.float().abs().to(torch.float8_e4m3fn).cpu(), kv_abs.cpu(),
+                                        w.double().abs().cpu(), cl.cpu(), bt.cpu())
+        fin = torch.isfinite(r)
+        budget += 2.0 ** -12 * float(mag[fin].norm() / r[fin].norm())
+    return budget
+
+
 def make_queries(bsz, next_n, h, d, device=DEV):
     q8 = (torch.randn(bsz, next_n, h, d, device=device) * 2).to(torch.float8_e4m3fn)
     w = torch.randn(bsz * next_n, h, device=device)
@@ -84,8 +100,7 @@ def test_paged_logits_match_reference(next_n):
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     assert not out.isnan().any()
     assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
-    r32 = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.float().cpu(), cl.cpu(), bt.cpu())
-    assert rel_err(out.cpu(), r) <= max(4 * rel_err(r32, r), 4e-7)
+    assert rel_err(out.cpu(), r) <= paged_budget(q8, cache, w, cl, bt, r)
     # the causal rule: query j of a sequence of n tokens sees positions <= n - next_n + j
     for b, n in enumerate(ctx):
         for j in range(next_n):
@@ -94,7 +109,7 @@ def test_paged_logits_match_reference(next_n):
             assert torch.isfinite(row[:max(lim, 0)]).all() and torch.isinf(row[max(lim, 0):]).all()
 
 
-def check_paged_topk(slots, r, bt, ctx, next_n, topk):
+def check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=0.0):
     """Every row holds min(topk, visible) distinct physical slots of visible positions,
     whose reference scores are the top ones, then -1 padding."""
     slots = slots.cpu().long()
@@ -111,17 +126,26 @@ def check_paged_topk(slots, r, bt, ctx, next_n, topk):
             assert pos.unique().numel() == want and bool((pos < lim).all()), f"row {t}: bad positions"
             got = torch.sort(r[t, pos], descending=True).values
             best = torch.topk(r[t, :lim], want).values
-            assert torch.allclose(got, best, rtol=1e-6, atol=0), f"row {t}: selected scores differ"
+            assert torch.allclose(got, best, rtol=1e-6, atol=atol), f"row {t}: selected scores differ"
 
 
-@pytest.mark.parametrize("next_n,topk,n_split", [(1, 16, None), (2, 24, 2), (1, 256, None)])
-def test_paged_topk_returns_physical_slots(next_n, topk, n_split):
+@pytest.mark.parametrize("next_n,topk,n_split,append_tiles", [
+    (1, 16, None, False), (2, 24, 2, False), (1, 256, None, False), (2, 16, None, True)])
+def test_paged_topk_returns_physical_slots(next_n, topk, n_split, append_tiles):
     ctx, h, d, max_blocks = [150, 3, 64, 97], 4, 32, 3
     cache, bt, cl = make_cache(ctx, d, max_blocks)
     q8, w = make_queries(len(ctx), next_n, h, d)
-    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, n_split=n_split)
+    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, n_split=n_split,
+                                    config=dict(APPEND_TILES=append_tiles))
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
-    check_paged_topk(slots, r, bt, ctx, next_n, topk)
+    check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
+
+
+def kernel_atol(q8, cache, w, cl, bt, r):
+    """Twice the kernel's largest logit error: near-ties within it may swap."""
+    out = pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, bt.shape[1] * 64).cpu()
+    fin = torch.isfinite(r)
+    return 2 * float((out[fin].double() - r[fin]).abs().max())
 
 
 def test_paged_api_validation_and_backends():
@@ -131,10 +155,10 @@ def test_paged_api_validation_and_backends():
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     for backend in ("triton", "reference"):
         slots = api.paged_indexer_topk(q8, cache.kv, w, cl, bt, 8, backend=backend)
-        check_paged_topk(slots, r, bt, ctx, 1, 8)
+        check_paged_topk(slots, r, bt, ctx, 1, 8, atol=kernel_atol(q8, cache, w, cl, bt, r))
     pa = api.paged_indexer_logits(q8, cache.kv, w, cl, bt, backend="triton").cpu()
     pb = api.paged_indexer_logits(q8, cache.kv, w, cl, bt, backend="reference").cpu()
-    assert pa.shape == pb.shape == (2, 128) and rel_err(pa, pb) < 1e-5
+    assert pa.shape == pb.shape == (2, 128) and rel_err(pa, pb) < 2 * paged_budget(q8, cache, w, cl, bt, r)
     with pytest.raises(ValueError, match="next_n"):
         api.paged_indexer_topk(q8.expand(2, 3, h, d).contiguous(), cache.kv, w.repeat(3, 1), cl, bt, 8)
     with pytest.raises(TypeError, match="q8"):
@@ -154,7 +178,7 @@ def test_gpu_paged_full_size(next_n):
     out = pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, max_blocks * 64)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
-    assert rel_err(out.cpu(), r) < 2e-5
+    assert rel_err(out.cpu(), r) <= paged_budget(q8, cache, w, cl, bt, r)
     slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk).cpu()
     ref_slots = pref.paged_indexer_topk(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu(), topk)
     # same number of valid slots per row, and the sets agree up to near-ties
