@@ -168,33 +168,35 @@ def test_bf16_gpu_matches_reference(h):
     for det in (False, True):
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, d_v, deterministic=det)
         for got, want, low in ((dq, gq64, gq16), (dkv, gkv64, gkv16)):
-            budget = 2 * rel_err(low, want) + 1e-3
+            # low: fp32 math on the bf16 values, grads rounded to bf16; the kernel also
+            # rounds P and dS to bf16 as tensor-core operands: allow that much again.
+            budget = 3 * rel_err(low, want) + 2e-3
             assert rel_err(got, want) <= budget, (det, rel_err(got, want), budget)
 
 
-@requires_cuda
-def test_torch_compile_fullgraph_forward_backward():
-    """A module whose forward calls flashdsa.sparse_mla_fwd compiles with fullgraph=True,
-    and its gradients equal eager ones."""
-    class Toy(torch.nn.Module):
-        def __init__(self, dim, h, d_qk, d_v):
-            super().__init__()
-            self.h, self.d_qk, self.d_v = h, d_qk, d_v
-            self.wq = torch.nn.Linear(dim, h * d_qk, bias=False)
-            self.wkv = torch.nn.Linear(dim, d_qk, bias=False)
-            self.wo = torch.nn.Linear(h * d_v, dim, bias=False)
+class Toy(torch.nn.Module):
+    """q and kv projected from x, sparse attention through the public op, output projection."""
 
-        def forward(self, x, idx):
-            q = self.wq(x).view(x.shape[0], self.h, self.d_qk)
-            kv = self.wkv(x).view(x.shape[0], 1, self.d_qk)
-            out, _, lse = flashdsa.sparse_mla_fwd(q, kv, idx, self.d_qk ** -0.5, self.d_v, backend="triton")
-            return self.wo(out.reshape(x.shape[0], -1)), lse
+    def __init__(self, dim, h, d_qk, d_v):
+        super().__init__()
+        self.h, self.d_qk, self.d_v = h, d_qk, d_v
+        self.wq = torch.nn.Linear(dim, h * d_qk, bias=False)
+        self.wkv = torch.nn.Linear(dim, d_qk, bias=False)
+        self.wo = torch.nn.Linear(h * d_v, dim, bias=False)
 
+    def forward(self, x, idx):
+        q = self.wq(x).view(x.shape[0], self.h, self.d_qk)
+        kv = self.wkv(x).view(x.shape[0], 1, self.d_qk)
+        out, _, lse = flashdsa.sparse_mla_fwd(q, kv, idx, self.d_qk ** -0.5, self.d_v, backend="triton")
+        return self.wo(out.reshape(x.shape[0], -1)), lse
+
+
+def _compile_check(T, dim, h, d_qk, d_v, topk, device, dtype, tol):
+    """torch.compile(fullgraph=True) of Toy forward + backward == eager."""
     torch.manual_seed(0)
-    T, dim, h, d_qk, d_v, topk = 256, 256, 64, 576, 512, 64
-    model = Toy(dim, h, d_qk, d_v).cuda().to(torch.bfloat16)
-    x = torch.randn(T, dim, device="cuda", dtype=torch.bfloat16)
-    idx = _indices(T, T, topk, "cuda", invalid=False)
+    model = Toy(dim, h, d_qk, d_v).to(device, dtype)
+    x = torch.randn(T, dim, device=device, dtype=dtype)
+    idx = _indices(T, T, topk, device, invalid=False)
     compiled = torch.compile(model, fullgraph=True)
     y, lse = compiled(x, idx)
     y.float().square().mean().backward()
@@ -202,6 +204,18 @@ def test_torch_compile_fullgraph_forward_backward():
     model.zero_grad()
     y2, _ = model(x, idx)
     y2.float().square().mean().backward()
-    assert rel_err(y, y2) < 1e-2
+    assert rel_err(y, y2) < tol
     for g, g2 in zip(grads, (p.grad for p in model.parameters())):
-        assert rel_err(g, g2) < 2e-2
+        assert rel_err(g, g2) < tol
+
+
+def test_torch_compile_fullgraph_tiny():
+    """Traceable without graph breaks (custom ops + fake kernels), also on CPU (interpreter)."""
+    _compile_check(8, 16, 2, 48, 32, 5, KERNEL_DEVICE, torch.float32, 1e-5)
+
+
+@requires_cuda
+def test_torch_compile_fullgraph_forward_backward():
+    """A module whose forward calls flashdsa.sparse_mla_fwd compiles with fullgraph=True on
+    the GPU at the real widths, and its gradients equal eager ones."""
+    _compile_check(256, 256, 64, 576, 512, 64, "cuda", torch.bfloat16, 2e-2)
