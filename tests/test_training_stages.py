@@ -111,17 +111,19 @@ def test_bad_stage():
 
 
 @requires_cuda
-def test_sparse_stage_bf16_gpu_runs_and_compiles():
-    """bf16 on the GPU through the Triton path: finite loss, gradients in the indexer,
-    and torch.compile of the stage (graph breaks allowed: top-k selection is host-driven)."""
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_stage_bf16_gpu(stage):
+    """bf16 on the GPU through the Triton path at the real attention widths (latent 512,
+    rope 64, indexer 64 x 128): finite loss close to the reference backend's, gradients
+    in the indexer only from the loss."""
     torch.manual_seed(3)
-    cfg = tiny_config(num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=64, index_n_heads=16,
-                      index_head_dim=64, index_topk=32)
+    cfg = tiny_config(num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_n_heads=64,
+                      index_head_dim=128, index_topk=64, hidden_size=256, q_lora_rank=128)
     m = MLA(cfg).cuda().to(torch.bfloat16)
-    x, pos, cu = _batch(lens=(70, 130), dtype=torch.bfloat16, device="cuda")
-    out, loss = m(x, pos, cu, stage="sparse", backend="triton")
+    x, pos, cu = _batch(lens=(70, 130), hidden=256, dtype=torch.bfloat16, device="cuda")
+    out, loss = m(x, pos, cu, stage=stage, backend="triton")
     (out.float().square().mean() + loss).backward()
     assert torch.isfinite(loss) and m.indexer.wq_b.weight.grad.abs().sum() > 0
-    compiled = torch.compile(m)
-    out2, loss2 = compiled(x, pos, cu, stage="sparse", backend="triton")
-    assert rel_err(loss2, loss) < 1e-2
+    with torch.no_grad():
+        _, loss_ref = m(x, pos, cu, stage=stage, backend="reference")
+    assert rel_err(loss, loss_ref) < 2e-2
