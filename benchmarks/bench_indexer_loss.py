@@ -104,10 +104,15 @@ def main():
                 rows.append(dict(stage="sparse", h=h, variant=str(v), note="compile failed"))
                 continue
             cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
-            kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg)
-            dkl = torch.ones_like(kl)
-            tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg))
-            tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, idx, None, None, st, p, sm_scale, cfg))
+            try:
+                kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg)
+                dkl = torch.ones_like(kl)
+                tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg))
+                tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, idx, None, None, st, p,
+                                                       sm_scale, cfg))
+            except Exception as e:
+                rows.append(dict(stage="sparse", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
+                continue
             rows.append(dict(stage="sparse", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
                              tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9, ratio_to_attn_fwd=(tf + tb) / t_attn,
                              fwd_ratio=tf / t_attn, finite=bool(torch.isfinite(kl).all())))
@@ -129,25 +134,29 @@ def main():
             if (v, h) in failures:
                 continue
             cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
-            kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
-            dkl = torch.ones_like(kl)
-            tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg))
-            tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, st, p, sm_scale, cfg))
+            try:
+                kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
+                dkl = torch.ones_like(kl)
+                tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg))
+                tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, st, p,
+                                                       sm_scale, cfg))
+            except Exception as e:
+                rows.append(dict(stage="warmup", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
+                continue
             rows.append(dict(stage="warmup", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
                              tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9,
                              ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est))
         del q, kv, iq, ik, w, lse
         torch.cuda.empty_cache()
-
-    print_table(rows, ["stage", "h", "variant", "fwd_ms", "bwd_ms", "ms", "tflops", "ratio_to_attn_fwd",
-                       "ratio_to_dense_fwd_est"])
-    path = write_result("indexer_loss" + ("_sweep" if args.sweep else ""), dict(
-        shapes=dict(sparse=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK), warmup=dict(T=T_WARM), d_qk=D_QK, d_v=D_V,
-                    h_i=HI, d_i=DI, dtype="bf16"),
-        notes="ratio_to_attn_fwd: (loss fwd + bwd) / sparse_mla_fwd at the same shape, same run. "
-              "ratio_to_dense_fwd_est: vs dense causal forward FLOPs at the sparse forward's measured rate.",
-        ceilings=ceil, configs=L.CONFIGS, rows=rows,
-        compile_failures={f"{v} h{h}": e for (v, h), e in failures.items()}))
+        path = write_result("indexer_loss" + ("_sweep" if args.sweep else ""), dict(
+            shapes=dict(sparse=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK), warmup=dict(T=T_WARM), d_qk=D_QK, d_v=D_V,
+                        h_i=HI, d_i=DI, dtype="bf16"),
+            notes="ratio_to_attn_fwd: (loss fwd + bwd) / sparse_mla_fwd at the same shape, same run. "
+                  "ratio_to_dense_fwd_est: vs dense causal forward FLOPs at the sparse forward's measured rate.",
+            ceilings=ceil, configs=L.CONFIGS, rows=rows,
+            compile_failures={f"{v} h{h}": e for (v, h), e in failures.items()}))
+        print_table(rows, ["stage", "h", "variant", "fwd_ms", "bwd_ms", "ms", "tflops", "ratio_to_attn_fwd",
+                           "ratio_to_dense_fwd_est"])
     print("wrote", path)
 
 

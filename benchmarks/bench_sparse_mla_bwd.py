@@ -168,20 +168,20 @@ def main():
                         fn = lambda: bwd_mod.launch_dkv(m, 0, S_Q, p_buf, ds_buf, dkv)  # noqa: E731
                         fl = f_fwd  # dS^T q (576) + P^T dout (512)
                     try:
-                        t = bench_ms(fn, warmup=25, rep=150)
+                        t = bench_ms(fn, warmup=10, rep=100)
                         rows.append(dict(h=h, variant=f"{kind} {v}", ms=t, tflops=fl / t * 1e-9))
                     except Exception as e:
                         rows.append(dict(h=h, variant=f"{kind} {v}", ms=None, note=str(e)[:120]))
             del p_buf, ds_buf, dq, dkv
         del q, kv, idx, dout, out, lse
         torch.cuda.empty_cache()
-
-    print_table(rows, ["h", "variant", "ms", "tflops", "ratio_bf16"])
-    path = write_result("sparse_mla_bwd" + ("_sweep" if args.sweep else ""), dict(
-        shape=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V, dtype="bf16"),
-        flop_convention="2.5 x forward 2*s_q*h*topk*(d_qk+d_v); 'exact_tflops' counts the five products",
-        ceilings=ceil, config=bwd_mod.CONFIGS["sm90"], rows=rows,
-        compile_failures={f"{k} {v}": e for (k, v), e in failures.items()}))
+        # Written after each head count so a run cut short still brings its numbers back.
+        path = write_result("sparse_mla_bwd" + ("_sweep" if args.sweep else ""), dict(
+            shape=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V, dtype="bf16"),
+            flop_convention="2.5 x forward 2*s_q*h*topk*(d_qk+d_v); 'exact_tflops' counts the five products",
+            ceilings=ceil, config=bwd_mod.CONFIGS["sm90"], rows=rows,
+            compile_failures={f"{k} {v}": e for (k, v), e in failures.items()}))
+        print_table(rows, ["h", "variant", "ms", "tflops", "ratio_bf16"])
     print("wrote", path)
 
 
