@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .llm import LLMEngine, RequestOutput

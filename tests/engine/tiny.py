@@ -5,7 +5,7 @@ from flashdsa.config import DSAConfig
 from flashdsa.model import DSAForCausalLM
 
 
-def tiny_model(seed: int = 0, dtype=torch.float64, **kw) -> DSAForCausalLM:
+def tiny_model(seed: int = 0, dtype=torch.float64, std: float = 0.2, **kw) -> DSAForCausalLM:
     """2 layers (one dense MLP, one MoE), odd head counts, YaRN RoPE, a 259-token
     vocabulary (bytes + pad/bos/eos) and index_topk 8 so that sparse selection starts early.
 
@@ -23,7 +23,7 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **kw) -> DSAForCausalLM:
     # a larger init than 0.02 gives peaked next-token distributions: greedy tokens then
     # do not hinge on rounding-level differences
     model = DSAForCausalLM(DSAConfig(**base))
-    model.init_weights(std=0.2)
+    model.init_weights(std=std)
     return model.to(dtype).eval()
 
 

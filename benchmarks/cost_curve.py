@@ -1,0 +1,414 @@
+"""Long-context cost curve: time per token of prefill and decode, DSA against dense.
+
+    python -m benchmarks.cost_curve                      # H200: V3.2 shapes, 8K..128K (about 5 min)
+    python -m benchmarks.cost_curve --toy                # CPU: tiny shapes, checks the logic only
+    python -m benchmarks.cost_curve --plot-from benchmarks/results/cost_curve.json
+
+What is timed: a stack of ``--layers`` MLA attention layers with DeepSeek-V3.2 shapes
+(hidden 7168, 128 heads, q_lora 1536, kv_lora 512, rope 64, indexer 64 x 128, top-k 2048),
+bf16 weights, the attention sub-layer only (projections included, no MLP/MoE: those
+cost the same per token in both models). The caches hold ``L - chunk`` earlier tokens
+of random data (for prefill) or ``L - 1`` (for decode); the step computes the rest.
+
+- DSA prefill: one engine step (flashdsa.engine.attention.paged_mla_attention) over a
+  chunk of ``--chunk`` new tokens per sequence at positions [L - chunk, L): latent and
+  indexer cache writes, indexer top-k of every query over its L-token paged key cache,
+  sparse MLA over the selected 2048 rows. Per token = step time / (batch * chunk).
+- Dense prefill (MHA mode, the baseline the issue names): the same projections, keys and
+  values expanded through kv_b_proj for the chunk and kept in a per-sequence MHA cache
+  [b, 128, L, 192 | 128] (the context's K/V are cached, not re-expanded: generous to the
+  baseline), attention through torch SDPA (math backend excluded): one call with a
+  bottom-right causal mask when this torch supports it, else the prefix (no mask) and
+  the chunk itself (causal) as two calls whose combination is not timed (elementwise).
+- DSA decode: one engine decode step (one token per sequence at position L - 1): paged
+  indexer top-k kernel over the key cache, sparse MLA decode kernel.
+- Dense decode (absorbed MLA): every head attends to all L latent rows. Two
+  implementations, and the faster one is the baseline: ``bmm`` (scores, softmax, values
+  with torch bmm over the sequence's contiguous pages) and ``kernel`` (the sparse decode
+  kernel given all L positions: a FlashMLA-style dense pass).
+
+Batches: 1 and a serving batch (``--prefill-batch`` sequences of prefill chunks,
+``--decode-batch`` decode sequences). Every timing is a median of triton's do_bench
+(CUDA events). Results go to benchmarks/results/cost_curve.json ($OUT when set) with the
+ceilings measured in the same run, and a plot (SVG, no plotting library needed) like
+the paper's cost figure next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flashdsa import api
+from flashdsa.config import DSAConfig
+from flashdsa.engine.attention import StepMetadata, paged_mla_attention
+from flashdsa.engine.cache import PAGE_SIZE, PagedCaches
+from flashdsa.engine.kernels import indexer_cache_write
+from flashdsa.layers import MLA
+from flashdsa.reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
+
+V32 = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+           qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128, index_topk=2048)
+TOY = dict(hidden_size=128, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+           qk_rope_head_dim=16, v_head_dim=32, index_n_heads=4, index_head_dim=32, index_topk=64)
+
+
+# --- timing -------------------------------------------------------------------------------
+def time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn(): do_bench on a GPU, perf_counter medians on CPU."""
+    if device.type == "cuda":
+        from benchmarks.common import bench_ms
+        return bench_ms(fn, warmup=10, rep=50)
+    fn()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+# --- the layer stack and its caches ----------------------------------------------------------
+def make_layers(cfg: DSAConfig, n: int, device, dtype) -> list[MLA]:
+    layers = []
+    for _ in range(n):
+        m = MLA(cfg)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.02)
+        m = m.to(device=device, dtype=dtype).eval()
+        # RoPE frequencies stay fp32 (module.to(dtype) rounded the buffer)
+        m.inv_freq = yarn_inv_freq(m.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
+                                   cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow).to(device)
+        layers.append(m)
+    return layers
+
+
+def make_caches(cfg: DSAConfig, n_layers: int, n_seqs: int, ctx: int, device, dtype, kv_cache_dtype: str):
+    """Paged caches with sequence b in the contiguous blocks [b * nb, (b + 1) * nb),
+    filled with random latent rows and indexer keys (written through the engine's
+    quantizing cache write, so the key bytes and scales are valid e4m3 / fp32)."""
+    nb = -(-ctx // PAGE_SIZE)
+    caches = PagedCaches(n_layers, n_seqs * nb, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim,
+                         kv_cache_dtype, dtype, device, cfg.kv_lora_rank)
+    n_slots = n_seqs * nb * PAGE_SIZE
+    step = 1 << 20
+    g = torch.Generator(device=device).manual_seed(0)
+    for layer in range(n_layers):
+        if caches.kv_format == "bf16":
+            caches.latent[layer].normal_(generator=g)
+        for s0 in range(0, n_slots, step):
+            slots = torch.arange(s0, min(s0 + step, n_slots), device=device)
+            if caches.kv_format != "bf16":
+                rows = torch.randn(slots.numel(), caches.latent_dim, device=device, dtype=dtype, generator=g)
+                caches.write_latent(layer, slots, rows)
+            keys = torch.randn(slots.numel(), cfg.index_head_dim, device=device, dtype=dtype, generator=g)
+            indexer_cache_write(caches.index_layer(layer), keys, slots)
+    table = torch.arange(n_seqs * nb, device=device, dtype=torch.int32).view(n_seqs, nb)
+    return caches, table
+
+
+def step_metadata(table: torch.Tensor, n_seqs: int, ctx: int, n_new: int) -> StepMetadata:
+    """Metadata of one step: ``n_new`` tokens per sequence at positions [ctx - n_new, ctx)."""
+    dev = table.device
+    pos = torch.arange(ctx - n_new, ctx, device=dev).repeat(n_seqs)                         # [T]
+    seq = torch.arange(n_seqs, device=dev).repeat_interleave(n_new)                          # [T]
+    bt = table[:n_seqs]
+    slots = bt[seq, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+    return StepMetadata(positions=pos, slots=slots, token_seq=seq, block_table=bt.contiguous(),
+                        context_lens=torch.full((n_seqs,), ctx, dtype=torch.int32, device=dev),
+                        query_start=[i * n_new for i in range(n_seqs + 1)])
+
+
+# --- dense baselines ---------------------------------------------------------------------------
+def _projections(attn: MLA, x: torch.Tensor, positions: torch.Tensor):
+    t = x.shape[0]
+    cos, sin = rope_cos_sin(positions, attn.inv_freq)
+    qr = attn.q_a_layernorm(attn.q_a_proj(x))
+    q_nope, q_pe = attn.q_b_proj(qr).view(t, attn.n_heads, attn.nope + attn.rope).split((attn.nope, attn.rope), -1)
+    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+    kv, k_pe = attn.kv_a_proj_with_mqa(x).split((attn.kv_lora_rank, attn.rope), dim=-1)
+    kv = attn.kv_a_layernorm(kv)
+    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)          # [T, 1, r]
+    return q_nope, q_pe, kv, k_pe
+
+
+def sdpa_kernels(device):
+    """Context manager restricting SDPA to fused kernels on a GPU (never the math
+    backend, which would materialize [b, h, chunk, L] scores)."""
+    if device.type != "cuda":
+        import contextlib
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
+def lower_right_mask(c: int, n: int):
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+        return causal_lower_right(c, n)
+    except ImportError:
+        return None
+
+
+def dense_prefill(layers, x, positions, kcache, vcache, n_seqs: int, ctx: int, chunk: int, mode: str):
+    """MHA-mode prefill of a chunk per sequence; kcache [b, H, ctx, 192], vcache [b, H, ctx, 128]."""
+    for attn in layers:
+        q_nope, q_pe, kv, k_pe = _projections(attn, x, positions)
+        t, h = x.shape[0], attn.n_heads
+        k_nope, v = attn.kv_b_proj(kv).view(t, h, attn.nope + attn.v_dim).split((attn.nope, attn.v_dim), -1)
+        k = torch.cat((k_nope, k_pe.expand(-1, h, -1)), dim=-1)
+        kcache[:n_seqs, :, ctx - chunk:ctx] = k.view(n_seqs, chunk, h, -1).transpose(1, 2)
+        vcache[:n_seqs, :, ctx - chunk:ctx] = v.view(n_seqs, chunk, h, -1).transpose(1, 2)
+        q = torch.cat((q_nope, q_pe), dim=-1).view(n_seqs, chunk, h, -1).transpose(1, 2)   # [b, H, C, 192]
+        kk, vv = kcache[:n_seqs, :, :ctx], vcache[:n_seqs, :, :ctx]
+        if mode == "lower_right":
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=lower_right_mask(chunk, ctx),
+                                               scale=attn.softmax_scale)
+        else:  # "split": prefix without a mask + the chunk causally; their merge is not timed
+            o = F.scaled_dot_product_attention(q, kk[:, :, :ctx - chunk], vv[:, :, :ctx - chunk],
+                                               scale=attn.softmax_scale)
+            o = o + F.scaled_dot_product_attention(q, kk[:, :, ctx - chunk:], vv[:, :, ctx - chunk:],
+                                                   is_causal=True, scale=attn.softmax_scale)
+        attn.o_proj(o.transpose(1, 2).reshape(t, h * attn.v_dim))
+
+
+def dense_decode(layers, x, positions, caches, meta, ctx: int, impl: str, all_idx=None):
+    """Absorbed dense MLA decode: every head over all ``ctx`` latent rows of its sequence."""
+    b = x.shape[0]
+    for i, attn in enumerate(layers):
+        q_nope, q_pe, kv, k_pe = _projections(attn, x, positions)
+        caches.write_latent(i, meta.slots, torch.cat((kv, k_pe[:, 0]), dim=-1))
+        w_uk, w_uv = attn._kv_b().split((attn.nope, attn.v_dim), dim=1)
+        q = torch.cat((torch.einsum("thd,hdc->thc", q_nope, w_uk), q_pe), dim=-1)        # [b, H, 576]
+        if impl == "bmm":
+            rows = caches.latent_layer(i).view(-1, caches.latent_dim)
+            kvc = rows[: b * meta.block_table.shape[1] * PAGE_SIZE].view(b, -1, caches.latent_dim)[:, :ctx]
+            p = torch.softmax(torch.bmm(q, kvc.transpose(1, 2)).float() * attn.softmax_scale, dim=-1)
+            o = torch.bmm(p.to(q.dtype), kvc[..., :attn.kv_lora_rank])                   # [b, H, 512]
+        else:
+            o, _ = api.sparse_mla_decode(q[:, None].contiguous(), caches.latent_layer(i), all_idx,
+                                         attn.softmax_scale, attn.kv_lora_rank, caches.kv_format)
+            o = o[:, 0]
+        attn.o_proj(torch.einsum("thc,hdc->thd", o, w_uv).flatten(1))
+
+
+def dsa_step(layers, x, meta, caches):
+    for i, attn in enumerate(layers):
+        paged_mla_attention(attn, x, meta, caches, i)
+
+
+# --- the sanity check (same run as the timings) ---------------------------------------------
+def check_kernels(cfg, device, dtype) -> dict:
+    """Engine attention on the kernels vs the reference path, one V3.2 layer, context
+    past top-k: a prefill chunk and a decode batch. Relative error of the outputs."""
+    layer = make_layers(cfg, 1, device, dtype)
+    ctx = cfg.index_topk + 500
+    caches, table = make_caches(cfg, 1, 4, ctx, device, dtype, "auto")
+    out = {}
+    for name, n_seqs, n_new in (("prefill", 1, 32), ("decode", 4, 1)):
+        meta = step_metadata(table, n_seqs, ctx, n_new)
+        x = torch.randn(n_seqs * n_new, cfg.hidden_size, device=device, dtype=dtype)
+        with torch.no_grad():
+            got = paged_mla_attention(layer[0], x, meta, caches, 0, backend="auto").float()
+            ref = paged_mla_attention(layer[0], x, meta, caches, 0, backend="reference").float()
+        out[name + "_rel_err"] = float((got - ref).norm() / ref.norm())
+    out["ok"] = all(v < 3e-2 for v in out.values())
+    return out
+
+
+# --- the sweep -------------------------------------------------------------------------------
+def run(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = DSAConfig(**(TOY if args.toy else V32), rope_factor=40.0 if not args.toy else 1.0,
+                    max_position_embeddings=max(163840, max(args.contexts)))
+    result = {"config": {k: getattr(cfg, k) for k in V32}, "layers": args.layers, "chunk": args.chunk,
+              "prefill_batches": [1, args.prefill_batch], "decode_batches": [1, args.decode_batch],
+              "kv_cache_dtype": args.kv_cache_dtype, "device_type": device.type, "rows": [], "errors": []}
+    if device.type == "cuda":
+        from benchmarks.common import environment, measure_ceilings
+        result.update(environment())
+        result["ceilings"] = measure_ceilings()
+    # on CPU both paths are the reference: the check then only exercises the code
+    result["check"] = check_kernels(cfg, device, dtype)
+    print("check (kernels vs reference):", result["check"], flush=True)
+    layers = make_layers(cfg, args.layers, device, dtype)
+    mask_ok = lower_right_mask(2, 4) is not None
+    t_start = time.time()
+    for ctx in args.contexts:
+        if time.time() - t_start > args.budget_s:
+            result["errors"].append(f"context {ctx}: skipped, time budget of {args.budget_s} s spent")
+            continue
+        n_seqs = max(args.prefill_batch, args.decode_batch)
+        caches, table = make_caches(cfg, args.layers, n_seqs, ctx, device, dtype, args.kv_cache_dtype)
+        h = cfg.num_attention_heads
+        kcache = torch.zeros(args.prefill_batch, h, ctx, cfg.qk_head_dim, device=device, dtype=dtype)
+        vcache = torch.zeros(args.prefill_batch, h, ctx, cfg.v_head_dim, device=device, dtype=dtype)
+        kcache.normal_()
+        vcache.normal_()
+        row = {"context": ctx}
+
+        def measure(key, fn, tokens):
+            try:
+                with torch.no_grad():
+                    ms = time_ms(fn, device)
+                row[key] = ms * 1e3 / tokens     # microseconds per token
+            except Exception as e:  # record and go on: one failing variant must not lose the run
+                result["errors"].append(f"context {ctx} {key}: {type(e).__name__}: {str(e)[:300]}")
+                row[key] = None
+
+        for b in (1, args.prefill_batch):
+            meta = step_metadata(table, b, ctx, args.chunk)
+            x = torch.randn(b * args.chunk, cfg.hidden_size, device=device, dtype=dtype)
+            measure(f"prefill_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches), b * args.chunk)
+            modes = (["lower_right"] if mask_ok else []) + ["split"]
+            for mode in modes:
+                with sdpa_kernels(device):
+                    measure(f"prefill_dense_b{b}", lambda: dense_prefill(layers, x, meta.positions, kcache, vcache,
+                                                                         b, ctx, args.chunk, mode), b * args.chunk)
+                if row[f"prefill_dense_b{b}"] is not None:
+                    row[f"prefill_dense_mode_b{b}"] = mode
+                    break
+        del kcache, vcache
+        for b in (1, args.decode_batch):
+            meta = step_metadata(table, b, ctx, 1)
+            x = torch.randn(b, cfg.hidden_size, device=device, dtype=dtype)
+            measure(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches), b)
+            measure(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+                                                                   "bmm"), b)
+            all_idx = (table[:b, :, None].long() * PAGE_SIZE + torch.arange(PAGE_SIZE, device=device)).view(b, 1, -1)
+            all_idx = all_idx[..., :ctx].to(torch.int32).contiguous()
+            measure(f"decode_dense_kernel_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+                                                                      "kernel", all_idx), b)
+            dense = [v for v in (row[f"decode_dense_bmm_b{b}"], row[f"decode_dense_kernel_b{b}"]) if v is not None]
+            row[f"decode_dense_b{b}"] = min(dense) if dense else None
+        for phase in ("prefill", "decode"):
+            for b in (1, args.prefill_batch if phase == "prefill" else args.decode_batch):
+                d, s = row.get(f"{phase}_dense_b{b}"), row.get(f"{phase}_dsa_b{b}")
+                row[f"{phase}_speedup_b{b}"] = d / s if d and s else None
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        del caches, table
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write(result, args)
+    return result
+
+
+# --- output ------------------------------------------------------------------------------------
+def write(result: dict, args) -> None:
+    out_dir = args.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    name = "cost_curve_toy" if args.toy else "cost_curve"
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, name + ".svg"), "w") as f:
+        f.write(svg_plot(result))
+
+
+def svg_plot(result: dict) -> str:
+    """Two panels like the paper's cost figure: microseconds per token against the
+    token's position (context), prefill left and decode right, dense in grey and DSA in
+    blue, batch 1 solid and the serving batch dashed. Log-2 x axis, linear y axis."""
+    rows = [r for r in result["rows"]]
+    if not rows:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    w, hgt, pad = 420, 300, 55
+    ctxs = [r["context"] for r in rows]
+    x0, x1 = math.log2(min(ctxs)), math.log2(max(ctxs))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + 20}" height="{hgt + 40}" '
+             'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for p, phase in enumerate(("prefill", "decode")):
+        bs = result["prefill_batches" if phase == "prefill" else "decode_batches"]
+        series = []
+        for method, color in (("dense", "#777777"), ("dsa", "#1f5fbf")):
+            for j, b in enumerate(bs):
+                pts = [(r["context"], r.get(f"{phase}_{method}_b{b}")) for r in rows]
+                pts = [(c, v) for c, v in pts if v is not None]
+                series.append((f"{method.upper() if method == 'dsa' else 'dense'} b={b}", color,
+                               "6,4" if j else "", pts))
+        ymax = max([v for *_, pts in series for _, v in pts] or [1.0]) * 1.1
+        ox = p * (w + 20)
+
+        def px(c):
+            return ox + pad + (math.log2(c) - x0) / max(x1 - x0, 1e-9) * (w - pad - 10)
+
+        def py(v):
+            return 20 + (1 - v / ymax) * (hgt - 40)
+
+        parts.append(f'<text x="{ox + w / 2}" y="14" text-anchor="middle" font-weight="bold">'
+                     f'{phase}: time per token (us), {result["layers"]} layers</text>')
+        parts.append(f'<line x1="{ox + pad}" y1="{hgt - 20}" x2="{ox + w - 10}" y2="{hgt - 20}" stroke="black"/>')
+        parts.append(f'<line x1="{ox + pad}" y1="20" x2="{ox + pad}" y2="{hgt - 20}" stroke="black"/>')
+        for c in ctxs:
+            label = f"{c // 1024}K" if c >= 1024 else str(c)
+            parts.append(f'<text x="{px(c):.1f}" y="{hgt - 6}" text-anchor="middle">{label}</text>')
+        for k in range(5):
+            v = ymax * k / 4
+            parts.append(f'<text x="{ox + pad - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+            parts.append(f'<line x1="{ox + pad}" y1="{py(v):.1f}" x2="{ox + w - 10}" y2="{py(v):.1f}" '
+                         'stroke="#eeeeee"/>')
+        for n, (label, color, dash, pts) in enumerate(series):
+            if pts:
+                path = " ".join(f"{px(c):.1f},{py(v):.1f}" for c, v in pts)
+                parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
+                             f'stroke-dasharray="{dash}"/>')
+            ly = 30 + 14 * n
+            parts.append(f'<line x1="{ox + pad + 10}" y1="{ly}" x2="{ox + pad + 34}" y2="{ly}" stroke="{color}" '
+                         f'stroke-width="2" stroke-dasharray="{dash}"/>')
+            parts.append(f'<text x="{ox + pad + 38}" y="{ly + 4}">{label}</text>')
+        parts.append(f'<text x="{ox + w / 2}" y="{hgt + 30}" text-anchor="middle">context (token position)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=None)
+    ap.add_argument("--layers", type=int, default=2, help="attention layers in the stack")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk per sequence (default 2048; toy 32)")
+    ap.add_argument("--prefill-batch", type=int, default=None, help="serving batch of prefill (default 4; toy 2)")
+    ap.add_argument("--decode-batch", type=int, default=None, help="serving batch of decode (default 32; toy 4)")
+    ap.add_argument("--kv-cache-dtype", default=None, choices=("bf16", "fp8_ds_mla", "auto"),
+                    help="latent cache of the DSA path (default bf16; toy: auto = fp32)")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="start no new context after this many seconds")
+    ap.add_argument("--toy", action="store_true", help="tiny shapes on CPU: checks the logic, times nothing useful")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
+    ap.add_argument("--plot-from", default=None, help="only redraw the SVG of a result JSON (next to it)")
+    args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            result = json.load(f)
+        path = os.path.splitext(args.plot_from)[0] + ".svg"
+        with open(path, "w") as f:
+            f.write(svg_plot(result))
+        print("wrote", path)
+        return
+    toy = args.toy
+    args.contexts = args.contexts or ([128, 256, 512] if toy else [8192, 16384, 32768, 65536, 131072])
+    args.chunk = args.chunk or (32 if toy else 2048)
+    args.prefill_batch = args.prefill_batch or (2 if toy else 4)
+    args.decode_batch = args.decode_batch or (4 if toy else 32)
+    args.kv_cache_dtype = args.kv_cache_dtype or ("auto" if toy else "bf16")
+    if toy and args.kv_cache_dtype == "fp8_ds_mla":
+        raise SystemExit("--toy shapes have no fp8_ds_mla layout (needs 512 + 64 latent dims)")
+    result = run(args)
+    for r in result["rows"]:
+        print(f"context {r['context']:>7}: prefill dense/DSA x{r.get('prefill_speedup_b1') or float('nan'):.2f} "
+              f"(b=1), x{r.get(f'prefill_speedup_b{args.prefill_batch}') or float('nan'):.2f} "
+              f"(b={args.prefill_batch}); decode x{r.get('decode_speedup_b1') or float('nan'):.2f} (b=1), "
+              f"x{r.get(f'decode_speedup_b{args.decode_batch}') or float('nan'):.2f} (b={args.decode_batch})")
+    for e in result["errors"]:
+        print("error:", e)
+
+
+if __name__ == "__main__":
+    main()
