@@ -36,12 +36,16 @@ LN2 = 0.6931471805599453
 # BLOCK_H: heads per program (64 = one wgmma M tile on Hopper; 8 warps split d_v in two
 # halves of 256 so the fp32 accumulator [64, 512] costs 128 registers a thread).
 # BLOCK_K: gathered rows per step; num_stages: software pipelining depth of the gathers
-# (each stage holds a [BLOCK_K, 576] bf16 tile in shared memory, q takes another 72 KB).
-# Chosen by benchmarks/bench_sparse_mla.py --sweep on an H200; see docs/benchmarks_sparse_mla.md.
+# (each stage holds a [BLOCK_K, 576] tile in shared memory, q takes another 72 KB).
+# PV_LAG: see _sparse_mla_fwd_kernel (q.k split between the two warpgroups instead of
+# computed by both, for a second gather of the value rows).
+# Chosen by benchmarks/bench_sparse_mla.py --sweep on an H200 (docs/benchmarks_sparse_mla.md);
+# the sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2),
-    "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2),
-    "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    "sm90": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=True),
+    "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=True),
+    "sm80": dict(BLOCK_H=64, BLOCK_K=16, num_warps=8, num_stages=2, PV_LAG=True),
+    "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2, PV_LAG=False),
 }
 
 
@@ -49,11 +53,11 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(device: torch.device, h_q: int, d_v: int) -> dict:
+def default_config(device: torch.device, h_q: int, d_v: int, fp8: bool = False) -> dict:
     """Block sizes for a problem; tiny/odd shapes get small blocks."""
     if d_v > 256 and device.type == "cuda" and not _interpreted():
         major, _ = torch.cuda.get_device_capability(device)
-        cfg = dict(CONFIGS["sm90"] if major >= 9 else CONFIGS["sm80"])
+        cfg = dict(CONFIGS[("sm90_fp8" if fp8 else "sm90") if major >= 9 else "sm80"])
     else:
         cfg = dict(CONFIGS["small"])
     cfg["BLOCK_H"] = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(h_q)))
@@ -63,8 +67,18 @@ def default_config(device: torch.device, h_q: int, d_v: int) -> dict:
 
 
 @triton.jit
+def _row_mask(valid, col_mask, EVEN: tl.constexpr):
+    """[BLOCK_K, 1] row mask, and the column mask only where the block overhangs the data
+    (an all-true [BLOCK_K, D] mask costs registers and blocks vectorization hints)."""
+    if EVEN:
+        return valid[:, None]
+    else:
+        return valid[:, None] & col_mask[None, :]
+
+
+@triton.jit
 def _sparse_mla_fwd_kernel(
-    q_ptr, kv_ptr, tail_ptr, scale_ptr, idx_ptr,  # inputs
+    q_ptr, kv_ptr, tail_ptr, scale_ptr, idx_ptr,  # inputs (scale_ptr: unused here, see the fp8 kernel)
     out_ptr, ml_ptr, lse_ptr,  # outputs (partials when SPLIT)
     n_kv, topk, h_q, k_per_split, qk_scale,  # qk_scale = sm_scale * log2(e)
     stride_qt, stride_qh,  # q [T, h_q, d_qk], last dim contiguous
@@ -75,9 +89,11 @@ def _sparse_mla_fwd_kernel(
     D_V: tl.constexpr, D_TAIL: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    KV_FP8: tl.constexpr,  # kv_ptr holds e4m3 bytes with 4 fp32 scales per row (fp8_ds_mla)
     UPCAST: tl.constexpr,  # compute the dots in fp32 (fp32 inputs, or the CPU interpreter)
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 dots (tf32 would lose 3 digits), else "tf32" (ignored)
     SPLIT: tl.constexpr,  # write normalized fp32 partials + base-2 lse for the combine kernel
+    OFFS64: tl.constexpr,  # row offsets need int64 (big paged caches); int32 saves registers
+    PV_LAG: tl.constexpr = False,  # do block i's p @ V in step i + 1 (see below)
 ):
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
     pid_t = tl.program_id(1)  # and share its gathered rows through L2
@@ -107,6 +123,22 @@ def _sparse_mla_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
 
+    # PV_LAG: Triton gives a dot whose result feeds another dot (s -> p -> p @ V) all warps
+    # along M; with BLOCK_H 64 < 16 * num_warps the two warpgroups then both compute the
+    # whole s (the q.k half of the work done twice). Carrying p to the next step breaks
+    # that chain in the IR (s -> p -> loop yield), so s is split between the warpgroups,
+    # at the price of gathering the value rows of block i again in step i + 1.
+    if PV_LAG:
+        # state after step i: acc relative to the max before block i, p_prev = block i's
+        # probabilities relative to m_i, alpha_prev = the rescale between the two
+        p_prev = tl.zeros([BLOCK_H, BLOCK_K], dtype=dot_dtype)
+        alpha_prev = tl.zeros([BLOCK_H], dtype=tl.float32)
+        if OFFS64:
+            rows_prev = tl.zeros([BLOCK_K], dtype=tl.int64)
+        else:
+            rows_prev = tl.zeros([BLOCK_K], dtype=tl.int32)
+        valid_prev = offs_k < 0
+
     k_start = pid_s * k_per_split
     k_end = tl.minimum(topk, k_start + k_per_split)
     idx_row = idx_ptr + pid_t.to(tl.int64) * stride_it
@@ -114,30 +146,44 @@ def _sparse_mla_fwd_kernel(
         kk = k0 + offs_k
         idx = tl.load(idx_row + kk, mask=kk < k_end, other=-1)  # [BLOCK_K]
         valid = (idx >= 0) & (idx < n_kv)
-        rows = idx.to(tl.int64)  # slot * row stride overflows int32 for big caches
-        kv_v = tl.load(kv_ptr + rows[:, None] * stride_kv + offs_dv[None, :],
-                       mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_DV]
-        if KV_FP8:
-            # 4 tiles of 128 dims, one power-of-two fp32 scale each: [BLOCK_K, 4]
-            sc = tl.load(scale_ptr + rows[:, None] * stride_scale + tl.arange(0, 4)[None, :],
-                         mask=valid[:, None], other=0.0)
-            kv_f = tl.reshape(kv_v.to(tl.float32), (BLOCK_K, 4, BLOCK_DV // 4)) * sc[:, :, None]
-            kv_v = tl.reshape(kv_f, (BLOCK_K, BLOCK_DV)).to(dot_dtype)
+        if OFFS64:
+            rows = idx.to(tl.int64)  # slot * row stride overflows int32 for big caches
         else:
-            kv_v = kv_v.to(dot_dtype)
-        s = tl.dot(q_v, tl.trans(kv_v))  # [BLOCK_H, BLOCK_K] fp32
+            rows = idx
+        if PV_LAG:  # finish the previous block: acc now relative to m_i
+            v_prev = tl.load(kv_ptr + rows_prev[:, None] * stride_kv + offs_dv[None, :],
+                             mask=_row_mask(valid_prev, dv_mask, BLOCK_DV == D_V), other=0.0)
+            acc = tl.dot(p_prev, v_prev.to(dot_dtype), acc * alpha_prev[:, None], input_precision=DOT_PREC)
+        kv_v = tl.load(kv_ptr + rows[:, None] * stride_kv + offs_dv[None, :],
+                       mask=_row_mask(valid, dv_mask, BLOCK_DV == D_V), other=0.0)  # [BLOCK_K, BLOCK_DV]
+        kv_v = kv_v.to(dot_dtype)
+        # [BLOCK_H, BLOCK_K] fp32, base-2 logits. The tail is a separate dot whose scaled
+        # result is added: dot(..., acc=s) (or a bare add, which the compiler folds into
+        # one) makes the first dot feed another dot, and such a dot is laid out with all
+        # warps along M, i.e. replicated across warpgroups when BLOCK_H is 64 (see PV_LAG)
+        s = tl.dot(q_v, tl.trans(kv_v), input_precision=DOT_PREC) * qk_scale
         if D_TAIL > 0:
             kv_t = tl.load(tail_ptr + rows[:, None] * stride_tail + offs_dt[None, :],
-                           mask=valid[:, None] & dt_mask[None, :], other=0.0)
-            s = tl.dot(q_t, tl.trans(kv_t.to(dot_dtype)), s)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+                           mask=_row_mask(valid, dt_mask, BLOCK_DT == D_TAIL), other=0.0)
+            s += tl.dot(q_t, tl.trans(kv_t.to(dot_dtype)), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None])
+        if PV_LAG:
+            alpha_prev = alpha
+            p_prev = p.to(dot_dtype)
+            rows_prev = rows
+            valid_prev = valid
+        else:
+            acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
+    if PV_LAG:
+        v_prev = tl.load(kv_ptr + rows_prev[:, None] * stride_kv + offs_dv[None, :],
+                         mask=_row_mask(valid_prev, dv_mask, BLOCK_DV == D_V), other=0.0)
+        acc = tl.dot(p_prev, v_prev.to(dot_dtype), acc * alpha_prev[:, None], input_precision=DOT_PREC)
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no valid index: acc is 0
@@ -151,6 +197,148 @@ def _sparse_mla_fwd_kernel(
         tl.store(ml_ptr + l_off, m_i, mask=h_mask)
     else:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        tl.store(lse_ptr + l_off, lse, mask=h_mask)
+        tl.store(ml_ptr + l_off, m_i * 0.6931471805599453, mask=h_mask)
+
+
+@triton.jit
+def _dequant_tile(c8_ptr, sc_ptr, rows, valid, stride_c8, stride_sc, offs_c, TILE: tl.constexpr,
+                  dot_dtype: tl.constexpr):
+    """Rows ``rows`` of one 128-wide e4m3 tile times their fp32 scales: [BLOCK_K, 128]."""
+    x = tl.load(c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :], mask=valid[:, None], other=0.0)
+    sc = tl.load(sc_ptr + rows * stride_sc + TILE, mask=valid, other=0.0)  # [BLOCK_K]
+    return (x.to(tl.float32) * sc[:, None]).to(dot_dtype)
+
+
+@triton.jit
+def _sparse_mla_fp8_kernel(
+    q_ptr, c8_ptr, tail_ptr, scale_ptr, idx_ptr,
+    out_ptr, ml_ptr, lse_ptr,
+    n_kv, topk, h_q, k_per_split, qk_scale,
+    stride_qt, stride_qh,
+    stride_kv, stride_tail, stride_scale,
+    stride_it,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
+    PV_LAG: tl.constexpr = False,
+):
+    """The fp8_ds_mla variant of _sparse_mla_fwd_kernel (d_qk 576, d_v 512 fixed).
+
+    The value part is handled as 4 tiles of 128 dims, each dequantized with its own
+    per-row scale right after its load, with 4 accumulators [BLOCK_H, 128]: dequantizing
+    a whole [BLOCK_K, 512] tile at once (reshape to [BLOCK_K, 4, 128]) kept too many fp32
+    values live next to the accumulator and spilled."""
+    pid_h = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, 128)
+    offs_dt = tl.arange(0, 64)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_mask = offs_h < h_q
+    q_rows = q_ptr + pid_t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh
+    q0 = tl.load(q_rows + 0 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q1 = tl.load(q_rows + 128 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q2 = tl.load(q_rows + 256 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q3 = tl.load(q_rows + 384 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    qt = tl.load(q_rows + 512 + offs_dt[None, :], mask=h_mask[:, None], other=0.0)
+    if UPCAST:
+        dot_dtype = tl.float32
+    else:
+        dot_dtype = q0.dtype
+    q0, q1, q2, q3, qt = q0.to(dot_dtype), q1.to(dot_dtype), q2.to(dot_dtype), q3.to(dot_dtype), qt.to(dot_dtype)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
+    if PV_LAG:  # as in _sparse_mla_fwd_kernel: p @ V of block i in step i + 1
+        p_prev = tl.zeros([BLOCK_H, BLOCK_K], dtype=dot_dtype)
+        alpha_prev = tl.zeros([BLOCK_H], dtype=tl.float32)
+        if OFFS64:
+            rows_prev = tl.zeros([BLOCK_K], dtype=tl.int64)
+        else:
+            rows_prev = tl.zeros([BLOCK_K], dtype=tl.int32)
+        valid_prev = offs_k < 0
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(topk, k_start + k_per_split)
+    idx_row = idx_ptr + pid_t.to(tl.int64) * stride_it
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        idx = tl.load(idx_row + kk, mask=kk < k_end, other=-1)
+        valid = (idx >= 0) & (idx < n_kv)
+        if OFFS64:
+            rows = idx.to(tl.int64)
+        else:
+            rows = idx
+        if PV_LAG:
+            w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+            acc0 = tl.dot(p_prev, w0, acc0 * alpha_prev[:, None], input_precision=DOT_PREC)
+            w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+            acc1 = tl.dot(p_prev, w1, acc1 * alpha_prev[:, None], input_precision=DOT_PREC)
+            w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+            acc2 = tl.dot(p_prev, w2, acc2 * alpha_prev[:, None], input_precision=DOT_PREC)
+            w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+            acc3 = tl.dot(p_prev, w3, acc3 * alpha_prev[:, None], input_precision=DOT_PREC)
+        # scaled partial dots summed (not chained through acc=): see _sparse_mla_fwd_kernel
+        v0 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+        s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * qk_scale
+        v1 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+        s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * qk_scale
+        v2 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+        s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * qk_scale
+        v3 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+        s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * qk_scale
+        kt = tl.load(tail_ptr + rows[:, None] * stride_tail + offs_dt[None, :], mask=valid[:, None], other=0.0)
+        s += tl.dot(qt, tl.trans(kt.to(dot_dtype)), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(dot_dtype)
+        if PV_LAG:
+            p_prev = p
+            alpha_prev = alpha
+            rows_prev = rows
+            valid_prev = valid
+        else:
+            acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
+            acc3 = tl.dot(p, v3, acc3 * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    if PV_LAG:
+        w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+        acc0 = tl.dot(p_prev, w0, acc0 * alpha_prev[:, None], input_precision=DOT_PREC)
+        w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+        acc1 = tl.dot(p_prev, w1, acc1 * alpha_prev[:, None], input_precision=DOT_PREC)
+        w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+        acc2 = tl.dot(p_prev, w2, acc2 * alpha_prev[:, None], input_precision=DOT_PREC)
+        w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+        acc3 = tl.dot(p_prev, w3, acc3 * alpha_prev[:, None], input_precision=DOT_PREC)
+
+    has = l_i > 0.0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + pid_t.to(tl.int64) * stride_ot
+              + offs_h[:, None] * stride_oh + offs_c[None, :])
+    l_off = pid_s.to(tl.int64) * stride_ls + pid_t.to(tl.int64) * stride_lt + offs_h
+    o_ty = out_ptr.dtype.element_ty
+    tl.store(o_ptrs + 0, (acc0 * inv[:, None]).to(o_ty), mask=h_mask[:, None])
+    tl.store(o_ptrs + 128, (acc1 * inv[:, None]).to(o_ty), mask=h_mask[:, None])
+    tl.store(o_ptrs + 256, (acc2 * inv[:, None]).to(o_ty), mask=h_mask[:, None])
+    tl.store(o_ptrs + 384, (acc3 * inv[:, None]).to(o_ty), mask=h_mask[:, None])
+    if SPLIT:
+        lse2 = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + l_off, lse2, mask=h_mask)
+        tl.store(ml_ptr + l_off, m_i, mask=h_mask)
+    else:
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(lse_ptr + l_off, lse, mask=h_mask)
         tl.store(ml_ptr + l_off, m_i * 0.6931471805599453, mask=h_mask)
@@ -200,11 +388,12 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32)."""
     t_q, h_q, _ = q.shape
     topk = idx.shape[1]
-    cfg = dict(default_config(q.device, h_q, d_v))
+    cfg = dict(default_config(q.device, h_q, d_v, kv_fp8))
     if config:
         cfg.update(config)
     block_h, block_k = cfg["BLOCK_H"], cfg["BLOCK_K"]
     upcast = q.dtype == torch.float32 or _interpreted()
+    prec = "ieee" if upcast else "tf32"
     block_dv = triton.next_power_of_2(d_v)
     block_dt = max(16, triton.next_power_of_2(d_tail)) if d_tail > 0 else 16
     n_hb = triton.cdiv(h_q, block_h)
@@ -220,26 +409,36 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     n_split = triton.cdiv(topk, k_per_split)
     tail = kv_tail if kv_tail is not None else kv_v
     scale = kv_scale if kv_scale is not None else kv_v
-    common = dict(D_V=d_v, D_TAIL=d_tail, BLOCK_DV=block_dv, BLOCK_DT=block_dt, BLOCK_H=block_h,
-                  BLOCK_K=block_k, KV_FP8=kv_fp8, UPCAST=upcast,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # int32 row offsets while every (row, byte) of kv stays below 2^31 elements
+    offs64 = max(kv_v.stride(0), tail.stride(0), scale.stride(0)) * max(n_kv, 1) >= 2 ** 31 - 1024
+    if kv_fp8:
+        kernel = _sparse_mla_fp8_kernel
+        meta = dict(OFFS64=offs64, PV_LAG=bool(cfg.get("PV_LAG", False)), BLOCK_H=block_h, BLOCK_K=block_k,
+                    UPCAST=upcast, DOT_PREC=prec,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        kernel = _sparse_mla_fwd_kernel
+        meta = dict(OFFS64=offs64, PV_LAG=bool(cfg.get("PV_LAG", False)), D_V=d_v, D_TAIL=d_tail,
+                    BLOCK_DV=block_dv, BLOCK_DT=block_dt,
+                    BLOCK_H=block_h, BLOCK_K=block_k, UPCAST=upcast, DOT_PREC=prec,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if n_split == 1:
-        _sparse_mla_fwd_kernel[(n_hb, t_q, 1)](
+        kernel[(n_hb, t_q, 1)](
             q, kv_v, tail, scale, idx, out, max_logits, lse,
             n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
             q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
             0, out.stride(0), out.stride(1), 0, lse.stride(0),
-            SPLIT=False, **common)
+            SPLIT=False, **meta)
         return out, max_logits, lse
     p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
     p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
     p_ml = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
-    _sparse_mla_fwd_kernel[(n_hb, t_q, n_split)](
+    kernel[(n_hb, t_q, n_split)](
         q, kv_v, tail, scale, idx, p_out, p_ml, p_lse,
         n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
         p_out.stride(0), p_out.stride(1), p_out.stride(2), p_lse.stride(0), p_lse.stride(1),
-        SPLIT=True, **common)
+        SPLIT=True, **meta)
     _combine_splits_kernel[(h_q, t_q)](
         p_out, p_lse, p_ml, out, max_logits, lse, n_split, h_q,
         p_out.stride(0), p_out.stride(1), p_out.stride(2), p_lse.stride(0), p_lse.stride(1),

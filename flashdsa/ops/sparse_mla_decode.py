@@ -52,7 +52,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     else:
         rows = kv_cache.reshape(-1, kv_cache.shape[-1])
         kv_v, scale, tail, fp8 = rows, None, (rows[:, d_v:] if d_tail > 0 else None), False
-    cfg = dict(default_config(q.device, h_q, d_v))
+    cfg = dict(default_config(q.device, h_q, d_v, fp8))
     if config:
         cfg.update(config)
     if n_split is None:

@@ -80,6 +80,16 @@ def test_split_k_matches_reference(poison_empty, n_split):
     check_against_reference(q, kv, idx, 0.2, 64, out, ml, lse)
 
 
+@pytest.mark.parametrize("n_split", [1, 2])
+@pytest.mark.parametrize("d_qk,d_v", [(80, 64), (64, 48)])
+def test_pv_lag_variant_matches_reference(poison_empty, n_split, d_qk, d_v):
+    """PV_LAG (block i's p @ V done in step i + 1, value rows gathered again)."""
+    q, kv, idx = make_inputs(4, 50, 16, d_qk, 75, torch.float32)
+    out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, 0.25, d_v, n_split=n_split,
+                                      config=dict(BLOCK_K=16, PV_LAG=True))
+    check_against_reference(q, kv, idx, 0.25, d_v, out, ml, lse)
+
+
 def test_large_logits_stay_finite(poison_empty):
     """Online softmax must rescale: logits far beyond exp's range still give finite out."""
     q, kv, idx = make_inputs(3, 40, 16, 64, 45, torch.float32)
@@ -111,14 +121,18 @@ def test_bf16_error_within_2x_of_bf16_torch_reference(h_q):
     idx = torch.stack([torch.randperm(s_kv, device="cuda")[:topk] for _ in range(s_q)]).int()[:, None]
     idx[1, 0, 100:] = -1
     sm_scale = 0.1352
-    out, ml, lse = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton")
     o64, m64, l64 = ref.sparse_mla_fwd(q.double(), kv.double(), idx, sm_scale, d_v)
     o16, l16 = bf16_torch_reference(q, kv, idx, sm_scale, d_v)
-    e_k, e_r = rel_err(out, o64), rel_err(o16, o64)
-    assert e_k <= 2 * e_r, f"out: kernel {e_k:.3g} vs bf16 torch reference {e_r:.3g}"
-    el_k, el_r = rel_err(lse, l64), rel_err(l16, l64)
-    assert el_k <= 2 * el_r + 1e-6, f"lse: kernel {el_k:.3g} vs bf16 torch reference {el_r:.3g}"
-    assert rel_err(ml, m64) < 1e-2
+    e_r, el_r = rel_err(o16, o64), rel_err(l16, l64)
+    for config in (None, dict(PV_LAG=True), dict(PV_LAG=False)):  # the default and both loop forms
+        if config is None:
+            out, ml, lse = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton")
+        else:
+            out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, config=config)
+        e_k, el_k = rel_err(out, o64), rel_err(lse, l64)
+        assert e_k <= 2 * e_r, f"{config} out: kernel {e_k:.3g} vs bf16 torch reference {e_r:.3g}"
+        assert el_k <= 2 * el_r + 1e-6, f"{config} lse: kernel {el_k:.3g} vs bf16 torch reference {el_r:.3g}"
+        assert rel_err(ml, m64) < 1e-2
 
 
 @requires_cuda
@@ -127,6 +141,7 @@ def test_gpu_bf16_odd_shapes_and_split():
     for (s_q, s_kv, h_q, d_qk, d_v, topk) in [(5, 300, 16, 576, 512, 77), (7, 1000, 48, 576, 512, 333),
                                               (3, 500, 128, 512, 512, 200)]:
         q, kv, idx = make_inputs(s_q, s_kv, h_q, d_qk, topk, torch.bfloat16, "cuda")
-        for n_split in (1, 3):
-            out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, d_qk ** -0.5, d_v, n_split=n_split)
+        for n_split, lag in ((1, False), (3, False), (1, True), (2, True)):
+            out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, d_qk ** -0.5, d_v, n_split=n_split,
+                                              config=dict(PV_LAG=lag))
             check_against_reference(q, kv, idx, d_qk ** -0.5, d_v, out, ml, lse, factor=2.0, floor=2e-3)

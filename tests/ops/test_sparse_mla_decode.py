@@ -41,11 +41,9 @@ def paged_problem(b, s_q, h_q, topk, d_qk=576, max_ctx=300, q_dtype=torch.float3
 
 
 def check_decode(q, cache, idx, sm_scale, d_v, kv_format, out, lse, floor=1e-5):
-    o64, l64 = R.sparse_mla_decode(q.cpu(), cache.cpu(), idx.cpu(), sm_scale, d_v, kv_format,
-                                   compute_dtype=torch.float64)
-    olo, llo = R.sparse_mla_decode(q.cpu(), cache.cpu(), idx.cpu(), sm_scale, d_v, kv_format)
+    o64, l64 = R.sparse_mla_decode(q, cache, idx, sm_scale, d_v, kv_format, compute_dtype=torch.float64)
+    olo, llo = R.sparse_mla_decode(q, cache, idx, sm_scale, d_v, kv_format)
     for name, got, want, low in (("out", out, o64, olo), ("lse", lse, l64, llo)):
-        got = got.cpu()
         assert not torch.isnan(got).any(), f"{name}: NaN"
         err, budget = rel_err(got, want), 2 * rel_err(low, want) + floor
         assert err <= budget, f"{name}: rel err {err:.3g} > {budget:.3g}"
@@ -53,12 +51,13 @@ def check_decode(q, cache, idx, sm_scale, d_v, kv_format, out, lse, floor=1e-5):
 
 
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8_ds_mla"])
-@pytest.mark.parametrize("s_q,n_split", [(1, 1), (2, 3)])
-def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split):  # noqa: F811
+@pytest.mark.parametrize("s_q,n_split,lag", [(1, 1, False), (2, 3, False), (2, 2, True)])
+def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split, lag):  # noqa: F811
     q, cache, idx = paged_problem(2, s_q, 16, 45)
     if kv_format == "fp8_ds_mla":
         cache = R.quantize_mla_cache(cache.cpu()).to(KERNEL_DEVICE)
-    out, lse = sparse_mla_decode(q, cache, idx, 0.07, 512, kv_format, n_split=n_split)
+    out, lse = sparse_mla_decode(q, cache, idx, 0.07, 512, kv_format, n_split=n_split,
+                                 config=dict(PV_LAG=lag, BLOCK_K=16))
     assert out.shape == (2, s_q, 16, 512) and lse.shape == (2, s_q, 16)
     check_decode(q, cache, idx, 0.07, 512, kv_format, out, lse)
 
@@ -69,7 +68,7 @@ def test_decode_bf16_small_head_dim_via_api(poison_empty):  # noqa: F811
     out, lse = api.sparse_mla_decode(q, cache, idx, 0.1, 64, "bf16", backend="triton")
     check_decode(q, cache, idx, 0.1, 64, "bf16", out, lse)
     ref_out, ref_lse = api.sparse_mla_decode(q, cache, idx, 0.1, 64, "bf16", backend="reference")
-    assert rel_err(out.cpu(), ref_out.cpu()) < 1e-5
+    assert rel_err(out, ref_out) < 1e-5
 
 
 def test_decode_validation():
@@ -95,6 +94,7 @@ def test_decode_gpu_bf16_real_shape(kv_format):
     q, cache, idx = paged_problem(4, 2, 128, 2048, max_ctx=6000, q_dtype=torch.bfloat16, device="cuda")
     if kv_format == "fp8_ds_mla":
         cache = api.quantize_mla_cache(cache)
-    for n_split in (None, 1, 4):
-        out, lse = sparse_mla_decode(q, cache, idx, 0.1352, 512, kv_format, n_split=n_split)
-        check_decode(q, cache, idx, 0.1352, 512, kv_format, out, lse, floor=0.0)
+    for n_split, lag in ((None, None), (1, False), (4, False), (1, True), (3, True)):
+        cfg = None if lag is None else dict(PV_LAG=lag)
+        out, lse = sparse_mla_decode(q, cache, idx, 0.1352, 512, kv_format, n_split=n_split, config=cfg)
+        check_decode(q, cache, idx, 0.1352, 512, kv_format, out, lse, floor=1e-5)
