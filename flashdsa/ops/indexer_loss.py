@@ -86,7 +86,7 @@ def _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K: tl.const
 
 @triton.jit
 def _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale,
-                  D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
+                  D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Attention logits of all heads against the gathered rows, in base 2
     (sm_scale * log2(e) * q.kv). [H, BK] fp32."""
     offs_a = tl.arange(0, D_HEAD)
@@ -94,14 +94,16 @@ def _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale,
     kv_row = kv_ptr + rows[:, None] * stride_kvr
     kv_h = tl.load(kv_row + offs_a[None, :], mask=valid[:, None], other=0.0)  # [BK, DH]
     kv_t = tl.load(kv_row + D_HEAD + offs_b[None, :], mask=valid[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
-    return (tl.dot(q_h, tl.trans(kv_h)) + tl.dot(q_t, tl.trans(kv_t))) * qk_scale
+    a = tl.dot(q_h, tl.trans(kv_h), input_precision=DOT_PREC)
+    a = tl.dot(q_t, tl.trans(kv_t), a, input_precision=DOT_PREC)
+    return a * qk_scale
 
 
 @triton.jit
 def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
-                D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr):
+                D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_PREC: tl.constexpr):
     """p[j] = (1/H) sum_h exp(a[h, j] - lse[h]) for the gathered rows. [BK] fp32."""
-    a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT)
+    a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT, DOT_PREC)
     pr = tl.exp2(a2 - lse2[:, None])
     pr = tl.where(lse2[:, None] < float("inf"), pr, 0.0)  # padding heads, empty rows
     p = tl.sum(pr, axis=0) * inv_h
@@ -109,12 +111,13 @@ def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h
 
 
 @triton.jit
-def _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI: tl.constexpr, BLOCK_DI: tl.constexpr):
+def _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
     """z = iq @ ik[rows]^T [HI, BK] and I = sum_j w[j] relu(z[j]) [BK] (-inf where invalid)."""
     offs_d = tl.arange(0, BLOCK_DI)
     ik = tl.load(ik_ptr + rows[:, None] * stride_ikr + offs_d[None, :],
                  mask=valid[:, None] & (offs_d < DI)[None, :], other=0.0)  # [BK, DI]
-    z = tl.dot(iq, tl.trans(ik))  # [HI, BK]
+    z = tl.dot(iq, tl.trans(ik), input_precision=DOT_PREC)  # [HI, BK]
     s = tl.sum(tl.maximum(z, 0.0) * w[:, None], axis=0)
     return z, tl.where(valid, s, float("-inf")), ik
 
@@ -151,6 +154,7 @@ def indexer_kl_fwd_kernel(
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     q_h, q_t, lse2, iq, w = _load_row_inputs(
@@ -172,7 +176,8 @@ def indexer_kl_fwd_kernel(
         l_h = tl.zeros([BLOCK_H], dtype=tl.float32)
         for k0 in range(0, n, BLOCK_K):
             rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
-            a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT)
+            a2 = _attn_logits2(q_h, q_t, kv_ptr, stride_kvr, rows, valid, qk_scale, D_HEAD, D_TAIL, BLOCK_DT,
+                               DOT_PREC)
             a2 = tl.where(valid[None, :], a2, float("-inf"))
             m_new = tl.maximum(m_h, tl.max(a2, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -189,8 +194,9 @@ def indexer_kl_fwd_kernel(
     l = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
-        p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL, BLOCK_DT)
-        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI)
+        p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL, BLOCK_DT,
+                        DOT_PREC)
+        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         if STORE_P:
             offs = k0 + tl.arange(0, BLOCK_K)
             tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
@@ -225,7 +231,7 @@ def indexer_kl_bwd_kernel(
     stride_it, stride_pt, stride_dkl, stride_diqt, stride_diqh, stride_dikr, stride_dwt,
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
-    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr,
+    BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     q_h, q_t, lse2, iq, w = _load_row_inputs(
@@ -256,15 +262,15 @@ def indexer_kl_bwd_kernel(
             p = tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0)
         else:
             p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
-                            D_HEAD, D_TAIL, BLOCK_DT)
-        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI)
+                            D_HEAD, D_TAIL, BLOCK_DT, DOT_PREC)
+        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         g = tl.where(valid, tl.exp(s - lse_i_safe) - p * inv_z, 0.0) * dkl  # [BK]
         relu_z = tl.maximum(z, 0.0)
         acc_w += tl.sum(relu_z * g[None, :], axis=1)
         dz = tl.where(z > 0, w[:, None] * g[None, :], 0.0)  # [HI, BK] fp32
         dz_c = dz.to(ik.dtype)
-        acc_iq += tl.dot(dz_c, ik)  # [HI, DI]
-        dk = tl.dot(tl.trans(dz_c), iq)  # [BK, DI]
+        acc_iq = tl.dot(dz_c, ik, acc_iq, input_precision=DOT_PREC)  # [HI, DI]
+        dk = tl.dot(tl.trans(dz_c), iq, input_precision=DOT_PREC)  # [BK, DI]
         tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
                       mask=valid[:, None] & mask_d[None, :], sem="relaxed")
     offs_j = tl.arange(0, BLOCK_HI)
@@ -282,6 +288,8 @@ def _meta(q, iq, d_qk):
         BLOCK_H=max(16, triton.next_power_of_2(q.shape[1])),
         DI=di, BLOCK_DI=max(16, triton.next_power_of_2(di)),
         BLOCK_HI=max(16, triton.next_power_of_2(iq.shape[1])),
+        # fp32 inputs: exact fp32 products ("tf32" would lose 3 digits); ignored for bf16
+        DOT_PREC="ieee" if q.dtype == torch.float32 or iq.dtype == torch.float32 else "tf32",
     )
 
 

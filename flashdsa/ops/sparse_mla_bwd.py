@@ -79,7 +79,7 @@ def default_config(q: torch.Tensor, d_v: int) -> dict:
     big = q.is_cuda and not _interpreted() and d_v > 128
     cfg = dict(CONFIGS["sm90" if big else "small"])
     h = q.shape[1]
-    cfg["BLOCK_H"] = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(h))) if big else max(16, min(64, triton.next_power_of_2(h)))
+    cfg["BLOCK_H"] = min(64, max(16, triton.next_power_of_2(h)))
     return cfg
 
 
@@ -93,6 +93,7 @@ def sparse_mla_bwd_dq_kernel(
     stride_dqt, stride_dqh, stride_pt, stride_ph,
     D_V: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DLSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose 3 digits), else "tf32" (ignored)
 ):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -129,10 +130,11 @@ def sparse_mla_bwd_dq_kernel(
         kv_v = tl.load(kv_row + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)  # [BK, DV]
         kv_r = tl.load(kv_row + D_V + offs_r[None, :], mask=valid[:, None] & mask_r[None, :], other=0.0)  # [BK, DT]
 
-        s = tl.dot(q_v, tl.trans(kv_v)) + tl.dot(q_r, tl.trans(kv_r))  # [BH, BK] fp32
+        s = tl.dot(q_v, tl.trans(kv_v), input_precision=DOT_PREC)  # [BH, BK] fp32
+        s = tl.dot(q_r, tl.trans(kv_r), s, input_precision=DOT_PREC)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         p = tl.where(valid[None, :] & (lse2[:, None] < float("inf")), p, 0.0)
-        dp = tl.dot(do, tl.trans(kv_v))  # [BH, BK]
+        dp = tl.dot(do, tl.trans(kv_v), input_precision=DOT_PREC)  # [BH, BK]
         ds = p * (dp - delta[:, None]) * sm_scale
 
         p_c = p.to(kv_v.dtype)
@@ -142,8 +144,8 @@ def sparse_mla_bwd_dq_kernel(
         tl.store(p_ptr + st_off, p_c, mask=st_mask)
         tl.store(ds_ptr + st_off, ds_c, mask=st_mask)
 
-        acc_v += tl.dot(ds_c, kv_v)  # [BH, DV]
-        acc_r += tl.dot(ds_c, kv_r)  # [BH, DT]
+        acc_v = tl.dot(ds_c, kv_v, acc_v, input_precision=DOT_PREC)  # [BH, DV]
+        acc_r = tl.dot(ds_c, kv_r, acc_r, input_precision=DOT_PREC)  # [BH, DT]
 
     dq_row = dq_ptr + t * stride_dqt + offs_h[:, None] * stride_dqh
     tl.store(dq_row + offs_v[None, :], acc_v.to(dq_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_v[None, :])
@@ -157,7 +159,7 @@ def sparse_mla_bwd_dkv_kernel(
     stride_qt, stride_qh, stride_it, stride_dot, stride_doh, stride_pt, stride_ph,
     stride_dkvr, stride_bh, stride_bt, stride_bk,
     D_V: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -184,8 +186,9 @@ def sparse_mla_bwd_dkv_kernel(
         p = tl.load(p_ptr + ld_off, mask=ld_mask, other=0.0)  # [BH, BK]
         ds = tl.load(ds_ptr + ld_off, mask=ld_mask, other=0.0)
         ds_t = tl.trans(ds)  # [BK, BH]
-        dkv_v = tl.dot(ds_t, q_v) + tl.dot(tl.trans(p), do)  # [BK, DV] fp32
-        dkv_r = tl.dot(ds_t, q_r)  # [BK, DT]
+        dkv_v = tl.dot(ds_t, q_v, input_precision=DOT_PREC)  # [BK, DV] fp32
+        dkv_v = tl.dot(tl.trans(p), do, dkv_v, input_precision=DOT_PREC)
+        dkv_r = tl.dot(ds_t, q_r, input_precision=DOT_PREC)  # [BK, DT]
         if DETERMINISTIC:
             # Slot (hb, t, j) of the fp32 buffer; padded slots are written too (zeros)
             # but the reduce kernel only reads the valid ones.
@@ -238,6 +241,7 @@ def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
     return dict(
         s_q=s_q, h=h, d_qk=d_qk, s_kv=s_kv, topk=topk, d_v=d_v, d_tail=d_qk - d_v, cfg=cfg,
         n_hb=triton.cdiv(h, cfg["BLOCK_H"]),
+        dot_prec="ieee" if q.dtype == torch.float32 else "tf32",
         block_dv=max(16, triton.next_power_of_2(d_v)),
         block_dt=max(16, triton.next_power_of_2(max(d_qk - d_v, 1))),
         q=last_c(q), kv=last_c(kv.reshape(s_kv, d_qk)), idx=last_c(indices.reshape(s_q, topk)),
@@ -259,7 +263,7 @@ def launch_dq(m, c0, c1, dq, p_buf, ds_buf, sm_scale):
         oc.stride(0), oc.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
         dq.stride(0), dq.stride(1), p_buf.stride(0), p_buf.stride(1),
         D_V=m["d_v"], D_TAIL=m["d_tail"], BLOCK_DV=m["block_dv"], BLOCK_DT=m["block_dt"],
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DQ"], HAS_DLSE=m["dlse"] is not None,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DQ"], HAS_DLSE=m["dlse"] is not None, DOT_PREC=m["dot_prec"],
         num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"],
     )
 
@@ -278,7 +282,7 @@ def launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf=None):
         p_buf.stride(0), p_buf.stride(1),
         dkv.stride(0), sb[0], sb[1], sb[2],
         D_V=m["d_v"], D_TAIL=m["d_tail"], BLOCK_DV=m["block_dv"], BLOCK_DT=m["block_dt"],
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DKV"], DETERMINISTIC=deterministic,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DKV"], DETERMINISTIC=deterministic, DOT_PREC=m["dot_prec"],
         num_warps=cfg["warps_dkv"], num_stages=cfg["stages_dkv"],
     )
     if deterministic:
