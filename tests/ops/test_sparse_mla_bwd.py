@@ -219,3 +219,32 @@ def test_torch_compile_fullgraph_forward_backward():
     """A module whose forward calls flashdsa.sparse_mla_fwd compiles with fullgraph=True on
     the GPU at the real widths, and its gradients equal eager ones."""
     _compile_check(256, 256, 64, 576, 512, 64, "cuda", torch.bfloat16, 2e-2)
+
+
+def test_use_deterministic_algorithms_switches_the_backward(monkeypatch):
+    """torch.use_deterministic_algorithms(True) routes the autograd backward through the
+    fixed-order reduction; repeated backward passes are then bitwise equal."""
+    import flashdsa.ops.autograd as ag
+    seen = []
+    real = ag._bwd_kernel
+
+    def spy(*a, **k):
+        seen.append(k["deterministic"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ag, "_bwd_kernel", spy)
+    s_q, h, d_qk, d_v, s_kv, topk = 6, 3, 48, 32, 7, 6
+    q, kv, idx = _inputs(s_q, h, d_qk, s_kv, topk, torch.float32, KERNEL_DEVICE, invalid=False)
+    grads = []
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(2):
+            qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+            out, _, _ = flashdsa.sparse_mla_fwd(qg, kvg, idx, 0.3, d_v, backend="triton")
+            out.square().sum().backward()
+            grads.append((qg.grad, kvg.grad))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen == [True, True]
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
