@@ -124,7 +124,7 @@ def step_metadata(table: torch.Tensor, n_seqs: int, ctx: int, n_new: int) -> Ste
     slots = bt[seq, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
     return StepMetadata(positions=pos, slots=slots, token_seq=seq, block_table=bt.contiguous(),
                         context_lens=torch.full((n_seqs,), ctx, dtype=torch.int32, device=dev),
-                        query_start=[i * n_new for i in range(n_seqs + 1)])
+                        query_start=[i * n_new for i in range(n_seqs + 1)], context_host=[ctx] * n_seqs)
 
 
 # --- dense baselines ---------------------------------------------------------------------------

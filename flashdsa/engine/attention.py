@@ -38,6 +38,9 @@ class StepMetadata:
     block_table [B, max_blocks] int32: physical blocks of each sequence (0-padded).
     context_lens [B] int32: cached tokens of each sequence after this step.
     query_start: python list [B + 1], offsets of each sequence's tokens in the packed axis.
+    context_host: python list [B], context_lens on the host (no device sync to read it);
+    the new tokens of sequence b are positions context_host[b] - (query_start[b + 1] -
+    query_start[b]) .. context_host[b] - 1.
     """
     positions: torch.Tensor
     slots: torch.Tensor
@@ -45,6 +48,7 @@ class StepMetadata:
     block_table: torch.Tensor
     context_lens: torch.Tensor
     query_start: list
+    context_host: list
 
     @property
     def num_seqs(self) -> int:
@@ -54,6 +58,12 @@ class StepMetadata:
     def is_decode(self) -> bool:
         """Every sequence has exactly one new token."""
         return self.positions.shape[0] == self.num_seqs
+
+    def sparse_rows(self, b: int, topk: int) -> range:
+        """Packed rows of sequence b whose query needs the indexer (position + 1 > topk)."""
+        t0, t1 = self.query_start[b], self.query_start[b + 1]
+        first = self.context_host[b] - (t1 - t0)           # position of row t0
+        return range(t0 + max(0, min(t1 - t0, topk - first)), t1)
 
     def slots_of(self, b: int, n: int) -> torch.Tensor:
         """Physical slots [n] of positions 0..n-1 of sequence b."""
@@ -80,29 +90,33 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
     caches.write_index(layer, meta.slots, k)
     indices = dense_indices(meta, topk)
-    sparse = meta.positions + 1 > topk                   # queries that need the indexer
-    if not bool(sparse.any()):
+    rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
+    if not any(len(r) for r in rows_of):
         return indices
     q8, q_scale = api.act_quant(q, indexer.head_dim)     # [T, H, D] e4m3, [T, H, 1]
     weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
     icache = caches.index_layer(layer)
+    dev = x.device
     if meta.is_decode and kernels.use_kernels(x, backend):
         # one query per sequence: the paged kernel scores the cache in place
-        rows = sparse.nonzero()[:, 0]
-        seqs = meta.token_seq[rows]
-        ctx = meta.context_lens[seqs].contiguous()
-        sel = kernels.paged_indexer_topk(q8[rows][:, None].contiguous(), icache, weights[rows].contiguous(),
-                                         ctx, meta.block_table[seqs].contiguous(), topk, backend)
-        indices[rows] = sel
+        seqs = [b for b, r in enumerate(rows_of) if len(r)]
+        rows = torch.tensor([meta.query_start[b] for b in seqs], device=dev)
+        if len(seqs) == meta.num_seqs:   # the common case: no gathers
+            bt, ctx, qq, ww = meta.block_table, meta.context_lens, q8, weights
+        else:
+            sel = torch.tensor(seqs, device=dev)
+            bt, ctx, qq, ww = meta.block_table[sel], meta.context_lens[sel], q8[rows], weights[rows]
+        out = kernels.paged_indexer_topk(qq[:, None].contiguous(), icache, ww.contiguous(), ctx.contiguous(),
+                                         bt.contiguous(), topk, backend)
+        indices[rows] = out
         return indices
-    for b in range(meta.num_seqs):
-        t0, t1 = meta.query_start[b], meta.query_start[b + 1]
-        rows = t0 + sparse[t0:t1].nonzero()[:, 0]
-        if rows.numel() == 0:
+    for b, r in enumerate(rows_of):
+        if not len(r):
             continue
-        n = int(meta.context_lens[b])
+        n = meta.context_host[b]
         slots = meta.slots_of(b, n)                              # [n] logical -> physical
         k8, k_scale = caches.read_index(layer, slots)           # [n, D], [n]
+        rows = slice(r.start, r.stop)
         ke = (meta.positions[rows] + 1).to(torch.int32)
         ks = torch.zeros_like(ke)
         logical = api.indexer_topk(q8[rows], k8, k_scale, weights[rows], ks, ke, topk, backend=backend)

@@ -42,7 +42,8 @@ class ModelRunner:
         meta = StepMetadata(
             positions=torch.cat(positions).to(dev), slots=torch.cat(slots).to(dev),
             token_seq=torch.cat(token_seq).to(dev), block_table=table.to(dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), query_start=query_start)
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), query_start=query_start,
+            context_host=ctx)
         return torch.cat(ids).to(dev), meta, sample_rows, sample_seqs
 
     @torch.inference_mode()
