@@ -66,7 +66,7 @@ CONFIGS = {
 # CAP_MULT: buffer length in units of next_pow2(topk + BLOCK_N) (longer segments
 # between compactions, more scratch).
 TOPK_CONFIGS = {
-    "sm90": dict(BLOCK_N=128, QH=64, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
+    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1, APPEND_TILES=False, CAP_MULT=1),
 }
@@ -258,18 +258,18 @@ def indexer_logits_kernel(
 
 @triton.jit
 def _kth_largest(keys, valid, nvalid, thr, k):
-    """Per row of keys [BLOCK_Q, CAP] (entries where ``valid``), the k-th largest key
-    (exact; any value for rows with fewer than k entries). Binary search on the int32
-    key range: invariant count(key >= lo) >= k > count(key >= hi + 1). ``thr`` (the
-    last threshold, with >= k entries at or above it) tightens the start."""
+    """The k-th largest of one row's keys [CAP] (entries where ``valid``), exact (any
+    value when nvalid < k). Binary search on the int32 key range with the invariant
+    count(key >= lo) >= k > count(key >= hi + 1); ``thr`` (the last threshold, with at
+    least k entries at or above it) tightens the start."""
     big = tl.where(valid, keys, INT32_MIN_C)
-    lo = tl.min(tl.where(valid, keys, 2147483647), axis=1)
+    lo = tl.min(tl.where(valid, keys, 2147483647), axis=0)
     lo = tl.maximum(lo, thr).to(tl.int64)
-    hi = tl.max(big, axis=1).to(tl.int64)
-    lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in short rows
-    while tl.max(hi - lo) > 0:
+    hi = tl.max(big, axis=0).to(tl.int64)
+    lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
+    while hi > lo:
         mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((big >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        c = tl.sum((big >= mid.to(tl.int32)).to(tl.int32), axis=0)
         ok = c >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
@@ -277,28 +277,36 @@ def _kth_largest(keys, valid, nvalid, thr, k):
 
 
 @triton.jit
-def _select(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Exact top-k of each row's buffer (base [BLOCK_Q] int64 offsets, cnt slots, slots
-    holding INT32_MIN are empty). Returns (take [BLOCK_Q, CAP] mask, pos = destination of
-    each taken entry, keys, idx, T = the k-th largest key, n_take [BLOCK_Q], full = rows
-    with more than k entries). Rows with at most k entries take all of them."""
+def _select_row(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr):
+    """Exact top-k of one buffer row (base: int64 offset, cnt slots; slots holding
+    INT32_MIN are empty). Returns (take [CAP] mask, pos = destination of each taken
+    entry, keys, idx, T = the k-th largest key, n_take, full = more than k entries).
+    A row with at most k entries takes all of them. Rows are done one at a time so
+    the [CAP] tiles stay in registers."""
     c = tl.arange(0, CAP)
-    inb = c[None, :] < cnt[:, None]
-    ptr = base[:, None] + c[None, :]
-    keys = tl.load(bkey_ptr + ptr, mask=inb, other=INT32_MIN_C)
-    idx = tl.load(bidx_ptr + ptr, mask=inb, other=-1)
+    inb = c < cnt
+    keys = tl.load(bkey_ptr + base + c, mask=inb, other=INT32_MIN_C)
+    idx = tl.load(bidx_ptr + base + c, mask=inb, other=-1)
     valid = inb & (keys != INT32_MIN_C)
-    nvalid = tl.sum(valid.to(tl.int32), axis=1)
+    nvalid = tl.sum(valid.to(tl.int32), axis=0)
     T = _kth_largest(keys, valid, nvalid, thr, k)
-    gt = valid & (keys > T[:, None])
-    eq = valid & (keys == T[:, None])
-    n_gt = tl.sum(gt.to(tl.int32), axis=1)
-    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= (k - n_gt)[:, None]))
+    gt = valid & (keys > T)
+    eq = valid & (keys == T)
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
     full = nvalid > k
-    take = tl.where(full[:, None], take, valid)
-    pos = tl.cumsum(take.to(tl.int32), axis=1) - 1
+    # (tl.where, not `&`, with a scalar bool: the 3.9 interpreter's tensor & scalar-bool
+    # gives a mask dtype tl.store rejects)
+    take = tl.where(full, take, valid)
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     n_take = tl.minimum(nvalid, k)
     return take, pos, keys, idx, T, n_take, full
+
+
+@triton.jit
+def _row(x, jr, j):
+    """Element j of a small per-row vector x [BLOCK_Q] as a scalar."""
+    return tl.sum(tl.where(jr == j, x, 0), axis=0)
 
 
 @triton.jit
@@ -333,6 +341,7 @@ def indexer_topk_kernel(
                                             stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
     lo, hi = _block_range(ks, ke, rmask, n_start, n_end, BLOCK_N)
     base = (rows.to(tl.int64) * n_split + pid_s) * CAP  # [BLOCK_Q] buffer rows
+    jr = tl.arange(0, BLOCK_Q)
     thr = tl.full([BLOCK_Q], INT32_MIN_C, tl.int32)
     cnt = tl.zeros([BLOCK_Q], dtype=tl.int32)
     seg = lo
@@ -369,25 +378,30 @@ def indexer_topk_kernel(
             # the next tile could overflow a buffer: shrink every row with more than topk
             # entries to exactly topk and raise its threshold to the topk-th key
             tl.debug_barrier()  # appends by other threads must be visible
-            take, pos2, keys, idx, T, n_take, full = _select(bkey_ptr, bidx_ptr, base, cnt, thr, topk, CAP,
-                                                             BLOCK_Q)
-            tl.debug_barrier()  # every thread has read its entries before any moves
-            ptr2 = base[:, None] + pos2
-            tl.store(bkey_ptr + ptr2, keys, mask=take)
-            tl.store(bidx_ptr + ptr2, idx, mask=take)
+            for j in tl.static_range(BLOCK_Q):
+                base_j = _row(base, jr, j)
+                take, pos2, keys, idx, T, n_take, full = _select_row(
+                    bkey_ptr, bidx_ptr, base_j, _row(cnt, jr, j), _row(thr, jr, j), topk, CAP)
+                tl.debug_barrier()  # every thread has read its entries before any moves
+                tl.store(bkey_ptr + base_j + pos2, keys, mask=take)
+                tl.store(bidx_ptr + base_j + pos2, idx, mask=take)
+                thr = tl.where(tl.where(full, jr == j, False), T, thr)
+                cnt = tl.where(jr == j, n_take, cnt)
             tl.debug_barrier()
-            thr = tl.where(full, T, thr)
-            cnt = n_take
     tl.debug_barrier()
-    take, pos, keys, idx, T, n_take, full = _select(bkey_ptr, bidx_ptr, base, cnt, thr, topk, CAP, BLOCK_Q)
-    obase = (rows.to(tl.int64) * n_split + pid_s) * topk
-    optr = obase[:, None] + pos
-    tl.store(okey_ptr + optr, keys, mask=take & rmask[:, None])
-    tl.store(oidx_ptr + optr, idx, mask=take & rmask[:, None])
     p = tl.arange(0, TOPK_PAD)
-    pad = (p[None, :] >= n_take[:, None]) & (p[None, :] < topk) & rmask[:, None]
-    tl.store(okey_ptr + obase[:, None] + p[None, :], tl.full([BLOCK_Q, TOPK_PAD], INT32_MIN_C, tl.int32), mask=pad)
-    tl.store(oidx_ptr + obase[:, None] + p[None, :], tl.full([BLOCK_Q, TOPK_PAD], -1, tl.int32), mask=pad)
+    for j in tl.static_range(BLOCK_Q):
+        base_j = _row(base, jr, j)
+        take, pos, keys, idx, T, n_take, full = _select_row(
+            bkey_ptr, bidx_ptr, base_j, _row(cnt, jr, j), _row(thr, jr, j), topk, CAP)
+        live = _row(rmask.to(tl.int32), jr, j) > 0
+        obase = (_row(rows, jr, j).to(tl.int64) * n_split + pid_s) * topk
+        take = tl.where(live, take, False)
+        tl.store(okey_ptr + obase + pos, keys, mask=take)
+        tl.store(oidx_ptr + obase + pos, idx, mask=take)
+        pad = tl.where(live, (p >= n_take) & (p < topk), False)
+        tl.store(okey_ptr + obase + p, tl.full([TOPK_PAD], INT32_MIN_C, tl.int32), mask=pad)
+        tl.store(oidx_ptr + obase + p, tl.full([TOPK_PAD], -1, tl.int32), mask=pad)
 
 
 def _num_sms(device: torch.device) -> int:
