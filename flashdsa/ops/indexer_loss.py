@@ -157,6 +157,9 @@ def indexer_kl_fwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if DENSE:
+        # Causal rows grow with t: start the longest first so the short ones fill the tail.
+        t = tl.num_programs(0) - 1 - t
     q_h, q_t, lse2, iq, w = _load_row_inputs(
         q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
         stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
@@ -234,6 +237,9 @@ def indexer_kl_bwd_kernel(
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if DENSE:
+        # Causal rows grow with t: start the longest first so the short ones fill the tail.
+        t = tl.num_programs(0) - 1 - t
     q_h, q_t, lse2, iq, w = _load_row_inputs(
         q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
         stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
