@@ -62,12 +62,15 @@ LOG2E = 1.4426950408889634
 #   num_stages tiles [BLOCK_K, 576] bf16 (36 KB at 32 rows): 2 stages of 32 rows fit in
 #   the 227 KB of an H100/H200 SM, 2 of 64 do not.
 # dkv kernel: BLOCK_K_DKV slots per step are the M of its two products (64 = one wgmma
-#   tile); the fp32 tile [64, 576] costs 144 registers at 8 warps.
+#   tile); the fp32 tile [64, 576] costs 144 registers at 8 warps. HB_PER_PROG_DKV head
+#   blocks share one program (and one atomic add per tile) with q/dout re-read from L2.
 # Chosen on an H200 with benchmarks/bench_sparse_mla_bwd.py (docs/training.md has the
 # sweep); "small" is for tiny shapes and the interpreter.
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K_DQ=32, BLOCK_K_DKV=64, warps_dq=8, warps_dkv=8, stages_dq=2, stages_dkv=2),
-    "small": dict(BLOCK_H=16, BLOCK_K_DQ=16, BLOCK_K_DKV=16, warps_dq=4, warps_dkv=4, stages_dq=1, stages_dkv=1),
+    "sm90": dict(BLOCK_H=64, BLOCK_K_DQ=32, BLOCK_K_DKV=64, warps_dq=8, warps_dkv=8, stages_dq=2, stages_dkv=2,
+                 HB_PER_PROG_DKV=1),
+    "small": dict(BLOCK_H=16, BLOCK_K_DQ=16, BLOCK_K_DKV=16, warps_dq=4, warps_dkv=4, stages_dq=1, stages_dkv=1,
+                  HB_PER_PROG_DKV=1),
 }
 
 
@@ -153,46 +156,79 @@ def sparse_mla_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkv_head_block(q_v, q_r, do, p_ptr, ds_ptr, t, offs_h, mask_h, offs_k, in_k, stride_pt, stride_ph,
+                    dkv_v, dkv_r, DOT_PREC: tl.constexpr):
+    """dkv_v += dS^T q_v + P^T dout and dkv_r += dS^T q_r for one head block. [BK, DV], [BK, DT]."""
+    ld_off = t * stride_pt + offs_h[:, None] * stride_ph + offs_k[None, :]
+    ld_mask = mask_h[:, None] & in_k[None, :]
+    p = tl.load(p_ptr + ld_off, mask=ld_mask, other=0.0)  # [BH, BK]
+    ds = tl.load(ds_ptr + ld_off, mask=ld_mask, other=0.0)
+    ds_t = tl.trans(ds)  # [BK, BH]
+    dkv_v = tl.dot(ds_t, q_v, dkv_v, input_precision=DOT_PREC)
+    dkv_v = tl.dot(tl.trans(p), do, dkv_v, input_precision=DOT_PREC)
+    dkv_r = tl.dot(ds_t, q_r, dkv_r, input_precision=DOT_PREC)
+    return dkv_v, dkv_r
+
+
+@triton.jit
+def _load_q_do(q_ptr, dout_ptr, t, offs_h, mask_h, offs_v, mask_v, offs_r, mask_r,
+               stride_qt, stride_qh, stride_dot, stride_doh, D_V: tl.constexpr):
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    q_v = tl.load(q_row + offs_v[None, :], mask=mask_h[:, None] & mask_v[None, :], other=0.0)  # [BH, DV]
+    q_r = tl.load(q_row + D_V + offs_r[None, :], mask=mask_h[:, None] & mask_r[None, :], other=0.0)  # [BH, DT]
+    do = tl.load(dout_ptr + t * stride_dot + offs_h[:, None] * stride_doh + offs_v[None, :],
+                 mask=mask_h[:, None] & mask_v[None, :], other=0.0)  # [BH, DV]
+    return q_v, q_r, do
+
+
+@triton.jit
 def sparse_mla_bwd_dkv_kernel(
     q_ptr, idx_ptr, dout_ptr, p_ptr, ds_ptr, dkv_ptr,
     n_kv, n_heads, topk,
     stride_qt, stride_qh, stride_it, stride_dot, stride_doh, stride_pt, stride_ph,
     stride_dkvr, stride_bh, stride_bt, stride_bk,
     D_V: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HB_PER_PROG: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """One program per (query, group of HB_PER_PROG head blocks). With one head block its
+    q and dout stay in shared memory for the whole top-k walk; with several (h = 128) the
+    dkv tile is summed over the group before its one atomic add (half the atomics at
+    2 blocks), at the cost of re-reading q and dout (L2) every step."""
     t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < n_heads
+    g = tl.program_id(1)
     offs_v = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_DT)
     mask_v = offs_v < D_V
     mask_r = offs_r < D_TAIL
-
-    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
-    q_v = tl.load(q_row + offs_v[None, :], mask=mask_h[:, None] & mask_v[None, :], other=0.0)  # [BH, DV]
-    q_r = tl.load(q_row + D_V + offs_r[None, :], mask=mask_h[:, None] & mask_r[None, :], other=0.0)  # [BH, DT]
-    do = tl.load(dout_ptr + t * stride_dot + offs_h[:, None] * stride_doh + offs_v[None, :],
-                 mask=mask_h[:, None] & mask_v[None, :], other=0.0)  # [BH, DV]
+    if HB_PER_PROG == 1:
+        offs_h0 = g * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h0 = offs_h0 < n_heads
+        q_v, q_r, do = _load_q_do(q_ptr, dout_ptr, t, offs_h0, mask_h0, offs_v, mask_v, offs_r, mask_r,
+                                  stride_qt, stride_qh, stride_dot, stride_doh, D_V)
 
     for k0 in range(0, topk, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < topk
         idx = tl.load(idx_ptr + t * stride_it + offs_k, mask=in_k, other=-1)
         valid = (idx >= 0) & (idx < n_kv)
-        ld_off = t * stride_pt + offs_h[:, None] * stride_ph + offs_k[None, :]
-        ld_mask = mask_h[:, None] & in_k[None, :]
-        p = tl.load(p_ptr + ld_off, mask=ld_mask, other=0.0)  # [BH, BK]
-        ds = tl.load(ds_ptr + ld_off, mask=ld_mask, other=0.0)
-        ds_t = tl.trans(ds)  # [BK, BH]
-        dkv_v = tl.dot(ds_t, q_v, input_precision=DOT_PREC)  # [BK, DV] fp32
-        dkv_v = tl.dot(tl.trans(p), do, dkv_v, input_precision=DOT_PREC)
-        dkv_r = tl.dot(ds_t, q_r, input_precision=DOT_PREC)  # [BK, DT]
+        dkv_v = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+        dkv_r = tl.zeros([BLOCK_K, BLOCK_DT], dtype=tl.float32)
+        if HB_PER_PROG == 1:
+            dkv_v, dkv_r = _dkv_head_block(q_v, q_r, do, p_ptr, ds_ptr, t, offs_h0, mask_h0, offs_k, in_k,
+                                           stride_pt, stride_ph, dkv_v, dkv_r, DOT_PREC)
+        else:
+            for i in tl.static_range(HB_PER_PROG):
+                offs_h = (g * HB_PER_PROG + i) * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < n_heads
+                qi_v, qi_r, doi = _load_q_do(q_ptr, dout_ptr, t, offs_h, mask_h, offs_v, mask_v, offs_r, mask_r,
+                                             stride_qt, stride_qh, stride_dot, stride_doh, D_V)
+                dkv_v, dkv_r = _dkv_head_block(qi_v, qi_r, doi, p_ptr, ds_ptr, t, offs_h, mask_h, offs_k, in_k,
+                                               stride_pt, stride_ph, dkv_v, dkv_r, DOT_PREC)
         if DETERMINISTIC:
-            # Slot (hb, t, j) of the fp32 buffer; padded slots are written too (zeros)
+            # Slot (g, t, j) of the fp32 buffer; padded slots are written too (zeros)
             # but the reduce kernel only reads the valid ones.
-            base = dkv_ptr + hb * stride_bh + t * stride_bt + offs_k[:, None].to(tl.int64) * stride_bk
+            base = dkv_ptr + g * stride_bh + t * stride_bt + offs_k[:, None].to(tl.int64) * stride_bk
             tl.store(base + offs_v[None, :], dkv_v, mask=in_k[:, None] & mask_v[None, :])
             tl.store(base + D_V + offs_r[None, :], dkv_r, mask=in_k[:, None] & mask_r[None, :])
         else:
@@ -241,6 +277,9 @@ def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
     return dict(
         s_q=s_q, h=h, d_qk=d_qk, s_kv=s_kv, topk=topk, d_v=d_v, d_tail=d_qk - d_v, cfg=cfg,
         n_hb=triton.cdiv(h, cfg["BLOCK_H"]),
+        hb_per_prog=min(cfg.get("HB_PER_PROG_DKV", 1), triton.cdiv(h, cfg["BLOCK_H"])),
+        n_groups=triton.cdiv(triton.cdiv(h, cfg["BLOCK_H"]), min(cfg.get("HB_PER_PROG_DKV", 1),
+                                                                  triton.cdiv(h, cfg["BLOCK_H"]))),
         dot_prec="ieee" if q.dtype == torch.float32 else "tf32",
         block_dv=max(16, triton.next_power_of_2(d_v)),
         block_dt=max(16, triton.next_power_of_2(max(d_qk - d_v, 1))),
@@ -270,23 +309,24 @@ def launch_dq(m, c0, c1, dq, p_buf, ds_buf, sm_scale):
 
 def launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf=None):
     """dkv contributions of queries [c0, c1): atomics into dkv [s_kv, d_qk] fp32, or
-    (det_buf given) stores into det_buf [n_hb, chunk, topk, d_qk] fp32."""
+    (det_buf given) stores into det_buf [n_groups, chunk, topk, d_qk] fp32."""
     cfg = m["cfg"]
     qc, ic, doc = (m[k][c0:c1] for k in ("q", "idx", "dout"))
     deterministic = det_buf is not None
     sb = det_buf.stride() if deterministic else (0, 0, 0, 0)
-    sparse_mla_bwd_dkv_kernel[(c1 - c0, m["n_hb"])](
+    sparse_mla_bwd_dkv_kernel[(c1 - c0, m["n_groups"])](
         qc, ic, doc, p_buf, ds_buf, det_buf if deterministic else dkv,
         m["s_kv"], m["h"], m["topk"],
         qc.stride(0), qc.stride(1), ic.stride(0), doc.stride(0), doc.stride(1),
         p_buf.stride(0), p_buf.stride(1),
         dkv.stride(0), sb[0], sb[1], sb[2],
         D_V=m["d_v"], D_TAIL=m["d_tail"], BLOCK_DV=m["block_dv"], BLOCK_DT=m["block_dt"],
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DKV"], DETERMINISTIC=deterministic, DOT_PREC=m["dot_prec"],
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K_DKV"], HB_PER_PROG=m["hb_per_prog"],
+        DETERMINISTIC=deterministic, DOT_PREC=m["dot_prec"],
         num_warps=cfg["warps_dkv"], num_stages=cfg["stages_dkv"],
     )
     if deterministic:
-        _reduce_deterministic(det_buf, ic, dkv, m["n_hb"], c1 - c0)
+        _reduce_deterministic(det_buf, ic, dkv, m["n_groups"], c1 - c0)
 
 
 def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
@@ -318,11 +358,11 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     # Per query: P and dS in the kv dtype, plus (deterministic) the fp32 slot buffer.
     per_query = 2 * h * topk * kv.element_size()
     if deterministic:
-        per_query += m["n_hb"] * topk * d_qk * 4
+        per_query += m["n_groups"] * topk * d_qk * 4
     chunk = max(1, min(s_q, scratch_bytes // max(per_query, 1)))
     p_buf = torch.empty(chunk, h, topk, dtype=kv.dtype, device=q.device)
     ds_buf = torch.empty_like(p_buf)
-    det_buf = (torch.empty(m["n_hb"], chunk, topk, d_qk, dtype=torch.float32, device=q.device)
+    det_buf = (torch.empty(m["n_groups"], chunk, topk, d_qk, dtype=torch.float32, device=q.device)
                if deterministic else None)
     for c0 in range(0, s_q, chunk):
         c1 = min(s_q, c0 + chunk)

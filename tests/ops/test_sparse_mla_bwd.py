@@ -74,6 +74,7 @@ def test_reference_gradcheck_float64():
 @pytest.mark.parametrize("s_q,h,d_qk,d_v,s_kv,topk,cfg", [
     (5, 3, 48, 32, 37, 20, None),                   # odd heads, tail 16, ragged topk blocks
     (4, 20, 40, 32, 19, 19, {"BLOCK_H": 16}),      # two head blocks, tail 8 (padded), topk = s_kv
+    (3, 40, 40, 32, 13, 9, {"BLOCK_H": 16, "HB_PER_PROG_DKV": 2}),  # 3 head blocks in groups of 2
     (3, 2, 32, 16, 11, 5, None),                    # d_v < head part: value is a prefix
 ])
 def test_triton_bwd_matches_reference(s_q, h, d_qk, d_v, s_kv, topk, cfg, poison):
@@ -94,7 +95,7 @@ def test_triton_bwd_matches_reference(s_q, h, d_qk, d_v, s_kv, topk, cfg, poison
 
 
 def test_deterministic_mode_reproducible_and_matches_atomics(poison):
-    s_q, h, d_qk, d_v, s_kv, topk = 6, 5, 48, 32, 9, 8  # few rows: many queries hit each row
+    s_q, h, d_qk, d_v, s_kv, topk = 6, 20, 48, 32, 9, 8  # few rows: many queries hit each row
     q, kv, idx = _inputs(s_q, h, d_qk, s_kv, topk, torch.float32, KERNEL_DEVICE)
     out, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.2, d_v)
     dout = torch.randn_like(out)
@@ -102,6 +103,9 @@ def test_deterministic_mode_reproducible_and_matches_atomics(poison):
     # scratch_bytes=1 forces one query per chunk: the chunked fixed-order path.
     runs = [sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, scratch_bytes=1)
             for _ in range(2)]
+    grouped = sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True,
+                             config={"BLOCK_H": 16, "HB_PER_PROG_DKV": 2})
+    assert rel_err(grouped[1], dkv_a) < 1e-5
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert rel_err(runs[0][1], dkv_a) < 1e-5 and rel_err(runs[0][0], dq_a) < 1e-6
     _, _, _, gkv = _ref_grads(q, kv, idx, 0.2, d_v, dout, None, torch.float64)
