@@ -27,8 +27,8 @@ S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 DQ_VARIANTS = [  # (BLOCK_K_DQ, warps_dq, stages_dq); the first is CONFIGS["sm90"]
     (32, 8, 2), (64, 8, 1), (32, 4, 2), (32, 16, 2), (16, 8, 3),
 ]
-DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv); the first is CONFIGS["sm90"]
-    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 16, 2), (128, 16, 1),
+DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv[, HB_PER_PROG_DKV]); the first is CONFIGS["sm90"]
+    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 16, 2), (128, 16, 1), (64, 8, 2, 2), (128, 16, 1, 2),
 ]
 
 
@@ -50,7 +50,7 @@ def _cfg(dq=None, dkv=None):
     if dq:
         c.update(BLOCK_K_DQ=dq[0], warps_dq=dq[1], stages_dq=dq[2])
     if dkv:
-        c.update(BLOCK_K_DKV=dkv[0], warps_dkv=dkv[1], stages_dkv=dkv[2])
+        c.update(BLOCK_K_DKV=dkv[0], warps_dkv=dkv[1], stages_dkv=dkv[2], HB_PER_PROG_DKV=(dkv[3:] or (1,))[0])
     return c
 
 
@@ -60,7 +60,8 @@ def _compile_worker(kind: str, variant: tuple) -> tuple:
     try:
         from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
         from flashdsa.ops.sparse_mla import sparse_mla_fwd
-        q, kv, idx, dout = make_inputs(64, s_q=64, s_kv=1024, topk=256)
+        # 128 heads so that head-block groups (HB_PER_PROG_DKV=2) compile the grouped kernel.
+        q, kv, idx, dout = make_inputs(128, s_q=64, s_kv=1024, topk=256)
         out, _, lse = sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
         cfg = _cfg(dq=variant) if kind == "dq" else _cfg(dkv=variant)
         sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg)
