@@ -32,8 +32,9 @@ Calling convention (tokens may be batched [B, L] or packed [T] with ``cu_seqlens
                  LM loss only), "warmup" (dense attention + indexer KL vs. the dense attention
                  distribution), "sparse" (top-k sparse attention + indexer KL on the selected set,
                  indexer input detached). With a stage the call returns ``(logits, indexer_loss)``,
-                 indexer_loss a scalar tensor summed over layers (0 for "dense"); ``mode`` is
-                 implied by the stage.
+                 indexer_loss a scalar fp32 tensor: per layer the mean over tokens of the
+                 per-token KL (MLA's convention), summed over layers (0 for "dense");
+                 ``mode`` is implied by the stage.
       logits_rows optional int64 tensor of packed rows: compute logits only there (e.g. the last
                  token of each sequence when prefilling); returns [len(logits_rows), vocab].
 
@@ -43,6 +44,7 @@ Loading and saving: :func:`flashdsa.checkpoint.from_pretrained` / ``save_pretrai
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -182,7 +184,8 @@ class DecoderLayer(nn.Module):
                     cu = torch.tensor([0, e - s], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
                     o, l_ = self._attend(h[s:e], positions[s:e], cu, mode, backend, stage)
                     outs.append(o)
-                    losses.append(l_)
+                    if l_ is not None:   # a per-token mean: weight by the sequence's share of T
+                        losses.append(l_ * ((e - s) / bounds[-1]))
             a = torch.cat(outs)
             loss = None if stage is None else sum(losses)
         else:
@@ -252,14 +255,33 @@ class DSAModel(nn.Module):
         return x if stage is None and not dense_stage else (x, total)
 
 
+@contextlib.contextmanager
+def _no_default_init():
+    """Skip torch's default parameter init while building (weights stay uninitialized).
+    Building the 671B tree spends most of its time in 45K kaiming inits otherwise, even
+    on the meta device."""
+    saved = [(cls, cls.reset_parameters) for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)]
+    try:
+        for cls, _ in saved:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
+
+
 class DSAForCausalLM(nn.Module):
-    """DeepSeek-V3.2-style causal language model (see the module docstring for the API)."""
+    """DeepSeek-V3.2-style causal language model (see the module docstring for the API).
+
+    ``init=False`` leaves the parameters uninitialized (fast; for loading a checkpoint or
+    building on the meta device); ``init=True`` applies :meth:`init_weights`."""
 
     def __init__(self, cfg: DSAConfig, init: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = DSAModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        with _no_default_init():       # init_weights below (or a checkpoint) sets every weight
+            self.model = DSAModel(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if init:
@@ -276,6 +298,8 @@ class DSAForCausalLM(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, out_std if name.endswith(("o_proj", "down_proj")) else std)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
             elif isinstance(m, MoEGate):
                 m.weight.normal_(0.0, std)
                 m.e_score_correction_bias.zero_()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import DSAConfig
 from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
+from .layers import MLA
 from .model import DSAForCausalLM
 
 STAGES = ("dense", "warmup", "sparse")
@@ -98,9 +99,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def set_trainable(model: DSAForCausalLM, stage: str) -> list[torch.nn.Parameter]:
     """requires_grad per stage (warm-up: the indexers only) and the trainable list."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(stage != "warmup" or ".indexer." in name)
-    return [p for p in model.parameters() if p.requires_grad]
+    return MLA.freeze_all_but_indexer(model, freeze=stage == "warmup")
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -192,8 +191,7 @@ def _forward_loss(model, x, y, cfg: TrainConfig):
         logits = model(x, mode="dense", backend=cfg.backend)
         lm = lm_loss(logits, y)
         return lm, lm, torch.zeros((), device=x.device)
-    logits, idx = model(x, stage=cfg.stage, backend=cfg.backend)
-    idx = idx / x.numel()        # per-token KL, summed over layers
+    logits, idx = model(x, stage=cfg.stage, backend=cfg.backend)   # idx: per-token KL, summed over layers
     if cfg.stage == "warmup":    # the LM loss is only logged: nothing it reaches is trainable
         lm = lm_loss(logits.detach(), y)
         return cfg.indexer_loss_weight * idx, lm, idx
@@ -448,6 +446,9 @@ def add_demo_args(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=None, help="directory for the two models (HF format)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain from "
+                        "more, and one thread stays fast on a busy machine)")
     _add_common(p, d.seq_len)
     p.set_defaults(max_bytes=4 << 20)
 
@@ -514,6 +515,8 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     device = _device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     cc = ComparisonConfig(preset="tiny", seq_len=args.seq_len, batch_size=args.batch_size,

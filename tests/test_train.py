@@ -8,6 +8,15 @@ from flashdsa.data import Corpus
 from flashdsa.model import DSAForCausalLM
 from flashdsa.train import Progress, TrainConfig, lr_factor, preset_config, set_trainable, train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 SEQ = 64
 
 
@@ -90,3 +99,28 @@ def test_progress_lines():
 def test_bad_config():
     with pytest.raises(ValueError, match="stage"):
         TrainConfig(stage="pretrain")
+
+
+def test_warmup_trains_only_the_indexers_and_lowers_the_kl(corpus):
+    model = _model()
+    train(model, corpus, _cfg(steps=10, lr=1e-2), progress=False)       # a little dense pretraining first
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = train(model, corpus, _cfg(stage="warmup", steps=12, lr=1e-2), progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".indexer." in k for k in changed)
+    assert any("indexer.wq_b" in k for k in changed) and any("indexer.weights_proj" in k for k in changed)
+    kls = [h[3] for h in st.history]
+    assert kls[0] > 0 and sum(kls[-3:]) < sum(kls[:3]), kls
+    assert all(p.requires_grad for p in model.parameters())     # unfrozen again afterwards
+
+
+def test_sparse_stage_trains_everything(corpus):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = train(model, corpus, _cfg(stage="sparse", steps=3), progress=False)
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight")
+               and "norm" not in k)
+    _, loss, lm, kl = st.history[-1]
+    assert kl > 0 and loss == pytest.approx(lm + kl, rel=1e-5)

@@ -1,0 +1,39 @@
+"""A shortened `flashdsa demo`: the whole pipeline runs and prints the comparison table."""
+import json
+
+import pytest
+import torch
+
+from flashdsa.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_short(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--seq-len", "128", "--batch-size", "2", "--pretrain-steps", "6", "--branch-steps", "5",
+               "--warmup-steps", "2", "--eval-windows", "2", "--eval-retrieval", "2", "--eval-recall", "1",
+               "--max-bytes", str(1 << 18), "--quiet", "--json", str(out), "--out", str(tmp_path / "models")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for row in ("(a) dense continued", "(a) + DSA, untrained indexer", "(b) DSA warm-up + sparse"):
+        assert row in text
+    assert "retrieval" in text and "idx recall" in text
+    res = json.loads(out.read_text())
+    assert [s for s in res["stages"]] == ["pretrain (dense)", "(a) dense continued", "(b) DSA warm-up",
+                                          "(b) DSA sparse"]
+    st = res["stages"]
+    # same tokens: (b) warm-up + sparse cover exactly (a)'s data steps
+    assert st["(a) dense continued"]["first_data_step"] == st["(b) DSA warm-up"]["first_data_step"] == 6
+    assert st["(b) DSA sparse"]["first_data_step"] == 8
+    assert st["(b) DSA warm-up"]["steps"] + st["(b) DSA sparse"]["steps"] == st["(a) dense continued"]["steps"]
+    dsa = res["rows"][-1]
+    assert 0 < dsa["indexer_recall"]["mean"] <= 1 and dsa["lm"]["loss"] > 0
+    assert (tmp_path / "models" / "dsa" / "config.json").exists()
