@@ -19,20 +19,26 @@ BLOCK_R = 16  # rows per program: [16, 512] fp32 is 64 registers a thread at 4 w
 
 
 @triton.jit
-def _round_to_e4m3_grid(y):
-    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3 value, ties to even, in fp32.
+def _e4m3_byte(y):
+    """The e4m3 (fn) byte of fp32 ``y`` (|y| <= 448), rounded to nearest, ties to even,
+    built with integer arithmetic: int32 in [0, 255].
 
-    The cast to e4m3 that follows is then exact, so the bytes do not depend on how a
-    backend rounds the conversion (the CPU interpreter rounds ties away from zero and
-    can lose the carry into the exponent; the GPU rounds ties to even)."""
+    Not a float-to-fp8 cast: the bytes then do not depend on how a backend rounds the
+    conversion or treats -0 (the CPU interpreter rounds ties away from zero and can lose
+    the carry into the exponent; a GPU run gave +0 for -0), and equal torch's cast."""
     bits = y.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1  # last kept bit of the 3-bit mantissa
-    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # clear 20 low bits
-    # below 2^-6 e4m3 is subnormal with a fixed step of 2^-9: adding 1.5 * 2^14 (fp32 step
-    # 2^-9 there) and subtracting it again rounds to that step, ties to even
-    sub = (y + 24576.0) - 24576.0
-    sub = tl.where(bits < 0, -tl.abs(sub), sub)  # keep the sign (of -0 too), as torch does
-    return tl.where(tl.abs(y) < 0.015625, sub, normal)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # normal e4m3 (|y| >= 2^-6): keep 3 mantissa bits, ties to even; the carry may bump
+    # the exponent. (E << 3 | m) with fp32's exponent bias 127 -> e4m3's bias 7.
+    lsb = (mag >> 20) & 1
+    normal = ((mag + 0x7FFFF + lsb) >> 20) - ((127 - 7) << 3)
+    # subnormal e4m3: k * 2^-9, k = |y| * 512 rounded to an integer, ties to even (adding
+    # and subtracting 1.5 * 2^23 rounds an fp32 below 2^22 to an integer); k = 8 is the
+    # encoding of 2^-6, so rounding up across the boundary is encoded right too
+    k = (tl.abs(y) * 512.0 + 12582912.0) - 12582912.0
+    sub = k.to(tl.int32)
+    return sign | tl.where(mag < 0x3C800000, sub, normal)  # 0x3C800000: fp32 bits of 2^-6
 
 
 @triton.jit
@@ -53,7 +59,7 @@ def _quantize_mla_cache_kernel(kv_ptr, c8_ptr, sc_ptr, pe_ptr, n_rows, stride_kv
     scale = pow_bits.to(tl.float32, bitcast=True)
     y = x3 / scale[:, :, None]  # exact: scale is a power of two
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    y8 = _round_to_e4m3_grid(tl.reshape(y, (BLOCK_R, 512))).to(tl.float8e4nv)
+    y8 = _e4m3_byte(tl.reshape(y, (BLOCK_R, 512))).to(tl.uint8)
     tl.store(c8_ptr + r64[:, None] * stride_c8 + offs[None, :], y8, mask=r_mask[:, None])
     offs4 = tl.arange(0, 4)
     tl.store(sc_ptr + r64[:, None] * stride_sc + 128 + offs4[None, :], scale, mask=r_mask[:, None])
@@ -94,9 +100,9 @@ def quantize_mla_cache(kv: torch.Tensor) -> torch.Tensor:
     n = rows.shape[0]
     out = torch.empty(n, FP8_BYTES, dtype=torch.uint8, device=kv.device)
     if n:
-        c8, sc, pe = byte_views(out)
+        _, sc, pe = byte_views(out)
         _quantize_mla_cache_kernel[(triton.cdiv(n, BLOCK_R),)](
-            rows, c8, sc, pe, n, rows.stride(0), c8.stride(0), sc.stride(0), pe.stride(0),
+            rows, out, sc, pe, n, rows.stride(0), out.stride(0), sc.stride(0), pe.stride(0),
             BLOCK_R=BLOCK_R, num_warps=4)
     return out.reshape(*lead, FP8_BYTES)
 

@@ -39,12 +39,13 @@ LN2 = 0.6931471805599453
 # (each stage holds a [BLOCK_K, 576] tile in shared memory, q takes another 72 KB).
 # PV_LAG: see _sparse_mla_fwd_kernel (q.k split between the two warpgroups instead of
 # computed by both, for a second gather of the value rows).
-# Chosen by benchmarks/bench_sparse_mla.py --sweep on an H200 (docs/benchmarks_sparse_mla.md);
+# Chosen by the --sweep of benchmarks/bench_sparse_mla.py and bench_sparse_mla_decode.py on an
+# H200 (docs/benchmarks_sparse_mla.md: BLOCK_K 64 with 2 stages beat every PV_LAG variant);
 # the sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=True),
-    "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=True),
-    "sm80": dict(BLOCK_H=64, BLOCK_K=16, num_warps=8, num_stages=2, PV_LAG=True),
+    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False),
+    "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, SCALE_FOLD=False),
+    "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=False),
     "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2, PV_LAG=False),
 }
 
@@ -212,6 +213,19 @@ def _dequant_tile(c8_ptr, sc_ptr, rows, valid, stride_c8, stride_sc, offs_c, TIL
 
 
 @triton.jit
+def _fp8_tile(c8_ptr, rows, valid, stride_c8, offs_c, TILE: tl.constexpr, dot_dtype: tl.constexpr):
+    """One 128-wide e4m3 tile of rows ``rows`` converted (exactly) to ``dot_dtype``, unscaled."""
+    x = tl.load(c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :], mask=valid[:, None], other=0.0)
+    return x.to(dot_dtype)
+
+
+@triton.jit
+def _tile_scale(sc_ptr, rows, valid, stride_sc, TILE: tl.constexpr):
+    """The fp32 scale of tile ``TILE`` of each row: [BLOCK_K] (0 for invalid rows)."""
+    return tl.load(sc_ptr + rows * stride_sc + TILE, mask=valid, other=0.0)
+
+
+@triton.jit
 def _sparse_mla_fp8_kernel(
     q_ptr, c8_ptr, tail_ptr, scale_ptr, idx_ptr,
     out_ptr, ml_ptr, lse_ptr,
@@ -224,6 +238,7 @@ def _sparse_mla_fp8_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
     PV_LAG: tl.constexpr = False,
+    SCALE_FOLD: tl.constexpr = False,  # apply the tile scales to s and p, not to the tiles
 ):
     """The fp8_ds_mla variant of _sparse_mla_fwd_kernel (d_qk 576, d_v 512 fixed).
 
@@ -286,14 +301,31 @@ def _sparse_mla_fp8_kernel(
             w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype)
             acc3 = tl.dot(p_prev, w3, acc3 * alpha_prev[:, None], input_precision=DOT_PREC)
         # scaled partial dots summed (not chained through acc=): see _sparse_mla_fwd_kernel
-        v0 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 0, dot_dtype)
-        s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * qk_scale
-        v1 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 1, dot_dtype)
-        s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * qk_scale
-        v2 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 2, dot_dtype)
-        s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * qk_scale
-        v3 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 3, dot_dtype)
-        s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * qk_scale
+        if SCALE_FOLD:
+            # q . (sc * x8) = sc * (q . x8), and p @ (sc * x8) = (p * sc) @ x8 with sc a
+            # per-row (per-column of s) scale: [BLOCK_H, BLOCK_K] multiplies instead of
+            # [BLOCK_K, 512] ones on the tiles
+            v0 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 0, dot_dtype)
+            sc0 = _tile_scale(scale_ptr, rows, valid, stride_scale, 0)
+            s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * (sc0 * qk_scale)[None, :]
+            v1 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 1, dot_dtype)
+            sc1 = _tile_scale(scale_ptr, rows, valid, stride_scale, 1)
+            s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * (sc1 * qk_scale)[None, :]
+            v2 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 2, dot_dtype)
+            sc2 = _tile_scale(scale_ptr, rows, valid, stride_scale, 2)
+            s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * (sc2 * qk_scale)[None, :]
+            v3 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 3, dot_dtype)
+            sc3 = _tile_scale(scale_ptr, rows, valid, stride_scale, 3)
+            s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * (sc3 * qk_scale)[None, :]
+        else:
+            v0 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+            s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * qk_scale
+            v1 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+            s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * qk_scale
+            v2 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+            s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * qk_scale
+            v3 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+            s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * qk_scale
         kt = tl.load(tail_ptr + rows[:, None] * stride_tail + offs_dt[None, :], mask=valid[:, None], other=0.0)
         s += tl.dot(qt, tl.trans(kt.to(dot_dtype)), input_precision=DOT_PREC) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -302,13 +334,18 @@ def _sparse_mla_fp8_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(dot_dtype)
         if PV_LAG:
-            p_prev = p
+            p_prev = p.to(dot_dtype)
             alpha_prev = alpha
             rows_prev = rows
             valid_prev = valid
+        elif SCALE_FOLD:
+            acc0 = tl.dot((p * sc0[None, :]).to(dot_dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+            acc1 = tl.dot((p * sc1[None, :]).to(dot_dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+            acc2 = tl.dot((p * sc2[None, :]).to(dot_dtype), v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
+            acc3 = tl.dot((p * sc3[None, :]).to(dot_dtype), v3, acc3 * alpha[:, None], input_precision=DOT_PREC)
         else:
+            p = p.to(dot_dtype)
             acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
@@ -414,7 +451,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     if kv_fp8:
         kernel = _sparse_mla_fp8_kernel
         meta = dict(OFFS64=offs64, PV_LAG=bool(cfg.get("PV_LAG", False)), BLOCK_H=block_h, BLOCK_K=block_k,
-                    UPCAST=upcast, DOT_PREC=prec,
+                    SCALE_FOLD=bool(cfg.get("SCALE_FOLD", False)), UPCAST=upcast, DOT_PREC=prec,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         kernel = _sparse_mla_fwd_kernel

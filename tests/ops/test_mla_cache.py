@@ -1,11 +1,21 @@
 """fp8_ds_mla cache format (SPEC 4): Triton quantize/dequantize vs the reference, bit for bit."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import flashdsa.api as api
+from flashdsa.ops.mla_cache import _e4m3_byte
 from flashdsa.reference import act_quant
 from flashdsa.reference import mla_cache as R
 from tests.utils import KERNEL_DEVICE, rel_err
+
+
+@triton.jit
+def _encode_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + o, mask=o < n, other=0.0)
+    tl.store(o_ptr + o, _e4m3_byte(x).to(tl.uint8), mask=o < n)
 
 
 def wide_rows(n, device=KERNEL_DEVICE):
@@ -82,3 +92,20 @@ def test_paged_shape_and_errors():
         api.quantize_mla_cache(kv[..., :512])
     with pytest.raises(TypeError, match="uint8"):
         api.dequantize_mla_cache(kv)
+
+
+def test_e4m3_byte_encoder_matches_torch_cast():
+    """The kernel's integer e4m3 encoder against torch's cast on every e4m3 value, every
+    midpoint between neighbours (ties: to even), one ulp either side of each, +-0 and
+    random values: bit for bit."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].sort().values
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, torch.nextafter(mids, torch.full_like(mids, 1e9)),
+                   torch.nextafter(mids, torch.full_like(mids, -1e9)), torch.tensor([0.0, -0.0]),
+                   (torch.rand(20000) * 2 - 1) * 448, torch.randn(20000) * 0.01]).clamp(-448, 448)
+    x = x.to(KERNEL_DEVICE)
+    out = torch.empty(x.numel(), dtype=torch.uint8, device=KERNEL_DEVICE)
+    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    want = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(out.cpu(), want), f"{int((out.cpu() != want).sum())} of {x.numel()} bytes differ"
