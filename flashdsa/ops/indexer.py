@@ -64,12 +64,18 @@ CONFIGS = {
 # fewer query rows a program keep that tile in registers.
 # APPEND_TILES: append whole tiles instead of the passing scores (see the kernel);
 # CAP_MULT: buffer length in units of next_pow2(topk + BLOCK_N) (longer segments
-# between compactions, more scratch).
+# between compactions, more scratch). sm90: fastest of 8 variants on an H200
+# (2026-11-28, 4096 x 128K causal, topk 2048: 21.4 ms, logits alone 10.3 ms; whole-tile
+# appends 42-50 ms; docs/benchmarks_indexer.md).
 TOPK_CONFIGS = {
     "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1, APPEND_TILES=False, CAP_MULT=1),
 }
+
+# Query rows of one top-k program at most (before the N >= 16 floor of small H): each
+# row's selection is unrolled, so 128 rows (H = 2 with QH = 256) would compile for minutes.
+MAX_TOPK_ROWS = 4
 
 # dot modes: how the q.k products are computed
 DOT_FP8 = 0  # e4m3 x e4m3 tensor-core dot (sm_89 and newer; the interpreter)
@@ -104,6 +110,8 @@ def default_config(device: torch.device, h: int, topk: bool = False, **override)
     h_pad = max(triton.next_power_of_2(h), 1)
     qh = cfg.pop("QH")
     cfg["BLOCK_Q"] = max(1, qh // h_pad)
+    if topk:  # the top-k kernel unrolls its selection over the rows: keep them few
+        cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], MAX_TOPK_ROWS)
     cfg.update(override)
     if cfg["BLOCK_Q"] * h_pad < 16:  # tl.dot needs N >= 16
         cfg["BLOCK_Q"] = 16 // h_pad

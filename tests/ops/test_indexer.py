@@ -148,6 +148,20 @@ def test_topk_exact_ties_and_rising_scores():
         check_topk(idx, r64r, ks, ke, topk, atol=1e-5 * float(r64r[torch.isfinite(r64r)].abs().max()))
 
 
+def test_config_table_bounds(monkeypatch):
+    """GPU block sizes: the dot's N = BLOCK_Q * H_PAD stays >= 16 and the top-k kernel
+    (which unrolls its per-row selection) gets few rows even for tiny head counts."""
+    monkeypatch.setattr(ops, "_family", lambda device: "sm90")
+    for h in (1, 2, 3, 8, 32, 64):
+        for topk in (False, True):
+            cfg = ops.default_config(torch.device("cuda"), h, topk=topk)
+            h_pad = 1 << (h - 1).bit_length()
+            assert cfg["BLOCK_Q"] * h_pad >= 16
+            if topk:
+                assert cfg["BLOCK_Q"] <= max(ops.MAX_TOPK_ROWS, 16 // h_pad)
+    assert ops.default_config(torch.device("cuda"), 64)["BLOCK_Q"] == 4
+
+
 def test_api_dispatch_and_reference_agree():
     inputs = make_inputs(5, 70, 4, 32, ranges="causal")
     r = api.indexer_topk(*inputs, 8, backend="reference")
