@@ -176,3 +176,28 @@ def test_fp8_ds_mla_cache_roundtrip_and_engine():
     assert (fp8 - ref).norm() / ref.norm() > 1e-3                 # ... which is not nothing
     with pytest.raises(ValueError, match="fp8_ds_mla"):
         LLMEngine(tiny_model(), config=EngineConfig(num_blocks=2, kv_cache_dtype="fp8_ds_mla"))
+
+
+def test_scheduler_limits_and_joining():
+    """Every step respects the token budget and max_num_seqs; a request added while
+    others decode joins the very next step, beside them (continuous batching)."""
+    engine = LLMEngine(tiny_model(seed=13), config=EngineConfig(num_blocks=16, max_num_batched_tokens=20,
+                                                                max_num_seqs=3))
+    steps = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+    for p in prompts_of([45, 5], seed=14):
+        engine.add_request(p, SamplingParams(max_tokens=12, **GREEDY))
+    while not all(len(s.output_ids) >= 2 for s in engine.sequences.values()):
+        engine.step()
+    late = engine.add_request(prompts_of([30], seed=15)[0], SamplingParams(max_tokens=3, **GREEDY))
+    engine.step()
+    assert {s.request_id for s, _ in steps[-1]} == {"0", "1", late}   # two decodes + the new prefill
+    for p in prompts_of([9, 30, 17], seed=16):
+        engine.add_request(p, SamplingParams(max_tokens=5, **GREEDY))
+    while engine.has_unfinished_requests():
+        engine.step()
+    for sched in steps:
+        assert sum(n for _, n in sched) <= 20 and len(sched) <= 3
+    assert max(len(sched) for sched in steps) == 3
+    assert engine.allocator.num_free == 16

@@ -202,3 +202,30 @@ def test_concurrency_limit_gives_429(model):
     finally:
         handle.loop.resume()
         handle.shutdown()
+
+
+def test_client_disconnect_aborts_request(server):
+    import http.client
+    engine = server.loop.engine
+    aborted = []
+    abort = engine.abort_request
+    engine.abort_request = lambda rid: (aborted.append(rid) if rid in engine.sequences else None, abort(rid))
+    try:
+        server.loop.pause()                  # nothing is generated until the client has left
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": "abc", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()            # the stream's headers come before any token
+        assert resp.status == 200
+        resp.close()                         # the response owns the socket (HTTP/1.0)
+        conn.close()
+        server.loop.resume()
+        deadline = time.time() + 30
+        while (server.loop.in_flight or engine.has_unfinished_requests()) and time.time() < deadline:
+            time.sleep(0.01)     # release() frees the slot, then the engine thread aborts
+        assert server.loop.in_flight == 0
+        assert len(aborted) == 1 and not engine.has_unfinished_requests()
+    finally:
+        server.loop.resume()
+        engine.abort_request = abort
