@@ -81,14 +81,32 @@ def dense_indices(meta: StepMetadata, topk: int) -> torch.Tensor:
     return torch.where(j[None, :] <= meta.positions[:, None], phys, -1).to(torch.int32)
 
 
+def select_indices_static(q8: torch.Tensor, weights: torch.Tensor, meta: StepMetadata, icache: torch.Tensor,
+                          topk: int) -> torch.Tensor:
+    """Decode selection without host synchronization (for CUDA graphs): the paged
+    indexer kernel runs for every row over at most block_table.shape[1] * 64 positions,
+    and rows with position + 1 <= topk take the dense indices instead."""
+    from ..ops.paged_indexer import paged_indexer_topk
+    sel = paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), meta.context_lens,
+                             meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
+    dense = dense_indices(meta, topk)
+    return torch.where((meta.positions + 1 > topk)[:, None], sel, dense)
+
+
 def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   meta: StepMetadata, caches: PagedCaches, layer: int, backend: str) -> torch.Tensor:
+                   meta: StepMetadata, caches: PagedCaches, layer: int, backend: str,
+                   static: bool = False) -> torch.Tensor:
     """Write the indexer keys of the new tokens, then return the attended physical slots
-    [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3)."""
+    [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3).
+    ``static``: a decode step captured in a CUDA graph (see select_indices_static)."""
     indexer = attn.indexer
     topk = indexer.topk
     q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
     caches.write_index(layer, meta.slots, k)
+    if static:
+        q8, q_scale = api.act_quant(q, indexer.head_dim)
+        weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
+        return select_indices_static(q8, weights, meta, caches.index_layer(layer), topk)
     indices = dense_indices(meta, topk)
     rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
     if not any(len(r) for r in rows_of):
@@ -125,9 +143,11 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
 
 
 def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: PagedCaches, layer: int,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", static: bool = False) -> torch.Tensor:
     """The attention sub-layer of ``layer`` for packed new tokens ``x [T, hidden]``
-    (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden]."""
+    (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden].
+    ``static``: a decode step with no host synchronization, for CUDA graph capture
+    (kernels only; see engine/cuda_graph.py)."""
     t = x.shape[0]
     cos, sin = rope_cos_sin(meta.positions, attn.inv_freq)
     qr = attn.q_a_layernorm(attn.q_a_proj(x))
@@ -139,7 +159,7 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)[:, 0]   # [T, r]
     caches.write_latent(layer, meta.slots, torch.cat((kv, k_pe), dim=-1))
 
-    indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend)
+    indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static)
 
     w_uk, w_uv = attn._kv_b().split((attn.nope, attn.v_dim), dim=1)
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                      # [T, H, c]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ class EngineConfig:
     max_num_seqs: sequences in one step; max_num_batched_tokens: tokens in one step
         (the prefill chunk size).
     backend: "auto" | "triton" | "reference" for every op.
+    cuda_graphs: capture decode steps in CUDA graphs (GPU, Triton kernels, no MoE
+        layers; see engine/cuda_graph.py). Off by default.
     """
     kv_cache_dtype: str = "auto"
     num_blocks: int | None = None
@@ -34,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     gpu_memory_utilization: float = 0.9
     backend: str = "auto"
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -70,11 +74,24 @@ class LLMEngine:
         max_len = c.max_model_len or cfg.max_position_embeddings
         num_blocks = c.num_blocks or self._auto_num_blocks(cfg, latent_dim, max_len)
         self.max_model_len = min(max_len, num_blocks * PAGE_SIZE)
-        self.caches = PagedCaches(cfg.num_hidden_layers, num_blocks, latent_dim, cfg.index_head_dim,
+        graphs_off = None
+        if c.cuda_graphs:
+            from .cuda_graph import graphs_supported
+            graphs_off = graphs_supported(model, self.device, c.backend)
+            if graphs_off:
+                warnings.warn(f"flashdsa engine: cuda_graphs requested but off: {graphs_off}")
+        use_graphs = c.cuda_graphs and not graphs_off
+        # with CUDA graphs one extra block, owned by no sequence, takes the padding rows
+        self.caches = PagedCaches(cfg.num_hidden_layers, num_blocks + use_graphs, latent_dim, cfg.index_head_dim,
                                   c.kv_cache_dtype, self.dtype, self.device, cfg.kv_lora_rank, c.backend)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.caches, c.backend)
+        if use_graphs:
+            from .cuda_graph import DecodeGraphs
+            self.runner.graphs = DecodeGraphs(self.runner, c.max_num_seqs, blocks_needed(self.max_model_len),
+                                              scratch_block=num_blocks)
+            self.runner.graphs.capture()
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0

@@ -16,6 +16,7 @@ class ModelRunner:
         self.caches = caches
         self.backend = backend
         self.device = next(model.parameters()).device
+        self.graphs = None  # engine.cuda_graph.DecodeGraphs when decode steps are captured
 
     def build_metadata(self, scheduled):
         """Token ids [T], the step metadata, the packed rows whose logits are sampled
@@ -50,6 +51,8 @@ class ModelRunner:
     def forward(self, scheduled) -> tuple[torch.Tensor, list[int]]:
         """Write the caches of the scheduled tokens; return (logits [N, vocab] fp32 of the
         sampled rows, the indices into ``scheduled`` they belong to)."""
+        if self.graphs is not None and self.graphs.can_run(scheduled):
+            return self.graphs.run(scheduled)
         ids, meta, rows, which = self.build_metadata(scheduled)
         inner = self.model.model
         x = inner.embed_tokens(ids)

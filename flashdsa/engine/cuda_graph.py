@@ -1,0 +1,154 @@
+"""CUDA graphs for decode steps.
+
+A decode step launches hundreds of small kernels per token; replaying a captured graph
+removes their launch cost. A graph needs fixed shapes and no host synchronization, so
+the captured step (``decode_body``) differs from the eager one only in how it selects:
+the paged indexer top-k runs for every row (over at most ``max_blocks * 64`` positions),
+and rows whose context is within top-k take the dense indices through ``torch.where``
+(the eager step decides that on the host). Batches are padded up to a captured size
+(1, 2, 4, 8, 16, 32, ...); padding rows decode position 0 of a scratch block that no
+sequence owns.
+
+"Where possible": only decode-only steps, only on a GPU with the Triton kernels, and
+only for models without MoE layers (the MoE forward reads expert counts on the host).
+When capture fails, the engine warns and stays eager.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .attention import StepMetadata, paged_mla_attention
+from .cache import PAGE_SIZE
+
+
+def graphs_supported(model, device: torch.device, backend: str) -> str | None:
+    """None when decode steps of ``model`` can be captured, else the reason why not."""
+    from ..model import MoE
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if backend == "reference":
+        return "CUDA graphs need the Triton kernels (backend 'auto' or 'triton')"
+    if any(isinstance(layer.mlp, MoE) for layer in model.model.layers):
+        return "the MoE forward synchronizes with the host (expert counts): not capturable"
+    return None
+
+
+class DecodeGraphs:
+    """Captured decode steps for batch sizes up to ``max_batch``.
+
+    Args:
+        runner: the engine's ModelRunner (model, caches).
+        max_batch: largest decode batch (max_num_seqs).
+        max_blocks: block-table width of the captured steps (max_model_len / 64).
+        scratch_block: a physical block no sequence owns; padding rows write there.
+    """
+
+    def __init__(self, runner, max_batch: int, max_blocks: int, scratch_block: int):
+        self.runner = runner
+        self.max_blocks = max_blocks
+        self.scratch_block = scratch_block
+        self.sizes = []
+        b = 1
+        while b < max_batch:
+            self.sizes.append(b)
+            b *= 2
+        self.sizes.append(max_batch)
+        dev = runner.device
+        n = max_batch
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), scratch_block * PAGE_SIZE, dtype=torch.int64, device=dev)
+        self.block_table = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.token_seq = torch.arange(n, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.disabled: str | None = None
+
+    def _meta(self, b: int) -> StepMetadata:
+        return StepMetadata(positions=self.positions[:b], slots=self.slots[:b], token_seq=self.token_seq[:b],
+                            block_table=self.block_table[:b], context_lens=self.context_lens[:b],
+                            query_start=list(range(b + 1)), context_host=[1] * b)
+
+    def decode_body(self, b: int) -> torch.Tensor:
+        """The captured computation: logits [b, vocab] fp32 of the static inputs."""
+        model, caches, backend = self.runner.model, self.runner.caches, self.runner.backend
+        meta = self._meta(b)
+        inner = model.model
+        x = inner.embed_tokens(self.ids[:b])
+        for i, layer in enumerate(inner.layers):
+            h = layer.input_layernorm(x)
+            x = x + paged_mla_attention(layer.self_attn, h, meta, caches, i, backend, static=True)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.lm_head(inner.norm(x)).float()
+
+    def _reset_padding(self) -> None:
+        self.ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(self.scratch_block * PAGE_SIZE)
+        self.block_table.fill_(self.scratch_block)
+        self.context_lens.fill_(1)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size (largest first, so smaller ones reuse its memory pool)."""
+        self._reset_padding()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for b in self.sizes:          # warm-up: compiles the Triton kernels
+                    self.decode_body(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            for b in reversed(self.sizes):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.decode_body(b)
+                self.pool = graph.pool()
+                self.graphs[b] = (graph, out)
+            torch.cuda.synchronize()
+        except Exception as e:  # stay correct: fall back to eager decode
+            self.graphs.clear()
+            self.disabled = f"{type(e).__name__}: {e}"
+            warnings.warn(f"flashdsa engine: CUDA graph capture failed, decoding eagerly ({self.disabled})")
+
+    def can_run(self, scheduled) -> bool:
+        if not self.graphs or len(scheduled) > self.sizes[-1]:
+            return False
+        return all(n == 1 and seq.num_computed == seq.num_tokens - 1 and len(seq.blocks) <= self.max_blocks
+                   for seq, n in scheduled)
+
+    @torch.inference_mode()
+    def run(self, scheduled) -> tuple[torch.Tensor, list[int]]:
+        """Replay the graph of the smallest captured size >= len(scheduled) (without a
+        captured graph, e.g. in CPU tests, the same body runs eagerly)."""
+        b = len(scheduled)
+        size = next(s for s in self.sizes if s >= b)
+        ids, pos, slots, ctx = [], [], [], []
+        table = torch.full((size, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        for i, (seq, _) in enumerate(scheduled):
+            p = seq.num_computed
+            ids.append(seq.tokens[p])
+            pos.append(p)
+            slots.append(seq.blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
+            ctx.append(p + 1)
+            table[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        pad = size - b
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [self.scratch_block * PAGE_SIZE] * pad
+        ctx += [1] * pad
+        self.ids[:size].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(pos), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots), non_blocking=True)
+        self.context_lens[:size].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        self.block_table[:size].copy_(table, non_blocking=True)
+        if size in self.graphs:
+            graph, out = self.graphs[size]
+            graph.replay()
+        else:
+            out = self.decode_body(size)
+        return out[:b].clone(), list(range(b))
