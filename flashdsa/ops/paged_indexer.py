@@ -139,6 +139,8 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     r = ((y * inv_quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: rint for |t| < 2^22
     y = tl.where(r == 0.0, y * 0.0, r)  # keep the sign of values that round to zero (-0 like torch)
     y8 = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    # copy the sign bit over: the GPU cast turns -0.0 into +0 (torch keeps -0: 0x80)
+    y8 = y8 | ((y.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
     blk = slot // PAGE
     row = slot % PAGE
     tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8,
