@@ -10,9 +10,17 @@ from .api import (
     act_dequant,
     act_quant,
     dense_mla_fwd,
+    dequantize_mla_cache,
     hadamard_transform,
     indexer_logits,
     indexer_topk,
+    paged_indexer_logits,
+    paged_indexer_topk,
+    quantize_mla_cache,
+    sparse_mla_decode,
     sparse_mla_fwd,
     topk_indices,
 )
+from .cache import PagedIndexerCache
+from .config import DSAConfig
+from .layers import MLA, LightningIndexer
