@@ -22,11 +22,13 @@ of random data (for prefill) or ``L - 1`` (for decode); the step computes the re
   bottom-right causal mask when this torch supports it, else the prefix (no mask) and
   the chunk itself (causal) as two calls whose combination is not timed (elementwise).
 - DSA decode: one engine decode step (one token per sequence at position L - 1): paged
-  indexer top-k kernel over the key cache, sparse MLA decode kernel.
+  indexer top-k kernel over the key cache, sparse MLA decode kernel. Timed as a CUDA
+  graph of the engine's capturable decode body (as the engine's ``cuda_graphs`` option
+  runs it), and eagerly (``decode_dsa_eager_*``).
 - Dense decode (absorbed MLA): every head attends to all L latent rows. Two
   implementations, and the faster one is the baseline: ``bmm`` (scores, softmax, values
   with torch bmm over the sequence's contiguous pages) and ``kernel`` (the sparse decode
-  kernel given all L positions: a FlashMLA-style dense pass).
+  kernel given all L positions: a FlashMLA-style dense pass), each in a CUDA graph too.
 
 Batches: 1 and a serving batch (``--prefill-batch`` sequences of prefill chunks,
 ``--decode-batch`` decode sequences). Every timing is a median of triton's do_bench
@@ -73,6 +75,29 @@ def time_ms(fn, device: torch.device) -> float:
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
+
+
+def graphed(fn, device: torch.device):
+    """(replay, True) with fn captured in a CUDA graph, or (fn, False) where that is not
+    possible (CPU, or capture failed): decode steps are short enough that kernel-launch
+    overhead would otherwise dominate them, for DSA and dense alike."""
+    if device.type != "cuda":
+        return fn, False
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, True
+    except Exception as e:
+        torch.cuda.synchronize()
+        print(f"graph capture failed, timing eagerly: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return fn, False
 
 
 # --- the layer stack and its caches ----------------------------------------------------------
@@ -201,9 +226,9 @@ def dense_decode(layers, x, positions, caches, meta, ctx: int, impl: str, all_id
         attn.o_proj(torch.einsum("thc,hdc->thd", o, w_uv).flatten(1))
 
 
-def dsa_step(layers, x, meta, caches, backend="auto"):
+def dsa_step(layers, x, meta, caches, backend="auto", static=False):
     for i, attn in enumerate(layers):
-        paged_mla_attention(attn, x, meta, caches, i, backend)
+        paged_mla_attention(attn, x, meta, caches, i, backend, static=static)
 
 
 # --- the sanity check (same run as the timings) ---------------------------------------------
@@ -272,9 +297,11 @@ def run(args) -> dict:
         vcache.normal_()
         row = {"context": ctx}
 
-        def measure(key, fn, tokens):
+        def measure(key, fn, tokens, graph=False):
             try:
                 with torch.no_grad():
+                    if graph:
+                        fn, row[key + "_graphed"] = graphed(fn, device)
                     ms = time_ms(fn, device)
                 row[key] = ms * 1e3 / tokens     # microseconds per token
             except Exception as e:  # record and go on: one failing variant must not lose the run
@@ -297,13 +324,17 @@ def run(args) -> dict:
         for b in (1, args.decode_batch):
             meta = step_metadata(table, b, ctx, 1)
             x = torch.randn(b, cfg.hidden_size, device=device, dtype=dtype)
-            measure(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), b)
+            static = args.backend == "triton" or (device.type == "cuda" and args.backend == "auto")
+            measure(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend, static), b,
+                    graph=static)
+            measure(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), b)
             measure(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
-                                                                   "bmm"), b)
+                                                                   "bmm"), b, graph=True)
             all_idx = (table[:b, :, None].long() * PAGE_SIZE + torch.arange(PAGE_SIZE, device=device)).view(b, 1, -1)
             all_idx = all_idx[..., :ctx].to(torch.int32).contiguous()
             measure(f"decode_dense_kernel_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
-                                                                      "kernel", all_idx, args.backend), b)
+                                                                      "kernel", all_idx, args.backend), b,
+                    graph=True)
             dense = [v for v in (row[f"decode_dense_bmm_b{b}"], row[f"decode_dense_kernel_b{b}"]) if v is not None]
             row[f"decode_dense_b{b}"] = min(dense) if dense else None
         for phase in ("prefill", "decode"):

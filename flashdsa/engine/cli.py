@@ -27,6 +27,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (prefill chunk)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU, no MoE)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* models")
 
 
@@ -72,7 +73,8 @@ def build_llm(args):
         model, device = args.model, args.device
     return LLM(model, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend)
+               max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend,
+               cuda_graphs=args.cuda_graphs)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
