@@ -30,6 +30,11 @@ of random data (for prefill) or ``L - 1`` (for decode); the step computes the re
   with torch bmm over the sequence's contiguous pages) and ``kernel`` (the sparse decode
   kernel given all L positions: a FlashMLA-style dense pass), each in a CUDA graph too.
 
+Speedups are reported for the whole layers (``*_speedup_*``) and for the attention core
+(``*_speedup_core_*``: the time of the shared projections and o_proj, measured alone,
+subtracted from both; at batch 1 decode that shared part is the weight read and
+dominates both).
+
 Batches: 1 and a serving batch (``--prefill-batch`` sequences of prefill chunks,
 ``--decode-batch`` decode sequences). Every timing is a median of triton's do_bench
 (CUDA events). Results go to benchmarks/results/cost_curve.json ($OUT when set) with the
@@ -226,6 +231,13 @@ def dense_decode(layers, x, positions, caches, meta, ctx: int, impl: str, all_id
         attn.o_proj(torch.einsum("thc,hdc->thd", o, w_uv).flatten(1))
 
 
+def projections_only(layers, x, positions):
+    """The part both models share: the MLA projections and o_proj (for the core times)."""
+    for attn in layers:
+        _projections(attn, x, positions)
+        attn.o_proj(x.new_zeros(x.shape[0], attn.n_heads * attn.v_dim))
+
+
 def dsa_step(layers, x, meta, caches, backend="auto", static=False):
     for i, attn in enumerate(layers):
         paged_mla_attention(attn, x, meta, caches, i, backend, static=static)
@@ -312,6 +324,7 @@ def run(args) -> dict:
             meta = step_metadata(table, b, ctx, args.chunk)
             x = torch.randn(b * args.chunk, cfg.hidden_size, device=device, dtype=dtype)
             measure(f"prefill_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), b * args.chunk)
+            measure(f"prefill_proj_b{b}", lambda: projections_only(layers, x, meta.positions), b * args.chunk)
             modes = (["lower_right"] if mask_ok else []) + ["split"]
             for mode in modes:
                 with sdpa_kernels(device):
@@ -328,6 +341,7 @@ def run(args) -> dict:
             measure(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend, static), b,
                     graph=static)
             measure(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), b)
+            measure(f"decode_proj_b{b}", lambda: projections_only(layers, x, meta.positions), b, graph=True)
             measure(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
                                                                    "bmm"), b, graph=True)
             all_idx = (table[:b, :, None].long() * PAGE_SIZE + torch.arange(PAGE_SIZE, device=device)).view(b, 1, -1)
@@ -341,6 +355,10 @@ def run(args) -> dict:
             for b in (1, args.prefill_batch if phase == "prefill" else args.decode_batch):
                 d, s = row.get(f"{phase}_dense_b{b}"), row.get(f"{phase}_dsa_b{b}")
                 row[f"{phase}_speedup_b{b}"] = d / s if d and s else None
+                p = row.get(f"{phase}_proj_b{b}")
+                # the attention core: what differs between the two (indexer, top-k,
+                # attention, cache writes, absorption/expansion), projections subtracted
+                row[f"{phase}_speedup_core_b{b}"] = (d - p) / (s - p) if d and s and p and s > p else None
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         del caches, table
@@ -450,11 +468,17 @@ def main():
     if toy and args.kv_cache_dtype == "fp8_ds_mla":
         raise SystemExit("--toy shapes have no fp8_ds_mla layout (needs 512 + 64 latent dims)")
     result = run(args)
+    def x(r, key):
+        v = r.get(key)
+        return f"x{v:.2f}" if v else "  -  "
+
+    pb, db = args.prefill_batch, args.decode_batch
+    print("dense / DSA time per token (layer | attention core), batch 1 and serving batch")
     for r in result["rows"]:
-        print(f"context {r['context']:>7}: prefill dense/DSA x{r.get('prefill_speedup_b1') or float('nan'):.2f} "
-              f"(b=1), x{r.get(f'prefill_speedup_b{args.prefill_batch}') or float('nan'):.2f} "
-              f"(b={args.prefill_batch}); decode x{r.get('decode_speedup_b1') or float('nan'):.2f} (b=1), "
-              f"x{r.get(f'decode_speedup_b{args.decode_batch}') or float('nan'):.2f} (b={args.decode_batch})")
+        print(f"context {r['context']:>7}: prefill b=1 {x(r, 'prefill_speedup_b1')} | {x(r, 'prefill_speedup_core_b1')}"
+              f", b={pb} {x(r, f'prefill_speedup_b{pb}')} | {x(r, f'prefill_speedup_core_b{pb}')}; "
+              f"decode b=1 {x(r, 'decode_speedup_b1')} | {x(r, 'decode_speedup_core_b1')}, "
+              f"b={db} {x(r, f'decode_speedup_b{db}')} | {x(r, f'decode_speedup_core_b{db}')}")
     for e in result["errors"]:
         print("error:", e)
 
