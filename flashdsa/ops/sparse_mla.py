@@ -40,8 +40,9 @@ LN2 = 0.6931471805599453
 # PV_LAG: see _sparse_mla_fwd_kernel (q.k split between the two warpgroups instead of
 # computed by both, for a second gather of the value rows).
 # Chosen by the --sweep of benchmarks/bench_sparse_mla.py and bench_sparse_mla_decode.py on an
-# H200 (docs/benchmarks_sparse_mla.md: BLOCK_K 64 with 2 stages beat every PV_LAG variant);
-# the sm80 row only respects the A100's 163 KB of shared memory (not measured).
+# H200 (docs/benchmarks_sparse_mla.md): BLOCK_K 64 with 2 stages beat every PV_LAG variant
+# (PV_LAG at BLOCK_K 64 needs 360 KB of shared memory at 2 stages) and, for fp8, SCALE_FOLD.
+# The sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
     "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False),
     "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, SCALE_FOLD=False),
