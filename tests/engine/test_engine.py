@@ -201,3 +201,13 @@ def test_scheduler_limits_and_joining():
         assert sum(n for _, n in sched) <= 20 and len(sched) <= 3
     assert max(len(sched) for sched in steps) == 3
     assert engine.allocator.num_free == 16
+
+
+def test_llm_from_checkpoint_directory(tmp_path):
+    model = tiny_model(seed=17, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    prompts = prompts_of([12, 30], seed=18)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    from_dir = LLM(str(tmp_path), device="cpu").generate(prompts, params)
+    direct = LLM(model).generate(prompts, params)
+    assert [o.token_ids for o in from_dir] == [o.token_ids for o in direct]
