@@ -5,7 +5,9 @@
   query has more than ``index_topk`` candidates, so the late buckets are where to look.
 - :func:`retrieval_accuracy`: a passkey planted in real held-out code more than
   4 x index_topk tokens before the question (flashdsa.data.plant_passkey); a sample counts
-  when every digit is the model's top prediction (teacher forcing).
+  when every digit is the model's top prediction (teacher forcing); ``answer_loss`` (nats
+  per digit, ln 10 = 2.30 for a guess) shows partial use of the context before exact
+  recall emerges.
 - :func:`indexer_recall`: for every layer, the share of the dense attention mass (summed
   over heads, normalized per query) that falls on the indexer's top-k selection, averaged
   over queries with more than top-k candidates (the others keep everything).
@@ -65,24 +67,27 @@ def loss_by_position(model, windows: torch.Tensor, mode: str = "dsa", backend: s
 def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_distance: int | None = None,
                        mode: str = "dsa", backend: str = "auto", batch_size: int = 4, seed: int = 1234) -> dict:
     """Passkey retrieval over ``n`` held-out windows; answer > ``min_distance`` tokens back
-    (default 4 * index_topk + 1). Returns {"accuracy", "digit_accuracy", "min_distance", "n"}."""
+    (default 4 * index_topk + 1). Returns {"accuracy", "digit_accuracy", "answer_loss",
+    "min_distance", "n"}."""
     device = next(model.parameters()).device
     model.eval()
     if min_distance is None:
         min_distance = 4 * model.config.index_topk + 1
     windows, rows = retrieval_windows(corpus, n, seq_len, min_distance, seed)
-    hits, digit_hits = 0, 0
+    hits, digit_hits, nll = 0, 0, 0.0
     for i in range(0, n, batch_size):
         b, r = windows[i:i + batch_size].to(device), rows[i:i + batch_size].to(device)
         with _autocast(device):
             logits = model(b[:, :-1], mode=mode, backend=backend)           # [B, L, V]
-        pred = logits.gather(1, r[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)   # [B, digits]
+        at = logits.float().gather(1, r[..., None].expand(-1, -1, logits.shape[-1]))   # [B, digits, V]
         want = b.gather(1, r + 1)
-        ok = pred == want
+        ok = at.argmax(-1) == want
         hits += int(ok.all(-1).sum())
         digit_hits += int(ok.sum())
+        nll += float(-at.log_softmax(-1).gather(-1, want[..., None]).sum())
+    # answer_loss: mean nats per answer digit; ln 10 = 2.303 is guessing, 0 is perfect recall
     return {"accuracy": hits / n, "digit_accuracy": digit_hits / (n * rows.shape[1]),
-            "min_distance": min_distance, "n": n}
+            "answer_loss": nll / (n * rows.shape[1]), "min_distance": min_distance, "n": n}
 
 
 def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
