@@ -8,6 +8,8 @@ e4m3 (row stride 656), fp32 (row stride 164, scales at 128..131) and bf16 (row s
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,29 @@ def _e4m3_byte(y):
 
 
 @triton.jit
+def _e4m3_to_f32(b):
+    """fp32 value of e4m3 (fn) bytes ``b`` (int32 in [0, 255]) with integer operations.
+
+    The fallback for GPUs whose Triton has no e4m3 type (before sm_89, e.g. the A100):
+    normal bytes become an fp32 bit pattern (exponent rebiased 7 -> 127, the 3 mantissa
+    bits on top), subnormals are m * 2^-9. The quantizer never writes the NaN bytes."""
+    sign = (b & 0x80) << 24
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where(sign != 0, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Whether Triton has the e4m3 type on this device (sm_89+; the interpreter too)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@triton.jit
 def _quantize_mla_cache_kernel(kv_ptr, c8_ptr, sc_ptr, pe_ptr, n_rows, stride_kv,
                                stride_c8, stride_sc, stride_pe, BLOCK_R: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -70,14 +95,19 @@ def _quantize_mla_cache_kernel(kv_ptr, c8_ptr, sc_ptr, pe_ptr, n_rows, stride_kv
 
 @triton.jit
 def _dequantize_mla_cache_kernel(c8_ptr, sc_ptr, pe_ptr, out_ptr, n_rows,
-                                 stride_c8, stride_sc, stride_pe, stride_out, BLOCK_R: tl.constexpr):
+                                 stride_c8, stride_sc, stride_pe, stride_out, BLOCK_R: tl.constexpr,
+                                 INT_DECODE: tl.constexpr = False):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < n_rows
     r64 = r.to(tl.int64)
     offs = tl.arange(0, 512)
-    x8 = tl.load(c8_ptr + r64[:, None] * stride_c8 + offs[None, :], mask=r_mask[:, None], other=0.0)
+    c8_ptrs = c8_ptr + r64[:, None] * stride_c8 + offs[None, :]
     sc = tl.load(sc_ptr + r64[:, None] * stride_sc + 128 + tl.arange(0, 4)[None, :], mask=r_mask[:, None], other=0.0)
-    x = tl.reshape(tl.reshape(x8.to(tl.float32), (BLOCK_R, 4, 128)) * sc[:, :, None], (BLOCK_R, 512))
+    if INT_DECODE:  # c8_ptr holds uint8
+        xf = _e4m3_to_f32(tl.load(c8_ptrs, mask=r_mask[:, None], other=0).to(tl.int32))
+    else:  # c8_ptr holds e4m3
+        xf = tl.load(c8_ptrs, mask=r_mask[:, None], other=0.0).to(tl.float32)
+    x = tl.reshape(tl.reshape(xf, (BLOCK_R, 4, 128)) * sc[:, :, None], (BLOCK_R, 512))
     tl.store(out_ptr + r64[:, None] * stride_out + offs[None, :], x.to(out_ptr.dtype.element_ty), mask=r_mask[:, None])
     offs_pe = tl.arange(0, 64)
     pe = tl.load(pe_ptr + r64[:, None] * stride_pe + 264 + offs_pe[None, :], mask=r_mask[:, None], other=0.0)
@@ -107,8 +137,10 @@ def quantize_mla_cache(kv: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, FP8_BYTES)
 
 
-def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """fp8_ds_mla bytes ``[..., 656]`` -> rows ``[..., 576]`` in ``dtype``."""
+def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                         int_decode: bool | None = None) -> torch.Tensor:
+    """fp8_ds_mla bytes ``[..., 656]`` -> rows ``[..., 576]`` in ``dtype``. ``int_decode``
+    (default: where the device lacks e4m3) decodes the bytes with integer operations."""
     lead = cache.shape[:-1]
     rows = cache.reshape(-1, FP8_BYTES)
     if rows.stride(0) != FP8_BYTES or rows.stride(1) != 1:
@@ -117,7 +149,11 @@ def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat1
     out = torch.empty(n, D_NOPE + D_ROPE, dtype=dtype, device=cache.device)
     if n:
         c8, sc, pe = byte_views(rows)
+        if int_decode is None:
+            int_decode = not fp8_native(cache.device)
+        if int_decode:
+            c8 = rows
         _dequantize_mla_cache_kernel[(triton.cdiv(n, BLOCK_R),)](
             c8, sc, pe, out, n, c8.stride(0), sc.stride(0), pe.stride(0), out.stride(0),
-            BLOCK_R=BLOCK_R, num_warps=4)
+            BLOCK_R=BLOCK_R, INT_DECODE=bool(int_decode), num_warps=4)
     return out.reshape(*lead, D_NOPE + D_ROPE)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mla_cache import _e4m3_to_f32, fp8_native
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -205,19 +207,35 @@ def _sparse_mla_fwd_kernel(
 
 
 @triton.jit
-def _dequant_tile(c8_ptr, sc_ptr, rows, valid, stride_c8, stride_sc, offs_c, TILE: tl.constexpr,
-                  dot_dtype: tl.constexpr):
-    """Rows ``rows`` of one 128-wide e4m3 tile times their fp32 scales: [BLOCK_K, 128]."""
-    x = tl.load(c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :], mask=valid[:, None], other=0.0)
-    sc = tl.load(sc_ptr + rows * stride_sc + TILE, mask=valid, other=0.0)  # [BLOCK_K]
-    return (x.to(tl.float32) * sc[:, None]).to(dot_dtype)
+def _load_e4m3_f32(c8_ptr, rows, valid, stride_c8, offs_c, TILE: tl.constexpr, INT_DECODE: tl.constexpr):
+    """fp32 values of one 128-wide e4m3 tile of rows ``rows``: [BLOCK_K, 128] (0 where invalid)."""
+    ptrs = c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :]
+    if INT_DECODE:  # uint8 bytes (no e4m3 type on this GPU)
+        xf = _e4m3_to_f32(tl.load(ptrs, mask=valid[:, None], other=0).to(tl.int32))
+    else:
+        xf = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    return xf
 
 
 @triton.jit
-def _fp8_tile(c8_ptr, rows, valid, stride_c8, offs_c, TILE: tl.constexpr, dot_dtype: tl.constexpr):
+def _dequant_tile(c8_ptr, sc_ptr, rows, valid, stride_c8, stride_sc, offs_c, TILE: tl.constexpr,
+                  dot_dtype: tl.constexpr, INT_DECODE: tl.constexpr):
+    """Rows ``rows`` of one 128-wide e4m3 tile times their fp32 scales: [BLOCK_K, 128]."""
+    xf = _load_e4m3_f32(c8_ptr, rows, valid, stride_c8, offs_c, TILE, INT_DECODE)
+    sc = tl.load(sc_ptr + rows * stride_sc + TILE, mask=valid, other=0.0)  # [BLOCK_K]
+    return (xf * sc[:, None]).to(dot_dtype)
+
+
+@triton.jit
+def _fp8_tile(c8_ptr, rows, valid, stride_c8, offs_c, TILE: tl.constexpr, dot_dtype: tl.constexpr,
+              INT_DECODE: tl.constexpr):
     """One 128-wide e4m3 tile of rows ``rows`` converted (exactly) to ``dot_dtype``, unscaled."""
-    x = tl.load(c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :], mask=valid[:, None], other=0.0)
-    return x.to(dot_dtype)
+    ptrs = c8_ptr + rows[:, None] * stride_c8 + TILE * 128 + offs_c[None, :]
+    if INT_DECODE:
+        x = _e4m3_to_f32(tl.load(ptrs, mask=valid[:, None], other=0).to(tl.int32)).to(dot_dtype)
+    else:
+        x = tl.load(ptrs, mask=valid[:, None], other=0.0).to(dot_dtype)
+    return x
 
 
 @triton.jit
@@ -240,6 +258,7 @@ def _sparse_mla_fp8_kernel(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
     PV_LAG: tl.constexpr = False,
     SCALE_FOLD: tl.constexpr = False,  # apply the tile scales to s and p, not to the tiles
+    INT_DECODE: tl.constexpr = False,  # c8_ptr is uint8, decoded with integer ops (pre-sm_89)
 ):
     """The fp8_ds_mla variant of _sparse_mla_fwd_kernel (d_qk 576, d_v 512 fixed).
 
@@ -293,39 +312,39 @@ def _sparse_mla_fp8_kernel(
         else:
             rows = idx
         if PV_LAG:
-            w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+            w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype, INT_DECODE)
             acc0 = tl.dot(p_prev, w0, acc0 * alpha_prev[:, None], input_precision=DOT_PREC)
-            w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+            w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype, INT_DECODE)
             acc1 = tl.dot(p_prev, w1, acc1 * alpha_prev[:, None], input_precision=DOT_PREC)
-            w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+            w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype, INT_DECODE)
             acc2 = tl.dot(p_prev, w2, acc2 * alpha_prev[:, None], input_precision=DOT_PREC)
-            w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+            w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype, INT_DECODE)
             acc3 = tl.dot(p_prev, w3, acc3 * alpha_prev[:, None], input_precision=DOT_PREC)
         # scaled partial dots summed (not chained through acc=): see _sparse_mla_fwd_kernel
         if SCALE_FOLD:
             # q . (sc * x8) = sc * (q . x8), and p @ (sc * x8) = (p * sc) @ x8 with sc a
             # per-row (per-column of s) scale: [BLOCK_H, BLOCK_K] multiplies instead of
             # [BLOCK_K, 512] ones on the tiles
-            v0 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 0, dot_dtype)
+            v0 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 0, dot_dtype, INT_DECODE)
             sc0 = _tile_scale(scale_ptr, rows, valid, stride_scale, 0)
             s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * (sc0 * qk_scale)[None, :]
-            v1 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 1, dot_dtype)
+            v1 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 1, dot_dtype, INT_DECODE)
             sc1 = _tile_scale(scale_ptr, rows, valid, stride_scale, 1)
             s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * (sc1 * qk_scale)[None, :]
-            v2 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 2, dot_dtype)
+            v2 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 2, dot_dtype, INT_DECODE)
             sc2 = _tile_scale(scale_ptr, rows, valid, stride_scale, 2)
             s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * (sc2 * qk_scale)[None, :]
-            v3 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 3, dot_dtype)
+            v3 = _fp8_tile(c8_ptr, rows, valid, stride_kv, offs_c, 3, dot_dtype, INT_DECODE)
             sc3 = _tile_scale(scale_ptr, rows, valid, stride_scale, 3)
             s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * (sc3 * qk_scale)[None, :]
         else:
-            v0 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+            v0 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 0, dot_dtype, INT_DECODE)
             s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PREC) * qk_scale
-            v1 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+            v1 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 1, dot_dtype, INT_DECODE)
             s += tl.dot(q1, tl.trans(v1), input_precision=DOT_PREC) * qk_scale
-            v2 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+            v2 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 2, dot_dtype, INT_DECODE)
             s += tl.dot(q2, tl.trans(v2), input_precision=DOT_PREC) * qk_scale
-            v3 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+            v3 = _dequant_tile(c8_ptr, scale_ptr, rows, valid, stride_kv, stride_scale, offs_c, 3, dot_dtype, INT_DECODE)
             s += tl.dot(q3, tl.trans(v3), input_precision=DOT_PREC) * qk_scale
         kt = tl.load(tail_ptr + rows[:, None] * stride_tail + offs_dt[None, :], mask=valid[:, None], other=0.0)
         s += tl.dot(qt, tl.trans(kt.to(dot_dtype)), input_precision=DOT_PREC) * qk_scale
@@ -353,13 +372,13 @@ def _sparse_mla_fp8_kernel(
             acc3 = tl.dot(p, v3, acc3 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     if PV_LAG:
-        w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype)
+        w0 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 0, dot_dtype, INT_DECODE)
         acc0 = tl.dot(p_prev, w0, acc0 * alpha_prev[:, None], input_precision=DOT_PREC)
-        w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype)
+        w1 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 1, dot_dtype, INT_DECODE)
         acc1 = tl.dot(p_prev, w1, acc1 * alpha_prev[:, None], input_precision=DOT_PREC)
-        w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype)
+        w2 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 2, dot_dtype, INT_DECODE)
         acc2 = tl.dot(p_prev, w2, acc2 * alpha_prev[:, None], input_precision=DOT_PREC)
-        w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype)
+        w3 = _dequant_tile(c8_ptr, scale_ptr, rows_prev, valid_prev, stride_kv, stride_scale, offs_c, 3, dot_dtype, INT_DECODE)
         acc3 = tl.dot(p_prev, w3, acc3 * alpha_prev[:, None], input_precision=DOT_PREC)
 
     has = l_i > 0.0
@@ -451,8 +470,11 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     offs64 = max(kv_v.stride(0), tail.stride(0), scale.stride(0)) * max(n_kv, 1) >= 2 ** 31 - 1024
     if kv_fp8:
         kernel = _sparse_mla_fp8_kernel
+        int_decode = bool(cfg.get("INT_DECODE", not fp8_native(q.device)))
+        if int_decode:
+            kv_v = kv_v.view(torch.uint8)
         meta = dict(OFFS64=offs64, PV_LAG=bool(cfg.get("PV_LAG", False)), BLOCK_H=block_h, BLOCK_K=block_k,
-                    SCALE_FOLD=bool(cfg.get("SCALE_FOLD", False)), UPCAST=upcast, DOT_PREC=prec,
+                    SCALE_FOLD=bool(cfg.get("SCALE_FOLD", False)), INT_DECODE=int_decode, UPCAST=upcast, DOT_PREC=prec,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         kernel = _sparse_mla_fwd_kernel

@@ -73,11 +73,17 @@ def test_reference_format_layout():
     assert ((deq[..., :512] - x[..., :512]).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dequantize_kernel_bitwise_equals_reference(dtype):
+@pytest.mark.parametrize("dtype,int_decode", [(torch.bfloat16, None), (torch.float32, None), (torch.float32, True)])
+def test_dequantize_kernel_bitwise_equals_reference(dtype, int_decode):
+    """int_decode: e4m3 decoded with integer ops, as on GPUs before sm_89."""
+    from flashdsa.ops.mla_cache import dequantize_mla_cache
+
     kv = wide_rows(23)
     cache = R.quantize_mla_cache(kv.cpu()).reshape(23, 1, 656).to(KERNEL_DEVICE)
-    got = api.dequantize_mla_cache(cache, dtype, backend="triton")
+    if int_decode is None:
+        got = api.dequantize_mla_cache(cache, dtype, backend="triton")
+    else:
+        got = dequantize_mla_cache(cache, dtype, int_decode=int_decode)
     want = R.dequantize_mla_cache(cache.cpu(), dtype)
     assert got.shape == (23, 1, 576) and got.dtype == dtype
     assert torch.equal(got.cpu(), want)

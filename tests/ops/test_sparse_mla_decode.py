@@ -51,13 +51,15 @@ def check_decode(q, cache, idx, sm_scale, d_v, kv_format, out, lse, floor=1e-5):
 
 
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8_ds_mla"])
-@pytest.mark.parametrize("s_q,n_split,lag,fold", [(1, 1, False, False), (2, 3, False, True), (2, 2, True, False)])
-def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split, lag, fold):  # noqa: F811
+@pytest.mark.parametrize("s_q,n_split,lag,fold,int_decode", [(1, 1, False, False, False), (2, 3, False, True, True),
+                                                             (2, 2, True, False, True)])
+def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split, lag, fold, int_decode):  # noqa: F811
+    """int_decode: the e4m3 bytes decoded with integer ops (the path of GPUs before sm_89)."""
     q, cache, idx = paged_problem(2, s_q, 16, 45)
     if kv_format == "fp8_ds_mla":
         cache = R.quantize_mla_cache(cache.cpu()).to(KERNEL_DEVICE)
     out, lse = sparse_mla_decode(q, cache, idx, 0.07, 512, kv_format, n_split=n_split,
-                                 config=dict(PV_LAG=lag, SCALE_FOLD=fold, BLOCK_K=16))
+                                 config=dict(PV_LAG=lag, SCALE_FOLD=fold, BLOCK_K=16, INT_DECODE=int_decode))
     assert out.shape == (2, s_q, 16, 512) and lse.shape == (2, s_q, 16)
     check_decode(q, cache, idx, 0.07, 512, kv_format, out, lse)
 
