@@ -278,11 +278,11 @@ class ComparisonConfig:
     (branch (b)'s warm-up and sparse steps together cover branch (a)'s data steps)."""
 
     preset: str = "tiny"
-    seq_len: int = 512
+    seq_len: int = 256               # index_topk = seq_len / 16 = 16: 94% of late queries' keys dropped
     batch_size: int = 8
-    pretrain_steps: int = 400
-    branch_steps: int = 200          # (a) dense steps = (b) warm-up + sparse steps
-    warmup_steps: int = 50           # DSA warm-up stage (indexer only)
+    pretrain_steps: int = 600
+    branch_steps: int = 300          # (a) dense steps = (b) warm-up + sparse steps
+    warmup_steps: int = 80           # DSA warm-up stage (indexer only)
     lr: float = 2e-3
     branch_lr: float = 6e-4
     warmup_lr: float = 1e-3          # the paper's warm-up learning rate

@@ -37,3 +37,22 @@ def test_demo_short(tmp_path, capsys):
     dsa = res["rows"][-1]
     assert 0 < dsa["indexer_recall"]["mean"] <= 1 and dsa["lm"]["loss"] > 0
     assert (tmp_path / "models" / "dsa" / "config.json").exists()
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    common = ["--seq-len", "64", "--batch-size", "2", "--max-bytes", str(1 << 18)]
+    assert main(["train", "--stage", "dense", "--preset", "tiny", "--steps", "3", "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    # the warm-up continues the token stream where the dense run stopped (data step 3)
+    assert main(["train", "--stage", "warmup", "--init", str(tmp_path / "a" / "train_state.pt"), "--steps", "2",
+                 "--out", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"), *common]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["data_step"] == 5
+    assert (tmp_path / "b" / "model" / "model.safetensors").exists()
+    # resuming a finished stage is a no-op that still writes its outputs
+    assert main(["train", "--stage", "warmup", "--resume", str(tmp_path / "b" / "train_state.pt"), "--steps", "2",
+                 "--out", str(tmp_path / "b"), *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "b" / "model"), "--mode", "dsa", "--windows", "2", "--retrieval", "2",
+                 "--recall-windows", "1", "--seq-len", "128", "--max-bytes", str(1 << 18)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "passkey retrieval" in text and "indexer recall" in text
