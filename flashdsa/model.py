@@ -38,6 +38,9 @@ Calling convention (tokens may be batched [B, L] or packed [T] with ``cu_seqlens
       logits_rows optional int64 tensor of packed rows: compute logits only there (e.g. the last
                  token of each sequence when prefilling); returns [len(logits_rows), vocab].
 
+On CPU tensors the attention runs sequence by sequence (same result): the pure-PyTorch
+reference ops would otherwise score every query against the whole packed batch.
+
 Loading and saving: :func:`flashdsa.checkpoint.from_pretrained` / ``save_pretrained``
 (config.json + safetensors, FP8 ``weight_scale_inv`` block scales dequantized on load);
 ``DSAForCausalLM.from_pretrained(dir)`` and ``model.save_pretrained(dir)`` forward there.
