@@ -390,6 +390,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away; release() aborts the request
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # the default listen backlog (5) resets connections when many clients connect at once
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class ServerHandle:
     """A running server: ``.url``, ``.port``, ``.loop`` (the EngineLoop), ``.shutdown()``."""
 
@@ -411,8 +417,7 @@ def make_server(engine: LLMEngine, host: str = "127.0.0.1", port: int = 8000, mo
     limits = limits or ServerLimits()
     loop = EngineLoop(engine, limits.max_concurrent)
     handler = type("Handler", (_Handler,), {"loop": loop, "limits": limits, "model_name": model_name})
-    httpd = ThreadingHTTPServer((host, port), handler)
-    httpd.daemon_threads = True
+    httpd = _HTTPServer((host, port), handler)
     return httpd, loop
 
 
