@@ -54,6 +54,25 @@ def probe_step_seconds(mcfg, corpus, cc: ComparisonConfig, device, backend: str,
     return out
 
 
+def sdpa_preflight(mcfg, seq_len: int) -> str:
+    """Which fused SDPA kernel takes the dense path's shapes (q/k 96 wide, v 64 at the
+    "small" preset)? Without one, torch falls back to the math kernel, which
+    materializes [H, L, L] scores per sequence: slow and large at 8K."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    h, dqk, dv = mcfg.num_attention_heads, mcfg.qk_head_dim, mcfg.v_head_dim
+    q = torch.randn(1, h, seq_len, dqk, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, h, seq_len, dv, device="cuda", dtype=torch.bfloat16)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True)
+            return name
+        except RuntimeError:
+            continue
+    return "math (no fused kernel for these head dims: dense steps will be slow and memory-hungry)"
+
+
 def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_share: float) -> tuple[int, int, int]:
     """(pretrain, branch, warm-up) steps filling ``train_budget`` seconds."""
     per_branch_step = sec["dense"] + warmup_share * sec["warmup"] + (1 - warmup_share) * sec["sparse"]
@@ -162,6 +181,9 @@ def main(argv=None) -> int:
                           eval_recall=args.eval_recall, log_every=10)
 
     notes = []
+    if device.type == "cuda":
+        notes.append(f"dense SDPA kernel: {sdpa_preflight(mcfg, args.seq_len)}")
+        print(notes[-1], flush=True)
     backend = args.backend
     try:
         sec = probe_step_seconds(mcfg, corpus, cc, device, backend)

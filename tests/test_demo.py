@@ -56,3 +56,28 @@ def test_cli_train_then_eval(tmp_path, capsys):
                  "--recall-windows", "1", "--seq-len", "128", "--max-bytes", str(1 << 18)]) == 0
     text = capsys.readouterr().out
     assert "held-out loss" in text and "passkey retrieval" in text and "indexer recall" in text
+
+
+def test_quality_study_toy(tmp_path):
+    """The GPU study script's logic, at toy size on CPU: probe, plan, run, JSON, plots."""
+    import xml.etree.ElementTree as ET
+
+    from benchmarks.quality_study import main as study, plan_steps
+
+    pre, branch, warm = plan_steps({"dense": 1.0, "warmup": 0.5, "sparse": 2.0}, 1000, 0.5, 0.2)
+    assert pre == 500 and warm == int(branch * 0.2)
+    assert abs(branch * (1.0 + 0.2 * 0.5 + 0.8 * 2.0) - 500) < 3        # the branches fill their half
+    n = torch.get_num_threads()
+    try:
+        assert study(["--toy", "--seq-len", "128", "--pretrain-steps", "4", "--branch-steps", "4",
+                      "--warmup-steps", "2", "--max-bytes", str(1 << 18), "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = json.loads((tmp_path / "quality_study_toy.json").read_text())
+    assert res["comparison"]["pretrain_steps"] == 4 and set(res["probe_seconds_per_step"]) == {
+        "dense", "warmup", "sparse"}
+    assert {"loss_gap_pct", "retrieval_gap_points", "indexer_recall_pct"} <= set(res["summary"])
+    assert "torch" in res and "command" in res
+    for plot in ("quality_study_toy_loss.svg", "quality_study_toy_loss_by_position.svg"):
+        root = ET.parse(tmp_path / plot).getroot()
+        assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}polyline")) >= 3
