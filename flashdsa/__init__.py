@@ -24,3 +24,6 @@ from .api import (
 from .cache import PagedIndexerCache
 from .config import DSAConfig
 from .layers import MLA, LightningIndexer
+from .model import DSAForCausalLM
+from .checkpoint import from_pretrained, save_pretrained
+from .engine import LLM, SamplingParams
