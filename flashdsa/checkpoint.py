@@ -140,6 +140,7 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = DSAForCausalLM(cfg, init=False)
     model.to_empty(device=device)
     model.to(dtype)
+    model.tie_weights()
     model.reset_buffers()  # RoPE frequencies: recomputed, fp32 (not part of the checkpoint)
     for name, buf in list(model.named_buffers()):
         if name.endswith("e_score_correction_bias"):  # router bias stays fp32, as released

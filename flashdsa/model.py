@@ -285,10 +285,15 @@ class DSAForCausalLM(nn.Module):
         with _no_default_init():       # init_weights below (or a checkpoint) sets every weight
             self.model = DSAModel(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         if init:
             self.init_weights()
+
+    def tie_weights(self):
+        """Share the embedding with the LM head when ``tie_word_embeddings`` (again after
+        ``to_empty``, which gives each module its own tensor)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):

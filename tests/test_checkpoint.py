@@ -120,3 +120,17 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
         from_pretrained(tmp_path)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = DSAForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as h:
+        assert "lm_head.weight" not in set(h.keys())
+        assert h.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    loaded = from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
