@@ -81,7 +81,9 @@ class MoEGate(nn.Module):
     a group scores the sum of its two best biased affinities, the best ``topk_group``
     groups stay eligible, and the top ``num_experts_per_tok`` eligible experts are picked.
     Their weights are the unbiased affinities, renormalized (``norm_topk_prob``) and
-    scaled by ``routed_scaling_factor``."""
+    scaled by ``routed_scaling_factor``. Training MoE models from scratch would also need
+    V3's bias update (aux-loss-free balancing), which is not implemented: the bias is
+    loaded from checkpoints and stays fixed."""
 
     def __init__(self, cfg: DSAConfig):
         super().__init__()
