@@ -7,7 +7,6 @@ imported (that is how the CPU tests exercise the kernels).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -16,9 +15,12 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: a plain constant keeps torch.compile from tracing a lookup.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreted() -> bool:

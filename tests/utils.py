@@ -10,7 +10,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """||x - ref|| / ||ref|| in float64 over finite entries; inf/nan must match exactly."""
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     fin = torch.isfinite(ref)
     if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin].nan_to_num(), ref[~fin].nan_to_num()):
         return float("inf")
