@@ -15,7 +15,6 @@ torch's peak allocation over what the inputs already hold.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -23,41 +22,13 @@ import time
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import bench_ms, environment, measure_ceilings  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 from flashdsa.ops import paged_indexer as pops  # noqa: E402
 
 H, D, TOPK, S_Q = 64, 128, 2048, 4096
-
-
-def bench(fn, rep=200):
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
-
-
-def ceilings():
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t_bf16 = bench(lambda: a @ b)
-    a8 = a.to(torch.float8_e4m3fn)
-    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as cuBLASLt fp8 wants
-    one = torch.ones((), device="cuda")
-    try:
-        t_fp8 = bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
-    except Exception as e:  # keep the run going; the JSON then shows no fp8 ceiling
-        print("fp8 matmul failed:", repr(e)[:300])
-        t_fp8 = float("nan")
-    x = torch.empty(2 ** 28, device="cuda")  # 1 GiB
-    x.uniform_()
-    y = torch.empty_like(x)
-    t_copy = bench(lambda: y.copy_(x))
-    del a, b, a8, b8, x, y
-    return dict(bf16_matmul_tflops=2 * n ** 3 / t_bf16 / 1e9, fp8_matmul_tflops=2 * n ** 3 / t_fp8 / 1e9,
-                copy_gbps=2 * 2 ** 30 / t_copy / 1e6)
 
 
 def prefill_inputs(s_kv, s=S_Q, h=H):
@@ -102,10 +73,10 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
     ks, ke = inp[4], inp[5]
     pairs = int((ke - ks).sum())
     flops = 2 * pairs * H * D
-    t_log = bench(lambda: ops.indexer_logits(*inp, config=cfg_logits))
-    t_topk = bench(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    t_log = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg_logits))
+    t_topk = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
     logits = ops.indexer_logits(*inp, config=cfg_logits)
-    t_torch_topk = bench(lambda: torch.topk(logits, TOPK, dim=1))
+    t_torch_topk = bench_ms(lambda: torch.topk(logits, TOPK, dim=1))
     mem_logits = peak_bytes(lambda: ops.indexer_logits(*inp, config=cfg_logits))
     mem_topk = peak_bytes(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
     res = dict(s_q=S_Q, s_kv=s_kv, h=H, d=D, topk=TOPK, pairs=pairs,
@@ -139,8 +110,8 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
     q8, cache, w, cl, bt = decode_inputs(bsz, ctx, next_n)
     width = bt.shape[1] * 64
     flops = 2 * bsz * sum(ctx - next_n + j + 1 for j in range(next_n)) * H * D
-    t_log = bench(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
-    t_topk = bench(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+    t_log = bench_ms(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
+    t_topk = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
     kv_bytes = bsz * ctx * (D + 4)
     return dict(batch=bsz, context=ctx, next_n=next_n, logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
                 logits_cache_gbps=kv_bytes / t_log / 1e6,
@@ -174,7 +145,7 @@ def sweep(ceil, log):
     flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
     for cfg in SWEEP_LOGITS:
         try:
-            t = bench(lambda: ops.indexer_logits(*inp, config=cfg))
+            t = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg))
             out["logits"].append(dict(cfg=cfg, ms=t, tflops=flops / t / 1e9))
         except Exception as e:  # a variant that fails to compile must not stop the others
             out["logits"].append(dict(cfg=cfg, error=repr(e)[:300]))
@@ -186,7 +157,7 @@ def sweep(ceil, log):
         rows = list(range(0, S_Q, S_Q // 16)) + [S_Q - 1]
         for cfg in SWEEP_TOPK:
             try:
-                t = bench(lambda: ops.indexer_topk(*inp, TOPK, config=cfg), rep=100)
+                t = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg), rep=100)
                 diff = check_topk_exact(ops.indexer_topk(*inp, TOPK, config=cfg), logits, inp[4], inp[5], rows)
                 out["topk"].append(dict(s_kv=s_kv, cfg=cfg, ms=t, tflops=flops / t / 1e9, check_max_abs_diff=diff))
             except Exception as e:  # includes a failed check: that variant is not picked
@@ -198,8 +169,8 @@ def sweep(ceil, log):
     q8, cache, w, cl, bt = decode_inputs(32, 32768)
     for cfg in SWEEP_DECODE:
         try:
-            t = bench(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, bt.shape[1] * 64, config=cfg))
-            t2 = bench(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+            t = bench_ms(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, bt.shape[1] * 64, config=cfg))
+            t2 = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
             out["decode"].append(dict(cfg=cfg, logits_ms=t, topk_ms=t2, cache_gbps=32 * 32768 * 132 / t / 1e6))
         except Exception as e:
             out["decode"].append(dict(cfg=cfg, error=repr(e)[:300]))
@@ -220,11 +191,9 @@ def main():
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    ceil = ceilings()
+    ceil = measure_ceilings()
     log(f"ceilings {ceil}")
-    result = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  torch=torch.__version__, triton=triton.__version__, command=" ".join(["python"] + sys.argv),
-                  configs=dict(logits=ops.default_config(torch.device("cuda"), H),
+    result = dict(**environment(), configs=dict(logits=ops.default_config(torch.device("cuda"), H),
                                topk=ops.default_config(torch.device("cuda"), H, topk=True)),
                   ceilings=ceil, prefill=[], decode=[])
 

@@ -27,3 +27,10 @@ from .layers import MLA, LightningIndexer
 from .model import DSAForCausalLM
 from .checkpoint import from_pretrained, save_pretrained
 from .engine import LLM, SamplingParams
+
+__all__ = [
+    "act_quant", "act_dequant", "hadamard_transform", "indexer_logits", "indexer_topk", "topk_indices",
+    "paged_indexer_logits", "paged_indexer_topk", "sparse_mla_fwd", "dense_mla_fwd", "sparse_mla_decode",
+    "quantize_mla_cache", "dequantize_mla_cache", "PagedIndexerCache", "DSAConfig", "LightningIndexer", "MLA",
+    "DSAForCausalLM", "from_pretrained", "save_pretrained", "LLM", "SamplingParams",
+]

@@ -13,14 +13,6 @@ from tests.test_model import tiny_config
 st = pytest.importorskip("safetensors.torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()

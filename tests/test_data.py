@@ -6,14 +6,6 @@ from flashdsa.data import (BOS, EOS, PASSKEY_PREFIX, VOCAB_SIZE, Corpus, decode,
                            plant_passkey, random_windows, retrieval_windows, stdlib_files, training_batch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def corpus():

@@ -1,19 +1,10 @@
 """A shortened `flashdsa demo`: the whole pipeline runs and prints the comparison table."""
 import json
 
-import pytest
 import torch
 
 from flashdsa.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_demo_short(tmp_path, capsys):

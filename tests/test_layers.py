@@ -6,6 +6,7 @@ import torch
 
 from flashdsa.config import DSAConfig
 from flashdsa.layers import MLA, causal_ranges
+from tests.utils import OFFICIAL_671B
 
 
 def tiny_config(**kw):
@@ -76,21 +77,8 @@ def test_parameter_names_match_official_layout():
         "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias", "indexer.weights_proj.weight"}
 
 
-OFFICIAL_CONFIG = {  # DeepSeek-V3.2 config.json (the keys DSA needs)
-    "model_type": "deepseek_v32", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3,
-    "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
-    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
-    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000, "max_position_embeddings": 163840,
-    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
-}
-
-
 def test_config_from_official_json_and_back():
-    cfg = DSAConfig.from_hf_config(json.loads(json.dumps(OFFICIAL_CONFIG)))
+    cfg = DSAConfig.from_hf_config(json.loads(json.dumps(OFFICIAL_671B)))
     assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.rope_factor) == (64, 128, 2048, 40.0)
     assert abs(cfg.softmax_scale - 0.13523) < 5e-6
     assert cfg.extra["num_key_value_heads"] == 128

@@ -9,14 +9,6 @@ from flashdsa.model import DSAForCausalLM
 from flashdsa.train import Progress, TrainConfig, lr_factor, preset_config, set_trainable, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is as fast, and far faster on a busy 2-core machine (no spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SEQ = 64
 
 

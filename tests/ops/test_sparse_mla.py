@@ -12,7 +12,7 @@ import torch
 import flashdsa
 from flashdsa import reference as ref
 from flashdsa.ops import sparse_mla as ops
-from tests.utils import HAS_CUDA, KERNEL_DEVICE, rel_err, requires_cuda
+from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 
 @pytest.fixture
