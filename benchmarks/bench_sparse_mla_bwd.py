@@ -24,12 +24,11 @@ from benchmarks.common import bench_ms, measure_ceilings, print_table, write_res
 
 S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
-DQ_VARIANTS = [  # (BLOCK_K_DQ, warps_dq, stages_dq); the first is CONFIGS["sm90"]
-    (32, 8, 2), (64, 8, 1), (32, 4, 2), (32, 16, 2), (16, 8, 3),
-]
-DKV_VARIANTS = [  # (BLOCK_K_DKV, warps_dkv, stages_dkv[, HB_PER_PROG_DKV]); the first is CONFIGS["sm90"]
-    (64, 8, 2), (64, 8, 1), (32, 4, 2), (64, 16, 2), (128, 16, 1), (64, 8, 2, 2), (128, 16, 1, 2),
-]
+# (BLOCK_K, num_warps, num_stages) per kernel; the first of each list is CONFIGS["sm90"].
+DS_VARIANTS = [(32, 8, 2), (64, 8, 1), (32, 4, 2), (16, 4, 3)]
+DQ_VARIANTS = [(64, 8, 2), (32, 8, 3), (64, 8, 3), (128, 8, 1)]
+DKV_VARIANTS = [(64, 8, 2), (64, 8, 1), (64, 4, 2), (128, 8, 1)]
+KERNELS = {"ds": DS_VARIANTS, "dq": DQ_VARIANTS, "dkv": DKV_VARIANTS}
 
 
 def fwd_flops(h: int) -> float:
@@ -45,13 +44,10 @@ def make_inputs(h: int, s_q=S_Q, s_kv=S_KV, topk=TOPK, seed=0):
     return q, kv, idx, dout
 
 
-def _cfg(dq=None, dkv=None):
-    c = {}
-    if dq:
-        c.update(BLOCK_K_DQ=dq[0], warps_dq=dq[1], stages_dq=dq[2])
-    if dkv:
-        c.update(BLOCK_K_DKV=dkv[0], warps_dkv=dkv[1], stages_dkv=dkv[2], HB_PER_PROG_DKV=(dkv[3:] or (1,))[0])
-    return c
+def _cfg(kind, v):
+    """Config override for one kernel's variant."""
+    k = kind.upper()
+    return {f"BLOCK_K_{k}": v[0], f"warps_{kind}": v[1], f"stages_{kind}": v[2]}
 
 
 def _compile_worker(kind: str, variant: tuple) -> tuple:
@@ -60,10 +56,9 @@ def _compile_worker(kind: str, variant: tuple) -> tuple:
     try:
         from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
         from flashdsa.ops.sparse_mla import sparse_mla_fwd
-        # 128 heads so that head-block groups (HB_PER_PROG_DKV=2) compile the grouped kernel.
-        q, kv, idx, dout = make_inputs(128, s_q=64, s_kv=1024, topk=256)
+        q, kv, idx, dout = make_inputs(64, s_q=64, s_kv=1024, topk=256)
         out, _, lse = sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
-        cfg = _cfg(dq=variant) if kind == "dq" else _cfg(dkv=variant)
+        cfg = _cfg(kind, variant)
         sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg)
         if kind == "dkv" and variant == DKV_VARIANTS[0]:
             sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg, deterministic=True)
@@ -107,9 +102,8 @@ def main():
     from flashdsa.ops import sparse_mla_bwd as bwd_mod
     from flashdsa.ops.sparse_mla import sparse_mla_fwd
 
-    variants = [("dq", v) for v in DQ_VARIANTS] + [("dkv", v) for v in DKV_VARIANTS]
-    failures = {} if args.no_precompile else precompile(
-        variants if args.sweep else variants[:1] + [("dkv", DKV_VARIANTS[0])])
+    variants = [(k, v) for k, vs in KERNELS.items() for v in vs]
+    failures = {} if args.no_precompile else precompile(variants if args.sweep else [("dkv", DKV_VARIANTS[0])])
     if args.precompile_only:
         return
     wait_for(args.wait_for)
@@ -148,31 +142,35 @@ def main():
                          ratio_bf16=f_bwd / t * 1e-9 / ceil["bf16_matmul_tflops"]))
 
         if args.sweep:
-            # Each kernel alone over the whole problem (one chunk: scratch fits at 4096 x 128 x 2048 x 2 x 2 B).
+            # Each kernel alone over the whole problem (one chunk: the scratch, 4096 x h x 2048 x 2 x 2 B, fits).
             m0 = bwd_mod._prepare(q, kv, idx, out, dout, lse, None, D_V, None)
+            delta = bwd_mod.launch_preprocess(m0)
             p_buf = torch.empty(S_Q, h, TOPK, dtype=q.dtype, device="cuda")
             ds_buf = torch.empty_like(p_buf)
             dq = torch.empty_like(q)
             dkv = torch.zeros(S_KV, D_QK, dtype=torch.float32, device="cuda")
-            bwd_mod.launch_dq(m0, 0, S_Q, dq, p_buf, ds_buf, sm_scale)
-            for kind, vs in (("dq", DQ_VARIANTS), ("dkv", DKV_VARIANTS)):
+            bwd_mod.launch_ds(m0, 0, S_Q, p_buf, ds_buf, sm_scale)
+            flops = {"ds": f_fwd, "dq": f_fwd * D_QK / (D_QK + D_V), "dkv": f_fwd}  # s+dP | dS kv | dS^T q + P^T dout
+            for kind, vs in KERNELS.items():
                 for v in vs:
                     if (kind, v) in failures:
                         rows.append(dict(h=h, variant=f"{kind} {v}", ms=None, note="compile failed"))
                         continue
-                    m = bwd_mod._prepare(q, kv, idx, out, dout, lse, None, D_V,
-                                         _cfg(dq=v) if kind == "dq" else _cfg(dkv=v))
-                    if kind == "dq":
-                        fn = lambda: bwd_mod.launch_dq(m, 0, S_Q, dq, p_buf, ds_buf, sm_scale)  # noqa: E731
-                        fl = f_fwd * (2 * D_QK + D_V) / (D_QK + D_V)  # s, dP, dq
-                    else:
-                        fn = lambda: bwd_mod.launch_dkv(m, 0, S_Q, p_buf, ds_buf, dkv)  # noqa: E731
-                        fl = f_fwd  # dS^T q (576) + P^T dout (512)
+                    m = bwd_mod._prepare(q, kv, idx, out, dout, lse, None, D_V, _cfg(kind, v))
+                    m["delta"] = delta
+                    fn = {"ds": lambda: bwd_mod.launch_ds(m, 0, S_Q, p_buf, ds_buf, sm_scale),
+                          "dq": lambda: bwd_mod.launch_dq(m, 0, S_Q, dq, ds_buf),
+                          "dkv": lambda: bwd_mod.launch_dkv(m, 0, S_Q, p_buf, ds_buf, dkv)}[kind]
                     try:
                         t = bench_ms(fn, warmup=10, rep=100)
-                        rows.append(dict(h=h, variant=f"{kind} {v}", ms=t, tflops=fl / t * 1e-9))
+                        k = kind.upper()
+                        used = (m["cfg"][f"BLOCK_K_{k}"], m["cfg"][f"warps_{kind}"], m["cfg"][f"stages_{kind}"])
+                        rows.append(dict(h=h, variant=f"{kind} {v}", ms=t, tflops=flops[kind] / t * 1e-9,
+                                         note=None if used == tuple(v) else f"fell back to {used}"))
                     except Exception as e:
                         rows.append(dict(h=h, variant=f"{kind} {v}", ms=None, note=str(e)[:120]))
+            t = bench_ms(lambda: bwd_mod.launch_preprocess(m0), warmup=10, rep=50)
+            rows.append(dict(h=h, variant="preprocess (delta)", ms=t))
             del p_buf, ds_buf, dq, dkv
         del q, kv, idx, dout, out, lse
         torch.cuda.empty_cache()
@@ -182,7 +180,7 @@ def main():
             flop_convention="2.5 x forward 2*s_q*h*topk*(d_qk+d_v); 'exact_tflops' counts the five products",
             ceilings=ceil, config=bwd_mod.CONFIGS["sm90"], rows=rows,
             compile_failures={f"{k} {v}": e for (k, v), e in failures.items()}))
-        print_table(rows, ["h", "variant", "ms", "tflops", "ratio_bf16"])
+        print_table(rows, ["h", "variant", "ms", "tflops", "ratio_bf16", "note"])
     print("wrote", path)
 
 

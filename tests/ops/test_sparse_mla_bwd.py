@@ -74,7 +74,9 @@ def test_reference_gradcheck_float64():
 @pytest.mark.parametrize("s_q,h,d_qk,d_v,s_kv,topk,cfg", [
     (5, 3, 48, 32, 37, 20, None),                   # odd heads, tail 16, ragged topk blocks
     (4, 20, 40, 32, 19, 19, {"BLOCK_H": 16}),      # two head blocks, tail 8 (padded), topk = s_kv
-    (3, 40, 40, 32, 13, 9, {"BLOCK_H": 16, "HB_PER_PROG_DKV": 2}),  # 3 head blocks in groups of 2
+    (3, 40, 40, 32, 13, 9, {"BLOCK_H": 16}),       # 3 head blocks, the last partial
+    (3, 3, 272, 256, 9, 5, None),                   # d_v 256: dkv in 2 column chunks of 128
+    (2, 2, 576, 512, 7, 4, None),                   # the real widths: 4 chunks + rope tail 64
     (3, 2, 32, 16, 11, 5, None),                    # d_v < head part: value is a prefix
 ])
 def test_triton_bwd_matches_reference(s_q, h, d_qk, d_v, s_kv, topk, cfg, poison):
@@ -103,9 +105,8 @@ def test_deterministic_mode_reproducible_and_matches_atomics(poison):
     # scratch_bytes=1 forces one query per chunk: the chunked fixed-order path.
     runs = [sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, scratch_bytes=1)
             for _ in range(2)]
-    grouped = sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True,
-                             config={"BLOCK_H": 16, "HB_PER_PROG_DKV": 2})
-    assert rel_err(grouped[1], dkv_a) < 1e-5
+    two_blocks = sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, config={"BLOCK_H": 16})
+    assert rel_err(two_blocks[1], dkv_a) < 1e-5
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert rel_err(runs[0][1], dkv_a) < 1e-5 and rel_err(runs[0][0], dq_a) < 1e-6
     _, _, _, gkv = _ref_grads(q, kv, idx, 0.2, d_v, dout, None, torch.float64)
