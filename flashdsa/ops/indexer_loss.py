@@ -42,6 +42,10 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain
+# floats; the interpreter does not notice).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 # BLOCK_K: key rows per step. The attention tile is [next_pow2(H), BLOCK_K] with q of
 # all heads resident in shared memory (72 KB bf16 at H 64, 144 KB at H 128), plus per
@@ -134,7 +138,7 @@ def _load_row_inputs(q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads,
     q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
     q_h = tl.load(q_row + offs_a[None, :], mask=mask_h[:, None], other=0.0)  # [H, DH]
     q_t = tl.load(q_row + D_HEAD + offs_b[None, :], mask=mask_h[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
-    lse2 = tl.load(lse_ptr + t * stride_lt + offs_h, mask=mask_h, other=float("inf")) * LOG2E
+    lse2 = tl.load(lse_ptr + t * stride_lt + offs_h, mask=mask_h, other=float("inf")) * _LOG2E
     offs_j = tl.arange(0, BLOCK_HI)
     mask_j = offs_j < n_iheads
     offs_d = tl.arange(0, BLOCK_DI)
@@ -188,7 +192,7 @@ def indexer_kl_fwd_kernel(
             m_h = m_new
         offs_h = tl.arange(0, BLOCK_H)
         lse2 = tl.where((l_h > 0) & (offs_h < n_heads), m_h + tl.log2(tl.where(l_h > 0, l_h, 1.0)), float("inf"))
-        tl.store(lse_out_ptr + t * stride_lt + offs_h, lse2 * LN2, mask=offs_h < n_heads)
+        tl.store(lse_out_ptr + t * stride_lt + offs_h, lse2 * _LN2, mask=offs_h < n_heads)
 
     z_sum = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p
     plogp = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum p ln p
