@@ -172,6 +172,16 @@ def main():
             t = bench_ms(lambda: bwd_mod.launch_preprocess(m0), warmup=10, rep=50)
             rows.append(dict(h=h, variant="preprocess (delta)", ms=t))
             del p_buf, ds_buf, dq, dkv
+            # The fastest variant of each kernel, put together and timed end to end.
+            best = {}
+            for kind, vs in KERNELS.items():
+                timed = [(r["ms"], v) for v in vs for r in rows
+                         if r.get("h") == h and r.get("variant") == f"{kind} {v}" and r.get("ms") and not r.get("note")]
+                if timed:
+                    best.update(_cfg(kind, min(timed)[1]))
+            t = bench_ms(lambda: full(best), warmup=50, rep=300)
+            rows.append(dict(h=h, variant="bwd best-of-sweep", ms=t, tflops=f_bwd / t * 1e-9,
+                             ratio_bf16=f_bwd / t * 1e-9 / ceil["bf16_matmul_tflops"], note=str(best)))
         del q, kv, idx, dout, out, lse
         torch.cuda.empty_cache()
         # Written after each head count so a run cut short still brings its numbers back.
