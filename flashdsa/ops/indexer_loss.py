@@ -49,11 +49,12 @@ _LN2 = tl.constexpr(LN2)
 
 # BLOCK_K: key rows per step. The attention tile is [next_pow2(H), BLOCK_K] with q of
 # all heads resident in shared memory (72 KB bf16 at H 64, 144 KB at H 128), plus per
-# stage a kv tile [BLOCK_K, 576] (36 KB at 32 rows) and an indexer key tile [BLOCK_K, 128];
-# at H 128 only one stage fits in the 227 KB of an H100/H200 SM. "small": interpreter.
-# Chosen on an H200 with benchmarks/bench_indexer_loss.py --sweep (docs/training.md).
+# stage a kv tile [BLOCK_K, 576] (36 KB at 32 rows) and an indexer key tile [BLOCK_K, 128].
+# Fastest in the H200 sweep (benchmarks/bench_indexer_loss.py --sweep, 2026-11-28): at H 64
+# 32 rows, 4 warps, 2 stages; at H 128 only 32 rows, 8 warps, 1 stage fits the 227 KB
+# (2 stages need 249 KB). "small": interpreter and tiny shapes.
 CONFIGS = {
-    "sm90": dict(BLOCK_K=32, num_warps=8, num_stages=2),
+    "sm90": dict(BLOCK_K=32, num_warps=4, num_stages=2),
     "sm90_h128": dict(BLOCK_K=32, num_warps=8, num_stages=1),
     "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
 }

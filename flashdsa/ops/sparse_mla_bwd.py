@@ -61,16 +61,18 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
 # Block sizes (BLOCK_K rows per step, warps, pipeline stages per kernel). BLOCK_H: heads
-# per program (64 = one wgmma M tile on Hopper). Resources at the sm90 entry, compiled for
-# sm_90 (shared memory of 227 KB per SM; registers a thread; no spills in any):
-#   ds  32 rows, 8 warps, 2 stages: 212 KB (q 72 + dout 64 + 2 x [32, 576] kv), 147 regs
+# per program (64 = one wgmma M tile on Hopper). "sm90" is the fastest variant of each
+# kernel in the H200 sweep of benchmarks/bench_sparse_mla_bwd.py --sweep (2026-11-28,
+# benchmarks/results/sparse_mla_bwd_sweep.json; at s_q 4096, s_kv 8192, topk 2048, h 64:
+# ds 4.91 ms, dq 2.20 ms, dkv 7.32 ms; the whole backward 14.6 ms = 200 TFLOP/s). Resources
+# compiled for sm_90 (227 KB shared memory per SM; no register spills in any):
+#   ds  32 rows, 4 warps, 2 stages: 212 KB (q 72 + dout 64 + 2 x [32, 576] kv), 168 regs
 #   dq  64 rows, 8 warps, 2 stages: 160 KB (2 x ([64, 576] kv + [64, 64] dS)), 214 regs
-#   dkv 64 slots, 8 warps, 2 stages: 200 KB (q, dout + P/dS tiles + a [64, 128] fp32 tile), 178 regs
-# Chosen with benchmarks/bench_sparse_mla_bwd.py --sweep on an H200 (docs/training.md);
+#   dkv 64 slots, 4 warps, 2 stages: 200 KB (q, dout + P/dS tiles + a [64, 128] fp32 tile), 172 regs
 # "small" is for tiny shapes and the interpreter.
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K_DS=32, warps_ds=8, stages_ds=2, BLOCK_K_DQ=64, warps_dq=8, stages_dq=2,
-                 BLOCK_K_DKV=64, warps_dkv=8, stages_dkv=2),
+    "sm90": dict(BLOCK_H=64, BLOCK_K_DS=32, warps_ds=4, stages_ds=2, BLOCK_K_DQ=64, warps_dq=8, stages_dq=2,
+                 BLOCK_K_DKV=64, warps_dkv=4, stages_dkv=2),
     "small": dict(BLOCK_H=16, BLOCK_K_DS=16, warps_ds=4, stages_ds=1, BLOCK_K_DQ=16, warps_dq=4, stages_dq=1,
                   BLOCK_K_DKV=16, warps_dkv=4, stages_dkv=1),
 }

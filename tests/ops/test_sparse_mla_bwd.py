@@ -135,9 +135,9 @@ def test_sparse_with_every_key_equals_dense():
     kvs = kv.float().to(KERNEL_DEVICE).requires_grad_()
     out_s, _, _ = flashdsa.sparse_mla_fwd(qs, kvs, idx, 0.25, d_v, backend="triton")
     (out_s * dout.float().to(KERNEL_DEVICE)).sum().backward()
-    assert rel_err(out_s, out_d) < 1e-5
-    assert rel_err(qs.grad, qd.grad) < 1e-5
-    assert rel_err(kvs.grad, kvd.grad) < 1e-5
+    assert rel_err(out_s.cpu(), out_d) < 1e-5
+    assert rel_err(qs.grad.cpu(), qd.grad) < 1e-5
+    assert rel_err(kvs.grad.cpu(), kvd.grad) < 1e-5
 
 
 def test_public_api_autograd_and_opcheck():
