@@ -71,7 +71,7 @@ class LightningIndexer(nn.Module):
         t = x.shape[0]
         q = self.wq_b(qr).view(t, self.n_heads, self.head_dim)
         k = F.layer_norm(self.wk(x).float(), (self.head_dim,), self.k_norm.weight.float(),
-                         self.k_norm.bias.float(), self.k_norm.eps).to(x.dtype)
+                         self.k_norm.bias.float(), self.k_norm.eps).to(q.dtype)  # q.dtype: autocast-aware
         r = self.rope_dim
         q = torch.cat((apply_rope(q[..., :r], cos, sin, interleaved=False), q[..., r:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :r], cos, sin, interleaved=False), k[..., r:]), dim=-1)

@@ -6,7 +6,7 @@ import torch
 
 from flashdsa.config import DSAConfig
 from flashdsa.layers import MLA
-from tests.utils import KERNEL_DEVICE, requires_cuda, rel_err
+from tests.utils import HAS_CUDA, KERNEL_DEVICE, requires_cuda, rel_err
 
 
 def tiny_config(**kw):
@@ -87,7 +87,11 @@ def test_stage_triton_backend_equals_reference(stage):
     """The MLA stage through the Triton kernels (interpreter on CPU) matches the naive
     losses: same loss, same indexer gradients, same attention-side gradients."""
     torch.manual_seed(2)
-    m = MLA(tiny_config(index_topk=5)).to(KERNEL_DEVICE)
+    # On a GPU the fp32 kernels use tf32 dots and the fp8 index scores fp8 MMAs, whose
+    # rounding can flip a near-tie in the top-k: there the top-k covers every key (the
+    # selection itself is checked in tests/ops/test_indexer.py) and the budgets are tf32's.
+    m = MLA(tiny_config(index_topk=5 if not HAS_CUDA else 16)).to(KERNEL_DEVICE)
+    tol_out, tol_grad = (1e-4, 1e-3) if not HAS_CUDA else (5e-3, 1e-2)
     x, pos, cu = _batch(lens=(6, 9), device=KERNEL_DEVICE)
     res = {}
     for backend in ("reference", "triton"):
@@ -97,10 +101,10 @@ def test_stage_triton_backend_equals_reference(stage):
         res[backend] = (out.detach(), loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                                       if p.grad is not None})
     (o_r, l_r, g_r), (o_t, l_t, g_t) = res["reference"], res["triton"]
-    assert rel_err(o_t, o_r) < 1e-4 and rel_err(l_t, l_r) < 1e-4
+    assert rel_err(o_t, o_r) < tol_out and rel_err(l_t, l_r) < tol_out
     assert g_r.keys() == g_t.keys()
     for n in g_r:
-        assert rel_err(g_t[n], g_r[n]) < 1e-3, n
+        assert rel_err(g_t[n], g_r[n]) < tol_grad, n
 
 
 def test_bad_stage():

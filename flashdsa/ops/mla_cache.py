@@ -21,7 +21,7 @@ BLOCK_R = 16  # rows per program: [16, 512] fp32 is 64 registers a thread at 4 w
 
 
 @triton.jit
-def _e4m3_byte(y):
+def e4m3_byte(y):
     """The e4m3 (fn) byte of fp32 ``y`` (|y| <= 448), rounded to nearest, ties to even,
     built with integer arithmetic: int32 in [0, 255].
 
@@ -84,7 +84,7 @@ def _quantize_mla_cache_kernel(kv_ptr, c8_ptr, sc_ptr, pe_ptr, n_rows, stride_kv
     scale = pow_bits.to(tl.float32, bitcast=True)
     y = x3 / scale[:, :, None]  # exact: scale is a power of two
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    y8 = _e4m3_byte(tl.reshape(y, (BLOCK_R, 512))).to(tl.uint8)
+    y8 = e4m3_byte(tl.reshape(y, (BLOCK_R, 512))).to(tl.uint8)
     tl.store(c8_ptr + r64[:, None] * stride_c8 + offs[None, :], y8, mask=r_mask[:, None])
     offs4 = tl.arange(0, 4)
     tl.store(sc_ptr + r64[:, None] * stride_sc + 128 + offs4[None, :], scale, mask=r_mask[:, None])

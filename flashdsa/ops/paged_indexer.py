@@ -17,8 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexer import (_interpreted, _topk_buffers, choose_split, default_config, dot_mode,
-                      indexer_logits_kernel, indexer_topk_kernel, merge_splits, topk_cap)
+from .indexer import (
+    _interpreted,
+    _topk_buffers,
+    choose_split,
+    default_config,
+    dot_mode,
+    indexer_logits_kernel,
+    indexer_topk_kernel,
+    merge_splits,
+    topk_cap,
+)
+from .mla_cache import e4m3_byte
 
 PAGE_SIZE = 64
 
@@ -129,18 +139,7 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     else:
         y = x / scale[:, None]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    # Round to the e4m3 grid ourselves (round to nearest even on a quantum of
-    # 2^(max(e, -6) - 3)), so the cast below is exact: the Triton 3.9 interpreter's
-    # fp32 -> e4m3 cast drops the carry into the exponent (31.7 became 16, not 32).
-    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    qe = tl.maximum(e, -6) - 3
-    quantum = ((qe + 127) << 23).to(tl.float32, bitcast=True)
-    inv_quantum = ((127 - qe) << 23).to(tl.float32, bitcast=True)
-    r = ((y * inv_quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: rint for |t| < 2^22
-    y = tl.where(r == 0.0, y * 0.0, r)  # keep the sign of values that round to zero (-0 like torch)
-    y8 = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    # copy the sign bit over: the GPU cast turns -0.0 into +0 (torch keeps -0: 0x80)
-    y8 = y8 | ((y.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+    y8 = e4m3_byte(y).to(tl.uint8)  # integer encoding: exact on every backend, -0 kept
     blk = slot // PAGE
     row = slot % PAGE
     tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8,

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 import flashdsa.api as api
-from flashdsa.ops.mla_cache import _e4m3_byte
+from flashdsa.ops.mla_cache import e4m3_byte
 from flashdsa.reference import act_quant
 from flashdsa.reference import mla_cache as R
 from tests.utils import KERNEL_DEVICE, rel_err
@@ -15,7 +15,7 @@ from tests.utils import KERNEL_DEVICE, rel_err
 def _encode_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + o, mask=o < n, other=0.0)
-    tl.store(o_ptr + o, _e4m3_byte(x).to(tl.uint8), mask=o < n)
+    tl.store(o_ptr + o, e4m3_byte(x).to(tl.uint8), mask=o < n)
 
 
 def wide_rows(n, device=KERNEL_DEVICE):
@@ -100,7 +100,7 @@ def test_paged_shape_and_errors():
         api.dequantize_mla_cache(kv)
 
 
-def test_e4m3_byte_encoder_matches_torch_cast():
+def teste4m3_byte_encoder_matches_torch_cast():
     """The kernel's integer e4m3 encoder against torch's cast on every e4m3 value, every
     midpoint between neighbours (ties: to even), one ulp either side of each, +-0 and
     random values: bit for bit."""
