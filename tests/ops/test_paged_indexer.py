@@ -67,7 +67,7 @@ def test_cache_write_matches_reference_bytes():
     k = torch.randn(n, d, device=DEV) * torch.logspace(-3, 1, n, device=DEV)[:, None]
     k[5, 0] = 1e6
     junk = torch.randint(0, 256, (nb, 64 * (d + 4)), dtype=torch.uint8, device=DEV)
-    a, b = junk.clone(), junk.clone()
+    a, b = junk.clone(), junk.cpu().clone()  # the reference writes on CPU
     pops.indexer_cache_write(a, k, slots.int())
     pref.indexer_cache_write(b, k.cpu(), slots.cpu())
     assert torch.equal(a.cpu(), b.cpu())
