@@ -51,8 +51,15 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "command": "python -m " + " ".join([sys.argv[0].replace("/", ".").removesuffix(".py")] + sys.argv[1:]),
+        "command": "python -m " + " ".join([_module_name(sys.argv[0])] + sys.argv[1:]),
     }
+
+
+def _module_name(script: str) -> str:
+    """``benchmarks.bench_x`` for the script path (absolute when run with ``-m``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = os.path.relpath(os.path.abspath(script), root)
+    return rel.removesuffix(".py").replace(os.sep, ".")
 
 
 def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:

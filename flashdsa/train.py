@@ -357,7 +357,7 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
                 "(b) DSA warm-up + sparse": "(b) DSA sparse"}[r["name"]]
         r["train_tokens_per_s"] = stages[name]["tokens_per_s"]
     return {"model_config": mcfg.to_hf_config(), "comparison": dataclasses.asdict(cc), "stages": stages,
-            "rows": rows, "device": str(device)}
+            "rows": rows, "device": _device_name(device)}
 
 
 def format_table(result: dict) -> str:
@@ -535,3 +535,9 @@ def cmd_demo(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0
+
+
+def _device_name(device) -> str:
+    """The accelerator's name for result files ("NVIDIA H200"), else the device string."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
