@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import Corpus, retrieval_windows
 from .layers import MLA, causal_ranges
-from .reference.rope import apply_rope, rope_cos_sin
+from .reference.rope import rope_cos_sin
 
 
 def position_buckets(seq_len: int, first: int = 64) -> list[tuple[int, int]]:
@@ -95,14 +95,7 @@ def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice
 
     Recomputes MLA's queries and keys the way MLA.forward does (SPEC 3, non-absorbed form)."""
     t = x.shape[0]
-    cos, sin = rope_cos_sin(positions, mla.inv_freq)
-    qr = mla.q_a_layernorm(mla.q_a_proj(x))
-    q = mla.q_b_proj(qr).view(t, mla.n_heads, mla.nope + mla.rope)
-    q_nope, q_pe = q.split((mla.nope, mla.rope), dim=-1)
-    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
-    kv, k_pe = mla.kv_a_proj_with_mqa(x).split((mla.kv_lora_rank, mla.rope), dim=-1)
-    kv = mla.kv_a_layernorm(kv)
-    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)
+    _, q_nope, q_pe, kv, k_pe, _, _ = mla.project(x, positions)
     k_nope = mla.kv_b_proj(kv).view(t, mla.n_heads, mla.nope + mla.v_dim)[..., :mla.nope]
     qf = torch.cat((q_nope, q_pe), -1)[rows].float()                               # [R, H, d]
     kf = torch.cat((k_nope, k_pe.expand(-1, mla.n_heads, -1)), -1).float()          # [L, H, d]

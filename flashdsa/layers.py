@@ -156,12 +156,32 @@ class MLA(nn.Module):
             return self._forward_stage(x, positions, cu_seqlens, stage, backend)
         if mode not in ("dsa", "dense"):
             raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
+        self._check(x, positions, cu_seqlens)
+        qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
+        if mode == "dense":
+            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
+        else:
+            ks, ke = causal_ranges(cu_seqlens, x.shape[0])
+            indices = self.indexer(x, qr, cos, sin, ks, ke, backend=backend)  # [T, topk]
+            q_full, kv_full, w_uv = self.absorb(q_nope, q_pe, kv, k_pe)
+            o_lat, _, _ = api.sparse_mla_fwd(q_full, kv_full, indices[:, None, :], self.softmax_scale,
+                                             d_v=self.kv_lora_rank, backend=backend)
+            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
+        return self.o_proj(out.flatten(1))
+
+    def _check(self, x, positions, cu_seqlens):
         t = x.shape[0]
         check_tensor("x", x, ndim=2, shape=(None, self.cfg.hidden_size), layout="[T, hidden_size]")
         check_tensor("positions", positions, shape=(t,), layout="[T]")
         check_cu_seqlens(cu_seqlens, t)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """The projections every attention path starts from (also used by the engine and
+        the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
+        [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
+        the RoPE cos/sin [T, r // 2] shared with the indexer."""
+        t = x.shape[0]
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
@@ -169,20 +189,16 @@ class MLA(nn.Module):
         kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
         kv = self.kv_a_layernorm(kv)                                          # [T, c]
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
+        return qr, q_nope, q_pe, kv, k_pe, cos, sin
 
-        if mode == "dense":
-            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
-        else:
-            ks, ke = causal_ranges(cu_seqlens, t)
-            indices = self.indexer(x, qr, cos, sin, ks, ke, backend=backend)  # [T, topk]
-            w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
-            q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                # [T, H, c]
-            q_full = torch.cat((q_lat, q_pe), dim=-1)                         # [T, H, c + r]
-            kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)               # [T, 1, c + r]
-            o_lat, _, _ = api.sparse_mla_fwd(q_full, kv_full, indices[:, None, :], self.softmax_scale,
-                                             d_v=self.kv_lora_rank, backend=backend)
-            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
-        return self.o_proj(out.flatten(1))
+    def absorb(self, q_nope, q_pe, kv, k_pe):
+        """Absorbed (MQA) operands: q_full [T, H, c + r] (q_nope through W_UK), the latent
+        rows kv_full [T, 1, c + r], and W_UV [H, v, c] to map the output back."""
+        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
+        q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
+        kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
+        return q_full, kv_full, w_uv
 
     def _forward_stage(self, x, positions, cu_seqlens, stage, backend):
         """The training stages of :meth:`forward`: (out [T, hidden], indexer loss)."""
@@ -195,28 +211,15 @@ class MLA(nn.Module):
         if stage == "dense":
             return self.forward(x, positions, cu_seqlens, mode="dense", backend=backend), \
                 x.new_zeros((), dtype=torch.float32)
-        t = x.shape[0]
-        check_tensor("x", x, ndim=2, shape=(None, self.cfg.hidden_size), layout="[T, hidden_size]")
-        check_tensor("positions", positions, shape=(t,), layout="[T]")
-        check_cu_seqlens(cu_seqlens, t)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        qr = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
-        kv = self.kv_a_layernorm(kv)                                          # [T, c]
-        k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
-        ks, ke = causal_ranges(cu_seqlens, t)
+        self._check(x, positions, cu_seqlens)
+        qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
+        ks, ke = causal_ranges(cu_seqlens, x.shape[0])
 
         # The indexer learns from its loss only: its inputs are cut from the graph.
         iq, ik, iw_proj = self.indexer.project(x.detach(), qr.detach(), cos, sin)
         # Score weights as the FP8 path folds them, minus the q scales: w * H_I^-0.5 * d_I^-0.5.
         iw = iw_proj * self.indexer.head_dim ** -0.5
-        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
-        q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
-        kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
+        q_full, kv_full, w_uv = self.absorb(q_nope, q_pe, kv, k_pe)
         blockwise = resolve_backend(backend, x) == "triton"
         fns = losses_blockwise if blockwise else losses_naive
 

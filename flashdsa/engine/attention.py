@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import api
-from ..reference.rope import apply_rope, rope_cos_sin
 from . import kernels
 from .cache import PAGE_SIZE, PagedCaches
 
@@ -148,22 +147,13 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden].
     ``static``: a decode step with no host synchronization, for CUDA graph capture
     (kernels only; see engine/cuda_graph.py)."""
-    t = x.shape[0]
-    cos, sin = rope_cos_sin(meta.positions, attn.inv_freq)
-    qr = attn.q_a_layernorm(attn.q_a_proj(x))
-    q = attn.q_b_proj(qr).view(t, attn.n_heads, attn.nope + attn.rope)
-    q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
-    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
-    kv, k_pe = attn.kv_a_proj_with_mqa(x).split((attn.kv_lora_rank, attn.rope), dim=-1)
-    kv = attn.kv_a_layernorm(kv)                                             # [T, c]
-    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)[:, 0]   # [T, r]
-    caches.write_latent(layer, meta.slots, torch.cat((kv, k_pe), dim=-1))
+    qr, q_nope, q_pe, kv, k_pe, cos, sin = attn.project(x, meta.positions)
+    q_full, kv_full, w_uv = attn.absorb(q_nope, q_pe, kv, k_pe)             # [T, H, c + r], [T, 1, c + r]
+    caches.write_latent(layer, meta.slots, kv_full[:, 0])
 
     indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static)
 
-    w_uk, w_uv = attn._kv_b().split((attn.nope, attn.v_dim), dim=1)
-    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                      # [T, H, c]
-    q_full = torch.cat((q_lat, q_pe), dim=-1).contiguous()                   # [T, H, c + r]
+    q_full = q_full.contiguous()
     o_lat = kernels.sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,
                                      attn.kv_lora_rank, backend)             # [T, H, c]
     out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                          # [T, H, v]
