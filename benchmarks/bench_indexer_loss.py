@@ -17,14 +17,19 @@ Loss FLOPs (tensor-core work): forward = attention logits 2*n*H*d_qk + index sco
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 
 import torch
 
-from benchmarks.bench_sparse_mla_bwd import wait_for
-from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+from benchmarks.common import (
+    bench_ms,
+    measure_ceilings,
+    print_table,
+    sweep_arg_parser,
+    wait_for,
+    write_result,
+)
 
 S_Q, S_KV, TOPK, D_QK, D_V, HI, DI = 4096, 8192, 2048, 576, 512, 64, 128
 T_WARM = 4096
@@ -63,14 +68,7 @@ def _compile_worker(variant, h):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--precompile-only", action="store_true", help="compile the variants (parallel) and exit")
-    ap.add_argument("--no-precompile", action="store_true", help="skip the parallel compile step")
-    ap.add_argument("--wait-for", default=None, help="after compiling, wait (<= 180 s) for this file to exist "
-                    "before timing, so that other GPU work started beside this run is over")
-    args = ap.parse_args()
+    args = sweep_arg_parser().parse_args()
     from flashdsa.ops import indexer_loss as L
     from flashdsa.ops.sparse_mla import sparse_mla_fwd
 

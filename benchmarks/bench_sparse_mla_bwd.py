@@ -14,13 +14,19 @@ processes first (Triton's on-disk cache), then timed one by one.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 
 import torch
 
-from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+from benchmarks.common import (
+    bench_ms,
+    measure_ceilings,
+    print_table,
+    sweep_arg_parser,
+    wait_for,
+    write_result,
+)
 
 S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
@@ -54,8 +60,8 @@ def _compile_worker(kind: str, variant: tuple) -> tuple:
     """Compile one variant on a small problem with the same specializations (every int
     argument divisible by 16 as in the big one) so the big run hits Triton's cache."""
     try:
-        from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
         from flashdsa.ops.sparse_mla import sparse_mla_fwd
+        from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
         q, kv, idx, dout = make_inputs(64, s_q=64, s_kv=1024, topk=256)
         out, _, lse = sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
         cfg = _cfg(kind, variant)
@@ -79,25 +85,8 @@ def precompile(variants) -> dict:
     return failures
 
 
-def wait_for(path, limit_s=180.0):
-    import os
-    import time
-    t0 = time.time()
-    while path and not os.path.exists(path) and time.time() - t0 < limit_s:
-        time.sleep(1.0)
-    if path:
-        print(f"waited {time.time() - t0:.0f} s for {path} (exists: {os.path.exists(path)})")
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--precompile-only", action="store_true", help="compile the variants (parallel) and exit")
-    ap.add_argument("--no-precompile", action="store_true", help="skip the parallel compile step")
-    ap.add_argument("--wait-for", default=None, help="after compiling, wait (<= 180 s) for this file to exist "
-                    "before timing, so that other GPU work started beside this run is over")
-    args = ap.parse_args()
+    args = sweep_arg_parser().parse_args()
 
     from flashdsa.ops import sparse_mla_bwd as bwd_mod
     from flashdsa.ops.sparse_mla import sparse_mla_fwd

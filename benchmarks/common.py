@@ -5,11 +5,13 @@ benchmarks/results/<name>.json with the device, date, versions and the exact com
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -82,3 +84,25 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def sweep_arg_parser() -> argparse.ArgumentParser:
+    """Arguments shared by the kernel benchmarks that sweep variants (backward, losses)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--precompile-only", action="store_true", help="compile the variants (parallel) and exit")
+    ap.add_argument("--no-precompile", action="store_true", help="skip the parallel compile step")
+    ap.add_argument("--wait-for", default=None, help="after compiling, wait (<= 180 s) for this file to exist "
+                    "before timing, so that other GPU work started beside this run is over")
+    return ap
+
+
+def wait_for(path: str | None, limit_s: float = 180.0) -> None:
+    """Block until ``path`` exists (at most ``limit_s``): lets two benchmarks started in
+    one device call compile in parallel and then time one after the other."""
+    t0 = time.time()
+    while path and not os.path.exists(path) and time.time() - t0 < limit_s:
+        time.sleep(1.0)
+    if path:
+        print(f"waited {time.time() - t0:.0f} s for {path} (exists: {os.path.exists(path)})")

@@ -34,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_result  # noqa: E402
 from flashdsa.data import Corpus  # noqa: E402
 from flashdsa.model import DSAForCausalLM  # noqa: E402
-from flashdsa.train import ComparisonConfig, TrainConfig, format_table, preset_config, run_comparison, train  # noqa: E402
+from flashdsa.train import (  # noqa: E402
+    ComparisonConfig,
+    TrainConfig,
+    format_table,
+    preset_config,
+    run_comparison,
+    train,
+)
 
 
 def probe_step_seconds(mcfg, corpus, cc: ComparisonConfig, device, backend: str, steps: int = 2) -> dict:
