@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
-from flashdsa.checkpoint import dequantize_fp8_block, from_pretrained, quantize_fp8_block, save_pretrained
+from flashdsa.checkpoint import (
+    dequantize_fp8_block,
+    from_pretrained,
+    quantize_fp8_block,
+    save_pretrained,
+)
 from flashdsa.model import DSAForCausalLM
 from tests.test_model import tiny_config
 

@@ -2,9 +2,21 @@
 import pytest
 import torch
 
-from flashdsa.data import (BOS, EOS, PASSKEY_PREFIX, VOCAB_SIZE, Corpus, decode, encode, is_held_out,
-                           plant_passkey, random_windows, retrieval_windows, stdlib_files, training_batch)
-
+from flashdsa.data import (
+    BOS,
+    EOS,
+    PASSKEY_PREFIX,
+    VOCAB_SIZE,
+    Corpus,
+    decode,
+    encode,
+    is_held_out,
+    plant_passkey,
+    random_windows,
+    retrieval_windows,
+    stdlib_files,
+    training_batch,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import torch
 from flashdsa.cli import main
 
 
-
 def test_demo_short(tmp_path, capsys):
     out = tmp_path / "demo.json"
     rc = main(["demo", "--seq-len", "128", "--batch-size", "2", "--pretrain-steps", "6", "--branch-steps", "5",
@@ -53,7 +52,8 @@ def test_quality_study_toy(tmp_path):
     """The GPU study script's logic, at toy size on CPU: probe, plan, run, JSON, plots."""
     import xml.etree.ElementTree as ET
 
-    from benchmarks.quality_study import main as study, plan_steps
+    from benchmarks.quality_study import main as study
+    from benchmarks.quality_study import plan_steps
 
     pre, branch, warm = plan_steps({"dense": 1.0, "warmup": 0.5, "sparse": 2.0}, 1000, 0.5, 0.2)
     assert pre == 500 and warm == int(branch * 0.2)

@@ -6,16 +6,7 @@ import torch
 
 from flashdsa.config import DSAConfig
 from flashdsa.layers import MLA, causal_ranges
-from tests.utils import OFFICIAL_671B
-
-
-def tiny_config(**kw):
-    base = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16, index_topk=64,
-                max_position_embeddings=8192, original_max_position_embeddings=64, rope_factor=4.0)
-    base.update(kw)
-    return DSAConfig(**base)
-
+from tests.utils import OFFICIAL_671B, tiny_mla_config
 
 LENS = [7, 13, 5]
 
@@ -28,13 +19,13 @@ def _packed(dtype=torch.float64):
 
 
 def test_dsa_equals_dense_when_topk_covers_sequence():
-    m = MLA(tiny_config(index_topk=16)).double()  # 16 >= the longest sequence (13)
+    m = MLA(tiny_mla_config(index_topk=16)).double()  # 16 >= the longest sequence (13)
     x, pos, cu = _packed()
     torch.testing.assert_close(m(x, pos, cu, "dsa"), m(x, pos, cu, "dense"), rtol=1e-10, atol=1e-12)
 
 
 def test_dsa_differs_from_dense_when_topk_is_small():
-    m = MLA(tiny_config(index_topk=3)).double()
+    m = MLA(tiny_mla_config(index_topk=3)).double()
     x, pos, cu = _packed()
     diff = (m(x, pos, cu, "dsa") - m(x, pos, cu, "dense")).abs().amax(-1)
     # The first 3 tokens of each sequence see everything either way; later ones do not.
@@ -43,7 +34,7 @@ def test_dsa_differs_from_dense_when_topk_is_small():
 
 
 def test_indexer_selection_is_causal_and_per_sequence():
-    m = MLA(tiny_config(index_topk=4)).double()
+    m = MLA(tiny_mla_config(index_topk=4)).double()
     x, pos, cu = _packed()
     ks, ke = causal_ranges(cu, x.shape[0])
     from flashdsa.reference.rope import rope_cos_sin
@@ -57,7 +48,7 @@ def test_indexer_selection_is_causal_and_per_sequence():
 
 
 def test_gradients_reach_main_weights_not_indexer():
-    m = MLA(tiny_config(index_topk=5)).double()
+    m = MLA(tiny_mla_config(index_topk=5)).double()
     x, pos, cu = _packed()
     x.requires_grad_(True)
     m(x, pos, cu, "dsa").square().sum().backward()
@@ -70,7 +61,7 @@ def test_gradients_reach_main_weights_not_indexer():
 
 
 def test_parameter_names_match_official_layout():
-    names = set(MLA(tiny_config()).state_dict())
+    names = set(MLA(tiny_mla_config()).state_dict())
     assert names == {
         "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
         "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight", "indexer.wq_b.weight",
@@ -91,7 +82,7 @@ def test_config_from_official_json_and_back():
 
 
 def test_module_rejects_bad_inputs():
-    m = MLA(tiny_config())
+    m = MLA(tiny_mla_config())
     x, pos, cu = _packed(torch.float32)
     with pytest.raises(ValueError, match="mode"):
         m(x, pos, cu, "sparse-ish")

@@ -6,8 +6,14 @@ import torch
 
 from flashdsa.data import Corpus
 from flashdsa.model import DSAForCausalLM
-from flashdsa.train import Progress, TrainConfig, lr_factor, preset_config, set_trainable, train
-
+from flashdsa.train import (
+    Progress,
+    TrainConfig,
+    lr_factor,
+    preset_config,
+    set_trainable,
+    train,
+)
 
 SEQ = 64
 

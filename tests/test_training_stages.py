@@ -4,17 +4,12 @@ the indexer loss none into the rest; blockwise (Triton) == naive losses inside M
 import pytest
 import torch
 
-from flashdsa.config import DSAConfig
 from flashdsa.layers import MLA
-from tests.utils import HAS_CUDA, KERNEL_DEVICE, requires_cuda, rel_err
+from tests.utils import HAS_CUDA, KERNEL_DEVICE, rel_err, requires_cuda, tiny_mla_config
 
 
 def tiny_config(**kw):
-    base = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                qk_rope_head_dim=16, v_head_dim=16, index_n_heads=4, index_head_dim=16, index_topk=6,
-                max_position_embeddings=8192, original_max_position_embeddings=64, rope_factor=4.0)
-    base.update(kw)
-    return DSAConfig(**base)
+    return tiny_mla_config(**{"qk_rope_head_dim": 16, "index_topk": 6, **kw})
 
 
 def _batch(lens=(9, 14), hidden=64, dtype=torch.float32, device="cpu"):

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from flashdsa.config import DSAConfig
+
 HAS_CUDA = torch.cuda.is_available()
 # Kernels run on the GPU when there is one, else under the Triton interpreter on CPU.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -39,3 +41,13 @@ OFFICIAL_671B = {
     "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.44.2", "use_cache": True,
     "v_head_dim": 128, "vocab_size": 129280,
 }
+
+
+def tiny_mla_config(**kw) -> DSAConfig:
+    """A DSAConfig small enough for float64 CPU tests of one MLA layer (YaRN on: the
+    context 8192 exceeds the original 64)."""
+    base = dict(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16, index_topk=64,
+                max_position_embeddings=8192, original_max_position_embeddings=64, rope_factor=4.0)
+    base.update(kw)
+    return DSAConfig(**base)

@@ -4,7 +4,14 @@ preemption), the sampler, stop conditions, caches and the allocator."""
 import pytest
 import torch
 
-from flashdsa.engine import LLM, BlockAllocator, EngineConfig, LLMEngine, PagedCaches, SamplingParams
+from flashdsa.engine import (
+    LLM,
+    BlockAllocator,
+    EngineConfig,
+    LLMEngine,
+    PagedCaches,
+    SamplingParams,
+)
 from flashdsa.engine.cache import NoFreeBlocks
 from flashdsa.engine.sampler import filter_logits
 

@@ -7,7 +7,7 @@ from flashdsa import reference as ref
 from flashdsa.ops import indexer_loss as ops
 from flashdsa.ops.indexer_loss import _indexer_kl_fwd_op
 from flashdsa.reference import losses
-from tests.utils import KERNEL_DEVICE, requires_cuda, rel_err
+from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 
 @pytest.fixture

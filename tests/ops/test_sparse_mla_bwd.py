@@ -8,7 +8,7 @@ import flashdsa
 from flashdsa import reference as ref
 from flashdsa.ops.autograd import _sparse_mla_fwd_op
 from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
-from tests.utils import KERNEL_DEVICE, requires_cuda, rel_err
+from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 
 @pytest.fixture

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 import flashdsa
-from flashdsa.reference import apply_rope, rope_cos_sin, yarn_inv_freq, yarn_softmax_scale
+from flashdsa.reference import (
+    apply_rope,
+    rope_cos_sin,
+    yarn_inv_freq,
+    yarn_softmax_scale,
+)
 
 
 @pytest.mark.parametrize("scale_fmt", ["ue8m0", None])
