@@ -87,23 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device and usable backends")
     p.set_defaults(func=cmd_info)
-    from .train import add_demo_args, add_eval_args, add_train_args
-    p = sub.add_parser("train", help="train one stage: dense (pretrain/continue), warmup (indexer KL), sparse")
-    add_train_args(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="loss/perplexity by position, passkey retrieval, indexer recall")
-    add_eval_args(p)
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("demo", help="the whole DSA recipe at tiny scale on CPU, against dense, as a table")
-    add_demo_args(p)
-    p.set_defaults(func=cmd_demo)
     from .engine.cli import add_generate_args, add_serve_args
-    p = sub.add_parser("generate", help="complete prompts with the inference engine (paged DSA)")
-    add_generate_args(p)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    add_serve_args(p)
-    p.set_defaults(func=cmd_serve)
+    from .train import add_demo_args, add_eval_args, add_train_args
+    commands = [
+        ("train", "train one stage: dense (pretrain/continue), warmup (indexer KL), sparse", add_train_args, cmd_train),
+        ("eval", "loss/perplexity by position, passkey retrieval, indexer recall", add_eval_args, cmd_eval),
+        ("demo", "the whole DSA recipe at tiny scale on CPU, against dense, as a table", add_demo_args, cmd_demo),
+        ("generate", "complete prompts with the inference engine (paged DSA)", add_generate_args, cmd_generate),
+        ("serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)", add_serve_args,
+         cmd_serve),
+    ]
+    for name, help_text, add_args, func in commands:
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
     return parser
 
 
