@@ -1,5 +1,8 @@
 """Benchmark of the Triton lightning indexer: FP8 logits, fused top-k, paged decode.
 
+Top-k: the default threshold method (sample, filter, select; flashdsa.ops.indexer)
+with the streaming method timed beside it.
+
 Prefill: 4096 query tokens that are the LAST 4096 of one sequence of S_kv tokens
 (causal: query t sees keys [0, S_kv - 4096 + t]), H_I 64, d_I 128, S_kv 8K / 32K / 128K.
 Decode: batch 1..128, next_n 1, context 8K..128K over the paged uint8 key cache.
@@ -68,6 +71,18 @@ def check_topk_exact(idx, logits, ks, ke, rows):
     return worst
 
 
+def threshold_phases(inp, cfg=None, mode=None):
+    """Times of the threshold top-k's passes (sample + thresholds; + filter + select)
+    and how many rows it flagged for the streaming fallback."""
+    p = ops.ragged_problem(*inp, config=cfg)
+    ms = 4 * p.cfg["BLOCK_N"]
+    n = p.row_len()
+    t_sample = bench_ms(lambda: ops.sample_thresholds(p, TOPK, ms, n))
+    t_pass = bench_ms(lambda: ops.threshold_topk(p, TOPK, ms, mode=mode))
+    _, fail = ops.threshold_topk(p, TOPK, ms, mode=mode)
+    return dict(sample_ms=t_sample, sample_filter_select_ms=t_pass, flagged_rows=int(fail.sum()))
+
+
 def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
     inp = prefill_inputs(s_kv)
     ks, ke = inp[4], inp[5]
@@ -75,6 +90,7 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
     flops = 2 * pairs * H * D
     t_log = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg_logits))
     t_topk = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    t_stream = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, method="streaming"), rep=50)
     logits = ops.indexer_logits(*inp, config=cfg_logits)
     t_torch_topk = bench_ms(lambda: torch.topk(logits, TOPK, dim=1))
     mem_logits = peak_bytes(lambda: ops.indexer_logits(*inp, config=cfg_logits))
@@ -83,9 +99,10 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
                logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
                logits_ratio_to_fp8_matmul=flops / t_log / 1e9 / ceil["fp8_matmul_tflops"],
                fused_topk_ms=t_topk, fused_topk_over_logits=t_topk / t_log,
-               fused_topk_tflops=flops / t_topk / 1e9,
+               fused_topk_tflops=flops / t_topk / 1e9, streaming_topk_ms=t_stream,
                logits_plus_torch_topk_ms=t_log + t_torch_topk, torch_topk_ms=t_torch_topk,
-               peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20)
+               peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20,
+               **threshold_phases(inp, cfg_topk))
     if check:
         idx = ops.indexer_topk(*inp, TOPK, config=cfg_topk)
         rows = list(range(0, S_Q, S_Q // 64)) + [S_Q - 1]
@@ -112,12 +129,20 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
     flops = 2 * bsz * sum(ctx - next_n + j + 1 for j in range(next_n)) * H * D
     t_log = bench_ms(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
     t_topk = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+    t_stream = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg, method="streaming"))
+    graph = torch.cuda.CUDAGraph()  # as the engine's decode runs it: no launch or host-sync overhead
+    with torch.cuda.graph(graph):
+        pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg)
+    t_graph = bench_ms(graph.replay)
+    p = pops.paged_problem(q8, cache, w, cl, bt, width, cfg)
+    _, fail = ops.threshold_topk(p, TOPK, 8 * p.cfg["BLOCK_N"])
     kv_bytes = bsz * ctx * (D + 4)
     return dict(batch=bsz, context=ctx, next_n=next_n, logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
                 logits_cache_gbps=kv_bytes / t_log / 1e6,
                 logits_gbps_incl_output=(kv_bytes + bsz * next_n * width * 4) / t_log / 1e6,
                 fused_topk_ms=t_topk, fused_topk_cache_gbps=kv_bytes / t_topk / 1e6,
-                fused_topk_over_logits=t_topk / t_log,
+                fused_topk_over_logits=t_topk / t_log, streaming_topk_ms=t_stream, flagged_rows=int(fail.sum()),
+                fused_topk_graph_ms=t_graph,
                 copy_ratio=(kv_bytes / t_topk / 1e6) / ceil["copy_gbps"])
 
 
@@ -126,21 +151,13 @@ SWEEP_LOGITS = [
     dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=4),
     dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
 ]
-SWEEP_TOPK = [
-    dict(BLOCK_N=128, BLOCK_Q=1, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
-    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
-    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3, APPEND_TILES=True, CAP_MULT=1),
-    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3, APPEND_TILES=True, CAP_MULT=2),
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3, APPEND_TILES=True, CAP_MULT=1),
-    dict(BLOCK_N=64, BLOCK_Q=2, num_warps=4, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
-    dict(BLOCK_N=128, BLOCK_Q=4, num_warps=8, num_stages=3, APPEND_TILES=False, CAP_MULT=1),
-]
-SWEEP_DECODE = []  # swept in the first run (docs/benchmarks_indexer.md); set in ops.paged_indexer
+# the threshold top-k's candidate modes, at the default block sizes of the scoring pass
+SWEEP_TOPK = [dict(mode=ops.SCORES_SLOTS), dict(mode=ops.SCORES_ATOMIC),
+              dict(mode=ops.SCORES_SLOTS, cfg=dict(num_stages=4))]
 
 
 def sweep(ceil, log):
-    out = dict(logits=[], topk=[], decode=[])
+    out = dict(logits=[], topk=[])
     inp = prefill_inputs(32768)
     flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
     for cfg in SWEEP_LOGITS:
@@ -150,31 +167,20 @@ def sweep(ceil, log):
         except Exception as e:  # a variant that fails to compile must not stop the others
             out["logits"].append(dict(cfg=cfg, error=repr(e)[:300]))
         log(f"sweep logits 32K {out['logits'][-1]}")
-    for s_kv in (131072,):
-        inp = prefill_inputs(s_kv)
-        flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
-        logits = ops.indexer_logits(*inp)
-        rows = list(range(0, S_Q, S_Q // 16)) + [S_Q - 1]
-        for cfg in SWEEP_TOPK:
-            try:
-                t = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg), rep=100)
-                diff = check_topk_exact(ops.indexer_topk(*inp, TOPK, config=cfg), logits, inp[4], inp[5], rows)
-                out["topk"].append(dict(s_kv=s_kv, cfg=cfg, ms=t, tflops=flops / t / 1e9, check_max_abs_diff=diff))
-            except Exception as e:  # includes a failed check: that variant is not picked
-                out["topk"].append(dict(s_kv=s_kv, cfg=cfg, error=repr(e)[:300]))
-            log(f"sweep topk {s_kv} {out['topk'][-1]}")
-        del inp, logits
-    if not SWEEP_DECODE:
-        return out
-    q8, cache, w, cl, bt = decode_inputs(32, 32768)
-    for cfg in SWEEP_DECODE:
+    inp = prefill_inputs(131072)
+    logits = ops.indexer_logits(*inp)
+    rows = list(range(0, S_Q, S_Q // 16)) + [S_Q - 1]
+    for v in SWEEP_TOPK:
         try:
-            t = bench_ms(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, bt.shape[1] * 64, config=cfg))
-            t2 = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
-            out["decode"].append(dict(cfg=cfg, logits_ms=t, topk_ms=t2, cache_gbps=32 * 32768 * 132 / t / 1e6))
-        except Exception as e:
-            out["decode"].append(dict(cfg=cfg, error=repr(e)[:300]))
-        log(f"sweep decode B32 32K {out['decode'][-1]}")
+            p = ops.ragged_problem(*inp, config=v.get("cfg"))
+            ms = 4 * p.cfg["BLOCK_N"]
+            t = bench_ms(lambda: ops.select_topk(p, TOPK, ms, mode=v["mode"]))
+            diff = check_topk_exact(ops.select_topk(p, TOPK, ms, mode=v["mode"]), logits, inp[4], inp[5], rows)
+            out["topk"].append(dict(s_kv=131072, variant=v, ms=t, check_max_abs_diff=diff,
+                                    **threshold_phases(inp, v.get("cfg"), v["mode"])))
+        except Exception as e:  # includes a failed check
+            out["topk"].append(dict(s_kv=131072, variant=v, error=repr(e)[:300]))
+        log(f"sweep topk 128K {out['topk'][-1]}")
     return out
 
 
@@ -205,11 +211,6 @@ def main():
     cfg_topk = None
     if args.sweep:
         result["sweep"] = sweep(ceil, log)
-        ok = [r for r in result["sweep"]["topk"] if "ms" in r and r["check_max_abs_diff"] < 0.05]
-        if ok:  # the fused top-k rows below use the fastest variant of this run
-            cfg_topk = min(ok, key=lambda r: r["ms"])["cfg"]
-            result["configs"]["topk_used"] = cfg_topk
-            log(f"top-k config used: {cfg_topk}")
         save()
     if args.no_main:
         return
@@ -238,7 +239,7 @@ def main():
     log(f"decode {r}")
     save()
     print(f"\n{'S_kv':>7} {'logits ms':>10} {'TFLOP/s':>8} {'% fp8':>6} {'topk ms':>8} {'topk/log':>8} "
-          f"{'torch topk ms':>13} {'peak MiB l/t':>14}")
+          f"{'torch topk ms':>13} {'peak MiB l/t':>14} {'stream ms':>9} {'flagged':>7}")
     for r in result["prefill"]:
         if "error" in r:
             print(r)
@@ -246,14 +247,17 @@ def main():
         print(f"{r['s_kv']:>7} {r['logits_ms']:>10.3f} {r['logits_tflops']:>8.1f} "
               f"{100 * r['logits_ratio_to_fp8_matmul']:>5.1f}% {r['fused_topk_ms']:>8.3f} "
               f"{r['fused_topk_over_logits']:>8.2f} {r['torch_topk_ms']:>13.3f} "
-              f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f}")
-    print(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} {'topk/log':>8}")
+              f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f} "
+              f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7}")
+    print(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} {'topk/log':>8} "
+          f"{'stream ms':>9} {'flagged':>7} {'graph ms':>8}")
     for r in result["decode"]:
         if "error" in r:
             print(r)
             continue
         print(f"{r['batch']:>4} {r['context']:>7} {r['logits_ms']:>10.3f} {r['logits_cache_gbps']:>7.0f} "
-              f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} {r['fused_topk_over_logits']:>8.2f}"
+              f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} {r['fused_topk_over_logits']:>8.2f} "
+              f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7} {r['fused_topk_graph_ms']:>8.3f}"
               + ("" if r["next_n"] == 1 else "  (next_n 2)"))
 
 

@@ -40,7 +40,9 @@ b ^ 0x7FFFFFFF, which orders like the floats (and -inf above every NaN pattern).
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -221,47 +223,94 @@ def _block_range(ks, ke, rmask, n_start, n_end, BLOCK_N: tl.constexpr):
     return lo, hi
 
 
+# What indexer_scores_kernel does with each tile of scores (MODE):
+SCORES_STORE = 0    # write them: out [rows, n_pos] fp32, -inf outside each row's range
+SCORES_SLOTS = 1    # keep those >= the row's threshold, in per-(row, split, tile column) slots
+SCORES_ATOMIC = 2   # keep those >= the row's threshold, appended to a per-row buffer by atomics
+
+
 @triton.jit
-def indexer_logits_kernel(
+def indexer_scores_kernel(
     q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, bt_ptr, out_ptr,
-    S, S_kv, H, NEXT_N, split_len,
+    thr_ptr, bkey_ptr, bidx_ptr, cnt_ptr,
+    S, S_kv, H, NEXT_N, split_len, pos_stride, n_split, SC,
     stride_qs, stride_qh, stride_k, stride_ws, stride_bt, stride_os,
     D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr, MODE: tl.constexpr,
 ):
-    """out [S, S_kv] fp32 (paged: [B * NEXT_N, S_kv] over logical positions). Grid:
-    (query blocks, key splits of split_len, a multiple of BLOCK_N)."""
+    """Scores of the program's rows over one split of the key axis (grid: query blocks,
+    key splits of ``split_len``, a multiple of BLOCK_N).
+
+    The key axis is walked in units of ``pos_stride`` positions: unit u is key position
+    u * pos_stride (1 = every key; SAMPLE_STRIDE for the threshold sample), and S_kv
+    counts units. A row's range [ks, ke) becomes [cdiv(ks, st), cdiv(ke, st)) in units.
+
+    MODE SCORES_STORE writes out [rows, S_kv] (-inf outside the ranges). The filter
+    modes read thr [rows] (int32 score keys) and keep the scores whose key is >= thr:
+    SCORES_SLOTS: a row's kept keys of tile column c (key % BLOCK_N) go to its slot
+    (row, split, c) of SC entries, counted in registers (no atomics, no scan);
+    cnt [rows * n_split * BLOCK_N] gets the counts (which may exceed SC: overflow).
+    SCORES_ATOMIC: positions from an atomic counter per row (cnt [rows], zeroed by the
+    caller), a buffer of SC entries per row. bkey/bidx hold (score key, index)."""
     pid_q = tl.program_id(0)
     if HEAVY_FIRST:  # causal prefill: late rows have the longest ranges, start them first
         pid_q = tl.num_programs(0) - 1 - pid_q
-    n_start = tl.program_id(1) * split_len
+    pid_s = tl.program_id(1)
+    n_start = pid_s * split_len
     n_end = tl.minimum(n_start + split_len, S_kv)
     qT, w, rows, rmask, ks, ke = _load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
                                             stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
+    ks = (ks + pos_stride - 1) // pos_stride
+    ke = (ke + pos_stride - 1) // pos_stride
     lo, hi = _block_range(ks, ke, rmask, n_start, n_end, BLOCK_N)
     if hi <= lo:
         lo = n_end
         hi = n_end
     out_row = out_ptr + rows.to(tl.int64) * stride_os  # [BLOCK_Q]
+    col = tl.arange(0, BLOCK_N)
+    if MODE != 0:
+        thr = tl.load(thr_ptr + rows, mask=rmask, other=0)
+        cnt = tl.zeros([BLOCK_N, BLOCK_Q], dtype=tl.int32)
+        sbase = (rows.to(tl.int64) * n_split + pid_s) * BLOCK_N  # [BLOCK_Q] first slot of the row
     for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+        offs = n0 + col
         kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
-        k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
-                                             D, D_PAD, PAGE, PAGED)
+        k8, kscale, kidx, kmask = _load_keys(k_ptr, ksc_ptr, bt_ptr, offs * pos_stride, kmask, pid_q, stride_k,
+                                             stride_bt, D, D_PAD, PAGE, PAGED)
         s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
         inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
-        s = tl.where(inside, s, float("-inf"))
-        tl.store(out_row[None, :] + offs[:, None], s, mask=rmask[None, :] & (offs < n_end)[:, None])
-    # the rest of this split lies outside every row's range
-    hi_t = tl.minimum(tl.cdiv(hi, BLOCK_N) * BLOCK_N, n_end)
-    ninf = tl.full([BLOCK_Q, BLOCK_N], float("-inf"), tl.float32)
-    for n0 in range(n_start, lo, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        tl.store(out_row[:, None] + offs[None, :], ninf, mask=rmask[:, None] & (offs < lo)[None, :])
-    for n0 in range(hi_t, n_end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        tl.store(out_row[:, None] + offs[None, :], ninf, mask=rmask[:, None] & (offs < n_end)[None, :])
+        if MODE == 0:
+            s = tl.where(inside, s, float("-inf"))
+            tl.store(out_row[None, :] + offs[:, None], s, mask=rmask[None, :] & (offs < n_end)[:, None])
+        else:
+            key = _score_key(s)
+            keep = inside & kmask[:, None] & rmask[None, :] & (key >= thr[None, :])
+            kidx2 = tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q])
+            if MODE == 1:
+                ptr = (sbase[None, :] + col[:, None]) * SC + cnt
+                ok = keep & (cnt < SC)
+                cnt += keep.to(tl.int32)
+            else:
+                rows2 = tl.broadcast_to(rows[None, :], [BLOCK_N, BLOCK_Q])
+                pos = tl.atomic_add(cnt_ptr + rows2, tl.full([BLOCK_N, BLOCK_Q], 1, tl.int32), mask=keep,
+                                    sem="relaxed")
+                ptr = rows2.to(tl.int64) * SC + pos
+                ok = keep & (pos < SC)
+            tl.store(bkey_ptr + ptr, key, mask=ok)
+            tl.store(bidx_ptr + ptr, kidx2, mask=ok)
+    if MODE == 0:
+        # the rest of this split lies outside every row's range
+        hi_t = tl.minimum(tl.cdiv(hi, BLOCK_N) * BLOCK_N, n_end)
+        ninf = tl.full([BLOCK_Q, BLOCK_N], float("-inf"), tl.float32)
+        for n0 in range(n_start, lo, BLOCK_N):
+            offs = n0 + col
+            tl.store(out_row[:, None] + offs[None, :], ninf, mask=rmask[:, None] & (offs < lo)[None, :])
+        for n0 in range(hi_t, n_end, BLOCK_N):
+            offs = n0 + col
+            tl.store(out_row[:, None] + offs[None, :], ninf, mask=rmask[:, None] & (offs < n_end)[None, :])
+    elif MODE == 1:
+        tl.store(cnt_ptr + sbase[None, :] + col[:, None], cnt, mask=rmask[None, :])
 
 
 @triton.jit
@@ -285,17 +334,12 @@ def _kth_largest(keys, valid, nvalid, thr, k):
 
 
 @triton.jit
-def _select_row(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr):
-    """Exact top-k of one buffer row (base: int64 offset, cnt slots; slots holding
-    INT32_MIN are empty). Returns (take [CAP] mask, pos = destination of each taken
-    entry, keys, idx, T = the k-th largest key, n_take, full = more than k entries).
-    A row with at most k entries takes all of them. Rows are done one at a time so
-    the [CAP] tiles stay in registers."""
-    c = tl.arange(0, CAP)
-    inb = c < cnt
-    keys = tl.load(bkey_ptr + base + c, mask=inb, other=INT32_MIN_C)
-    idx = tl.load(bidx_ptr + base + c, mask=inb, other=-1)
-    valid = inb & (keys != INT32_MIN_C)
+def _take_topk(keys, valid, thr, k):
+    """Exact top-k of the ``valid`` entries of keys [N] (any layout, flattened): returns
+    (take [N] mask, pos = destination 0..n_take-1 of each taken entry, n_take, nvalid,
+    T = the k-th largest key, full = more than k entries). All entries are >= ``thr``
+    (a lower bound for the search). Ties at T are taken in position order; a row with at
+    most k entries takes all of them."""
     nvalid = tl.sum(valid.to(tl.int32), axis=0)
     T = _kth_largest(keys, valid, nvalid, thr, k)
     gt = valid & (keys > T)
@@ -307,7 +351,20 @@ def _select_row(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr):
     # gives a mask dtype tl.store rejects)
     take = tl.where(full, take, valid)
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    n_take = tl.minimum(nvalid, k)
+    return take, pos, tl.minimum(nvalid, k), nvalid, T, full
+
+
+@triton.jit
+def _select_row(bkey_ptr, bidx_ptr, base, cnt, thr, k, CAP: tl.constexpr):
+    """Exact top-k of one buffer row (base: int64 offset, cnt slots; slots holding
+    INT32_MIN are empty). Returns (take, pos, keys, idx, T, n_take, full) as
+    :func:`_take_topk`. Rows are done one at a time so the [CAP] tiles stay in registers."""
+    c = tl.arange(0, CAP)
+    inb = c < cnt
+    keys = tl.load(bkey_ptr + base + c, mask=inb, other=INT32_MIN_C)
+    idx = tl.load(bidx_ptr + base + c, mask=inb, other=-1)
+    valid = inb & (keys != INT32_MIN_C)
+    take, pos, n_take, nvalid, T, full = _take_topk(keys, valid, thr, k)
     return take, pos, keys, idx, T, n_take, full
 
 
@@ -320,25 +377,24 @@ def _row(x, jr, j):
 @triton.jit
 def indexer_topk_kernel(
     q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, bt_ptr,
-    bkey_ptr, bidx_ptr, okey_ptr, oidx_ptr,
+    bkey_ptr, bidx_ptr, okey_ptr, oidx_ptr, fail_ptr,
     S, S_kv, H, NEXT_N, split_len, n_split, topk,
     stride_qs, stride_qh, stride_k, stride_ws, stride_bt,
     D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAP: tl.constexpr,
     TOPK_PAD: tl.constexpr, DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-    APPEND_TILES: tl.constexpr,
+    ONLY_FAILED: tl.constexpr,
 ):
-    """Streaming top-k. Buffers bkey/bidx [S * n_split, CAP] int32 (scratch); outputs
-    okey/oidx [S * n_split, topk] int32: per (row, split) its top-k keys and indices
-    (-1 / INT32_MIN padded), in buffer order.
+    """Streaming top-k (the exact fallback of the threshold top-k). Buffers bkey/bidx
+    [S * n_split, CAP] int32 (scratch); outputs okey/oidx [S * n_split, topk] int32: per
+    (row, split) its top-k keys and indices (-1 / INT32_MIN padded), in buffer order.
+    ONLY_FAILED: programs none of whose rows is flagged in fail [S] return at once.
 
     The key tiles are walked in segments: a segment is as many tiles as the fullest
     buffer has room for, so its inner loop never compacts and stays a plain loop that
     Triton software-pipelines (loads of the next tiles in flight during the dots);
-    compactions happen between segments. APPEND_TILES=False appends only the scores
-    above the threshold (positions by a cumsum over the tile); True appends a row's
-    whole tile (scores below the threshold or outside the range as empty slots) when
-    any of its scores passes: no scan, more compactions."""
+    compactions happen between segments. A tile's scores above the threshold are
+    appended at positions given by a cumsum over the tile."""
     pid_q = tl.program_id(0)
     if HEAVY_FIRST:
         pid_q = tl.num_programs(0) - 1 - pid_q
@@ -347,6 +403,9 @@ def indexer_topk_kernel(
     n_end = tl.minimum(n_start + split_len, S_kv)
     qT, w, rows, rmask, ks, ke = _load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
                                             stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
+    if ONLY_FAILED:
+        if tl.max(tl.load(fail_ptr + rows, mask=rmask, other=0)) == 0:
+            return
     lo, hi = _block_range(ks, ke, rmask, n_start, n_end, BLOCK_N)
     base = (rows.to(tl.int64) * n_split + pid_s) * CAP  # [BLOCK_Q] buffer rows
     jr = tl.arange(0, BLOCK_Q)
@@ -364,23 +423,13 @@ def indexer_topk_kernel(
             s = _tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
             key = _score_key(s)
             inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :]) & kmask[:, None]
-            keep = inside & (key > thr[None, :])
-            if APPEND_TILES:
-                any_keep = (tl.max(keep.to(tl.int32), axis=0) > 0) & rmask  # [BLOCK_Q]
-                pos = cnt[None, :] + tl.arange(0, BLOCK_N)[:, None]
-                ptr = base[None, :] + pos
-                m = any_keep[None, :] & (pos >= 0)
-                tl.store(bkey_ptr + ptr, tl.where(keep, key, INT32_MIN_C), mask=m)
-                tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=m)
-                cnt += tl.where(any_keep, BLOCK_N, 0)
-            else:
-                keep = keep & rmask[None, :]
-                keep_i = keep.to(tl.int32)
-                pos = cnt[None, :] + tl.cumsum(keep_i, axis=0) - 1
-                ptr = base[None, :] + pos
-                tl.store(bkey_ptr + ptr, key, mask=keep)
-                tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=keep)
-                cnt += tl.sum(keep_i, axis=0)
+            keep = inside & (key > thr[None, :]) & rmask[None, :]
+            keep_i = keep.to(tl.int32)
+            pos = cnt[None, :] + tl.cumsum(keep_i, axis=0) - 1
+            ptr = base[None, :] + pos
+            tl.store(bkey_ptr + ptr, key, mask=keep)
+            tl.store(bidx_ptr + ptr, tl.broadcast_to(kidx[:, None], [BLOCK_N, BLOCK_Q]), mask=keep)
+            cnt += tl.sum(keep_i, axis=0)
         seg = seg_end
         if (tl.max(cnt) > CAP - BLOCK_N) & (seg < hi):
             # the next tile could overflow a buffer: shrink every row with more than topk
@@ -412,6 +461,33 @@ def indexer_topk_kernel(
         tl.store(oidx_ptr + obase + p, tl.full([TOPK_PAD], -1, tl.int32), mask=pad)
 
 
+@triton.jit
+def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, nrow_ptr, out_ptr, fail_ptr,
+                          n_slots, SC, topk,
+                          NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Second pass of the threshold top-k, one program a row r: its candidates are
+    n_slots slots of SC entries (bkey/bidx [rows, n_slots, SC], counts cnt [rows,
+    n_slots]); writes out [r, :topk] (indices, -1 padded) and fail [r] = 1 when the
+    candidates cannot give the exact answer: a slot overflowed, or fewer than
+    min(topk, nrow[r]) scores passed the threshold thr [r]."""
+    r = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, NS_PAD * SC_PAD)
+    slot = e // SC_PAD
+    c = e % SC_PAD
+    smask = slot < n_slots
+    cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=smask, other=0)
+    inb = smask & (c < tl.minimum(cnt, SC))
+    off = (r * n_slots + slot) * SC + c
+    keys = tl.load(bkey_ptr + off, mask=inb, other=INT32_MIN_C)
+    idx = tl.load(bidx_ptr + off, mask=inb, other=-1)
+    take, pos, n_take, nvalid, T, full = _take_topk(keys, inb, tl.load(thr_ptr + r), topk)
+    tl.store(out_ptr + r * topk + pos, idx, mask=take)
+    p = tl.arange(0, TOPK_PAD)
+    tl.store(out_ptr + r * topk + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
+    short = nvalid < tl.minimum(topk, tl.load(nrow_ptr + r))
+    tl.store(fail_ptr + r, ((tl.max(cnt) > SC) | short).to(tl.int32))
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda" and not _interpreted():
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -436,6 +512,95 @@ def _launch_common(q8):
     return s, h, d, h_pad, d_pad
 
 
+@dataclass
+class Problem:
+    """One scoring problem, ragged or paged, as the kernels take it.
+
+    q [rows, H, D] and w [rows, H] fp32: the query rows. Ragged: k = k8 [S_kv, D],
+    ksc = k_scale [S_kv] fp32, ks/ke [rows] int32; a *unit* (what ``take`` selects and
+    programs are launched over, BLOCK_Q rows a program) is a row. Paged: k = the uint8
+    cache, ksc its fp32 view, ctx [B] int32, bt [B, max_blocks] int32; a unit is a
+    sequence of next_n rows, one program each. ``n_pos``: key positions walked."""
+    q: torch.Tensor
+    k: torch.Tensor
+    ksc: torch.Tensor
+    w: torch.Tensor
+    ks: torch.Tensor
+    ke: torch.Tensor
+    ctx: torch.Tensor
+    bt: torch.Tensor
+    n_pos: int
+    next_n: int
+    paged: bool
+    cfg: dict
+    topk_cfg: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def units(self) -> int:
+        return self.ctx.shape[0] if self.paged else self.rows
+
+    def n_prog(self, cfg: dict | None = None) -> int:
+        """Programs along the grid's first axis with the block sizes ``cfg`` (default: the
+        scoring kernel's)."""
+        return self.units if self.paged else triton.cdiv(self.rows, (cfg or self.cfg)["BLOCK_Q"])
+
+    def row_len(self) -> torch.Tensor:
+        """[rows] int32: candidate keys of each row (SPEC 2 and 4)."""
+        if not self.paged:
+            return (self.ke - self.ks).clamp(min=0).to(torch.int32)
+        j = torch.arange(self.next_n, device=self.q.device, dtype=torch.int32)
+        n = self.ctx[:, None] - self.next_n + 1 + j[None, :]
+        return n.clamp(min=0, max=self.n_pos).reshape(-1).to(torch.int32)
+
+    def take(self, units: torch.Tensor) -> "Problem":
+        """The sub-problem of some units (a 1-D index tensor)."""
+        if self.paged:
+            rows = (units[:, None] * self.next_n + torch.arange(self.next_n, device=units.device)).reshape(-1)
+            return replace(self, q=self.q[rows], w=self.w[rows], ctx=self.ctx[units], bt=self.bt[units])
+        return replace(self, q=self.q[units], w=self.w[units], ks=self.ks[units], ke=self.ke[units])
+
+    def unit_rows(self, units: torch.Tensor) -> torch.Tensor:
+        """Row indices of some units."""
+        if not self.paged:
+            return units
+        return (units[:, None] * self.next_n + torch.arange(self.next_n, device=units.device)).reshape(-1)
+
+
+def ragged_problem(q8, k8, k_scale, weights, ks, ke, config: dict | None = None) -> Problem:
+    """A ragged Problem (ctx and bt unused), with the default block sizes updated by
+    ``config`` for both kernels."""
+    q8 = q8.contiguous() if q8.stride(-1) != 1 else q8
+    k8 = k8.contiguous() if k8.stride(-1) != 1 else k8
+    h = q8.shape[1]
+    cfg = default_config(q8.device, h, **(config or {}))
+    topk_cfg = default_config(q8.device, h, topk=True, **(config or {}))
+    return Problem(q8, k8, k_scale.float().contiguous(), weights.float().contiguous(), ks, ke, ks, ks,
+                   k8.shape[0], 1, False, cfg, topk_cfg)
+
+
+def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int = 1, out=None,
+                  thr=None, bkey=None, bidx=None, cnt=None, sc: int = 0) -> None:
+    """Run indexer_scores_kernel on ``p`` (see its docstring for the modes and buffers);
+    split = (n_split, split_len) in units of pos_stride positions."""
+    n_split, split_len = split
+    h, d = p.q.shape[1], p.q.shape[2]
+    dummy = p.w
+    indexer_scores_kernel[(p.n_prog(), n_split)](
+        p.q, p.k, p.ksc, p.w, p.ks, p.ke, p.ctx, p.bt, dummy if out is None else out,
+        dummy if thr is None else thr, dummy if bkey is None else bkey, dummy if bidx is None else bidx,
+        dummy if cnt is None else cnt,
+        p.rows, triton.cdiv(p.n_pos, pos_stride), h, p.next_n, split_len, pos_stride, n_split, sc,
+        p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
+        p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0),
+        D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h),
+        BLOCK_Q=p.cfg["BLOCK_Q"], BLOCK_N=p.cfg["BLOCK_N"], PAGE=64, DOT=dot_mode(p.q), PAGED=p.paged,
+        HEAVY_FIRST=not p.paged, MODE=mode, num_warps=p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
+
+
 def indexer_logits(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
                    ks: torch.Tensor, ke: torch.Tensor, config: dict | None = None,
                    n_split: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -443,26 +608,14 @@ def indexer_logits(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, we
     ``flashdsa.indexer_logits`` (assumed validated): q8 [S, H, D], k8 [S_kv, D] (e4m3, or
     fp16/fp32), k_scale [S_kv], weights [S, H] fp32, ks/ke [S] int32. ``config``
     overrides block sizes, ``n_split`` the key-axis split, ``out`` the result buffer."""
-    s, h, d, h_pad, d_pad = _launch_common(q8)
-    s_kv = k8.shape[0]
-    cfg = default_config(q8.device, h, **(config or {}))
+    s, s_kv = q8.shape[0], k8.shape[0]
     if out is None:
         out = torch.empty(s, s_kv, dtype=torch.float32, device=q8.device)
     if s == 0 or s_kv == 0:
         return out
-    q8, k8 = q8.contiguous() if q8.stride(-1) != 1 else q8, k8.contiguous() if k8.stride(-1) != 1 else k8
-    weights = weights.float().contiguous()
-    k_scale = k_scale.float().contiguous()
-    bq, bn = cfg["BLOCK_Q"], cfg["BLOCK_N"]
-    nq = triton.cdiv(s, bq)
-    n_split, split_len = choose_split(nq, s_kv, bn, q8.device, 4 * bn, n_split)
-    indexer_logits_kernel[(nq, n_split)](
-        q8, k8, k_scale, weights, ks, ke, ks, ks, out,
-        s, s_kv, h, 1, split_len,
-        q8.stride(0), q8.stride(1), k8.stride(0), weights.stride(0), 0, out.stride(0),
-        D=d, D_PAD=d_pad, H_PAD=h_pad, BLOCK_Q=bq, BLOCK_N=bn, PAGE=64,
-        DOT=dot_mode(q8), PAGED=False, HEAVY_FIRST=True,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    p = ragged_problem(q8, k8, k_scale, weights, ks, ke, config)
+    bn = p.cfg["BLOCK_N"]
+    launch_scores(p, SCORES_STORE, choose_split(p.n_prog(), s_kv, bn, q8.device, 4 * bn, n_split), out=out)
     return out
 
 
@@ -482,46 +635,161 @@ def merge_splits(okey: torch.Tensor, oidx: torch.Tensor, rows: int, n_split: int
 POISON_BUFFERS = False
 
 
-def _topk_buffers(rows: int, n_split: int, topk: int, cap: int, device) -> tuple:
-    bufs = tuple(torch.empty(rows * n_split, n, dtype=torch.int32, device=device) for n in (cap, cap, topk, topk))
+def _scratch(*shape, device, fill=None) -> torch.Tensor:
+    """int32 scratch; zeros when fill == 0, else garbage under POISON_BUFFERS."""
+    if fill == 0:
+        return torch.zeros(*shape, dtype=torch.int32, device=device)
+    t = torch.empty(*shape, dtype=torch.int32, device=device)
     if POISON_BUFFERS:
-        for b in bufs:
-            b.fill_(2 ** 31 - 7)
-    return bufs
+        t.fill_(2 ** 31 - 7)
+    return t
 
 
-def topk_cap(topk: int, block_n: int, mult: int = 1) -> int:
-    """Candidate buffer length: room for topk survivors plus one tile of newcomers
-    (times ``mult``)."""
-    return triton.next_power_of_2(topk + block_n) * mult
+def topk_cap(topk: int, block_n: int) -> int:
+    """Streaming top-k buffer length: room for topk survivors plus one tile of newcomers."""
+    return triton.next_power_of_2(topk + block_n)
+
+
+def streaming_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None,
+                   out: torch.Tensor | None = None, fail: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, topk] int32 by the streaming kernel (exact, no threshold; scratch
+    16 * rows * n_split * CAP bytes). With ``fail`` [rows] int32, only programs holding
+    a flagged row run and the key axis is not split (no host sync: CUDA-graph safe);
+    they write into ``out``."""
+    cfg = p.topk_cfg or p.cfg
+    bn = cfg["BLOCK_N"]
+    cap = topk_cap(topk, bn)
+    if fail is not None:
+        n_split, split_len = 1, triton.cdiv(max(p.n_pos, 1), bn) * bn
+    else:
+        n_split, split_len = choose_split(p.n_prog(cfg), max(p.n_pos, 1), bn, p.q.device, max(cap, min_split),
+                                          n_split)
+    dev = p.q.device
+    bkey, bidx, okey = (_scratch(p.rows * n_split, n, device=dev) for n in (cap, cap, topk))
+    oidx = out if fail is not None else _scratch(p.rows * n_split, topk, device=dev)
+    h, d = p.q.shape[1], p.q.shape[2]
+    indexer_topk_kernel[(p.n_prog(cfg), n_split)](
+        p.q, p.k, p.ksc, p.w, p.ks, p.ke, p.ctx, p.bt,
+        bkey, bidx, okey, oidx, p.w if fail is None else fail,
+        p.rows, max(p.n_pos, 1), h, p.next_n, split_len, n_split, topk,
+        p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
+        p.bt.stride(0) if p.paged else 0,
+        D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=64, CAP=cap,
+        TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(p.q), PAGED=p.paged, HEAVY_FIRST=not p.paged,
+        ONLY_FAILED=fail is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out if fail is not None else merge_splits(okey, oidx, p.rows, n_split, topk)
+
+
+# Threshold top-k (the default method). A sample of every SAMPLE_STRIDE-th key gives each
+# row a threshold that about MARGIN * topk of its scores pass; one scoring pass keeps
+# those (indexer_scores_kernel, filter modes), a select pass takes the exact top-k of
+# them (indexer_select_kernel). A row where fewer than topk scores passed, or whose
+# candidate slots overflowed, is redone by the streaming kernel: exact on any input, and
+# rare on real data (the sample's quantile is within a few percent of the true one).
+SAMPLE_STRIDE = 16
+MARGIN = 1.5
+SAMPLE_BYTES = 64 * 2 ** 20   # the sample's scores are computed in row chunks of at most this
+SLOTS_MAX_SPLIT = 4            # per-slot buffers while the key axis has at most this many splits
+
+
+def _score_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 image of fp32 scores (as _score_key); -inf -> INT32_MIN."""
+    b = x.contiguous().view(torch.int32)
+    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return torch.where(torch.isneginf(x), INT32_MIN, key).to(torch.int32)
+
+
+def sample_thresholds(p: Problem, topk: int, min_split: int, n: torch.Tensor) -> torch.Tensor:
+    """[rows] int32 score keys: the ceil(MARGIN * topk * n_s / n)-th largest of the
+    row's n_s sampled scores (n [rows] = its candidate keys), INT32_MIN where the row has
+    at most topk candidates or the sample is too short (every candidate then passes)."""
+    dev = p.q.device
+    st = SAMPLE_STRIDE
+    n_s_all = triton.cdiv(p.n_pos, st)
+    if n_s_all == 0:
+        return torch.full((p.rows,), INT32_MIN, dtype=torch.int32, device=dev)
+    r_max = min(n_s_all, math.ceil(MARGIN * topk / st + MARGIN) + 1)
+    if p.paged:
+        n_s = (n + st - 1) // st
+    else:
+        n_s = ((p.ke.clamp(min=0) + st - 1) // st - (p.ks.clamp(min=0) + st - 1) // st).clamp(min=0)
+    r = torch.ceil(n_s * (MARGIN * topk) / n.clamp(min=1)).long()
+    need = (n > topk) & (r <= n_s) & (r <= r_max)
+    chunk = max(1, SAMPLE_BYTES // (4 * n_s_all * p.next_n))   # units a chunk
+    vals = []
+    for u0 in range(0, p.units, chunk):
+        sub = p if chunk >= p.units else p.take(torch.arange(u0, min(u0 + chunk, p.units), device=dev))
+        out = torch.empty(sub.rows, n_s_all, dtype=torch.float32, device=dev)
+        bn = sub.cfg["BLOCK_N"]
+        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_s_all, bn, dev, min_split), st, out=out)
+        vals.append(out.topk(r_max, dim=1).values)                                   # sorted, descending
+    vals = vals[0] if len(vals) == 1 else torch.cat(vals)
+    t = vals.gather(1, (r.clamp(1, r_max) - 1)[:, None])[:, 0]
+    return torch.where(need, _score_keys(t), INT32_MIN)
+
+
+def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None,
+                   mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, topk] int32 indices, -1 padded, [rows] int32 fail flags) of the
+    threshold method, before any fallback. ``mode``: SCORES_SLOTS or SCORES_ATOMIC
+    (default: slots while the key axis has at most SLOTS_MAX_SPLIT splits)."""
+    dev = p.q.device
+    n = p.row_len()
+    thr = sample_thresholds(p, topk, min_split, n)
+    bn = p.cfg["BLOCK_N"]
+    split = choose_split(p.n_prog(), max(p.n_pos, 1), bn, dev, min_split, n_split)
+    if mode is None:
+        mode = SCORES_SLOTS if split[0] <= SLOTS_MAX_SPLIT else SCORES_ATOMIC
+    expected = math.ceil(MARGIN * topk) + SAMPLE_STRIDE
+    if mode == SCORES_SLOTS:
+        n_slots = split[0] * bn
+        sc = triton.cdiv(2 * expected, n_slots) + 16
+        cnt = _scratch(p.rows * n_slots, device=dev)
+    else:
+        n_slots, sc = 1, 2 * expected
+        cnt = _scratch(p.rows, device=dev, fill=0)
+    bkey = _scratch(p.rows * n_slots * sc, device=dev)
+    bidx = _scratch(p.rows * n_slots * sc, device=dev)
+    launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
+    out = _scratch(p.rows, topk, device=dev)
+    fail = _scratch(p.rows, device=dev)
+    if p.rows:
+        indexer_select_kernel[(p.rows,)](
+            bkey, bidx, cnt, thr, n, out, fail, n_slots, sc, topk,
+            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=triton.next_power_of_2(sc),
+            TOPK_PAD=triton.next_power_of_2(topk), num_warps=4 if _interpreted() else 8)
+    return out, fail
+
+
+def select_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None, method: str = "threshold",
+                mode: int | None = None) -> torch.Tensor:
+    """[rows, topk] int32, exact up to ties, by ``method`` "threshold" (with the
+    streaming fallback for flagged rows) or "streaming". Under CUDA-graph capture the
+    fallback runs without a host sync (a launch whose unflagged programs exit)."""
+    if p.rows == 0:
+        return torch.empty(0, topk, dtype=torch.int32, device=p.q.device)
+    if method == "streaming":
+        return streaming_topk(p, topk, min_split, n_split)
+    if method != "threshold":
+        raise ValueError(f"method must be 'threshold' or 'streaming', got {method!r}")
+    out, fail = threshold_topk(p, topk, min_split, n_split, mode)
+    if p.q.is_cuda and torch.cuda.is_current_stream_capturing():
+        streaming_topk(p, topk, min_split, out=out, fail=fail)
+        return out
+    per_unit = fail.view(p.units, -1).amax(1) if p.paged else fail
+    bad = per_unit.nonzero()[:, 0]
+    if bad.numel():
+        out[p.unit_rows(bad)] = streaming_topk(p.take(bad), topk, min_split)
+    return out
 
 
 def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
                  ks: torch.Tensor, ke: torch.Tensor, topk: int, config: dict | None = None,
-                 n_split: int | None = None) -> torch.Tensor:
+                 n_split: int | None = None, method: str = "threshold") -> torch.Tensor:
     """[S, topk] int32 key rows of the topk largest index scores in each row's [ks, ke),
-    -1 padded, in no particular order; computed without materializing [S, S_kv] (peak
-    scratch 16 * S * n_split * CAP bytes, CAP = next_pow2(topk + BLOCK_N)). Inputs as
-    :func:`indexer_logits`."""
-    s, h, d, h_pad, d_pad = _launch_common(q8)
-    s_kv = k8.shape[0]
-    cfg = default_config(q8.device, h, topk=True, **(config or {}))
-    if s == 0:
-        return torch.empty(0, topk, dtype=torch.int32, device=q8.device)
-    q8, k8 = q8.contiguous() if q8.stride(-1) != 1 else q8, k8.contiguous() if k8.stride(-1) != 1 else k8
-    weights = weights.float().contiguous()
-    k_scale = k_scale.float().contiguous()
-    bq, bn = cfg["BLOCK_Q"], cfg["BLOCK_N"]
-    nq = triton.cdiv(s, bq)
-    cap = topk_cap(topk, bn, cfg.get("CAP_MULT", 1))
-    n_split, split_len = choose_split(nq, s_kv, bn, q8.device, max(cap, 4 * bn), n_split)
-    bkey, bidx, okey, oidx = _topk_buffers(s, n_split, topk, cap, q8.device)
-    indexer_topk_kernel[(nq, n_split)](
-        q8, k8, k_scale, weights, ks, ke, ks, ks,
-        bkey, bidx, okey, oidx,
-        s, s_kv, h, 1, split_len, n_split, topk,
-        q8.stride(0), q8.stride(1), k8.stride(0), weights.stride(0), 0,
-        D=d, D_PAD=d_pad, H_PAD=h_pad, BLOCK_Q=bq, BLOCK_N=bn, PAGE=64, CAP=cap,
-        TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(q8), PAGED=False, HEAVY_FIRST=True,
-        APPEND_TILES=cfg.get("APPEND_TILES", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return merge_splits(okey, oidx, s, n_split, topk)
+    -1 padded, in no particular order; computed without materializing [S, S_kv]
+    (threshold method: about 8 * S * 3 * topk bytes of candidates plus a sample of at
+    most SAMPLE_BYTES; see ``topk``). Inputs as :func:`indexer_logits`."""
+    p = ragged_problem(q8, k8, k_scale, weights, ks, ke, config)
+    return select_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split, method)

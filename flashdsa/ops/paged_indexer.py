@@ -18,15 +18,13 @@ import triton
 import triton.language as tl
 
 from .indexer import (
+    SCORES_STORE,
+    Problem,
     _interpreted,
-    _topk_buffers,
     choose_split,
     default_config,
-    dot_mode,
-    indexer_logits_kernel,
-    indexer_topk_kernel,
-    merge_splits,
-    topk_cap,
+    launch_scores,
+    select_topk,
 )
 from .mla_cache import e4m3_byte
 
@@ -52,6 +50,15 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
     return cfg
 
 
+def paged_problem(q8, kv_cache, weights, context_lens, block_table, max_context_len, config=None) -> Problem:
+    """The paged Problem of a decode batch (q8 [B, next_n, H, D])."""
+    bsz, next_n, h, d = q8.shape
+    q = q8.reshape(bsz * next_n, h, d)
+    return Problem(q, kv_cache, kv_cache.view(torch.float32), weights.float().contiguous(), context_lens,
+                   context_lens, context_lens, block_table, max_context_len, next_n, True,
+                   _paged_config(q8, next_n, False, config), _paged_config(q8, next_n, True, config))
+
+
 def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                          context_lens: torch.Tensor, block_table: torch.Tensor, max_context_len: int,
                          config: dict | None = None, n_split: int | None = None,
@@ -60,59 +67,30 @@ def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torc
     query's causal limit. q8 [B, next_n, H, D] e4m3, kv_cache uint8 [num_blocks,
     64 * (D + 4)], weights [B * next_n, H] fp32, context_lens [B] int32, block_table
     [B, max_blocks] int32 (inputs assumed validated)."""
-    bsz, next_n, h, d = q8.shape
-    cfg = _paged_config(q8, next_n, False, config)
+    bsz, next_n = q8.shape[:2]
     if out is None:
         out = torch.empty(bsz * next_n, max_context_len, dtype=torch.float32, device=q8.device)
     if bsz == 0 or max_context_len == 0:
         return out
-    q = q8.reshape(bsz * next_n, h, d)
-    weights = weights.float().contiguous()
-    bn = cfg["BLOCK_N"]
-    n_split, split_len = choose_split(bsz, max_context_len, bn, q8.device, 8 * bn, n_split)
-    indexer_logits_kernel[(bsz, n_split)](
-        q, kv_cache, kv_cache.view(torch.float32), weights, context_lens, context_lens, context_lens,
-        block_table, out,
-        bsz * next_n, max_context_len, h, next_n, split_len,
-        q.stride(0), q.stride(1), 0, weights.stride(0), block_table.stride(0), out.stride(0),
-        D=d, D_PAD=max(triton.next_power_of_2(d), 16), H_PAD=triton.next_power_of_2(h),
-        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE,
-        DOT=dot_mode(q8), PAGED=True, HEAVY_FIRST=False,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    p = paged_problem(q8, kv_cache, weights, context_lens, block_table, max_context_len, config)
+    bn = p.cfg["BLOCK_N"]
+    launch_scores(p, SCORES_STORE, choose_split(bsz, max_context_len, bn, q8.device, 8 * bn, n_split), out=out)
     return out
 
 
 def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                        context_lens: torch.Tensor, block_table: torch.Tensor, topk: int,
                        max_context_len: int | None = None, config: dict | None = None,
-                       n_split: int | None = None) -> torch.Tensor:
+                       n_split: int | None = None, method: str = "threshold") -> torch.Tensor:
     """[B * next_n, topk] int32 physical slots of each decode query's top-k keys, -1
-    padded, in no particular order; never materializes the scores. ``max_context_len``
-    (default max_blocks * 64) bounds the positions walked; the key axis is split over
-    programs when the batch alone does not fill the GPU."""
-    bsz, next_n, h, d = q8.shape
-    cfg = _paged_config(q8, next_n, True, config)
+    padded, in no particular order; never materializes the scores (see
+    flashdsa.ops.indexer.select_topk for the methods). ``max_context_len`` (default
+    max_blocks * 64) bounds the positions walked; the key axis is split over programs
+    when the batch alone does not fill the GPU. CUDA-graph capturable."""
     if max_context_len is None:
         max_context_len = block_table.shape[1] * PAGE_SIZE
-    rows = bsz * next_n
-    if rows == 0:
-        return torch.empty(0, topk, dtype=torch.int32, device=q8.device)
-    q = q8.reshape(rows, h, d)
-    weights = weights.float().contiguous()
-    bn = cfg["BLOCK_N"]
-    cap = topk_cap(topk, bn, cfg.get("CAP_MULT", 1))
-    n_split, split_len = choose_split(bsz, max(max_context_len, 1), bn, q8.device, max(cap, 8 * bn), n_split)
-    bkey, bidx, okey, oidx = _topk_buffers(rows, n_split, topk, cap, q8.device)
-    indexer_topk_kernel[(bsz, n_split)](
-        q, kv_cache, kv_cache.view(torch.float32), weights, context_lens, context_lens, context_lens,
-        block_table, bkey, bidx, okey, oidx,
-        rows, max(max_context_len, 1), h, next_n, split_len, n_split, topk,
-        q.stride(0), q.stride(1), 0, weights.stride(0), block_table.stride(0),
-        D=d, D_PAD=max(triton.next_power_of_2(d), 16), H_PAD=triton.next_power_of_2(h),
-        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE, CAP=cap,
-        TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(q8), PAGED=True, HEAVY_FIRST=False,
-        APPEND_TILES=cfg.get("APPEND_TILES", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return merge_splits(okey, oidx, rows, n_split, topk)
+    p = paged_problem(q8, kv_cache, weights, context_lens, block_table, max(max_context_len, 1), config)
+    return select_topk(p, topk, 8 * p.cfg["BLOCK_N"], n_split, method)
 
 
 @triton.jit

@@ -2,7 +2,10 @@
 
 On CPU the kernels run under the Triton interpreter with tiny block sizes (BLOCK_N 16,
 CAP = next_pow2(topk + 16)), so small problems already cross many key tiles, several
-buffer compactions and split merges.
+buffer compactions and split merges. The threshold top-k is tested in both of its
+candidate modes (per-column slots, atomic appends), alone (rows it flags are exact
+or flagged) and with its streaming fallback; tiny top-k values make its sample
+thresholds noisy, so the fallback runs here far more often than at real sizes.
 """
 import pytest
 import torch
@@ -113,21 +116,63 @@ def check_topk(idx, r64, ks, ke, topk, atol):
         assert torch.allclose(got, best, rtol=0, atol=atol), f"row {t}: selected scores differ"
 
 
-@pytest.mark.parametrize("append_tiles", [False, True])
+METHODS = [("threshold", ops.SCORES_SLOTS), ("threshold", ops.SCORES_ATOMIC), ("streaming", None)]
+
+
+def run_topk(inputs, topk, n_split, method, mode, check_unflagged=None):
+    """indexer top-k by one method; for the threshold method, first check the rows it
+    does not flag (before the fallback) with ``check_unflagged(idx, rows)``."""
+    p = ops.ragged_problem(*inputs)
+    if method == "threshold" and check_unflagged is not None:
+        out, fail = ops.threshold_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split, mode)
+        ok = (fail == 0).nonzero()[:, 0].cpu()
+        check_unflagged(out, ok)
+    return ops.select_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split, method, mode)
+
+
+@pytest.mark.parametrize("method,mode", METHODS)
 @pytest.mark.parametrize("s,s_kv,h,d,topk,n_split,ranges", [
     (7, 300, 4, 32, 16, None, "ragged"),   # many compactions (CAP 32)
     (5, 200, 4, 32, 40, 3, "causal"),      # key axis split over 3 programs, merged
     (6, 37, 2, 32, 64, None, "ragged"),    # S_kv < topk: every row padded
     (3, 90, 3, 48, 1, None, "ragged"),     # topk 1, odd head count and dim
+    (9, 1500, 4, 32, 24, 6, "causal"),     # long rows: real sample thresholds, 6 splits
 ])
-def test_topk_matches_reference(s, s_kv, h, d, topk, n_split, ranges, append_tiles):
+def test_topk_matches_reference(s, s_kv, h, d, topk, n_split, ranges, method, mode):
     inputs = make_inputs(s, s_kv, h, d, ranges=ranges)
-    idx = ops.indexer_topk(*inputs, topk, n_split=n_split, config=dict(APPEND_TILES=append_tiles))
     r64 = ref64(*inputs)
     logits = ops.indexer_logits(*inputs).cpu()
     fin = torch.isfinite(r64)
     atol = 2 * float((logits[fin].double() - r64[fin]).abs().max()) + 1e-12
-    check_topk(idx, r64, *inputs[4:], topk, atol)
+    ks, ke = inputs[4:]
+
+    def check_rows(idx, rows):
+        check_topk(idx[rows], r64[rows], ks[rows], ke[rows], topk, atol)
+
+    idx = run_topk(inputs, topk, n_split, method, mode, check_rows)
+    check_topk(idx, r64, ks, ke, topk, atol)
+
+
+def test_threshold_flags_short_rows():
+    """A threshold above every score leaves rows short: the select pass must flag exactly
+    the rows with more than zero candidates, and the fallback must repair them."""
+    inputs = make_inputs(5, 120, 4, 32, ranges="ragged")
+    p = ops.ragged_problem(*inputs)
+    thr = torch.full((5,), 2 ** 31 - 1, dtype=torch.int32, device=DEV)
+    n = p.row_len()
+    for mode in (ops.SCORES_SLOTS, ops.SCORES_ATOMIC):
+        n_slots = p.cfg["BLOCK_N"] if mode == ops.SCORES_SLOTS else 1
+        cnt = torch.zeros(5 * n_slots, dtype=torch.int32, device=DEV)
+        bkey = torch.empty(5 * n_slots * 8, dtype=torch.int32, device=DEV)
+        bidx = torch.empty_like(bkey)
+        ops.launch_scores(p, mode, (1, 128), thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=8)
+        assert int(cnt.sum()) == 0
+        out = torch.empty(5, 4, dtype=torch.int32, device=DEV)
+        fail = torch.empty(5, dtype=torch.int32, device=DEV)
+        ops.indexer_select_kernel[(5,)](bkey, bidx, cnt, thr, n, out, fail, n_slots, 8, 4,
+                                        NS_PAD=n_slots, SC_PAD=8, TOPK_PAD=4)
+        assert fail.tolist() == (n > 0).int().tolist()
+        assert bool((out == -1).all())
 
 
 def test_topk_exact_ties_and_rising_scores():
@@ -141,10 +186,10 @@ def test_topk_exact_ties_and_rising_scores():
     r64 = ref64(q8, k8, k_scale, weights, ks, ke)
     rising = torch.linspace(0.5, 4.0, s_kv, device=DEV)               # later keys score higher
     r64r = ref64(q8, k8, rising, weights, ks, ke)
-    for cfg in (dict(APPEND_TILES=False), dict(APPEND_TILES=True, CAP_MULT=2)):
-        idx = ops.indexer_topk(q8, k8, k_scale, weights, ks, ke, topk, config=cfg)
+    for method, mode in METHODS:
+        idx = run_topk((q8, k8, k_scale, weights, ks, ke), topk, None, method, mode)
         check_topk(idx, r64, ks, ke, topk, atol=1e-9 * float(r64[torch.isfinite(r64)].abs().max()))
-        idx = ops.indexer_topk(q8, k8, rising, weights, ks, ke, topk, config=cfg)
+        idx = run_topk((q8, k8, rising, weights, ks, ke), topk, None, method, mode)
         check_topk(idx, r64r, ks, ke, topk, atol=1e-5 * float(r64r[torch.isfinite(r64r)].abs().max()))
 
 
@@ -188,8 +233,9 @@ def test_gpu_fp8_logits_and_topk(s, s_kv, h, topk, ranges):
     fin = torch.isfinite(r64)
     atol = 2 * float((out.cpu()[fin].double() - r64[fin]).abs().max()) + 1e-12
     for n_split in (None, 4):
-        idx = ops.indexer_topk(*inputs, topk, n_split=n_split)
-        check_topk(idx, r64, *inputs[4:], topk, atol)
+        for method, mode in METHODS:
+            idx = run_topk(inputs, topk, n_split, method, mode)
+            check_topk(idx, r64, *inputs[4:], topk, atol)
 
 
 def test_lightning_indexer_module_uses_the_kernel():

@@ -129,14 +129,18 @@ def check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=0.0):
             assert torch.allclose(got, best, rtol=1e-6, atol=atol), f"row {t}: selected scores differ"
 
 
-@pytest.mark.parametrize("next_n,topk,n_split,append_tiles", [
-    (1, 16, None, False), (2, 24, 2, False), (1, 256, None, False), (2, 16, None, True)])
-def test_paged_topk_returns_physical_slots(next_n, topk, n_split, append_tiles):
-    ctx, h, d, max_blocks = [150, 3, 64, 97], 4, 32, 3
+@pytest.mark.parametrize("method,mode", [("threshold", ops.SCORES_SLOTS), ("threshold", ops.SCORES_ATOMIC),
+                                         ("streaming", None)])
+@pytest.mark.parametrize("next_n,topk,n_split,ctx", [
+    (1, 16, None, [150, 3, 64, 97]), (2, 24, 2, [150, 3, 64, 97]), (1, 256, None, [150, 3, 64, 97]),
+    (2, 16, 5, [700, 190, 2, 431])])   # long contexts: real sample thresholds
+def test_paged_topk_returns_physical_slots(next_n, topk, n_split, ctx, method, mode):
+    h, d = 4, 32
+    max_blocks = max(ctx) // 64 + 1
     cache, bt, cl = make_cache(ctx, d, max_blocks)
     q8, w = make_queries(len(ctx), next_n, h, d)
-    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, n_split=n_split,
-                                    config=dict(APPEND_TILES=append_tiles))
+    p = pops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    slots = ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], n_split, method, mode)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
 
@@ -187,3 +191,28 @@ def test_gpu_paged_full_size(next_n):
         a = set(slots[t][slots[t] >= 0].tolist())
         b = set(ref_slots[t][ref_slots[t] >= 0].tolist())
         assert len(a ^ b) <= 0.01 * len(b) + 2, f"row {t}: {len(a ^ b)} slots differ"
+
+
+@requires_cuda
+def test_gpu_paged_topk_in_cuda_graph_with_fallback():
+    """Captured in a CUDA graph (as the engine's decode runs it), the threshold top-k and
+    its streaming fallback need no host sync: a sequence whose 8000 keys all tie
+    overflows its candidate buffer (about 2 * 1.5 * topk) and must still come out exact
+    on replay."""
+    ctx, h, d, topk = [6000, 8000], 64, 128, 2048
+    max_blocks = max(ctx) // 64 + 1
+    cache, bt, cl = make_cache(ctx, d, max_blocks, device="cuda")
+    tied = pref.logical_slots(bt.cpu(), 1, ctx[1]).cuda()
+    cache.write(torch.ones(tied.numel(), d, device="cuda"), tied, backend="reference")  # every score ties
+    q8, w = make_queries(len(ctx), 1, h, d, device="cuda")
+    p = pops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    _, fail = ops.threshold_topk(p, topk, 8 * p.cfg["BLOCK_N"])
+    assert fail.tolist() == [0, 1], fail.tolist()
+    pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)
+    slots.fill_(-7)
+    graph.replay()
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    check_paged_topk(slots, r, bt, ctx, 1, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
