@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flashdsa
+from tests.utils import requires_cuda
 from flashdsa.reference import (
     apply_rope,
     rope_cos_sin,
@@ -50,6 +51,32 @@ def test_hadamard_orthonormal_self_inverse(n):
     x = torch.randn(5, 3, n, dtype=torch.float64)
     torch.testing.assert_close(flashdsa.hadamard_transform(flashdsa.hadamard_transform(x)), x)
     torch.testing.assert_close(flashdsa.hadamard_transform(x).norm(), x.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_hadamard_matrix_path_matches_butterfly(dtype):
+    """The GPU path of flashdsa.hadamard_transform (x @ the cached matrix) is the same
+    transform as the reference butterfly: exact in float64; in bf16 within the rounding
+    of the butterfly's log2(n) stages."""
+    from flashdsa import api
+    from flashdsa import reference as ref
+    x = torch.randn(7, 3, 128, dtype=torch.float64)
+    h = api.hadamard_matrix(128, torch.float64, "cpu")
+    assert api.hadamard_matrix(128, torch.float64, "cpu") is h  # cached
+    torch.testing.assert_close(x @ h, ref.hadamard_transform(x), rtol=0, atol=1e-13)
+    want = ref.hadamard_transform(x)
+    got = x.to(dtype) @ api.hadamard_matrix(128, dtype, "cpu")
+    butterfly = ref.hadamard_transform(x.to(dtype))
+    err = float((got.double() - want).norm() / want.norm())
+    assert err <= max(float((butterfly.double() - want).norm() / want.norm()), 1e-15), err
+
+
+@requires_cuda
+def test_gpu_hadamard_auto_uses_the_matrix():
+    x = torch.randn(33, 128, device="cuda", dtype=torch.bfloat16)
+    want = flashdsa.hadamard_transform(x.double().cpu())
+    got = flashdsa.hadamard_transform(x).double().cpu()
+    assert float((got - want).norm() / want.norm()) < 4e-3
 
 
 def test_yarn_scale_and_frequencies():
