@@ -18,9 +18,15 @@ accumulator keeps inside one thread (plus a quad shuffle), not across warps. Key
 wholly outside the union of the block's ranges [min ks, max ke) are never computed
 (causal prefill: half the work); the logits kernel writes -inf there instead.
 
-Top-k (``indexer_topk``) never materializes [S, S_kv]. Each program keeps, per query
-row, a candidate buffer of CAP >= topk + BLOCK_N (score key, index) pairs in global
-memory (O(S * topk) scratch) and a threshold ``thr`` that only rises:
+Top-k (``indexer_topk``, ``select_topk``) never materializes [S, S_kv]. The default
+*threshold* method: (1) the scores of every SAMPLE_STRIDE-th key give each row a
+threshold about MARGIN * topk of its scores pass; (2) one scoring pass keeps the scores
+at or above it (per-column slots counted in registers, or atomic appends when the key
+axis is split finely); (3) a select pass takes each row's exact top-k of its candidates.
+A row whose candidates overflowed or fell short is redone by the *streaming* kernel:
+each program keeps, per query row, a candidate buffer of CAP >= topk + BLOCK_N (score
+key, index) pairs in global memory (O(S * topk) scratch) and a threshold ``thr`` that
+only rises:
 
 - a tile's scores above ``thr`` are appended (positions by a cumsum over the tile);
 - when a buffer could overflow, an exact radix (binary) search over the order-preserving
@@ -29,11 +35,9 @@ memory (O(S * topk) scratch) and a threshold ``thr`` that only rises:
   ``thr`` becomes T: later scores <= T can never enter the top-k (exact up to ties);
 - at the end the same selection writes the row's topk indices, -1 padded.
 
-For long rows a threshold rises fast (after the first compaction only about
-topk * ln(n / topk) of n keys are appended), so the selection costs little next to
-the dots. When there are few query blocks (decode), the key axis is split over
-programs; each split selects its own top-k and a torch.topk over the n_split * topk
-candidates merges them.
+When there are few query blocks (decode), the key axis is split over programs; each
+split selects its own top-k and a torch.topk over the n_split * topk candidates merges
+them.
 
 Scores are compared as int32 "keys": for fp32 bits b, key = b if b >= 0 else
 b ^ 0x7FFFFFFF, which orders like the floats (and -inf above every NaN pattern).
