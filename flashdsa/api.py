@@ -17,9 +17,11 @@ SCALE_DTYPES = (torch.float32, torch.float64)
 
 
 def _reference_only(op: str, backend: str, x: torch.Tensor) -> None:
-    """For ops that have no Triton kernel: accept "auto"/"reference", refuse "triton"."""
-    if resolve_backend(backend, x) == "triton" and backend == "triton":
+    """For ops that have no Triton kernel: accept "auto"/"reference", refuse "triton"
+    (on any device: the answer does not depend on where triton could run)."""
+    if backend == "triton":
         raise NotImplementedError(f"{op}: there is no Triton kernel for this op; use backend='reference'")
+    resolve_backend(backend, x)  # validates the name
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = "ue8m0", backend: str = "auto"):
@@ -52,7 +54,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype, device) -> torch.Tensor:
     key = (n, dtype, torch.device(device))
     h = None if torch.compiler.is_compiling() else _HADAMARD.get(key)
     if h is None:
-        h = ref.hadamard_transform(torch.eye(n, dtype=torch.float64, device=device)).to(dtype)
+        with torch.inference_mode(False):  # a normal tensor, usable by autograd later
+            h = ref.hadamard_transform(torch.eye(n, dtype=torch.float64, device=device)).to(dtype)
         if not torch.compiler.is_compiling():
             _HADAMARD[key] = h
     return h

@@ -63,6 +63,9 @@ def test_hadamard_matrix_path_matches_butterfly(dtype):
     x = torch.randn(7, 3, 128, dtype=torch.float64)
     h = api.hadamard_matrix(128, torch.float64, "cpu")
     assert api.hadamard_matrix(128, torch.float64, "cpu") is h  # cached
+    with torch.inference_mode():  # first built under inference mode: still usable by autograd
+        h2 = api.hadamard_matrix(64, torch.float64, "cpu")
+    assert not h2.is_inference()
     torch.testing.assert_close(x @ h, ref.hadamard_transform(x), rtol=0, atol=1e-13)
     want = ref.hadamard_transform(x)
     got = x.to(dtype) @ api.hadamard_matrix(128, dtype, "cpu")
