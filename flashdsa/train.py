@@ -228,9 +228,10 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
         state = TrainState(**blob["state"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg), last_epoch=state.step - 1) \
             if state.step else sched
-        torch.set_rng_state(blob["rng"]["cpu"])
+        # (map_location moved the RNG byte tensors too; the setters take CPU tensors)
+        torch.set_rng_state(blob["rng"]["cpu"].cpu())
         if "cuda" in blob["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(blob["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(blob["rng"]["cuda"].cpu(), device)
     ckpt = Path(cfg.out_dir) / "train_state.pt" if cfg.out_dir else None
     bar = Progress(cfg.steps, f"{cfg.stage:>6}", cfg.log_every, start=state.step) if progress else None
     model.train()
