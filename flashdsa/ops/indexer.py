@@ -509,13 +509,6 @@ def choose_split(n_qblocks: int, s_kv: int, block_n: int, device: torch.device, 
     return triton.cdiv(max(s_kv, 1), split_len), split_len
 
 
-def _launch_common(q8):
-    s, h, d = q8.shape
-    h_pad = max(triton.next_power_of_2(h), 1)
-    d_pad = max(triton.next_power_of_2(d), 32)  # fp8 MMAs need K >= 32 (tiny test widths are 16)
-    return s, h, d, h_pad, d_pad
-
-
 @dataclass
 class Problem:
     """One scoring problem, ragged or paged, as the kernels take it.
@@ -563,9 +556,15 @@ class Problem:
     def take(self, units: torch.Tensor) -> "Problem":
         """The sub-problem of some units (a 1-D index tensor)."""
         if self.paged:
-            rows = (units[:, None] * self.next_n + torch.arange(self.next_n, device=units.device)).reshape(-1)
+            rows = self.unit_rows(units)
             return replace(self, q=self.q[rows], w=self.w[rows], ctx=self.ctx[units], bt=self.bt[units])
         return replace(self, q=self.q[units], w=self.w[units], ks=self.ks[units], ke=self.ke[units])
+
+    def dims(self) -> dict:
+        """The kernels' width constexprs: D, D_PAD (fp8 MMAs need K >= 32; tiny test
+        widths are 16), H_PAD."""
+        h, d = self.q.shape[1], self.q.shape[2]
+        return dict(D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h))
 
     def unit_rows(self, units: torch.Tensor) -> torch.Tensor:
         """Row indices of some units."""
@@ -591,16 +590,14 @@ def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int
     """Run indexer_scores_kernel on ``p`` (see its docstring for the modes and buffers);
     split = (n_split, split_len) in units of pos_stride positions."""
     n_split, split_len = split
-    h, d = p.q.shape[1], p.q.shape[2]
     dummy = p.w
     indexer_scores_kernel[(p.n_prog(), n_split)](
         p.q, p.k, p.ksc, p.w, p.ks, p.ke, p.ctx, p.bt, dummy if out is None else out,
         dummy if thr is None else thr, dummy if bkey is None else bkey, dummy if bidx is None else bidx,
         dummy if cnt is None else cnt,
-        p.rows, triton.cdiv(p.n_pos, pos_stride), h, p.next_n, split_len, pos_stride, n_split, sc,
+        p.rows, triton.cdiv(p.n_pos, pos_stride), p.q.shape[1], p.next_n, split_len, pos_stride, n_split, sc,
         p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
-        p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0),
-        D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h),
+        p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0), **p.dims(),
         BLOCK_Q=p.cfg["BLOCK_Q"], BLOCK_N=p.cfg["BLOCK_N"], PAGE=64, DOT=dot_mode(p.q), PAGED=p.paged,
         HEAVY_FIRST=not p.paged, MODE=mode, num_warps=p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
 
@@ -671,14 +668,12 @@ def streaming_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     dev = p.q.device
     bkey, bidx, okey = (_scratch(p.rows * n_split, n, device=dev) for n in (cap, cap, topk))
     oidx = out if fail is not None else _scratch(p.rows * n_split, topk, device=dev)
-    h, d = p.q.shape[1], p.q.shape[2]
     indexer_topk_kernel[(p.n_prog(cfg), n_split)](
         p.q, p.k, p.ksc, p.w, p.ks, p.ke, p.ctx, p.bt,
         bkey, bidx, okey, oidx, p.w if fail is None else fail,
-        p.rows, max(p.n_pos, 1), h, p.next_n, split_len, n_split, topk,
+        p.rows, max(p.n_pos, 1), p.q.shape[1], p.next_n, split_len, n_split, topk,
         p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
-        p.bt.stride(0) if p.paged else 0,
-        D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h),
+        p.bt.stride(0) if p.paged else 0, **p.dims(),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=64, CAP=cap,
         TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(p.q), PAGED=p.paged, HEAVY_FIRST=not p.paged,
         ONLY_FAILED=fail is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -794,6 +789,6 @@ def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weig
     """[S, topk] int32 key rows of the topk largest index scores in each row's [ks, ke),
     -1 padded, in no particular order; computed without materializing [S, S_kv]
     (threshold method: about 8 * S * 3 * topk bytes of candidates plus a sample of at
-    most SAMPLE_BYTES; see ``topk``). Inputs as :func:`indexer_logits`."""
+    most SAMPLE_BYTES; see :func:`select_topk`). Inputs as :func:`indexer_logits`."""
     p = ragged_problem(q8, k8, k_scale, weights, ks, ke, config)
     return select_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split, method)
