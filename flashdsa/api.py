@@ -150,7 +150,7 @@ def _check_mla_inputs(q, kv, d_v):
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float | None = None,
-                   d_v: int = 512, backend: str = "auto"):
+                   d_v: int = 512, backend: str = "auto", return_probs: bool = False):
     """Sparse MLA attention, absorbed/MQA form (FlashMLA ``flash_mla_sparse_fwd`` semantics, SPEC 3).
 
     Args:
@@ -159,10 +159,14 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         indices: [s_q, 1, topk] int32 rows of kv per query; -1 or >= s_kv are skipped.
         sm_scale: softmax scale (default d_qk^-0.5).
         d_v: value width (512 for DeepSeek-V3.2).
+        return_probs: also return ``probs [s_q, topk]`` fp32, the attention probability of
+            each slot averaged over the heads (0 at invalid slots, not differentiable): the
+            target of the sparse-stage indexer loss (:func:`flashdsa.ops.indexer_loss.sparse_kl_loss_from_probs`),
+            computed from the forward's own softmax instead of a second q.k pass.
 
     Returns:
-        (out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32);
-        a query with no valid index gets out 0, max_logits -inf and lse +inf.
+        (out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32)
+        (+ probs); a query with no valid index gets out 0, max_logits -inf and lse +inf.
     """
     _check_mla_inputs(q, kv, d_v)
     check_tensor("indices", indices, ndim=3, dtypes=(torch.int32,), shape=(q.shape[0], 1, None),
@@ -173,8 +177,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     if resolve_backend(backend, q) == "triton":
         # differentiable in q and kv (and lse): custom ops + autograd, torch.compile-traceable
         from .ops.autograd import sparse_mla_fwd as kernel
-        return kernel(q, kv, indices, sm_scale, d_v)
-    return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+        return kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
+    return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
 
 
 def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float | None = None,

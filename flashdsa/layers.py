@@ -232,11 +232,12 @@ class MLA(nn.Module):
         else:
             indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
                                           backend=backend)[:, None, :]        # [T, 1, topk]
-            o_lat, _, lse = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
-                                               d_v=self.kv_lora_rank, backend=backend)
+            # The attention hands over its head-mean probabilities of the selected slots
+            # (the loss's target), so the loss computes only the index scores.
+            o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
+                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True)
             out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
-            loss = fns.sparse_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(), lse.detach(),
-                                      self.softmax_scale, indices, reduction="mean")
+            loss = fns.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean")
         return self.o_proj(out.flatten(1)), loss.float()
 
     @staticmethod

@@ -4,12 +4,13 @@ Three layers (the flash-attention interface pattern):
   1. raw ops registered with ``torch.library.custom_op`` plus ``register_fake`` (shape and
      dtype propagation without running a kernel), so torch.compile traces them as opaque
      nodes instead of graph-breaking on Triton launches:
-       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v) -> (out, max_logits, lse)``
+       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs)
+                                  -> (out, max_logits, lse, probs)`` (probs [s_q, 0] unless asked)
        ``flashdsa::sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v,
                                   deterministic) -> (dq, dkv)``
   2. the autograd formula attached with ``torch.library.register_autograd``: it saves q,
-     kv, indices, out and lse and calls the backward op (``max_logits`` is not
-     differentiable; ``lse`` is, through dS += P * dlse);
+     kv, indices, out and lse and calls the backward op (``max_logits`` and ``probs`` are
+     not differentiable; ``lse`` is, through dS += P * dlse);
   3. :func:`sparse_mla_fwd`, the host function ``flashdsa.sparse_mla_fwd`` dispatches to
      for ``backend="triton"``.
 
@@ -22,32 +23,25 @@ from typing import Optional
 
 import torch
 
+from .sparse_mla import sparse_mla_fwd as _fwd_kernel
 from .sparse_mla_bwd import sparse_mla_bwd as _bwd_kernel
-
-
-def _fwd_kernel(q, kv, indices, sm_scale, d_v):
-    """The Triton forward (flashdsa.ops.sparse_mla), or the reference while that module
-    lacks it (development fallback; the reference is exact, only slow)."""
-    try:
-        from .sparse_mla import sparse_mla_fwd as kernel
-    except ImportError:  # pragma: no cover - only while the forward kernel is being written
-        from ..reference import sparse_mla_fwd as kernel
-    return kernel(q, kv, indices, sm_scale, d_v)
 
 
 @torch.library.custom_op("flashdsa::sparse_mla_fwd", mutates_args=())
 def _sparse_mla_fwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                       d_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, max_logits, lse = _fwd_kernel(q, kv, indices, sm_scale, d_v)
+                       d_v: int, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = _fwd_kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
+    probs = res[3] if return_probs else q.new_empty(q.shape[0], 0, dtype=torch.float32)
     # custom_op outputs may not alias inputs or each other; the kernels allocate fresh.
-    return out, max_logits.float(), lse.float()
+    return res[0], res[1], res[2], probs
 
 
 @_sparse_mla_fwd_op.register_fake
-def _(q, kv, indices, sm_scale, d_v):
+def _(q, kv, indices, sm_scale, d_v, return_probs):
     s_q, h = q.shape[0], q.shape[1]
     return (q.new_empty(s_q, h, d_v), q.new_empty(s_q, h, dtype=torch.float32),
-            q.new_empty(s_q, h, dtype=torch.float32))
+            q.new_empty(s_q, h, dtype=torch.float32),
+            q.new_empty(s_q, indices.shape[-1] if return_probs else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("flashdsa::sparse_mla_bwd", mutates_args=())
@@ -63,33 +57,36 @@ def _(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v, deterministic):
 
 
 def _setup_context(ctx, inputs, output):
-    q, kv, indices, sm_scale, d_v = inputs
-    out, max_logits, lse = output
+    q, kv, indices, sm_scale, d_v, _ = inputs
+    out, max_logits, lse, probs = output
     ctx.save_for_backward(q, kv, indices, out, lse)
     ctx.sm_scale, ctx.d_v = sm_scale, d_v
-    ctx.mark_non_differentiable(max_logits)
+    ctx.mark_non_differentiable(max_logits, probs)
 
 
-def _backward(ctx, dout, dmax_logits, dlse):
+def _backward(ctx, dout, dmax_logits, dlse, dprobs):
     q, kv, indices, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dkv = _sparse_mla_bwd_op(q, kv, indices, out, dout.contiguous(), lse, dlse, ctx.sm_scale, ctx.d_v,
                                  torch.are_deterministic_algorithms_enabled())
-    return dq, dkv, None, None, None
+    return dq, dkv, None, None, None, None
 
 
 torch.library.register_autograd("flashdsa::sparse_mla_fwd", _backward, setup_context=_setup_context)
 
 
-def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512):
+def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
+                   return_probs: bool = False):
     """Triton sparse MLA forward, differentiable in q and kv (and through lse).
 
     Same contract as :func:`flashdsa.ops.sparse_mla.sparse_mla_fwd`: q [s_q, h_q, d_qk],
     kv [s_kv, 1, d_qk], indices [s_q, 1, topk] int32 -> (out [s_q, h_q, d_v] in q.dtype,
-    max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32). Inputs assumed validated.
+    max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32), plus the head-mean probs [s_q, topk]
+    fp32 (not differentiable) with ``return_probs``. Inputs assumed validated.
     """
-    return torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v))
+    res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), bool(return_probs))
+    return res if return_probs else res[:3]
 
 
 def sparse_mla_bwd(q, kv, indices, out, dout, lse, sm_scale, d_v=512, dlse=None, deterministic=False):

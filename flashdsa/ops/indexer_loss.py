@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.losses import _reduce
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain
@@ -52,10 +54,13 @@ _LN2 = tl.constexpr(LN2)
 # stage a kv tile [BLOCK_K, 576] (36 KB at 32 rows) and an indexer key tile [BLOCK_K, 128].
 # Fastest in the H200 sweep (benchmarks/bench_indexer_loss.py --sweep, 2026-11-28): at H 64
 # 32 rows, 4 warps, 2 stages; at H 128 only 32 rows, 8 warps, 1 stage fits the 227 KB
-# (2 stages need 249 KB). "small": interpreter and tiny shapes.
+# (2 stages need 249 KB). "sm90_probs": the target p given (no attention tile; only the
+# indexer's [64, 128] q is resident), so wider key blocks fit; not yet swept on a GPU.
+# "small": interpreter and tiny shapes.
 CONFIGS = {
     "sm90": dict(BLOCK_K=32, num_warps=4, num_stages=2),
     "sm90_h128": dict(BLOCK_K=32, num_warps=8, num_stages=1),
+    "sm90_probs": dict(BLOCK_K=64, num_warps=4, num_stages=2),
     "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
 }
 
@@ -64,9 +69,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(q: torch.Tensor) -> dict:
-    if not q.is_cuda or _interpreted() or q.shape[2] <= 128:
+def _config(q: torch.Tensor | None, iq: torch.Tensor) -> dict:
+    """Block sizes; ``q`` None: the target p is given (no attention tile)."""
+    if not iq.is_cuda or _interpreted() or (q is not None and q.shape[2] <= 128) or iq.shape[2] < 64:
         return dict(CONFIGS["small"])
+    if q is None:
+        return dict(CONFIGS["sm90_probs"])
     return dict(CONFIGS["sm90" if q.shape[1] <= 64 else "sm90_h128"])
 
 
@@ -128,10 +136,9 @@ def _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI: tl.constexpr, BLOC
 
 
 @triton.jit
-def _load_row_inputs(q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads,
-                     stride_qt, stride_qh, stride_lt, stride_iqt, stride_iqh, stride_wt,
-                     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr,
-                     BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr):
+def _load_attn_row(q_ptr, lse_ptr, t, n_heads, stride_qt, stride_qh, stride_lt,
+                   D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """q of row t, split into head [H, DH] and tail [H, DT] dims, and its lse in base 2 [H]."""
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < n_heads
     offs_a = tl.arange(0, D_HEAD)
@@ -140,13 +147,34 @@ def _load_row_inputs(q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads,
     q_h = tl.load(q_row + offs_a[None, :], mask=mask_h[:, None], other=0.0)  # [H, DH]
     q_t = tl.load(q_row + D_HEAD + offs_b[None, :], mask=mask_h[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
     lse2 = tl.load(lse_ptr + t * stride_lt + offs_h, mask=mask_h, other=float("inf")) * _LOG2E
+    return q_h, q_t, lse2
+
+
+@triton.jit
+def _load_index_row(iq_ptr, w_ptr, t, n_iheads, stride_iqt, stride_iqh, stride_wt,
+                    DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr):
+    """The indexer's q of row t [HI, DI] and its head weights [HI] fp32."""
     offs_j = tl.arange(0, BLOCK_HI)
     mask_j = offs_j < n_iheads
     offs_d = tl.arange(0, BLOCK_DI)
     iq = tl.load(iq_ptr + t * stride_iqt + offs_j[:, None] * stride_iqh + offs_d[None, :],
                  mask=mask_j[:, None] & (offs_d < DI)[None, :], other=0.0)  # [HI, DI]
     w = tl.load(w_ptr + t * stride_wt + offs_j, mask=mask_j, other=0.0).to(tl.float32)  # [HI]
-    return q_h, q_t, lse2, iq, w
+    return iq, w
+
+
+@triton.jit
+def _row_range(ks_ptr, ke_ptr, t, topk, DENSE: tl.constexpr):
+    """(ks, ke, n): the causal range of row t (warm-up) or n = topk slots (sparse)."""
+    if DENSE:
+        ks = tl.load(ks_ptr + t).to(tl.int64)
+        ke = tl.load(ke_ptr + t).to(tl.int64)
+        n = ke - ks
+    else:
+        ks = 0
+        ke = 0
+        n = topk
+    return ks, ke, n
 
 
 @triton.jit
@@ -160,22 +188,17 @@ def indexer_kl_fwd_kernel(
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ATTN: tl.constexpr = True,  # False: the target p [T, topk] is given in p_ptr (q, kv, lse unused)
 ):
     t = tl.program_id(0).to(tl.int64)
     if DENSE:
         # Causal rows grow with t: start the longest first so the short ones fill the tail.
         t = tl.num_programs(0) - 1 - t
-    q_h, q_t, lse2, iq, w = _load_row_inputs(
-        q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
-        stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
-    if DENSE:
-        ks = tl.load(ks_ptr + t).to(tl.int64)
-        ke = tl.load(ke_ptr + t).to(tl.int64)
-        n = ke - ks
-    else:
-        ks = 0
-        ke = 0
-        n = topk
+    iq, w = _load_index_row(iq_ptr, w_ptr, t, n_iheads, stride_iqt, stride_iqh, stride_wt, DI, BLOCK_DI, BLOCK_HI)
+    ks, ke, n = _row_range(ks_ptr, ke_ptr, t, topk, DENSE)
+    if ATTN:
+        q_h, q_t, lse2 = _load_attn_row(q_ptr, lse_ptr, t, n_heads, stride_qt, stride_qh, stride_lt,
+                                        D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H)
 
     if COMPUTE_LSE:
         # No lse from the attention (e.g. torch SDPA ran it): one extra pass over the
@@ -202,12 +225,15 @@ def indexer_kl_fwd_kernel(
     l = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         rows, valid = _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K, DENSE)
-        p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL, BLOCK_DT,
-                        DOT_PREC)
+        offs = k0 + tl.arange(0, BLOCK_K)
+        if ATTN:
+            p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL,
+                            BLOCK_DT, DOT_PREC)
+            if STORE_P:
+                tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
+        else:
+            p = tl.where(valid, tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0), 0.0)
         z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
-        if STORE_P:
-            offs = k0 + tl.arange(0, BLOCK_K)
-            tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
         pos = p > 0
         z_sum += p
         plogp += tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
@@ -241,21 +267,16 @@ def indexer_kl_bwd_kernel(
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """STORE_P: the target p [T, topk] is in p_ptr (sparse stage); else recomputed (warm-up)."""
     t = tl.program_id(0).to(tl.int64)
     if DENSE:
         # Causal rows grow with t: start the longest first so the short ones fill the tail.
         t = tl.num_programs(0) - 1 - t
-    q_h, q_t, lse2, iq, w = _load_row_inputs(
-        q_ptr, lse_ptr, iq_ptr, w_ptr, t, n_heads, n_iheads, stride_qt, stride_qh, stride_lt,
-        stride_iqt, stride_iqh, stride_wt, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI)
-    if DENSE:
-        ks = tl.load(ks_ptr + t).to(tl.int64)
-        ke = tl.load(ke_ptr + t).to(tl.int64)
-        n = ke - ks
-    else:
-        ks = 0
-        ke = 0
-        n = topk
+    iq, w = _load_index_row(iq_ptr, w_ptr, t, n_iheads, stride_iqt, stride_iqh, stride_wt, DI, BLOCK_DI, BLOCK_HI)
+    ks, ke, n = _row_range(ks_ptr, ke_ptr, t, topk, DENSE)
+    if not STORE_P:
+        q_h, q_t, lse2 = _load_attn_row(q_ptr, lse_ptr, t, n_heads, stride_qt, stride_qh, stride_lt,
+                                        D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H)
     zt = tl.load(stats_ptr + t * 2)
     lse_i = tl.load(stats_ptr + t * 2 + 1)
     dkl = tl.load(dkl_ptr + t * stride_dkl).to(tl.float32)
@@ -291,31 +312,34 @@ def indexer_kl_bwd_kernel(
     tl.store(dw_ptr + t * stride_dwt + offs_j, acc_w, mask=mask_j)
 
 
-def _meta(q, iq, d_qk):
-    d_head, d_tail = _split(d_qk)
+def _meta(q, iq):
+    """Tile constexprs; ``q`` None (target given): minimal placeholders for the unused attention tile."""
     di = iq.shape[2]
+    d_head, d_tail = _split(q.shape[2]) if q is not None else (16, 0)
+    fp32 = iq.dtype == torch.float32 or (q is not None and q.dtype == torch.float32)
     return dict(
         D_HEAD=d_head, D_TAIL=d_tail, BLOCK_DT=max(16, triton.next_power_of_2(max(d_tail, 1))),
-        BLOCK_H=max(16, triton.next_power_of_2(q.shape[1])),
+        BLOCK_H=max(16, triton.next_power_of_2(q.shape[1])) if q is not None else 16,
         DI=di, BLOCK_DI=max(16, triton.next_power_of_2(di)),
         BLOCK_HI=max(16, triton.next_power_of_2(iq.shape[1])),
         # fp32 inputs: exact fp32 products ("tf32" would lose 3 digits); ignored for bf16
-        DOT_PREC="ieee" if q.dtype == torch.float32 or iq.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if fp32 else "tf32",
     )
 
 
 def _row_args(q, kv2, lse, iq, ik, w, idx):
-    return (q.stride(0), q.stride(1), kv2.stride(0), lse.stride(0), iq.stride(0), iq.stride(1),
-            ik.stride(0), w.stride(0), idx.stride(0) if idx is not None else 0)
+    """The row strides of the kernels' signature (0 for the attention side when it is absent)."""
+    attn = (q.stride(0), q.stride(1), kv2.stride(0), lse.stride(0)) if q is not None else (0, 0, 0, 0)
+    return (*attn, iq.stride(0), iq.stride(1), ik.stride(0), w.stride(0), idx.stride(0) if idx is not None else 0)
 
 
 def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
-    """Contiguous last dims, kv as [S, d_qk], indices as [T, topk]; returns also the
-    kernel's index/range placeholders (an unused pointer gets any valid tensor)."""
+    """Contiguous last dims, kv as [S, d_qk], indices as [T, topk]; also whether the
+    problem is the warm-up (dense ranges) and topk. ``q``/``kv`` None: the target is given."""
     def last_c(x):
-        return x if x.stride(-1) == 1 else x.contiguous()
+        return x if x is None or x.stride(-1) == 1 else x.contiguous()
     q, iq, ik, w = last_c(q), last_c(iq), last_c(ik), last_c(w)
-    kv2 = last_c(kv.reshape(kv.shape[0], kv.shape[-1]))
+    kv2 = last_c(kv.reshape(kv.shape[0], kv.shape[-1])) if kv is not None else None
     lse = lse.float().contiguous() if lse is not None else None
     dense = indices is None
     if dense:
@@ -328,40 +352,53 @@ def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
     return q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk
 
 
-def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None):
+def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None, probs=None):
     """Per-row KL [T] fp32, stats [T, 2] (Z, lse_I), the stored target p [T, topk]
     (sparse; an empty tensor for the warm-up) and, when ``lse`` is None, the attention
     lse [T, H] the kernel computed (else an empty tensor). Either ``indices`` (sparse) or
-    ``ks``/``ke`` (warm-up) is given. Inputs assumed validated; q, kv, lse are constants."""
+    ``ks``/``ke`` (warm-up) is given. Inputs assumed validated; q, kv, lse are constants.
+
+    ``probs`` [T, topk] (sparse only): the target given, e.g. by ``sparse_mla_fwd(...,
+    return_probs=True)``; q, kv, lse and sm_scale are then unused (pass None) and the
+    returned p is an empty tensor (the target is ``probs`` itself)."""
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
-    T = q.shape[0]
-    cfg = _config(q) | dict(config or {})
-    compute_lse = lse is None
-    lse_out = torch.empty((T, q.shape[1]) if compute_lse else (0, 0), dtype=torch.float32, device=q.device)
+    given = probs is not None
+    if given:
+        probs = probs.float().contiguous()
+    T = iq.shape[0]
+    dev = iq.device
+    cfg = _config(q, iq) | dict(config or {})
+    compute_lse = not given and lse is None
+    lse_out = torch.empty((T, q.shape[1]) if compute_lse else (0, 0), dtype=torch.float32, device=dev)
     if compute_lse:
         lse = lse_out
-    kl = torch.empty(T, dtype=torch.float32, device=q.device)
-    stats = torch.empty(T, 2, dtype=torch.float32, device=q.device)
-    p = torch.empty(T, topk, dtype=torch.float32, device=q.device)
-    dummy = kl
+    kl = torch.empty(T, dtype=torch.float32, device=dev)
+    stats = torch.empty(T, 2, dtype=torch.float32, device=dev)
+    p = probs if given else torch.empty(T, topk, dtype=torch.float32, device=dev)
+    dummy = kl  # any valid pointer for an argument the kernel does not read
     sidx = idx if idx is not None else ks
     indexer_kl_fwd_kernel[(T,)](
-        q, kv2, lse, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
+        q if not given else iq, kv2 if not given else iq, lse if not given else dummy, iq, ik, w, sidx,
+        ks if dense else dummy, ke if dense else dummy,
         kl, stats, p, lse_out if compute_lse else kl,
-        kv2.shape[0], q.shape[1], iq.shape[1], topk, sm_scale * LOG2E, 1.0 / q.shape[1],
+        ik.shape[0], q.shape[1] if not given else 1, iq.shape[1], topk,
+        sm_scale * LOG2E if not given else 1.0, 1.0 / q.shape[1] if not given else 1.0,
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0,
-        **_meta(q, iq, q.shape[2]), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
-        COMPUTE_LSE=compute_lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense and not given,
+        COMPUTE_LSE=compute_lse, ATTN=not given, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return kl, stats, p, lse_out
+    return kl, stats, (p if not given else p.new_empty(T, 0)), lse_out
 
 
 def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, config=None):
     """Gradients (diq [T, H_I, d_I] in iq.dtype, dik [S, d_I] in ik.dtype, dw [T, H_I] in
-    w.dtype) of sum_t dkl[t] * KL_t."""
+    w.dtype) of sum_t dkl[t] * KL_t. The sparse stage reads its target from ``p`` [T, topk]
+    and needs no q, kv, lse (may be None); the warm-up recomputes it from them."""
+    if indices is not None:
+        q = kv = lse = None  # the sparse target is in p
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
-    T = q.shape[0]
-    cfg = _config(q) | dict(config or {})
+    T = iq.shape[0]
+    cfg = _config(q, iq) | dict(config or {})
     dkl = dkl.float().contiguous()
     diq = torch.empty_like(iq)
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
@@ -369,12 +406,14 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     dummy = dkl
     sidx = idx if idx is not None else ks
     indexer_kl_bwd_kernel[(T,)](
-        q, kv2, lse, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
-        dkl, stats, p if topk else dummy, diq, dik, dw,
-        kv2.shape[0], q.shape[1], iq.shape[1], topk, sm_scale * LOG2E, 1.0 / q.shape[1],
+        q if dense else iq, kv2 if dense else iq, lse if dense else dummy, iq, ik, w, sidx,
+        ks if dense else dummy, ke if dense else dummy,
+        dkl, stats, p.contiguous() if topk else dummy, diq, dik, dw,
+        ik.shape[0], q.shape[1] if dense else 1, iq.shape[1], topk,
+        sm_scale * LOG2E if dense else 1.0, 1.0 / q.shape[1] if dense else 1.0,
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
         diq.stride(0), diq.stride(1), dik.stride(0), dw.stride(0),
-        **_meta(q, iq, q.shape[2]), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
+        **_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return diq, dik.to(ik.dtype), dw.to(w.dtype)
@@ -383,26 +422,27 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
 # torch.library registration: opaque to torch.compile, with fake (meta) kernels.
 
 @torch.library.custom_op("flashdsa::indexer_kl_fwd", mutates_args=())
-def _indexer_kl_fwd_op(q: torch.Tensor, kv: torch.Tensor, lse: Optional[torch.Tensor], iq: torch.Tensor,
-                       ik: torch.Tensor, w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
-                       ke: Optional[torch.Tensor], sm_scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale)
+def _indexer_kl_fwd_op(q: Optional[torch.Tensor], kv: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                       iq: torch.Tensor, ik: torch.Tensor, w: torch.Tensor, indices: Optional[torch.Tensor],
+                       ks: Optional[torch.Tensor], ke: Optional[torch.Tensor], probs: Optional[torch.Tensor],
+                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, probs=probs)
 
 
 @_indexer_kl_fwd_op.register_fake
-def _(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale):
-    T = q.shape[0]
-    topk = 0 if indices is None else indices.shape[-1]
-    lse_shape = (T, q.shape[1]) if lse is None else (0, 0)
-    return (q.new_empty(T, dtype=torch.float32), q.new_empty(T, 2, dtype=torch.float32),
-            q.new_empty(T, topk, dtype=torch.float32), q.new_empty(lse_shape, dtype=torch.float32))
+def _(q, kv, lse, iq, ik, w, indices, ks, ke, probs, sm_scale):
+    T = iq.shape[0]
+    topk = 0 if indices is None or probs is not None else indices.shape[-1]
+    lse_shape = (T, q.shape[1]) if lse is None and probs is None else (0, 0)
+    return (iq.new_empty(T, dtype=torch.float32), iq.new_empty(T, 2, dtype=torch.float32),
+            iq.new_empty(T, topk, dtype=torch.float32), iq.new_empty(lse_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("flashdsa::indexer_kl_bwd", mutates_args=())
-def _indexer_kl_bwd_op(dkl: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, iq: torch.Tensor,
-                       ik: torch.Tensor, w: torch.Tensor, indices: Optional[torch.Tensor], ks: Optional[torch.Tensor],
-                       ke: Optional[torch.Tensor], stats: torch.Tensor, p: torch.Tensor,
+def _indexer_kl_bwd_op(dkl: torch.Tensor, q: Optional[torch.Tensor], kv: Optional[torch.Tensor],
+                       lse: Optional[torch.Tensor], iq: torch.Tensor, ik: torch.Tensor, w: torch.Tensor,
+                       indices: Optional[torch.Tensor], ks: Optional[torch.Tensor], ke: Optional[torch.Tensor],
+                       stats: torch.Tensor, p: torch.Tensor,
                        sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale)
 
@@ -413,31 +453,26 @@ def _(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale = inputs
+    q, kv, lse, iq, ik, w, indices, ks, ke, probs, sm_scale = inputs
     kl, stats, p, lse_out = output
-    ctx.save_for_backward(q, kv, lse if lse is not None else lse_out, iq, ik, w, indices, ks, ke, stats, p)
-    ctx.sm_scale = sm_scale
     ctx.mark_non_differentiable(stats, p, lse_out)
+    if indices is not None:  # sparse: the backward reads the target, not the attention
+        q = kv = lse = None
+        p = probs if probs is not None else p
+    elif lse is None:
+        lse = lse_out
+    ctx.save_for_backward(q, kv, lse, iq, ik, w, indices, ks, ke, stats, p)
+    ctx.sm_scale = sm_scale
 
 
 def _backward(ctx, dkl, dstats, dp, dlse_out):
     q, kv, lse, iq, ik, w, indices, ks, ke, stats, p = ctx.saved_tensors
     diq, dik, dw = _indexer_kl_bwd_op(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, ctx.sm_scale)
-    # The attention side (q, kv, lse) is a detached target: no gradient by design.
-    return None, None, None, diq, dik, dw, None, None, None, None
+    # The attention side (q, kv, lse or probs) is a detached target: no gradient by design.
+    return None, None, None, diq, dik, dw, None, None, None, None, None
 
 
 torch.library.register_autograd("flashdsa::indexer_kl_fwd", _backward, setup_context=_setup_context)
-
-
-def _reduce(kl: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return kl.sum()
-    if reduction == "mean":
-        return kl.mean()
-    if reduction == "none":
-        return kl
-    raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
 
 
 def warmup_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, ks, ke, reduction="sum"):
@@ -445,13 +480,25 @@ def warmup_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, ks, ke, reduction="sum
     Same contract as :func:`flashdsa.reference.losses.warmup_kl_loss`; gradients reach
     iq, ik and weights only. ``lse=None``: computed here (one more pass of q.kv)."""
     kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
-                                           iq, ik, weights, None, ks, ke, float(sm_scale))[0]
+                                           iq, ik, weights, None, ks, ke, None, float(sm_scale))[0]
     return _reduce(kl, reduction)
 
 
 def sparse_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, indices, reduction="sum"):
-    """Blockwise sparse-stage loss over the selected slots ``indices`` [T, 1, topk].
-    Same contract as :func:`flashdsa.reference.losses.sparse_kl_loss`."""
+    """Blockwise sparse-stage loss over the selected slots ``indices`` [T, 1, topk], its
+    target recomputed from the attention's q, kv and lse. Same contract as
+    :func:`flashdsa.reference.losses.sparse_kl_loss`. When the attention is flashdsa's,
+    :func:`sparse_kl_loss_from_probs` is cheaper (no second q.kv pass)."""
     kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
-                                           iq, ik, weights, indices, None, None, float(sm_scale))[0]
+                                           iq, ik, weights, indices, None, None, None, float(sm_scale))[0]
+    return _reduce(kl, reduction)
+
+
+def sparse_kl_loss_from_probs(iq, ik, weights, attn_probs, indices, reduction="sum"):
+    """Blockwise sparse-stage loss with the target given: ``attn_probs`` [T, topk], the
+    head-mean attention probabilities of the slots ``indices`` [T, 1, topk] (what
+    ``flashdsa.sparse_mla_fwd(..., return_probs=True)`` returns). Only the index scores are
+    computed here. Same contract as :func:`flashdsa.reference.losses.sparse_kl_loss_from_probs`."""
+    kl = torch.ops.flashdsa.indexer_kl_fwd(None, None, None, iq, ik, weights, indices, None, None,
+                                           attn_probs.detach(), 0.0)[0]
     return _reduce(kl, reduction)

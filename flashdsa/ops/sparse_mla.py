@@ -98,6 +98,10 @@ def _sparse_mla_fwd_kernel(
     SPLIT: tl.constexpr,  # write normalized fp32 partials + base-2 lse for the combine kernel
     OFFS64: tl.constexpr,  # row offsets need int64 (big paged caches); int32 saves registers
     PV_LAG: tl.constexpr = False,  # do block i's p @ V in step i + 1 (see below)
+    PROBS: tl.constexpr = False,  # also write the head-mean probabilities per slot (see below)
+    ps_ptr=None, ms_ptr=None, pr_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16, m [T, h_q, n_blk]
+    stride_pst=0, stride_psh=0, stride_mst=0, stride_msh=0,  # fp32; out [n_hb, T, topk] fp32
+    stride_prh=0, stride_prt=0, inv_h=1.0,
 ):
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
     pid_t = tl.program_id(1)  # and share its gathered rows through L2
@@ -176,6 +180,11 @@ def _sparse_mla_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if PROBS:  # p relative to this block's max; rescaled by exp2(m_use - lse2) at the end
+            tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],
+                     p.to(tl.float16), mask=h_mask[:, None] & (kk < k_end)[None, :])
+            tl.store(ms_ptr + pid_t.to(tl.int64) * stride_mst + offs_h * stride_msh + k0 // BLOCK_K, m_use,
+                     mask=h_mask)
         if PV_LAG:
             alpha_prev = alpha
             p_prev = p.to(dot_dtype)
@@ -204,6 +213,22 @@ def _sparse_mla_fwd_kernel(
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(lse_ptr + l_off, lse, mask=h_mask)
         tl.store(ml_ptr + l_off, m_i * 0.6931471805599453, mask=h_mask)
+    if PROBS:
+        # probs[t, j] = (1/h_q) sum_h exp2(s[h, j] - lse2[h]) = sum_h p_blk[h, j] * f[h] / h_q with
+        # f = exp2(m_blk[h] - lse2[h]): the stored p of each block, read back (L2-resident,
+        # written by this program) once every head's lse is known. No q.k recompute.
+        tl.debug_barrier()  # the stores above came from other threads of this program
+        lse2 = m_i + tl.math.log2(tl.where(has, l_i, 1.0))
+        ps_row = ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            m_blk = tl.load(ms_ptr + pid_t.to(tl.int64) * stride_mst + offs_h * stride_msh + k0 // BLOCK_K,
+                            mask=h_mask, other=0.0, cache_modifier=".cg")
+            f = tl.where(has & h_mask, tl.math.exp2(m_blk - lse2), 0.0) * inv_h
+            pb = tl.load(ps_row + kk[None, :], mask=h_mask[:, None] & (kk < k_end)[None, :], other=0.0,
+                         cache_modifier=".cg")
+            tl.store(pr_ptr + pid_h.to(tl.int64) * stride_prh + pid_t.to(tl.int64) * stride_prt + kk,
+                     tl.sum(pb.to(tl.float32) * f[:, None], 0), mask=kk < k_end)
 
 
 @triton.jit
@@ -438,11 +463,13 @@ def _combine_splits_kernel(
 
 
 def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8, n_split=1,
-            config=None):
+            config=None, probs=False):
     """Run the kernel on q [T, h_q, d_qk] and indices [T, topk] over rows kv_v [N, >= d_v]
     (+ tail rows [N, >= d_tail], + fp32 scales [N, >= 4] when kv_fp8).
 
-    Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32)."""
+    Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32), and
+    with ``probs`` (bf16/fp32 rows, no split) also probs [T, topk] fp32, the head-mean
+    attention probability of each slot."""
     t_q, h_q, _ = q.shape
     topk = idx.shape[1]
     cfg = dict(default_config(q.device, h_q, d_v, kv_fp8))
@@ -457,8 +484,10 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     out = torch.empty(t_q, h_q, d_v, dtype=q.dtype, device=q.device)
     max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    if probs and (kv_fp8 or n_split > 1):
+        raise ValueError("probs: only for bf16/fp32 rows without split-k (the training forward)")
     if t_q == 0:
-        return out, max_logits, lse
+        return (out, max_logits, lse) + ((torch.zeros(0, topk, device=q.device),) if probs else ())
     # split-k: each split gets a whole number of BLOCK_K steps
     n_steps = triton.cdiv(topk, block_k)
     n_split = max(1, min(n_split, n_steps))
@@ -483,12 +512,25 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
                     BLOCK_H=block_h, BLOCK_K=block_k, UPCAST=upcast, DOT_PREC=prec,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if n_split == 1:
+        extra = {}
+        if probs:
+            # Transient scratch: each block's p (fp16, 2 bytes per (query, head, slot)) and
+            # its per-head max; the head-mean probs of each head block (summed below).
+            p_scr = torch.empty(t_q, h_q, topk, dtype=torch.float16, device=q.device)
+            m_scr = torch.empty(t_q, h_q, n_steps, dtype=torch.float32, device=q.device)
+            pr = torch.empty(n_hb, t_q, topk, dtype=torch.float32, device=q.device)
+            extra = dict(PROBS=True, ps_ptr=p_scr, ms_ptr=m_scr, pr_ptr=pr,
+                         stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
+                         stride_mst=m_scr.stride(0), stride_msh=m_scr.stride(1),
+                         stride_prh=pr.stride(0), stride_prt=pr.stride(1), inv_h=1.0 / h_q)
         kernel[(n_hb, t_q, 1)](
             q, kv_v, tail, scale, idx, out, max_logits, lse,
             n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
             q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
             0, out.stride(0), out.stride(1), 0, lse.stride(0),
-            SPLIT=False, **meta)
+            SPLIT=False, **meta, **extra)
+        if probs:
+            return out, max_logits, lse, pr[0] if n_hb == 1 else pr.sum(0)
         return out, max_logits, lse
     p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
     p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
@@ -508,7 +550,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                   d_v: int = 512, n_split: int = 1, config: dict | None = None):
+                   d_v: int = 512, n_split: int = 1, config: dict | None = None, return_probs: bool = False):
     """Sparse MLA forward (SPEC 3) on validated inputs (use ``flashdsa.sparse_mla_fwd``).
 
     q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk] (same float dtype), indices [s_q, 1, topk] int32
@@ -516,6 +558,12 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     fp32, lse [s_q, h_q] fp32 natural log)``; a row with no valid index gives out 0,
     max_logits -inf, lse +inf. ``n_split`` > 1 splits each row's top-k over that many
     programs (for few tokens); ``config`` overrides the block sizes (see CONFIGS).
+
+    ``return_probs``: a fourth output, probs [s_q, topk] fp32 = mean over heads of the
+    attention probability of each slot (0 at invalid slots): the sparse-stage target of
+    the indexer loss (SPEC 5), taken from the softmax this kernel computes anyway. Costs a
+    transient fp16 scratch of s_q * h_q * topk * 2 bytes (plus 4 bytes per (query, head,
+    block)), written once and read back once by the same program.
     """
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0]
@@ -527,4 +575,5 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     d_qk = q.shape[-1]
     d_tail = d_qk - d_v
     tail = kv2[:, d_v:] if d_tail > 0 else None
-    return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config)
+    return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config,
+                   probs=return_probs)

@@ -88,15 +88,28 @@ def warmup_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q:
     return _reduce(_kl_rows(p.to(scores.dtype), scores, member), reduction)
 
 
+def _slots(indices: torch.Tensor, s: int):
+    """Selected rows [T, topk] (clamped into range) and which slots are valid."""
+    idx = indices.reshape(indices.shape[0], -1).long()
+    member = (idx >= 0) & (idx < s)
+    return idx.clamp(0, max(s - 1, 0)), member
+
+
 def sparse_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
                    lse: torch.Tensor, sm_scale: float, indices: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Sparse-stage loss: the KL restricted to each row's selected slots (both distributions
     renormalized over them). ``indices`` [T, 1, topk] or [T, topk], -1 or >= S invalid;
     other arguments as :func:`warmup_kl_loss` (lse from the sparse attention)."""
-    idx = indices.reshape(indices.shape[0], -1).long()
-    s = ik.shape[0]
-    member = (idx >= 0) & (idx < s)
-    rows = idx.clamp(0, max(s - 1, 0))
+    rows, member = _slots(indices, ik.shape[0])
     p = attention_probs_headsum(q, kv, lse, sm_scale, rows=rows, member=member)
+    return sparse_kl_loss_from_probs(iq, ik, weights, p, indices, reduction)
+
+
+def sparse_kl_loss_from_probs(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, attn_probs: torch.Tensor,
+                              indices: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """:func:`sparse_kl_loss` with the target given: ``attn_probs`` [T, topk], the head-mean
+    attention probability of each slot (as ``sparse_mla_fwd(..., return_probs=True)`` gives;
+    any nonnegative weights work, they are L1-normalized over the valid slots here)."""
+    rows, member = _slots(indices, ik.shape[0])
     scores = indexer_scores(iq, ik, weights).gather(1, rows)
-    return _reduce(_kl_rows(p.to(scores.dtype), scores, member), reduction)
+    return _reduce(_kl_rows(attn_probs.detach().to(scores.dtype), scores, member), reduction)

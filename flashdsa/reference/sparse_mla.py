@@ -9,7 +9,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _softmax_out(logits: torch.Tensor, values: torch.Tensor, any_valid: torch.Tensor, out_dtype):
-    """Masked softmax of ``logits [s, h, k]`` (-inf = masked) applied to ``values [s, k, d_v]``.
+    """Masked softmax of ``logits [s, h, k]`` (-inf = masked) applied to ``values [s, k, d_v]``:
+    (out, max_logits, lse, the probabilities [s, h, k]).
 
     Rows with no valid entry (``any_valid`` False) give out 0, max_logits -inf and lse +inf.
     The logsumexp runs on a finite copy of such rows so that no NaN reaches autograd."""
@@ -20,11 +21,11 @@ def _softmax_out(logits: torch.Tensor, values: torch.Tensor, any_valid: torch.Te
     out = torch.einsum("shk,skd->shd", probs, values).to(out_dtype)
     max_logits = logits.amax(dim=-1)
     lse = torch.where(any_valid, lse, torch.full_like(lse, float("inf")))
-    return out, max_logits, lse
+    return out, max_logits, lse, probs
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                   d_v: int = 512):
+                   d_v: int = 512, return_probs: bool = False):
     """Attention of each query over only its selected key rows (FlashMLA sparse semantics).
 
     q [s_q, h_q, d_qk]; kv [s_kv, 1, d_qk] (one latent head shared by all query heads;
@@ -37,6 +38,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     Returns ``(out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q], lse [s_q, h_q])``,
     the last two in fp32 (float64 for float64 inputs), lse in natural log. A query with no
     valid index gets out 0, max_logits -inf and lse +inf. Differentiable in q and kv.
+    ``return_probs``: also ``probs [s_q, topk]``, the mean over heads of softmax_j(logits)
+    per slot (0 at invalid slots; detached), the sparse-stage target of the indexer loss.
     This reference gathers [s_q, topk, d_qk]: fine for checking, too big for real sizes.
     """
     ct = _compute_dtype(q)
@@ -47,7 +50,10 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     logits = torch.einsum("shd,skd->shk", q.to(ct), rows) * sm_scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     any_valid = valid.any(-1)[:, None].expand(-1, q.shape[1])
-    return _softmax_out(logits, rows[..., :d_v], any_valid, q.dtype)
+    out, max_logits, lse, probs = _softmax_out(logits, rows[..., :d_v], any_valid, q.dtype)
+    if return_probs:
+        return out, max_logits, lse, probs.detach().mean(1)
+    return out, max_logits, lse
 
 
 def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float,
@@ -69,7 +75,7 @@ def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, s
         logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
         any_valid = torch.ones(n, q.shape[1], dtype=torch.bool, device=q.device)
         values = ks[None, :, :d_v].expand(n, -1, -1)
-        out, _, lse = _softmax_out(logits, values, any_valid, q.dtype)
+        out, _, lse, _ = _softmax_out(logits, values, any_valid, q.dtype)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

@@ -108,6 +108,56 @@ def test_sparse_blockwise_equals_naive(poison):
     _compare("sparse", q, kv, lse, iq, ik, w, sm_scale, (idx,), KERNEL_DEVICE)
 
 
+def test_sparse_from_probs_equals_naive(poison):
+    """The target given (the attention's head-mean probabilities): kernel == naive, values
+    and gradients, with invalid, duplicate and empty slots; and == the recomputing loss."""
+    T, H, d_qk, HI, DI, topk = 19, 3, 48, 5, 24, 37  # topk > T, not a multiple of BLOCK_K
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    idx = torch.randint(-2, T + 3, (T, 1, topk), dtype=torch.int32)
+    idx[2, 0, 1] = idx[2, 0, 0]  # duplicate counts twice
+    idx[5] = -1                  # empty row
+    _, _, lse, probs = ref.sparse_mla_fwd(q, kv, idx, 0.2, 32, return_probs=True)
+    g = torch.randn(T, dtype=torch.float64)
+
+    def run(fn, dtype, dev):
+        xs = [x.detach().to(dev, dtype).requires_grad_() for x in (iq, ik, w)]
+        kl = fn(*xs, probs.to(dev, dtype), idx.to(dev), reduction="none")
+        (kl * g.to(dev, kl.dtype)).sum().backward()
+        return [kl] + [x.grad for x in xs]
+
+    truth = run(losses.sparse_kl_loss_from_probs, torch.float64, "cpu")
+    low = run(losses.sparse_kl_loss_from_probs, torch.float32, "cpu")
+    got = run(ops.sparse_kl_loss_from_probs, torch.float32, KERNEL_DEVICE)
+    for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
+        budget = 20 * rel_err(lo, t) + 1e-6
+        assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
+    assert got[0][5] == 0
+    # the recomputing loss (target from q, kv, lse) agrees
+    f32 = [x.float().to(KERNEL_DEVICE) for x in (iq, ik, w, q, kv, lse)]
+    recomputed = ops.sparse_kl_loss(*f32, 0.2, idx.to(KERNEL_DEVICE), reduction="none")
+    assert rel_err(recomputed.cpu(), truth[0]) <= 20 * rel_err(low[0], truth[0]) + 1e-6
+
+
+def test_sparse_from_probs_opcheck_and_compile():
+    T, HI, DI, topk = 9, 3, 16, 6
+    iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, 2, 48, HI, DI)[2:]]
+    idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None].to(KERNEL_DEVICE)
+    probs = torch.rand(T, topk, device=KERNEL_DEVICE)
+    torch.library.opcheck(_indexer_kl_fwd_op, (None, None, None, iq, ik, w.clone().requires_grad_(), idx, None,
+                                               None, probs, 0.0))
+
+    def f(iq, ik, w):
+        return ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="mean")
+
+    grads = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        xs = [x.clone().requires_grad_() for x in (iq, ik, w)]
+        fn(*xs).backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6
+
+
 def test_only_indexer_gets_gradients_and_opcheck():
     T, H, d_qk, HI, DI, topk = 9, 2, 48, 3, 16, 6
     q, kv, iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, H, d_qk, HI, DI)]
@@ -122,7 +172,8 @@ def test_only_indexer_gets_gradients_and_opcheck():
     assert q.grad is None and kv.grad is None and lse.grad is None
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
     torch.library.opcheck(_indexer_kl_fwd_op, (q.detach(), kv.detach(), lse.detach(),
-                                               *[x.detach().requires_grad_() for x in xs], idx, None, None, 0.3))
+                                               *[x.detach().requires_grad_() for x in xs], idx, None, None, None,
+                                               0.3))
 
 
 def test_torch_compile_fullgraph():

@@ -97,6 +97,59 @@ def test_large_logits_stay_finite(poison_empty):
     check_against_reference(q * 30, kv, idx, 1.0, 64, out, ml, lse)
 
 
+FP16_ULP = 2.0 ** -11  # relative rounding of the probabilities' fp16 scratch
+
+
+def check_probs(q, kv, idx, sm_scale, d_v, probs, factor=2.0):
+    """probs vs the float64 reference's: within ``factor`` x the same-dtype reference's
+    error plus the fp16 scratch's rounding; exactly 0 at invalid slots and empty rows."""
+    want = ref.sparse_mla_fwd(q.double(), kv.double(), idx, sm_scale, d_v, return_probs=True)[3]
+    low = ref.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, return_probs=True)[3]
+    assert probs.shape == want.shape and probs.dtype == torch.float32
+    err, budget = rel_err(probs, want), factor * rel_err(low, want) + FP16_ULP
+    assert err <= budget, f"probs: rel err {err:.3g} > budget {budget:.3g}"
+    invalid = (idx[:, 0] < 0) | (idx[:, 0] >= kv.shape[0])
+    assert (probs[invalid] == 0).all()
+    # each row's probabilities over its valid slots sum to 1 (0 for a row with none)
+    sums = probs.double().sum(-1)
+    any_valid = (~invalid).any(-1)
+    torch.testing.assert_close(sums, any_valid.double(), atol=8 * FP16_ULP, rtol=0)
+
+
+@pytest.mark.parametrize("s_q,s_kv,h_q,d_qk,d_v,topk,dtype", CASES)
+def test_return_probs_matches_reference(poison_empty, s_q, s_kv, h_q, d_qk, d_v, topk, dtype):
+    q, kv, idx = make_inputs(s_q, s_kv, h_q, d_qk, topk, dtype)
+    sm_scale = d_qk ** -0.5 * 1.3
+    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True)
+    check_against_reference(q, kv, idx, sm_scale, d_v, out, ml, lse)
+    check_probs(q, kv, idx, sm_scale, d_v, probs)
+
+
+@pytest.mark.parametrize("config", [dict(BLOCK_H=16, BLOCK_K=16), dict(BLOCK_H=16, BLOCK_K=16, PV_LAG=True)])
+def test_return_probs_several_head_blocks(poison_empty, config):
+    """h_q 40 over head blocks of 16 (the last one padded): the per-block sums add up."""
+    q, kv, idx = make_inputs(5, 70, 40, 80, 53, torch.float32)
+    out, ml, lse, probs = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, config=config, return_probs=True)
+    check_against_reference(q * 3, kv, idx, 0.2, 64, out, ml, lse)
+    check_probs(q * 3, kv, idx, 0.2, 64, probs)
+
+
+def test_return_probs_keeps_gradients_and_refuses_split():
+    q, kv, idx = make_inputs(3, 40, 16, 80, 29, torch.float32)
+    grads = []
+    for with_probs in (False, True):
+        qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        res = flashdsa.sparse_mla_fwd(qq, kk, idx, 0.2, 64, backend="triton", return_probs=with_probs)
+        assert len(res) == (4 if with_probs else 3)
+        assert not with_probs or not res[3].requires_grad
+        (res[0].square().sum() + res[2][res[2].isfinite()].sum()).backward()
+        grads.append((qq.grad, kk.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="probs"):
+        ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, n_split=2, return_probs=True)
+
+
 def bf16_torch_reference(q, kv, idx, sm_scale, d_v):
     """Naive gather + einsum with bf16 tensors (softmax in fp32, probabilities cast to bf16):
     the 'bf16 PyTorch reference' the kernel's accuracy is measured against."""
@@ -134,6 +187,10 @@ def test_bf16_error_within_2x_of_bf16_torch_reference(h_q):
         assert e_k <= 2 * e_r, f"{config} out: kernel {e_k:.3g} vs bf16 torch reference {e_r:.3g}"
         assert el_k <= 2 * el_r + 1e-6, f"{config} lse: kernel {el_k:.3g} vs bf16 torch reference {el_r:.3g}"
         assert rel_err(ml, m64) < 1e-2
+    # the head-mean probabilities (training target): out unchanged, probs at bf16 accuracy
+    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True)
+    assert rel_err(out, o64) <= 2 * e_r
+    check_probs(q, kv, idx, sm_scale, d_v, probs)
 
 
 @requires_cuda

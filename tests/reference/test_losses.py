@@ -72,6 +72,25 @@ def test_sparse_loss_matches_direct_per_row():
     assert kl[4] == 0
 
 
+def test_sparse_from_probs_of_the_attention_equals_sparse_loss():
+    """The target handed over by the attention (return_probs) gives the same loss as the
+    recomputed one; a rescaled target too (it is L1-normalized per row)."""
+    q, kv, iq, ik, w, d_v = _setup()
+    T = q.shape[0]
+    idx = torch.stack([torch.randperm(T)[:5] for _ in range(T)]).int()
+    idx[0, 3:] = -1
+    idx[1, 2] = T + 1
+    idx[4, :] = -1
+    idx = idx[:, None]
+    _, _, lse, probs = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v, return_probs=True)
+    want = losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
+    got = losses.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    scaled = probs * torch.rand(T, 1, dtype=probs.dtype).add(0.5)
+    torch.testing.assert_close(losses.sparse_kl_loss_from_probs(iq, ik, w, scaled, idx, reduction="none"), want,
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_sparse_with_every_causal_key_equals_warmup():
     q, kv, iq, ik, w, d_v = _setup()
     ks, ke, cu = _causal([4, 5])
