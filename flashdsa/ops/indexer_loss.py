@@ -8,18 +8,26 @@ its candidate set in blocks of BLOCK_K key rows:
 Forward (``indexer_kl_fwd_kernel``), per block of key rows r:
     a    = q[t] @ kv[r]^T                    [H, BK]  (all attention heads in one tile)
     p    = mean_h exp2(a * sm_scale*log2e - lse[t,h]*log2e)   [BK]  (target, detached)
-    z    = iq[t] @ ik[r]^T                   [H_I, BK]
-    I    = sum_j w[t,j] * relu(z[j])         [BK]
+    zT   = ik[r] @ iq[t]^T                   [BK, H_I]
+    I    = sum_j relu(zT[:, j]) * w[t,j]     [BK]
 and running sums: Z = sum p, sum p log p, sum p I, and an online logsumexp of I. At the
-end KL_t = (sum p log p)/Z - log Z - (sum p I)/Z + lse_I. The sparse stage also stores
-p [T, topk] fp32 (O(T * topk), as the indices), so its backward needs no attention
-recompute; the warm-up cannot store p ([T, T]) and recomputes it.
+end KL_t = (sum p log p)/Z - log Z - (sum p I)/Z + lse_I. The sparse stage takes p from
+the attention forward (``sparse_mla_fwd(..., return_probs=True)``, :func:`sparse_kl_loss_from_probs`:
+then no q.kv here at all) or computes and stores it (:func:`sparse_kl_loss`; p [T, topk]
+fp32 is O(T * topk), as the indices), so its backward needs no attention recompute; the
+warm-up cannot store p ([T, T]) and recomputes it.
+
+The index-score tile has the slots as rows (the M dimension of the MMA) and the indexer
+heads as columns, so the per-slot sum over heads stays inside each warp (its rows' threads);
+heads as rows would spread that sum over the warps, through shared memory, every step
+(the backward's dw, a sum over slots, does cross the warps; a [BK, H_I] register
+accumulator reduced once at the end spilled at the H200 block sizes, per the sm_90 build).
 
 Backward (``indexer_kl_bwd_kernel``), per block, with g = dL_t * (softmax(I) - p/Z):
-    dw[t]   += relu(z) @ g                   [H_I]
-    dz       = w[:, None] * (z > 0) * g      [H_I, BK]
-    diq[t]  += dz @ ik[r]                    [H_I, d_I]
-    dik[r]  += dz^T @ iq[t]                  [BK, d_I]   (fp32 atomics)
+    dw[t]   += sum_r relu(zT) * g[:, None]   [H_I]
+    dzT      = (zT > 0) * g[:, None] * w     [BK, H_I]
+    diq[t]  += dzT^T @ ik[r]                 [H_I, d_I]
+    dik[r]  += dzT @ iq[t]                   [BK, d_I]   (fp32 atomics)
 
 Indexer precision in training: the indexer's q and k enter in bf16 (tensor cores,
 fp32 accumulation), weights in fp32; not FP8. FP8 rounding has zero gradient almost
@@ -55,12 +63,13 @@ _LN2 = tl.constexpr(LN2)
 # Fastest in the H200 sweep (benchmarks/bench_indexer_loss.py --sweep, 2026-11-28): at H 64
 # 32 rows, 4 warps, 2 stages; at H 128 only 32 rows, 8 warps, 1 stage fits the 227 KB
 # (2 stages need 249 KB). "sm90_probs": the target p given (no attention tile; only the
-# indexer's [64, 128] q is resident), so wider key blocks fit; not yet swept on a GPU.
+# indexer's [64, 128] q is resident): 25-49 KB of shared memory, no spills in the sm_90
+# build (64 rows at 4 warps spill in the backward); not yet timed on a GPU.
 # "small": interpreter and tiny shapes.
 CONFIGS = {
     "sm90": dict(BLOCK_K=32, num_warps=4, num_stages=2),
     "sm90_h128": dict(BLOCK_K=32, num_warps=8, num_stages=1),
-    "sm90_probs": dict(BLOCK_K=64, num_warps=4, num_stages=2),
+    "sm90_probs": dict(BLOCK_K=32, num_warps=4, num_stages=2),
     "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
 }
 
@@ -126,13 +135,14 @@ def _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h
 @triton.jit
 def _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
                   DOT_PREC: tl.constexpr):
-    """z = iq @ ik[rows]^T [HI, BK] and I = sum_j w[j] relu(z[j]) [BK] (-inf where invalid)."""
+    """zT = ik[rows] @ iq^T [BK, HI] and I = sum_j relu(zT[:, j]) w[j] [BK] (-inf where invalid),
+    and the gathered ik [BK, DI]."""
     offs_d = tl.arange(0, BLOCK_DI)
     ik = tl.load(ik_ptr + rows[:, None] * stride_ikr + offs_d[None, :],
                  mask=valid[:, None] & (offs_d < DI)[None, :], other=0.0)  # [BK, DI]
-    z = tl.dot(iq, tl.trans(ik), input_precision=DOT_PREC)  # [HI, BK]
-    s = tl.sum(tl.maximum(z, 0.0) * w[:, None], axis=0)
-    return z, tl.where(valid, s, float("-inf")), ik
+    z_t = tl.dot(ik, tl.trans(iq), input_precision=DOT_PREC)  # [BK, HI]
+    s = tl.sum(tl.maximum(z_t, 0.0) * w[None, :], axis=1)
+    return z_t, tl.where(valid, s, float("-inf")), ik
 
 
 @triton.jit
@@ -233,7 +243,7 @@ def indexer_kl_fwd_kernel(
                 tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
         else:
             p = tl.where(valid, tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0), 0.0)
-        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
+        _, s, _ = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         pos = p > 0
         z_sum += p
         plogp += tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
@@ -295,14 +305,13 @@ def indexer_kl_bwd_kernel(
         else:
             p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h,
                             D_HEAD, D_TAIL, BLOCK_DT, DOT_PREC)
-        z, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
+        z_t, s, ik = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         g = tl.where(valid, tl.exp(s - lse_i_safe) - p * inv_z, 0.0) * dkl  # [BK]
-        relu_z = tl.maximum(z, 0.0)
-        acc_w += tl.sum(relu_z * g[None, :], axis=1)
-        dz = tl.where(z > 0, w[:, None] * g[None, :], 0.0)  # [HI, BK] fp32
-        dz_c = dz.to(ik.dtype)
-        acc_iq = tl.dot(dz_c, ik, acc_iq, input_precision=DOT_PREC)  # [HI, DI]
-        dk = tl.dot(tl.trans(dz_c), iq, input_precision=DOT_PREC)  # [BK, DI]
+        acc_w += tl.sum(tl.maximum(z_t, 0.0) * g[:, None], axis=0)
+        dzt = tl.where(z_t > 0, g[:, None] * w[None, :], 0.0)  # [BK, HI] fp32
+        dz_c = dzt.to(ik.dtype)
+        acc_iq = tl.dot(tl.trans(dz_c), ik, acc_iq, input_precision=DOT_PREC)  # [HI, DI]
+        dk = tl.dot(dz_c, iq, input_precision=DOT_PREC)  # [BK, DI]
         tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
                       mask=valid[:, None] & mask_d[None, :], sem="relaxed")
     offs_j = tl.arange(0, BLOCK_HI)

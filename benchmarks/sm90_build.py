@@ -1,0 +1,178 @@
+"""Build the GPU kernels for sm_90 (Hopper) on any machine, no GPU needed, and report
+their resources: registers, spill stack, shared memory.
+
+    python -m benchmarks.sm90_build            # table of every kernel at the H200 block sizes
+
+The host functions run on CPU tensors of the real widths with the H200 configurations;
+each Triton launch is intercepted and compiled instead (``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` with the launcher's specialization: 16-aligned pointers and
+ints divisible by 16 hinted, ints equal to 1 made constants), and the resources are read
+from the cubin with the wheel's ``cuobjdump``. This catches what the CPU interpreter
+cannot: type errors of compiled Triton (e.g. a loop-carried variable changing type),
+layouts that need more than the 227 KB of shared memory, and register spills. Triton
+versions differ (the H200 device runs 3.6; a CPU machine may have 3.9, which spills where
+3.6 does not), so spills are reported, not judged, here.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block can have on Hopper
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+       torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1",
+       torch.float8_e4m3fn: "fp8e4nv"}
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Within the block, ``kernel[grid](...)`` records (kernel, args, kwargs) in the yielded
+    list instead of launching."""
+    launches = []
+    run = JITFunction.run
+
+    def record(self, *args, grid, warmup=False, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+
+
+def _specialize(fn: JITFunction, args, kwargs):
+    """(signature, constexprs, attrs) as the launcher would specialize these arguments."""
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (p, name) in enumerate(zip(fn.params, fn.arg_names)):
+        v = bound.arguments[name]
+        if p.is_constexpr or v is None:
+            signature[name], constexprs[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TY[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and not p.do_not_specialize:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+            if v % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(v).__name__}")
+    return signature, constexprs, attrs
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if not m:
+        raise RuntimeError(f"cuobjdump gave no resource usage: {text[-300:]!r}")
+    return dict(regs=int(m.group(1)), spill_stack=int(m.group(2)))
+
+
+def build(launches) -> list[dict]:
+    """Compile each recorded launch for sm_90: name, warps, stages, shared bytes, registers,
+    spill stack bytes. Raises the compiler's error for a kernel that does not build."""
+    rows = []
+    target = GPUTarget("cuda", 90, 32)
+    for fn, args, kwargs in launches:
+        kwargs = dict(kwargs)
+        opts = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))  # Triton's defaults
+        signature, constexprs, attrs = _specialize(fn, args, kwargs)
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
+        rows.append(dict(kernel=fn.fn.__name__, **opts, shared=k.metadata.shared, **_resources(k.asm["cubin"])))
+    return rows
+
+
+def training_launches() -> dict[str, list]:
+    """The launches of the training path at the real widths (d_qk 576, d_v 512, H_I 64,
+    d_I 128) with the H200 configurations, by case name."""
+    from flashdsa.ops import indexer_loss as L
+    from flashdsa.ops import sparse_mla as F
+    from flashdsa.ops import sparse_mla_bwd as B
+
+    g = torch.Generator().manual_seed(0)
+    T, S, topk, HI, DI = 8, 1024, 256, 64, 128
+    bf = dict(dtype=torch.bfloat16)
+    cases = {}
+    for h in (64, 128):
+        q = torch.randn(T, h, 576, generator=g, **bf)
+        kv = torch.randn(S, 1, 576, generator=g, **bf)
+        idx = torch.randint(0, S, (T, 1, topk), dtype=torch.int32, generator=g)
+        lse = torch.rand(T, h, generator=g)
+        with capture_launches() as launches:
+            F.sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True)
+        cases[f"sparse_mla_fwd return_probs h{h}"] = launches
+        with capture_launches() as launches:
+            out = torch.randn(T, h, 512, generator=g, **bf)
+            B.sparse_mla_bwd(q, kv, idx, out, out.clone(), lse, 0.04, 512, config=B.CONFIGS["sm90"])
+        cases[f"sparse_mla_bwd h{h}"] = launches
+        iq = torch.randn(T, HI, DI, generator=g, **bf)
+        ik = torch.randn(S, DI, generator=g, **bf)
+        w = torch.randn(T, HI, generator=g)
+        stats, p, dkl = torch.zeros(T, 2), torch.rand(T, topk, generator=g), torch.ones(T)
+        cfg = L.CONFIGS["sm90" if h == 64 else "sm90_h128"]
+        ks, ke = torch.zeros(T, dtype=torch.int32), torch.arange(1, T + 1, dtype=torch.int32)
+        with capture_launches() as launches:
+            L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, 0.04, cfg)
+            L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, idx, None, None, stats, p, 0.04, cfg)
+        cases[f"sparse_kl_loss h{h}"] = launches
+        with capture_launches() as launches:
+            L.indexer_kl_fwd(q, kv, None, iq, ik, w, None, ks, ke, 0.04, cfg)
+            L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, stats, p, 0.04, cfg)
+        cases[f"warmup_kl_loss h{h}"] = launches
+    with capture_launches() as launches:
+        L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.CONFIGS["sm90_probs"], probs=p)
+        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"])
+    cases["sparse_kl_loss_from_probs"] = launches
+    return cases
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if a kernel needs more shared memory than sm_90 has (a build error raises)")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    print(f"triton {triton.__version__}, target sm_90; shared memory limit {SM90_SHARED_BYTES} bytes")
+    over = 0
+    for case, launches in training_launches().items():
+        for r in build(launches):
+            flag = "  SPILLS" if r["spill_stack"] else ""
+            if r["shared"] > SM90_SHARED_BYTES:
+                flag += "  OVER SHARED LIMIT"
+                over += 1
+            print(f"{case:34s} {r['kernel']:34s} warps {r['num_warps']} stages {r['num_stages']}  "
+                  f"shared {r['shared']:6d}  regs {r['regs']:3d}  spill {r['spill_stack']:4d}{flag}", flush=True)
+    if args.check and over:
+        raise SystemExit(f"{over} kernel(s) over the shared memory limit")
+
+
+if __name__ == "__main__":
+    main()
