@@ -463,13 +463,14 @@ def _combine_splits_kernel(
 
 
 def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8, n_split=1,
-            config=None, probs=False):
+            config=None, probs=False, scratch_bytes=1 << 30):
     """Run the kernel on q [T, h_q, d_qk] and indices [T, topk] over rows kv_v [N, >= d_v]
     (+ tail rows [N, >= d_tail], + fp32 scales [N, >= 4] when kv_fp8).
 
     Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32), and
     with ``probs`` (bf16/fp32 rows, no split) also probs [T, topk] fp32, the head-mean
-    attention probability of each slot."""
+    attention probability of each slot (queries in chunks whose fp16 scratch fits
+    ``scratch_bytes``)."""
     t_q, h_q, _ = q.shape
     topk = idx.shape[1]
     cfg = dict(default_config(q.device, h_q, d_v, kv_fp8))
@@ -512,26 +513,28 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
                     BLOCK_H=block_h, BLOCK_K=block_k, UPCAST=upcast, DOT_PREC=prec,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if n_split == 1:
-        extra = {}
-        if probs:
-            # Transient scratch: each block's p (fp16, 2 bytes per (query, head, slot)) and
-            # its per-head max; the head-mean probs of each head block (summed below).
-            p_scr = torch.empty(t_q, h_q, topk, dtype=torch.float16, device=q.device)
-            m_scr = torch.empty(t_q, h_q, n_steps, dtype=torch.float32, device=q.device)
-            pr = torch.empty(n_hb, t_q, topk, dtype=torch.float32, device=q.device)
-            extra = dict(PROBS=True, ps_ptr=p_scr, ms_ptr=m_scr, pr_ptr=pr,
-                         stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
-                         stride_mst=m_scr.stride(0), stride_msh=m_scr.stride(1),
-                         stride_prh=pr.stride(0), stride_prt=pr.stride(1), inv_h=1.0 / h_q)
-        kernel[(n_hb, t_q, 1)](
-            q, kv_v, tail, scale, idx, out, max_logits, lse,
-            n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
-            q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
-            0, out.stride(0), out.stride(1), 0, lse.stride(0),
-            SPLIT=False, **meta, **extra)
-        if probs:
-            return out, max_logits, lse, pr[0] if n_hb == 1 else pr.sum(0)
-        return out, max_logits, lse
+        args = (n_kv, topk, h_q, k_per_split, sm_scale * LOG2E,
+                q.stride(0), q.stride(1), kv_v.stride(0), tail.stride(0), scale.stride(0), idx.stride(0),
+                0, out.stride(0), out.stride(1), 0, lse.stride(0))
+        if not probs:
+            kernel[(n_hb, t_q, 1)](q, kv_v, tail, scale, idx, out, max_logits, lse, *args, SPLIT=False, **meta)
+            return out, max_logits, lse
+        # Transient scratch: each block's p (fp16, 2 bytes per (query, head, slot)) and its
+        # per-head max, for a chunk of queries at a time (reused by the next chunk: the
+        # launches run in stream order); the head-mean probs of each head block, summed below.
+        chunk = max(1, min(t_q, scratch_bytes // (h_q * topk * 2)))
+        p_scr = torch.empty(chunk, h_q, topk, dtype=torch.float16, device=q.device)
+        m_scr = torch.empty(chunk, h_q, n_steps, dtype=torch.float32, device=q.device)
+        pr = torch.empty(n_hb, t_q, topk, dtype=torch.float32, device=q.device)
+        extra = dict(PROBS=True, ps_ptr=p_scr, ms_ptr=m_scr,
+                     stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
+                     stride_mst=m_scr.stride(0), stride_msh=m_scr.stride(1),
+                     stride_prh=pr.stride(0), stride_prt=pr.stride(1), inv_h=1.0 / h_q)
+        for c0 in range(0, t_q, chunk):
+            c1 = min(t_q, c0 + chunk)  # views of the chunk's rows, same strides
+            kernel[(n_hb, c1 - c0, 1)](q[c0:c1], kv_v, tail, scale, idx[c0:c1], out[c0:c1], max_logits[c0:c1],
+                                       lse[c0:c1], *args, SPLIT=False, **meta, pr_ptr=pr[:, c0:c1], **extra)
+        return out, max_logits, lse, pr[0] if n_hb == 1 else pr.sum(0)
     p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
     p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
     p_ml = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
@@ -550,7 +553,8 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                   d_v: int = 512, n_split: int = 1, config: dict | None = None, return_probs: bool = False):
+                   d_v: int = 512, n_split: int = 1, config: dict | None = None, return_probs: bool = False,
+                   scratch_bytes: int = 1 << 30):
     """Sparse MLA forward (SPEC 3) on validated inputs (use ``flashdsa.sparse_mla_fwd``).
 
     q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk] (same float dtype), indices [s_q, 1, topk] int32
@@ -562,8 +566,9 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     ``return_probs``: a fourth output, probs [s_q, topk] fp32 = mean over heads of the
     attention probability of each slot (0 at invalid slots): the sparse-stage target of
     the indexer loss (SPEC 5), taken from the softmax this kernel computes anyway. Costs a
-    transient fp16 scratch of s_q * h_q * topk * 2 bytes (plus 4 bytes per (query, head,
-    block)), written once and read back once by the same program.
+    transient fp16 scratch of h_q * topk * 2 bytes per query (plus 4 bytes per (query, head,
+    block)), written once and read back once by the same program; queries run in chunks
+    whose scratch fits ``scratch_bytes`` (1 GiB: 4096 queries at h_q 64, topk 2048).
     """
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0]
@@ -576,4 +581,4 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     d_tail = d_qk - d_v
     tail = kv2[:, d_v:] if d_tail > 0 else None
     return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config,
-                   probs=return_probs)
+                   probs=return_probs, scratch_bytes=scratch_bytes)

@@ -134,6 +134,16 @@ def test_return_probs_several_head_blocks(poison_empty, config):
     check_probs(q * 3, kv, idx, 0.2, 64, probs)
 
 
+def test_return_probs_in_query_chunks(poison_empty):
+    """A scratch of 3 queries: 7 queries run in chunks of 3, 3, 1 and give the same result."""
+    q, kv, idx = make_inputs(7, 50, 16, 80, 37, torch.float32)
+    full = ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True)
+    chunked = ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True, scratch_bytes=3 * 16 * 37 * 2)
+    for a, b in zip(full, chunked):
+        assert torch.equal(a, b)
+    check_probs(q, kv, idx, 0.2, 64, chunked[3])
+
+
 def test_return_probs_keeps_gradients_and_refuses_split():
     q, kv, idx = make_inputs(3, 40, 16, 80, 29, torch.float32)
     grads = []
