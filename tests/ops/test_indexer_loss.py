@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import flashdsa
 from flashdsa import reference as ref
 from flashdsa.ops import indexer_loss as ops
 from flashdsa.ops.indexer_loss import _indexer_kl_fwd_op
@@ -224,6 +225,37 @@ def test_bf16_gpu(stage):
     truth = run(naive, torch.float64, "cpu")
     low = run(naive, torch.bfloat16, "cuda")
     got = run(blockwise, torch.bfloat16, "cuda")
+    for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
+        budget = 3 * rel_err(lo.cpu(), t) + 2e-3
+        assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
+
+
+@requires_cuda
+def test_from_probs_bf16_gpu():
+    """The sparse stage as the MLA module runs it on the GPU: bf16 forward at the real widths
+    hands over probs, the loss takes them; kl and gradients vs the float64 recomputed truth."""
+    T, H, d_qk, HI, DI, topk = 300, 64, 576, 64, 128, 128
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None]
+    idx[3, 0, 50:] = -1
+    sm_scale = d_qk ** -0.5
+    _, _, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, 512)
+    g = torch.randn(T, dtype=torch.float64)
+
+    def grads(kl, xs):
+        (kl * g.to(kl.device, kl.dtype)).sum().backward()
+        return [kl] + [x.grad for x in xs]
+
+    xs = [x.clone().requires_grad_() for x in (iq, ik, w)]
+    truth = grads(losses.sparse_kl_loss(*xs, q, kv, lse, sm_scale, idx, reduction="none"), xs)
+    qb, kvb = q.cuda().bfloat16(), kv.cuda().bfloat16()
+    xs = [iq.cuda().bfloat16().requires_grad_(), ik.cuda().bfloat16().requires_grad_(),
+          w.cuda().float().requires_grad_()]
+    low = grads(losses.sparse_kl_loss(*xs, qb, kvb, lse.cuda().float(), sm_scale, idx.cuda(), reduction="none"), xs)
+    probs = flashdsa.sparse_mla_fwd(qb, kvb, idx.cuda(), sm_scale, 512, backend="triton", return_probs=True)[3]
+    xs = [iq.cuda().bfloat16().requires_grad_(), ik.cuda().bfloat16().requires_grad_(),
+          w.cuda().float().requires_grad_()]
+    got = grads(ops.sparse_kl_loss_from_probs(*xs, probs, idx.cuda(), reduction="none"), xs)
     for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
         budget = 3 * rel_err(lo.cpu(), t) + 2e-3
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
