@@ -220,6 +220,50 @@ def test_torch_compile_fullgraph_tiny():
     _compile_check(8, 16, 2, 48, 32, 5, KERNEL_DEVICE, torch.float32, 1e-5)
 
 
+class ToySparseStage(Toy):
+    """Toy + the sparse stage's indexer loss: the forward hands over probs (return_probs),
+    a tiny indexer on detached x learns from sparse_kl_loss_from_probs."""
+
+    def __init__(self, dim, h, d_qk, d_v, hi=4, di=16):
+        super().__init__(dim, h, d_qk, d_v)
+        self.hi, self.di = hi, di
+        self.wiq = torch.nn.Linear(dim, hi * di, bias=False)
+        self.wik = torch.nn.Linear(dim, di, bias=False)
+        self.ww = torch.nn.Linear(dim, hi, bias=False)
+
+    def forward(self, x, idx):
+        from flashdsa.ops.indexer_loss import sparse_kl_loss_from_probs
+        q = self.wq(x).view(x.shape[0], self.h, self.d_qk)
+        kv = self.wkv(x).view(x.shape[0], 1, self.d_qk)
+        out, _, _, probs = flashdsa.sparse_mla_fwd(q, kv, idx, self.d_qk ** -0.5, self.d_v, backend="triton",
+                                                   return_probs=True)
+        xd = x.detach()
+        iq = self.wiq(xd).view(x.shape[0], self.hi, self.di)
+        loss = sparse_kl_loss_from_probs(iq, self.wik(xd), self.ww(xd).float(), probs, idx, reduction="mean")
+        return self.wo(out.reshape(x.shape[0], -1)), loss
+
+
+def test_torch_compile_fullgraph_sparse_stage_with_probs():
+    """Forward with probs + the loss from them + backward compile without graph breaks;
+    loss and every gradient equal eager ones; the indexer gets gradients from the loss only."""
+    torch.manual_seed(0)
+    model = ToySparseStage(16, 2, 48, 32).to(KERNEL_DEVICE)
+    x = torch.randn(8, 16, device=KERNEL_DEVICE)
+    idx = _indices(8, 8, 5, KERNEL_DEVICE, invalid=False)
+    runs = []
+    for fn in (torch.compile(model, fullgraph=True), model):
+        model.zero_grad()
+        y, loss = fn(x, idx)
+        (y.square().mean() + loss).backward()
+        runs.append([y, loss] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert rel_err(a, b) < 1e-5
+    model.zero_grad()
+    y, loss = model(x, idx)
+    y.square().mean().backward()  # the LM side alone: nothing reaches the indexer
+    assert all(p.grad is None for p in (model.wiq.weight, model.wik.weight, model.ww.weight))
+
+
 @requires_cuda
 def test_torch_compile_fullgraph_forward_backward():
     """A module whose forward calls flashdsa.sparse_mla_fwd compiles with fullgraph=True on
