@@ -409,6 +409,8 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     T = iq.shape[0]
     cfg = _config(q, iq) | dict(config or {})
     dkl = dkl.float().contiguous()
+    if topk:
+        p = p.float().contiguous()
     diq = torch.empty_like(iq)
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
     dw = torch.empty(w.shape, dtype=torch.float32, device=w.device)
@@ -417,7 +419,7 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     indexer_kl_bwd_kernel[(T,)](
         q if dense else iq, kv2 if dense else iq, lse if dense else dummy, iq, ik, w, sidx,
         ks if dense else dummy, ke if dense else dummy,
-        dkl, stats, p.contiguous() if topk else dummy, diq, dik, dw,
+        dkl, stats, p if topk else dummy, diq, dik, dw,
         ik.shape[0], q.shape[1] if dense else 1, iq.shape[1], topk,
         sm_scale * LOG2E if dense else 1.0, 1.0 / q.shape[1] if dense else 1.0,
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
