@@ -124,6 +124,13 @@ def main():
         rows.append(dict(stage="sparse", h=h, variant="attention fwd + probs", ms=t_attn_p,
                          tflops=2.0 * S_Q * h * TOPK * (D_QK + D_V) / t_attn_p * 1e-9,
                          probs_overhead_ms=t_attn_p - t_attn, probs_rel_err=probs_err))
+        e4 = torch.float8_e4m3fn
+        probs8 = sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True, probs_dtype=e4)[3]
+        t_attn_p8 = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True, probs_dtype=e4))
+        rows.append(dict(stage="sparse", h=h, variant="attention fwd + probs (e4m3)", ms=t_attn_p8,
+                         tflops=2.0 * S_Q * h * TOPK * (D_QK + D_V) / t_attn_p8 * 1e-9,
+                         probs_overhead_ms=t_attn_p8 - t_attn,
+                         probs_rel_err=_probs_error(q, kv, idx, lse, probs8, sm_scale)))
         n = S_Q * TOPK
         f_idx = 2.0 * n * HI * DI  # one index-score product
         kl_rec = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale)[0]
@@ -147,7 +154,14 @@ def main():
                              tflops=4 * f_idx / (tf + tb) * 1e-9, fwd_tflops=f_idx / tf * 1e-9,
                              added_to_fwd=added_fwd / t_attn, ratio_to_attn_fwd=(added_fwd + tb) / t_attn,
                              kl_vs_recompute=float(((kl - kl_rec).norm() / kl_rec.norm()).item())))
-        del probs, lse_p, kl_rec
+        cfg = L.CONFIGS["sm90_probs"]
+        kl8 = L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, cfg, probs=probs8)[0]
+        tf = bench_ms(lambda: L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, cfg, probs=probs8))
+        added_fwd = t_attn_p8 - t_attn + tf
+        rows.append(dict(stage="sparse", h=h, variant=f"from e4m3 probs {tuple(cfg.values())}", fwd_ms=tf,
+                         added_to_fwd=added_fwd / t_attn,
+                         kl_vs_recompute=float(((kl8 - kl_rec).norm() / kl_rec.norm()).item())))
+        del probs, probs8, lse_p, kl_rec
         f_fwd = 2.0 * n * (h * D_QK + HI * DI)
         f_bwd = 2.0 * n * 3 * HI * DI
         for v in [vv for vv, hh in jobs if hh == h]:

@@ -149,8 +149,12 @@ def _check_mla_inputs(q, kv, d_v):
           f"d_v: expected an int in [1, d_qk={d_qk}], got {d_v!r}")
 
 
+PROBS_PRECISIONS = ("fp16", "e4m3")
+
+
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float | None = None,
-                   d_v: int = 512, backend: str = "auto", return_probs: bool = False):
+                   d_v: int = 512, backend: str = "auto", return_probs: bool = False,
+                   probs_precision: str = "fp16"):
     """Sparse MLA attention, absorbed/MQA form (FlashMLA ``flash_mla_sparse_fwd`` semantics, SPEC 3).
 
     Args:
@@ -163,6 +167,10 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
             each slot averaged over the heads (0 at invalid slots, not differentiable): the
             target of the sparse-stage indexer loss (:func:`flashdsa.ops.indexer_loss.sparse_kl_loss_from_probs`),
             computed from the forward's own softmax instead of a second q.k pass.
+        probs_precision: the Triton forward's scratch for those probabilities: "fp16"
+            (2^-11 relative rounding) or "e4m3" (half the bytes and about half the extra
+            time; 2^-4 relative rounding per head, below 2^-14 of a block's max lost). The
+            reference is exact either way.
 
     Returns:
         (out [s_q, h_q, d_v] in q.dtype, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32)
@@ -174,10 +182,12 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     check(indices.shape[2] > 0, ValueError, "indices: topk (last dim) must be at least 1")
     if sm_scale is None:
         sm_scale = q.shape[2] ** -0.5
+    check(probs_precision in PROBS_PRECISIONS, ValueError,
+          f"probs_precision: expected one of {PROBS_PRECISIONS}, got {probs_precision!r}")
     if resolve_backend(backend, q) == "triton":
         # differentiable in q and kv (and lse): custom ops + autograd, torch.compile-traceable
         from .ops.autograd import sparse_mla_fwd as kernel
-        return kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
+        return kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs, probs_precision=probs_precision)
     return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
 
 

@@ -20,6 +20,7 @@ def _mla(s_q=4, h=2, d=24, s_kv=9, topk=3):
     ("idx_shape", ValueError, r"indices: expected shape \[4, 1, \*\]"),
     ("d_v", ValueError, r"d_v: expected an int in \[1, d_qk=24\]"),
     ("backend", ValueError, "backend: expected one of"),
+    ("probs_precision", ValueError, "probs_precision: expected one of"),
 ])
 def test_sparse_mla_bad_inputs(case, exc, match):
     q, kv, idx = _mla()
@@ -42,6 +43,8 @@ def test_sparse_mla_bad_inputs(case, exc, match):
         kw["d_v"] = 32
     elif case == "backend":
         kw["backend"] = "cuda"
+    elif case == "probs_precision":
+        kw.update(return_probs=True, probs_precision="fp8")
     with pytest.raises(exc, match=match):
         flashdsa.sparse_mla_fwd(q, kv, idx, **kw)
 

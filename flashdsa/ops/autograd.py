@@ -4,8 +4,9 @@ Three layers (the flash-attention interface pattern):
   1. raw ops registered with ``torch.library.custom_op`` plus ``register_fake`` (shape and
      dtype propagation without running a kernel), so torch.compile traces them as opaque
      nodes instead of graph-breaking on Triton launches:
-       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs)
-                                  -> (out, max_logits, lse, probs)`` (probs [s_q, 0] unless asked)
+       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v, probs_bytes)
+                                  -> (out, max_logits, lse, probs)`` (probs [s_q, 0] unless
+                                  probs_bytes is 2 (fp16 scratch) or 1 (e4m3 scratch))
        ``flashdsa::sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v,
                                   deterministic) -> (dq, dkv)``
   2. the autograd formula attached with ``torch.library.register_autograd``: it saves q,
@@ -29,19 +30,20 @@ from .sparse_mla_bwd import sparse_mla_bwd as _bwd_kernel
 
 @torch.library.custom_op("flashdsa::sparse_mla_fwd", mutates_args=())
 def _sparse_mla_fwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                       d_v: int, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = _fwd_kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
-    probs = res[3] if return_probs else q.new_empty(q.shape[0], 0, dtype=torch.float32)
+                       d_v: int, probs_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = _fwd_kernel(q, kv, indices, sm_scale, d_v, return_probs=probs_bytes > 0,
+                      probs_dtype=torch.float8_e4m3fn if probs_bytes == 1 else torch.float16)
+    probs = res[3] if probs_bytes else q.new_empty(q.shape[0], 0, dtype=torch.float32)
     # custom_op outputs may not alias inputs or each other; the kernels allocate fresh.
     return res[0], res[1], res[2], probs
 
 
 @_sparse_mla_fwd_op.register_fake
-def _(q, kv, indices, sm_scale, d_v, return_probs):
+def _(q, kv, indices, sm_scale, d_v, probs_bytes):
     s_q, h = q.shape[0], q.shape[1]
     return (q.new_empty(s_q, h, d_v), q.new_empty(s_q, h, dtype=torch.float32),
             q.new_empty(s_q, h, dtype=torch.float32),
-            q.new_empty(s_q, indices.shape[-1] if return_probs else 0, dtype=torch.float32))
+            q.new_empty(s_q, indices.shape[-1] if probs_bytes else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("flashdsa::sparse_mla_bwd", mutates_args=())
@@ -77,15 +79,17 @@ torch.library.register_autograd("flashdsa::sparse_mla_fwd", _backward, setup_con
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
-                   return_probs: bool = False):
+                   return_probs: bool = False, probs_precision: str = "fp16"):
     """Triton sparse MLA forward, differentiable in q and kv (and through lse).
 
     Same contract as :func:`flashdsa.ops.sparse_mla.sparse_mla_fwd`: q [s_q, h_q, d_qk],
     kv [s_kv, 1, d_qk], indices [s_q, 1, topk] int32 -> (out [s_q, h_q, d_v] in q.dtype,
     max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32), plus the head-mean probs [s_q, topk]
-    fp32 (not differentiable) with ``return_probs``. Inputs assumed validated.
+    fp32 (not differentiable) with ``return_probs``, through a scratch of ``probs_precision``
+    ("fp16" or "e4m3"). Inputs assumed validated.
     """
-    res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), bool(return_probs))
+    probs_bytes = (1 if probs_precision == "e4m3" else 2) if return_probs else 0
+    res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), probs_bytes)
     return res if return_probs else res[:3]
 
 

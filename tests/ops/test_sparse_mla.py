@@ -98,22 +98,23 @@ def test_large_logits_stay_finite(poison_empty):
 
 
 FP16_ULP = 2.0 ** -11  # relative rounding of the probabilities' fp16 scratch
+E4M3_ULP = 2.0 ** -4   # and of the e4m3 one
 
 
-def check_probs(q, kv, idx, sm_scale, d_v, probs, factor=2.0):
+def check_probs(q, kv, idx, sm_scale, d_v, probs, factor=2.0, rounding=FP16_ULP):
     """probs vs the float64 reference's: within ``factor`` x the same-dtype reference's
-    error plus the fp16 scratch's rounding; exactly 0 at invalid slots and empty rows."""
+    error plus the scratch's rounding; exactly 0 at invalid slots and empty rows."""
     want = ref.sparse_mla_fwd(q.double(), kv.double(), idx, sm_scale, d_v, return_probs=True)[3]
     low = ref.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, return_probs=True)[3]
     assert probs.shape == want.shape and probs.dtype == torch.float32
-    err, budget = rel_err(probs, want), factor * rel_err(low, want) + FP16_ULP
+    err, budget = rel_err(probs, want), factor * rel_err(low, want) + rounding
     assert err <= budget, f"probs: rel err {err:.3g} > budget {budget:.3g}"
     invalid = (idx[:, 0] < 0) | (idx[:, 0] >= kv.shape[0])
     assert (probs[invalid] == 0).all()
     # each row's probabilities over its valid slots sum to 1 (0 for a row with none)
     sums = probs.double().sum(-1)
     any_valid = (~invalid).any(-1)
-    torch.testing.assert_close(sums, any_valid.double(), atol=8 * FP16_ULP, rtol=0)
+    torch.testing.assert_close(sums, any_valid.double(), atol=8 * rounding, rtol=0)
 
 
 @pytest.mark.parametrize("s_q,s_kv,h_q,d_qk,d_v,topk,dtype", CASES)
@@ -134,6 +135,17 @@ def test_return_probs_several_head_blocks(poison_empty, config):
     check_probs(q * 3, kv, idx, 0.2, 64, probs)
 
 
+def test_return_probs_e4m3_scratch(poison_empty):
+    """The 1-byte scratch: probs within the e4m3 rounding; out, lse unchanged."""
+    q, kv, idx = make_inputs(5, 70, 40, 80, 53, torch.float32)
+    out, ml, lse, probs = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True,
+                                             probs_dtype=torch.float8_e4m3fn)
+    check_against_reference(q * 3, kv, idx, 0.2, 64, out, ml, lse)
+    check_probs(q * 3, kv, idx, 0.2, 64, probs, rounding=E4M3_ULP)
+    fp16 = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True)[3]
+    assert rel_err(probs, fp16) > FP16_ULP  # the e4m3 path really ran
+
+
 def test_return_probs_in_query_chunks(poison_empty):
     """A scratch of 3 queries: 7 queries run in chunks of 3, 3, 1 and give the same result."""
     q, kv, idx = make_inputs(7, 50, 16, 80, 37, torch.float32)
@@ -144,8 +156,10 @@ def test_return_probs_in_query_chunks(poison_empty):
     check_probs(q, kv, idx, 0.2, 64, chunked[3])
 
 
-def test_return_probs_keeps_gradients_and_refuses_split():
+def test_return_probs_keeps_gradients_and_refuses_split(monkeypatch):
     q, kv, idx = make_inputs(3, 40, 16, 80, 29, torch.float32)
+    # the fixed-order dkv reduction, so that the two backward passes can be compared bitwise
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     grads = []
     for with_probs in (False, True):
         qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()

@@ -156,9 +156,9 @@ def test_public_api_autograd_and_opcheck():
     o2, _, l2 = ref.sparse_mla_fwd(qd, kvd, idx, 0.3, d_v)
     (o2.square().sum() + l2[torch.isfinite(l2)].sum()).backward()
     assert rel_err(q.grad, qd.grad) < 1e-5 and rel_err(kv.grad, kvd.grad) < 1e-5
-    for return_probs in (False, True):
+    for probs_bytes in (0, 2, 1):
         torch.library.opcheck(_sparse_mla_fwd_op, (q.detach().requires_grad_(), kv.detach().requires_grad_(),
-                                                   idx, 0.3, d_v, return_probs))
+                                                   idx, 0.3, d_v, probs_bytes))
 
 
 @requires_cuda
