@@ -107,7 +107,13 @@ class MLA(nn.Module):
     through W_UV. ``mode="dense"``: causal attention over every past token in the usual
     multi-head form (keys and values expanded from the latent by kv_b_proj), through
     torch's scaled_dot_product_attention. Both give the same function when
-    index_topk >= sequence length."""
+    index_topk >= sequence length.
+
+    ``probs_precision`` (attribute, "e4m3" by default): the scratch through which the
+    sparse stage's Triton attention hands the indexer loss its target (see
+    ``flashdsa.sparse_mla_fwd``); "fp16" for a target exact to 2^-11."""
+
+    probs_precision = "e4m3"
 
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -233,9 +239,12 @@ class MLA(nn.Module):
             indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
                                           backend=backend)[:, None, :]        # [T, 1, topk]
             # The attention hands over its head-mean probabilities of the selected slots
-            # (the loss's target), so the loss computes only the index scores.
+            # (the loss's target), so the loss computes only the index scores. The e4m3
+            # scratch: the KL differs from the exact target's by 3.7e-4 (relative) and the
+            # forward's extra time halves (H200, docs/training.md).
             o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
-                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True)
+                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True,
+                                                    probs_precision=self.probs_precision)
             out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
             loss = fns.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean")
         return self.o_proj(out.flatten(1)), loss.float()
