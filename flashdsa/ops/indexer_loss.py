@@ -343,6 +343,14 @@ def _row_args(q, kv2, lse, iq, ik, w, idx):
     return (*attn, iq.stride(0), iq.stride(1), ik.stride(0), w.stride(0), idx.stride(0) if idx is not None else 0)
 
 
+def _attn_side(q, kv2, lse, sm_scale, stand_in):
+    """The kernels' attention arguments: pointers (q, kv, lse) and (n_heads, qk_scale, 1/H);
+    with ``q`` None (the target p is given) ``stand_in`` fills the pointers the kernel never reads."""
+    if q is None:
+        return (stand_in, stand_in, stand_in), (1, 1.0, 1.0)
+    return (q, kv2, lse), (q.shape[1], sm_scale * LOG2E, 1.0 / q.shape[1])
+
+
 def _prep(q, kv, lse, iq, ik, w, indices, ks, ke):
     """Contiguous last dims, kv as [S, d_qk], indices as [T, topk]; also whether the
     problem is the warm-up (dense ranges) and topk. ``q``/``kv`` None: the target is given."""
@@ -387,12 +395,11 @@ def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None
     p = probs if given else torch.empty(T, topk, dtype=torch.float32, device=dev)
     dummy = kl  # any valid pointer for an argument the kernel does not read
     sidx = idx if idx is not None else ks
+    attn_ptrs, (n_heads, qk_scale, inv_h) = _attn_side(q, kv2, lse, sm_scale, dummy)
     indexer_kl_fwd_kernel[(T,)](
-        q if not given else iq, kv2 if not given else iq, lse if not given else dummy, iq, ik, w, sidx,
-        ks if dense else dummy, ke if dense else dummy,
+        *attn_ptrs, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
         kl, stats, p, lse_out if compute_lse else kl,
-        ik.shape[0], q.shape[1] if not given else 1, iq.shape[1], topk,
-        sm_scale * LOG2E if not given else 1.0, 1.0 / q.shape[1] if not given else 1.0,
+        ik.shape[0], n_heads, iq.shape[1], topk, qk_scale, inv_h,
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0,
         **_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense and not given,
         COMPUTE_LSE=compute_lse, ATTN=not given, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -417,12 +424,11 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     dw = torch.empty(w.shape, dtype=torch.float32, device=w.device)
     dummy = dkl
     sidx = idx if idx is not None else ks
+    attn_ptrs, (n_heads, qk_scale, inv_h) = _attn_side(q, kv2, lse, sm_scale, dummy)
     indexer_kl_bwd_kernel[(T,)](
-        q if dense else iq, kv2 if dense else iq, lse if dense else dummy, iq, ik, w, sidx,
-        ks if dense else dummy, ke if dense else dummy,
+        *attn_ptrs, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
         dkl, stats, p if topk else dummy, diq, dik, dw,
-        ik.shape[0], q.shape[1] if dense else 1, iq.shape[1], topk,
-        sm_scale * LOG2E if dense else 1.0, 1.0 / q.shape[1] if dense else 1.0,
+        ik.shape[0], n_heads, iq.shape[1], topk, qk_scale, inv_h,
         *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
         diq.stride(0), diq.stride(1), dik.stride(0), dw.stride(0),
         **_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,

@@ -475,12 +475,13 @@ def _combine_splits_kernel(
 
 
 def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8, n_split=1,
-            config=None, probs=False, scratch_bytes=1 << 30, probs_dtype=torch.float16):
+            config=None, probs_dtype=None, scratch_bytes=1 << 30):
     """Run the kernel on q [T, h_q, d_qk] and indices [T, topk] over rows kv_v [N, >= d_v]
     (+ tail rows [N, >= d_tail], + fp32 scales [N, >= 4] when kv_fp8).
 
     Returns (out [T, h_q, d_v] q.dtype, max_logits [T, h_q] fp32, lse [T, h_q] fp32), and
-    with ``probs`` (bf16/fp32 rows, no split) also probs [T, topk] fp32, the head-mean
+    with ``probs_dtype`` (the scratch's: float16 or float8_e4m3fn; bf16/fp32 rows, no split)
+    also probs [T, topk] fp32, the head-mean
     attention probability of each slot (queries in chunks whose fp16 scratch fits
     ``scratch_bytes``)."""
     t_q, h_q, _ = q.shape
@@ -497,6 +498,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     out = torch.empty(t_q, h_q, d_v, dtype=q.dtype, device=q.device)
     max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    probs = probs_dtype is not None
     if probs and (kv_fp8 or n_split > 1):
         raise ValueError("probs: only for bf16/fp32 rows without split-k (the training forward)")
     if t_q == 0:
@@ -602,4 +604,4 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     d_tail = d_qk - d_v
     tail = kv2[:, d_v:] if d_tail > 0 else None
     return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config,
-                   probs=return_probs, scratch_bytes=scratch_bytes, probs_dtype=probs_dtype)
+                   probs_dtype=probs_dtype if return_probs else None, scratch_bytes=scratch_bytes)

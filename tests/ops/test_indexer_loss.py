@@ -141,6 +141,17 @@ def test_sparse_from_probs_equals_naive(poison):
     assert rel_err(recomputed.cpu(), truth[0]) <= 20 * rel_err(low[0], truth[0]) + 1e-6
 
 
+def _compiled_grads_equal_eager(f, xs):
+    """f(*xs) under torch.compile(fullgraph=True) and eagerly: the same gradients."""
+    grads = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        ys = [x.clone().requires_grad_() for x in xs]
+        fn(*ys).backward()
+        grads.append([y.grad for y in ys])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6
+
+
 def test_sparse_from_probs_opcheck_and_compile():
     T, HI, DI, topk = 9, 3, 16, 6
     iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, 2, 48, HI, DI)[2:]]
@@ -152,13 +163,7 @@ def test_sparse_from_probs_opcheck_and_compile():
     def f(iq, ik, w):
         return ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="mean")
 
-    grads = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        xs = [x.clone().requires_grad_() for x in (iq, ik, w)]
-        fn(*xs).backward()
-        grads.append([x.grad for x in xs])
-    for a, b in zip(*grads):
-        assert rel_err(a, b) < 1e-6
+    _compiled_grads_equal_eager(f, (iq, ik, w))
 
 
 def test_only_indexer_gets_gradients_and_opcheck():
@@ -189,13 +194,7 @@ def test_torch_compile_fullgraph():
     def f(iq, ik, w):
         return ops.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="mean")
 
-    grads = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        xs = [x.clone().requires_grad_() for x in (iq, ik, w)]
-        fn(*xs).backward()
-        grads.append([x.grad for x in xs])
-    for a, b in zip(*grads):
-        assert rel_err(a, b) < 1e-6
+    _compiled_grads_equal_eager(f, (iq, ik, w))
 
 
 @requires_cuda
