@@ -1,6 +1,6 @@
 """Cost of the indexer KL losses relative to the attention forward, on the GPU.
 
-    python -m benchmarks.bench_indexer_loss [--sweep] [--heads 64 128]
+    python -m benchmarks.bench_indexer_loss [--sweep] [--heads 64 128] [--from-probs-only]
 
 Sparse stage: s_q 4096, s_kv 8192, topk 2048, d_qk 576 (the sparse MLA benchmark's
 shapes), indexer H_I 64, d_I 128, bf16. Compared with flashdsa's sparse MLA forward at
@@ -89,11 +89,14 @@ def _compile_worker(variant, h):
 
 
 def main():
-    args = sweep_arg_parser().parse_args()
+    ap = sweep_arg_parser()
+    ap.add_argument("--from-probs-only", action="store_true",
+                    help="only the forward with probs and the from-probs loss (skip recompute and warm-up rows)")
+    args = ap.parse_args()
     from flashdsa.ops import indexer_loss as L
     from flashdsa.ops.sparse_mla import sparse_mla_fwd
 
-    jobs = [(v, h) for h in args.heads for v in (VARIANTS if args.sweep else [None])]
+    jobs = [] if args.from_probs_only else [(v, h) for h in args.heads for v in (VARIANTS if args.sweep else [None])]
     jobs = [(v if v else tuple(L._config(torch.empty(1, h, D_QK, device="cuda"), torch.empty(1, HI, DI, device="cuda")).values()), h) for v, h in jobs]
     # h 0: the target-given (from probs) kernels
     jobs += [(v, 0) for v in (PROBS_VARIANTS if args.sweep else [tuple(L.CONFIGS["sm90_probs"].values())])]
@@ -111,6 +114,7 @@ def main():
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     sm_scale = D_QK ** -0.5
     rows = []
+    name = "indexer_loss" + ("_sweep" if args.sweep else "") + ("_from_probs" if args.from_probs_only else "")
     for h in args.heads:
         q, kv, iq, ik, w, idx = make(h, S_Q, S_KV, TOPK)
         _, _, lse = sparse_mla_fwd(q, kv, idx, sm_scale, D_V)
@@ -184,36 +188,37 @@ def main():
         del q, kv, iq, ik, w, idx, lse
         torch.cuda.empty_cache()
 
-        # Warm-up: one causal sequence, the attention's lse from a random-but-consistent source
-        # (the loss normalizes the target itself, so any finite lse times the same).
-        T = T_WARM
-        q, kv, iq, ik, w, _ = make(h, T, T, 0)
-        lse = torch.full((T, h), 20.0, device="cuda")
-        ks = torch.zeros(T, dtype=torch.int32, device="cuda")
-        ke = torch.arange(1, T + 1, dtype=torch.int32, device="cuda")
-        n = T * (T + 1) / 2
-        f_fwd = 2.0 * n * (h * D_QK + HI * DI)
-        f_bwd = 2.0 * n * (h * D_QK + 3 * HI * DI)
-        dense_fwd_est = 2.0 * n * h * (D_QK + D_V) / (attn_tflops * 1e9)
-        for v in [vv for vv, hh in jobs if hh == h]:
-            if (v, h) in failures:
-                continue
-            cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
-            try:
-                kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
-                dkl = torch.ones_like(kl)
-                tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg))
-                tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, st, p,
-                                                       sm_scale, cfg))
-            except Exception as e:
-                rows.append(dict(stage="warmup", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
-                continue
-            rows.append(dict(stage="warmup", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
-                             tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9,
-                             ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est))
-        del q, kv, iq, ik, w, lse
-        torch.cuda.empty_cache()
-        path = write_result("indexer_loss" + ("_sweep" if args.sweep else ""), dict(
+        if not args.from_probs_only:
+            # Warm-up: one causal sequence, the attention's lse from a random-but-consistent source
+            # (the loss normalizes the target itself, so any finite lse times the same).
+            T = T_WARM
+            q, kv, iq, ik, w, _ = make(h, T, T, 0)
+            lse = torch.full((T, h), 20.0, device="cuda")
+            ks = torch.zeros(T, dtype=torch.int32, device="cuda")
+            ke = torch.arange(1, T + 1, dtype=torch.int32, device="cuda")
+            n = T * (T + 1) / 2
+            f_fwd = 2.0 * n * (h * D_QK + HI * DI)
+            f_bwd = 2.0 * n * (h * D_QK + 3 * HI * DI)
+            dense_fwd_est = 2.0 * n * h * (D_QK + D_V) / (attn_tflops * 1e9)
+            for v in [vv for vv, hh in jobs if hh == h]:
+                if (v, h) in failures:
+                    continue
+                cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
+                try:
+                    kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
+                    dkl = torch.ones_like(kl)
+                    tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg))
+                    tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, st, p,
+                                                           sm_scale, cfg))
+                except Exception as e:
+                    rows.append(dict(stage="warmup", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
+                    continue
+                rows.append(dict(stage="warmup", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
+                                 tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9,
+                                 ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est))
+            del q, kv, iq, ik, w, lse
+            torch.cuda.empty_cache()
+        path = write_result(name, dict(
             shapes=dict(sparse=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK), warmup=dict(T=T_WARM), d_qk=D_QK, d_v=D_V,
                         h_i=HI, d_i=DI, dtype="bf16"),
             notes="ratio_to_attn_fwd: what the losses add (fwd + bwd) / sparse_mla_fwd at the same shape, same run; "

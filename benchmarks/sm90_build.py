@@ -123,9 +123,10 @@ def training_launches() -> dict[str, list]:
         kv = torch.randn(S, 1, 576, generator=g, **bf)
         idx = torch.randint(0, S, (T, 1, topk), dtype=torch.int32, generator=g)
         lse = torch.rand(T, h, generator=g)
-        with capture_launches() as launches:
-            F.sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True)
-        cases[f"sparse_mla_fwd return_probs h{h}"] = launches
+        for name, dt in (("fp16", torch.float16), ("e4m3", torch.float8_e4m3fn)):
+            with capture_launches() as launches:
+                F.sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True, probs_dtype=dt)
+            cases[f"sparse_mla_fwd probs {name} h{h}"] = launches
         with capture_launches() as launches:
             out = torch.randn(T, h, 512, generator=g, **bf)
             B.sparse_mla_bwd(q, kv, idx, out, out.clone(), lse, 0.04, 512, config=B.CONFIGS["sm90"])

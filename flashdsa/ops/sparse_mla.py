@@ -100,7 +100,7 @@ def _sparse_mla_fwd_kernel(
     PV_LAG: tl.constexpr = False,  # do block i's p @ V in step i + 1 (see below)
     PROBS: tl.constexpr = False,  # also store each block's p and max for _probs_reduce_kernel
     PROBS_FP8: tl.constexpr = False,  # that p scratch in e4m3 (half the bytes of fp16)
-    ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16, m [T, h_q, n_blk] fp32
+    ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, h_q, n_blk] fp32
     stride_pst=0, stride_psh=0, stride_mst=0, stride_msh=0,
 ):
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
@@ -180,7 +180,15 @@ def _sparse_mla_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if PROBS:  # p relative to this block's max; rescaled by exp2(m_use - lse2) afterwards
+        if PV_LAG:
+            alpha_prev = alpha
+            p_prev = p.to(dot_dtype)
+            rows_prev = rows
+            valid_prev = valid
+        else:
+            acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None], input_precision=DOT_PREC)
+        if PROBS:  # after the p @ V issue (async), which runs meanwhile; p relative to this
+            # block's max, rescaled by exp2(m_use - lse2) in _probs_reduce_kernel
             if PROBS_FP8:  # e4m3 of 256 p: p <= 1 stays below 448, 2^-14 and up keep 3 mantissa bits
                 p_st = (p * 256.0).to(tl.float8e4nv)
             else:
@@ -189,13 +197,6 @@ def _sparse_mla_fwd_kernel(
                      p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])
             tl.store(ms_ptr + pid_t.to(tl.int64) * stride_mst + offs_h * stride_msh + k0 // BLOCK_K, m_use,
                      mask=h_mask)
-        if PV_LAG:
-            alpha_prev = alpha
-            p_prev = p.to(dot_dtype)
-            rows_prev = rows
-            valid_prev = valid
-        else:
-            acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     if PV_LAG:
         v_prev = tl.load(kv_ptr + rows_prev[:, None] * stride_kv + offs_dv[None, :],
