@@ -23,14 +23,15 @@ S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
 _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],\n" \
            "                     p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
-_M_STORE = "tl.store(ms_ptr + pid_t.to(tl.int64) * stride_mst + offs_h * stride_msh + k0 // BLOCK_K, m_use,\n" \
-           "                     mask=h_mask)"
+_M_STORE = "_store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,\n" \
+           "                            h_mask, ASM_STORE)"
 # (name, source edits, config overrides)
 VARIANTS = [
     ("as shipped", [], {}),
     ("no m store", [(_M_STORE, "pass")], {}),
     ("no p store", [(_P_STORE, "pass")], {}),
     ("no stores", [(_P_STORE, "pass"), (_M_STORE, "pass")], {}),
+    ("maxima by tl.store", [], dict(ASM_STORE=False)),
 ]
 
 

@@ -46,9 +46,9 @@ LN2 = 0.6931471805599453
 # (PV_LAG at BLOCK_K 64 needs 360 KB of shared memory at 2 stages) and, for fp8, SCALE_FOLD.
 # The sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False),
+    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True),
     "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, SCALE_FOLD=False),
-    "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=False),
+    "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True),
     "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2, PV_LAG=False),
 }
 
@@ -81,6 +81,23 @@ def _row_mask(valid, col_mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _store_in_place(ptrs, vals, mask, ASM: tl.constexpr):
+    """tl.store(ptrs, vals, mask) of fp32 values; with ASM by one st.global per element from
+    the registers that hold it. tl.store first moves a tensor from its compute layout (here
+    a slice of the wgmma accumulator) to a coalesced one through shared memory, between two
+    block-wide barriers: for the maxima of each block of the forward's loop that cost 0.04 ms
+    more at h_q 64 (of 4.2) and 0.09 at h_q 128 (H200, 2026-12-02,
+    benchmarks/probe_probs_store.py). An element held by several threads is stored by each
+    (same value, same address). PTX: CUDA only."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.f32 [$1], $2; } mov.u32 $0, 0;",
+            "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, vals, mask=mask)
+
+
+@triton.jit
 def _sparse_mla_fwd_kernel(
     q_ptr, kv_ptr, tail_ptr, scale_ptr, idx_ptr,  # inputs (scale_ptr: unused here, see the fp8 kernel)
     out_ptr, ml_ptr, lse_ptr,  # outputs (partials when SPLIT)
@@ -100,8 +117,9 @@ def _sparse_mla_fwd_kernel(
     PV_LAG: tl.constexpr = False,  # do block i's p @ V in step i + 1 (see below)
     PROBS: tl.constexpr = False,  # also store each block's p and max for _probs_reduce_kernel
     PROBS_FP8: tl.constexpr = False,  # that p scratch in e4m3 (half the bytes of fp16)
-    ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, h_q, n_blk] fp32
-    stride_pst=0, stride_psh=0, stride_mst=0, stride_msh=0,
+    ASM_STORE: tl.constexpr = False,  # PROBS: the maxima stored by inline PTX (_store_in_place)
+    ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, n_blk, h_q] fp32
+    stride_pst=0, stride_psh=0, stride_mst=0, stride_msb=0,
 ):
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
     pid_t = tl.program_id(1)  # and share its gathered rows through L2
@@ -195,8 +213,8 @@ def _sparse_mla_fwd_kernel(
                 p_st = p.to(tl.float16)
             tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],
                      p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])
-            tl.store(ms_ptr + pid_t.to(tl.int64) * stride_mst + offs_h * stride_msh + k0 // BLOCK_K, m_use,
-                     mask=h_mask)
+            _store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,
+                            h_mask, ASM_STORE)
         m_i = m_new
     if PV_LAG:
         v_prev = tl.load(kv_ptr + rows_prev[:, None] * stride_kv + offs_dv[None, :],
@@ -222,7 +240,7 @@ def _sparse_mla_fwd_kernel(
 
 @triton.jit
 def _probs_reduce_kernel(ps_ptr, ms_ptr, lse_ptr, pr_ptr, h_q, topk, scale,
-                         stride_pst, stride_psh, stride_mst, stride_msh, stride_lt, stride_prt,
+                         stride_pst, stride_psh, stride_mst, stride_msb, stride_lt, stride_prt,
                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """probs[t, j] = scale * sum_h p_blk[h, j] * exp2(m_blk[h] - lse2[h]) for the slots j of
     one forward block: the forward's per-block probabilities (relative to each block's max)
@@ -237,7 +255,7 @@ def _probs_reduce_kernel(ps_ptr, ms_ptr, lse_ptr, pr_ptr, h_q, topk, scale,
     lse = tl.load(lse_ptr + t * stride_lt + offs_h, mask=h_mask, other=float("inf"))
     has = lse < float("inf")  # heads of a row with no valid slot: lse +inf, probs 0
     lse2 = tl.where(has, lse, 0.0) * 1.4426950408889634
-    m = tl.load(ms_ptr + t * stride_mst + offs_h * stride_msh + pid_j, mask=h_mask, other=0.0)
+    m = tl.load(ms_ptr + t * stride_mst + pid_j * stride_msb + offs_h, mask=h_mask, other=0.0)
     f = tl.where(has, tl.math.exp2(m - lse2), 0.0) * scale
     p = tl.load(ps_ptr + t * stride_pst + offs_h[:, None] * stride_psh + offs_j[None, :],
                 mask=h_mask[:, None] & j_mask[None, :], other=0.0)
@@ -542,15 +560,21 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
         fp8 = probs_dtype == torch.float8_e4m3fn
         chunk = max(1, min(t_q, scratch_bytes // (h_q * topk * (1 if fp8 else 2))))
         p_scr = torch.empty(chunk, h_q, topk, dtype=probs_dtype, device=q.device)
-        m_scr = torch.empty(chunk, h_q, n_steps, dtype=torch.float32, device=q.device)
+        # a block's maxima side by side: [chunk, h_q, n_steps] (64 strided 4-byte stores a
+        # block) made the forward with e4m3 probs 5.10 ms at h_q 64 (commit 2ff20dd,
+        # benchmarks/results/indexer_loss.json) against 4.97 with the same tl.store
+        # (probe_probs_store.json, "maxima by tl.store"; H200, 2026-12-02)
+        m_scr = torch.empty(chunk, n_steps, h_q, dtype=torch.float32, device=q.device)
         pr = torch.empty(t_q, topk, dtype=torch.float32, device=q.device)
-        extra = dict(PROBS=True, PROBS_FP8=fp8, ps_ptr=p_scr, ms_ptr=m_scr, stride_pst=p_scr.stride(0),
-                     stride_psh=p_scr.stride(1), stride_mst=m_scr.stride(0), stride_msh=m_scr.stride(1))
+        asm = bool(cfg.get("ASM_STORE", False)) and not _interpreted() and torch.version.hip is None
+        extra = dict(PROBS=True, PROBS_FP8=fp8, ASM_STORE=asm, ps_ptr=p_scr, ms_ptr=m_scr, stride_pst=p_scr.stride(0),
+                     stride_psh=p_scr.stride(1), stride_mst=m_scr.stride(0), stride_msb=m_scr.stride(1))
         for c0 in range(0, t_q, chunk):
             c1 = min(t_q, c0 + chunk)  # views of the chunk's rows, same strides
             kernel[(n_hb, c1 - c0, 1)](q[c0:c1], kv_v, tail, scale, idx[c0:c1], out[c0:c1], max_logits[c0:c1],
                                        lse[c0:c1], *args, SPLIT=False, **meta, **extra)
-            # 2 warps: 0.27 ms at h_q 64 (1 GiB of fp16 scratch, 3.9 TB/s; 4 warps 0.45 ms)
+            # 2 warps: 0.27 ms at h_q 64 for 1 GiB of fp16 scratch (3.9 TB/s; 4 warps 0.45 ms),
+            # as much for the 0.5 GiB of e4m3 (H200, 2026-12-01 and 02, probe_probs_store.py)
             _probs_reduce_kernel[(n_steps, c1 - c0)](
                 p_scr, m_scr, lse[c0:c1], pr[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
                 p_scr.stride(0), p_scr.stride(1), m_scr.stride(0), m_scr.stride(1), lse.stride(0), pr.stride(0),
