@@ -11,10 +11,11 @@ the same shapes, measured in the same run. Target: the losses add <= 30% to it. 
     backward runs in the backward pass and is reported beside it.
   - "recompute": the loss recomputes the attention logits from q, kv and lse.
 
-Warm-up stage: one causal sequence of T 4096 (dense). There is no dense MLA kernel to
-compare with, so the ratio is against the dense causal forward's FLOPs
-(2*H*T*(T+1)/2*(d_qk+d_v)) run at the rate the sparse forward reaches here (an estimate,
-labelled so).
+Warm-up stage: one causal sequence of T 4096 (dense). Two baselines: the dense causal
+forward's FLOPs in the absorbed form (2*H*T*(T+1)/2*(d_qk+d_v)) at the rate the sparse
+forward reaches here (an estimate, labelled so), and the attention the MLA module's warm-up
+stage really runs: torch SDPA, causal, in the multi-head form (q.k over 128 nope + 64 rope
+dims, values of 128), timed.
 
 Loss FLOPs (tensor-core work): forward = attention logits 2*n*H*d_qk + index scores
 2*n*H_I*d_I over the n scored (t, s) pairs; backward = scores again + two products
@@ -37,6 +38,7 @@ from benchmarks.common import (
 )
 
 S_Q, S_KV, TOPK, D_QK, D_V, HI, DI = 4096, 8192, 2048, 576, 512, 64, 128
+D_QK_MHA, D_V_MHA = 128 + 64, 128  # the multi-head form of the same attention (DeepSeek-V3 widths)
 T_WARM = 4096
 VARIANTS = [(32, 8, 2), (32, 8, 1), (64, 8, 1), (32, 4, 2)]  # (BLOCK_K, num_warps, num_stages)
 PROBS_VARIANTS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (16, 4, 3)]  # target given
@@ -200,6 +202,12 @@ def main():
             f_fwd = 2.0 * n * (h * D_QK + HI * DI)
             f_bwd = 2.0 * n * (h * D_QK + 3 * HI * DI)
             dense_fwd_est = 2.0 * n * h * (D_QK + D_V) / (attn_tflops * 1e9)
+            qm, km = (torch.randn(1, h, T, D_QK_MHA, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            vm = torch.randn(1, h, T, D_V_MHA, device="cuda", dtype=torch.bfloat16)
+            t_sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qm, km, vm, is_causal=True))
+            del qm, km, vm
+            rows.append(dict(stage="warmup", h=h, variant="attention fwd (SDPA, multi-head form)", ms=t_sdpa,
+                             tflops=2.0 * n * h * (D_QK_MHA + D_V_MHA) / t_sdpa * 1e-9))
             for v in [vv for vv, hh in jobs if hh == h]:
                 if (v, h) in failures:
                     continue
@@ -215,7 +223,8 @@ def main():
                     continue
                 rows.append(dict(stage="warmup", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
                                  tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9,
-                                 ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est))
+                                 ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est,
+                                 ratio_to_sdpa_fwd=(tf + tb) / t_sdpa, fwd_ratio_sdpa=tf / t_sdpa))
             del q, kv, iq, ik, w, lse
             torch.cuda.empty_cache()
         path = write_result(name, dict(
@@ -225,11 +234,13 @@ def main():
                   "for 'from probs' rows the probs overhead of the forward counts in. added_to_fwd: the part "
                   "added to the forward pass (probs overhead + loss fwd). kl_vs_recompute: relative "
                   "difference of the per-row KL, target from the forward's probs vs recomputed in fp32. "
-                  "ratio_to_dense_fwd_est: vs dense causal forward FLOPs at the sparse forward's measured rate.",
+                  "ratio_to_dense_fwd_est: vs dense causal forward FLOPs at the sparse forward's measured rate; "
+                  "ratio_to_sdpa_fwd: vs the timed SDPA forward the MLA module's warm-up runs.",
             ceilings=ceil, configs=L.CONFIGS, rows=rows,
             compile_failures={f"{v} h{h}": e for (v, h), e in failures.items()}))
         print_table(rows, ["stage", "h", "variant", "fwd_ms", "bwd_ms", "ms", "tflops", "added_to_fwd",
-                           "ratio_to_attn_fwd", "ratio_to_dense_fwd_est", "probs_rel_err", "kl_vs_recompute"])
+                           "ratio_to_attn_fwd", "ratio_to_dense_fwd_est", "ratio_to_sdpa_fwd", "probs_rel_err",
+                           "kl_vs_recompute"])
     print("wrote", path)
 
 
