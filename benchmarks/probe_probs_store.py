@@ -17,9 +17,8 @@ import tempfile
 
 import torch
 
+from benchmarks.bench_indexer_loss import D_QK, D_V, S_KV, S_Q, TOPK, make
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
-
-S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
 _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],\n" \
            "                     p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
@@ -85,10 +84,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         mods = {name: (_variant_module(name, edits, tmp), cfg) for name, edits, cfg in VARIANTS}
         for h in args.heads:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(S_Q, h, D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
-            kv = torch.randn(S_KV, 1, D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
-            idx = torch.rand(S_Q, S_KV, device="cuda", generator=g).topk(TOPK, dim=1).indices.int()[:, None]
+            q, kv, _, _, _, idx = make(h, S_Q, S_KV, TOPK)
             sm = D_QK ** -0.5
             base = mods["as shipped"][0]
             t_plain = bench_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V))
