@@ -1,6 +1,6 @@
 """Where the time of ``sparse_mla_fwd(return_probs=True)`` goes, by differences.
 
-    python -m benchmarks.probe_probs_store [--heads 64]
+    python -m benchmarks.probe_probs_store [--heads 64] [--repeat 1]
 
 Builds variants of the forward kernel from its source (each a copy of
 flashdsa/ops/sparse_mla.py with one change, imported as its own module) and times each
@@ -20,17 +20,20 @@ import torch
 from benchmarks.bench_indexer_loss import D_QK, D_V, S_KV, S_Q, TOPK, make
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
 
+_P_TMA = "ps_desc.store([pid_t * h_q + pid_h * BLOCK_H, k0], p_st)"
 _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],\n" \
-           "                     p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
+           "                         p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
 _M_STORE = "_store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,\n" \
            "                            h_mask, ASM_STORE)"
 # (name, source edits, config overrides)
 VARIANTS = [
     ("as shipped", [], {}),
     ("no m store", [(_M_STORE, "pass")], {}),
-    ("no p store", [(_P_STORE, "pass")], {}),
-    ("no stores", [(_P_STORE, "pass"), (_M_STORE, "pass")], {}),
+    ("no p store", [(_P_TMA, "pass"), (_P_STORE, "pass")], {}),
+    ("no stores", [(_P_TMA, "pass"), (_P_STORE, "pass"), (_M_STORE, "pass")], {}),
     ("maxima by tl.store", [], dict(ASM_STORE=False)),
+    ("p tile by tl.store", [], dict(TMA_STORE=False)),
+    ("both by tl.store", [], dict(TMA_STORE=False, ASM_STORE=False)),
 ]
 
 
@@ -76,6 +79,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", type=int, nargs="+", default=[64])
+    ap.add_argument("--repeat", type=int, default=1, help="time the variants this many times, in turn")
     args = ap.parse_args()
     ceil = measure_ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
@@ -90,20 +94,21 @@ def main():
             t_plain = bench_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V))
             rows.append(dict(h=h, variant="no probs", ms=t_plain, added_ms=0.0))
             want = base.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True, probs_dtype=e4)[3]
-            for name, (mod, cfg) in mods.items():
-                cfg = dict(mod.CONFIGS["sm90"], **cfg)
-                fn = lambda: mod.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True, probs_dtype=e4,  # noqa: E731
-                                                config=cfg)
-                got = fn()[3]
-                t = bench_ms(fn)
-                rows.append(dict(h=h, variant=name, ms=t, added_ms=t - t_plain,
-                                 probs_rel_err_vs_shipped=float(((got - want).norm() / want.norm()).item())))
+            for rep in range(args.repeat):
+                for name, (mod, cfg) in mods.items():
+                    cfg = dict(mod.CONFIGS["sm90"], **cfg)
+                    fn = lambda: mod.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True,  # noqa: E731
+                                                    probs_dtype=e4, config=cfg)
+                    got = fn()[3]
+                    t = bench_ms(fn)
+                    rows.append(dict(h=h, variant=name, rep=rep, ms=t, added_ms=t - t_plain,
+                                     probs_rel_err_vs_shipped=float(((got - want).norm() / want.norm()).item())))
             breakdown[h] = _kernel_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True,
                                                                   probs_dtype=e4))
             print(h, breakdown[h])
     path = write_result("probe_probs_store", dict(shapes=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V),
                                                   ceilings=ceil, rows=rows, kernel_ms_shipped=breakdown))
-    print_table(rows, ["h", "variant", "ms", "added_ms", "probs_rel_err_vs_shipped"])
+    print_table(rows, ["h", "variant", "rep", "ms", "added_ms", "probs_rel_err_vs_shipped"])
     print("wrote", path)
 
 

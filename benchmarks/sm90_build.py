@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block can have on Hopper
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -51,6 +52,18 @@ def capture_launches():
         JITFunction.run = run
 
 
+@contextlib.contextmanager
+def _as_sm90(module):
+    """Within the block, ``module``'s host code takes the (CPU) tensors for an sm_90 GPU's
+    (its TMA paths included)."""
+    has_tma = module._has_tma
+    module._has_tma = lambda device: True
+    try:
+        yield
+    finally:
+        module._has_tma = has_tma
+
+
 def _specialize(fn: JITFunction, args, kwargs):
     """(signature, constexprs, attrs) as the launcher would specialize these arguments."""
     bound = inspect.signature(fn.fn).bind(*args, **kwargs)
@@ -60,6 +73,8 @@ def _specialize(fn: JITFunction, args, kwargs):
         v = bound.arguments[name]
         if p.is_constexpr or v is None:
             signature[name], constexprs[name] = "constexpr", v
+        elif isinstance(v, TensorDescriptor):
+            signature[name] = f"tensordesc<{_TY[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"
         elif isinstance(v, torch.Tensor):
             signature[name] = "*" + _TY[v.dtype]
             if v.data_ptr() % 16 == 0:
@@ -124,7 +139,7 @@ def training_launches() -> dict[str, list]:
         idx = torch.randint(0, S, (T, 1, topk), dtype=torch.int32, generator=g)
         lse = torch.rand(T, h, generator=g)
         for name, dt in (("fp16", torch.float16), ("e4m3", torch.float8_e4m3fn)):
-            with capture_launches() as launches:
+            with capture_launches() as launches, _as_sm90(F):
                 F.sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True, probs_dtype=dt)
             cases[f"sparse_mla_fwd probs {name} h{h}"] = launches
         with capture_launches() as launches:

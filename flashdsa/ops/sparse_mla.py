@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .mla_cache import _e4m3_to_f32, fp8_native
 
@@ -46,7 +47,7 @@ LN2 = 0.6931471805599453
 # (PV_LAG at BLOCK_K 64 needs 360 KB of shared memory at 2 stages) and, for fp8, SCALE_FOLD.
 # The sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True),
+    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True, TMA_STORE=True),
     "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, SCALE_FOLD=False),
     "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True),
     "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2, PV_LAG=False),
@@ -55,6 +56,13 @@ CONFIGS = {
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can store through TMA descriptors (NVIDIA sm_90 and later,
+    compiled, not interpreted)."""
+    return (device.type == "cuda" and torch.version.hip is None and not _interpreted()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def default_config(device: torch.device, h_q: int, d_v: int, fp8: bool = False) -> dict:
@@ -118,7 +126,9 @@ def _sparse_mla_fwd_kernel(
     PROBS: tl.constexpr = False,  # also store each block's p and max for _probs_reduce_kernel
     PROBS_FP8: tl.constexpr = False,  # that p scratch in e4m3 (half the bytes of fp16)
     ASM_STORE: tl.constexpr = False,  # PROBS: the maxima stored by inline PTX (_store_in_place)
+    TMA_STORE: tl.constexpr = False,  # PROBS: the p tile stored by TMA through ps_desc (Hopper)
     ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, n_blk, h_q] fp32
+    ps_desc=None,  # TMA_STORE: descriptor of ps_ptr as [T * h_q, topk], blocks [BLOCK_H, BLOCK_K]
     stride_pst=0, stride_psh=0, stride_mst=0, stride_msb=0,
 ):
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
@@ -211,8 +221,12 @@ def _sparse_mla_fwd_kernel(
                 p_st = (p * 256.0).to(tl.float8e4nv)
             else:
                 p_st = p.to(tl.float16)
-            tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],
-                     p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])
+            if TMA_STORE:  # asynchronous: it runs on while the loop goes on; the slots past
+                # topk are clipped by the descriptor's bounds (h_q is a multiple of BLOCK_H)
+                ps_desc.store([pid_t * h_q + pid_h * BLOCK_H, k0], p_st)
+            else:
+                tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],
+                         p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])
             _store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,
                             h_mask, ASM_STORE)
         m_i = m_new
@@ -566,9 +580,16 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
         # (probe_probs_store.json, "maxima by tl.store"; H200, 2026-12-02)
         m_scr = torch.empty(chunk, n_steps, h_q, dtype=torch.float32, device=q.device)
         pr = torch.empty(t_q, topk, dtype=torch.float32, device=q.device)
-        asm = bool(cfg.get("ASM_STORE", False)) and not _interpreted() and torch.version.hip is None
-        extra = dict(PROBS=True, PROBS_FP8=fp8, ASM_STORE=asm, ps_ptr=p_scr, ms_ptr=m_scr, stride_pst=p_scr.stride(0),
-                     stride_psh=p_scr.stride(1), stride_mst=m_scr.stride(0), stride_msb=m_scr.stride(1))
+        nvidia = not _interpreted() and torch.version.hip is None
+        asm = bool(cfg.get("ASM_STORE", False)) and nvidia
+        # TMA (Hopper and later): the tile's rows must not run into the next query's (whole
+        # head blocks) and the row pitch must be a multiple of 16 bytes
+        tma = (bool(cfg.get("TMA_STORE", False)) and _has_tma(q.device) and h_q % block_h == 0
+               and topk * p_scr.element_size() % 16 == 0)
+        desc = TensorDescriptor.from_tensor(p_scr.view(chunk * h_q, topk), [block_h, block_k]) if tma else None
+        extra = dict(PROBS=True, PROBS_FP8=fp8, ASM_STORE=asm, TMA_STORE=tma, ps_ptr=p_scr, ms_ptr=m_scr,
+                     ps_desc=desc, stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
+                     stride_mst=m_scr.stride(0), stride_msb=m_scr.stride(1))
         for c0 in range(0, t_q, chunk):
             c1 = min(t_q, c0 + chunk)  # views of the chunk's rows, same strides
             kernel[(n_hb, c1 - c0, 1)](q[c0:c1], kv_v, tail, scale, idx[c0:c1], out[c0:c1], max_logits[c0:c1],

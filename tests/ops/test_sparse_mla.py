@@ -234,6 +234,26 @@ def test_gpu_probs_maxima_by_inline_ptx_equal_tl_store():
 
 
 @requires_cuda
+def test_gpu_probs_tile_by_tma_equal_tl_store():
+    """The p tile stored by TMA (TMA_STORE, the default on Hopper) equals tl.store's:
+    bitwise-equal results for both scratch types, with a tail block that the descriptor's
+    bounds clip (topk 336), two head blocks, chunks of queries (a small scratch_bytes), and
+    h_q 48 where the rows of a head block would overrun (TMA is then not used)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or later")
+    for (s_q, s_kv, h_q, topk, scratch) in [(5, 1000, 64, 336, 1 << 30), (7, 3000, 128, 2048, 2 * 128 * 2048 * 2),
+                                            (6, 700, 48, 80, 1 << 30)]:
+        q, kv, idx = make_inputs(s_q, s_kv, h_q, 576, topk, torch.bfloat16, "cuda")
+        for dt in (torch.float16, torch.float8_e4m3fn):
+            res = [ops.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512, return_probs=True, probs_dtype=dt,
+                                      scratch_bytes=scratch, config=dict(TMA_STORE=tma)) for tma in (True, False)]
+            for a, b in zip(*res):
+                assert torch.equal(a, b)
+            check_probs(q, kv, idx, 576 ** -0.5, 512, res[0][3],
+                        rounding=E4M3_ULP if dt == torch.float8_e4m3fn else FP16_ULP)
+
+
+@requires_cuda
 def test_gpu_bf16_odd_shapes_and_split():
     """The compiled (non-interpreted) path on odd sizes: masks, tails, split-k."""
     for (s_q, s_kv, h_q, d_qk, d_v, topk) in [(5, 300, 16, 576, 512, 77), (7, 1000, 48, 576, 512, 333),
