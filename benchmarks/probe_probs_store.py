@@ -6,7 +6,8 @@ Builds variants of the forward kernel from its source (each a copy of
 flashdsa/ops/sparse_mla.py with one change, imported as its own module) and times each
 at the sparse benchmark's shapes (s_q 4096, s_kv 8192, topk 2048, e4m3 scratch). Variants
 that drop a store compute wrong probabilities: they only time what the store costs.
-Also splits the real forward's time per kernel (torch.profiler).
+Also splits the real forward's time per kernel (torch.profiler), and that of the fused
+attention + indexer loss forward of the sparse training stage.
 """
 from __future__ import annotations
 
@@ -19,20 +20,22 @@ import torch
 
 from benchmarks.bench_indexer_loss import D_QK, D_V, S_KV, S_Q, TOPK, make
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+from flashdsa.ops.sparse_stage import sparse_mla_kl_fwd
 
 _P_TMA = "ps_desc.store([pid_t * h_q + pid_h * BLOCK_H, k0], p_st)"
 _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],\n" \
            "                         p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
 _M_STORE = "_store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,\n" \
            "                            h_mask, ASM_STORE)"
+_PTX_ONLY_BESIDE_TL_STORE = "and not tma and not _interpreted()"
 # (name, source edits, config overrides)
 VARIANTS = [
     ("as shipped", [], {}),
     ("no m store", [(_M_STORE, "pass")], {}),
     ("no p store", [(_P_TMA, "pass"), (_P_STORE, "pass")], {}),
     ("no stores", [(_P_TMA, "pass"), (_P_STORE, "pass"), (_M_STORE, "pass")], {}),
-    ("maxima by tl.store", [], dict(ASM_STORE=False)),
-    ("p tile by tl.store", [], dict(TMA_STORE=False)),
+    ("TMA, maxima by PTX", [(_PTX_ONLY_BESIDE_TL_STORE, "and not _interpreted()")], {}),
+    ("p tile by tl.store, maxima by PTX", [], dict(TMA_STORE=False)),
     ("both by tl.store", [], dict(TMA_STORE=False, ASM_STORE=False)),
 ]
 
@@ -84,11 +87,11 @@ def main():
     ceil = measure_ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     e4 = torch.float8_e4m3fn
-    rows, breakdown = [], {}
+    rows, breakdown, breakdown_fused = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         mods = {name: (_variant_module(name, edits, tmp), cfg) for name, edits, cfg in VARIANTS}
         for h in args.heads:
-            q, kv, _, _, _, idx = make(h, S_Q, S_KV, TOPK)
+            q, kv, iq, ik, w, idx = make(h, S_Q, S_KV, TOPK)
             sm = D_QK ** -0.5
             base = mods["as shipped"][0]
             t_plain = bench_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V))
@@ -105,9 +108,11 @@ def main():
                                      probs_rel_err_vs_shipped=float(((got - want).norm() / want.norm()).item())))
             breakdown[h] = _kernel_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True,
                                                                   probs_dtype=e4))
-            print(h, breakdown[h])
+            breakdown_fused[h] = _kernel_ms(lambda: sparse_mla_kl_fwd(q, kv, idx, sm, D_V, iq, ik, w))
+            print(h, breakdown[h], breakdown_fused[h])
     path = write_result("probe_probs_store", dict(shapes=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V),
-                                                  ceilings=ceil, rows=rows, kernel_ms_shipped=breakdown))
+                                                  ceilings=ceil, rows=rows, kernel_ms_shipped=breakdown,
+                                                  kernel_ms_fused_with_loss=breakdown_fused))
     print_table(rows, ["h", "variant", "rep", "ms", "added_ms", "probs_rel_err_vs_shipped"])
     print("wrote", path)
 
