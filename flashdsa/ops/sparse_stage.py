@@ -28,11 +28,12 @@ from .sparse_mla import sparse_mla_fwd as _attn_fwd
 
 
 def sparse_mla_kl_fwd(q, kv, indices, sm_scale, d_v, iq, ik, w, probs_dtype=torch.float8_e4m3fn,
-                      config=None, scratch_bytes=1 << 30):
+                      config=None, attn_config=None, scratch_bytes=1 << 30):
     """(out, max_logits, lse, kl [T] fp32, stats [T, 2], p [T, topk] fp32) on validated
     inputs: ``sparse_mla_fwd(q, kv, indices, sm_scale, d_v)``'s outputs, and the per-row KL of
     the loss with the target taken from the forward's scratch of ``probs_dtype``. ``config``
-    overrides the loss kernel's warps and stages (its BLOCK_K is the forward's)."""
+    overrides the loss kernel's warps and stages (its BLOCK_K is the forward's),
+    ``attn_config`` the forward's block sizes (flashdsa.ops.sparse_mla.CONFIGS)."""
     _, _, _, iq, ik, w, idx, _, _, _, topk = L._prep(None, None, None, iq, ik, w, indices, None, None)
     T, h_q = q.shape[0], q.shape[1]
     dev = q.device
@@ -53,8 +54,8 @@ def sparse_mla_kl_fwd(q, kv, indices, sm_scale, d_v, iq, ik, w, probs_dtype=torc
             stride_psh=sc.p.stride(1), stride_mst=sc.m.stride(0), stride_msb=sc.m.stride(1),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    out, max_logits, lse = _attn_fwd(q, kv, indices, sm_scale, d_v, return_probs=True, probs_dtype=probs_dtype,
-                                     scratch_bytes=scratch_bytes, probs_sink=loss_fwd)
+    out, max_logits, lse = _attn_fwd(q, kv, indices, sm_scale, d_v, config=attn_config, return_probs=True,
+                                     probs_dtype=probs_dtype, scratch_bytes=scratch_bytes, probs_sink=loss_fwd)
     return out, max_logits, lse, kl, stats, p
 
 
