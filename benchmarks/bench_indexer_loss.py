@@ -5,12 +5,10 @@
 Sparse stage: s_q 4096, s_kv 8192, topk 2048, d_qk 576 (the sparse MLA benchmark's
 shapes), indexer H_I 64, d_I 128, bf16. Compared with flashdsa's sparse MLA forward at
 the same shapes, measured in the same run. Target: the losses add <= 30% to it. Two ways:
-  - "from probs": the forward returns the
+  - "from probs" (what the MLA module's sparse stage runs): the forward returns the
     head-mean probabilities (``return_probs=True``) and the loss computes only the index
     scores. Added to the forward: (forward with probs - forward) + loss fwd; the loss's
     backward runs in the backward pass and is reported beside it.
-  - "fused" (what the MLA module's sparse stage runs on the GPU): one op, the loss reads the
-    forward's probabilities scratch itself (no reduction kernel); added = its time - the forward.
   - "recompute": the loss recomputes the attention logits from q, kv and lse.
 
 Warm-up stage: one causal sequence of T 4096 (dense). Two baselines: the dense causal
@@ -99,7 +97,6 @@ def main():
     args = ap.parse_args()
     from flashdsa.ops import indexer_loss as L
     from flashdsa.ops.sparse_mla import sparse_mla_fwd
-    from flashdsa.ops.sparse_stage import sparse_mla_kl_fwd
 
     jobs = [] if args.from_probs_only else [(v, h) for h in args.heads for v in (VARIANTS if args.sweep else [None])]
     jobs = [(v if v else tuple(L._config(torch.empty(1, h, D_QK, device="cuda"), torch.empty(1, HI, DI, device="cuda")).values()), h) for v, h in jobs]
@@ -170,15 +167,7 @@ def main():
         rows.append(dict(stage="sparse", h=h, variant=f"from e4m3 probs {tuple(cfg.values())}", fwd_ms=tf,
                          added_to_fwd=added_fwd / t_attn,
                          kl_vs_recompute=float(((kl8 - kl_rec).norm() / kl_rec.norm()).item())))
-        # the fused op the MLA module's sparse stage runs: the loss reads the forward's scratch
-        _, _, _, kl_f, st_f, p_f = sparse_mla_kl_fwd(q, kv, idx, sm_scale, D_V, iq, ik, w)
-        t_fused = bench_ms(lambda: sparse_mla_kl_fwd(q, kv, idx, sm_scale, D_V, iq, ik, w))
-        dkl = torch.ones_like(kl_f)
-        tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, st_f, p_f, 0.0))
-        rows.append(dict(stage="sparse", h=h, variant="fused attention + loss fwd (e4m3)", ms=t_fused, bwd_ms=tb,
-                         added_to_fwd=(t_fused - t_attn) / t_attn, ratio_to_attn_fwd=(t_fused - t_attn + tb) / t_attn,
-                         kl_vs_recompute=float(((kl_f - kl_rec).norm() / kl_rec.norm()).item())))
-        del probs, probs8, lse_p, kl_rec, kl_f, st_f, p_f
+        del probs, probs8, lse_p, kl_rec
         f_fwd = 2.0 * n * (h * D_QK + HI * DI)
         f_bwd = 2.0 * n * 3 * HI * DI
         for v in [vv for vv, hh in jobs if hh == h]:

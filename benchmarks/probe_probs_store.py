@@ -6,8 +6,7 @@ Builds variants of the forward kernel from its source (each a copy of
 flashdsa/ops/sparse_mla.py with one change, imported as its own module) and times each
 at the sparse benchmark's shapes (s_q 4096, s_kv 8192, topk 2048, e4m3 scratch). Variants
 that drop a store compute wrong probabilities: they only time what the store costs.
-Also splits the real forward's time per kernel (torch.profiler), and that of the fused
-attention + indexer loss forward of the sparse training stage.
+Also splits the real forward's time per kernel (torch.profiler).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import torch
 
 from benchmarks.bench_indexer_loss import D_QK, D_V, S_KV, S_Q, TOPK, make
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
-from flashdsa.ops.sparse_stage import sparse_mla_kl_fwd
 
 _P_TMA = "ps_desc.store([pid_t * h_q + pid_h * BLOCK_H, k0], p_st)"
 _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] * stride_psh + kk[None, :],\n" \
@@ -87,11 +85,11 @@ def main():
     ceil = measure_ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     e4 = torch.float8_e4m3fn
-    rows, breakdown, breakdown_fused = [], {}, {}
+    rows, breakdown = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         mods = {name: (_variant_module(name, edits, tmp), cfg) for name, edits, cfg in VARIANTS}
         for h in args.heads:
-            q, kv, iq, ik, w, idx = make(h, S_Q, S_KV, TOPK)
+            q, kv, _, _, _, idx = make(h, S_Q, S_KV, TOPK)
             sm = D_QK ** -0.5
             base = mods["as shipped"][0]
             t_plain = bench_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V))
@@ -108,11 +106,9 @@ def main():
                                      probs_rel_err_vs_shipped=float(((got - want).norm() / want.norm()).item())))
             breakdown[h] = _kernel_ms(lambda: base.sparse_mla_fwd(q, kv, idx, sm, D_V, return_probs=True,
                                                                   probs_dtype=e4))
-            breakdown_fused[h] = _kernel_ms(lambda: sparse_mla_kl_fwd(q, kv, idx, sm, D_V, iq, ik, w))
-            print(h, breakdown[h], breakdown_fused[h])
+            print(h, breakdown[h])
     path = write_result("probe_probs_store", dict(shapes=dict(s_q=S_Q, s_kv=S_KV, topk=TOPK, d_qk=D_QK, d_v=D_V),
-                                                  ceilings=ceil, rows=rows, kernel_ms_shipped=breakdown,
-                                                  kernel_ms_fused_with_loss=breakdown_fused))
+                                                  ceilings=ceil, rows=rows, kernel_ms_shipped=breakdown))
     print_table(rows, ["h", "variant", "rep", "ms", "added_ms", "probs_rel_err_vs_shipped"])
     print("wrote", path)
 

@@ -164,13 +164,6 @@ def training_launches() -> dict[str, list]:
         L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.CONFIGS["sm90_probs"], probs=p)
         L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"])
     cases["sparse_kl_loss_from_probs"] = launches
-    from flashdsa.ops.sparse_stage import sparse_mla_kl_fwd
-    for h in (64, 128):
-        q = torch.randn(T, h, 576, generator=g, **bf)
-        with capture_launches() as launches, _as_sm90(F):
-            sparse_mla_kl_fwd(q, kv, idx, 0.04, 512, iq, ik, w, config=L.CONFIGS["sm90_probs"],
-                              attn_config=F.CONFIGS["sm90"])
-        cases[f"sparse_mla_kl_fwd h{h}"] = launches
     return cases
 
 

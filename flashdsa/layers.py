@@ -210,7 +210,6 @@ class MLA(nn.Module):
         """The training stages of :meth:`forward`: (out [T, hidden], indexer loss)."""
         from .backend import resolve_backend
         from .ops import indexer_loss as losses_blockwise
-        from .ops import sparse_stage
         from .reference import losses as losses_naive
 
         if stage not in self.STAGES:
@@ -240,20 +239,14 @@ class MLA(nn.Module):
             indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
                                           backend=backend)[:, None, :]        # [T, 1, topk]
             # The attention hands over its head-mean probabilities of the selected slots
-            # (the loss's target), so the loss computes only the index scores; the Triton
-            # path in one op, whose loss reads them from the attention's scratch. The e4m3
+            # (the loss's target), so the loss computes only the index scores. The e4m3
             # scratch: the KL differs from the exact target's by 3.7e-4 (relative) and the
             # forward's extra time halves (H200, docs/training.md).
-            if blockwise:
-                o_lat, _, loss = sparse_stage.sparse_mla_with_kl_loss(
-                    q_full, kv_full, indices, self.softmax_scale, iq, ik, iw, d_v=self.kv_lora_rank,
-                    probs_precision=self.probs_precision, reduction="mean")
-            else:
-                o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
-                                                        d_v=self.kv_lora_rank, backend=backend, return_probs=True,
-                                                        probs_precision=self.probs_precision)
-                loss = fns.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean")
+            o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
+                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True,
+                                                    probs_precision=self.probs_precision)
             out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
+            loss = fns.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean")
         return self.o_proj(out.flatten(1)), loss.float()
 
     @staticmethod

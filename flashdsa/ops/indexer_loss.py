@@ -49,7 +49,6 @@ import triton
 import triton.language as tl
 
 from ..reference.losses import _reduce
-from .sparse_mla import _block_probs, _row_lse2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -201,9 +200,6 @@ def indexer_kl_fwd_kernel(
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ATTN: tl.constexpr = True,  # False: the target p [T, topk] is given in p_ptr (q, kv, lse unused)
-    BLOCKS: tl.constexpr = False,  # (not ATTN) the target from the attention forward's scratch
-    ps_ptr=None, ms_ptr=None, p_scale=1.0,  # BLOCKS: its ProbsScratch (lse in lse_ptr), stored to p_ptr
-    stride_pst=0, stride_psh=0, stride_mst=0, stride_msb=0,
 ):
     t = tl.program_id(0).to(tl.int64)
     if DENSE:
@@ -214,8 +210,6 @@ def indexer_kl_fwd_kernel(
     if ATTN:
         q_h, q_t, lse2 = _load_attn_row(q_ptr, lse_ptr, t, n_heads, stride_qt, stride_qh, stride_lt,
                                         D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H)
-    elif BLOCKS:
-        lse2, has = _row_lse2(lse_ptr, t, stride_lt, n_heads, BLOCK_H)
 
     if COMPUTE_LSE:
         # No lse from the attention (e.g. torch SDPA ran it): one extra pass over the
@@ -246,13 +240,10 @@ def indexer_kl_fwd_kernel(
         if ATTN:
             p = _attn_probs(q_h, q_t, kv_ptr, stride_kvr, rows, valid, lse2, qk_scale, inv_h, D_HEAD, D_TAIL,
                             BLOCK_DT, DOT_PREC)
-        elif BLOCKS:  # BLOCK_K is the forward's: one of its blocks per step
-            p = tl.where(valid, _block_probs(ps_ptr, ms_ptr, t, k0 // BLOCK_K, lse2, has, n_heads, topk, p_scale,
-                                             stride_pst, stride_psh, stride_mst, stride_msb, BLOCK_H, BLOCK_K), 0.0)
+            if STORE_P:
+                tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
         else:
             p = tl.where(valid, tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0), 0.0)
-        if STORE_P:
-            tl.store(p_ptr + t * stride_pt + offs, p, mask=offs < topk)
         _, s, _ = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         pos = p > 0
         z_sum += p

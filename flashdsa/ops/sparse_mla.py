@@ -24,7 +24,6 @@ Nothing of size s_q x topk x d_qk is materialized: each program holds one
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -254,46 +253,27 @@ def _sparse_mla_fwd_kernel(
 
 
 @triton.jit
-def _row_lse2(lse_ptr, t, stride_lt, h_q, BLOCK_H: tl.constexpr):
-    """Row t's lse in base 2 [BLOCK_H] (0 where a head has no valid slot or is padding) and
-    which heads have one: the rescale of the forward's per-block probabilities."""
-    offs_h = tl.arange(0, BLOCK_H)
-    lse = tl.load(lse_ptr + t * stride_lt + offs_h, mask=offs_h < h_q, other=float("inf"))
-    has = lse < float("inf")  # heads of a row with no valid slot: lse +inf, probs 0
-    return tl.where(has, lse, 0.0) * 1.4426950408889634, has
-
-
-@triton.jit
-def _block_probs(ps_ptr, ms_ptr, t, blk, lse2, has, h_q, topk, scale,
-                 stride_pst, stride_psh, stride_mst, stride_msb,
-                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """probs[t, j] = scale * sum_h p_blk[h, j] * exp2(m_blk[h] - lse2[h]) for the slots j of
-    forward block ``blk`` of row t [BLOCK_K] (0 past topk): the forward's per-block
-    probabilities (relative to each block's max) rescaled by the final lse and averaged over
-    the heads (scale = 1 / h_q, and 1 / 256 for the e4m3 scratch)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_j = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-    h_mask = offs_h < h_q
-    m = tl.load(ms_ptr + t * stride_mst + blk * stride_msb + offs_h, mask=h_mask, other=0.0)
-    f = tl.where(has, tl.math.exp2(m - lse2), 0.0) * scale
-    p = tl.load(ps_ptr + t * stride_pst + offs_h[:, None] * stride_psh + offs_j[None, :],
-                mask=h_mask[:, None] & (offs_j < topk)[None, :], other=0.0)
-    return tl.sum(p.to(tl.float32) * f[:, None], 0)
-
-
-@triton.jit
 def _probs_reduce_kernel(ps_ptr, ms_ptr, lse_ptr, pr_ptr, h_q, topk, scale,
                          stride_pst, stride_psh, stride_mst, stride_msb, stride_lt, stride_prt,
                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """probs [T, topk] from the forward's scratch (_block_probs). One program per (block,
-    query), all heads."""
+    """probs[t, j] = scale * sum_h p_blk[h, j] * exp2(m_blk[h] - lse2[h]) for the slots j of
+    one forward block: the forward's per-block probabilities (relative to each block's max)
+    rescaled by the final lse and averaged over the heads (scale = 1 / h_q, and 1 / 256 for
+    the e4m3 scratch). One program per (block, query), all heads."""
     pid_j = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    lse2, has = _row_lse2(lse_ptr, t, stride_lt, h_q, BLOCK_H)
-    pr = _block_probs(ps_ptr, ms_ptr, t, pid_j, lse2, has, h_q, topk, scale, stride_pst, stride_psh, stride_mst,
-                      stride_msb, BLOCK_H, BLOCK_K)
+    offs_h = tl.arange(0, BLOCK_H)
     offs_j = pid_j * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(pr_ptr + t * stride_prt + offs_j, pr, mask=offs_j < topk)
+    h_mask = offs_h < h_q
+    j_mask = offs_j < topk
+    lse = tl.load(lse_ptr + t * stride_lt + offs_h, mask=h_mask, other=float("inf"))
+    has = lse < float("inf")  # heads of a row with no valid slot: lse +inf, probs 0
+    lse2 = tl.where(has, lse, 0.0) * 1.4426950408889634
+    m = tl.load(ms_ptr + t * stride_mst + pid_j * stride_msb + offs_h, mask=h_mask, other=0.0)
+    f = tl.where(has, tl.math.exp2(m - lse2), 0.0) * scale
+    p = tl.load(ps_ptr + t * stride_pst + offs_h[:, None] * stride_psh + offs_j[None, :],
+                mask=h_mask[:, None] & j_mask[None, :], other=0.0)
+    tl.store(pr_ptr + t * stride_prt + offs_j, tl.sum(p.to(tl.float32) * f[:, None], 0), mask=j_mask)
 
 
 @triton.jit
@@ -528,7 +508,7 @@ def _combine_splits_kernel(
 
 
 def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8, n_split=1,
-            config=None, probs_dtype=None, scratch_bytes=1 << 30, probs_sink=None):
+            config=None, probs_dtype=None, scratch_bytes=1 << 30):
     """Run the kernel on q [T, h_q, d_qk] and indices [T, topk] over rows kv_v [N, >= d_v]
     (+ tail rows [N, >= d_tail], + fp32 scales [N, >= 4] when kv_fp8).
 
@@ -536,7 +516,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     with ``probs_dtype`` (the scratch's: float16 or float8_e4m3fn; bf16/fp32 rows, no split)
     also probs [T, topk] fp32, the head-mean
     attention probability of each slot (queries in chunks whose fp16 scratch fits
-    ``scratch_bytes``); with ``probs_sink`` too, no probs: see :func:`sparse_mla_fwd`."""
+    ``scratch_bytes``)."""
     t_q, h_q, _ = q.shape
     topk = idx.shape[1]
     cfg = dict(default_config(q.device, h_q, d_v, kv_fp8))
@@ -555,7 +535,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     if probs and (kv_fp8 or n_split > 1):
         raise ValueError("probs: only for bf16/fp32 rows without split-k (the training forward)")
     if t_q == 0:
-        return (out, max_logits, lse) + ((torch.zeros(0, topk, device=q.device),) if probs and not probs_sink else ())
+        return (out, max_logits, lse) + ((torch.zeros(0, topk, device=q.device),) if probs else ())
     # split-k: each split gets a whole number of BLOCK_K steps
     n_steps = triton.cdiv(topk, block_k)
     n_split = max(1, min(n_split, n_steps))
@@ -599,7 +579,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
         # benchmarks/results/indexer_loss.json) against 4.97 with the same tl.store
         # (probe_probs_store.json, "maxima by tl.store"; H200, 2026-12-02)
         m_scr = torch.empty(chunk, n_steps, h_q, dtype=torch.float32, device=q.device)
-        pr = torch.empty(t_q if probs_sink is None else 0, topk, dtype=torch.float32, device=q.device)
+        pr = torch.empty(t_q, topk, dtype=torch.float32, device=q.device)
         # The p tile by TMA (Hopper and later): the tile's rows must not run into the next
         # query's (whole head blocks) and the row pitch must be a multiple of 16 bytes.
         tma = (bool(cfg.get("TMA_STORE", False)) and _has_tma(q.device) and h_q % block_h == 0
@@ -616,16 +596,13 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
             c1 = min(t_q, c0 + chunk)  # views of the chunk's rows, same strides
             kernel[(n_hb, c1 - c0, 1)](q[c0:c1], kv_v, tail, scale, idx[c0:c1], out[c0:c1], max_logits[c0:c1],
                                        lse[c0:c1], *args, SPLIT=False, **meta, **extra)
-            if probs_sink is not None:
-                probs_sink(ProbsScratch(p_scr, m_scr, lse[c0:c1], (1.0 / 256 if fp8 else 1.0) / h_q, block_k), c0, c1)
-                continue
             # 2 warps: 0.27 ms at h_q 64 for 1 GiB of fp16 scratch (3.9 TB/s; 4 warps 0.45 ms),
             # as much for the 0.5 GiB of e4m3 (H200, 2026-12-01 and 02, probe_probs_store.py)
             _probs_reduce_kernel[(n_steps, c1 - c0)](
                 p_scr, m_scr, lse[c0:c1], pr[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
                 p_scr.stride(0), p_scr.stride(1), m_scr.stride(0), m_scr.stride(1), lse.stride(0), pr.stride(0),
                 BLOCK_H=max(16, triton.next_power_of_2(h_q)), BLOCK_K=block_k, num_warps=2)
-        return (out, max_logits, lse) if probs_sink is not None else (out, max_logits, lse, pr)
+        return out, max_logits, lse, pr
     p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
     p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
     p_ml = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
@@ -643,23 +620,9 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
     return out, max_logits, lse
 
 
-class ProbsScratch(NamedTuple):
-    """One chunk of queries' attention probabilities as the forward leaves them (see
-    :func:`sparse_mla_fwd`'s ``probs_sink``): p [chunk, h_q, topk] (fp16 or e4m3, relative to
-    each block's running max; rows past the chunk's are stale), m [chunk, n_blk, h_q] fp32
-    (those maxima, base 2), the chunk's lse [rows, h_q] fp32, the scale of the head mean
-    (1 / h_q, times 1 / 256 for e4m3) and the forward's BLOCK_K (slots per block).
-    :func:`_block_probs` turns a block of them into probabilities."""
-    p: torch.Tensor
-    m: torch.Tensor
-    lse: torch.Tensor
-    scale: float
-    block_k: int
-
-
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                    d_v: int = 512, n_split: int = 1, config: dict | None = None, return_probs: bool = False,
-                   scratch_bytes: int = 1 << 30, probs_dtype: torch.dtype = torch.float16, probs_sink=None):
+                   scratch_bytes: int = 1 << 30, probs_dtype: torch.dtype = torch.float16):
     """Sparse MLA forward (SPEC 3) on validated inputs (use ``flashdsa.sparse_mla_fwd``).
 
     q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk] (same float dtype), indices [s_q, 1, topk] int32
@@ -677,13 +640,6 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     ``probs_dtype``: the scratch's type, torch.float16 (2^-11 relative rounding) or
     torch.float8_e4m3fn (1 byte, half the forward's extra time, 2^-4 relative rounding of
     each head's probability, values below 2^-14 of their block's max lost).
-
-    ``probs_sink`` (with ``return_probs``): ``probs_sink(scratch, c0, c1)`` is called after
-    the forward of each chunk of queries [c0, c1) with its :class:`ProbsScratch`, in place
-    of the kernel that reduces it to probs (a consumer that reads the scratch anyway, e.g.
-    the indexer loss, saves that kernel: 0.27 ms at h_q 64 on an H200); then only the first
-    three outputs are returned. Kernels it launches on the current stream run before the
-    next chunk overwrites the scratch.
     """
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0]
@@ -696,5 +652,4 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     d_tail = d_qk - d_v
     tail = kv2[:, d_v:] if d_tail > 0 else None
     return _launch(q, kv2, tail, None, idx, kv.shape[0], sm_scale, d_v, d_tail, False, n_split, config,
-                   probs_dtype=probs_dtype if return_probs else None, scratch_bytes=scratch_bytes,
-                   probs_sink=probs_sink if return_probs else None)
+                   probs_dtype=probs_dtype if return_probs else None, scratch_bytes=scratch_bytes)
