@@ -94,8 +94,10 @@ def _store_in_place(ptrs, vals, mask, ASM: tl.constexpr):
     the registers that hold it. tl.store first moves a tensor from its compute layout (here
     a slice of the wgmma accumulator) to a coalesced one through shared memory, between two
     block-wide barriers: for the maxima of each block of the forward's loop that cost 0.04 ms
-    more at h_q 64 (of 4.2) and 0.09 at h_q 128 (H200, 2026-12-02,
-    benchmarks/probe_probs_store.py). An element held by several threads is stored by each
+    more at h_q 64 (of 4.2) and 0.09 at h_q 128 with the p tile by tl.store (H200,
+    2026-12-02, benchmarks/results/probe_probs_store.json as of commit 01f52fc; the current
+    one has "p tile by tl.store, maxima by PTX" against "both by tl.store": 0.05 / 0.05 ms).
+    An element held by several threads is stored by each
     (same value, same address). PTX: CUDA only."""
     if ASM:
         tl.inline_asm_elementwise(
@@ -577,7 +579,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
         # a block's maxima side by side: [chunk, h_q, n_steps] (64 strided 4-byte stores a
         # block) made the forward with e4m3 probs 5.10 ms at h_q 64 (commit 2ff20dd,
         # benchmarks/results/indexer_loss.json) against 4.97 with the same tl.store
-        # (probe_probs_store.json, "maxima by tl.store"; H200, 2026-12-02)
+        # (probe_probs_store.json of commit 01f52fc, "maxima by tl.store"; H200, 2026-12-02)
         m_scr = torch.empty(chunk, n_steps, h_q, dtype=torch.float32, device=q.device)
         pr = torch.empty(t_q, topk, dtype=torch.float32, device=q.device)
         # The p tile by TMA (Hopper and later): the tile's rows must not run into the next
