@@ -90,6 +90,37 @@ def _compile_worker(variant, h):
         return variant, h, f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def _attention_with_lse_rows(q, k, v, h, n):
+    """The warm-up's attention (multi-head form, causal) through the torch kernels that also
+    return the lse the loss needs (SDPA itself returns none): time, and the lse's largest
+    difference from an fp32 computation on 128 rows."""
+    scale = q.shape[-1] ** -0.5
+    rows_t = torch.arange(q.shape[2] - 128, q.shape[2], device=q.device)
+    a = (q[0, :, rows_t].float() @ k[0].float().transpose(1, 2)) * scale  # [h, 128, T]
+    a = a.masked_fill(torch.arange(q.shape[2], device=q.device)[None, None, :] > rows_t[None, :, None], float("-inf"))
+    want = torch.logsumexp(a, dim=-1)  # [h, 128]
+    kernels = {
+        "cudnn": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                                           scale=scale)[:2],
+        "efficient": lambda: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True,
+                                                                                   scale=scale)[:2],
+    }
+    out = []
+    for name, fn in kernels.items():
+        try:
+            lse = fn()[1]
+            err = float((lse.reshape(h, -1)[:, :q.shape[2]][:, rows_t].float() - want).abs().max().item())
+            t = bench_ms(fn)
+        except Exception as e:  # a kernel this GPU / torch build lacks
+            out.append(dict(stage="warmup", h=h, variant=f"attention fwd + lse ({name})",
+                            note=f"{type(e).__name__}: {str(e)[:150]}"))
+            continue
+        out.append(dict(stage="warmup", h=h, variant=f"attention fwd + lse ({name})", ms=t,
+                        tflops=2.0 * n * h * (D_QK_MHA + D_V_MHA) / t * 1e-9, lse_max_abs_err=err,
+                        lse_shape=list(lse.shape)))
+    return out
+
+
 def main():
     ap = sweep_arg_parser()
     ap.add_argument("--from-probs-only", action="store_true",
@@ -205,9 +236,10 @@ def main():
             qm, km = (torch.randn(1, h, T, D_QK_MHA, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             vm = torch.randn(1, h, T, D_V_MHA, device="cuda", dtype=torch.bfloat16)
             t_sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qm, km, vm, is_causal=True))
-            del qm, km, vm
             rows.append(dict(stage="warmup", h=h, variant="attention fwd (SDPA, multi-head form)", ms=t_sdpa,
                              tflops=2.0 * n * h * (D_QK_MHA + D_V_MHA) / t_sdpa * 1e-9))
+            rows += _attention_with_lse_rows(qm, km, vm, h, n)
+            del qm, km, vm
             for v in [vv for vv, hh in jobs if hh == h]:
                 if (v, h) in failures:
                     continue
@@ -221,7 +253,9 @@ def main():
                 except Exception as e:
                     rows.append(dict(stage="warmup", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
                     continue
+                t_own_lse = bench_ms(lambda: L.indexer_kl_fwd(q, kv, None, iq, ik, w, None, ks, ke, sm_scale, cfg))
                 rows.append(dict(stage="warmup", h=h, variant=str(v), fwd_ms=tf, bwd_ms=tb, ms=tf + tb,
+                                 fwd_ms_computing_lse=t_own_lse,
                                  tflops=(f_fwd + f_bwd) / (tf + tb) * 1e-9,
                                  ratio_to_dense_fwd_est=(tf + tb) / dense_fwd_est, fwd_ratio_est=tf / dense_fwd_est,
                                  ratio_to_sdpa_fwd=(tf + tb) / t_sdpa, fwd_ratio_sdpa=tf / t_sdpa))
@@ -240,7 +274,7 @@ def main():
             compile_failures={f"{v} h{h}": e for (v, h), e in failures.items()}))
         print_table(rows, ["stage", "h", "variant", "fwd_ms", "bwd_ms", "ms", "tflops", "added_to_fwd",
                            "ratio_to_attn_fwd", "ratio_to_dense_fwd_est", "ratio_to_sdpa_fwd", "probs_rel_err",
-                           "kl_vs_recompute"])
+                           "kl_vs_recompute", "fwd_ms_computing_lse", "lse_max_abs_err", "note"])
     print("wrote", path)
 
 
