@@ -98,6 +98,27 @@ class LightningIndexer(nn.Module):
         return api.indexer_topk(q8, k8, k_scale[:, 0], weights, ks, ke, self.topk, backend=backend)
 
 
+def _cudnn_attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch's cuDNN attention takes these [H, L, d] operands (causal, no mask)."""
+    try:
+        params = torch.backends.cuda.SDPAParams(q[None], k[None], v[None], None, 0.0, True, False)
+        return bool(torch.backends.cuda.can_use_cudnn_attention(params))
+    except (AttributeError, TypeError, RuntimeError):  # a torch without these entry points
+        return False
+
+
+def _causal_attention(q, k, v, scale, need_lse):
+    """Causal attention of one sequence, [H, L, d] operands: (out [H, L, d_v], lse [L, H] fp32
+    natural log, or None). SDPA returns no lse; with ``need_lse`` it comes from torch's cuDNN
+    attention (the kernel SDPA runs on Hopper, at the same speed: 0.64 ms at H 64, L 4096 on an
+    H200, benchmarks/results/indexer_loss.json), else None."""
+    if need_lse and q.is_cuda and _cudnn_attention_usable(q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q[None], k[None], v[None], None, True, 0.0,
+                                                                       True, False, scale=scale)[:2]
+        return out[0], lse.reshape(q.shape[0], q.shape[1]).transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), None
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with DeepSeek Sparse Attention.
 
@@ -165,7 +186,7 @@ class MLA(nn.Module):
         self._check(x, positions, cu_seqlens)
         qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
         if mode == "dense":
-            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
+            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)[0]
         else:
             ks, ke = causal_ranges(cu_seqlens, x.shape[0])
             indices = self.indexer(x, qr, cos, sin, ks, ke, backend=backend)  # [T, topk]
@@ -230,11 +251,13 @@ class MLA(nn.Module):
         fns = losses_blockwise if blockwise else losses_naive
 
         if stage == "warmup":
-            out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)
-            # SDPA gives no lse: the loss computes it from the absorbed q and latent rows,
-            # whose logits equal the multi-head ones.
-            loss = fns.warmup_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(), None, self.softmax_scale,
-                                      ks, ke, reduction="mean")
+            out, lse = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens, need_lse=True)
+            # The loss's target from the absorbed q and latent rows, whose logits equal the
+            # multi-head ones, normalized by the attention's lse; where the attention gave
+            # none (no cuDNN attention) the loss computes it, one more pass over the logits.
+            loss = fns.warmup_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(),
+                                      None if lse is None else lse.detach(), self.softmax_scale, ks, ke,
+                                      reduction="mean")
         else:
             indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
                                           backend=backend)[:, None, :]        # [T, 1, topk]
@@ -262,18 +285,21 @@ class MLA(nn.Module):
                 trainable.append(p)
         return trainable
 
-    def _dense(self, q_nope, q_pe, kv, k_pe, cu_seqlens):
-        """Causal multi-head attention per sequence: [T, H, v]."""
+    def _dense(self, q_nope, q_pe, kv, k_pe, cu_seqlens, need_lse=False):
+        """Causal multi-head attention per sequence: (out [T, H, v], lse [T, H] fp32 or None).
+        ``need_lse``: also the lse (natural log) where torch's cuDNN attention can run."""
         t = kv.shape[0]
         k_nope, v = self.kv_b_proj(kv).view(t, self.n_heads, self.nope + self.v_dim).split(
             (self.nope, self.v_dim), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1)), dim=-1)
         bounds = cu_seqlens.tolist()
-        outs = []
+        outs, lses = [], []
         for start, end in zip(bounds[:-1], bounds[1:]):
             # [H, L, d] per sequence; the packed axis has no padding to mask.
             qs, ks_, vs = (z[start:end].transpose(0, 1) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks_, vs, is_causal=True, scale=self.softmax_scale)
+            o, lse = _causal_attention(qs, ks_, vs, self.softmax_scale, need_lse)
             outs.append(o.transpose(0, 1))
-        return torch.cat(outs)
+            lses.append(lse)
+        lse = None if any(x is None for x in lses) else torch.cat(lses)
+        return torch.cat(outs), lse
