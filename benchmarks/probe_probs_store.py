@@ -35,6 +35,8 @@ VARIANTS = [
     ("TMA, maxima by PTX", [(_PTX_ONLY_BESIDE_TL_STORE, "and not _interpreted()")], {}),
     ("p tile by tl.store, maxima by PTX", [], dict(TMA_STORE=False)),
     ("both by tl.store", [], dict(TMA_STORE=False, ASM_STORE=False)),
+    ("reduction in 2 warps", [], dict(REDUCE_WARPS=2)),
+    ("reduction in 4 warps", [], dict(REDUCE_WARPS=4)),
 ]
 
 

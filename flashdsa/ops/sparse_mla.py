@@ -47,7 +47,8 @@ LN2 = 0.6931471805599453
 # (PV_LAG at BLOCK_K 64 needs 360 KB of shared memory at 2 stages) and, for fp8, SCALE_FOLD.
 # The sm80 row only respects the A100's 163 KB of shared memory (not measured).
 CONFIGS = {
-    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True, TMA_STORE=True),
+    "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True, TMA_STORE=True,
+                 REDUCE_WARPS=1),
     "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, PV_LAG=False, SCALE_FOLD=False),
     "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, PV_LAG=False, ASM_STORE=True),
     "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2, PV_LAG=False),
@@ -598,12 +599,15 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
             c1 = min(t_q, c0 + chunk)  # views of the chunk's rows, same strides
             kernel[(n_hb, c1 - c0, 1)](q[c0:c1], kv_v, tail, scale, idx[c0:c1], out[c0:c1], max_logits[c0:c1],
                                        lse[c0:c1], *args, SPLIT=False, **meta, **extra)
-            # 2 warps: 0.27 ms at h_q 64 for 1 GiB of fp16 scratch (3.9 TB/s; 4 warps 0.45 ms),
-            # as much for the 0.5 GiB of e4m3 (H200, 2026-12-01 and 02, probe_probs_store.py)
+            # REDUCE_WARPS: 2 warps took 0.27 ms at h_q 64 for 1 GiB of fp16 scratch (3.9 TB/s; 4
+            # warps 0.45 ms), as much for the 0.5 GiB of e4m3; 1 warp (the sm90 config, no
+            # cross-warp sum) made the whole forward 0.11 ms faster (H200, 2026-12-01 and 02,
+            # benchmarks/results/probe_probs_store.json: "reduction in 2 warps")
             _probs_reduce_kernel[(n_steps, c1 - c0)](
                 p_scr, m_scr, lse[c0:c1], pr[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
                 p_scr.stride(0), p_scr.stride(1), m_scr.stride(0), m_scr.stride(1), lse.stride(0), pr.stride(0),
-                BLOCK_H=max(16, triton.next_power_of_2(h_q)), BLOCK_K=block_k, num_warps=2)
+                BLOCK_H=max(16, triton.next_power_of_2(h_q)), BLOCK_K=block_k,
+                num_warps=cfg.get("REDUCE_WARPS", 2))
         return out, max_logits, lse, pr
     p_out = torch.empty(n_split, t_q, h_q, d_v, dtype=torch.float32, device=q.device)
     p_lse = torch.empty(n_split, t_q, h_q, dtype=torch.float32, device=q.device)
