@@ -601,8 +601,8 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
                                        lse[c0:c1], *args, SPLIT=False, **meta, **extra)
             # REDUCE_WARPS: 2 warps took 0.27 ms at h_q 64 for 1 GiB of fp16 scratch (3.9 TB/s; 4
             # warps 0.45 ms), as much for the 0.5 GiB of e4m3; 1 warp (the sm90 config, no
-            # cross-warp sum) made the whole forward 0.11 ms faster (H200, 2026-12-01 and 02,
-            # benchmarks/results/probe_probs_store.json: "reduction in 2 warps")
+            # cross-warp sum) made the whole forward 0.11-0.15 ms faster at h_q 64 (H200,
+            # 2026-12-01 and 02, benchmarks/results/probe_probs_store.json: "reduction in 2 warps")
             _probs_reduce_kernel[(n_steps, c1 - c0)](
                 p_scr, m_scr, lse[c0:c1], pr[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
                 p_scr.stride(0), p_scr.stride(1), m_scr.stride(0), m_scr.stride(1), lse.stride(0), pr.stride(0),
