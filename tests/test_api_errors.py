@@ -94,3 +94,46 @@ def test_other_bad_inputs():
         flashdsa.dense_mla_fwd(torch.randn(5, 2, 8), torch.randn(5, 1, 8), torch.tensor([0, 3, 2, 5]), d_v=8)
     with pytest.raises(NotImplementedError, match="no Triton kernel"):
         flashdsa.hadamard_transform(torch.randn(2, 8), backend="triton")
+
+
+def _loss_inputs(T=5, H=2, d_qk=24, HI=3, DI=16, S=9, topk=4):
+    return dict(iq=torch.randn(T, HI, DI), ik=torch.randn(S, DI), weights=torch.randn(T, HI),
+                q=torch.randn(T, H, d_qk), kv=torch.randn(S, 1, d_qk), lse=torch.randn(T, H),
+                indices=torch.zeros(T, 1, topk, dtype=torch.int32), attn_probs=torch.rand(T, topk),
+                ks=torch.zeros(T, dtype=torch.int32), ke=torch.arange(1, T + 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("loss,arg,bad,exc,match", [
+    ("from_probs", "attn_probs", torch.rand(5, 5), ValueError, r"attn_probs: expected shape \[5, 4\]"),
+    ("from_probs", "weights", torch.randn(5, 4), ValueError, r"weights: expected shape \[5, 3\]"),
+    ("from_probs", "ik", torch.randn(9, 18), ValueError, r"ik: expected shape \[\*, 16\]"),
+    ("from_probs", "ik", torch.randn(9, 16).double(), TypeError, "expected one dtype for iq, ik"),
+    ("from_probs", "indices", torch.zeros(6, 1, 4, dtype=torch.int32), ValueError, r"indices: expected shape \[5, 1, \*\]"),
+    ("from_probs", "indices", torch.zeros(5, 1, 4), TypeError, "indices: expected dtype"),
+    ("from_probs", "iq", torch.randn(5, 48), ValueError, r"iq: expected a 3-d tensor \[T, H_I, d_I\]"),
+    ("sparse", "kv", torch.randn(8, 1, 24), ValueError, r"kv: expected shape \[9, 1, 24\]"),
+    ("sparse", "q", torch.randn(4, 2, 24), ValueError, r"q: expected shape \[5, \*, \*\]"),
+    ("sparse", "lse", torch.randn(5, 3), ValueError, r"lse: expected shape \[5, 2\]"),
+    ("warmup", "ke", torch.arange(1, 5, dtype=torch.int32), ValueError, r"ke: expected shape \[5\]"),
+    ("warmup", "ks", torch.zeros(5), TypeError, "ks: expected dtype"),
+])
+def test_indexer_loss_bad_inputs(impl, loss, arg, bad, exc, match):
+    """Both implementations of the indexer losses reject malformed arguments by name (the
+    kernels would otherwise read out of bounds or give a silent wrong answer)."""
+    from flashdsa.ops import indexer_loss
+    from flashdsa.reference import losses
+
+    mod = losses if impl == "reference" else indexer_loss
+    x = _loss_inputs()
+    x[arg] = bad
+    calls = {
+        "from_probs": lambda: mod.sparse_kl_loss_from_probs(x["iq"], x["ik"], x["weights"], x["attn_probs"],
+                                                            x["indices"]),
+        "sparse": lambda: mod.sparse_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
+                                             x["indices"]),
+        "warmup": lambda: mod.warmup_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
+                                             x["ks"], x["ke"]),
+    }
+    with pytest.raises(exc, match=match):
+        calls[loss]()

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.losses import _reduce
+from ..reference.losses import _reduce, check_loss_inputs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -100,7 +100,7 @@ def _block_rows(idx_ptr, stride_it, t, k0, ks, ke, topk, n_kv, BLOCK_K: tl.const
     offs = k0 + tl.arange(0, BLOCK_K)
     if DENSE:
         rows = ks + offs
-        valid = rows < ke
+        valid = (rows < ke) & (rows >= 0) & (rows < n_kv)  # a range past [0, S) counts its rows in it
     else:
         rows = tl.load(idx_ptr + t * stride_it + offs, mask=offs < topk, other=-1)
         valid = (rows >= 0) & (rows < n_kv)
@@ -497,6 +497,7 @@ def warmup_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, ks, ke, reduction="sum
     """Blockwise dense warm-up loss sum_t KL(p[t] || softmax(I[t])) over [ks[t], ke[t]).
     Same contract as :func:`flashdsa.reference.losses.warmup_kl_loss`; gradients reach
     iq, ik and weights only. ``lse=None``: computed here (one more pass of q.kv)."""
+    check_loss_inputs(iq, ik, weights, q, kv, lse, ks=ks, ke=ke)
     kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
                                            iq, ik, weights, None, ks, ke, None, float(sm_scale))[0]
     return _reduce(kl, reduction)
@@ -507,6 +508,7 @@ def sparse_kl_loss(iq, ik, weights, q, kv, lse, sm_scale, indices, reduction="su
     target recomputed from the attention's q, kv and lse. Same contract as
     :func:`flashdsa.reference.losses.sparse_kl_loss`. When the attention is flashdsa's,
     :func:`sparse_kl_loss_from_probs` is cheaper (no second q.kv pass)."""
+    check_loss_inputs(iq, ik, weights, q, kv, lse, indices=indices)
     kl = torch.ops.flashdsa.indexer_kl_fwd(q.detach(), kv.detach(), None if lse is None else lse.detach(),
                                            iq, ik, weights, indices, None, None, None, float(sm_scale))[0]
     return _reduce(kl, reduction)
@@ -517,6 +519,7 @@ def sparse_kl_loss_from_probs(iq, ik, weights, attn_probs, indices, reduction="s
     head-mean attention probabilities of the slots ``indices`` [T, 1, topk] (what
     ``flashdsa.sparse_mla_fwd(..., return_probs=True)`` returns). Only the index scores are
     computed here. Same contract as :func:`flashdsa.reference.losses.sparse_kl_loss_from_probs`."""
+    check_loss_inputs(iq, ik, weights, indices=indices, attn_probs=attn_probs)
     kl = torch.ops.flashdsa.indexer_kl_fwd(None, None, None, iq, ik, weights, indices, None, None,
                                            attn_probs.detach(), 0.0)[0]
     return _reduce(kl, reduction)

@@ -66,6 +66,18 @@ def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
 
 
+def test_warmup_ranges_past_the_keys_count_their_rows_in_range(poison):
+    """ks < 0 or ke > S are normal inputs: the rows of [ks, ke) inside [0, S) count, as in
+    the naive loss, and the kernels read nothing outside (rows of which none is in range,
+    and empty ranges, add 0)."""
+    T, H, d_qk, HI, DI = 9, 2, 48, 3, 16
+    q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
+    ks = torch.tensor([-3, 0, 2, -20, 5, 7, 0, 3, 9], dtype=torch.int32)
+    ke = torch.tensor([2, 9, 14, 4, 40, 8, 0, 9, 12], dtype=torch.int32)
+    lse = torch.rand(T, H, dtype=torch.float64) + 2.0
+    _compare("warmup", q, kv, lse, iq, ik, w, 0.3, (ks, ke), KERNEL_DEVICE)
+
+
 @pytest.mark.parametrize("lens,H,d_qk,HI,DI,block_k,given_lse", [
     ([7, 12], 3, 48, 5, 24, 16, True),   # ragged causal ranges, several key blocks per row
     ([7, 12], 3, 48, 5, 24, 16, False),  # lse computed by the loss kernel (attention ran elsewhere)
