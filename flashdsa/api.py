@@ -168,8 +168,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
             target of the sparse-stage indexer loss (:func:`flashdsa.ops.indexer_loss.sparse_kl_loss_from_probs`),
             computed from the forward's own softmax instead of a second q.k pass.
         probs_precision: the Triton forward's scratch for those probabilities: "fp16"
-            (2^-11 relative rounding) or "e4m3" (half the bytes and about half the extra
-            time; 2^-4 relative rounding per head, below 2^-14 of a block's max lost). The
+            (2^-11 relative rounding) or "e4m3" (half the bytes and about a quarter of the
+            extra time; 2^-4 relative rounding per head, below 2^-14 of a block's max lost). The
             reference is exact either way.
 
     Returns:

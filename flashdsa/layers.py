@@ -264,7 +264,7 @@ class MLA(nn.Module):
             # The attention hands over its head-mean probabilities of the selected slots
             # (the loss's target), so the loss computes only the index scores. The e4m3
             # scratch: the KL differs from the exact target's by 3.7e-4 (relative) and the
-            # forward's extra time halves (H200, docs/training.md).
+            # forward's extra time is a quarter of fp16's (H200, docs/training.md).
             o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
                                                     d_v=self.kv_lora_rank, backend=backend, return_probs=True,
                                                     probs_precision=self.probs_precision)
