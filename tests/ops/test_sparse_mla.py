@@ -217,40 +217,40 @@ def test_bf16_error_within_2x_of_bf16_torch_reference(h_q):
     check_probs(q, kv, idx, sm_scale, d_v, probs)
 
 
-@requires_cuda
-def test_gpu_probs_maxima_by_inline_ptx_equal_tl_store():
-    """The per-block maxima stored by inline PTX from the accumulator's registers (ASM_STORE,
-    the default on NVIDIA GPUs where the p tile is not stored by TMA) equal tl.store's: bitwise-equal results for both scratch
-    types, odd sizes, several head blocks, a row with no valid slot (make_inputs)."""
-    for (s_q, s_kv, h_q, topk) in [(5, 300, 16, 77), (7, 1000, 48, 333), (4, 3000, 128, 2048)]:
-        q, kv, idx = make_inputs(s_q, s_kv, h_q, 576, topk, torch.bfloat16, "cuda")
+def _store_paths_agree(cases, config_a, config_b, device="cuda"):
+    """The forward with probs under two store configurations: bitwise-equal outputs for both
+    scratch types on each (s_q, s_kv, h_q, topk, scratch_bytes) case, and probs within the
+    scratch's rounding of the reference's."""
+    for (s_q, s_kv, h_q, topk, scratch) in cases:
+        q, kv, idx = make_inputs(s_q, s_kv, h_q, 576, topk, torch.bfloat16, device)
         for dt in (torch.float16, torch.float8_e4m3fn):
             res = [ops.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512, return_probs=True, probs_dtype=dt,
-                                      config=dict(ASM_STORE=asm, TMA_STORE=False)) for asm in (True, False)]
+                                      scratch_bytes=scratch, config=cfg) for cfg in (config_a, config_b)]
             for a, b in zip(*res):
                 assert torch.equal(a, b)
             check_probs(q, kv, idx, 576 ** -0.5, 512, res[0][3],
                         rounding=E4M3_ULP if dt == torch.float8_e4m3fn else FP16_ULP)
+
+
+@requires_cuda
+def test_gpu_probs_maxima_by_inline_ptx_equal_tl_store():
+    """The per-block maxima stored by inline PTX from the accumulator's registers (ASM_STORE,
+    the default on NVIDIA GPUs where the p tile is not stored by TMA) equal tl.store's: odd
+    sizes, several head blocks, a row with no valid slot (make_inputs)."""
+    _store_paths_agree([(5, 300, 16, 77, 1 << 30), (7, 1000, 48, 333, 1 << 30), (4, 3000, 128, 2048, 1 << 30)],
+                       dict(ASM_STORE=True, TMA_STORE=False), dict(ASM_STORE=False, TMA_STORE=False))
 
 
 @requires_cuda
 def test_gpu_probs_tile_by_tma_equal_tl_store():
-    """The p tile stored by TMA (TMA_STORE, the default on Hopper) equals tl.store's:
-    bitwise-equal results for both scratch types, with a tail block that the descriptor's
-    bounds clip (topk 336), two head blocks, chunks of queries (a small scratch_bytes), and
-    h_q 48 where the rows of a head block would overrun (TMA is then not used)."""
+    """The p tile stored by TMA (TMA_STORE, the default on Hopper) equals tl.store's: a tail
+    block that the descriptor's bounds clip (topk 336), two head blocks, chunks of queries (a
+    small scratch_bytes), and h_q 48 where the rows of a head block would overrun (TMA is
+    then not used)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or later")
-    for (s_q, s_kv, h_q, topk, scratch) in [(5, 1000, 64, 336, 1 << 30), (7, 3000, 128, 2048, 2 * 128 * 2048 * 2),
-                                            (6, 700, 48, 80, 1 << 30)]:
-        q, kv, idx = make_inputs(s_q, s_kv, h_q, 576, topk, torch.bfloat16, "cuda")
-        for dt in (torch.float16, torch.float8_e4m3fn):
-            res = [ops.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512, return_probs=True, probs_dtype=dt,
-                                      scratch_bytes=scratch, config=dict(TMA_STORE=tma)) for tma in (True, False)]
-            for a, b in zip(*res):
-                assert torch.equal(a, b)
-            check_probs(q, kv, idx, 576 ** -0.5, 512, res[0][3],
-                        rounding=E4M3_ULP if dt == torch.float8_e4m3fn else FP16_ULP)
+    _store_paths_agree([(5, 1000, 64, 336, 1 << 30), (7, 3000, 128, 2048, 2 * 128 * 2048 * 2),
+                        (6, 700, 48, 80, 1 << 30)], dict(TMA_STORE=True), dict(TMA_STORE=False))
 
 
 @requires_cuda
