@@ -164,6 +164,11 @@ def training_launches() -> dict[str, list]:
         L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.CONFIGS["sm90_probs"], probs=p)
         L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"])
     cases["sparse_kl_loss_from_probs"] = launches
+    with capture_launches() as launches:  # torch.use_deterministic_algorithms(True): dik in a fixed order
+        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"],
+                         deterministic=True)
+        L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, stats, p, 0.04, cfg, deterministic=True)
+    cases["kl_loss bwd, deterministic"] = launches
     return cases
 
 

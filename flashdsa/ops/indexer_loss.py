@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ..reference.losses import _reduce, check_loss_inputs
+from .sparse_mla_bwd import _reduce_deterministic
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -277,6 +278,8 @@ def indexer_kl_bwd_kernel(
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
     BLOCK_K: tl.constexpr, DENSE: tl.constexpr, STORE_P: tl.constexpr, DOT_PREC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr = False,  # dik per (row, slot) into dik_ptr [T, n, d_I] fp32, summed later
+    stride_det=0, stride_detj=0,
 ):
     """STORE_P: the target p [T, topk] is in p_ptr (sparse stage); else recomputed (warm-up)."""
     t = tl.program_id(0).to(tl.int64)
@@ -313,8 +316,13 @@ def indexer_kl_bwd_kernel(
         dz_c = dzt.to(ik.dtype)
         acc_iq = tl.dot(tl.trans(dz_c), ik, acc_iq, input_precision=DOT_PREC)  # [HI, DI]
         dk = tl.dot(dz_c, iq, input_precision=DOT_PREC)  # [BK, DI]
-        tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
-                      mask=valid[:, None] & mask_d[None, :], sem="relaxed")
+        if DETERMINISTIC:  # each slot's own row of the buffer: no two programs meet
+            slots = k0 + tl.arange(0, BLOCK_K)
+            tl.store(dik_ptr + t * stride_det + slots[:, None] * stride_detj + offs_d[None, :], dk,
+                     mask=valid[:, None] & mask_d[None, :])
+        else:
+            tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
+                          mask=valid[:, None] & mask_d[None, :], sem="relaxed")
     offs_j = tl.arange(0, BLOCK_HI)
     mask_j = offs_j < n_iheads
     tl.store(diq_ptr + t * stride_diqt + offs_j[:, None] * stride_diqh + offs_d[None, :],
@@ -407,10 +415,17 @@ def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None
     return kl, stats, (p if not given else p.new_empty(T, 0)), lse_out
 
 
-def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, config=None):
+def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, config=None,
+                   deterministic=False, scratch_bytes=1 << 30):
     """Gradients (diq [T, H_I, d_I] in iq.dtype, dik [S, d_I] in ik.dtype, dw [T, H_I] in
     w.dtype) of sum_t dkl[t] * KL_t. The sparse stage reads its target from ``p`` [T, topk]
-    and needs no q, kv, lse (may be None); the warm-up recomputes it from them."""
+    and needs no q, kv, lse (may be None); the warm-up recomputes it from them.
+
+    dik sums over every (row, slot) that scored a key. By default with fp32 atomics, whose
+    order (so the last bits) varies from run to run; ``deterministic``: each contribution is
+    stored to an fp32 buffer [chunk, slots, d_I] and summed per key in a fixed order (the
+    sparse MLA backward's reduction), for queries in chunks whose buffer fits
+    ``scratch_bytes``: bitwise reproducible."""
     if indices is not None:
         q = kv = lse = None  # the sparse target is in p
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
@@ -422,18 +437,41 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
     diq = torch.empty_like(iq)
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
     dw = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    dummy = dkl
-    sidx = idx if idx is not None else ks
-    attn_ptrs, (n_heads, qk_scale, inv_h) = _attn_side(q, kv2, lse, sm_scale, dummy)
-    indexer_kl_bwd_kernel[(T,)](
-        *attn_ptrs, iq, ik, w, sidx, ks if dense else dummy, ke if dense else dummy,
-        dkl, stats, p if topk else dummy, diq, dik, dw,
-        ik.shape[0], n_heads, iq.shape[1], topk, qk_scale, inv_h,
-        *_row_args(q, kv2, lse, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
-        diq.stride(0), diq.stride(1), dik.stride(0), dw.stride(0),
-        **_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    meta = dict(**_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense, STORE_P=not dense,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    def launch(c0, c1, buf=None):
+        """Rows [c0, c1); dik by atomics, or into ``buf`` per (row, slot)."""
+        r = slice(c0, c1)
+        qc, lc = (q[r], lse[r]) if q is not None else (None, None)
+        sidx = idx[r] if idx is not None else ks[r]
+        dummy = dkl
+        attn_ptrs, (n_heads, qk_scale, inv_h) = _attn_side(qc, kv2, lc, sm_scale, dummy)
+        det = dict(DETERMINISTIC=True, stride_det=buf.stride(0), stride_detj=buf.stride(1)) if buf is not None else {}
+        indexer_kl_bwd_kernel[(c1 - c0,)](
+            *attn_ptrs, iq[r], ik, w[r], sidx, ks[r] if dense else dummy, ke[r] if dense else dummy,
+            dkl[r], stats[r], p[r] if topk else dummy, diq[r], dik if buf is None else buf, dw[r],
+            ik.shape[0], n_heads, iq.shape[1], topk, qk_scale, inv_h,
+            *_row_args(qc, kv2, lc, iq, ik, w, idx), p.stride(0) if topk else 0, dkl.stride(0),
+            diq.stride(0), diq.stride(1), dik.stride(0), dw.stride(0), **meta, **det,
+        )
+
+    if not deterministic:
+        launch(0, T)
+    elif T > 0:
+        n_slots = topk if not dense else max(1, int((ke - ks).clamp(min=0).max()))
+        chunk = max(1, min(T, scratch_bytes // (n_slots * ik.shape[1] * 4)))
+        buf = torch.empty(chunk, n_slots, ik.shape[1], dtype=torch.float32, device=ik.device)
+        j = torch.arange(n_slots, device=ik.device)
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            launch(c0, c1, buf)
+            if dense:  # slot j of row t is key ks[t] + j while j < ke[t] - ks[t]
+                slots = torch.where(j[None, :] < (ke[c0:c1] - ks[c0:c1]).long()[:, None],
+                                    ks[c0:c1].long()[:, None] + j[None, :], -1)
+            else:
+                slots = idx[c0:c1]
+            _reduce_deterministic(buf[None, :c1 - c0], slots, dik, 1, c1 - c0)
     return diq, dik.to(ik.dtype), dw.to(w.dtype)
 
 
@@ -460,13 +498,14 @@ def _(q, kv, lse, iq, ik, w, indices, ks, ke, probs, sm_scale):
 def _indexer_kl_bwd_op(dkl: torch.Tensor, q: Optional[torch.Tensor], kv: Optional[torch.Tensor],
                        lse: Optional[torch.Tensor], iq: torch.Tensor, ik: torch.Tensor, w: torch.Tensor,
                        indices: Optional[torch.Tensor], ks: Optional[torch.Tensor], ke: Optional[torch.Tensor],
-                       stats: torch.Tensor, p: torch.Tensor,
-                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale)
+                       stats: torch.Tensor, p: torch.Tensor, sm_scale: float,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale,
+                          deterministic=deterministic)
 
 
 @_indexer_kl_bwd_op.register_fake
-def _(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale):
+def _(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_scale, deterministic):
     return torch.empty_like(iq), torch.empty_like(ik), torch.empty_like(w)
 
 
@@ -485,7 +524,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dkl, dstats, dp, dlse_out):
     q, kv, lse, iq, ik, w, indices, ks, ke, stats, p = ctx.saved_tensors
-    diq, dik, dw = _indexer_kl_bwd_op(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, ctx.sm_scale)
+    diq, dik, dw = _indexer_kl_bwd_op(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, ctx.sm_scale,
+                                      torch.are_deterministic_algorithms_enabled())
     # The attention side (q, kv, lse or probs) is a detached target: no gradient by design.
     return None, None, None, diq, dik, dw, None, None, None, None, None
 

@@ -272,3 +272,69 @@ def test_from_probs_bf16_gpu():
     for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
         budget = 3 * rel_err(lo.cpu(), t) + 2e-3
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
+
+
+def _det_case(stage, device, dtype=torch.float32, T=11, H=2, d_qk=48, HI=3, DI=16, topk=37):
+    """(forward outputs, bwd arguments) of a case with duplicate, invalid and empty slots
+    (sparse) or ragged causal ranges with one past the keys (warm-up)."""
+    q, kv, iq, ik, w = (x.to(device, dtype) for x in _data(T, H, d_qk, HI, DI))
+    lse = (torch.rand(T, H) + 2.0).to(device)
+    if stage == "sparse":
+        idx = torch.randint(-2, T + 3, (T, 1, topk), dtype=torch.int32)
+        idx[2, 0, 1] = idx[2, 0, 0]
+        idx[5] = -1
+        extra = dict(indices=idx.to(device), ks=None, ke=None)
+    else:
+        ks, ke, _ = _causal([T // 3, T - T // 3], "cpu")
+        ks[3], ke[T - 2] = -2, T + 4
+        extra = dict(indices=None, ks=ks.to(device), ke=ke.to(device))
+    kl, stats, p, _ = ops.indexer_kl_fwd(q, kv, lse, iq, ik, w, extra["indices"], extra["ks"], extra["ke"], 0.3)
+    dkl = torch.randn(T, device=device)
+    return (dkl, q, kv, lse, iq, ik, w, extra["indices"], extra["ks"], extra["ke"], stats, p, 0.3)
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_deterministic_dik_equals_atomics(stage):
+    """deterministic=True (each (row, slot)'s dik stored, then summed per key in a fixed
+    order; queries in chunks of 3 here) gives the atomics' gradients up to fp32 rounding of
+    the sum's order, and the same bits twice."""
+    args = _det_case(stage, KERNEL_DEVICE)
+    want = ops.indexer_kl_bwd(*args)
+    ks, ke = args[8], args[9]
+    n_slots = 37 if stage == "sparse" else int((ke - ks).max())
+    got = [ops.indexer_kl_bwd(*args, deterministic=True, scratch_bytes=3 * n_slots * 16 * 4) for _ in range(2)]
+    for name, a, b, c in zip(("diq", "dik", "dw"), want, *got):
+        assert torch.equal(b, c), name
+        assert rel_err(b, a) <= 1e-6, (name, rel_err(b, a))
+
+
+def test_deterministic_algorithms_switch_the_loss_backward(monkeypatch):
+    """torch.use_deterministic_algorithms(True) routes the loss's backward to the
+    fixed-order dik (the attention's backward does the same for dkv)."""
+    calls = []
+    real = ops._reduce_deterministic
+    monkeypatch.setattr(ops, "_reduce_deterministic", lambda *a: calls.append(1) or real(*a))
+    iq, ik, w = [x.float().to(KERNEL_DEVICE).requires_grad_() for x in _data(9, 2, 48, 3, 16)[2:]]
+    idx = torch.stack([torch.randperm(9)[:6] for _ in range(9)]).int()[:, None].to(KERNEL_DEVICE)
+    probs = torch.rand(9, 6, device=KERNEL_DEVICE)
+    ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx).backward()
+    assert not calls
+    torch.use_deterministic_algorithms(True)
+    try:
+        ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx).backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls
+
+
+@requires_cuda
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_gpu_deterministic_dik_reproducible(stage):
+    """On the GPU, at the real indexer widths in bf16: the deterministic dik is the same bits
+    on every run and matches the atomics' to a bf16 rounding (2^-8)."""
+    args = _det_case(stage, "cuda", torch.bfloat16, T=300, H=16, d_qk=576, HI=64, DI=128, topk=128)
+    want = ops.indexer_kl_bwd(*args)
+    got = [ops.indexer_kl_bwd(*args, deterministic=True, scratch_bytes=1 << 22) for _ in range(2)]
+    for name, a, b, c in zip(("diq", "dik", "dw"), want, *got):
+        assert torch.equal(b, c), name
+        assert rel_err(b.float(), a.float()) <= 2 ** -8, (name, rel_err(b.float(), a.float()))
