@@ -90,6 +90,16 @@ def _compile_worker(variant, h):
         return variant, h, f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def _time_loss(L, q, kv, lse, iq, ik, w, idx, ks, ke, sm_scale, cfg):
+    """(per-row KL, forward ms, backward ms) of the recomputing loss (sparse with ``idx``,
+    warm-up with ``ks``/``ke``) at kernel config ``cfg``; L is flashdsa.ops.indexer_loss."""
+    kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, ks, ke, sm_scale, cfg)
+    dkl = torch.ones_like(kl)
+    tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, ks, ke, sm_scale, cfg))
+    tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, idx, ks, ke, st, p, sm_scale, cfg))
+    return kl, tf, tb
+
+
 def _attention_with_lse_rows(q, k, v, h, n):
     """The warm-up's attention (multi-head form, causal) through the torch kernels that also
     return the lse the loss needs (SDPA itself returns none): time, and the lse's largest
@@ -207,11 +217,7 @@ def main():
                 continue
             cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
             try:
-                kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg)
-                dkl = torch.ones_like(kl)
-                tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg))
-                tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, idx, None, None, st, p,
-                                                       sm_scale, cfg))
+                kl, tf, tb = _time_loss(L, q, kv, lse, iq, ik, w, idx, None, None, sm_scale, cfg)
             except Exception as e:
                 rows.append(dict(stage="sparse", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
                 continue
@@ -245,11 +251,7 @@ def main():
                     continue
                 cfg = dict(BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
                 try:
-                    kl, st, p, _ = L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
-                    dkl = torch.ones_like(kl)
-                    tf = bench_ms(lambda: L.indexer_kl_fwd(q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg))
-                    tb = bench_ms(lambda: L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, st, p,
-                                                           sm_scale, cfg))
+                    _, tf, tb = _time_loss(L, q, kv, lse, iq, ik, w, None, ks, ke, sm_scale, cfg)
                 except Exception as e:
                     rows.append(dict(stage="warmup", h=h, variant=str(v), note=f"{type(e).__name__}: {str(e)[:150]}"))
                     continue
