@@ -25,14 +25,14 @@ _P_STORE = "tl.store(ps_ptr + pid_t.to(tl.int64) * stride_pst + offs_h[:, None] 
            "                         p_st, mask=h_mask[:, None] & (kk < k_end)[None, :])"
 _M_STORE = "_store_in_place(ms_ptr + pid_t.to(tl.int64) * stride_mst + (k0 // BLOCK_K) * stride_msb + offs_h, m_use,\n" \
            "                            h_mask, ASM_STORE)"
-_PTX_ONLY_BESIDE_TL_STORE = "and not tma and not _interpreted()"
+_PTX_ONLY_BESIDE_TL_STORE = "and not tma and _nvidia_compiled()"
 # (name, source edits, config overrides)
 VARIANTS = [
     ("as shipped", [], {}),
     ("no m store", [(_M_STORE, "pass")], {}),
     ("no p store", [(_P_TMA, "pass"), (_P_STORE, "pass")], {}),
     ("no stores", [(_P_TMA, "pass"), (_P_STORE, "pass"), (_M_STORE, "pass")], {}),
-    ("TMA, maxima by PTX", [(_PTX_ONLY_BESIDE_TL_STORE, "and not _interpreted()")], {}),
+    ("TMA, maxima by PTX", [(_PTX_ONLY_BESIDE_TL_STORE, "and _nvidia_compiled()")], {}),
     ("p tile by tl.store, maxima by PTX", [], dict(TMA_STORE=False)),
     ("both by tl.store", [], dict(TMA_STORE=False, ASM_STORE=False)),
     ("reduction in 2 warps", [], dict(REDUCE_WARPS=2)),

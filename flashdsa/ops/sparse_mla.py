@@ -59,11 +59,15 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _nvidia_compiled() -> bool:
+    """Whether kernels are compiled for an NVIDIA GPU (PTX available), not interpreted."""
+    return not _interpreted() and torch.version.hip is None
+
+
 def _has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can store through TMA descriptors (NVIDIA sm_90 and later,
     compiled, not interpreted)."""
-    return (device.type == "cuda" and torch.version.hip is None and not _interpreted()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return device.type == "cuda" and _nvidia_compiled() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def default_config(device: torch.device, h_q: int, d_v: int, fp8: bool = False) -> dict:
@@ -590,7 +594,7 @@ def _launch(q, kv_v, kv_tail, kv_scale, idx, n_kv, sm_scale, d_v, d_tail, kv_fp8
         # The maxima by inline PTX only beside tl.store's p tile: beside the TMA store they
         # cost 0.1 ms more than by tl.store (h_q 64 and 128; H200, 2026-12-02,
         # benchmarks/results/probe_probs_store.json, "TMA, maxima by PTX").
-        asm = bool(cfg.get("ASM_STORE", False)) and not tma and not _interpreted() and torch.version.hip is None
+        asm = bool(cfg.get("ASM_STORE", False)) and not tma and _nvidia_compiled()
         desc = TensorDescriptor.from_tensor(p_scr.view(chunk * h_q, topk), [block_h, block_k]) if tma else None
         extra = dict(PROBS=True, PROBS_FP8=fp8, ASM_STORE=asm, TMA_STORE=tma, ps_ptr=p_scr, ms_ptr=m_scr,
                      ps_desc=desc, stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
