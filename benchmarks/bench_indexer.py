@@ -28,8 +28,8 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import bench_ms, environment, measure_ceilings  # noqa: E402
+from flashdsa.layout import PAGE_SIZE, indexer_block_bytes  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
-from flashdsa.ops import paged_indexer as pops  # noqa: E402
 
 H, D, TOPK, S_Q = 64, 128, 2048, 4096
 
@@ -112,10 +112,10 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
 
 
 def decode_inputs(bsz, ctx, next_n=1):
-    blocks = triton.cdiv(ctx, 64)
+    blocks = triton.cdiv(ctx, PAGE_SIZE)
     nb = bsz * blocks
-    cache = torch.randint(0, 256, (nb, 64 * (D + 4)), device="cuda", dtype=torch.uint8) & 0x77  # finite e4m3
-    cache.view(torch.float32)[:, 64 * D // 4:] = torch.rand(nb, 64, device="cuda") + 0.25
+    cache = torch.randint(0, 256, (nb, indexer_block_bytes(D)), device="cuda", dtype=torch.uint8) & 0x77  # finite e4m3
+    cache.view(torch.float32)[:, PAGE_SIZE * D // 4:] = torch.rand(nb, PAGE_SIZE, device="cuda") + 0.25
     bt = torch.randperm(nb, device="cuda", dtype=torch.int32).view(bsz, blocks)
     cl = torch.full((bsz,), ctx, device="cuda", dtype=torch.int32)
     q8 = (torch.randn(bsz, next_n, H, D, device="cuda") * 2).to(torch.float8_e4m3fn)
@@ -125,16 +125,16 @@ def decode_inputs(bsz, ctx, next_n=1):
 
 def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
     q8, cache, w, cl, bt = decode_inputs(bsz, ctx, next_n)
-    width = bt.shape[1] * 64
+    width = bt.shape[1] * PAGE_SIZE
     flops = 2 * bsz * sum(ctx - next_n + j + 1 for j in range(next_n)) * H * D
-    t_log = bench_ms(lambda: pops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
-    t_topk = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
-    t_stream = bench_ms(lambda: pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg, method="streaming"))
+    t_log = bench_ms(lambda: ops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
+    t_topk = bench_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+    t_stream = bench_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg, method="streaming"))
     graph = torch.cuda.CUDAGraph()  # as the engine's decode runs it: no launch or host-sync overhead
     with torch.cuda.graph(graph):
-        pops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg)
+        ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg)
     t_graph = bench_ms(graph.replay)
-    p = pops.paged_problem(q8, cache, w, cl, bt, width, cfg)
+    p = ops.paged_problem(q8, cache, w, cl, bt, width, cfg)
     _, fail = ops.threshold_topk(p, TOPK, 8 * p.cfg["BLOCK_N"])
     kv_bytes = bsz * ctx * (D + 4)
     return dict(batch=bsz, context=ctx, next_n=next_n, logits_ms=t_log, logits_tflops=flops / t_log / 1e9,
@@ -238,28 +238,27 @@ def main():
     result["decode"].append(r)
     log(f"decode {r}")
     save()
-    print(f"\n{'S_kv':>7} {'logits ms':>10} {'TFLOP/s':>8} {'% fp8':>6} {'topk ms':>8} {'topk/log':>8} "
-          f"{'torch topk ms':>13} {'peak MiB l/t':>14} {'stream ms':>9} {'flagged':>7}")
-    for r in result["prefill"]:
-        if "error" in r:
-            print(r)
-            continue
-        print(f"{r['s_kv']:>7} {r['logits_ms']:>10.3f} {r['logits_tflops']:>8.1f} "
-              f"{100 * r['logits_ratio_to_fp8_matmul']:>5.1f}% {r['fused_topk_ms']:>8.3f} "
-              f"{r['fused_topk_over_logits']:>8.2f} {r['torch_topk_ms']:>13.3f} "
-              f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f} "
-              f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7}")
-    print(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} {'topk/log':>8} "
-          f"{'stream ms':>9} {'flagged':>7} {'graph ms':>8}")
-    for r in result["decode"]:
-        if "error" in r:
-            print(r)
-            continue
-        print(f"{r['batch']:>4} {r['context']:>7} {r['logits_ms']:>10.3f} {r['logits_cache_gbps']:>7.0f} "
-              f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} {r['fused_topk_over_logits']:>8.2f} "
-              f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7} {r['fused_topk_graph_ms']:>8.3f}"
-              + ("" if r["next_n"] == 1 else "  (next_n 2)"))
+    print_table(f"\n{'S_kv':>7} {'logits ms':>10} {'TFLOP/s':>8} {'% fp8':>6} {'topk ms':>8} {'topk/log':>8} "
+                f"{'torch topk ms':>13} {'peak MiB l/t':>14} {'stream ms':>9} {'flagged':>7}", result["prefill"],
+                lambda r: f"{r['s_kv']:>7} {r['logits_ms']:>10.3f} {r['logits_tflops']:>8.1f} "
+                          f"{100 * r['logits_ratio_to_fp8_matmul']:>5.1f}% {r['fused_topk_ms']:>8.3f} "
+                          f"{r['fused_topk_over_logits']:>8.2f} {r['torch_topk_ms']:>13.3f} "
+                          f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f} "
+                          f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7}")
+    print_table(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} "
+                f"{'topk/log':>8} {'stream ms':>9} {'flagged':>7} {'graph ms':>8}", result["decode"],
+                lambda r: f"{r['batch']:>4} {r['context']:>7} {r['logits_ms']:>10.3f} {r['logits_cache_gbps']:>7.0f} "
+                          f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} "
+                          f"{r['fused_topk_over_logits']:>8.2f} {r['streaming_topk_ms']:>9.3f} "
+                          f"{r['flagged_rows']:>7} {r['fused_topk_graph_ms']:>8.3f}"
+                          + ("" if r["next_n"] == 1 else "  (next_n 2)"))
 
+
+def print_table(header, rows, line):
+    """The header, then ``line(r)`` of each result row (the row itself when it failed)."""
+    print(header)
+    for r in rows:
+        print(r if "error" in r else line(r))
 
 if __name__ == "__main__":
     main()

@@ -136,11 +136,21 @@ def main():
     ap.add_argument("--from-probs-only", action="store_true",
                     help="only the forward with probs and the from-probs loss (skip recompute and warm-up rows)")
     args = ap.parse_args()
+    import flashdsa
     from flashdsa.ops import indexer_loss as L
-    from flashdsa.ops.sparse_mla import sparse_mla_fwd
+
+    def sparse_mla_fwd(q, kv, idx, sm_scale, d_v, probs_precision=None):
+        """The public sparse MLA forward on the Triton backend, with probs at ``probs_precision``."""
+        return flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton",
+                                       return_probs=probs_precision is not None,
+                                       probs_precision=probs_precision or "fp16")
+
+    def default_variant(h):
+        """The (BLOCK_K, num_warps, num_stages) the launcher picks at these widths."""
+        return tuple(L.CONFIGS["sm90" if h <= 64 else "sm90_h128"].values())
 
     jobs = [] if args.from_probs_only else [(v, h) for h in args.heads for v in (VARIANTS if args.sweep else [None])]
-    jobs = [(v if v else tuple(L._config(torch.empty(1, h, D_QK, device="cuda"), torch.empty(1, HI, DI, device="cuda")).values()), h) for v, h in jobs]
+    jobs = [(v if v else default_variant(h), h) for v, h in jobs]
     # h 0: the target-given (from probs) kernels
     jobs += [(v, 0) for v in (PROBS_VARIANTS if args.sweep else [tuple(L.CONFIGS["sm90_probs"].values())])]
     failures = {}
@@ -165,15 +175,14 @@ def main():
         attn_tflops = 2.0 * S_Q * h * TOPK * (D_QK + D_V) / t_attn * 1e-9
         rows.append(dict(stage="sparse", h=h, variant="attention fwd", ms=t_attn, tflops=attn_tflops))
         # the forward handing over the target: its extra time, and the target's accuracy
-        _, _, lse_p, probs = sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True)
-        t_attn_p = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True))
+        _, _, lse_p, probs = sparse_mla_fwd(q, kv, idx, sm_scale, D_V, "fp16")
+        t_attn_p = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V, "fp16"))
         probs_err = _probs_error(q, kv, idx, lse, probs, sm_scale)
         rows.append(dict(stage="sparse", h=h, variant="attention fwd + probs", ms=t_attn_p,
                          tflops=2.0 * S_Q * h * TOPK * (D_QK + D_V) / t_attn_p * 1e-9,
                          probs_overhead_ms=t_attn_p - t_attn, probs_rel_err=probs_err))
-        e4 = torch.float8_e4m3fn
-        probs8 = sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True, probs_dtype=e4)[3]
-        t_attn_p8 = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V, return_probs=True, probs_dtype=e4))
+        probs8 = sparse_mla_fwd(q, kv, idx, sm_scale, D_V, "e4m3")[3]
+        t_attn_p8 = bench_ms(lambda: sparse_mla_fwd(q, kv, idx, sm_scale, D_V, "e4m3"))
         rows.append(dict(stage="sparse", h=h, variant="attention fwd + probs (e4m3)", ms=t_attn_p8,
                          tflops=2.0 * S_Q * h * TOPK * (D_QK + D_V) / t_attn_p8 * 1e-9,
                          probs_overhead_ms=t_attn_p8 - t_attn,

@@ -27,10 +27,9 @@ from benchmarks.common import bench_ms, measure_ceilings, print_table, write_res
 S_Q, TOPK, D_QK, D_V = 4096, 2048, 576, 512
 SM_SCALE = 0.1352
 
-# (BLOCK_K, num_warps, num_stages, PV_LAG); BLOCK_H is 64 (one wgmma M tile) throughout
-VARIANTS = [(64, 8, 2, 0), (64, 8, 1, 1), (128, 8, 1, 0), (32, 8, 2, 1)]
-# run 1 (2026-11-28) also timed (64,8,1,0) (32,8,2,0) (32,8,3,0) (16,8,3,0) (32,8,3,1) (16,8,3,1)
-# (16,8,4,1): all slower; (64,8,2,1) needs more shared memory than a block may have
+# (BLOCK_K, num_warps, num_stages); BLOCK_H is 64 (one wgmma M tile) throughout. The
+# variants timed in earlier sweeps, and the ones that lost, are in docs/benchmarks_sparse_mla.md.
+VARIANTS = [(64, 8, 2), (64, 8, 1), (128, 8, 1), (32, 8, 2)]
 
 
 def flops(s_q, h, topk):
@@ -49,7 +48,7 @@ def make_inputs(s_q, s_kv, h, topk=TOPK, seed=0, device="cuda"):
 
 
 def cfg_of(v):
-    return dict(BLOCK_H=64, BLOCK_K=v[0], num_warps=v[1], num_stages=v[2], PV_LAG=bool(v[3]))
+    return dict(BLOCK_H=64, BLOCK_K=v[0], num_warps=v[1], num_stages=v[2])
 
 
 def naive_gather(q, kv, idx, chunk=256):
@@ -76,9 +75,9 @@ def _compile_worker(v):
     """Compile one variant on a small problem with the big run's specializations (ints
     divisible by 16), so the timed run finds it in Triton's cache; report resources."""
     try:
-        from flashdsa.ops import sparse_mla as ops
+        from flashdsa.ops.sparse_mla import run_sparse_mla_fwd
         q, kv, idx = make_inputs(8, 512, 128, topk=64)
-        ops.sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=cfg_of(v))
+        run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=cfg_of(v))
         torch.cuda.synchronize()
         return v, None
     except Exception as e:  # noqa: BLE001 - report and go on with the other variants
@@ -87,9 +86,10 @@ def _compile_worker(v):
 
 def kernel_resources():
     """n_regs / n_spills / shared memory of every compiled specialization of the kernels."""
-    from flashdsa.ops import sparse_mla as ops
+    from flashdsa.ops.sparse_mla.fwd import sparse_mla_fwd_kernel
+    from flashdsa.ops.sparse_mla.fwd_fp8 import sparse_mla_fwd_fp8_kernel
     rows = []
-    for fn in (ops._sparse_mla_fwd_kernel, ops._sparse_mla_fp8_kernel):
+    for fn in (sparse_mla_fwd_kernel, sparse_mla_fwd_fp8_kernel):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, k in dev_cache[0].items():
                 try:
@@ -103,7 +103,7 @@ def kernel_resources():
 
 def sweep(results):
     from flashdsa import reference as ref
-    from flashdsa.ops import sparse_mla as ops
+    from flashdsa.ops.sparse_mla import run_sparse_mla_fwd
     from tests.utils import rel_err
 
     ctx = mp.get_context("spawn")
@@ -114,15 +114,15 @@ def sweep(results):
     q, kv, idx = make_inputs(S_Q, 8192, 128)
     rows = []
     for v in VARIANTS:
-        row = {"BLOCK_K": v[0], "num_warps": v[1], "num_stages": v[2], "PV_LAG": v[3]}
+        row = {"BLOCK_K": v[0], "num_warps": v[1], "num_stages": v[2]}
         if errors.get(v):
             row["error"] = errors[v]
             rows.append(row)
             continue
         try:
-            out = ops.sparse_mla_fwd(qs, kvs, idxs, SM_SCALE, D_V, config=cfg_of(v))[0]
+            out = run_sparse_mla_fwd(qs, kvs, idxs, SM_SCALE, D_V, config=cfg_of(v))[0]
             row["rel_err"] = rel_err(out, r64)
-            ms = bench_ms(lambda: ops.sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=cfg_of(v)))
+            ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=cfg_of(v)))
             row["ms"], row["tflops"] = ms, flops(S_Q, 128, TOPK) / ms * 1e-9
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -134,17 +134,17 @@ def sweep(results):
         print("resources", r, flush=True)
     ok = [r for r in rows if "tflops" in r and r["rel_err"] < 2e-2]
     best = max(ok, key=lambda r: r["tflops"]) if ok else None
-    print_table(rows, ["BLOCK_K", "num_warps", "num_stages", "PV_LAG", "rel_err", "ms", "tflops"])
-    return (best["BLOCK_K"], best["num_warps"], best["num_stages"], best["PV_LAG"]) if best else None
+    print_table(rows, ["BLOCK_K", "num_warps", "num_stages", "rel_err", "ms", "tflops"])
+    return (best["BLOCK_K"], best["num_warps"], best["num_stages"]) if best else None
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--config", default=None, help="BLOCK_K,num_warps,num_stages,PV_LAG (default: the module's table)")
+    ap.add_argument("--config", default=None, help="BLOCK_K,num_warps,num_stages (default: the module's table)")
     ap.add_argument("--no-baselines", action="store_true")
     args = ap.parse_args()
-    from flashdsa.ops import sparse_mla as ops
+    from flashdsa.ops.sparse_mla import default_config, run_sparse_mla_fwd
 
     results = {"ceilings": measure_ceilings()}
     bf16_ceiling = results["ceilings"]["bf16_matmul_tflops"]
@@ -157,13 +157,13 @@ def main():
         if best is not None:
             config = cfg_of(best)
             results["best_variant"] = list(best)
-    results["config"] = config or ops.default_config(torch.device("cuda"), 128, D_V)
+    results["config"] = config or default_config(torch.device("cuda"), 128, D_V)
     rows = []
     for s_kv in (8192, 65536):
         for h in (128, 64):
             q, kv, idx = make_inputs(S_Q, s_kv, h)
             f = flops(S_Q, h, TOPK)
-            ms = bench_ms(lambda: ops.sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=config))
+            ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=config))
             row = {"s_q": S_Q, "s_kv": s_kv, "h_q": h, "topk": TOPK, "ms": ms, "tflops": f / ms * 1e-9}
             row["vs_bf16_matmul"] = row["tflops"] / bf16_ceiling
             if not args.no_baselines:

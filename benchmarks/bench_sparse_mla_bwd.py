@@ -30,7 +30,7 @@ from benchmarks.common import (
 
 S_Q, S_KV, TOPK, D_QK, D_V = 4096, 8192, 2048, 576, 512
 
-# (BLOCK_K, num_warps, num_stages) per kernel; the first of each list is CONFIGS["sm90"].
+# (BLOCK_K, num_warps, num_stages) per kernel; CONFIGS["sm90"] of flashdsa.ops.sparse_mla.bwd took the fastest.
 DS_VARIANTS = [(32, 8, 2), (64, 8, 1), (32, 4, 2), (16, 4, 3)]
 DQ_VARIANTS = [(64, 8, 2), (32, 8, 3), (64, 8, 3), (128, 8, 1)]
 DKV_VARIANTS = [(64, 8, 2), (64, 8, 1), (64, 4, 2), (128, 8, 1)]
@@ -60,14 +60,13 @@ def _compile_worker(kind: str, variant: tuple) -> tuple:
     """Compile one variant on a small problem with the same specializations (every int
     argument divisible by 16 as in the big one) so the big run hits Triton's cache."""
     try:
-        from flashdsa.ops.sparse_mla import sparse_mla_fwd
-        from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
+        from flashdsa.ops.sparse_mla import run_sparse_mla_bwd, run_sparse_mla_fwd
         q, kv, idx, dout = make_inputs(64, s_q=64, s_kv=1024, topk=256)
-        out, _, lse = sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
+        out, _, lse = run_sparse_mla_fwd(q, kv, idx, D_QK ** -0.5, D_V)
         cfg = _cfg(kind, variant)
-        sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg)
+        run_sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg)
         if kind == "dkv" and variant == DKV_VARIANTS[0]:
-            sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg, deterministic=True)
+            run_sparse_mla_bwd(q, kv, idx, out, dout, lse, D_QK ** -0.5, D_V, config=cfg, deterministic=True)
         torch.cuda.synchronize()
         return kind, variant, None
     except Exception as e:  # out of shared memory / registers: reported, skipped
@@ -88,8 +87,8 @@ def precompile(variants) -> dict:
 def main():
     args = sweep_arg_parser().parse_args()
 
-    from flashdsa.ops import sparse_mla_bwd as bwd_mod
-    from flashdsa.ops.sparse_mla import sparse_mla_fwd
+    from flashdsa.ops.sparse_mla import bwd as bwd_mod
+    from flashdsa.ops.sparse_mla import run_sparse_mla_fwd as sparse_mla_fwd
 
     variants = [(k, v) for k, vs in KERNELS.items() for v in vs]
     failures = {} if args.no_precompile else precompile(variants if args.sweep else [("dkv", DKV_VARIANTS[0])])
@@ -109,7 +108,8 @@ def main():
         rows.append(dict(h=h, variant="forward", ms=t_fwd, tflops=f_fwd / t_fwd * 1e-9))
 
         def full(cfg=None, det=False):
-            return bwd_mod.sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, D_V, config=cfg, deterministic=det)
+            return bwd_mod.run_sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, D_V, config=cfg,
+                                              deterministic=det)
 
         dq_a, dkv_a = full()
         dq_d, dkv_d = full(det=True)

@@ -26,10 +26,9 @@ from benchmarks.common import bench_ms, measure_ceilings, print_table, write_res
 
 H_Q, D_QK, D_V, TOPK, PAGE = 128, 576, 512, 2048, 64
 SM_SCALE = 0.1352
-# (format, BLOCK_K, num_warps, num_stages, PV_LAG, SCALE_FOLD)
-VARIANTS = [("fp8_ds_mla", 64, 8, 2, 0, 0), ("fp8_ds_mla", 64, 8, 2, 0, 1), ("fp8_ds_mla", 64, 8, 2, 1, 1),
-            ("fp8_ds_mla", 32, 8, 2, 1, 1), ("fp8_ds_mla", 32, 8, 3, 0, 1),
-            ("bf16", 64, 8, 2, 0, 0), ("bf16", 32, 8, 2, 1, 0)]
+# (format, BLOCK_K, num_warps, num_stages); the variants that lost are in docs/benchmarks_sparse_mla.md
+VARIANTS = [("fp8_ds_mla", 64, 8, 2), ("fp8_ds_mla", 32, 8, 2), ("fp8_ds_mla", 32, 8, 3),
+            ("bf16", 64, 8, 2), ("bf16", 32, 8, 2)]
 
 
 def flops(b, s_q, topk=TOPK):
@@ -84,8 +83,8 @@ def graph_ms(fn):
 def sweep(results):
     """Time VARIANTS at batch 128, s_q 2, context 32K; return the best config per format."""
     from flashdsa.api import quantize_mla_cache
-    from flashdsa.ops.sparse_mla_decode import sparse_mla_decode
-    from flashdsa.reference.mla_cache import sparse_mla_decode as ref_decode
+    from flashdsa.ops.sparse_mla import sparse_mla_decode
+    from flashdsa.reference.sparse_mla import sparse_mla_decode as ref_decode
 
     q, cache, idx = make_problem(128, 32768, 2)
     caches = {"bf16": cache, "fp8_ds_mla": quantize_mla_cache(cache)}
@@ -93,9 +92,9 @@ def sweep(results):
     refs = {fmt: ref_decode(q[few], c, idx[few], SM_SCALE, D_V, fmt, compute_dtype=torch.float64)[0]
             for fmt, c in caches.items()}
     rows = []
-    for fmt, bk, nw, ns, lag, fold in VARIANTS:
-        cfg = dict(BLOCK_H=64, BLOCK_K=bk, num_warps=nw, num_stages=ns, PV_LAG=bool(lag), SCALE_FOLD=bool(fold))
-        row = {"format": fmt, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns, "PV_LAG": lag, "SCALE_FOLD": fold}
+    for fmt, bk, nw, ns in VARIANTS:
+        cfg = dict(BLOCK_H=64, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        row = {"format": fmt, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         c = caches[fmt]
         try:
             out = sparse_mla_decode(q[few], c, idx[few], SM_SCALE, D_V, fmt, config=cfg)[0]
@@ -108,15 +107,13 @@ def sweep(results):
         rows.append(row)
         print(row, flush=True)
     results["sweep_b128_sq2_ctx32k"] = rows
-    print_table(rows, ["format", "BLOCK_K", "num_warps", "num_stages", "PV_LAG", "SCALE_FOLD", "rel_err", "ms",
-                       "tflops"])
+    print_table(rows, ["format", "BLOCK_K", "num_warps", "num_stages", "rel_err", "ms", "tflops"])
     best = {}
     for fmt in caches:
         ok = [r for r in rows if r["format"] == fmt and "tflops" in r and r["rel_err"] < 2e-2]
         if ok:
             b = max(ok, key=lambda r: r["tflops"])
-            best[fmt] = dict(BLOCK_H=64, BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"],
-                             num_stages=b["num_stages"], PV_LAG=bool(b["PV_LAG"]), SCALE_FOLD=bool(b["SCALE_FOLD"]))
+            best[fmt] = dict(BLOCK_H=64, BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"], num_stages=b["num_stages"])
     return best
 
 
@@ -125,10 +122,10 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
-    ap.add_argument("--config", default=None, help="BLOCK_K,num_warps,num_stages,PV_LAG for bf16 (fp8: the first 3)")
+    ap.add_argument("--config", default=None, help="BLOCK_K,num_warps,num_stages (both formats)")
     args = ap.parse_args()
     from flashdsa.api import quantize_mla_cache
-    from flashdsa.ops.sparse_mla_decode import sparse_mla_decode
+    from flashdsa.ops.sparse_mla import sparse_mla_decode
     from flashdsa.reference.mla_cache import dequantize_mla_cache
 
     results = {"ceilings": measure_ceilings()}
@@ -138,7 +135,6 @@ def main():
     if args.config:
         v = [int(x) for x in args.config.split(",")]
         configs = {k: dict(BLOCK_H=64, BLOCK_K=v[0], num_warps=v[1], num_stages=v[2]) for k in configs}
-        configs["bf16"]["PV_LAG"] = bool(v[3]) if len(v) > 3 else False
     if args.sweep:
         configs.update(sweep(results))
     results["configs"] = configs

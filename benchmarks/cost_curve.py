@@ -57,9 +57,8 @@ from flashdsa import api
 from flashdsa.config import DSAConfig
 from flashdsa.engine.attention import StepMetadata, paged_mla_attention
 from flashdsa.engine.cache import PAGE_SIZE, PagedCaches
-from flashdsa.engine.kernels import indexer_cache_write
 from flashdsa.layers import MLA
-from flashdsa.reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
+from flashdsa.reference.rope import rope_cos_sin, yarn_inv_freq
 
 V32 = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
            qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128, index_topk=2048)
@@ -141,7 +140,7 @@ def make_caches(cfg: DSAConfig, n_layers: int, n_seqs: int, ctx: int, device, dt
                 rows = torch.randn(slots.numel(), caches.latent_dim, device=device, dtype=dtype, generator=g)
                 caches.write_latent(layer, slots, rows)
             keys = torch.randn(slots.numel(), cfg.index_head_dim, device=device, dtype=dtype, generator=g)
-            indexer_cache_write(caches.index_layer(layer), keys, slots)
+            caches.index[layer].store(keys, slots)
     table = torch.arange(n_seqs * nb, device=device, dtype=torch.int32).view(n_seqs, nb)
     return caches, table
 
@@ -160,15 +159,8 @@ def step_metadata(table: torch.Tensor, n_seqs: int, ctx: int, n_new: int) -> Ste
 
 # --- dense baselines ---------------------------------------------------------------------------
 def _projections(attn: MLA, x: torch.Tensor, positions: torch.Tensor):
-    t = x.shape[0]
-    cos, sin = rope_cos_sin(positions, attn.inv_freq)
-    qr = attn.q_a_layernorm(attn.q_a_proj(x))
-    q_nope, q_pe = attn.q_b_proj(qr).view(t, attn.n_heads, attn.nope + attn.rope).split((attn.nope, attn.rope), -1)
-    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
-    kv, k_pe = attn.kv_a_proj_with_mqa(x).split((attn.kv_lora_rank, attn.rope), dim=-1)
-    kv = attn.kv_a_layernorm(kv)
-    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)          # [T, 1, r]
-    return q_nope, q_pe, kv, k_pe
+    """q_nope, q_pe, kv, k_pe of MLA.project (the indexer's inputs qr, cos, sin unused here)."""
+    return attn.project(x, positions)[1:5]
 
 
 def sdpa_kernels(device):
@@ -271,7 +263,7 @@ def check_kernels(cfg, device, dtype, backend="auto") -> dict:
     (near-ties may flip a few rows: fp32 sums in another order), the error of the
     attention given the SAME indices, and the error of the whole layer output."""
     from flashdsa.engine import attention as A
-    from flashdsa.engine.kernels import sparse_mla_paged
+    from flashdsa.engine.attention import sparse_mla_paged
     attn = make_layers(cfg, 1, device, dtype)[0]
     ctx = cfg.index_topk + 500
     caches, table = make_caches(cfg, 1, 4, ctx, device, dtype, "auto")

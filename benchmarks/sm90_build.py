@@ -1,9 +1,9 @@
 """Build the GPU kernels for sm_90 (Hopper) on any machine, no GPU needed, and report
 their resources: registers, spill stack, shared memory.
 
-    python -m benchmarks.sm90_build            # table of every kernel at the H200 block sizes
+    python -m benchmarks.sm90_build            # table of every kernel at the sm90 block sizes
 
-The host functions run on CPU tensors of the real widths with the H200 configurations;
+The host functions run on CPU tensors of the real widths with the sm90 configurations;
 each Triton launch is intercepted and compiled instead (``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` with the launcher's specialization: 16-aligned pointers and
 ints divisible by 16 hinted, ints equal to 1 made constants), and the resources are read
@@ -56,12 +56,12 @@ def capture_launches():
 def _as_sm90(module):
     """Within the block, ``module``'s host code takes the (CPU) tensors for an sm_90 GPU's
     (its TMA paths included)."""
-    has_tma = module._has_tma
-    module._has_tma = lambda device: True
+    has_tma = module.has_tma
+    module.has_tma = lambda device: True
     try:
         yield
     finally:
-        module._has_tma = has_tma
+        module.has_tma = has_tma
 
 
 def _specialize(fn: JITFunction, args, kwargs):
@@ -124,10 +124,10 @@ def build(launches) -> list[dict]:
 
 def training_launches() -> dict[str, list]:
     """The launches of the training path at the real widths (d_qk 576, d_v 512, H_I 64,
-    d_I 128) with the H200 configurations, by case name."""
+    d_I 128) with the sm90 configurations, by case name."""
     from flashdsa.ops import indexer_loss as L
-    from flashdsa.ops import sparse_mla as F
-    from flashdsa.ops import sparse_mla_bwd as B
+    from flashdsa.ops.sparse_mla import bwd as B
+    from flashdsa.ops.sparse_mla import fwd as F
 
     g = torch.Generator().manual_seed(0)
     T, S, topk, HI, DI = 8, 1024, 256, 64, 128
@@ -140,11 +140,11 @@ def training_launches() -> dict[str, list]:
         lse = torch.rand(T, h, generator=g)
         for name, dt in (("fp16", torch.float16), ("e4m3", torch.float8_e4m3fn)):
             with capture_launches() as launches, _as_sm90(F):
-                F.sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True, probs_dtype=dt)
+                F.run_sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True, probs_dtype=dt)
             cases[f"sparse_mla_fwd probs {name} h{h}"] = launches
         with capture_launches() as launches:
             out = torch.randn(T, h, 512, generator=g, **bf)
-            B.sparse_mla_bwd(q, kv, idx, out, out.clone(), lse, 0.04, 512, config=B.CONFIGS["sm90"])
+            B.run_sparse_mla_bwd(q, kv, idx, out, out.clone(), lse, 0.04, 512, config=B.CONFIGS["sm90"])
         cases[f"sparse_mla_bwd h{h}"] = launches
         iq = torch.randn(T, HI, DI, generator=g, **bf)
         ik = torch.randn(S, DI, generator=g, **bf)

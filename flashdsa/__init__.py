@@ -17,9 +17,12 @@ from .api import (
     paged_indexer_logits,
     paged_indexer_topk,
     quantize_mla_cache,
+    sparse_kl_loss,
+    sparse_kl_loss_from_probs,
     sparse_mla_decode,
     sparse_mla_fwd,
     topk_indices,
+    warmup_kl_loss,
 )
 from .cache import PagedIndexerCache
 from .config import DSAConfig
@@ -31,6 +34,7 @@ from .engine import LLM, SamplingParams
 __all__ = [
     "act_quant", "act_dequant", "hadamard_transform", "indexer_logits", "indexer_topk", "topk_indices",
     "paged_indexer_logits", "paged_indexer_topk", "sparse_mla_fwd", "dense_mla_fwd", "sparse_mla_decode",
-    "quantize_mla_cache", "dequantize_mla_cache", "PagedIndexerCache", "DSAConfig", "LightningIndexer", "MLA",
+    "quantize_mla_cache", "dequantize_mla_cache", "warmup_kl_loss", "sparse_kl_loss",
+    "sparse_kl_loss_from_probs", "PagedIndexerCache", "DSAConfig", "LightningIndexer", "MLA",
     "DSAForCausalLM", "from_pretrained", "save_pretrained", "LLM", "SamplingParams",
 ]

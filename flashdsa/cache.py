@@ -1,10 +1,11 @@
-"""Paged caches for decode (SPEC 4).
+"""The lightning indexer's paged key cache (SPEC 4), one implementation for the public
+API and the engine.
 
-``PagedIndexerCache`` holds the lightning indexer's key cache in the DeepGEMM / vLLM
-layout: uint8 [num_blocks, 64 * (D + 4)], each block = 64 x D e4m3 key bytes followed
-by 64 fp32 scales (64 * 132 bytes for D = 128). Keys enter through :meth:`write`,
-which quantizes them (one ue8m0-scaled e4m3 block of D a token, SPEC 1) straight into
-that layout; the paged indexer ops read it by block table.
+``PagedIndexerCache`` holds the key cache in the DeepGEMM / vLLM layout (flashdsa.layout):
+uint8 [num_blocks, 64 * (D + 4)], each block = 64 x D e4m3 key bytes followed by 64 fp32
+scales (64 * 132 bytes for D = 128). Keys enter through :meth:`write`, which quantizes
+them (one ue8m0-scaled e4m3 block of D a token, SPEC 1) straight into that layout; the
+paged indexer ops read it by block table.
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from torch import nn
 
 from ._validate import FLOAT_DTYPES, check, check_tensor
 from .backend import resolve_backend
+from .layout import PAGE_SIZE, indexer_block_bytes
 from .reference import paged_indexer as ref
-
-PAGE_SIZE = ref.PAGE_SIZE
 
 
 class PagedIndexerCache(nn.Module):
@@ -30,6 +30,10 @@ class PagedIndexerCache(nn.Module):
     buffer, so ``.to(device)`` moves it and ``state_dict`` carries it.
     A token at logical position p of a sequence whose block table row is ``bt``
     lives at physical slot ``bt[p // 64] * 64 + p % 64``.
+
+    :meth:`write`, :meth:`write_fp8` and :meth:`read` check their arguments;
+    :meth:`store` and :meth:`gather` are the same paths without the checks (no host
+    sync: what the engine's CUDA-graph decode step calls, with slots it computed).
     """
 
     def __init__(self, num_blocks: int, head_dim: int = 128, device: torch.device | str | None = None):
@@ -39,7 +43,7 @@ class PagedIndexerCache(nn.Module):
               f"got num_blocks={num_blocks}, head_dim={head_dim}")
         self.num_blocks = num_blocks
         self.head_dim = head_dim
-        self.register_buffer("kv", torch.zeros(num_blocks, ref.cache_bytes_per_block(head_dim), dtype=torch.uint8,
+        self.register_buffer("kv", torch.zeros(num_blocks, indexer_block_bytes(head_dim), dtype=torch.uint8,
                                                device=device))
 
     def _check_slots(self, slots: torch.Tensor, n: int) -> None:
@@ -56,8 +60,12 @@ class PagedIndexerCache(nn.Module):
         check_tensor("k", k, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, self.head_dim), device=self.kv.device,
                      layout="[N, head_dim]")
         self._check_slots(slots, k.shape[0])
+        self.store(k, slots, backend)
+
+    def store(self, k: torch.Tensor, slots: torch.Tensor, backend: str = "auto") -> None:
+        """:meth:`write` without the argument checks (valid k and slots assumed)."""
         if resolve_backend(backend, k) == "triton":
-            from .ops.paged_indexer import indexer_cache_write
+            from .ops.indexer import indexer_cache_write
             indexer_cache_write(self.kv, k.contiguous(), slots.contiguous())
         else:
             ref.indexer_cache_write(self.kv, k, slots)
@@ -74,4 +82,8 @@ class PagedIndexerCache(nn.Module):
     def read(self, slots: torch.Tensor):
         """(k8 [N, head_dim] e4m3, k_scale [N] fp32) stored at valid physical ``slots``."""
         self._check_slots(slots, slots.shape[0])
+        return self.gather(slots)
+
+    def gather(self, slots: torch.Tensor):
+        """:meth:`read` without the argument checks (valid slots assumed)."""
         return ref.indexer_cache_read(self.kv, slots, self.head_dim)

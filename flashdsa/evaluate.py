@@ -11,7 +11,7 @@
 - :func:`indexer_recall`: for every layer, the share of the dense attention mass (summed
   over heads, normalized per query) that falls on the indexer's top-k selection, averaged
   over queries with more than top-k candidates (the others keep everything).
-- :func:`throughput`: forward tokens/s in a mode.
+- :func:`throughput`: forward tokens/s with sparse or dense attention.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def loss_by_position(model, windows: torch.Tensor, mode: str = "dsa", backend: str = "auto",
+def loss_by_position(model, windows: torch.Tensor, attention: str = "sparse", backend: str = "auto",
                      batch_size: int = 4) -> dict:
     """Mean next-token loss over ``windows [n, L + 1]`` and per position bucket.
 
@@ -51,7 +51,7 @@ def loss_by_position(model, windows: torch.Tensor, mode: str = "dsa", backend: s
     for i in range(0, len(windows), batch_size):
         b = windows[i:i + batch_size].to(device)
         with _autocast(device):
-            logits = model(b[:, :-1], mode=mode, backend=backend)
+            logits = model(b[:, :-1], attention=attention, backend=backend).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), b[:, 1:], reduction="none")   # [B, L]
         sums += nll.double().sum(0).cpu()
     per_pos = sums / len(windows)
@@ -65,7 +65,8 @@ def loss_by_position(model, windows: torch.Tensor, mode: str = "dsa", backend: s
 
 @torch.no_grad()
 def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_distance: int | None = None,
-                       mode: str = "dsa", backend: str = "auto", batch_size: int = 4, seed: int = 1234) -> dict:
+                       attention: str = "sparse", backend: str = "auto", batch_size: int = 4,
+                       seed: int = 1234) -> dict:
     """Passkey retrieval over ``n`` held-out windows; answer > ``min_distance`` tokens back
     (default 4 * index_topk + 1). Returns {"accuracy", "digit_accuracy", "answer_loss",
     "min_distance", "n"}."""
@@ -78,7 +79,7 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_dis
     for i in range(0, n, batch_size):
         b, r = windows[i:i + batch_size].to(device), rows[i:i + batch_size].to(device)
         with _autocast(device):
-            logits = model(b[:, :-1], mode=mode, backend=backend)           # [B, L, V]
+            logits = model(b[:, :-1], attention=attention, backend=backend).logits   # [B, L, V]
         at = logits.float().gather(1, r[..., None].expand(-1, -1, logits.shape[-1]))   # [B, digits, V]
         want = b.gather(1, r + 1)
         ok = at.argmax(-1) == want
@@ -93,7 +94,8 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_dis
 def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
     """Head-summed, L1-normalized dense attention of one sequence: [len(rows), L] fp32.
 
-    Recomputes MLA's queries and keys the way MLA.forward does (SPEC 3, non-absorbed form)."""
+    Recomputes MLA's queries and keys the way MLA's dense attention does (SPEC 3,
+    non-absorbed form)."""
     t = x.shape[0]
     _, q_nope, q_pe, kv, k_pe, _, _ = mla.project(x, positions)
     k_nope = mla.kv_b_proj(kv).view(t, mla.n_heads, mla.nope + mla.v_dim)[..., :mla.nope]
@@ -130,7 +132,7 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
             if t <= topk:
                 continue
             with _autocast(device):
-                model(ids[None], mode="dense", backend=backend)
+                model(ids[None], attention="dense", backend=backend)
             positions = torch.arange(t, device=device)
             cu = torch.tensor([0, t], dtype=torch.int32, device=device)
             ks, ke = causal_ranges(cu, t)
@@ -156,30 +158,32 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
 
 
 @torch.no_grad()
-def throughput(model, batch_size: int, seq_len: int, mode: str, backend: str = "auto", iters: int = 3) -> float:
-    """Forward tokens/s on random tokens (after one warm-up call)."""
+def throughput(model, batch_size: int, seq_len: int, attention: str, backend: str = "auto",
+               iters: int = 3) -> float:
+    """Forward tokens/s on random tokens (after one warm-up call), ``attention`` "sparse"
+    or "dense"."""
     device = next(model.parameters()).device
     model.eval()
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     with _autocast(device):
-        model(x, mode=mode, backend=backend)
+        model(x, attention=attention, backend=backend)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(iters):
-            model(x, mode=mode, backend=backend)
+            model(x, attention=attention, backend=backend)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return iters * x.numel() / (time.perf_counter() - t0)
 
 
-def evaluate(model, corpus: Corpus, seq_len: int, mode: str = "dsa", backend: str = "auto", n_windows: int = 16,
-             n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4) -> dict:
-    """All of the above for one model and attention mode."""
+def evaluate(model, corpus: Corpus, seq_len: int, attention: str = "sparse", backend: str = "auto",
+             n_windows: int = 16, n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4) -> dict:
+    """All of the above for one model, ``attention`` "sparse" or "dense"."""
     windows = corpus.eval_windows(n_windows, seq_len)
-    out = {"mode": mode, "seq_len": seq_len, "index_topk": model.config.index_topk}
-    out["lm"] = loss_by_position(model, windows, mode, backend, batch_size)
-    out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, mode=mode, backend=backend,
+    out = {"attention": attention, "seq_len": seq_len, "index_topk": model.config.index_topk}
+    out["lm"] = loss_by_position(model, windows, attention, backend, batch_size)
+    out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, attention=attention, backend=backend,
                                           batch_size=batch_size)
     out["indexer_recall"] = indexer_recall(model, windows[:n_recall], backend) if n_recall else None
     return out

@@ -10,12 +10,14 @@ hidden -> MLA projections -> indexer (q^I, k^I, weights, FP8) -> fused logits + 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import api
-from ._validate import check_cu_seqlens, check_tensor
+from ._validate import check, check_cu_seqlens, check_tensor
 from .config import DSAConfig
 from .reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
@@ -110,8 +112,7 @@ def _cudnn_attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 def _causal_attention(q, k, v, scale, need_lse):
     """Causal attention of one sequence, [H, L, d] operands: (out [H, L, d_v], lse [L, H] fp32
     natural log, or None). SDPA returns no lse; with ``need_lse`` it comes from torch's cuDNN
-    attention where that runs (as fast as SDPA: 0.63 vs 0.65 ms at H 64, L 4096 on an H200,
-    benchmarks/results/indexer_loss.json), else None."""
+    attention where that runs (a fused kernel like SDPA's), else None."""
     if need_lse and q.is_cuda and _cudnn_attention_usable(q, k, v):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q[None], k[None], v[None], None, True, 0.0,
                                                                        True, False, scale=scale)[:2]
@@ -119,19 +120,34 @@ def _causal_attention(q, k, v, scale, need_lse):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), None
 
 
+ATTENTIONS = ("sparse", "dense")
+
+
+class MLAOutput(NamedTuple):
+    """What :meth:`MLA.forward` returns: ``hidden [T, hidden_size]``, and ``indexer_loss``
+    (a scalar fp32 tensor) when the call asked for it, else None."""
+
+    hidden: torch.Tensor
+    indexer_loss: torch.Tensor | None
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with DeepSeek Sparse Attention.
 
-    ``mode="dsa"``: the indexer selects ``index_topk`` rows per query and attention runs
-    in absorbed (MQA) form over only those latent rows: q_nope is absorbed through
+    ``attention="sparse"``: the indexer selects ``index_topk`` rows per query and attention
+    runs in absorbed (MQA) form over only those latent rows: q_nope is absorbed through
     W_UK (from kv_b_proj) into the 512-wide latent space and the output is mapped back
-    through W_UV. ``mode="dense"``: causal attention over every past token in the usual
-    multi-head form (keys and values expanded from the latent by kv_b_proj), through
+    through W_UV. ``attention="dense"``: causal attention over every past token in the
+    usual multi-head form (keys and values expanded from the latent by kv_b_proj), through
     torch's scaled_dot_product_attention. Both give the same function when
     index_topk >= sequence length.
 
+    ``indexer_loss=True`` also returns the indexer's KL loss (SPEC 5), the target taken
+    from the attention that runs: with dense attention that is the warm-up stage, with
+    sparse attention the sparse training stage.
+
     ``probs_precision`` (attribute, "e4m3" by default): the scratch through which the
-    sparse stage's Triton attention hands the indexer loss its target (see
+    sparse attention's Triton kernel hands the indexer loss its target (see
     ``flashdsa.sparse_mla_fwd``); "fp16" for a target exact to 2^-11."""
 
     probs_precision = "e4m3"
@@ -159,42 +175,67 @@ class MLA(nn.Module):
         """kv_b_proj weight as [H, nope + v, kv_lora_rank]: W_UK rows first, then W_UV."""
         return self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
-    STAGES = ("dense", "warmup", "sparse")
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                mode: str = "dsa", backend: str = "auto", stage: str | None = None):
+                attention: str = "sparse", indexer_loss: bool = False, backend: str = "auto") -> MLAOutput:
         """x [T, hidden] packed tokens; positions [T] (position of each token in its
-        sequence, for RoPE); cu_seqlens [B + 1] int32. Returns [T, hidden].
+        sequence, for RoPE); cu_seqlens [B + 1] int32. Returns :class:`MLAOutput`
+        ``(hidden [T, hidden], indexer_loss)``.
 
-        ``stage`` (training, SPEC 5) replaces ``mode`` and makes the call return
-        ``(out [T, hidden], indexer_loss)``, the loss a scalar fp32 tensor to add to the
-        LM loss (it only reaches the indexer's parameters):
-          "dense"  dense attention; the loss is 0.
-          "warmup" dense attention + KL(head-summed dense attention probabilities ||
-                   softmax of the index scores) over every causal position. Freeze the
-                   rest with :meth:`freeze_all_but_indexer`.
-          "sparse" top-k sparse attention + the KL restricted to the selected rows.
-        In both loss stages the indexer sees detached inputs, so the LM loss sends no
-        gradient into it and its loss none into the rest. The loss is the mean over
-        query tokens of the per-token KL (SPEC 5's sum over t, divided by T), computed
-        blockwise (flashdsa.ops.indexer_loss) on the Triton backend, naively otherwise.
+        ``attention``: "sparse" (indexer top-k, then sparse attention) or "dense".
+        ``indexer_loss`` (training, SPEC 5): also compute the indexer's loss, a scalar fp32
+        tensor to add to the LM loss (it only reaches the indexer's parameters):
+          dense attention   KL(head-summed dense attention probabilities || softmax of
+                            the index scores) over every causal position: the warm-up
+                            stage (freeze the rest with :meth:`freeze_all_but_indexer`).
+          sparse attention  the same KL restricted to the selected rows: sparse training.
+        The indexer sees detached inputs, so the LM loss sends no gradient into it and its
+        loss none into the rest. The loss is the mean over query tokens of the per-token KL
+        (SPEC 5's sum over t, divided by T): ``flashdsa.warmup_kl_loss`` /
+        ``flashdsa.sparse_kl_loss_from_probs`` with ``reduction="mean"``.
         """
-        if stage is not None:
-            return self._forward_stage(x, positions, cu_seqlens, stage, backend)
-        if mode not in ("dsa", "dense"):
-            raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
+        check(attention in ATTENTIONS, ValueError,
+              f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+        check(isinstance(indexer_loss, bool), TypeError,
+              f"indexer_loss: expected a bool, got {type(indexer_loss).__name__}")
         self._check(x, positions, cu_seqlens)
         qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
-        if mode == "dense":
+        if attention == "dense" and not indexer_loss:
             out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)[0]
+            return MLAOutput(self.o_proj(out.flatten(1)), None)
+        ks, ke = causal_ranges(cu_seqlens, x.shape[0])
+        if indexer_loss:
+            # The indexer learns from its loss only: its inputs are cut from the graph.
+            iq, ik, iw_proj = self.indexer.project(x.detach(), qr.detach(), cos, sin)
+            # Score weights as the FP8 path folds them, minus the q scales: w * H_I^-0.5 * d_I^-0.5.
+            iw = iw_proj * self.indexer.head_dim ** -0.5
+        q_full, kv_full, w_uv = self.absorb(q_nope, q_pe, kv, k_pe)
+        loss = None
+        if attention == "dense":
+            out, lse = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens, need_lse=True)
+            # The loss's target from the absorbed q and latent rows, whose logits equal the
+            # multi-head ones, normalized by the attention's lse; where the attention gave
+            # none (no cuDNN attention) the loss computes it, one more pass over the logits.
+            loss = api.warmup_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(),
+                                      None if lse is None else lse.detach(), self.softmax_scale, ks, ke,
+                                      reduction="mean", backend=backend)
+        elif indexer_loss:
+            indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
+                                          backend=backend)[:, None, :]        # [T, 1, topk]
+            # The attention hands over its head-mean probabilities of the selected slots
+            # (the loss's target), so the loss computes only the index scores. The e4m3
+            # scratch rounds each head's probability to 2^-4 relative; docs/training.md has
+            # what that does to the loss and to the forward's cost.
+            o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
+                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True,
+                                                    probs_precision=self.probs_precision)
+            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
+            loss = api.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean", backend=backend)
         else:
-            ks, ke = causal_ranges(cu_seqlens, x.shape[0])
             indices = self.indexer(x, qr, cos, sin, ks, ke, backend=backend)  # [T, topk]
-            q_full, kv_full, w_uv = self.absorb(q_nope, q_pe, kv, k_pe)
             o_lat, _, _ = api.sparse_mla_fwd(q_full, kv_full, indices[:, None, :], self.softmax_scale,
                                              d_v=self.kv_lora_rank, backend=backend)
             out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
-        return self.o_proj(out.flatten(1))
+        return MLAOutput(self.o_proj(out.flatten(1)), None if loss is None else loss.float())
 
     def _check(self, x, positions, cu_seqlens):
         t = x.shape[0]
@@ -226,51 +267,6 @@ class MLA(nn.Module):
         q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
         kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
         return q_full, kv_full, w_uv
-
-    def _forward_stage(self, x, positions, cu_seqlens, stage, backend):
-        """The training stages of :meth:`forward`: (out [T, hidden], indexer loss)."""
-        from .backend import resolve_backend
-        from .ops import indexer_loss as losses_blockwise
-        from .reference import losses as losses_naive
-
-        if stage not in self.STAGES:
-            raise ValueError(f"stage: expected one of {self.STAGES}, got {stage!r}")
-        if stage == "dense":
-            return self.forward(x, positions, cu_seqlens, mode="dense", backend=backend), \
-                x.new_zeros((), dtype=torch.float32)
-        self._check(x, positions, cu_seqlens)
-        qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
-        ks, ke = causal_ranges(cu_seqlens, x.shape[0])
-
-        # The indexer learns from its loss only: its inputs are cut from the graph.
-        iq, ik, iw_proj = self.indexer.project(x.detach(), qr.detach(), cos, sin)
-        # Score weights as the FP8 path folds them, minus the q scales: w * H_I^-0.5 * d_I^-0.5.
-        iw = iw_proj * self.indexer.head_dim ** -0.5
-        q_full, kv_full, w_uv = self.absorb(q_nope, q_pe, kv, k_pe)
-        blockwise = resolve_backend(backend, x) == "triton"
-        fns = losses_blockwise if blockwise else losses_naive
-
-        if stage == "warmup":
-            out, lse = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens, need_lse=True)
-            # The loss's target from the absorbed q and latent rows, whose logits equal the
-            # multi-head ones, normalized by the attention's lse; where the attention gave
-            # none (no cuDNN attention) the loss computes it, one more pass over the logits.
-            loss = fns.warmup_kl_loss(iq, ik, iw, q_full.detach(), kv_full.detach(),
-                                      None if lse is None else lse.detach(), self.softmax_scale, ks, ke,
-                                      reduction="mean")
-        else:
-            indices = self.indexer.select(iq.detach(), ik.detach(), iw_proj.detach(), ks, ke,
-                                          backend=backend)[:, None, :]        # [T, 1, topk]
-            # The attention hands over its head-mean probabilities of the selected slots
-            # (the loss's target), so the loss computes only the index scores. The e4m3
-            # scratch: the KL differs from the exact target's by 3.7e-4 (relative) and the
-            # forward's extra time is a quarter of fp16's (H200, docs/training.md).
-            o_lat, _, _, probs = api.sparse_mla_fwd(q_full, kv_full, indices, self.softmax_scale,
-                                                    d_v=self.kv_lora_rank, backend=backend, return_probs=True,
-                                                    probs_precision=self.probs_precision)
-            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                   # [T, H, v]
-            loss = fns.sparse_kl_loss_from_probs(iq, ik, iw, probs, indices, reduction="mean")
-        return self.o_proj(out.flatten(1)), loss.float()
 
     @staticmethod
     def freeze_all_but_indexer(module: nn.Module, freeze: bool = True) -> list[nn.Parameter]:

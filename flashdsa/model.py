@@ -20,23 +20,23 @@ state dict maps one to one (SPEC 6)::
 
 Calling convention (tokens may be batched [B, L] or packed [T] with ``cu_seqlens``)::
 
-    logits = model(input_ids [B, L])                          -> [B, L, vocab] fp32
-    logits = model(input_ids [T], cu_seqlens [B + 1] int32)   -> [T, vocab]    fp32
-    h      = model.model(input_ids, cu_seqlens, positions, mode=..., backend=...)  -> hidden [.., hidden]
+    out = model(input_ids [B, L])                          -> CausalLMOutput(logits [B, L, vocab] fp32, None)
+    out = model(input_ids [T], cu_seqlens [B + 1] int32)   -> CausalLMOutput(logits [T, vocab] fp32, None)
+    out = model.model(input_ids, cu_seqlens, positions, attention=..., backend=...)
+                                                           -> DSAOutput(hidden [.., hidden], None)
 
     keyword arguments:
-      positions  [B, L] or [T] int: RoPE position of each token; default 0, 1, ... within each sequence.
-      mode       "dsa" (indexer top-k + sparse attention, inference default) or "dense".
-      backend    "auto" | "triton" | "reference" (flashdsa.backend), passed to every op.
-      stage      None (inference) or a training stage of SPEC 5: "dense" (dense attention,
-                 LM loss only), "warmup" (dense attention + indexer KL vs. the dense attention
-                 distribution), "sparse" (top-k sparse attention + indexer KL on the selected set,
-                 indexer input detached). With a stage the call returns ``(logits, indexer_loss)``,
-                 indexer_loss a scalar fp32 tensor: per layer the mean over tokens of the
-                 per-token KL (MLA's convention), summed over layers (0 for "dense");
-                 ``mode`` is implied by the stage.
-      logits_rows optional int64 tensor of packed rows: compute logits only there (e.g. the last
-                 token of each sequence when prefilling); returns [len(logits_rows), vocab].
+      positions     [B, L] or [T] int: RoPE position of each token; default 0, 1, ... within each sequence.
+      attention     "sparse" (indexer top-k + sparse attention, the inference default) or "dense".
+      indexer_loss  False (inference) or True (training, SPEC 5): also return the indexer's KL loss,
+                    a scalar fp32 tensor: per layer the mean over tokens of the per-token KL
+                    (MLA's convention), summed over layers. With dense attention it is the
+                    warm-up loss, with sparse attention the sparse-training loss (indexer
+                    input detached). The training stages map onto these two knobs in
+                    flashdsa.train.STAGES.
+      backend       "auto" | "triton" | "reference" (flashdsa.backend), passed to every op.
+      logits_rows   optional int64 tensor of packed rows: compute logits only there (e.g. the last
+                    token of each sequence when prefilling); logits [len(logits_rows), vocab].
 
 On CPU tensors the attention runs sequence by sequence (same result): the pure-PyTorch
 reference ops would otherwise score every query against the whole packed batch.
@@ -49,16 +49,31 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DSAConfig
-from .layers import MLA, RMSNorm
+from .layers import MLA, MLAOutput, RMSNorm
 from .reference.rope import yarn_inv_freq
 
-STAGES = (None, "dense", "warmup", "sparse")
+
+class DSAOutput(NamedTuple):
+    """What :class:`DecoderLayer` and :class:`DSAModel` return: ``hidden`` states and
+    ``indexer_loss`` (scalar fp32, summed over layers) when asked for, else None."""
+
+    hidden: torch.Tensor
+    indexer_loss: torch.Tensor | None
+
+
+class CausalLMOutput(NamedTuple):
+    """What :class:`DSAForCausalLM` returns: ``logits`` (fp32) and ``indexer_loss`` (scalar
+    fp32, summed over layers) when asked for, else None."""
+
+    logits: torch.Tensor
+    indexer_loss: torch.Tensor | None
 
 
 class MLP(nn.Module):
@@ -168,13 +183,10 @@ class DecoderLayer(nn.Module):
             and layer_idx % int(cfg.extra.get("moe_layer_freq", 1)) == 0
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def _attend(self, h, positions, cu_seqlens, mode, backend, stage):
-        if stage is None:
-            return self.self_attn(h, positions, cu_seqlens, mode=mode, backend=backend), None
-        return self.self_attn(h, positions, cu_seqlens, backend=backend, stage=stage)
-
-    def forward(self, x, positions, cu_seqlens, mode="dsa", backend="auto", stage=None, per_sequence=False):
-        """x [T, hidden] -> [T, hidden], plus the layer's indexer loss when ``stage`` is set.
+    def forward(self, x, positions, cu_seqlens, attention="sparse", indexer_loss=False, backend="auto",
+                per_sequence=False) -> DSAOutput:
+        """x [T, hidden] -> DSAOutput(hidden [T, hidden], the layer's indexer loss or None);
+        ``attention`` and ``indexer_loss`` as :meth:`MLA.forward`.
 
         per_sequence: call the attention once per sequence of ``cu_seqlens`` instead of once
         on the packed batch. Same result; the pure-PyTorch reference ops score every query
@@ -187,17 +199,16 @@ class DecoderLayer(nn.Module):
             for s, e in zip(bounds[:-1], bounds[1:]):
                 if e > s:
                     cu = torch.tensor([0, e - s], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-                    o, l_ = self._attend(h[s:e], positions[s:e], cu, mode, backend, stage)
+                    o, l_ = self.self_attn(h[s:e], positions[s:e], cu, attention, indexer_loss, backend)
                     outs.append(o)
                     if l_ is not None:   # a per-token mean: weight by the sequence's share of T
                         losses.append(l_ * ((e - s) / bounds[-1]))
-            a = torch.cat(outs)
-            loss = None if stage is None else sum(losses)
+            attn = MLAOutput(torch.cat(outs), sum(losses) if indexer_loss else None)
         else:
-            a, loss = self._attend(h, positions, cu_seqlens, mode, backend, stage)
-        x = x + a
+            attn = self.self_attn(h, positions, cu_seqlens, attention, indexer_loss, backend)
+        x = x + attn.hidden
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x if stage is None else (x, loss)
+        return DSAOutput(x, attn.indexer_loss)
 
 
 def _pack(input_ids: torch.Tensor, cu_seqlens, positions):
@@ -232,32 +243,21 @@ class DSAModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, cu_seqlens=None, positions=None, mode="dsa", backend="auto", stage=None):
-        """Final hidden states, [B, L, hidden] or [T, hidden] like ``input_ids``
-        (and the summed indexer loss when ``stage`` is set)."""
-        if stage not in STAGES:
-            raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
-        if mode not in ("dsa", "dense"):
-            raise ValueError(f"mode: expected 'dsa' or 'dense', got {mode!r}")
+    def forward(self, input_ids, cu_seqlens=None, positions=None, attention="sparse", indexer_loss=False,
+                backend="auto") -> DSAOutput:
+        """DSAOutput(final hidden states [B, L, hidden] or [T, hidden] like ``input_ids``,
+        the indexer loss summed over layers or None); arguments as the module docstring."""
         shape = input_ids.shape
         ids, cu_seqlens, positions = _pack(input_ids, cu_seqlens, positions)
         x = self.embed_tokens(ids)
-        total = x.new_zeros((), dtype=torch.float32)
-        if stage == "dense":        # plain dense attention, no indexer loss
-            mode, stage, dense_stage = "dense", None, True
-        else:
-            dense_stage = False
+        total = x.new_zeros((), dtype=torch.float32) if indexer_loss else None
         # CPU (reference ops): attend sequence by sequence, see DecoderLayer.forward
         per_sequence = not x.is_cuda
         for layer in self.layers:
-            if stage is None:
-                x = layer(x, positions, cu_seqlens, mode=mode, backend=backend, per_sequence=per_sequence)
-            else:
-                x, loss = layer(x, positions, cu_seqlens, backend=backend, stage=stage, per_sequence=per_sequence)
-                if loss is not None:
-                    total = total + loss.float()
-        x = self.norm(x).view(*shape, -1)
-        return x if stage is None and not dense_stage else (x, total)
+            x, loss = layer(x, positions, cu_seqlens, attention, indexer_loss, backend, per_sequence=per_sequence)
+            if loss is not None:
+                total = total + loss.float()
+        return DSAOutput(self.norm(x).view(*shape, -1), total)
 
 
 @contextlib.contextmanager
@@ -325,15 +325,14 @@ class DSAForCausalLM(nn.Module):
                                            cfg.original_max_position_embeddings, cfg.max_position_embeddings,
                                            cfg.beta_fast, cfg.beta_slow).to(m.inv_freq.device)
 
-    def forward(self, input_ids, cu_seqlens=None, positions=None, mode="dsa", backend="auto", stage=None,
-                logits_rows=None):
-        out = self.model(input_ids, cu_seqlens=cu_seqlens, positions=positions, mode=mode, backend=backend,
-                         stage=stage)
-        h, loss = (out, None) if stage is None else out
+    def forward(self, input_ids, cu_seqlens=None, positions=None, attention="sparse", indexer_loss=False,
+                backend="auto", logits_rows=None) -> CausalLMOutput:
+        """CausalLMOutput(logits fp32, indexer loss or None); see the module docstring."""
+        h, loss = self.model(input_ids, cu_seqlens=cu_seqlens, positions=positions, attention=attention,
+                             indexer_loss=indexer_loss, backend=backend)
         if logits_rows is not None:
             h = h.reshape(-1, h.shape[-1])[logits_rows]
-        logits = self.lm_head(h).float()
-        return logits if stage is None else (logits, loss)
+        return CausalLMOutput(self.lm_head(h).float(), loss)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -8,6 +8,8 @@ Stages (``TrainConfig.stage``):
   "sparse"  top-k sparse attention; all parameters; loss = LM loss + KL restricted to the
             selected set. The indexer's input is detached inside MLA, so the indexer learns
             only from its KL and the rest of the model only from the LM loss.
+Each stage is one setting of the model's two forward knobs, ``attention`` and
+``indexer_loss`` (:data:`STAGES`).
 
 A run is a sequence of optimizer steps over batches that are a pure function of
 (data seed, data step) (flashdsa.data), so "the same tokens" for two branches means the
@@ -33,7 +35,12 @@ from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
 from .layers import MLA
 from .model import DSAForCausalLM
 
-STAGES = ("dense", "warmup", "sparse")
+# The recipe's stages as the two knobs of the model's forward: (attention, indexer_loss).
+STAGES = {
+    "dense": ("dense", False),     # pretraining or continued dense training
+    "warmup": ("dense", True),     # dense attention, the indexer fits its distribution
+    "sparse": ("sparse", True),    # top-k sparse attention, the KL on the selected rows
+}
 
 
 def preset_config(name: str, seq_len: int = 512) -> DSAConfig:
@@ -82,7 +89,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"stage: expected one of {STAGES}, got {self.stage!r}")
+            raise ValueError(f"stage: expected one of {tuple(STAGES)}, got {self.stage!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError(f"steps/batch_size/seq_len: expected >= 0, >= 1, >= 2, got "
                              f"{self.steps}, {self.batch_size}, {self.seq_len}")
@@ -187,11 +194,12 @@ def load_model(path: str | os.PathLike, device="cpu") -> DSAForCausalLM:
 
 def _forward_loss(model, x, y, cfg: TrainConfig):
     """(total loss to backpropagate, lm loss, indexer loss) for one batch."""
-    if cfg.stage == "dense":
-        logits = model(x, mode="dense", backend=cfg.backend)
+    attention, indexer_loss = STAGES[cfg.stage]
+    logits, idx = model(x, attention=attention, indexer_loss=indexer_loss, backend=cfg.backend)
+    if idx is None:
         lm = lm_loss(logits, y)
         return lm, lm, torch.zeros((), device=x.device)
-    logits, idx = model(x, stage=cfg.stage, backend=cfg.backend)   # idx: per-token KL, summed over layers
+    # idx: per-token KL, summed over layers
     if cfg.stage == "warmup":    # the LM loss is only logged: nothing it reaches is trainable
         lm = lm_loss(logits.detach(), y)
         return cfg.indexer_loss_weight * idx, lm, idx
@@ -332,13 +340,13 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     branch = dict(warmup_steps=max(cc.branch_steps // 20, 1), **base)
     run("(a) dense continued", TrainConfig(stage="dense", steps=cc.branch_steps, lr=cc.branch_lr, **branch),
         pre.data_step)
-    rows.append({"name": "(a) dense continued", "attention": "dense",
+    rows.append({"name": "(a) dense continued",
                  **evaluate(model, corpus, cc.seq_len, "dense", **dict(eval_kw, n_recall=0))})
     rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dense", cc.backend)
     if cc.untrained_indexer_row:
-        rows.append({"name": "(a) + DSA, untrained indexer", "attention": "dsa",
-                     **evaluate(model, corpus, cc.seq_len, "dsa", **eval_kw)})
-        rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dsa", cc.backend)
+        rows.append({"name": "(a) + DSA, untrained indexer",
+                     **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)})
+        rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
     if out_dir:
         model.save_pretrained(Path(out_dir) / "dense_continued")
 
@@ -348,9 +356,8 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
              pre.data_step)
     run("(b) DSA sparse", TrainConfig(stage="sparse", steps=cc.branch_steps - cc.warmup_steps, lr=cc.branch_lr,
                                       **branch), wu.data_step)
-    rows.append({"name": "(b) DSA warm-up + sparse", "attention": "dsa",
-                 **evaluate(model, corpus, cc.seq_len, "dsa", **eval_kw)})
-    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dsa", cc.backend)
+    rows.append({"name": "(b) DSA warm-up + sparse", **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)})
+    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
     if out_dir:
         model.save_pretrained(Path(out_dir) / "dsa")
     for r in rows:
@@ -404,7 +411,7 @@ def _add_common(p, seq_len: int):
 
 
 def add_train_args(p):
-    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--stage", required=True, choices=tuple(STAGES))
     p.add_argument("--out", required=True, help="output directory: train_state.pt and model/ (HF format)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=("tiny", "small"), help="fresh model of this size (default tiny)")
@@ -428,7 +435,7 @@ def add_train_args(p):
 
 def add_eval_args(p):
     p.add_argument("model", help="a train_state.pt or a Hugging Face model directory")
-    p.add_argument("--mode", default="dsa", choices=("dsa", "dense"))
+    p.add_argument("--attention", default="sparse", choices=("sparse", "dense"))
     p.add_argument("--windows", type=int, default=16, help="held-out windows for the loss")
     p.add_argument("--retrieval", type=int, default=32, help="passkey samples")
     p.add_argument("--recall-windows", type=int, default=4, help="windows for indexer recall (0: skip)")
@@ -496,10 +503,10 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     model = load_model(args.model, device)
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
-    res = evaluate(model, corpus, args.seq_len, args.mode, args.backend, n_windows=args.windows,
+    res = evaluate(model, corpus, args.seq_len, args.attention, args.backend, n_windows=args.windows,
                    n_retrieval=args.retrieval, n_recall=args.recall_windows)
     lm, rt = res["lm"], res["retrieval"]
-    print(f"{args.model} ({args.mode} attention, context {args.seq_len}, index_topk {model.config.index_topk})")
+    print(f"{args.model} ({args.attention} attention, context {args.seq_len}, index_topk {model.config.index_topk})")
     print(f"  held-out loss {lm['loss']:.4f}  ppl {lm['ppl']:.3f}  over {lm['tokens']:,} tokens")
     for b in lm["buckets"]:
         print(f"    positions [{b['start']:>6}, {b['end']:>6}): loss {b['loss']:.4f}  ppl {b['ppl']:.3f}")
@@ -539,6 +546,6 @@ def cmd_demo(args) -> int:
 
 
 def _device_name(device) -> str:
-    """The accelerator's name for result files ("NVIDIA H200"), else the device string."""
+    """The accelerator's name for result files (torch.cuda.get_device_name), else the device string."""
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)

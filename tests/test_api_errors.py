@@ -21,6 +21,7 @@ def _mla(s_q=4, h=2, d=24, s_kv=9, topk=3):
     ("d_v", ValueError, r"d_v: expected an int in \[1, d_qk=24\]"),
     ("backend", ValueError, "backend: expected one of"),
     ("probs_precision", ValueError, "probs_precision: expected one of"),
+    ("sm_scale", ValueError, "sm_scale: required, got None"),
 ])
 def test_sparse_mla_bad_inputs(case, exc, match):
     q, kv, idx = _mla()
@@ -45,6 +46,8 @@ def test_sparse_mla_bad_inputs(case, exc, match):
         kw["backend"] = "cuda"
     elif case == "probs_precision":
         kw.update(return_probs=True, probs_precision="fp8")
+    elif case == "sm_scale":
+        kw["sm_scale"] = None
     with pytest.raises(exc, match=match):
         flashdsa.sparse_mla_fwd(q, kv, idx, **kw)
 
@@ -89,9 +92,9 @@ def test_other_bad_inputs():
     with pytest.raises(ValueError, match="multiple of block_size=128"):
         flashdsa.act_quant(torch.randn(3, 100))
     with pytest.raises(ValueError, match="topk: expected a positive int"):
-        flashdsa.topk_indices(torch.randn(2, 3), 0, torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+        flashdsa.topk_indices(torch.randn(2, 3), torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets from 0 to 5"):
-        flashdsa.dense_mla_fwd(torch.randn(5, 2, 8), torch.randn(5, 1, 8), torch.tensor([0, 3, 2, 5]), d_v=8)
+        flashdsa.dense_mla_fwd(torch.randn(5, 2, 8), torch.randn(5, 1, 8), torch.tensor([0, 3, 2, 5]), 0.3, d_v=8)
     with pytest.raises(NotImplementedError, match="no Triton kernel"):
         flashdsa.hadamard_transform(torch.randn(2, 8), backend="triton")
 
@@ -119,21 +122,17 @@ def _loss_inputs(T=5, H=2, d_qk=24, HI=3, DI=16, S=9, topk=4):
     ("warmup", "ks", torch.zeros(5), TypeError, "ks: expected dtype"),
 ])
 def test_indexer_loss_bad_inputs(impl, loss, arg, bad, exc, match):
-    """Both implementations of the indexer losses reject malformed arguments by name (the
+    """The public indexer losses reject malformed arguments by name on both backends (the
     kernels would otherwise read out of bounds or give a silent wrong answer)."""
-    from flashdsa.ops import indexer_loss
-    from flashdsa.reference import losses
-
-    mod = losses if impl == "reference" else indexer_loss
     x = _loss_inputs()
     x[arg] = bad
     calls = {
-        "from_probs": lambda: mod.sparse_kl_loss_from_probs(x["iq"], x["ik"], x["weights"], x["attn_probs"],
-                                                            x["indices"]),
-        "sparse": lambda: mod.sparse_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
-                                             x["indices"]),
-        "warmup": lambda: mod.warmup_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
-                                             x["ks"], x["ke"]),
+        "from_probs": lambda: flashdsa.sparse_kl_loss_from_probs(x["iq"], x["ik"], x["weights"], x["attn_probs"],
+                                                                 x["indices"], backend=impl),
+        "sparse": lambda: flashdsa.sparse_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
+                                                  x["indices"], backend=impl),
+        "warmup": lambda: flashdsa.warmup_kl_loss(x["iq"], x["ik"], x["weights"], x["q"], x["kv"], x["lse"], 0.2,
+                                                  x["ks"], x["ke"], backend=impl),
     }
     with pytest.raises(exc, match=match):
         calls[loss]()

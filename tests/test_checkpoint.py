@@ -39,7 +39,7 @@ def test_round_trip(tmp_path, shard):
     loaded = from_pretrained(tmp_path).eval()
     _same_state(model, loaded)
     ids = torch.randint(0, 67, (1, 9))
-    assert torch.equal(model(ids, mode="dense"), loaded(ids, mode="dense"))
+    assert torch.equal(model(ids, attention="dense").logits, loaded(ids, attention="dense").logits)
 
 
 def test_fp8_block_quant_is_tilewise():
@@ -84,7 +84,7 @@ def test_official_layout_with_fp8_weight_and_mtp_layer(tmp_path):
     other = "model.layers.1.self_attn.indexer.wq_b.weight"
     assert torch.equal(model.state_dict()[other], tensors[other])
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    assert model(torch.randint(0, 67, (1, 6)), mode="dsa").isfinite().all()
+    assert model(torch.randint(0, 67, (1, 6)), attention="sparse").logits.isfinite().all()
 
 
 def test_fp8_save_load(tmp_path):

@@ -42,7 +42,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert main(["train", "--stage", "warmup", "--resume", str(tmp_path / "b" / "train_state.pt"), "--steps", "2",
                  "--out", str(tmp_path / "b"), *common]) == 0
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "b" / "model"), "--mode", "dsa", "--windows", "2", "--retrieval", "2",
+    assert main(["eval", str(tmp_path / "b" / "model"), "--attention", "sparse", "--windows", "2", "--retrieval", "2",
                  "--recall-windows", "1", "--seq-len", "128", "--max-bytes", str(1 << 18)]) == 0
     text = capsys.readouterr().out
     assert "held-out loss" in text and "passkey retrieval" in text and "indexer recall" in text

@@ -1,11 +1,12 @@
-"""The MLA module with DSA: equality with the dense path, gradients, the detached indexer."""
+"""The MLA module with DSA: equality with the dense path, gradients, the detached indexer,
+one return type."""
 import json
 
 import pytest
 import torch
 
 from flashdsa.config import DSAConfig
-from flashdsa.layers import MLA, causal_ranges
+from flashdsa.layers import MLA, MLAOutput, causal_ranges
 from tests.utils import OFFICIAL_671B, tiny_mla_config
 
 LENS = [7, 13, 5]
@@ -21,13 +22,14 @@ def _packed(dtype=torch.float64):
 def test_dsa_equals_dense_when_topk_covers_sequence():
     m = MLA(tiny_mla_config(index_topk=16)).double()  # 16 >= the longest sequence (13)
     x, pos, cu = _packed()
-    torch.testing.assert_close(m(x, pos, cu, "dsa"), m(x, pos, cu, "dense"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m(x, pos, cu, "sparse").hidden, m(x, pos, cu, "dense").hidden, rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_dsa_differs_from_dense_when_topk_is_small():
     m = MLA(tiny_mla_config(index_topk=3)).double()
     x, pos, cu = _packed()
-    diff = (m(x, pos, cu, "dsa") - m(x, pos, cu, "dense")).abs().amax(-1)
+    diff = (m(x, pos, cu, "sparse").hidden - m(x, pos, cu, "dense").hidden).abs().amax(-1)
     # The first 3 tokens of each sequence see everything either way; later ones do not.
     first3 = torch.cat([torch.arange(3) + s for s in (0, 7, 20)])
     assert diff[first3].max() < 1e-10 and diff.max() > 1e-4
@@ -51,7 +53,7 @@ def test_gradients_reach_main_weights_not_indexer():
     m = MLA(tiny_mla_config(index_topk=5)).double()
     x, pos, cu = _packed()
     x.requires_grad_(True)
-    m(x, pos, cu, "dsa").square().sum().backward()
+    m(x, pos, cu, "sparse").hidden.square().sum().backward()
     for name, p in m.named_parameters():
         if name.startswith("indexer."):
             assert p.grad is None, f"{name} got a gradient from the attention output"
@@ -84,9 +86,23 @@ def test_config_from_official_json_and_back():
 def test_module_rejects_bad_inputs():
     m = MLA(tiny_mla_config())
     x, pos, cu = _packed(torch.float32)
-    with pytest.raises(ValueError, match="mode"):
-        m(x, pos, cu, "sparse-ish")
+    with pytest.raises(ValueError, match="attention"):
+        m(x, pos, cu, "dsa")
+    with pytest.raises(TypeError, match="indexer_loss"):
+        m(x, pos, cu, indexer_loss="warmup")
     with pytest.raises(ValueError, match=r"x: expected shape \[\*, 64\]"):
         m(x[:, :32], pos, cu)
     with pytest.raises(ValueError, match="cu_seqlens"):
         m(x, pos, torch.tensor([0, 7, 20], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_forward_returns_one_type(attention):
+    """Every call returns an MLAOutput; the loss is None unless asked for."""
+    m = MLA(tiny_mla_config(index_topk=4)).double()
+    x, pos, cu = _packed()
+    out = m(x, pos, cu, attention=attention, backend="reference")
+    assert isinstance(out, MLAOutput) and out.hidden.shape == x.shape and out.indexer_loss is None
+    hidden, loss = m(x, pos, cu, attention=attention, indexer_loss=True, backend="reference")
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.item() > 0
+    torch.testing.assert_close(hidden, out.hidden)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashdsa.config import DSAConfig
-from flashdsa.model import MLP, DSAForCausalLM, MoE, MoEGate
+from flashdsa.model import MLP, CausalLMOutput, DSAForCausalLM, DSAOutput, MoE, MoEGate
 from tests.utils import OFFICIAL_671B
 
 
@@ -53,19 +53,19 @@ def test_official_671b_config_builds_right_shapes_on_meta():
     assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
 
 
-def _seq_lens_packed(model, ids_list, mode):
+def _seq_lens_packed(model, ids_list, attention):
     ids = torch.cat(ids_list)
     cu = torch.tensor([0] + [len(x) for x in ids_list], dtype=torch.int32).cumsum(0).to(torch.int32)
-    return model(ids, cu_seqlens=cu, mode=mode)
+    return model(ids, cu_seqlens=cu, attention=attention).logits
 
 
-@pytest.mark.parametrize("mode", ["dense", "dsa"])
-def test_packed_equals_separate_sequences(mode):
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_packed_equals_separate_sequences(attention):
     # 16 indexer heads: a score is an exact 0 (a tie) only when all 16 ReLUs are off
     model = DSAForCausalLM(tiny_config(index_n_heads=16)).eval()
     seqs = [torch.randint(0, 67, (n,)) for n in (7, 13, 1)]
-    packed = _seq_lens_packed(model, seqs, mode)
-    alone = torch.cat([model(s[None], mode=mode)[0] for s in seqs])
+    packed = _seq_lens_packed(model, seqs, attention)
+    alone = torch.cat([model(s[None], attention=attention).logits[0] for s in seqs])
     assert packed.shape == (21, 67)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
@@ -73,22 +73,23 @@ def test_packed_equals_separate_sequences(mode):
 def test_dsa_equals_dense_when_topk_covers_context_and_differs_otherwise():
     ids = torch.randint(0, 67, (2, 11))
     full = DSAForCausalLM(tiny_config(index_topk=16)).eval()
-    torch.testing.assert_close(full(ids, mode="dsa"), full(ids, mode="dense"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full(ids, attention="sparse").logits, full(ids, attention="dense").logits,
+                               rtol=1e-5, atol=1e-5)
     sparse = DSAForCausalLM(tiny_config(index_topk=3)).eval()
     sparse.load_state_dict(full.state_dict())
-    a, b = sparse(ids, mode="dsa"), sparse(ids, mode="dense")
+    a, b = sparse(ids, attention="sparse").logits, sparse(ids, attention="dense").logits
     # rows with <= 3 candidates see everything; later rows must differ
     torch.testing.assert_close(a[:, :3], b[:, :3], rtol=1e-5, atol=1e-5)
     assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["dense", "dsa"])
-def test_causal(mode):
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_causal(attention):
     model = DSAForCausalLM(tiny_config()).eval()
     ids = torch.randint(0, 67, (1, 12))
     ids2 = ids.clone()
     ids2[0, 8:] = (ids2[0, 8:] + 1) % 67
-    a, b = model(ids, mode=mode), model(ids2, mode=mode)
+    a, b = model(ids, attention=attention).logits, model(ids2, attention=attention).logits
     torch.testing.assert_close(a[:, :8], b[:, :8], rtol=1e-5, atol=1e-5)
     assert (a[:, 8:] - b[:, 8:]).abs().amax() > 1e-4
 
@@ -96,13 +97,13 @@ def test_causal(mode):
 def test_logits_rows_and_positions():
     model = DSAForCausalLM(tiny_config()).eval()
     ids = torch.randint(0, 67, (10,))
-    full = model(ids, mode="dense")
+    full = model(ids, attention="dense").logits
     rows = torch.tensor([9, 3])
-    torch.testing.assert_close(model(ids, mode="dense", logits_rows=rows), full[rows])
+    torch.testing.assert_close(model(ids, attention="dense", logits_rows=rows).logits, full[rows])
     # RoPE is relative: a constant shift changes nothing, a stretch changes the logits
-    torch.testing.assert_close(model(ids, positions=torch.arange(10) + 5, mode="dense"), full,
+    torch.testing.assert_close(model(ids, positions=torch.arange(10) + 5, attention="dense").logits, full,
                                rtol=1e-4, atol=1e-5)
-    assert (model(ids, positions=torch.arange(10) * 3, mode="dense") - full).abs().amax() > 1e-4
+    assert (model(ids, positions=torch.arange(10) * 3, attention="dense").logits - full).abs().amax() > 1e-4
 
 
 def _naive_route(gate: MoEGate, x):
@@ -151,16 +152,16 @@ def test_moe_matches_per_token_loop():
 
 def test_bad_arguments_are_named():
     model = DSAForCausalLM(tiny_config())
-    with pytest.raises(ValueError, match="mode"):
-        model(torch.zeros(1, 4, dtype=torch.long), mode="full")
-    with pytest.raises(ValueError, match="stage"):
-        model(torch.zeros(1, 4, dtype=torch.long), stage="pretrain")
+    with pytest.raises(ValueError, match="attention"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention="full")
+    with pytest.raises(TypeError, match="indexer_loss"):
+        model(torch.zeros(1, 4, dtype=torch.long), indexer_loss="warmup")
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(1, 2, 4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("mode", ["dense", "dsa"])
-def test_per_sequence_attention_equals_packed(mode):
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_per_sequence_attention_equals_packed(attention):
     """The CPU shortcut (attention called per sequence) computes the packed function."""
     model = DSAForCausalLM(tiny_config(index_n_heads=16)).eval()
     layer = model.model.layers[0]
@@ -168,6 +169,30 @@ def test_per_sequence_attention_equals_packed(mode):
     cu = torch.tensor([0, 5, 17, 26], dtype=torch.int32)
     x = torch.randn(26, 32)
     pos = torch.cat([torch.arange(n) for n in lens])
-    a = layer(x, pos, cu, mode=mode, per_sequence=False)
-    b = layer(x, pos, cu, mode=mode, per_sequence=True)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for indexer_loss in (False, True):
+        a = layer(x, pos, cu, attention=attention, indexer_loss=indexer_loss, per_sequence=False)
+        b = layer(x, pos, cu, attention=attention, indexer_loss=indexer_loss, per_sequence=True)
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
+        if indexer_loss:   # the per-token mean over the packed batch, either way
+            torch.testing.assert_close(a.indexer_loss, b.indexer_loss, rtol=1e-5, atol=1e-6)
+        else:
+            assert a.indexer_loss is None and b.indexer_loss is None
+
+
+@pytest.mark.parametrize("attention,indexer_loss", [("dense", False), ("sparse", False), ("dense", True),
+                                                     ("sparse", True)])
+def test_one_return_type(attention, indexer_loss):
+    """The model always returns CausalLMOutput (DSAModel a DSAOutput); the indexer loss
+    is a scalar fp32 summed over layers when asked for, None otherwise."""
+    model = DSAForCausalLM(tiny_config())
+    ids = torch.randint(0, 67, (2, 9))
+    out = model(ids, attention=attention, indexer_loss=indexer_loss)
+    assert isinstance(out, CausalLMOutput) and out.logits.shape == (2, 9, 67)
+    inner = model.model(ids, attention=attention, indexer_loss=indexer_loss)
+    assert isinstance(inner, DSAOutput) and inner.hidden.shape == (2, 9, 32)
+    if indexer_loss:
+        assert out.indexer_loss.dim() == 0 and out.indexer_loss.dtype == torch.float32
+        assert out.indexer_loss.item() > 0
+        torch.testing.assert_close(out.indexer_loss, inner.indexer_loss)
+    else:
+        assert out.indexer_loss is None and inner.indexer_loss is None

@@ -1,6 +1,8 @@
-"""The training stages of MLA (SPEC 5): a toy warm-up run whose KL falls while only the
-indexer changes; in the sparse stage the LM loss sends no gradient into the indexer and
-the indexer loss none into the rest; blockwise (Triton) == naive losses inside MLA."""
+"""The training stages of MLA (SPEC 5), as the two knobs of its forward: warm-up = dense
+attention + indexer loss, sparse training = sparse attention + indexer loss. A toy warm-up
+run whose KL falls while only the indexer changes; in the sparse stage the LM loss sends no
+gradient into the indexer and the indexer loss none into the rest; blockwise (Triton) ==
+naive losses inside MLA."""
 import pytest
 import torch
 
@@ -19,6 +21,11 @@ def _batch(lens=(9, 14), hidden=64, dtype=torch.float32, device="cpu"):
     return x, pos, cu
 
 
+WARMUP = {"attention": "dense", "indexer_loss": True}
+SPARSE = {"attention": "sparse", "indexer_loss": True}
+STAGES = {"warmup": WARMUP, "sparse": SPARSE}
+
+
 def _is_indexer(name):
     return name.startswith("indexer.")
 
@@ -33,7 +40,7 @@ def test_warmup_toy_run_loss_falls_and_only_indexer_changes():
     opt = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(40):
-        out, loss = m(x, pos, cu, stage="warmup", backend="reference")
+        out, loss = m(x, pos, cu, **WARMUP, backend="reference")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -49,11 +56,10 @@ def test_warmup_toy_run_loss_falls_and_only_indexer_changes():
 def test_warmup_output_is_the_dense_attention():
     m = MLA(tiny_config()).double()
     x, pos, cu = _batch(dtype=torch.float64)
-    out, loss = m(x, pos, cu, stage="warmup", backend="reference")
-    torch.testing.assert_close(out, m(x, pos, cu, mode="dense"))
-    out_d, zero = m(x, pos, cu, stage="dense")
+    out, loss = m(x, pos, cu, **WARMUP, backend="reference")
+    out_d, none = m(x, pos, cu, attention="dense")
     torch.testing.assert_close(out_d, out)
-    assert zero.item() == 0 and loss.item() > 0
+    assert none is None and loss.item() > 0
 
 
 def test_sparse_stage_gradients_are_separated():
@@ -61,8 +67,8 @@ def test_sparse_stage_gradients_are_separated():
     m = MLA(tiny_config()).double()
     x, pos, cu = _batch(dtype=torch.float64)
     x.requires_grad_()
-    out, loss = m(x, pos, cu, stage="sparse", backend="reference")
-    torch.testing.assert_close(out, m(x, pos, cu, mode="dsa", backend="reference"))
+    out, loss = m(x, pos, cu, **SPARSE, backend="reference")
+    torch.testing.assert_close(out, m(x, pos, cu, attention="sparse", backend="reference").hidden)
     named = dict(m.named_parameters())
     lm = out.square().mean()  # stands in for the language-model loss
     g_lm = torch.autograd.grad(lm, list(named.values()) + [x], allow_unused=True)
@@ -92,7 +98,7 @@ def test_stage_triton_backend_equals_reference(stage):
     res = {}
     for backend in ("reference", "triton"):
         m.zero_grad()
-        out, loss = m(x, pos, cu, stage=stage, backend=backend)
+        out, loss = m(x, pos, cu, **STAGES[stage], backend=backend)
         (out.square().mean() + loss).backward()
         res[backend] = (out.detach(), loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                                       if p.grad is not None})
@@ -103,15 +109,17 @@ def test_stage_triton_backend_equals_reference(stage):
         assert rel_err(g_t[n], g_r[n]) < tol_grad, n
     if stage == "sparse":  # the default e4m3 target: within its rounding (2^-4 per head's probability)
         m.probs_precision = "e4m3"
-        _, loss8 = m(x, pos, cu, stage=stage, backend="triton")
+        _, loss8 = m(x, pos, cu, **STAGES[stage], backend="triton")
         assert rel_err(loss8.detach(), l_r) < 2.0 ** -4
 
 
-def test_bad_stage():
+def test_bad_knobs():
     m = MLA(tiny_config())
     x, pos, cu = _batch()
-    with pytest.raises(ValueError, match="stage"):
-        m(x, pos, cu, stage="pretrain")
+    with pytest.raises(ValueError, match="attention"):
+        m(x, pos, cu, attention="warmup", indexer_loss=True)
+    with pytest.raises(TypeError, match="indexer_loss"):
+        m(x, pos, cu, indexer_loss=None)
 
 
 @requires_cuda
@@ -125,11 +133,11 @@ def test_stage_bf16_gpu(stage):
                       index_head_dim=128, index_topk=64, hidden_size=256, q_lora_rank=128)
     m = MLA(cfg).cuda().to(torch.bfloat16)
     x, pos, cu = _batch(lens=(70, 130), hidden=256, dtype=torch.bfloat16, device="cuda")
-    out, loss = m(x, pos, cu, stage=stage, backend="triton")
+    out, loss = m(x, pos, cu, **STAGES[stage], backend="triton")
     (out.float().square().mean() + loss).backward()
     assert torch.isfinite(loss) and m.indexer.wq_b.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        _, loss_ref = m(x, pos, cu, stage=stage, backend="reference")
+        _, loss_ref = m(x, pos, cu, **STAGES[stage], backend="reference")
     # Sparse: the two backends' FP8 top-k may swap near-tied rows at the k-th place, which
     # moves the loss a little; the kernels themselves are compared exactly elsewhere.
     assert rel_err(loss, loss_ref) < (2e-2 if stage == "warmup" else 1e-1)
@@ -144,7 +152,7 @@ def test_warmup_takes_the_lse_from_the_gpu_attention():
     if not torch.backends.cudnn.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("cuDNN attention on Hopper or later")
     from flashdsa.layers import causal_ranges
-    from flashdsa.ops import indexer_loss
+    from flashdsa import api
 
     torch.manual_seed(4)
     cfg = tiny_config(num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_n_heads=64,
@@ -169,8 +177,8 @@ def test_warmup_takes_the_lse_from_the_gpu_attention():
         iw = iw * m.indexer.head_dim ** -0.5
         q_full, kv_full, _ = m.absorb(q_nope, q_pe, kv, k_pe)
         ks, ke = causal_ranges(cu, 200)
-        given = indexer_loss.warmup_kl_loss(iq, ik, iw, q_full, kv_full, lse, m.softmax_scale, ks, ke)
-        own = indexer_loss.warmup_kl_loss(iq, ik, iw, q_full, kv_full, None, m.softmax_scale, ks, ke)
+        given = api.warmup_kl_loss(iq, ik, iw, q_full, kv_full, lse, m.softmax_scale, ks, ke, backend="triton")
+        own = api.warmup_kl_loss(iq, ik, iw, q_full, kv_full, None, m.softmax_scale, ks, ke, backend="triton")
         # the loss's own lse comes from the absorbed logits (q_nope through W_UK in bf16), which
         # differ from the multi-head ones at bf16 rounding: the bound of the backends' test above
         assert rel_err(given, own) < 2e-2

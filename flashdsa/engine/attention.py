@@ -14,7 +14,8 @@ tokens of several sequences together (``x [T, hidden]``). For each layer this
    latent output back through W_UV and o_proj.
 
 Kernels (paged indexer top-k, sparse MLA decode, cache writes) are used on a GPU when
-they exist; otherwise everything falls back to the references (see engine/kernels.py).
+they exist, through the public ops of flashdsa.api; otherwise everything falls back to
+the references (:func:`sparse_mla_paged` has a lean one of its own).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import api
-from . import kernels
+from .. import reference as ref
+from ..backend import resolve_backend
+from ..reference.paged_indexer import logical_slots
 from .cache import PAGE_SIZE, PagedCaches
 
 
@@ -66,8 +69,7 @@ class StepMetadata:
 
     def slots_of(self, b: int, n: int) -> torch.Tensor:
         """Physical slots [n] of positions 0..n-1 of sequence b."""
-        pos = torch.arange(n, device=self.block_table.device)
-        return self.block_table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+        return logical_slots(self.block_table, b, n)
 
 
 def dense_indices(meta: StepMetadata, topk: int) -> torch.Tensor:
@@ -85,7 +87,7 @@ def select_indices_static(q8: torch.Tensor, weights: torch.Tensor, meta: StepMet
     """Decode selection without host synchronization (for CUDA graphs): the paged
     indexer kernel runs for every row over at most block_table.shape[1] * 64 positions,
     and rows with position + 1 <= topk take the dense indices instead."""
-    from ..ops.paged_indexer import paged_indexer_topk
+    from ..ops.indexer import paged_indexer_topk
     sel = paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), meta.context_lens,
                              meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
     dense = dense_indices(meta, topk)
@@ -114,7 +116,7 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
     icache = caches.index_layer(layer)
     dev = x.device
-    if meta.is_decode and kernels.use_kernels(x, backend):
+    if meta.is_decode and resolve_backend(backend, x) == "triton":
         # one query per sequence: the paged kernel scores the cache in place
         seqs = [b for b, r in enumerate(rows_of) if len(r)]
         rows = torch.tensor([meta.query_start[b] for b in seqs], device=dev)
@@ -123,8 +125,8 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
         else:
             sel = torch.tensor(seqs, device=dev)
             bt, ctx, qq, ww = meta.block_table[sel], meta.context_lens[sel], q8[rows], weights[rows]
-        out = kernels.paged_indexer_topk(qq[:, None].contiguous(), icache, ww.contiguous(), ctx.contiguous(),
-                                         bt.contiguous(), topk, backend)
+        out = api.paged_indexer_topk(qq[:, None].contiguous(), icache, ww.contiguous(), ctx.contiguous(),
+                                     bt.contiguous(), topk, backend=backend)
         indices[rows] = out
         return indices
     for b, r in enumerate(rows_of):
@@ -141,6 +143,28 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     return indices
 
 
+def sparse_mla_paged(q: torch.Tensor, caches: PagedCaches, layer: int, indices: torch.Tensor, sm_scale: float,
+                     d_v: int, backend: str = "auto") -> torch.Tensor:
+    """Sparse attention of packed queries over a paged latent cache.
+
+    q [T, H, W]; indices [T, topk] int32 physical slots (-1 = unused). Returns
+    out [T, H, d_v] in q.dtype. The kernel path runs ``sparse_mla_decode`` over all T
+    queries as one batch entry with s_q = T (it is the prefill kernel on paged rows);
+    the reference gathers the distinct rows in use and runs the reference
+    ``sparse_mla_fwd`` on them (the public reference dequantizes the whole cache)."""
+    if resolve_backend(backend, q) == "triton":
+        out, _ = api.sparse_mla_decode(q[None], caches.latent_layer(layer), indices[None], sm_scale, d_v,
+                                       caches.kv_format, backend=backend)
+        return out[0]
+    valid = indices >= 0
+    used, inverse = torch.unique(indices[valid].long(), return_inverse=True)
+    rows = caches.read_latent(used, layer, q.dtype)               # [U, W]
+    local = torch.full_like(indices, -1)
+    local[valid] = inverse.to(local.dtype)
+    out, _, _ = ref.sparse_mla_fwd(q, rows[:, None, :], local[:, None, :], sm_scale, d_v)
+    return out
+
+
 def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: PagedCaches, layer: int,
                         backend: str = "auto", static: bool = False) -> torch.Tensor:
     """The attention sub-layer of ``layer`` for packed new tokens ``x [T, hidden]``
@@ -154,7 +178,7 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static)
 
     q_full = q_full.contiguous()
-    o_lat = kernels.sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,
-                                     attn.kv_lora_rank, backend)             # [T, H, c]
+    o_lat = sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,
+                             attn.kv_lora_rank, backend)                     # [T, H, c]
     out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                          # [T, H, v]
     return attn.o_proj(out.flatten(1))

@@ -7,16 +7,22 @@ lives in physical slot ``blocks[p // 64] * 64 + p % 64`` of
 - the MLA latent cache, per layer ``[num_blocks, 64, 1, W]`` with W = kv_lora_rank +
   qk_rope_head_dim (576 for V3.2), stored in the model dtype ("auto"), in bf16
   ("bf16") or as the 656-byte "fp8_ds_mla" rows (uint8 ``[num_blocks, 64, 1, 656]``);
-- the lightning-indexer key cache, per layer uint8 ``[num_blocks, 64 * (D + 4)]``:
-  in each block the 64 x D e4m3 key bytes, then 64 fp32 scales (DeepGEMM / vLLM layout).
+- the lightning-indexer key cache, per layer a :class:`flashdsa.PagedIndexerCache`
+  (uint8 ``[num_blocks, 64 * (D + 4)]``: in each block the 64 x D e4m3 key bytes, then
+  64 fp32 scales, the DeepGEMM / vLLM layout).
+
+The byte layouts are those of flashdsa.layout.
 """
 from __future__ import annotations
 
 import torch
 
-PAGE_SIZE = 64
+from .. import api
+from ..cache import PagedIndexerCache
+from ..layout import MLA_FP8_BYTES, PAGE_SIZE, indexer_block_bytes
+from ..reference.mla_cache import dequantize_mla_cache
+
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_ds_mla")
-FP8_ROW_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16 rope values
 
 
 class NoFreeBlocks(RuntimeError):
@@ -94,7 +100,7 @@ class PagedCaches:
         self.device = torch.device(device)
         if kv_cache_dtype == "fp8_ds_mla":
             self.kv_format = "fp8_ds_mla"
-            self.latent = torch.zeros(num_layers, num_blocks, PAGE_SIZE, 1, FP8_ROW_BYTES, dtype=torch.uint8,
+            self.latent = torch.zeros(num_layers, num_blocks, PAGE_SIZE, 1, MLA_FP8_BYTES, dtype=torch.uint8,
                                       device=self.device)
         else:
             # "bf16" is the kernels' name of any unquantized layout; "auto" keeps the model dtype
@@ -102,50 +108,47 @@ class PagedCaches:
             dt = torch.bfloat16 if kv_cache_dtype == "bf16" else model_dtype
             self.latent = torch.zeros(num_layers, num_blocks, PAGE_SIZE, 1, latent_dim, dtype=dt,
                                       device=self.device)
-        self.index = torch.zeros(num_layers, num_blocks, PAGE_SIZE * (index_dim + 4), dtype=torch.uint8,
-                                 device=self.device)
+        self.index = [PagedIndexerCache(num_blocks, index_dim, self.device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, latent_dim: int, index_dim: int, kv_cache_dtype: str,
                         model_dtype: torch.dtype) -> int:
         """Memory of one block over all layers (to size the pool from free memory)."""
         if kv_cache_dtype == "fp8_ds_mla":
-            lat = FP8_ROW_BYTES
+            lat = MLA_FP8_BYTES
         else:
             dt = torch.bfloat16 if kv_cache_dtype == "bf16" else model_dtype
             lat = latent_dim * torch.empty((), dtype=dt).element_size()
-        return num_layers * PAGE_SIZE * (lat + index_dim + 4)
+        return num_layers * (PAGE_SIZE * lat + indexer_block_bytes(index_dim))
 
     def latent_layer(self, layer: int) -> torch.Tensor:
         return self.latent[layer]
 
     def index_layer(self, layer: int) -> torch.Tensor:
-        return self.index[layer]
+        """The indexer key cache bytes of ``layer`` (uint8 [num_blocks, 64 * (D + 4)])."""
+        return self.index[layer].kv
 
     def write_latent(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Store latent rows ``rows [N, W]`` at physical ``slots [N]`` (int64)."""
         flat = self.latent[layer].view(-1, self.latent.shape[-1])
         if self.kv_format == "fp8_ds_mla":
-            from .kernels import quantize_mla_cache
-            flat[slots] = quantize_mla_cache(rows.contiguous(), self.backend)
+            flat[slots] = api.quantize_mla_cache(rows.contiguous(), backend=self.backend)
         else:
             flat[slots] = rows.to(flat.dtype)
 
     def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        """Quantize indexer keys ``keys [N, D]`` (one ue8m0 scale a token) and store them."""
-        from .kernels import indexer_cache_write
-        indexer_cache_write(self.index[layer], keys, slots, self.backend)
+        """Quantize indexer keys ``keys [N, D]`` (one ue8m0 scale a token) and store them at
+        physical ``slots [N]`` (unchecked: the engine computed them)."""
+        self.index[layer].store(keys, slots, self.backend)
 
     def read_index(self, layer: int, slots: torch.Tensor):
         """(k8 [N, D] e4m3, k_scale [N] fp32) at physical ``slots [N]`` (all valid)."""
-        from ..reference.paged_indexer import indexer_cache_read
-        return indexer_cache_read(self.index[layer], slots, self.index_dim)
+        return self.index[layer].gather(slots)
 
     def read_latent(self, slots: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """Latent rows [N, W] at ``slots`` in ``dtype`` (dequantized for fp8_ds_mla)."""
         flat = self.latent[layer].view(-1, self.latent.shape[-1])
         rows = flat[slots.long()]
         if self.kv_format == "fp8_ds_mla":
-            from .kernels import dequantize_mla_cache
             return dequantize_mla_cache(rows, dtype)
         return rows.to(dtype)

@@ -1,10 +1,10 @@
 """Reference of the paged indexer key cache and paged decode scoring (SPEC 4).
 
-Layout (DeepGEMM / vLLM): a uint8 tensor [num_blocks, PAGE * (D + 4)] (PAGE = 64 tokens,
-D = 128: 64 * 132 bytes). In each block the PAGE x D e4m3 key bytes come first, token
-after token, then PAGE fp32 scales (one a token). Logical position p of sequence b
-lives in physical block block_table[b, p // PAGE], row p % PAGE; its physical slot is
-block_table[b, p // PAGE] * PAGE + p % PAGE.
+Layout (DeepGEMM / vLLM, see flashdsa.layout): a uint8 tensor [num_blocks, PAGE * (D + 4)]
+(PAGE = PAGE_SIZE = 64 tokens, D = 128: 64 * 132 bytes). In each block the PAGE x D e4m3
+key bytes come first, token after token, then PAGE fp32 scales (one a token). Logical
+position p of sequence b lives in physical block block_table[b, p // PAGE], row p % PAGE;
+its physical slot is block_table[b, p // PAGE] * PAGE + p % PAGE.
 
 Decode with next_n query tokens a sequence (1, or 2 for speculative/MTP steps): the
 j-th query of a sequence with context length n sees keys [0, n - next_n + j] (SPEC 4).
@@ -13,25 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import PAGE_SIZE, indexer_cache_views
 from .indexer import indexer_logits
 from .quant import act_quant
 from .topk import topk_indices
-
-PAGE_SIZE = 64
-
-
-def cache_bytes_per_block(head_dim: int, page_size: int = PAGE_SIZE) -> int:
-    """Bytes of one block: page_size keys of head_dim e4m3 bytes plus a fp32 scale each."""
-    return page_size * (head_dim + 4)
-
-
-def _split(cache: torch.Tensor, head_dim: int, page_size: int = PAGE_SIZE):
-    """Views of a cache [num_blocks, page_size * (head_dim + 4)] uint8 as its key bytes
-    [num_blocks, page_size, head_dim] and scale bytes [num_blocks, page_size, 4]."""
-    nb = cache.shape[0]
-    keys = cache[:, : page_size * head_dim].view(nb, page_size, head_dim)
-    scales = cache[:, page_size * head_dim:].view(nb, page_size, 4)
-    return keys, scales
 
 
 def indexer_cache_write_fp8(cache: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, slots: torch.Tensor,
@@ -39,7 +24,7 @@ def indexer_cache_write_fp8(cache: torch.Tensor, k8: torch.Tensor, k_scale: torc
     """Store already quantized keys k8 [N, D] e4m3 with scales k_scale [N] fp32 at the
     physical ``slots [N]`` of ``cache`` (in place); slots < 0 are skipped (padding)."""
     d = k8.shape[-1]
-    keys, scales = _split(cache, d, page_size)
+    keys, scales = indexer_cache_views(cache, d, page_size)
     ok = slots >= 0
     s = slots[ok].long()
     blk, row = s // page_size, s % page_size
@@ -57,7 +42,7 @@ def indexer_cache_write(cache: torch.Tensor, k: torch.Tensor, slots: torch.Tenso
 
 def indexer_cache_read(cache: torch.Tensor, slots: torch.Tensor, head_dim: int, page_size: int = PAGE_SIZE):
     """(k8 [N, D] e4m3, k_scale [N] fp32) stored at physical ``slots [N]`` (all valid)."""
-    keys, scales = _split(cache, head_dim, page_size)
+    keys, scales = indexer_cache_views(cache, head_dim, page_size)
     s = slots.long()
     blk, row = s // page_size, s % page_size
     k8 = keys[blk, row].contiguous().view(torch.float8_e4m3fn)
@@ -114,6 +99,6 @@ def paged_indexer_topk(q8: torch.Tensor, cache: torch.Tensor, weights: torch.Ten
         ks = torch.zeros_like(ke)
         rows = slice(b * next_n, (b + 1) * next_n)
         logits = indexer_logits(q8[b], k8, ksc, weights[rows], ks, ke)
-        pos = topk_indices(logits, topk, ks, ke).long()
+        pos = topk_indices(logits, ks, ke, topk).long()
         out[rows] = torch.where(pos >= 0, slots[pos.clamp(min=0)], -1).to(torch.int32)
     return out

@@ -1,7 +1,10 @@
-"""Sparse and dense MLA attention in absorbed (MQA) form (SPEC 3)."""
+"""Sparse and dense MLA attention in absorbed (MQA) form (SPEC 3), and the paged sparse
+decode over an MLA latent cache (SPEC 4), in plain PyTorch (kernels: flashdsa.ops.sparse_mla)."""
 from __future__ import annotations
 
 import torch
+
+from .mla_cache import cache_rows
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,3 +82,23 @@ def dense_mla_fwd(q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, s
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                      d_v: int = 512, kv_format: str = "bf16", compute_dtype: torch.dtype | None = None):
+    """Paged sparse MLA decode: gather rows by physical slot, then :func:`sparse_mla_fwd`.
+
+    q [b, s_q, h_q, d_qk]; kv_cache as the format says (flashdsa.reference.mla_cache);
+    indices [b, s_q, topk] physical slots (-1 or >= num_blocks * 64 = unused).
+    ``compute_dtype`` (e.g. float64) upcasts q and the (dequantized) rows before the
+    attention, for error references.
+    Returns ``(out [b, s_q, h_q, d_v] in q.dtype, lse [b, s_q, h_q] fp32)``."""
+    b, s_q, h_q, d_qk = q.shape
+    rows = cache_rows(kv_cache, kv_format, compute_dtype)
+    qq = q.reshape(b * s_q, h_q, d_qk)
+    if compute_dtype is not None:
+        qq = qq.to(compute_dtype)
+    elif rows.dtype != qq.dtype:
+        rows = rows.to(qq.dtype)
+    out, _, lse = sparse_mla_fwd(qq, rows, indices.reshape(b * s_q, 1, -1), sm_scale, d_v)
+    return out.to(q.dtype).reshape(b, s_q, h_q, d_v), lse.float().reshape(b, s_q, h_q)

@@ -1,8 +1,10 @@
 """Fine-grained top-k selection over index scores (SPEC 2)."""
+from __future__ import annotations
+
 import torch
 
 
-def topk_indices(logits: torch.Tensor, topk: int, ks: torch.Tensor, ke: torch.Tensor) -> torch.Tensor:
+def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int) -> torch.Tensor:
     """Indices of the ``topk`` largest scores of each row inside its range [ks, ke).
 
     logits [S, S_kv]; ks, ke [S]. Returns [S, topk] int32: the chosen column indices in

@@ -39,7 +39,7 @@ def test_greedy_equals_reference_decoding_sparse():
         assert boundary_ties(model, p + ref) == 0     # the reference's selection is unique
         assert o.token_ids == ref, (len(p), o.token_ids, ref)
         assert o.finish_reason == "length"
-        dense_differs |= reference_greedy(model, p, 25, mode="dense") != ref
+        dense_differs |= reference_greedy(model, p, 25, attention="dense") != ref
     # the selection matters for these inputs, so the test sees a wrong selection
     assert dense_differs
 
@@ -50,7 +50,7 @@ def test_topk_covering_context_equals_dense_model():
     outs = LLM(model, num_blocks=8, max_num_batched_tokens=32).generate(prompts, SamplingParams(max_tokens=30,
                                                                                                 **GREEDY))
     for p, o in zip(prompts, outs):
-        assert o.token_ids == reference_greedy(model, p, 30, mode="dense")
+        assert o.token_ids == reference_greedy(model, p, 30, attention="dense")
 
 
 def test_continuous_batching_and_preemption():
@@ -176,7 +176,7 @@ def test_fp8_ds_mla_cache_roundtrip_and_engine():
         return engine.runner.forward(engine.scheduler.schedule())[0]
 
     with torch.no_grad():
-        ref = model(torch.tensor(prompt))[-1:]
+        ref = model(torch.tensor(prompt)).logits[-1:]
     fp8, plain, simulated = first_logits("fp8_ds_mla"), first_logits("auto"), first_logits("auto", True)
     assert (plain - ref).norm() / ref.norm() < 1e-5
     assert (fp8 - simulated).norm() / simulated.norm() < 1e-5     # exactly the fp8_ds_mla rounding

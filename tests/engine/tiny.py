@@ -28,12 +28,12 @@ def tiny_model(seed: int = 0, dtype=torch.float64, std: float = 0.2, **kw) -> DS
 
 
 @torch.no_grad()
-def reference_greedy(model, prompt: list[int], max_tokens: int, mode: str = "dsa", stop_ids=()) -> list[int]:
+def reference_greedy(model, prompt: list[int], max_tokens: int, attention: str = "sparse", stop_ids=()) -> list[int]:
     """Greedy decoding by re-running the whole model on the full sequence every step."""
     seq = list(prompt)
     out = []
     for _ in range(max_tokens):
-        logits = model(torch.tensor(seq), mode=mode, backend="reference")
+        logits = model(torch.tensor(seq), attention=attention, backend="reference").logits
         tok = int(logits[-1].argmax())
         out.append(tok)
         seq.append(tok)

@@ -7,20 +7,43 @@ candidate modes (per-column slots, atomic appends), alone (rows it flags are exa
 or flagged) and with its streaming fallback; tiny top-k values make its sample
 thresholds noisy, so the fallback runs here far more often than at real sizes.
 """
+import importlib
+import pkgutil
+
 import pytest
 import torch
 
 from flashdsa import api
 from flashdsa import reference as ref
 from flashdsa.ops import indexer as ops
+from flashdsa.ops.indexer import scores, selection
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 DEV = KERNEL_DEVICE
 
 
+def poison_scratch(monkeypatch):
+    """Fill the top-k methods' int32 scratch (all but the zeroed counters) with garbage in
+    every module of flashdsa.ops.indexer that allocates it, so an entry a kernel fails to
+    write (or reads before writing) cannot pass unnoticed."""
+    real = selection.scratch
+
+    def poisoned(*shape, device, fill=None):
+        t = real(*shape, device=device, fill=fill)
+        return t if fill == 0 else t.fill_(2 ** 31 - 7)
+
+    users = []
+    for info in pkgutil.iter_modules(ops.__path__):
+        mod = importlib.import_module(f"{ops.__name__}.{info.name}")
+        if mod is not selection and getattr(mod, "scratch", None) is real:
+            monkeypatch.setattr(mod, "scratch", poisoned)
+            users.append(info.name)
+    assert {"streaming", "threshold"} <= set(users), users
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+    poison_scratch(monkeypatch)
 
 
 def make_inputs(s, s_kv, h, d, dtype=torch.float8_e4m3fn, device=DEV, ranges="ragged"):
@@ -196,14 +219,14 @@ def test_topk_exact_ties_and_rising_scores():
 def test_config_table_bounds(monkeypatch):
     """GPU block sizes: the dot's N = BLOCK_Q * H_PAD stays >= 16 and the top-k kernel
     (which unrolls its per-row selection) gets few rows even for tiny head counts."""
-    monkeypatch.setattr(ops, "_family", lambda device: "sm90")
+    monkeypatch.setattr(scores, "_family", lambda device: "sm90")
     for h in (1, 2, 3, 8, 32, 64):
         for topk in (False, True):
             cfg = ops.default_config(torch.device("cuda"), h, topk=topk)
             h_pad = 1 << (h - 1).bit_length()
             assert cfg["BLOCK_Q"] * h_pad >= 16
             if topk:
-                assert cfg["BLOCK_Q"] <= max(ops.MAX_TOPK_ROWS, 16 // h_pad)
+                assert cfg["BLOCK_Q"] <= max(scores.MAX_TOPK_ROWS, 16 // h_pad)
     assert ops.default_config(torch.device("cuda"), 64)["BLOCK_Q"] == 4
 
 

@@ -1,14 +1,25 @@
 """Blockwise indexer KL losses (Triton; interpreter on CPU) == the naive materialized ones
-(float64), values and gradients, for both stages; gradients reach only the indexer."""
+(float64), values and gradients, for both stages, through the public ops
+(flashdsa.warmup_kl_loss, sparse_kl_loss, sparse_kl_loss_from_probs); gradients reach only
+the indexer."""
+import functools
+
 import pytest
 import torch
 
 import flashdsa
 from flashdsa import reference as ref
 from flashdsa.ops import indexer_loss as ops
-from flashdsa.ops.indexer_loss import _indexer_kl_fwd_op
-from flashdsa.reference import losses
+from flashdsa.ops.indexer_loss import launch
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
+
+LOSSES = {"warmup": flashdsa.warmup_kl_loss, "sparse": flashdsa.sparse_kl_loss,
+          "from_probs": flashdsa.sparse_kl_loss_from_probs}
+
+
+def _loss(stage, backend):
+    """The public loss op of ``stage`` with ``backend`` bound."""
+    return functools.partial(LOSSES[stage], backend=backend)
 
 
 @pytest.fixture
@@ -46,8 +57,7 @@ def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
     """Kernel (fp32) vs naive (float64 truth and fp32): values and gradients under a
     random upstream gradient per row. Budget: 20x the fp32 naive error + 1e-6."""
     g = torch.randn(q.shape[0], dtype=torch.float64)
-    naive = losses.warmup_kl_loss if stage == "warmup" else losses.sparse_kl_loss
-    blockwise = ops.warmup_kl_loss if stage == "warmup" else ops.sparse_kl_loss
+    naive, blockwise = _loss(stage, "reference"), _loss(stage, "triton")
 
     def run(fn, dtype, dev):
         xs = [x.detach().to(dev, dtype).requires_grad_() for x in (iq, ik, w)]
@@ -140,16 +150,16 @@ def test_sparse_from_probs_equals_naive(poison):
         (kl * g.to(dev, kl.dtype)).sum().backward()
         return [kl] + [x.grad for x in xs]
 
-    truth = run(losses.sparse_kl_loss_from_probs, torch.float64, "cpu")
-    low = run(losses.sparse_kl_loss_from_probs, torch.float32, "cpu")
-    got = run(ops.sparse_kl_loss_from_probs, torch.float32, KERNEL_DEVICE)
+    truth = run(_loss("from_probs", "reference"), torch.float64, "cpu")
+    low = run(_loss("from_probs", "reference"), torch.float32, "cpu")
+    got = run(_loss("from_probs", "triton"), torch.float32, KERNEL_DEVICE)
     for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
         budget = 20 * rel_err(lo, t) + 1e-6
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
     assert got[0][5] == 0
     # the recomputing loss (target from q, kv, lse) agrees
     f32 = [x.float().to(KERNEL_DEVICE) for x in (iq, ik, w, q, kv, lse)]
-    recomputed = ops.sparse_kl_loss(*f32, 0.2, idx.to(KERNEL_DEVICE), reduction="none")
+    recomputed = flashdsa.sparse_kl_loss(*f32, 0.2, idx.to(KERNEL_DEVICE), reduction="none", backend="triton")
     assert rel_err(recomputed.cpu(), truth[0]) <= 20 * rel_err(low[0], truth[0]) + 1e-6
 
 
@@ -169,11 +179,11 @@ def test_sparse_from_probs_opcheck_and_compile():
     iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, 2, 48, HI, DI)[2:]]
     idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None].to(KERNEL_DEVICE)
     probs = torch.rand(T, topk, device=KERNEL_DEVICE)
-    torch.library.opcheck(_indexer_kl_fwd_op, (None, None, None, iq, ik, w.clone().requires_grad_(), idx, None,
-                                               None, probs, 0.0))
+    torch.library.opcheck(torch.ops.flashdsa.indexer_kl_fwd.default,
+                          (None, None, None, iq, ik, w.clone().requires_grad_(), idx, None, None, probs, 0.0))
 
     def f(iq, ik, w):
-        return ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="mean")
+        return flashdsa.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="mean", backend="triton")
 
     _compiled_grads_equal_eager(f, (iq, ik, w))
 
@@ -187,13 +197,13 @@ def test_only_indexer_gets_gradients_and_opcheck():
     kv.requires_grad_()
     lse.requires_grad_()
     xs = [x.requires_grad_() for x in (iq, ik, w)]
-    loss = ops.sparse_kl_loss(*xs, q, kv, lse, 0.3, idx)
+    loss = flashdsa.sparse_kl_loss(*xs, q, kv, lse, 0.3, idx, backend="triton")
     loss.backward()
     assert q.grad is None and kv.grad is None and lse.grad is None
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
-    torch.library.opcheck(_indexer_kl_fwd_op, (q.detach(), kv.detach(), lse.detach(),
-                                               *[x.detach().requires_grad_() for x in xs], idx, None, None, None,
-                                               0.3))
+    torch.library.opcheck(torch.ops.flashdsa.indexer_kl_fwd.default,
+                          (q.detach(), kv.detach(), lse.detach(), *[x.detach().requires_grad_() for x in xs], idx,
+                           None, None, None, 0.3))
 
 
 def test_torch_compile_fullgraph():
@@ -204,7 +214,7 @@ def test_torch_compile_fullgraph():
     _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, 32)
 
     def f(iq, ik, w):
-        return ops.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="mean")
+        return flashdsa.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="mean", backend="triton")
 
     _compiled_grads_equal_eager(f, (iq, ik, w))
 
@@ -220,12 +230,12 @@ def test_bf16_gpu(stage):
     if stage == "warmup":
         _, lse = ref.dense_mla_fwd(q, kv, cu, sm_scale, 512)
         extra = (ks, ke)
-        naive, blockwise = losses.warmup_kl_loss, ops.warmup_kl_loss
+        naive, blockwise = _loss("warmup", "reference"), _loss("warmup", "triton")
     else:
         idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None]
         _, _, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, 512)
         extra = (idx,)
-        naive, blockwise = losses.sparse_kl_loss, ops.sparse_kl_loss
+        naive, blockwise = _loss("sparse", "reference"), _loss("sparse", "triton")
     g = torch.randn(T, dtype=torch.float64)
 
     def run(fn, dtype, dev):
@@ -260,15 +270,16 @@ def test_from_probs_bf16_gpu():
         return [kl] + [x.grad for x in xs]
 
     xs = [x.clone().requires_grad_() for x in (iq, ik, w)]
-    truth = grads(losses.sparse_kl_loss(*xs, q, kv, lse, sm_scale, idx, reduction="none"), xs)
+    truth = grads(flashdsa.sparse_kl_loss(*xs, q, kv, lse, sm_scale, idx, reduction="none", backend="reference"), xs)
     qb, kvb = q.cuda().bfloat16(), kv.cuda().bfloat16()
     xs = [iq.cuda().bfloat16().requires_grad_(), ik.cuda().bfloat16().requires_grad_(),
           w.cuda().float().requires_grad_()]
-    low = grads(losses.sparse_kl_loss(*xs, qb, kvb, lse.cuda().float(), sm_scale, idx.cuda(), reduction="none"), xs)
+    low = grads(flashdsa.sparse_kl_loss(*xs, qb, kvb, lse.cuda().float(), sm_scale, idx.cuda(), reduction="none",
+                                        backend="reference"), xs)
     probs = flashdsa.sparse_mla_fwd(qb, kvb, idx.cuda(), sm_scale, 512, backend="triton", return_probs=True)[3]
     xs = [iq.cuda().bfloat16().requires_grad_(), ik.cuda().bfloat16().requires_grad_(),
           w.cuda().float().requires_grad_()]
-    got = grads(ops.sparse_kl_loss_from_probs(*xs, probs, idx.cuda(), reduction="none"), xs)
+    got = grads(flashdsa.sparse_kl_loss_from_probs(*xs, probs, idx.cuda(), reduction="none", backend="triton"), xs)
     for name, a, t, lo in zip(("kl", "diq", "dik", "dw"), got, truth, low):
         budget = 3 * rel_err(lo.cpu(), t) + 2e-3
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
@@ -312,16 +323,16 @@ def test_deterministic_algorithms_switch_the_loss_backward(monkeypatch):
     """torch.use_deterministic_algorithms(True) routes the loss's backward to the
     fixed-order dik (the attention's backward does the same for dkv)."""
     calls = []
-    real = ops._reduce_deterministic
-    monkeypatch.setattr(ops, "_reduce_deterministic", lambda *a: calls.append(1) or real(*a))
+    real = launch.reduce_slots_fixed_order
+    monkeypatch.setattr(launch, "reduce_slots_fixed_order", lambda *a: calls.append(1) or real(*a))
     iq, ik, w = [x.float().to(KERNEL_DEVICE).requires_grad_() for x in _data(9, 2, 48, 3, 16)[2:]]
     idx = torch.stack([torch.randperm(9)[:6] for _ in range(9)]).int()[:, None].to(KERNEL_DEVICE)
     probs = torch.rand(9, 6, device=KERNEL_DEVICE)
-    ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx).backward()
+    flashdsa.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, backend="triton").backward()
     assert not calls
     torch.use_deterministic_algorithms(True)
     try:
-        ops.sparse_kl_loss_from_probs(iq, ik, w, probs, idx).backward()
+        flashdsa.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, backend="triton").backward()
     finally:
         torch.use_deterministic_algorithms(False)
     assert calls
@@ -338,3 +349,72 @@ def test_gpu_deterministic_dik_reproducible(stage):
     for name, a, b, c in zip(("diq", "dik", "dw"), want, *got):
         assert torch.equal(b, c), name
         assert rel_err(b.float(), a.float()) <= 2 ** -8, (name, rel_err(b.float(), a.float()))
+
+
+def _small_case(T=6, H=2, d_qk=48, HI=3, DI=16, topk=4):
+    """Arguments of the three public losses at a tiny shape, fp32 on the kernel device."""
+    q, kv, iq, ik, w = [x.float().to(KERNEL_DEVICE) for x in _data(T, H, d_qk, HI, DI)]
+    idx = torch.stack([torch.randperm(T)[:topk] for _ in range(T)]).int()[:, None].to(KERNEL_DEVICE)
+    ks, ke, _ = _causal([T], KERNEL_DEVICE)
+    lse = torch.rand(T, H, device=KERNEL_DEVICE) + 2.0
+    probs = torch.rand(T, topk, device=KERNEL_DEVICE)
+    return dict(
+        warmup=lambda **kw: flashdsa.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, **kw),
+        sparse=lambda **kw: flashdsa.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, **kw),
+        from_probs=lambda **kw: flashdsa.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, **kw),
+    )
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse", "from_probs"])
+def test_backend_dispatch(stage, monkeypatch):
+    """"auto" runs the kernels on CUDA tensors and the reference elsewhere; "triton" runs the
+    kernels (under the interpreter on CPU); "reference" the reference; the two agree."""
+    from flashdsa.reference import indexer_loss as reference
+
+    name = {"warmup": "warmup_kl_loss", "sparse": "sparse_kl_loss", "from_probs": "sparse_kl_loss_from_probs"}[stage]
+    calls = []
+    for mod, tag in ((ops, "triton"), (reference, "reference")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _tag=tag, **k: calls.append(_tag) or _real(*a, **k))
+    call = _small_case()[stage]
+    got = {b: call(backend=b, reduction="none") for b in ("auto", "triton", "reference")}
+    assert calls == ["triton" if KERNEL_DEVICE == "cuda" else "reference", "triton", "reference"]
+    assert rel_err(got["triton"], got["reference"]) < 1e-5
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        call(backend="cuda")
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse", "from_probs"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reductions_agree_across_backends(stage, reduction):
+    call = _small_case()[stage]
+    per_row = call(backend="reference", reduction="none")
+    want = per_row.sum() if reduction == "sum" else per_row.mean()
+    for backend in ("triton", "reference"):
+        got = call(backend=backend, reduction=reduction)
+        assert got.dim() == 0 and rel_err(got, want) < 1e-5, backend
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("reduction", ValueError, "reduction: expected one of"),
+    ("sm_scale", TypeError, "sm_scale: expected a float"),
+    ("q_missing", TypeError, "q: expected a torch.Tensor"),
+    ("lse_device", ValueError, "lse: expected a tensor on"),
+])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_public_losses_name_the_bad_argument(case, exc, match, backend):
+    T, H, d_qk, HI, DI = 5, 2, 24, 3, 16
+    q, kv, iq, ik, w = [x.float() for x in _data(T, H, d_qk, HI, DI)]
+    ks, ke, _ = _causal([T], "cpu")
+    lse = torch.rand(T, H)
+    args = dict(iq=iq, ik=ik, weights=w, q=q, kv=kv, lse=lse, sm_scale=0.3, ks=ks, ke=ke, backend=backend)
+    if case == "reduction":
+        args["reduction"] = "avg"
+    elif case == "sm_scale":
+        args["sm_scale"] = torch.tensor(0.3)
+    elif case == "q_missing":
+        args["q"] = None
+    elif case == "lse_device":
+        args["lse"] = lse.to("meta")
+    with pytest.raises(exc, match=match):
+        flashdsa.warmup_kl_loss(**args)

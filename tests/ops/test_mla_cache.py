@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 import flashdsa.api as api
-from flashdsa.ops.mla_cache import e4m3_byte
+from flashdsa.ops.common import e4m3_byte
 from flashdsa.reference import act_quant
 from flashdsa.reference import mla_cache as R
 from tests.utils import KERNEL_DEVICE, rel_err
@@ -100,7 +100,7 @@ def test_paged_shape_and_errors():
         api.dequantize_mla_cache(kv)
 
 
-def teste4m3_byte_encoder_matches_torch_cast():
+def test_e4m3_byte_encoder_matches_torch_cast():
     """The kernel's integer e4m3 encoder against torch's cast on every e4m3 value, every
     midpoint between neighbours (ties: to even), one ulp either side of each, +-0 and
     random values: bit for bit."""

@@ -7,8 +7,8 @@ from flashdsa import api
 from flashdsa import reference as ref
 from flashdsa.cache import PagedIndexerCache
 from flashdsa.ops import indexer as ops
-from flashdsa.ops import paged_indexer as pops
 from flashdsa.reference import paged_indexer as pref
+from tests.ops.test_indexer import poison_scratch
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 DEV = KERNEL_DEVICE
@@ -16,7 +16,7 @@ DEV = KERNEL_DEVICE
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+    poison_scratch(monkeypatch)
 
 
 def make_cache(ctx, d, max_blocks, device=DEV, extra_blocks=3):
@@ -68,7 +68,7 @@ def test_cache_write_matches_reference_bytes():
     k[5, 0] = 1e6
     junk = torch.randint(0, 256, (nb, 64 * (d + 4)), dtype=torch.uint8, device=DEV)
     a, b = junk.clone(), junk.cpu().clone()  # the reference writes on CPU
-    pops.indexer_cache_write(a, k, slots.int())
+    ops.indexer_cache_write(a, k, slots.int())
     pref.indexer_cache_write(b, k.cpu(), slots.cpu())
     assert torch.equal(a.cpu(), b.cpu())
     k8, sc = pref.indexer_cache_read(a, slots[slots >= 0], d)
@@ -96,7 +96,7 @@ def test_paged_logits_match_reference(next_n):
     q8, w = make_queries(len(ctx), next_n, h, d)
     width = max_blocks * 64
     out = torch.full((len(ctx) * next_n, width), float("nan"), device=DEV)
-    pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, width, out=out)
+    ops.paged_indexer_logits(q8, cache.kv, w, cl, bt, width, out=out)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     assert not out.isnan().any()
     assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
@@ -139,7 +139,7 @@ def test_paged_topk_returns_physical_slots(next_n, topk, n_split, ctx, method, m
     max_blocks = max(ctx) // 64 + 1
     cache, bt, cl = make_cache(ctx, d, max_blocks)
     q8, w = make_queries(len(ctx), next_n, h, d)
-    p = pops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
     slots = ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], n_split, method, mode)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
@@ -147,7 +147,7 @@ def test_paged_topk_returns_physical_slots(next_n, topk, n_split, ctx, method, m
 
 def kernel_atol(q8, cache, w, cl, bt, r):
     """Twice the kernel's largest logit error: near-ties within it may swap."""
-    out = pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, bt.shape[1] * 64).cpu()
+    out = ops.paged_indexer_logits(q8, cache.kv, w, cl, bt, bt.shape[1] * 64).cpu()
     fin = torch.isfinite(r)
     return 2 * float((out[fin].double() - r[fin]).abs().max())
 
@@ -179,11 +179,11 @@ def test_gpu_paged_full_size(next_n):
     ctx, h, d, max_blocks, topk = [5000, 64, 2049, 777], 64, 128, 80, 2048
     cache, bt, cl = make_cache(ctx, d, max_blocks, device="cuda")
     q8, w = make_queries(len(ctx), next_n, h, d, device="cuda")
-    out = pops.paged_indexer_logits(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    out = ops.paged_indexer_logits(q8, cache.kv, w, cl, bt, max_blocks * 64)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     assert torch.equal(torch.isinf(out.cpu()), torch.isinf(r))
     assert rel_err(out.cpu(), r) <= paged_budget(q8, cache, w, cl, bt, r)
-    slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk).cpu()
+    slots = ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk).cpu()
     ref_slots = pref.paged_indexer_topk(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu(), topk)
     # same number of valid slots per row, and the sets agree up to near-ties
     assert torch.equal((slots >= 0).sum(1), (ref_slots >= 0).sum(1))
@@ -205,13 +205,13 @@ def test_gpu_paged_topk_in_cuda_graph_with_fallback():
     tied = pref.logical_slots(bt.cpu(), 1, ctx[1]).cuda()
     cache.write(torch.ones(tied.numel(), d, device="cuda"), tied, backend="reference")  # every score ties
     q8, w = make_queries(len(ctx), 1, h, d, device="cuda")
-    p = pops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
     _, fail = ops.threshold_topk(p, topk, 8 * p.cfg["BLOCK_N"])
     assert fail.tolist() == [0, 1], fail.tolist()
-    pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)  # compile outside the capture
+    ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        slots = pops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)
+        slots = ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)
     slots.fill_(-7)
     graph.replay()
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())

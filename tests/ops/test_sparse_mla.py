@@ -11,7 +11,7 @@ import torch
 
 import flashdsa
 from flashdsa import reference as ref
-from flashdsa.ops import sparse_mla as ops
+from flashdsa.ops.sparse_mla import run_sparse_mla_fwd
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 
@@ -76,24 +76,14 @@ def test_sparse_mla_fwd_matches_reference(poison_empty, s_q, s_kv, h_q, d_qk, d_
 @pytest.mark.parametrize("n_split", [2, 3])
 def test_split_k_matches_reference(poison_empty, n_split):
     q, kv, idx = make_inputs(3, 60, 16, 80, 101, torch.float32)
-    out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, n_split=n_split)
+    out, ml, lse = run_sparse_mla_fwd(q, kv, idx, 0.2, 64, n_split=n_split)
     check_against_reference(q, kv, idx, 0.2, 64, out, ml, lse)
-
-
-@pytest.mark.parametrize("n_split", [1, 2])
-@pytest.mark.parametrize("d_qk,d_v", [(80, 64), (64, 48)])
-def test_pv_lag_variant_matches_reference(poison_empty, n_split, d_qk, d_v):
-    """PV_LAG (block i's p @ V done in step i + 1, value rows gathered again)."""
-    q, kv, idx = make_inputs(4, 50, 16, d_qk, 75, torch.float32)
-    out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, 0.25, d_v, n_split=n_split,
-                                      config=dict(BLOCK_K=16, PV_LAG=True))
-    check_against_reference(q, kv, idx, 0.25, d_v, out, ml, lse)
 
 
 def test_large_logits_stay_finite(poison_empty):
     """Online softmax must rescale: logits far beyond exp's range still give finite out."""
     q, kv, idx = make_inputs(3, 40, 16, 64, 45, torch.float32)
-    out, ml, lse = ops.sparse_mla_fwd(q * 30, kv, idx, 1.0, 64)
+    out, ml, lse = run_sparse_mla_fwd(q * 30, kv, idx, 1.0, 64)
     check_against_reference(q * 30, kv, idx, 1.0, 64, out, ml, lse)
 
 
@@ -121,36 +111,39 @@ def check_probs(q, kv, idx, sm_scale, d_v, probs, factor=2.0, rounding=FP16_ULP)
 def test_return_probs_matches_reference(poison_empty, s_q, s_kv, h_q, d_qk, d_v, topk, dtype):
     q, kv, idx = make_inputs(s_q, s_kv, h_q, d_qk, topk, dtype)
     sm_scale = d_qk ** -0.5 * 1.3
-    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True)
+    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True,
+                                                  probs_precision="fp16")
     check_against_reference(q, kv, idx, sm_scale, d_v, out, ml, lse)
     check_probs(q, kv, idx, sm_scale, d_v, probs)
 
 
-@pytest.mark.parametrize("config", [dict(BLOCK_H=16, BLOCK_K=16), dict(BLOCK_H=16, BLOCK_K=16, PV_LAG=True)])
-def test_return_probs_several_head_blocks(poison_empty, config):
+def test_return_probs_several_head_blocks(poison_empty):
     """h_q 40 over head blocks of 16 (the last one padded): the per-block sums add up."""
     q, kv, idx = make_inputs(5, 70, 40, 80, 53, torch.float32)
-    out, ml, lse, probs = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, config=config, return_probs=True)
+    out, ml, lse, probs = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, config=dict(BLOCK_H=16, BLOCK_K=16),
+                                             return_probs=True, probs_dtype=torch.float16)
     check_against_reference(q * 3, kv, idx, 0.2, 64, out, ml, lse)
     check_probs(q * 3, kv, idx, 0.2, 64, probs)
 
 
 def test_return_probs_e4m3_scratch(poison_empty):
-    """The 1-byte scratch: probs within the e4m3 rounding; out, lse unchanged."""
+    """The 1-byte scratch, the public op's default: probs within the e4m3 rounding; out, lse unchanged."""
     q, kv, idx = make_inputs(5, 70, 40, 80, 53, torch.float32)
-    out, ml, lse, probs = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True,
-                                             probs_dtype=torch.float8_e4m3fn)
+    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, backend="triton", return_probs=True)
     check_against_reference(q * 3, kv, idx, 0.2, 64, out, ml, lse)
     check_probs(q * 3, kv, idx, 0.2, 64, probs, rounding=E4M3_ULP)
-    fp16 = ops.sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True)[3]
+    e4m3 = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float8_e4m3fn)[3]
+    assert torch.equal(probs, e4m3)
+    fp16 = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float16)[3]
     assert rel_err(probs, fp16) > FP16_ULP  # the e4m3 path really ran
 
 
 def test_return_probs_in_query_chunks(poison_empty):
     """A scratch of 3 queries: 7 queries run in chunks of 3, 3, 1 and give the same result."""
     q, kv, idx = make_inputs(7, 50, 16, 80, 37, torch.float32)
-    full = ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True)
-    chunked = ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True, scratch_bytes=3 * 16 * 37 * 2)
+    full = run_sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float16)
+    chunked = run_sparse_mla_fwd(q, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float16,
+                                 scratch_bytes=3 * 16 * 37 * 2)
     for a, b in zip(full, chunked):
         assert torch.equal(a, b)
     check_probs(q, kv, idx, 0.2, 64, chunked[3])
@@ -171,7 +164,7 @@ def test_return_probs_keeps_gradients_and_refuses_split(monkeypatch):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="probs"):
-        ops.sparse_mla_fwd(q, kv, idx, 0.2, 64, n_split=2, return_probs=True)
+        run_sparse_mla_fwd(q, kv, idx, 0.2, 64, n_split=2, return_probs=True)
 
 
 def bf16_torch_reference(q, kv, idx, sm_scale, d_v):
@@ -201,18 +194,14 @@ def test_bf16_error_within_2x_of_bf16_torch_reference(h_q):
     o64, m64, l64 = ref.sparse_mla_fwd(q.double(), kv.double(), idx, sm_scale, d_v)
     o16, l16 = bf16_torch_reference(q, kv, idx, sm_scale, d_v)
     e_r, el_r = rel_err(o16, o64), rel_err(l16, l64)
-    # the default and both loop forms (PV_LAG needs BLOCK_K 32 to fit shared memory at 2 stages)
-    for config in (None, dict(PV_LAG=True, BLOCK_K=32), dict(PV_LAG=False)):
-        if config is None:
-            out, ml, lse = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton")
-        else:
-            out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, config=config)
-        e_k, el_k = rel_err(out, o64), rel_err(lse, l64)
-        assert e_k <= 2 * e_r, f"{config} out: kernel {e_k:.3g} vs bf16 torch reference {e_r:.3g}"
-        assert el_k <= 2 * el_r + 1e-6, f"{config} lse: kernel {el_k:.3g} vs bf16 torch reference {el_r:.3g}"
-        assert rel_err(ml, m64) < 1e-2
+    out, ml, lse = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton")
+    e_k, el_k = rel_err(out, o64), rel_err(lse, l64)
+    assert e_k <= 2 * e_r, f"out: kernel {e_k:.3g} vs bf16 torch reference {e_r:.3g}"
+    assert el_k <= 2 * el_r + 1e-6, f"lse: kernel {el_k:.3g} vs bf16 torch reference {el_r:.3g}"
+    assert rel_err(ml, m64) < 1e-2
     # the head-mean probabilities (training target): out unchanged, probs at bf16 accuracy
-    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True)
+    out, ml, lse, probs = flashdsa.sparse_mla_fwd(q, kv, idx, sm_scale, d_v, backend="triton", return_probs=True,
+                                                  probs_precision="fp16")
     assert rel_err(out, o64) <= 2 * e_r
     check_probs(q, kv, idx, sm_scale, d_v, probs)
 
@@ -224,7 +213,7 @@ def _store_paths_agree(cases, config_a, config_b, device="cuda"):
     for (s_q, s_kv, h_q, topk, scratch) in cases:
         q, kv, idx = make_inputs(s_q, s_kv, h_q, 576, topk, torch.bfloat16, device)
         for dt in (torch.float16, torch.float8_e4m3fn):
-            res = [ops.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512, return_probs=True, probs_dtype=dt,
+            res = [run_sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512, return_probs=True, probs_dtype=dt,
                                       scratch_bytes=scratch, config=cfg) for cfg in (config_a, config_b)]
             for a, b in zip(*res):
                 assert torch.equal(a, b)
@@ -259,7 +248,6 @@ def test_gpu_bf16_odd_shapes_and_split():
     for (s_q, s_kv, h_q, d_qk, d_v, topk) in [(5, 300, 16, 576, 512, 77), (7, 1000, 48, 576, 512, 333),
                                               (3, 500, 128, 512, 512, 200)]:
         q, kv, idx = make_inputs(s_q, s_kv, h_q, d_qk, topk, torch.bfloat16, "cuda")
-        for n_split, lag in ((1, False), (3, False), (1, True), (2, True)):
-            out, ml, lse = ops.sparse_mla_fwd(q, kv, idx, d_qk ** -0.5, d_v, n_split=n_split,
-                                              config=dict(PV_LAG=lag, BLOCK_K=32 if lag else 64))
+        for n_split in (1, 3):
+            out, ml, lse = run_sparse_mla_fwd(q, kv, idx, d_qk ** -0.5, d_v, n_split=n_split, config=dict(BLOCK_K=64))
             check_against_reference(q, kv, idx, d_qk ** -0.5, d_v, out, ml, lse, factor=2.0, floor=2e-3)

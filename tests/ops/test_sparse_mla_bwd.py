@@ -6,8 +6,8 @@ import torch
 
 import flashdsa
 from flashdsa import reference as ref
-from flashdsa.ops.autograd import _sparse_mla_fwd_op
-from flashdsa.ops.sparse_mla_bwd import sparse_mla_bwd
+from flashdsa.ops.sparse_mla import run_sparse_mla_bwd
+from flashdsa.ops.sparse_mla.op import _sparse_mla_fwd_op
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 
@@ -86,8 +86,8 @@ def test_triton_bwd_matches_reference(s_q, h, d_qk, d_v, s_kv, topk, cfg, poison
     dlse = torch.randn(s_q, h, device=KERNEL_DEVICE)
     out, lse, gq64, gkv64 = _ref_grads(q, kv, idx, sm_scale, d_v, dout, dlse, torch.float64)
     _, _, gq32, gkv32 = _ref_grads(q, kv, idx, sm_scale, d_v, dout, dlse, torch.float32)
-    dq, dkv = sparse_mla_bwd(q, kv, idx, out.float(), dout, lse.float(), sm_scale, d_v,
-                             dlse=torch.where(torch.isfinite(lse.float()), dlse, 0.0), config=cfg)
+    dq, dkv = run_sparse_mla_bwd(q, kv, idx, out.float(), dout, lse.float(), sm_scale, d_v,
+                                 dlse=torch.where(torch.isfinite(lse.float()), dlse, 0.0), config=cfg)
     # Budget from the data: the fp32 reference's own error vs float64, times a margin.
     for got, want, low in ((dq, gq64, gq32), (dkv, gkv64, gkv32)):
         budget = 20 * rel_err(low, want) + 1e-6
@@ -101,11 +101,11 @@ def test_deterministic_mode_reproducible_and_matches_atomics(poison):
     q, kv, idx = _inputs(s_q, h, d_qk, s_kv, topk, torch.float32, KERNEL_DEVICE)
     out, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.2, d_v)
     dout = torch.randn_like(out)
-    dq_a, dkv_a = sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v)
+    dq_a, dkv_a = run_sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v)
     # scratch_bytes=1 forces one query per chunk: the chunked fixed-order path.
-    runs = [sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, scratch_bytes=1)
+    runs = [run_sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, scratch_bytes=1)
             for _ in range(2)]
-    two_blocks = sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, config={"BLOCK_H": 16})
+    two_blocks = run_sparse_mla_bwd(q, kv, idx, out, dout, lse, 0.2, d_v, deterministic=True, config={"BLOCK_H": 16})
     assert rel_err(two_blocks[1], dkv_a) < 1e-5
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert rel_err(runs[0][1], dkv_a) < 1e-5 and rel_err(runs[0][0], dq_a) < 1e-6
@@ -172,7 +172,7 @@ def test_bf16_gpu_matches_reference(h):
     _, _, gq64, gkv64 = _ref_grads(q, kv, idx, sm_scale, d_v, dout, None, torch.float64)
     _, _, gq16, gkv16 = _ref_grads(q, kv, idx, sm_scale, d_v, dout, None, torch.bfloat16)
     for det in (False, True):
-        dq, dkv = sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, d_v, deterministic=det)
+        dq, dkv = run_sparse_mla_bwd(q, kv, idx, out, dout, lse, sm_scale, d_v, deterministic=det)
         for got, want, low in ((dq, gq64, gq16), (dkv, gkv64, gkv16)):
             # low: fp32 math on the bf16 values, grads rounded to bf16; the kernel also
             # rounds P and dS to bf16 as tensor-core operands: allow that much again.
@@ -274,15 +274,15 @@ def test_torch_compile_fullgraph_forward_backward():
 def test_use_deterministic_algorithms_switches_the_backward(monkeypatch):
     """torch.use_deterministic_algorithms(True) routes the autograd backward through the
     fixed-order reduction; repeated backward passes are then bitwise equal."""
-    import flashdsa.ops.autograd as ag
+    import flashdsa.ops.sparse_mla.op as op
     seen = []
-    real = ag._bwd_kernel
+    real = op.run_sparse_mla_bwd
 
     def spy(*a, **k):
         seen.append(k["deterministic"])
         return real(*a, **k)
 
-    monkeypatch.setattr(ag, "_bwd_kernel", spy)
+    monkeypatch.setattr(op, "run_sparse_mla_bwd", spy)
     s_q, h, d_qk, d_v, s_kv, topk = 6, 3, 48, 32, 7, 6
     q, kv, idx = _inputs(s_q, h, d_qk, s_kv, topk, torch.float32, KERNEL_DEVICE, invalid=False)
     grads = []

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import flashdsa.api as api
-from flashdsa.ops.sparse_mla_decode import choose_n_split, sparse_mla_decode
+from flashdsa.ops.sparse_mla import choose_n_split, sparse_mla_decode
 from flashdsa.reference import mla_cache as R
+from flashdsa.reference.sparse_mla import sparse_mla_decode as ref_decode
 from tests.ops.test_sparse_mla import bf16_torch_reference, poison_empty  # noqa: F401  (fixture)
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
@@ -41,8 +42,8 @@ def paged_problem(b, s_q, h_q, topk, d_qk=576, max_ctx=300, q_dtype=torch.float3
 
 
 def check_decode(q, cache, idx, sm_scale, d_v, kv_format, out, lse, floor=1e-5):
-    o64, l64 = R.sparse_mla_decode(q, cache, idx, sm_scale, d_v, kv_format, compute_dtype=torch.float64)
-    olo, llo = R.sparse_mla_decode(q, cache, idx, sm_scale, d_v, kv_format)
+    o64, l64 = ref_decode(q, cache, idx, sm_scale, d_v, kv_format, compute_dtype=torch.float64)
+    olo, llo = ref_decode(q, cache, idx, sm_scale, d_v, kv_format)
     for name, got, want, low in (("out", out, o64, olo), ("lse", lse, l64, llo)):
         assert not torch.isnan(got).any(), f"{name}: NaN"
         err, budget = rel_err(got, want), 2 * rel_err(low, want) + floor
@@ -51,15 +52,14 @@ def check_decode(q, cache, idx, sm_scale, d_v, kv_format, out, lse, floor=1e-5):
 
 
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8_ds_mla"])
-@pytest.mark.parametrize("s_q,n_split,lag,fold,int_decode", [(1, 1, False, False, False), (2, 3, False, True, True),
-                                                             (2, 2, True, False, True)])
-def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split, lag, fold, int_decode):  # noqa: F811
+@pytest.mark.parametrize("s_q,n_split,int_decode", [(1, 1, False), (2, 3, True), (2, 2, False)])
+def test_decode_matches_reference(poison_empty, kv_format, s_q, n_split, int_decode):  # noqa: F811
     """int_decode: the e4m3 bytes decoded with integer ops (the path of GPUs before sm_89)."""
     q, cache, idx = paged_problem(2, s_q, 16, 45)
     if kv_format == "fp8_ds_mla":
         cache = R.quantize_mla_cache(cache.cpu()).to(KERNEL_DEVICE)
     out, lse = sparse_mla_decode(q, cache, idx, 0.07, 512, kv_format, n_split=n_split,
-                                 config=dict(PV_LAG=lag, SCALE_FOLD=fold, BLOCK_K=16, INT_DECODE=int_decode))
+                                 config=dict(BLOCK_K=16, INT_DECODE=int_decode))
     assert out.shape == (2, s_q, 16, 512) and lse.shape == (2, s_q, 16)
     check_decode(q, cache, idx, 0.07, 512, kv_format, out, lse)
 
@@ -99,20 +99,18 @@ def test_decode_gpu_bf16_real_shape(kv_format):
     q, cache, idx = paged_problem(b, s_q, 128, 2048, max_ctx=6000, q_dtype=torch.bfloat16, device="cuda")
     if kv_format == "fp8_ds_mla":
         cache = api.quantize_mla_cache(cache)
-    o64, l64 = R.sparse_mla_decode(q, cache, idx, 0.1352, 512, kv_format, compute_dtype=torch.float64)
+    o64, l64 = ref_decode(q, cache, idx, 0.1352, 512, kv_format, compute_dtype=torch.float64)
     rows = R.cache_rows(cache, kv_format)  # bf16 (dequantized) rows
     o16, l16 = bf16_torch_reference(q.reshape(b * s_q, 128, 576), rows, idx.reshape(b * s_q, 1, -1), 0.1352, 512)
     # errors over the queries that select something (query 0 selects nothing: the bf16
     # reference gives NaN there, the kernel 0 and +inf, checked below)
     o64, l64 = o64.reshape(b * s_q, 128, 512)[1:], l64.reshape(b * s_q, 128)[1:]
     e_ref, el_ref = rel_err(o16[1:], o64), rel_err(l16[1:], l64)
-    for n_split, lag, fold in ((None, None, None), (1, False, False), (4, False, True), (1, True, False),
-                               (3, True, True)):
-        cfg = None if lag is None else dict(PV_LAG=lag, SCALE_FOLD=fold, BLOCK_K=32 if lag else 64)
+    for n_split, cfg in ((None, None), (1, dict(BLOCK_K=64)), (4, dict(BLOCK_K=64))):
         out, lse = sparse_mla_decode(q, cache, idx, 0.1352, 512, kv_format, n_split=n_split, config=cfg)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
         e = rel_err(out.reshape(b * s_q, 128, 512)[1:], o64)
         el = rel_err(lse.reshape(b * s_q, 128)[1:], l64)
-        assert e <= 2 * e_ref, f"split {n_split} lag {lag}: out err {e:.3g} vs bf16 torch reference {e_ref:.3g}"
-        assert el <= 2 * el_ref + 1e-6, f"split {n_split} lag {lag}: lse err {el:.3g} vs {el_ref:.3g}"
+        assert e <= 2 * e_ref, f"split {n_split}: out err {e:.3g} vs bf16 torch reference {e_ref:.3g}"
+        assert el <= 2 * el_ref + 1e-6, f"split {n_split}: lse err {el:.3g} vs {el_ref:.3g}"
         assert (out[0, 0] == 0).all() and (lse[0, 0] == math.inf).all()

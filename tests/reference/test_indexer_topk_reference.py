@@ -46,7 +46,7 @@ def test_topk_picks_largest_inside_range(topk):
     s, s_kv = 17, 29
     logits = torch.randn(s, s_kv, dtype=torch.float64)
     ks, ke = _ragged_ranges(s, s_kv)
-    idx = flashdsa.topk_indices(logits, topk, ks, ke)
+    idx = flashdsa.topk_indices(logits, ks, ke, topk)
     assert idx.shape == (s, topk) and idx.dtype == torch.int32
     for t in range(s):
         chosen = idx[t][idx[t] >= 0].long()
@@ -65,6 +65,6 @@ def test_indexer_topk_chunked_reference_equals_unfused():
     ks, ke = _ragged_ranges(s, s_kv)
     logits = flashdsa.indexer_logits(q, k, k_scale, w, ks, ke)
     got = flashdsa.indexer_topk(q, k, k_scale, w, ks, ke, topk, backend="reference", chunk=5)
-    want = flashdsa.topk_indices(logits, topk, ks, ke)
+    want = flashdsa.topk_indices(logits, ks, ke, topk)
     sel = lambda ix: torch.where(ix >= 0, logits.gather(1, ix.long().clamp_min(0)), float("-inf"))
     torch.testing.assert_close(sel(got).sort(1).values, sel(want).sort(1).values)

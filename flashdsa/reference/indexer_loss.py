@@ -1,8 +1,10 @@
 """The indexer's KL losses of DSA training (SPEC 5), naive and materialized.
 
-Ground truth for flashdsa.ops.indexer_loss: these build [T, H, S] attention
-probabilities and [T, S] index scores outright, so they are for small shapes only.
-Float64 inputs give float64 results (use them for gradcheck).
+Ground truth for the Triton kernels of flashdsa.ops.indexer_loss: these build [T, H, S]
+attention probabilities and [T, S] index scores outright, so they are for small shapes
+only. Float64 inputs give float64 results (use them for gradcheck). Inputs are assumed
+valid: the public ops (``flashdsa.warmup_kl_loss`` and the others, flashdsa.api) check
+them before calling these.
 
 Notation (T query rows, S key rows, H attention heads, H_I indexer heads):
     attention logits  a[t,h,s] = sm_scale * q[t,h] . kv[s]            (q [T,H,d_qk], kv [S,1,d_qk])
@@ -20,40 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_same_dtype, check_tensor
-
 REDUCTIONS = ("sum", "mean", "none")
-
-
-def check_loss_inputs(iq, ik, weights, q=None, kv=None, lse=None, indices=None, ks=None, ke=None,
-                      attn_probs=None) -> None:
-    """Shapes, dtypes and devices of the losses' arguments (both implementations share the
-    contract): a clear error naming the argument instead of a wrong answer or, in a kernel,
-    a read out of bounds. Out-of-range ks/ke and indices are normal inputs: only the rows in
-    [0, S) count."""
-    check_tensor("iq", iq, ndim=3, dtypes=FLOAT_DTYPES, layout="[T, H_I, d_I]")
-    t, h_i, d_i = iq.shape
-    dev = iq.device
-    check_tensor("ik", ik, ndim=2, shape=(None, d_i), dtypes=FLOAT_DTYPES, device=dev, layout="[S, d_I] (d_I as iq)")
-    check_same_dtype(iq=iq, ik=ik)
-    check_tensor("weights", weights, ndim=2, shape=(t, h_i), dtypes=FLOAT_DTYPES, device=dev, layout="[T, H_I]")
-    s = ik.shape[0]
-    if q is not None:
-        check_tensor("q", q, ndim=3, shape=(t, None, None), dtypes=FLOAT_DTYPES, device=dev, layout="[T, H, d_qk]")
-        check_tensor("kv", kv, ndim=3, shape=(s, 1, q.shape[2]), dtypes=FLOAT_DTYPES, device=dev,
-                     layout="[S, 1, d_qk] (S as ik, d_qk as q)")
-        check_same_dtype(q=q, kv=kv)
-        if lse is not None:
-            check_tensor("lse", lse, ndim=2, shape=(t, q.shape[1]), dtypes=FLOAT_DTYPES, device=dev, layout="[T, H]")
-    if indices is not None:
-        check_tensor("indices", indices, dtypes=INDEX_DTYPES, device=dev, layout="[T, 1, topk] or [T, topk]",
-                     shape=(t, 1, None) if indices.dim() == 3 else (t, None))
-        if attn_probs is not None:
-            check_tensor("attn_probs", attn_probs, ndim=2, shape=(t, indices.shape[-1]), dtypes=FLOAT_DTYPES,
-                         device=dev, layout="[T, topk] (topk as indices)")
-    for name, x in (("ks", ks), ("ke", ke)):
-        if x is not None:
-            check_tensor(name, x, ndim=1, shape=(t,), dtypes=INDEX_DTYPES, device=dev, layout="[T]")
 
 
 def indexer_scores(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -98,7 +67,9 @@ def _kl_rows(p: torch.Tensor, scores: torch.Tensor, member: torch.Tensor) -> tor
     return (torch.xlogy(p_n, p_n) - cross).sum(-1)
 
 
-def _reduce(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The per-row losses ``kl [T]`` reduced: "sum" (SPEC 5), "mean" (over the T rows) or
+    "none" (``kl`` itself)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     return kl.sum() if reduction == "sum" else kl.mean() if reduction == "mean" else kl
@@ -114,12 +85,11 @@ def warmup_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q:
     natural-log lse over the same ranges (detached; None: computed here from q and kv).
     ks, ke [T] int. reduction: "sum" (SPEC 5), "mean" (over the T rows) or "none" ([T]).
     """
-    check_loss_inputs(iq, ik, weights, q, kv, lse, ks=ks, ke=ke)
     cols = torch.arange(ik.shape[0], device=iq.device)
     member = (cols[None, :] >= ks[:, None].long()) & (cols[None, :] < ke[:, None].long())
     p = attention_probs_headsum(q, kv, lse, sm_scale, member=member)
     scores = indexer_scores(iq, ik, weights)
-    return _reduce(_kl_rows(p.to(scores.dtype), scores, member), reduction)
+    return reduce_loss(_kl_rows(p.to(scores.dtype), scores, member), reduction)
 
 
 def _slots(indices: torch.Tensor, s: int):
@@ -134,7 +104,6 @@ def sparse_kl_loss(iq: torch.Tensor, ik: torch.Tensor, weights: torch.Tensor, q:
     """Sparse-stage loss: the KL restricted to each row's selected slots (both distributions
     renormalized over them). ``indices`` [T, 1, topk] or [T, topk], -1 or >= S invalid;
     other arguments as :func:`warmup_kl_loss` (lse from the sparse attention)."""
-    check_loss_inputs(iq, ik, weights, q, kv, lse, indices=indices)
     rows, member = _slots(indices, ik.shape[0])
     p = attention_probs_headsum(q, kv, lse, sm_scale, rows=rows, member=member)
     return sparse_kl_loss_from_probs(iq, ik, weights, p, indices, reduction)
@@ -145,7 +114,6 @@ def sparse_kl_loss_from_probs(iq: torch.Tensor, ik: torch.Tensor, weights: torch
     """:func:`sparse_kl_loss` with the target given: ``attn_probs`` [T, topk], the head-mean
     attention probability of each slot (as ``sparse_mla_fwd(..., return_probs=True)`` gives;
     any nonnegative weights work, they are L1-normalized over the valid slots here)."""
-    check_loss_inputs(iq, ik, weights, indices=indices, attn_probs=attn_probs)
     rows, member = _slots(indices, ik.shape[0])
     scores = indexer_scores(iq, ik, weights).gather(1, rows)
-    return _reduce(_kl_rows(attn_probs.detach().to(scores.dtype), scores, member), reduction)
+    return reduce_loss(_kl_rows(attn_probs.detach().to(scores.dtype), scores, member), reduction)

@@ -1,6 +1,6 @@
-"""Triton paged lightning indexer for decode (SPEC 4) and the key-cache write path.
+"""The paged (decode) lightning indexer (SPEC 4) and the write path of its key cache.
 
-The scoring and top-k kernels are those of flashdsa.ops.indexer run with PAGED=True:
+The scores and streaming top-k kernels are those of the ragged op run with PAGED=True:
 one program takes the next_n (1 or 2) query tokens of ONE sequence (they share its
 keys) and walks a split of its logical positions in tiles of BLOCK_N keys; each key's
 physical block comes from the block table, so a tile may span several pages. Key
@@ -8,8 +8,8 @@ bytes are loaded as uint8 and reinterpreted as e4m3; the scales are read through
 fp32 view of the same cache storage. Top-k returns physical slots (block * 64 + row),
 what ``sparse_mla_decode`` takes.
 
-Cache layout: uint8 [num_blocks, PAGE * (D + 4)], each block = PAGE x D e4m3 key bytes,
-then PAGE fp32 scales (PAGE = 64, D = 128: 64 * 132 bytes).
+Cache layout (flashdsa.layout): uint8 [num_blocks, PAGE_SIZE * (D + 4)], each block =
+PAGE_SIZE x D e4m3 key bytes, then PAGE_SIZE fp32 scales.
 """
 from __future__ import annotations
 
@@ -17,23 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexer import (
-    SCORES_STORE,
-    Problem,
-    _interpreted,
-    choose_split,
-    default_config,
-    launch_scores,
-    select_topk,
-)
-from .mla_cache import e4m3_byte
+from ...layout import PAGE_SIZE
+from ..common import e4m3_byte, interpreted
+from .scores import SCORES_STORE, Problem, choose_split, default_config, launch_scores
+from .threshold import select_topk
 
-PAGE_SIZE = 64
-
-
-# Decode block sizes on sm_90 (one sequence a program, so the dot's N is next_n * H_PAD):
-# from the variant sweep of benchmarks/bench_indexer.py on an H200 (2026-11-28, batch 32
-# x 32K context: logits 0.069 ms with BLOCK_N 128 / 4 warps vs 0.096 with 64).
+# Decode block sizes on sm_90 and newer (one sequence a program, so the dot's N is
+# next_n * H_PAD), for the logits and the streaming top-k kernel: keys as in
+# scores.CONFIGS. The measurements behind them are in docs/benchmarks_indexer.md.
 PAGED_SM90 = dict(logits=dict(BLOCK_N=128, num_warps=4, num_stages=3),
                   topk=dict(BLOCK_N=64, num_warps=4, num_stages=3))
 
@@ -42,7 +33,7 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
     h = q8.shape[2]
     h_pad = triton.next_power_of_2(h)
     cfg = default_config(q8.device, h, topk=topk)
-    if q8.device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(q8.device) >= (9, 0):
+    if q8.device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(q8.device) >= (9, 0):
         cfg.update(PAGED_SM90["topk" if topk else "logits"])
     # all next_n tokens of a sequence in one program (and N = BLOCK_Q * H_PAD >= 16)
     cfg["BLOCK_Q"] = max(triton.next_power_of_2(next_n), triton.cdiv(16, h_pad))
@@ -96,9 +87,9 @@ def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.
 @triton.jit
 def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_k,
                                D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                               PAGE: tl.constexpr, UE8M0: tl.constexpr):
-    """Quantize BLOCK_T keys (one e4m3 block of D each, SPEC 1) into their slots.
-    cache_ptr: the cache as uint8; scale_ptr: the same storage as fp32."""
+                               PAGE: tl.constexpr):
+    """Quantize BLOCK_T keys (one e4m3 block of D each, ue8m0 scales, SPEC 1) into their
+    slots. cache_ptr: the cache as uint8; scale_ptr: the same storage as fp32."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.load(slot_ptr + t, mask=t < N, other=-1).to(tl.int64)
     ok = slot >= 0  # negative slots are padding tokens: nothing is written
@@ -107,15 +98,12 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
                 mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
     scale = amax / 448.0
-    if UE8M0:
-        # round the scale UP to a power of two on its bits: exact, no log2 rounding
-        bits = scale.to(tl.int32, bitcast=True)
-        expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        scale = (expo << 23).to(tl.float32, bitcast=True)
-        inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
-        y = x * inv[:, None]
-    else:
-        y = x / scale[:, None]
+    # round the scale UP to a power of two on its bits: exact, no log2 rounding
+    bits = scale.to(tl.int32, bitcast=True)
+    expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    scale = (expo << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
+    y = x * inv[:, None]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
     y8 = e4m3_byte(y).to(tl.uint8)  # integer encoding: exact on every backend, -0 kept
     blk = slot // PAGE
@@ -125,15 +113,13 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     tl.store(scale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=ok)
 
 
-def indexer_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, slots: torch.Tensor,
-                        scale_fmt: str | None = "ue8m0") -> None:
-    """Quantize keys k [N, D] (float) into kv_cache uint8 [num_blocks, 64 * (D + 4)] at
-    physical ``slots [N]`` (in place; slots < 0 skipped)."""
+def indexer_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, slots: torch.Tensor) -> None:
+    """Quantize keys k [N, D] (float, last dim contiguous) into kv_cache uint8
+    [num_blocks, 64 * (D + 4)] at physical ``slots [N]`` (in place; slots < 0 skipped)."""
     n, d = k.shape
     if n == 0:
         return
-    block_t = 16 if _interpreted() or k.device.type != "cuda" else 32
+    block_t = 16 if interpreted() or k.device.type != "cuda" else 32
     indexer_cache_write_kernel[(triton.cdiv(n, block_t),)](
         k, slots, kv_cache, kv_cache.view(torch.float32), n, k.stride(0),
-        D=d, D_PAD=max(triton.next_power_of_2(d), 16), BLOCK_T=block_t, PAGE=PAGE_SIZE,
-        UE8M0=scale_fmt == "ue8m0", num_warps=4)
+        D=d, D_PAD=max(triton.next_power_of_2(d), 16), BLOCK_T=block_t, PAGE=PAGE_SIZE, num_warps=4)

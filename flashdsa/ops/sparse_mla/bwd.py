@@ -16,8 +16,8 @@ Backward, with dout = dL/dout and an optional dlse = dL/dlse:
     dkv[r,:d_v] += sum_h P[t,h,j] * dout[t,h]       (the value part)
 
 dkv collects contributions from every query that selected row r. Four kernels, so that
-no program holds more than one large fp32 accumulator (an earlier single dq kernel with
-S, dP and the [64, 576] dq accumulator spilled ~90 registers inside its loop at 8 warps):
+no program holds more than one large fp32 accumulator (one kernel holding S, dP and the
+[64, 576] dq accumulator spills inside its loop at 8 warps):
 
   0. ``sparse_mla_bwd_preprocess_kernel``: Delta [s_q, h] in fp32.
   1. ``sparse_mla_bwd_ds_kernel``: one program per (query, head block of 64): walks the
@@ -32,13 +32,13 @@ S, dP and the [64, 576] dq accumulator spilled ~90 registers inside its loop at 
        - atomically adds them to an fp32 dkv (default; the order of the adds varies from run
          to run, so the result does too, in the last bits), or
        - (deterministic=True) stores them to a per-(head block, query, slot) fp32 buffer that
-         ``sparse_mla_bwd_reduce_kernel`` sums row by row in a fixed order (stable sort of
-         the indices: ascending query, then slot, then head block). Costs memory:
-         chunk * n_head_blocks * topk * d_qk * 4 bytes.
+         ``flashdsa.ops.common.reduce_slots_fixed_order`` sums row by row in a fixed order
+         (stable sort of the indices: ascending query, then slot, then head block). Costs
+         memory: chunk * n_head_blocks * topk * d_qk * 4 bytes.
 
-The scratch traffic (P and dS written once, dS read twice and P once: 8-10 bytes per
-(t, h, j) in bf16) is about 1-1.5 ms at s_q 4096, h 64, topk 2048 on an H200.
-Queries are processed in chunks so that the scratch stays under ``scratch_bytes``.
+The scratch traffic is P and dS written once, dS read twice and P once: 8-10 bytes per
+(t, h, j) in bf16. Queries are processed in chunks so that the scratch stays under
+``scratch_bytes``.
 
 FLOPs (convention of the benchmarks): 2.5 x the forward's 2*s_q*h*topk*(d_qk + d_v);
 the exact count of the five products is 2*s_q*h*topk*(3*d_qk + 2*d_v), 2.53 x.
@@ -46,29 +46,25 @@ the exact count of the five products is 2*s_q*h*topk*(3*d_qk + 2*d_v), 2.53 x.
 Invalid indices (-1 or >= s_kv) are masked out of every load and store: they touch
 no memory and contribute nothing. A query with no valid index (lse = +inf) gets
 dq = 0.
+
+Module split of the op: fwd.py (forward kernel and launcher), fwd_fp8.py (fp8_ds_mla
+kernel), decode.py (paged decode), bwd.py (this), op.py (custom ops and autograd).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-# Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain
-# floats; the interpreter does not notice).
-_LOG2E = tl.constexpr(LOG2E)
+from ..common import LOG2E_C, interpreted, last_dim_contiguous, reduce_slots_fixed_order
 
-# Block sizes (BLOCK_K rows per step, warps, pipeline stages per kernel). BLOCK_H: heads
-# per program (64 = one wgmma M tile on Hopper). "sm90" is the fastest variant of each
-# kernel in the H200 sweep of benchmarks/bench_sparse_mla_bwd.py --sweep (2026-11-28,
-# benchmarks/results/sparse_mla_bwd_sweep.json; at s_q 4096, s_kv 8192, topk 2048, h 64:
-# ds 4.91 ms, dq 2.20 ms, dkv 7.32 ms; the whole backward 14.6 ms = 200 TFLOP/s). Resources
-# compiled for sm_90 (227 KB shared memory per SM; no register spills in any):
-#   ds  32 rows, 4 warps, 2 stages: 212 KB (q 72 + dout 64 + 2 x [32, 576] kv), 168 regs
-#   dq  64 rows, 8 warps, 2 stages: 160 KB (2 x ([64, 576] kv + [64, 64] dS)), 214 regs
-#   dkv 64 slots, 4 warps, 2 stages: 200 KB (q, dout + P/dS tiles + a [64, 128] fp32 tile), 172 regs
+# Block sizes per kernel: BLOCK_K_<kernel> rows (slots) per step, warps_<kernel> and
+# stages_<kernel> its Triton launch options (num_warps, num_stages). BLOCK_H: heads per
+# program (64 = one wgmma M tile on Hopper). "sm90" fits Hopper's 227 KB of shared memory
+# per block (benchmarks/bench_sparse_mla_bwd.py --sweep picked it; docs/benchmarks_sparse_mla.md):
+#   ds  32 rows, 2 stages: q 72 KB + dout 64 KB + 2 x [32, 576] kv tiles
+#   dq  64 rows, 2 stages: 2 x ([64, 576] kv + [64, 64] dS)
+#   dkv 64 slots, 2 stages: q, dout + P/dS tiles + a [64, 128] fp32 tile
 # "small" is for tiny shapes and the interpreter.
 CONFIGS = {
     "sm90": dict(BLOCK_H=64, BLOCK_K_DS=32, warps_ds=4, stages_ds=2, BLOCK_K_DQ=64, warps_dq=8, stages_dq=2,
@@ -84,7 +80,7 @@ FALLBACK = dict(BLOCK_K_DS=16, warps_ds=4, stages_ds=3, BLOCK_K_DQ=32, warps_dq=
                 BLOCK_K_DKV=32, warps_dkv=4, stages_dkv=2)
 
 
-def _launch(kernel, grid, args, consts, m, kind):
+def _launch_with_fallback(kernel, grid, args, consts, m, kind):
     """kernel[grid](*args, **consts, block sizes of ``kind``); on OutOfResources retry once
     with the FALLBACK tiles of that kernel (remembered in m["cfg"])."""
     cfg = m["cfg"]
@@ -99,12 +95,8 @@ def _launch(kernel, grid, args, consts, m, kind):
                      num_stages=cfg[f"stages_{kind}"])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def default_config(q: torch.Tensor, d_v: int) -> dict:
-    big = q.is_cuda and not _interpreted() and d_v > 128
+    big = q.is_cuda and not interpreted() and d_v > 128
     cfg = dict(CONFIGS["sm90" if big else "small"])
     h = q.shape[1]
     cfg["BLOCK_H"] = min(64, max(16, triton.next_power_of_2(h)))
@@ -162,8 +154,8 @@ def sparse_mla_bwd_ds_kernel(
     delta = tl.load(delta_ptr + t * stride_lt + offs_h, mask=mask_h, other=0.0)  # [BH]
     lse = tl.load(lse_ptr + t * stride_lt + offs_h, mask=mask_h, other=float("inf"))
     # lse = +inf (no valid index, or a padding head) makes every P exactly 0 below.
-    lse2 = lse * _LOG2E
-    qk_scale = sm_scale * _LOG2E
+    lse2 = lse * LOG2E_C
+    qk_scale = sm_scale * LOG2E_C
 
     for k0 in range(0, topk, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
@@ -316,31 +308,6 @@ def sparse_mla_bwd_dkv_kernel(
         _dkv_cols(ds_t, p_t, q_r, q_r, dst + D_V, row_off, 0, D_TAIL, row_mask, BLOCK_DT, False, atomic, DOT_PREC)
 
 
-@triton.jit
-def sparse_mla_bwd_reduce_kernel(
-    buf_ptr, order_ptr, rowptr_ptr, dkv_ptr,
-    n_hb, topk, d_qk,
-    stride_bh, stride_bt, stride_bk, stride_dkvr,
-    BLOCK_D: tl.constexpr,
-):
-    """dkv[r, dblock] += sum over the sorted slots of row r (fixed order) of buf[hb, slot]."""
-    r = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < d_qk
-    start = tl.load(rowptr_ptr + r)
-    end = tl.load(rowptr_ptr + r + 1)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for e in range(start, end):
-        slot = tl.load(order_ptr + e).to(tl.int64)  # flat t * topk + j within the chunk
-        t = slot // topk
-        j = slot - t * topk
-        for hb in range(0, n_hb):
-            acc += tl.load(buf_ptr + hb * stride_bh + t * stride_bt + j * stride_bk + offs_d, mask=mask_d, other=0.0)
-    if end > start:
-        ptr = dkv_ptr + r * stride_dkvr + offs_d
-        tl.store(ptr, tl.load(ptr, mask=mask_d, other=0.0) + acc, mask=mask_d)
-
-
 def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
     """Shapes, block sizes and last-dim-contiguous views shared by the launches."""
     s_q, h, d_qk = q.shape
@@ -352,9 +319,6 @@ def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
     block_dv = max(16, triton.next_power_of_2(d_v))
     if block_dv > 512:
         raise NotImplementedError(f"sparse MLA backward: d_v up to 512 supported, got {d_v}")
-
-    def last_c(x):
-        return x if x is None or x.stride(-1) == 1 else x.contiguous()
     return dict(
         s_q=s_q, h=h, d_qk=d_qk, s_kv=s_kv, topk=topk, d_v=d_v, d_tail=d_qk - d_v, cfg=cfg,
         n_hb=triton.cdiv(h, cfg["BLOCK_H"]),
@@ -362,8 +326,9 @@ def _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config):
         block_dv=block_dv,
         block_c=min(128, block_dv), n_chunks=block_dv // min(128, block_dv),  # 1, 2 or 4 column chunks
         block_dt=max(16, triton.next_power_of_2(max(d_qk - d_v, 1))),
-        q=last_c(q), kv=last_c(kv.reshape(s_kv, d_qk)), idx=last_c(indices.reshape(s_q, topk)),
-        out=last_c(out), dout=last_c(dout), lse=lse.float().contiguous(),
+        q=last_dim_contiguous(q), kv=last_dim_contiguous(kv.reshape(s_kv, d_qk)),
+        idx=last_dim_contiguous(indices.reshape(s_q, topk)),
+        out=last_dim_contiguous(out), dout=last_dim_contiguous(dout), lse=lse.float().contiguous(),
         dlse=None if dlse is None else dlse.float().contiguous(),
     )
 
@@ -387,7 +352,7 @@ def launch_ds(m, c0, c1, p_buf, ds_buf, sm_scale):
     cfg = m["cfg"]
     qc, ic, doc, lc, dc = (m[k][c0:c1] for k in ("q", "idx", "dout", "lse", "delta"))
     kv2 = m["kv"]
-    _launch(sparse_mla_bwd_ds_kernel, (c1 - c0, m["n_hb"]), (
+    _launch_with_fallback(sparse_mla_bwd_ds_kernel, (c1 - c0, m["n_hb"]), (
         qc, kv2, ic, doc, lc, dc, p_buf, ds_buf,
         m["s_kv"], m["h"], m["topk"], sm_scale,
         qc.stride(0), qc.stride(1), kv2.stride(0), ic.stride(0), doc.stride(0), doc.stride(1), lc.stride(0),
@@ -401,7 +366,7 @@ def launch_dq(m, c0, c1, dq, ds_buf):
     cfg = m["cfg"]
     ic = m["idx"][c0:c1]
     kv2 = m["kv"]
-    _launch(sparse_mla_bwd_dq_kernel, (c1 - c0, m["n_hb"]), (
+    _launch_with_fallback(sparse_mla_bwd_dq_kernel, (c1 - c0, m["n_hb"]), (
         kv2, ic, ds_buf, dq[c0:c1],
         m["s_kv"], m["h"], m["topk"],
         kv2.stride(0), ic.stride(0), ds_buf.stride(0), ds_buf.stride(1), dq.stride(0), dq.stride(1)),
@@ -416,7 +381,7 @@ def launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf=None):
     qc, ic, doc = (m[k][c0:c1] for k in ("q", "idx", "dout"))
     deterministic = det_buf is not None
     sb = det_buf.stride() if deterministic else (0, 0, 0, 0)
-    _launch(sparse_mla_bwd_dkv_kernel, (c1 - c0, m["n_hb"]), (
+    _launch_with_fallback(sparse_mla_bwd_dkv_kernel, (c1 - c0, m["n_hb"]), (
         qc, ic, doc, p_buf, ds_buf, det_buf if deterministic else dkv,
         m["s_kv"], m["h"], m["topk"],
         qc.stride(0), qc.stride(1), ic.stride(0), doc.stride(0), doc.stride(1),
@@ -426,10 +391,10 @@ def launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf=None):
              BLOCK_DT=m["block_dt"], BLOCK_H=cfg["BLOCK_H"], DETERMINISTIC=deterministic, DOT_PREC=m["dot_prec"]),
         m, "dkv")
     if deterministic:
-        _reduce_deterministic(det_buf, ic, dkv, m["n_hb"], c1 - c0)
+        reduce_slots_fixed_order(det_buf, ic, dkv)
 
 
-def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
+def run_sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
                    dout: torch.Tensor, lse: torch.Tensor, sm_scale: float, d_v: int = 512,
                    dlse: torch.Tensor | None = None, deterministic: bool = False,
                    scratch_bytes: int = 2 << 30, config: dict | None = None):
@@ -448,7 +413,8 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
 
     Returns:
         (dq [s_q, h_q, d_qk] in q.dtype, dkv [s_kv, 1, d_qk] in kv.dtype).
-    Inputs are assumed validated (flashdsa.sparse_mla_fwd checks them).
+    Inputs are assumed validated (flashdsa.sparse_mla_fwd checks them); the autograd of
+    the custom op flashdsa::sparse_mla_fwd (op.py) calls this through flashdsa::sparse_mla_bwd.
     """
     m = _prepare(q, kv, indices, out, dout, lse, dlse, d_v, config)
     s_q, h, topk, d_qk, s_kv = m["s_q"], m["h"], m["topk"], m["d_qk"], m["s_kv"]
@@ -471,25 +437,3 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
         launch_dq(m, c0, c1, dq, ds_buf)
         launch_dkv(m, c0, c1, p_buf, ds_buf, dkv, det_buf)
     return dq, dkv.to(kv.dtype).view(s_kv, 1, d_qk)
-
-
-def _reduce_deterministic(buf: torch.Tensor, idx: torch.Tensor, dkv: torch.Tensor, n_hb: int, n: int) -> None:
-    """Fixed-order segmented sum of the slot buffer into dkv [s_kv, d_qk] fp32.
-
-    Invalid slots get key s_kv and sort last; a stable sort keeps slots of one row in
-    ascending (query, slot) order, so the sum's order depends only on the indices."""
-    s_kv, d_qk = dkv.shape
-    topk = idx.shape[1]
-    flat = idx.reshape(-1).long()
-    keys = torch.where((flat >= 0) & (flat < s_kv), flat, torch.full_like(flat, s_kv))
-    _, order = torch.sort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=s_kv + 1)[:s_kv]
-    rowptr = torch.zeros(s_kv + 1, dtype=torch.int64, device=dkv.device)
-    rowptr[1:] = torch.cumsum(counts, 0)
-    block_d = 64 if d_qk >= 64 else max(16, triton.next_power_of_2(d_qk))
-    grid = (s_kv, triton.cdiv(d_qk, block_d))
-    sparse_mla_bwd_reduce_kernel[grid](
-        buf, order, rowptr, dkv, n_hb, topk, d_qk,
-        buf.stride(0), buf.stride(1), buf.stride(2), dkv.stride(0),
-        BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 2,
-    )

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from flashdsa import reference as ref
-from flashdsa.reference import losses
+from flashdsa.reference import indexer_loss as ref_loss
 
 
 def _row_kl_direct(q, kv, sm_scale, iq, ik, w, t, rows):
     """KL for one query row over the key rows ``rows`` (a list, repeats allowed), from
     per-head softmaxes over those rows (no lse) and explicit sums: independent of
-    losses._kl_rows."""
+    ref_loss._kl_rows."""
     if len(rows) == 0:
         return torch.zeros((), dtype=torch.float64)
     r = torch.tensor(rows)
@@ -46,13 +46,13 @@ def test_warmup_loss_matches_direct_per_row():
     q, kv, iq, ik, w, d_v = _setup()
     ks, ke, cu = _causal([4, 5])
     _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
-    kl = losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="none")
+    kl = ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="none")
     want = torch.stack([_row_kl_direct(q, kv, 0.3, iq, ik, w, t, list(range(ks[t], ke[t])))
                         for t in range(q.shape[0])])
     torch.testing.assert_close(kl, want, rtol=1e-10, atol=1e-12)
     assert (kl >= -1e-12).all()
-    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke), want.sum())
-    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, "mean"), want.mean())
+    torch.testing.assert_close(ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke), want.sum())
+    torch.testing.assert_close(ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, "mean"), want.mean())
 
 
 def test_sparse_loss_matches_direct_per_row():
@@ -65,7 +65,7 @@ def test_sparse_loss_matches_direct_per_row():
     idx[4, :] = -1         # empty row: 0
     idx = idx[:, None]
     _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v)
-    kl = losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
+    kl = ref_loss.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
     want = torch.stack([_row_kl_direct(q, kv, 0.3, iq, ik, w, t,
                                        [int(r) for r in idx[t, 0] if 0 <= r < T]) for t in range(T)])
     torch.testing.assert_close(kl, want, rtol=1e-10, atol=1e-12)
@@ -83,11 +83,11 @@ def test_sparse_from_probs_of_the_attention_equals_sparse_loss():
     idx[4, :] = -1
     idx = idx[:, None]
     _, _, lse, probs = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v, return_probs=True)
-    want = losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
-    got = losses.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="none")
+    want = ref_loss.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx, reduction="none")
+    got = ref_loss.sparse_kl_loss_from_probs(iq, ik, w, probs, idx, reduction="none")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     scaled = probs * torch.rand(T, 1, dtype=probs.dtype).add(0.5)
-    torch.testing.assert_close(losses.sparse_kl_loss_from_probs(iq, ik, w, scaled, idx, reduction="none"), want,
+    torch.testing.assert_close(ref_loss.sparse_kl_loss_from_probs(iq, ik, w, scaled, idx, reduction="none"), want,
                                rtol=1e-10, atol=1e-12)
 
 
@@ -100,8 +100,8 @@ def test_sparse_with_every_causal_key_equals_warmup():
     for t in range(T):
         rows = torch.arange(int(ks[t]), int(ke[t]), dtype=torch.int32)
         idx[t, 0, :len(rows)] = rows.flip(0)
-    torch.testing.assert_close(losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx),
-                               losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
+    torch.testing.assert_close(ref_loss.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx),
+                               ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
 
 
 @pytest.mark.parametrize("stage", ["warmup", "sparse"])
@@ -111,19 +111,19 @@ def test_gradcheck_float64_and_attention_detached(stage):
     T = q.shape[0]
     if stage == "warmup":
         _, lse = ref.dense_mla_fwd(q, kv, cu, 0.5, d_v)
-        fn = lambda iq, ik, w: losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.5, ks, ke, "none")  # noqa: E731
+        fn = lambda iq, ik, w: ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.5, ks, ke, "none")  # noqa: E731
     else:
         idx = torch.stack([torch.randperm(T)[:3] for _ in range(T)]).int()[:, None]
         _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.5, d_v)
-        fn = lambda iq, ik, w: losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.5, idx, "none")  # noqa: E731
+        fn = lambda iq, ik, w: ref_loss.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.5, idx, "none")  # noqa: E731
     args = [x.clone().requires_grad_() for x in (iq, ik, w)]
     assert torch.autograd.gradcheck(fn, args)
     # The target is detached: the attention inputs receive no gradient.
     qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
     if stage == "warmup":
-        loss = losses.warmup_kl_loss(*args, qg, kvg, lse, 0.5, ks, ke)
+        loss = ref_loss.warmup_kl_loss(*args, qg, kvg, lse, 0.5, ks, ke)
     else:
-        loss = losses.sparse_kl_loss(*args, qg, kvg, lse, 0.5, idx)
+        loss = ref_loss.sparse_kl_loss(*args, qg, kvg, lse, 0.5, idx)
     assert loss.grad_fn is not None
     loss.backward()
     assert qg.grad is None and kvg.grad is None
@@ -135,11 +135,11 @@ def test_loss_is_zero_when_indexer_matches_target():
     T = q.shape[0]
     ks, ke, cu = _causal([T])
     _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
-    p = losses.attention_probs_headsum(q, kv, lse, 0.3)
+    p = ref_loss.attention_probs_headsum(q, kv, lse, 0.3)
     member = torch.arange(T)[None, :] < ke[:, None]
-    kl_same = losses._kl_rows(p, p.clamp_min(1e-300).log(), member)
+    kl_same = ref_loss._kl_rows(p, p.clamp_min(1e-300).log(), member)
     assert kl_same.abs().max() < 1e-12
-    assert losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke) > 0
+    assert ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke) > 0
 
 
 def test_bad_reduction():
@@ -147,7 +147,7 @@ def test_bad_reduction():
     ks, ke, cu = _causal([q.shape[0]])
     _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
     with pytest.raises(ValueError, match="reduction"):
-        losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="avg")
+        ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke, reduction="avg")
 
 
 def test_lse_none_equals_the_attention_lse():
@@ -155,13 +155,13 @@ def test_lse_none_equals_the_attention_lse():
     q, kv, iq, ik, w, d_v = _setup()
     ks, ke, cu = _causal([4, 5])
     _, lse = ref.dense_mla_fwd(q, kv, cu, 0.3, d_v)
-    torch.testing.assert_close(losses.warmup_kl_loss(iq, ik, w, q, kv, None, 0.3, ks, ke),
-                               losses.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
+    torch.testing.assert_close(ref_loss.warmup_kl_loss(iq, ik, w, q, kv, None, 0.3, ks, ke),
+                               ref_loss.warmup_kl_loss(iq, ik, w, q, kv, lse, 0.3, ks, ke))
     T = q.shape[0]
     idx = torch.stack([torch.randperm(T)[:5] for _ in range(T)]).int()
     idx[1, 2] = idx[1, 0]
     idx[2, :] = -1
     idx = idx[:, None]
     _, _, lse = ref.sparse_mla_fwd(q, kv, idx, 0.3, d_v)
-    torch.testing.assert_close(losses.sparse_kl_loss(iq, ik, w, q, kv, None, 0.3, idx),
-                               losses.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx))
+    torch.testing.assert_close(ref_loss.sparse_kl_loss(iq, ik, w, q, kv, None, 0.3, idx),
+                               ref_loss.sparse_kl_loss(iq, ik, w, q, kv, lse, 0.3, idx))

@@ -17,6 +17,9 @@ Three layers (the flash-attention interface pattern):
 
 Determinism: when ``torch.use_deterministic_algorithms(True)`` is on, the backward uses
 the fixed-order dkv reduction (bitwise reproducible, more memory) instead of atomics.
+
+Module split of the op: fwd.py (forward kernel and launcher), fwd_fp8.py (fp8_ds_mla
+kernel), decode.py (paged decode), bwd.py (backward), op.py (this).
 """
 from __future__ import annotations
 
@@ -24,15 +27,15 @@ from typing import Optional
 
 import torch
 
-from .sparse_mla import sparse_mla_fwd as _fwd_kernel
-from .sparse_mla_bwd import sparse_mla_bwd as _bwd_kernel
+from .bwd import run_sparse_mla_bwd
+from .fwd import run_sparse_mla_fwd
 
 
 @torch.library.custom_op("flashdsa::sparse_mla_fwd", mutates_args=())
 def _sparse_mla_fwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                        d_v: int, probs_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = _fwd_kernel(q, kv, indices, sm_scale, d_v, return_probs=probs_bytes > 0,
-                      probs_dtype=torch.float8_e4m3fn if probs_bytes == 1 else torch.float16)
+    res = run_sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs=probs_bytes > 0,
+                             probs_dtype=torch.float8_e4m3fn if probs_bytes == 1 else torch.float16)
     probs = res[3] if probs_bytes else q.new_empty(q.shape[0], 0, dtype=torch.float32)
     # custom_op outputs may not alias inputs or each other; the kernels allocate fresh.
     return res[0], res[1], res[2], probs
@@ -50,7 +53,7 @@ def _(q, kv, indices, sm_scale, d_v, probs_bytes):
 def _sparse_mla_bwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
                        dout: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], sm_scale: float,
                        d_v: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_kernel(q, kv, indices, out, dout, lse, sm_scale, d_v, dlse=dlse, deterministic=deterministic)
+    return run_sparse_mla_bwd(q, kv, indices, out, dout, lse, sm_scale, d_v, dlse=dlse, deterministic=deterministic)
 
 
 @_sparse_mla_bwd_op.register_fake
@@ -79,14 +82,14 @@ torch.library.register_autograd("flashdsa::sparse_mla_fwd", _backward, setup_con
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
-                   return_probs: bool = False, probs_precision: str = "fp16"):
+                   return_probs: bool = False, probs_precision: str = "e4m3"):
     """Triton sparse MLA forward, differentiable in q and kv (and through lse).
 
-    Same contract as :func:`flashdsa.ops.sparse_mla.sparse_mla_fwd`: q [s_q, h_q, d_qk],
+    Same contract as :func:`flashdsa.ops.sparse_mla.fwd.run_sparse_mla_fwd`: q [s_q, h_q, d_qk],
     kv [s_kv, 1, d_qk], indices [s_q, 1, topk] int32 -> (out [s_q, h_q, d_v] in q.dtype,
     max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32), plus the head-mean probs [s_q, topk]
     fp32 (not differentiable) with ``return_probs``, through a scratch of ``probs_precision``
-    ("fp16" or "e4m3"). Inputs assumed validated.
+    ("e4m3" or "fp16"). Inputs assumed validated.
     """
     probs_bytes = (1 if probs_precision == "e4m3" else 2) if return_probs else 0
     res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), probs_bytes)
@@ -94,6 +97,6 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
 
 
 def sparse_mla_bwd(q, kv, indices, out, dout, lse, sm_scale, d_v=512, dlse=None, deterministic=False):
-    """The registered backward op (dq, dkv); see flashdsa.ops.sparse_mla_bwd."""
+    """The registered backward op (dq, dkv); see flashdsa.ops.sparse_mla.bwd."""
     return torch.ops.flashdsa.sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, float(sm_scale), int(d_v),
                                              bool(deterministic))

@@ -1,0 +1,80 @@
+"""Score keys and exact top-k selection, shared by both top-k methods.
+
+Scores are compared as int32 *keys*: for fp32 bits b, key = b if b >= 0 else
+b ^ 0x7FFFFFFF, which orders like the floats (and -inf above every NaN pattern); an
+empty candidate slot holds INT32_MIN. :func:`take_topk` finds a row's exact top-k by a
+binary search over that int32 range (no sort), ties at the k-th key taken in position
+order. The streaming kernel uses it to compact its buffers and at the end; the
+threshold method's select kernel uses it once a row.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_MIN = -(2 ** 31)
+INT32_MIN_C = tl.constexpr(INT32_MIN)
+
+
+@triton.jit
+def score_key(s):
+    """Order-preserving int32 image of fp32 scores."""
+    b = s.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+def score_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 image of fp32 scores (as :func:`score_key`); -inf -> INT32_MIN."""
+    b = x.contiguous().view(torch.int32)
+    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return torch.where(torch.isneginf(x), INT32_MIN, key).to(torch.int32)
+
+
+@triton.jit
+def kth_largest(keys, valid, nvalid, thr, k):
+    """The k-th largest of one row's keys [CAP] (entries where ``valid``), exact (any
+    value when nvalid < k). Binary search on the int32 key range with the invariant
+    count(key >= lo) >= k > count(key >= hi + 1); ``thr`` (the last threshold, with at
+    least k entries at or above it) tightens the start."""
+    big = tl.where(valid, keys, INT32_MIN_C)
+    lo = tl.min(tl.where(valid, keys, 2147483647), axis=0)
+    lo = tl.maximum(lo, thr).to(tl.int64)
+    hi = tl.max(big, axis=0).to(tl.int64)
+    lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
+    while hi > lo:
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((big >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        ok = c >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def take_topk(keys, valid, thr, k):
+    """Exact top-k of the ``valid`` entries of keys [N] (any layout, flattened): returns
+    (take [N] mask, pos = destination 0..n_take-1 of each taken entry, n_take, nvalid,
+    T = the k-th largest key, full = more than k entries). All entries are >= ``thr``
+    (a lower bound for the search). Ties at T are taken in position order; a row with at
+    most k entries takes all of them."""
+    nvalid = tl.sum(valid.to(tl.int32), axis=0)
+    T = kth_largest(keys, valid, nvalid, thr, k)
+    gt = valid & (keys > T)
+    eq = valid & (keys == T)
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+    full = nvalid > k
+    # (tl.where, not `&`, with a scalar bool: the 3.9 interpreter's tensor & scalar-bool
+    # gives a mask dtype tl.store rejects)
+    take = tl.where(full, take, valid)
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    return take, pos, tl.minimum(nvalid, k), nvalid, T, full
+
+
+def scratch(*shape, device, fill=None) -> torch.Tensor:
+    """int32 scratch of the top-k methods: zeros when ``fill == 0``, else uninitialized
+    (the kernels write every entry they later read)."""
+    if fill == 0:
+        return torch.zeros(*shape, dtype=torch.int32, device=device)
+    return torch.empty(*shape, dtype=torch.int32, device=device)

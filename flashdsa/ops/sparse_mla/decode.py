@@ -1,0 +1,60 @@
+"""Paged sparse MLA decode (SPEC 4) on the Triton sparse MLA forward kernels.
+
+The paged cache is a flat list of rows addressed by physical slot, so decode is the
+prefill forward (fwd.run_over_rows) over ``b * s_q`` query tokens with the cache as its
+rows. For the fp8_ds_mla format (flashdsa.layout) the fp8 kernel (fwd_fp8.py) reads the
+e4m3 bytes, the 4 fp32 scales and the bf16 rope values through three typed views of the
+cache and dequantizes each gathered tile in registers. When ``b * s_q`` head-block
+programs cannot fill the GPU, the top-k range is split over programs (split-k) and a
+combine kernel merges the partial softmaxes.
+
+Module split of the op: fwd.py (forward kernel and launcher), fwd_fp8.py (fp8_ds_mla
+kernel), decode.py (this), bwd.py (backward), op.py (custom ops and autograd).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...layout import MLA_D_NOPE, MLA_D_ROPE, MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
+from ..common import last_dim_contiguous, num_sms
+from .fwd import KvRows, resolve_config, run_over_rows
+
+
+def choose_n_split(n_programs: int, topk: int, block_k: int, n_sm: int) -> int:
+    """Splits of the top-k range so that about 2 programs per SM run, each keeping at
+    least 2 BLOCK_K steps (below that the combine costs more than it saves)."""
+    if n_programs >= n_sm:
+        return 1
+    return max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(topk, 2 * block_k)))
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                      d_v: int = 512, kv_format: str = "bf16", n_split: int | None = None,
+                      config: dict | None = None):
+    """Sparse attention of decode queries over a paged latent cache (validated inputs;
+    use ``flashdsa.sparse_mla_decode``).
+
+    q [b, s_q, h_q, d_qk]; kv_cache [num_blocks, 64, (1,) 576] bf16 ("bf16") or
+    [num_blocks, 64, (1,) 656] uint8 ("fp8_ds_mla", then d_qk 576 and d_v 512);
+    indices [b, s_q, topk] int32 physical slots, -1 or >= num_blocks * 64 unused.
+    ``n_split`` None picks split-k from the grid size. Returns
+    ``(out [b, s_q, h_q, d_v] q.dtype, lse [b, s_q, h_q] fp32 natural log)``."""
+    b, s_q, h_q, d_qk = q.shape
+    topk = indices.shape[-1]
+    qf = last_dim_contiguous(q.reshape(b * s_q, h_q, d_qk))
+    idx = last_dim_contiguous(indices.reshape(b * s_q, topk))
+    fp8 = kv_format == "fp8_ds_mla"
+    if fp8:
+        assert d_qk == MLA_D_NOPE + MLA_D_ROPE and d_v == MLA_D_NOPE
+        c8, sc, pe = mla_byte_views(kv_cache.reshape(-1, MLA_FP8_BYTES))
+        rows = KvRows(c8, pe[:, MLA_ROPE_OFF:], sc[:, MLA_SCALE_OFF:], c8.shape[0])
+    else:
+        flat = kv_cache.reshape(-1, kv_cache.shape[-1])
+        rows = KvRows(flat, flat[:, d_v:] if d_qk > d_v else None, None, flat.shape[0])
+    cfg = resolve_config(q.device, h_q, d_v, fp8, config)
+    if n_split is None:
+        n_prog = triton.cdiv(h_q, cfg["BLOCK_H"]) * b * s_q
+        n_split = choose_n_split(n_prog, topk, cfg["BLOCK_K"], num_sms(q.device))
+    out, _, lse = run_over_rows(qf, idx, rows, sm_scale, d_v, n_split, cfg)
+    return out.reshape(b, s_q, h_q, d_v), lse.reshape(b, s_q, h_q)
