@@ -10,6 +10,7 @@ import torch
 
 from flashdsa.compat import deep_gemm
 from flashdsa.compat.flash_mla import flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
+from tests.ops.test_indexer import FP8_MMA_REL
 from tests.utils import KERNEL_DEVICE, rel_err
 
 BACKENDS = ["reference", "triton"]
@@ -173,6 +174,17 @@ def _per_token_fp8(x):
     return (x / sf[:, None]).to(torch.float8_e4m3fn), sf
 
 
+def _fp8_budget(logits, ref, mag):
+    """Relative error allowed against the float64 ``ref``: fp32 summation order, plus on a
+    GPU the e4m3 tensor-core accumulation, FP8_MMA_REL of the scores of |q|, |k|, |w|
+    (``mag``, as tests/ops/test_indexer.py bounds the indexer kernels)."""
+    budget = 1e-5
+    if logits.is_cuda:
+        fin = torch.isfinite(ref)
+        budget += FP8_MMA_REL * float(mag[fin].norm() / ref[fin].norm())
+    return budget
+
+
 def _mqa_logits64(q8, k, weights, lo, hi):
     """DeepGEMM README's formula in float64: out[i, j] = sum_h relu(q[i, h] . k_j) * w[i, h]
     for lo[i] <= j < hi[i], -inf elsewhere; k the dequantized keys [n, d]."""
@@ -200,9 +212,11 @@ def test_fp8_mqa_logits_as_deepgemm_tests_call_it(backend):
 
     k = kv_fp8[0].double().cpu() * kv_fp8[1].double().cpu()[:, None]
     ref = _mqa_logits64(q_fp8.cpu(), k, weights.cpu(), ks.cpu(), ke.cpu())
+    mag = _mqa_logits64(q_fp8.cpu().double().abs(), k.abs(), weights.cpu().abs(), ks.cpu(), ke.cpu())
+    budget = _fp8_budget(logits, ref, mag)
     assert logits.shape == (seq_len, seq_len_kv) and logits.dtype == torch.float32
     assert torch.equal(logits.cpu() == float("-inf"), ref == float("-inf"))
-    assert rel_err(logits.cpu(), ref) < 1e-5
+    assert rel_err(logits.cpu(), ref) < budget
 
     # the compressed form: column j of row i is key ks[i] + j
     max_seqlen_k = int((ke - ks).max())
@@ -213,7 +227,7 @@ def test_fp8_mqa_logits_as_deepgemm_tests_call_it(backend):
     for i in range(seq_len):
         n = max(int(ke[i]) - int(ks[i]), 0)
         unpacked[i, int(ks[i]):int(ks[i]) + n] = packed[i, :n].cpu()
-    assert rel_err(unpacked, ref) < 1e-5
+    assert rel_err(unpacked, ref) < budget
 
 
 def _deepgemm_kv_cache_cast_to_fp8(x):
@@ -280,10 +294,12 @@ def test_fp8_paged_mqa_logits_as_deepgemm_tests_call_it(backend, next_n, lens_2d
                                             schedule_metadata, max_model_len, clean_logits=True, backend=backend)
 
     ref = _paged_ref64(q_fp8.cpu(), deq, weights.cpu(), seen, block_tables.cpu(), max_model_len)
+    mag = _paged_ref64(q_fp8.cpu().double().abs(), deq.abs(), weights.cpu().abs(), seen, block_tables.cpu(),
+                       max_model_len)
     assert logits.shape == (batch_size * next_n, max_model_len) and logits.dtype == torch.float32
     assert schedule_metadata.shape == (deep_gemm.get_num_sms() + 1, 2)
     assert torch.equal(logits.cpu() == float("-inf"), ref == float("-inf"))
-    assert rel_err(logits.cpu(), ref) < 1e-5
+    assert rel_err(logits.cpu(), ref) < _fp8_budget(logits, ref, mag)
 
 
 def test_deepgemm_errors_name_the_argument():
