@@ -30,10 +30,9 @@ import torch
 
 from benchmarks.common import (
     bench_ms,
-    measure_ceilings,
+    ceilings_after_compile,
     print_table,
     sweep_arg_parser,
-    wait_for,
     write_result,
 )
 
@@ -160,11 +159,9 @@ def main():
                 if err:
                     failures[(v, h)] = err
                     print("compile", v, h, err)
-    if args.precompile_only:
+    ceil = ceilings_after_compile(args)
+    if ceil is None:
         return
-    wait_for(args.wait_for)
-    ceil = measure_ceilings()
-    print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     sm_scale = D_QK ** -0.5
     rows = []
     name = "indexer_loss" + ("_sweep" if args.sweep else "") + ("_from_probs" if args.from_probs_only else "")

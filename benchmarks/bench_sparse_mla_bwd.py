@@ -21,10 +21,9 @@ import torch
 
 from benchmarks.common import (
     bench_ms,
-    measure_ceilings,
+    ceilings_after_compile,
     print_table,
     sweep_arg_parser,
-    wait_for,
     write_result,
 )
 
@@ -92,11 +91,9 @@ def main():
 
     variants = [(k, v) for k, vs in KERNELS.items() for v in vs]
     failures = {} if args.no_precompile else precompile(variants if args.sweep else [("dkv", DKV_VARIANTS[0])])
-    if args.precompile_only:
+    ceil = ceilings_after_compile(args)
+    if ceil is None:
         return
-    wait_for(args.wait_for)
-    ceil = measure_ceilings()
-    print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     sm_scale = D_QK ** -0.5
     rows = []
     for h in args.heads:

@@ -106,3 +106,15 @@ def wait_for(path: str | None, limit_s: float = 180.0) -> None:
         time.sleep(1.0)
     if path:
         print(f"waited {time.time() - t0:.0f} s for {path} (exists: {os.path.exists(path)})")
+
+
+def ceilings_after_compile(args) -> dict | None:
+    """The step between a sweep script's parallel compile and its timings: None when only
+    compiling was asked (--precompile-only), else wait for --wait-for, then measure the
+    ceilings, print them and return them."""
+    if args.precompile_only:
+        return None
+    wait_for(args.wait_for)
+    ceil = measure_ceilings()
+    print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
+    return ceil
