@@ -38,14 +38,13 @@ dominates both).
 Batches: 1 and a serving batch (``--prefill-batch`` sequences of prefill chunks,
 ``--decode-batch`` decode sequences). Every timing is a median of triton's do_bench
 (CUDA events). Results go to benchmarks/results/cost_curve.json ($OUT when set) with the
-ceilings measured in the same run, and a plot (SVG, no plotting library needed) like
-the paper's cost figure next to it.
+ceilings measured in the same run, and a plot (SVG, with matplotlib: ``pip install 'flashdsa[plot]'``)
+like the paper's cost figure next to it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -391,66 +390,40 @@ def write(result: dict, args) -> None:
     out_dir = args.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     name = "cost_curve_toy" if args.toy else "cost_curve"
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+    path = os.path.join(out_dir, name + ".json")
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(out_dir, name + ".svg"), "w") as f:
-        f.write(svg_plot(result))
+    try:
+        plot(result, os.path.join(out_dir, name + ".svg"))
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        print(f"no plot: {e}; then: python -m benchmarks.cost_curve --plot-from {path}")
 
 
-def svg_plot(result: dict) -> str:
+def plot(result: dict, path: str) -> str:
     """Two panels like the paper's cost figure: microseconds per token against the
     token's position (context), prefill left and decode right, dense in grey and DSA in
-    blue, batch 1 solid and the serving batch dashed. Log-2 x axis, linear y axis."""
-    rows = [r for r in result["rows"]]
-    if not rows:
-        return '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
-    w, hgt, pad = 420, 300, 55
-    ctxs = [r["context"] for r in rows]
-    x0, x1 = math.log2(min(ctxs)), math.log2(max(ctxs))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + 20}" height="{hgt + 40}" '
-             'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
-    for p, phase in enumerate(("prefill", "decode")):
-        bs = result["prefill_batches" if phase == "prefill" else "decode_batches"]
-        series = []
+    blue, batch 1 solid and the serving batch dashed. Log-2 x axis, linear y axis from 0."""
+    from benchmarks.plot import pyplot, save
+    plt = pyplot()
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase in zip(axes, ("prefill", "decode")):
         for method, color in (("dense", "#777777"), ("dsa", "#1f5fbf")):
-            for j, b in enumerate(bs):
-                pts = [(r["context"], r.get(f"{phase}_{method}_b{b}")) for r in rows]
-                pts = [(c, v) for c, v in pts if v is not None]
-                series.append((f"{method.upper() if method == 'dsa' else 'dense'} b={b}", color,
-                               "6,4" if j else "", pts))
-        ymax = max([v for *_, pts in series for _, v in pts] or [1.0]) * 1.1
-        ox = p * (w + 20)
-
-        def px(c):
-            return ox + pad + (math.log2(c) - x0) / max(x1 - x0, 1e-9) * (w - pad - 10)
-
-        def py(v):
-            return 20 + (1 - v / ymax) * (hgt - 40)
-
-        parts.append(f'<text x="{ox + w / 2}" y="14" text-anchor="middle" font-weight="bold">'
-                     f'{phase}: time per token (us), {result["layers"]} layers</text>')
-        parts.append(f'<line x1="{ox + pad}" y1="{hgt - 20}" x2="{ox + w - 10}" y2="{hgt - 20}" stroke="black"/>')
-        parts.append(f'<line x1="{ox + pad}" y1="20" x2="{ox + pad}" y2="{hgt - 20}" stroke="black"/>')
-        for c in ctxs:
-            label = f"{c // 1024}K" if c >= 1024 else str(c)
-            parts.append(f'<text x="{px(c):.1f}" y="{hgt - 6}" text-anchor="middle">{label}</text>')
-        for k in range(5):
-            v = ymax * k / 4
-            parts.append(f'<text x="{ox + pad - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-            parts.append(f'<line x1="{ox + pad}" y1="{py(v):.1f}" x2="{ox + w - 10}" y2="{py(v):.1f}" '
-                         'stroke="#eeeeee"/>')
-        for n, (label, color, dash, pts) in enumerate(series):
-            if pts:
-                path = " ".join(f"{px(c):.1f},{py(v):.1f}" for c, v in pts)
-                parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
-                             f'stroke-dasharray="{dash}"/>')
-            ly = 30 + 14 * n
-            parts.append(f'<line x1="{ox + pad + 10}" y1="{ly}" x2="{ox + pad + 34}" y2="{ly}" stroke="{color}" '
-                         f'stroke-width="2" stroke-dasharray="{dash}"/>')
-            parts.append(f'<text x="{ox + pad + 38}" y="{ly + 4}">{label}</text>')
-        parts.append(f'<text x="{ox + w / 2}" y="{hgt + 30}" text-anchor="middle">context (token position)</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+            for j, b in enumerate(result[f"{phase}_batches"]):
+                pts = [(r["context"], r[f"{phase}_{method}_b{b}"]) for r in rows
+                       if r.get(f"{phase}_{method}_b{b}") is not None]
+                ax.plot([c for c, _ in pts], [v for _, v in pts], color=color, linestyle="--" if j else "-",
+                        marker="o", markersize=3, label=f"{'DSA' if method == 'dsa' else 'dense'} b={b}")
+        contexts = [r["context"] for r in rows]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
+        ax.set_ylim(bottom=0)
+        ax.set(title=f"{phase}: time per token (us), {result['layers']} layers", xlabel="context (token position)")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+    return save(fig, path)
 
 
 def main():
@@ -467,14 +440,18 @@ def main():
                     help="of the DSA path and the dense decode kernel (toy + triton: the Triton interpreter)")
     ap.add_argument("--toy", action="store_true", help="tiny shapes on CPU: checks the logic, times nothing useful")
     ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
-    ap.add_argument("--plot-from", default=None, help="only redraw the SVG of a result JSON (next to it)")
+    ap.add_argument("--plot-from", default=None, metavar="JSON",
+                    help="only redraw the plot of a result JSON (SVG into --out, default next to the JSON; "
+                         "needs matplotlib: pip install 'flashdsa[plot]')")
     args = ap.parse_args()
     if args.plot_from:
         with open(args.plot_from) as f:
             result = json.load(f)
-        path = os.path.splitext(args.plot_from)[0] + ".svg"
-        with open(path, "w") as f:
-            f.write(svg_plot(result))
+        stem = os.path.splitext(os.path.basename(args.plot_from))[0]
+        try:
+            path = plot(result, os.path.join(args.out or os.path.dirname(args.plot_from), stem + ".svg"))
+        except ModuleNotFoundError as e:
+            raise SystemExit(str(e)) from None
         print("wrote", path)
         return
     toy = args.toy

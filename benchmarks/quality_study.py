@@ -7,11 +7,13 @@ Pretrain a small DeepSeek-V3.2-style model densely on the Python standard librar
       (top-k attention, LM loss + KL on the selected set);
 and compare held-out loss, perplexity by position, passkey retrieval with the answer more
 than 4 x top-k tokens back, indexer recall and tokens/s. Writes
-benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it.
+benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it (with matplotlib:
+``pip install 'flashdsa[plot]'``; ``--plot-from`` redraws them from the JSON).
 
     python -m benchmarks.quality_study                  # H200, one call of < 10 minutes:
                                                         # 8 layers, width 512, context 8192, top-k 512
     python -m benchmarks.quality_study --toy            # CPU logic check at toy size (~1 minute)
+    python -m benchmarks.quality_study --plot-from benchmarks/results/quality_study.json --out docs
 
 Step counts follow from a time budget: a short probe times one step of each stage, then
 pretraining gets ``--pretrain-share`` of the training time and the two branches split the rest
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -90,58 +93,19 @@ def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_sha
     return pretrain, branch, warm
 
 
-def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-              logx: bool = False, w: int = 640, h: int = 400) -> str:
-    """A minimal SVG line chart (no plotting dependency)."""
-    import math
-    pts = [p for s in series.values() for p in s]
-    fx = (lambda v: math.log2(max(v, 1e-9))) if logx else (lambda v: v)
-    xs, ys = [fx(p[0]) for p in pts], [p[1] for p in pts]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    L, R, T, B = 70, 170, 40, 50
-    sx = lambda v: L + (fx(v) - x0) / (x1 - x0) * (w - L - R)  # noqa: E731
-    sy = lambda v: h - B - (v - y0) / (y1 - y0) * (h - T - B)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="black"/>',
-           f'<text x="{(L + w - R) / 2}" y="{h - 12}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="16" y="{(T + h - B) / 2}" transform="rotate(-90 16 {(T + h - B) / 2})" '
-           f'text-anchor="middle">{ylabel}</text>']
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        out.append(f'<text x="{L - 6}" y="{sy(yv) + 4}" text-anchor="end">{yv:.3g}</text>')
-        xv = x0 + (x1 - x0) * i / 4
-        xl = 2 ** xv if logx else xv
-        out.append(f'<text x="{L + (xv - x0) / (x1 - x0) * (w - L - R)}" y="{h - B + 16}" '
-                   f'text-anchor="middle">{xl:.4g}</text>')
-    for i, (name, s) in enumerate(series.items()):
-        c = colors[i % len(colors)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{path}"/>')
-        out.append(f'<text x="{w - R + 8}" y="{T + 16 * i + 10}" fill="{c}">{name}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
 def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
-    files = []
-    curves = {}
-    for name, st in res["stages"].items():
-        curves[name] = [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
-    p = os.path.join(out_dir, f"{prefix}_loss.svg")
-    Path(p).write_text(svg_lines(curves, "training LM loss (same data steps for both branches)", "data step",
-                                 "loss (nats/byte)"))
-    files.append(p)
-    ppl = {r["name"]: [((b["start"] + b["end"]) / 2, b["loss"]) for b in r["lm"]["buckets"]] for r in res["rows"]}
-    p = os.path.join(out_dir, f"{prefix}_loss_by_position.svg")
-    Path(p).write_text(svg_lines(ppl, "held-out loss by position", "position (bucket centre)", "loss (nats/byte)",
-                                 logx=True))
-    files.append(p)
-    return files
+    """``<prefix>_loss.svg`` (training LM loss against the data step: pretraining and both
+    branches on one axis) and ``<prefix>_loss_by_position.svg`` (held-out loss of each
+    evaluated model by position bucket) in ``out_dir``, with matplotlib."""
+    from benchmarks.plot import line_chart
+    curves = {name: [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
+              for name, st in res["stages"].items()}
+    by_position = {r["name"]: [((b["start"] + b["end"]) / 2, b["loss"]) for b in r["lm"]["buckets"]]
+                   for r in res["rows"]}
+    return [line_chart(curves, os.path.join(out_dir, f"{prefix}_loss.svg"),
+                       "training LM loss (same data steps for both branches)", "data step", "loss (nats/byte)"),
+            line_chart(by_position, os.path.join(out_dir, f"{prefix}_loss_by_position.svg"),
+                       "held-out loss by position", "position (bucket centre)", "loss (nats/byte)", logx=True)]
 
 
 def main(argv=None) -> int:
@@ -166,7 +130,18 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-recall", type=int, default=2)
     ap.add_argument("--max-bytes", type=int, default=None)
     ap.add_argument("--out", default=None, help="output directory (default $OUT or benchmarks/results)")
+    ap.add_argument("--plot-from", default=None, metavar="JSON",
+                    help="only redraw the two plots of a result JSON (into --out, default next to the JSON; "
+                         "needs matplotlib: pip install 'flashdsa[plot]')")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        res = json.loads(Path(args.plot_from).read_text())
+        try:
+            plots = write_plots(res, args.out or os.path.dirname(args.plot_from), Path(args.plot_from).stem)
+        except ModuleNotFoundError as e:
+            raise SystemExit(str(e)) from None
+        print("wrote", *plots)
+        return 0
 
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
@@ -228,8 +203,13 @@ def main(argv=None) -> int:
     print(res["summary"])
     name = "quality_study_toy" if args.toy else "quality_study"
     path = write_result(name, res, out_dir)
-    plots = write_plots(res, out_dir, name)
-    print("wrote", path, *plots)
+    print("wrote", path)
+    try:
+        print("wrote", *write_plots(res, out_dir, name))
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        print(f"no plots: {e}; then: python -m benchmarks.quality_study --plot-from {path}")
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,12 +74,16 @@ def _text_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
 
 @dataclass
 class Corpus:
-    """Token streams of the two splits (int16 [n] each) and where they came from."""
+    """Token streams of the two splits (int16 [n] each) and where they came from.
+
+    ``load_args``: the keyword arguments of :meth:`load` that rebuild this corpus (data
+    paths made absolute); training checkpoints record them."""
 
     train: torch.Tensor
     val: torch.Tensor
     source: str
     n_files: tuple[int, int]
+    load_args: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, data: list[str] | None = None, val_percent: int = DEFAULT_VAL_PERCENT,
@@ -114,7 +118,10 @@ class Corpus:
             cut = len(last) * 9 // 10
             parts[0][-1], parts[1] = last[:cut], [last[cut:]]
             counts[1] = 1
-        return cls(_stream(parts[0], caps[0]), _stream(parts[1], caps[1]), source, (counts[0], counts[1]))
+        load_args = {"data": [str(Path(d).resolve()) for d in data] if data else None,
+                     "val_percent": val_percent, "max_bytes": max_bytes}
+        return cls(_stream(parts[0], caps[0]), _stream(parts[1], caps[1]), source, (counts[0], counts[1]),
+                   load_args)
 
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0, split: str = "train") -> torch.Tensor:
         """[batch_size, seq_len + 1] int64 random windows, a pure function of (seed, step)."""

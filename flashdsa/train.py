@@ -13,8 +13,11 @@ Each stage is one setting of the model's two forward knobs, ``attention`` and
 
 A run is a sequence of optimizer steps over batches that are a pure function of
 (data seed, data step) (flashdsa.data), so "the same tokens" for two branches means the
-same data steps. ``TrainState`` checkpoints hold model, optimizer, schedule position, RNG
-states and the data step: a resumed run reproduces the uninterrupted one exactly.
+same data steps. ``TrainState`` checkpoints hold model, optimizer, the run's settings, the
+corpus it reads, schedule position, RNG states and the data step: a resumed run reproduces
+the uninterrupted one exactly. The stages a model went through are recorded in its config
+(:data:`STAGES_KEY`, kept in config.json), so that evaluation can tell an indexer that was
+never trained.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,9 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
+from tqdm import tqdm
 
 from .config import DSAConfig
 from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
+from .errors import UsageError
 from .layers import MLA
 from .model import DSAForCausalLM
 
@@ -41,6 +48,22 @@ STAGES = {
     "warmup": ("dense", True),     # dense attention, the indexer fits its distribution
     "sparse": ("sparse", True),    # top-k sparse attention, the KL on the selected rows
 }
+
+# The model config's key (written to config.json) listing the stages the model was trained
+# in, in order; "warmup" or "sparse" in it means the indexer was trained.
+STAGES_KEY = "flashdsa_stages"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random number generator a run may draw from: Python's ``random``,
+    NumPy's global generator (when NumPy is installed), torch's CPU and CUDA generators.
+    Model initialization draws from torch's; the training batches have their own
+    generators, a function of (seed, data step) (flashdsa.data)."""
+    random.seed(seed)
+    np_random = _numpy_random()
+    if np_random is not None:
+        np_random.seed(seed)
+    torch.manual_seed(seed)     # also seeds every CUDA device
 
 
 def preset_config(name: str, seq_len: int = 512) -> DSAConfig:
@@ -77,7 +100,8 @@ class TrainConfig:
     warmup_steps: int = 20           # linear learning-rate warm-up (not the DSA warm-up stage)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    seed: int = 0                    # data seed: batches are a function of (seed, data step)
+    seed: int = 0                    # data seed: batches are a function of (seed, data step); `flashdsa train`
+                                     # also seeds every generator with it (seed_everything)
     plant_prob: float = 0.25         # share of windows carrying a planted passkey
     min_distance: int | None = None  # passkey distance floor; default 4 * index_topk + 1
     indexer_loss_weight: float = 1.0
@@ -122,33 +146,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-class Progress:
-    """A dependency-free progress line: step, loss, tokens/s, ETA. Redrawn in place on a
-    terminal, one line every ``every`` steps otherwise (logs, pytest)."""
-
-    def __init__(self, total: int, label: str, every: int = 10, stream=None, start: int = 0):
-        self.total, self.label, self.every, self.start = total, label, max(every, 1), start
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, tokens: int, **metrics):
-        done = step + 1
-        if not (self.tty or done % self.every == 0 or done == self.total):
-            return
-        el = time.perf_counter() - self.t0
-        eta = el / max(done - self.start, 1) * (self.total - done)
-        width = 20
-        bar = "#" * int(width * done / max(self.total, 1))
-        vals = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        line = (f"{self.label} [{bar:<{width}}] {done}/{self.total} {vals} "
-                f"{tokens / max(el, 1e-9):,.0f} tok/s eta {eta:.0f}s")
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        if self.tty and done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 @dataclass
 class TrainState:
     """Everything a stage needs to resume exactly."""
@@ -160,21 +157,55 @@ class TrainState:
     history: list = field(default_factory=list)   # (step, loss, lm, indexer)
 
 
+def _numpy_random():
+    """``numpy.random`` when NumPy is installed (flashdsa does not need it), else None."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random
+
+
 def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
+    """The states of the generators :func:`seed_everything` seeds."""
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+    np_random = _numpy_random()
+    if np_random is not None:
+        state["numpy"] = np_random.get_state()
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def save_train_state(path: str | os.PathLike, model, optimizer, cfg: TrainConfig, state: TrainState) -> None:
-    """Write a resumable checkpoint (torch.save of plain containers) atomically."""
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`_rng_state`'s states (those this machine has)."""
+    # (map_location moved the RNG byte tensors too; the setters take CPU tensors)
+    torch.set_rng_state(state["cpu"].cpu())
+    random.setstate(state["python"])
+    np_random = _numpy_random()
+    if np_random is not None and "numpy" in state:
+        np_random.set_state(state["numpy"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def trained_stages(model: DSAForCausalLM) -> list[str] | None:
+    """The stages ``model`` was trained in (:data:`STAGES_KEY` of its config), in order;
+    None when its config has no record (a model from elsewhere, e.g. an official checkpoint)."""
+    return model.config.extra.get(STAGES_KEY)
+
+
+def save_train_state(path: str | os.PathLike, model, optimizer, cfg: TrainConfig, state: TrainState,
+                     corpus: Corpus) -> None:
+    """Write a resumable checkpoint (torch.save of plain containers) atomically: model,
+    optimizer, ``cfg``, ``state``, the corpus's :attr:`~flashdsa.data.Corpus.load_args`,
+    the model config and the RNG states."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "train_config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
-            "model_config": model.config.to_hf_config(), "rng": _rng_state(device)}
+            "corpus": corpus.load_args, "model_config": model.config.to_hf_config(), "rng": _rng_state(device)}
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -214,10 +245,14 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
 
     ``data_step``: the first data step (continue the token stream where the previous
     stage stopped: pass the previous state's ``data_step``). ``resume``: a TrainState
-    file of this stage; model, optimizer, schedule, RNG and data position are restored.
-    With ``cfg.out_dir`` a TrainState is written to ``out_dir/train_state.pt`` every
-    ``save_every`` steps and at the end. ``stop_after``: leave after that many steps of
-    this call (a time-limited job), saving the state so that ``resume`` continues it."""
+    file of this stage; model, optimizer, schedule, RNG and data position are restored
+    (``cfg`` and ``corpus`` are the caller's: ``flashdsa train --resume`` rebuilds both
+    from the file). With ``cfg.out_dir`` a TrainState is written to
+    ``out_dir/train_state.pt`` every ``save_every`` steps and at the end. ``stop_after``:
+    leave after that many steps of this call (a time-limited job), saving the state so
+    that ``resume`` continues it. ``progress``: a tqdm bar on a terminal's stderr; on any
+    other stderr (a log, pytest) one plain line every ``cfg.log_every`` steps. The stage
+    is appended to the model's :func:`trained_stages` once it trains a step."""
     device = next(model.parameters()).device
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     min_distance = cfg.min_distance if cfg.min_distance is not None else 4 * model.config.index_topk + 1
@@ -236,16 +271,22 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
         state = TrainState(**blob["state"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg), last_epoch=state.step - 1) \
             if state.step else sched
-        # (map_location moved the RNG byte tensors too; the setters take CPU tensors)
-        torch.set_rng_state(blob["rng"]["cpu"].cpu())
-        if "cuda" in blob["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(blob["rng"]["cuda"].cpu(), device)
+        _set_rng_state(blob["rng"], device)
+        if STAGES_KEY in blob["model_config"]:
+            model.config.extra[STAGES_KEY] = list(blob["model_config"][STAGES_KEY])
     ckpt = Path(cfg.out_dir) / "train_state.pt" if cfg.out_dir else None
-    bar = Progress(cfg.steps, f"{cfg.stage:>6}", cfg.log_every, start=state.step) if progress else None
     model.train()
     t_start = time.perf_counter() - state.train_seconds
+    t_run = time.perf_counter()
     tokens_run = 0
     last = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
+    stages = trained_stages(model) or []
+    if state.step < last and stages[-1:] != [cfg.stage]:
+        model.config.extra[STAGES_KEY] = stages + [cfg.stage]
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=cfg.stage, unit="step", file=sys.stderr,
+               dynamic_ncols=True, disable=not live)
+    first_step = state.step
     while state.step < last:
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
                                cfg.plant_prob, min_distance).to(device, non_blocking=True)
@@ -265,16 +306,26 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
         tokens_run += x.numel()
         if state.step % max(cfg.log_every, 1) == 0 or state.step == cfg.steps:
             state.history.append((state.step, loss, lm, idx))
-        if bar is not None:
-            bar.update(state.step - 1, tokens_run, loss=loss, lm=lm, **({"kl": idx} if cfg.stage != "dense" else {}))
+        if progress:
+            elapsed = time.perf_counter() - t_run
+            metrics = {"loss": f"{loss:.4f}", "lm": f"{lm:.4f}",
+                       **({"kl": f"{idx:.4f}"} if cfg.stage != "dense" else {}),
+                       "tok/s": f"{tokens_run / elapsed:,.0f}"}
+            bar.set_postfix(metrics, refresh=False)
+            bar.update()
+            if not live and (state.step % max(cfg.log_every, 1) == 0 or state.step == cfg.steps):
+                print(tqdm.format_meter(state.step, cfg.steps, elapsed, prefix=cfg.stage, unit="step", ascii=True,
+                                        initial=first_step, postfix=", ".join(f"{k}={v}" for k, v in metrics.items())),
+                      file=sys.stderr, flush=True)
         state.train_seconds = time.perf_counter() - t_start
         if ckpt and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
-            save_train_state(ckpt, model, opt, cfg, state)
+            save_train_state(ckpt, model, opt, cfg, state, corpus)
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.train_seconds = time.perf_counter() - t_start
     if ckpt:
-        save_train_state(ckpt, model, opt, cfg, state)
+        save_train_state(ckpt, model, opt, cfg, state, corpus)
     set_trainable(model, "dense")
     model.eval()
     return state
@@ -311,7 +362,7 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     "rows" (one per evaluated model) and the configs. ``out_dir`` gets HF exports."""
     from .evaluate import evaluate, throughput
 
-    torch.manual_seed(cc.seed)
+    seed_everything(cc.seed)
     mcfg = model_config or preset_config(cc.preset, cc.seq_len)
     if cc.branch_steps <= cc.warmup_steps:
         raise ValueError(f"branch_steps ({cc.branch_steps}) must exceed warmup_steps ({cc.warmup_steps})")
@@ -375,7 +426,7 @@ def format_table(result: dict) -> str:
     late = buckets[-1]
     head = ["model", "attn", "loss", "ppl", f"ppl@{late['start']}-{late['end']}", "retrieval acc/loss",
             "idx recall", "train tok/s", "fwd tok/s"]
-    table = [head]
+    table = []
     for r in rows:
         rec = r.get("indexer_recall")
         table.append([r["name"], r["attention"], f"{r['lm']['loss']:.4f}", f"{r['lm']['ppl']:.3f}",
@@ -383,10 +434,8 @@ def format_table(result: dict) -> str:
                       f"{100 * r['retrieval']['accuracy']:.1f}% / {r['retrieval']['answer_loss']:.2f}",
                       "-" if rec is None else f"{100 * rec['mean']:.1f}%",
                       f"{r.get('train_tokens_per_s', 0):,.0f}", f"{r.get('forward_tokens_per_s', 0):,.0f}"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = tabulate(table, headers=head, disable_numparse=True,
+                     colalign=("left", "left") + ("right",) * (len(head) - 2)).splitlines()
     r0 = rows[0]["retrieval"]
     lines.append(f"loss/ppl: per byte on held-out code. retrieval: passkey in held-out code > {r0['min_distance'] - 1} "
                  f"tokens (4 x index_topk) back: all digits right / loss per digit (ln 10 = 2.30 is a guess). "
@@ -394,82 +443,82 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- command line (flashdsa train / eval / demo; registered in flashdsa.cli) ----
+# ---- command line (flashdsa train / eval / demo; their arguments are defined in flashdsa.cli) ----
 
 def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _add_common(p, seq_len: int):
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="text files or directories (default: the Python standard library sources)")
-    p.add_argument("--max-bytes", type=int, default=None, help="cap the training stream (held-out: a tenth)")
-    p.add_argument("--seq-len", type=int, default=seq_len)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+# The settings of a `flashdsa train` run that --resume restores, by argument name: those that
+# change the run's losses (a contradicting flag is an error unless --override names it), then
+# those that do not (a flag given replaces the checkpoint's value).
+RUN_SETTINGS = ("stage", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                "grad_clip", "seed", "plant_prob", "data_step", "no_amp", "data", "max_bytes")
+FREE_SETTINGS = ("save_every", "log_every", "backend")
 
 
-def add_train_args(p):
-    p.add_argument("--stage", required=True, choices=tuple(STAGES))
-    p.add_argument("--out", required=True, help="output directory: train_state.pt and model/ (HF format)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", choices=("tiny", "small"), help="fresh model of this size (default tiny)")
-    g.add_argument("--init", help="start from a train_state.pt or a Hugging Face model directory")
-    p.add_argument("--resume", help="a train_state.pt of this stage: continue it exactly")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="default 2e-3 dense, 1e-3 warmup, 6e-4 sparse")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up (default steps / 20)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plant-prob", type=float, default=0.3, help="share of windows with a planted passkey")
-    p.add_argument("--data-step", type=int, default=None,
-                   help="first data step (default: where --init's train_state stopped, else 0)")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
-    _add_common(p, 512)
+def _saved_settings(blob: dict) -> dict:
+    """A train_state.pt's settings of the run, keyed by `flashdsa train`'s argument names."""
+    tc, st = blob["train_config"], blob["state"]
+    saved = {k: tc[k] for k in RUN_SETTINGS + FREE_SETTINGS if k in tc}
+    saved.update(data_step=st["data_step"] - st["step"], no_amp=tc["amp"] is False,
+                 data=blob["corpus"]["data"], max_bytes=blob["corpus"]["max_bytes"])
+    return saved
 
 
-def add_eval_args(p):
-    p.add_argument("model", help="a train_state.pt or a Hugging Face model directory")
-    p.add_argument("--attention", default="sparse", choices=("sparse", "dense"))
-    p.add_argument("--windows", type=int, default=16, help="held-out windows for the loss")
-    p.add_argument("--retrieval", type=int, default=32, help="passkey samples")
-    p.add_argument("--recall-windows", type=int, default=4, help="windows for indexer recall (0: skip)")
-    _add_common(p, 512)
+def _shown(value) -> str:
+    """A setting's value as a flag takes it (a switch as on/off, paths space-separated)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def add_demo_args(p):
-    d = ComparisonConfig()
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    p.add_argument("--branch-steps", type=int, default=d.branch_steps)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows)
-    p.add_argument("--eval-retrieval", type=int, default=d.eval_retrieval)
-    p.add_argument("--eval-recall", type=int, default=d.eval_recall)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=None, help="directory for the two models (HF format)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain from "
-                        "more, and one thread stays fast on a busy machine)")
-    _add_common(p, d.seq_len)
-    p.set_defaults(max_bytes=4 << 20)
+def _flag(name: str, value=None) -> str:
+    """``--name value`` as typed (a switch without its value)."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value is None or isinstance(value, bool) else f"{flag} {_shown(value)}"
+
+
+def restore_settings(args, blob: dict) -> None:
+    """Fill ``args`` (`flashdsa train`'s) from the checkpoint ``blob``: every setting of the
+    run not given on the command line comes from the file. A flag given in ``args.given``
+    that contradicts a setting of :data:`RUN_SETTINGS` raises a UsageError naming both
+    values, unless ``args.override`` names it."""
+    overrides = {o.replace("-", "_") for o in args.override or ()}
+    if args.data:
+        args.data = [str(Path(d).resolve()) for d in args.data]
+    for name, value in _saved_settings(blob).items():
+        if name not in args.given:
+            setattr(args, name, value)
+            continue
+        given = getattr(args, name)
+        if name in RUN_SETTINGS and given != value and name not in overrides:
+            fix = "" if name == "stage" else f" or pass --override {name.replace('_', '-')}"
+            raise UsageError(f"{_flag(name, given)} contradicts the checkpoint's {name.replace('_', '-')} "
+                             f"{_shown(value)} ({args.resume}); drop the flag{fix}")
 
 
 def cmd_train(args) -> int:
-    device = _device(args.device)
-    corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
-    data_step = args.data_step
+    """`flashdsa train`: one stage from a preset, --init or --resume (see flashdsa.cli)."""
+    if args.override and not args.resume:
+        raise UsageError("--override applies to --resume only")
+    for name in args.override or ():
+        if name.replace("-", "_") not in args.given:
+            raise UsageError(f"--override {name} without {_flag(name)}: give the new value too")
+    blob = None
     if args.resume:
         blob = torch.load(args.resume, map_location="cpu", weights_only=False)
+        restore_settings(args, blob)
+        args.out = args.out or str(Path(args.resume).parent)
+    elif args.stage is None or args.out is None:
+        raise UsageError(f"{'--stage' if args.stage is None else '--out'} is required (unless --resume is given)")
+    device = _device(args.device)
+    seed_everything(args.seed)
+    corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
+    data_step = args.data_step
+    if blob is not None:
         model = DSAForCausalLM(DSAConfig.from_hf_config(blob["model_config"]), init=False)
         model.reset_buffers()
-        data_step = blob["state"]["data_step"] - blob["state"]["step"]
     elif args.init:
         model = load_model(args.init)
         if data_step is None and not Path(args.init).is_dir():
@@ -483,14 +532,16 @@ def cmd_train(args) -> int:
                       warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(args.steps // 20, 1),
                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                       plant_prob=args.plant_prob, backend=args.backend, amp=False if args.no_amp else None,
-                      save_every=args.save_every, out_dir=args.out)
-    print(f"stage {cfg.stage}: {model.num_parameters() / 1e6:.2f}M parameters on {device}, {cfg.steps} steps of "
-          f"{cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}; corpus {corpus.source}")
+                      save_every=args.save_every, log_every=args.log_every, out_dir=args.out)
+    start = f"resuming {args.resume} at step {blob['state']['step']}, " if blob is not None else ""
+    print(f"stage {cfg.stage}: {start}{model.num_parameters() / 1e6:.2f}M parameters on {device}, {cfg.steps} steps "
+          f"of {cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}, seed {cfg.seed}; "
+          f"corpus {corpus.source}", flush=True)
     st = train(model, corpus, cfg, data_step=data_step or 0, resume=args.resume)
     model.save_pretrained(Path(args.out) / "model")
     summary = {"stage": cfg.stage, "steps": st.step, "data_step": st.data_step, "tokens": st.tokens,
                "seconds": st.train_seconds, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),
-               "final": st.history[-1] if st.history else None}
+               "final": st.history[-1] if st.history else None, "history": st.history}
     print(f"done: {st.step} steps, {st.tokens:,} tokens, {summary['tokens_per_s']:,.0f} tok/s; "
           f"wrote {Path(args.out) / 'train_state.pt'} and {Path(args.out) / 'model'}")
     if args.json:
@@ -498,15 +549,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def indexer_trained(model: DSAForCausalLM) -> bool | None:
+    """Whether ``model``'s recorded training (:func:`trained_stages`) has a stage that
+    trains the indexer (warmup or sparse); None without a record."""
+    stages = trained_stages(model)
+    return None if stages is None else any(STAGES[s][1] for s in stages)
+
+
 def cmd_eval(args) -> int:
+    """`flashdsa eval`: refuses sparse attention on a model whose indexer was never trained
+    unless --allow-untrained-indexer, and says which attention it ran."""
     from .evaluate import evaluate
     device = _device(args.device)
     model = load_model(args.model, device)
+    trained, stages = indexer_trained(model), trained_stages(model)
+    history = "no training record" if stages is None else "stages: " + " -> ".join(stages)
+    if args.attention == "sparse" and trained is False:
+        if not args.allow_untrained_indexer:
+            raise UsageError(f"--attention sparse: the indexer of {args.model} was never trained ({history}: no "
+                             f"warmup or sparse stage), so its top-k selection is arbitrary; evaluate with "
+                             f"--attention dense, train a warmup stage first, or pass --allow-untrained-indexer")
+        print(f"warning: sparse attention with an untrained indexer ({history})", file=sys.stderr)
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     res = evaluate(model, corpus, args.seq_len, args.attention, args.backend, n_windows=args.windows,
                    n_retrieval=args.retrieval, n_recall=args.recall_windows)
+    res.update(model=str(args.model), trained_stages=stages, indexer_trained=trained)
     lm, rt = res["lm"], res["retrieval"]
-    print(f"{args.model} ({args.attention} attention, context {args.seq_len}, index_topk {model.config.index_topk})")
+    ran = (f"sparse attention (DSA: each query attends to the indexer's top-{model.config.index_topk} keys)"
+           if args.attention == "sparse" else "dense attention (all keys)")
+    indexer = {True: "trained", False: "never trained", None: "unknown"}[trained]
+    print(f"{args.model}: {ran}, context {args.seq_len}; indexer {indexer} ({history})")
     print(f"  held-out loss {lm['loss']:.4f}  ppl {lm['ppl']:.3f}  over {lm['tokens']:,} tokens")
     for b in lm["buckets"]:
         print(f"    positions [{b['start']:>6}, {b['end']:>6}): loss {b['loss']:.4f}  ppl {b['ppl']:.3f}")

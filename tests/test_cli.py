@@ -1,10 +1,14 @@
 import contextlib
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from flashdsa.cli import main
+from flashdsa.errors import UsageError
 
 
 def test_info_prints_versions_and_backends(capsys):
@@ -40,3 +44,125 @@ def test_python_m_flashdsa_is_the_command(argv, capsys):
 def test_python_m_flashdsa_rejects_bad_command():
     r = _run("-m", "flashdsa", "nonsense")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+# ---- start-up time: argument definitions import neither torch nor triton ----
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("info", "train", "eval", "demo", "generate", "serve")
+
+
+def test_building_the_parser_imports_no_torch():
+    code = ("import sys, flashdsa, flashdsa.cli; flashdsa.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("argv", [[], *([c] for c in COMMANDS)])
+def test_help_starts_fast(argv):
+    """Under 1 s on an idle 2-core machine (about 0.1 s); the bound leaves room for a busy CI
+    machine, while importing torch alone takes 2-4 s there."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flashdsa", *argv, "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - t0 < 3.0
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_defaults_and_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    examples = out[out.index("examples:"):].splitlines()[1:]
+    assert examples and all(line.strip().startswith(("flashdsa " + command, "cat ")) for line in examples)
+    if command != "info":
+        assert "(default: " in out
+    assert not any(f"(default: {v})" in out for v in ("None", "False", "[]"))
+
+
+def test_every_option_has_a_help_text():
+    """(argparse shows an option's default only beside its help text.)"""
+    from flashdsa.cli import build_parser
+    commands = build_parser()._subparsers._group_actions[0].choices
+    missing = [f"{name} {a.option_strings[0]}" for name, p in commands.items() for a in p._actions
+               if a.option_strings and not a.help]
+    assert not missing
+
+
+def test_demo_flag_defaults_are_the_comparison_config():
+    from flashdsa.cli import DEMO_DEFAULTS, STAGE_NAMES
+    from flashdsa.train import STAGES, ComparisonConfig
+    assert STAGE_NAMES == tuple(STAGES)
+    assert DEMO_DEFAULTS == {k: getattr(ComparisonConfig(), k) for k in DEMO_DEFAULTS}
+
+
+def test_package_exports_are_lazy_and_complete():
+    import flashdsa
+    from flashdsa import api
+    assert flashdsa.sparse_mla_fwd is api.sparse_mla_fwd
+    assert flashdsa.UsageError is UsageError and issubclass(UsageError, ValueError)
+    assert set(flashdsa.__all__) <= set(dir(flashdsa))
+    assert all(getattr(flashdsa, name) is not None for name in flashdsa.__all__)
+    assert flashdsa.reference.__name__ == "flashdsa.reference"    # submodules by attribute
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        flashdsa.nonsense
+
+
+# ---- ordinary mistakes: one line on stderr, status 2; --debug: the traceback ----
+
+def _one_error_line(capsys, prog):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: "), err
+    return err
+
+
+def test_bad_flag_value_is_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "dense", "--out", str(tmp_path), "--steps", "abc"])
+    assert e.value.code == 2
+    assert "argument --steps: invalid int value: 'abc'" in _one_error_line(capsys, "flashdsa train")
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "expected cpu, cuda or cuda:N, got 'gpu'"),
+                                            ("cuda:64", "CUDA device")])
+def test_bad_device_is_one_line(device, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "model", "--device", device])
+    assert e.value.code == 2
+    assert "argument --device: " in (err := _one_error_line(capsys, "flashdsa eval")) and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_gpu_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "random:tiny", "--device", "cuda"])
+    assert e.value.code == 2
+    assert "no CUDA device is available here" in _one_error_line(capsys, "flashdsa generate")
+
+
+def test_missing_model_is_one_line(capsys, tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    assert main(["eval", missing]) == 2
+    assert missing in _one_error_line(capsys, "flashdsa eval")
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "eval", missing])
+
+
+def test_usage_error_of_a_command_is_one_line(capsys, monkeypatch, tmp_path):
+    """What the training code raises as flashdsa.UsageError (e.g. a resume that contradicts its
+    checkpoint) reaches the user as one line; --debug, before or after the command, re-raises."""
+    import flashdsa.train
+
+    def refuse(args):
+        raise UsageError("--steps 200 contradicts the checkpoint's steps 120")
+
+    monkeypatch.setattr(flashdsa.train, "cmd_train", refuse)
+    argv = ["train", "--stage", "dense", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "flashdsa train")
+    assert "--steps 200 contradicts the checkpoint's steps 120" in err and "--debug" in err
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(UsageError):
+            main(debug_argv)

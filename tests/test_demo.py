@@ -46,6 +46,41 @@ def test_cli_train_then_eval(tmp_path, capsys):
                  "--recall-windows", "1", "--seq-len", "128", "--max-bytes", str(1 << 18)]) == 0
     text = capsys.readouterr().out
     assert "held-out loss" in text and "passkey retrieval" in text and "indexer recall" in text
+    assert "sparse attention (DSA" in text and "indexer trained (stages: dense -> warmup)" in text
+
+
+def test_eval_refuses_sparse_attention_with_an_untrained_indexer(tmp_path, capsys):
+    common = ["--seq-len", "64", "--max-bytes", str(1 << 18)]
+    assert main(["train", "--stage", "dense", "--preset", "tiny", "--steps", "1", "--batch-size", "2",
+                 "--out", str(tmp_path), *common]) == 0
+    small = ["--windows", "1", "--retrieval", "1", "--recall-windows", "0", *common]
+    capsys.readouterr()
+    for model in (tmp_path / "model", tmp_path / "train_state.pt"):      # HF directory and train_state.pt
+        assert main(["eval", str(model), *small]) == 2
+        err = capsys.readouterr().err
+        assert "--attention sparse: the indexer of" in err and "was never trained (stages: dense" in err
+        assert "--allow-untrained-indexer" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", str(tmp_path / "model"), "--attention", "dense", "--json", str(tmp_path / "d.json"),
+                 *small]) == 0
+    out = capsys.readouterr()
+    assert "dense attention (all keys)" in out.out and "indexer never trained" in out.out and not out.err
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["attention"] == "dense" and res["indexer_trained"] is False and res["trained_stages"] == ["dense"]
+    assert main(["eval", str(tmp_path / "model"), "--allow-untrained-indexer", *small]) == 0
+    out = capsys.readouterr()
+    assert "sparse attention (DSA" in out.out and "warning: sparse attention with an untrained indexer" in out.err
+
+
+def test_eval_without_a_training_record(tmp_path, capsys):
+    """A model from elsewhere (no record of its stages): sparse runs, the indexer is "unknown"."""
+    from flashdsa.model import DSAForCausalLM
+    from flashdsa.train import preset_config
+
+    DSAForCausalLM(preset_config("tiny", 64)).save_pretrained(tmp_path)
+    assert main(["eval", str(tmp_path), "--windows", "1", "--retrieval", "1", "--recall-windows", "0",
+                 "--seq-len", "64", "--max-bytes", str(1 << 18)]) == 0
+    text = capsys.readouterr().out
+    assert "sparse attention (DSA" in text and "indexer unknown (no training record)" in text
 
 
 def test_quality_study_toy(tmp_path):
@@ -69,6 +104,9 @@ def test_quality_study_toy(tmp_path):
         "dense", "warmup", "sparse"}
     assert {"loss_gap_pct", "retrieval_gap_points", "indexer_recall_pct"} <= set(res["summary"])
     assert "torch" in res and "command" in res
-    for plot in ("quality_study_toy_loss.svg", "quality_study_toy_loss_by_position.svg"):
+    legends = {"quality_study_toy_loss.svg": set(res["stages"]),
+               "quality_study_toy_loss_by_position.svg": {r["name"] for r in res["rows"]}}
+    for plot, names in legends.items():     # each plot's legend names its series
         root = ET.parse(tmp_path / plot).getroot()
-        assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}polyline")) >= 3
+        texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
+        assert root.tag.endswith("svg") and len(names) >= 3 and names <= texts

@@ -1,18 +1,24 @@
-"""Training stages, schedule, exact resume, progress output."""
+"""Training stages, schedule, exact resume, seeding, the stage record, progress output."""
 import io
+import random
+import sys
 
+import numpy
 import pytest
 import torch
 
 from flashdsa.data import Corpus
 from flashdsa.model import DSAForCausalLM
 from flashdsa.train import (
-    Progress,
+    STAGES_KEY,
     TrainConfig,
+    indexer_trained,
     lr_factor,
     preset_config,
+    seed_everything,
     set_trainable,
     train,
+    trained_stages,
 )
 
 SEQ = 64
@@ -69,6 +75,14 @@ def test_exact_resume(corpus, tmp_path):
         train(_model(), corpus, _cfg(stage="sparse"), resume=tmp_path / "train_state.pt", progress=False)
 
 
+def test_resume_restores_every_generator(corpus, tmp_path):
+    train(_model(), corpus, _cfg(out_dir=str(tmp_path)), progress=False, stop_after=2)
+    draws = (random.random(), float(numpy.random.rand()), float(torch.rand(())))
+    seed_everything(99)
+    train(_model(), corpus, _cfg(), progress=False, resume=tmp_path / "train_state.pt", stop_after=0)
+    assert (random.random(), float(numpy.random.rand()), float(torch.rand(()))) == draws
+
+
 def test_data_step_continues_the_stream(corpus, monkeypatch):
     import flashdsa.train as tr
     seen = []
@@ -87,13 +101,58 @@ def test_warmup_freezes_all_but_indexer():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_progress_lines():
-    out = io.StringIO()
-    bar = Progress(4, "dense", every=2, stream=out)
-    for i in range(4):
-        bar.update(i, (i + 1) * 100, loss=1.5)
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and "4/4" in lines[-1] and "loss 1.5000" in lines[-1] and "tok/s" in lines[-1]
+def test_progress_lines_off_a_terminal(corpus, capsys):
+    """stderr not a terminal (pytest, CI logs): one plain line every log_every steps."""
+    st = train(_model(), corpus, _cfg(steps=4, log_every=2), progress=True)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) == 2, err
+    assert "2/4" in lines[0] and "4/4" in lines[1] and f"loss={st.history[-1][1]:.4f}" in lines[1]
+    assert "tok/s=" in lines[1] and "kl=" not in lines[1]
+
+
+def test_progress_bar_on_a_terminal(corpus, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    train(_model(), corpus, _cfg(stage="warmup", steps=3), progress=True)
+    out = term.getvalue()
+    assert "\r" in out and "3/3" in out and "kl=" in out     # redrawn in place by tqdm
+
+
+def test_seed_everything():
+    def draws():
+        return random.random(), float(numpy.random.rand()), float(torch.rand(()))
+
+    seed_everything(5)
+    a = draws()
+    seed_everything(5)
+    assert draws() == a
+    seed_everything(6)
+    assert all(x != y for x, y in zip(draws(), a))
+
+
+def test_stages_are_recorded_and_kept_in_the_checkpoint(corpus, tmp_path):
+    from flashdsa.checkpoint import from_pretrained
+
+    model = _model()
+    assert trained_stages(model) is None and indexer_trained(model) is None
+    train(model, corpus, _cfg(steps=1), progress=False)
+    train(model, corpus, _cfg(steps=1), progress=False)       # dense again: one entry
+    assert trained_stages(model) == ["dense"] and indexer_trained(model) is False
+    train(model, corpus, _cfg(stage="warmup", steps=0), progress=False)     # no step, no record
+    assert trained_stages(model) == ["dense"]
+    train(model, corpus, _cfg(stage="warmup", steps=1, out_dir=str(tmp_path)), progress=False)
+    assert trained_stages(model) == ["dense", "warmup"] and indexer_trained(model) is True
+    model.save_pretrained(tmp_path / "hf")
+    assert from_pretrained(tmp_path / "hf").config.extra[STAGES_KEY] == ["dense", "warmup"]
+    # a resumed run takes the record from its checkpoint, not from the model it is handed
+    other = _model()
+    train(other, corpus, _cfg(stage="warmup", steps=1), progress=False, resume=tmp_path / "train_state.pt")
+    assert trained_stages(other) == ["dense", "warmup"]
 
 
 def test_bad_config():

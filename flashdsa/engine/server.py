@@ -1,70 +1,110 @@
-"""An OpenAI-compatible HTTP server on the standard library only (http.server + threads).
+"""An OpenAI-compatible HTTP server: FastAPI on uvicorn (``pip install "flashdsa[serve]"``).
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (both with ``"stream": true``
-for server-sent events), GET /v1/models, GET /health.
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``"stream": true`` for server-sent events), ``GET /v1/models``, ``GET /health``.
 
-Threads: every HTTP connection has its own thread (ThreadingHTTPServer); ONE engine
-thread owns the :class:`LLMEngine`: it takes new requests and aborts from an inbox
-between steps (continuous batching) and hands each request's outputs to that request's
-queue. Limits: prompt length, max_tokens, prompt + max_tokens <= max_model_len,
-concurrent requests (429 beyond), body size (413). Bad requests get a 4xx status and an
-OpenAI-style ``{"error": {"message": ..., "type": ..., "param": ...}}`` body.
+Threads: uvicorn's event loop parses HTTP and runs the endpoints; ONE engine thread
+(:class:`EngineLoop`) owns the :class:`LLMEngine`: it takes new requests and aborts from
+an inbox between steps (continuous batching) and hands each request's outputs to that
+request's asyncio queue on the event loop.
+
+Limits (:class:`ServerLimits`): prompt length, ``max_tokens``, prompt + max_tokens <= the
+model's context, requests in flight (429 beyond), body size (413), the time a client may
+take to send its body (408). Every error status carries an OpenAI error object
+``{"error": {"message", "type", "param", "code"}}``, including the 400 that uvicorn
+sends for a request it cannot parse (a negative Content-Length, say). uvicorn writes one
+access-log line per request to the ``uvicorn.access`` logger (:func:`serve` configures
+uvicorn's logging; :func:`start_server` leaves logging to the caller).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+try:
+    import h11
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.sse import EventSourceResponse, format_sse_event
+    from starlette.exceptions import HTTPException
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(f'the server needs {e.name}: pip install "flashdsa[serve]"', name=e.name) from e
 
 from .llm import LLMEngine, RequestOutput
 from .sampler import SamplingParams
 
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
 
 class RequestError(Exception):
-    """A bad request: becomes an HTTP error status with an OpenAI-style message."""
+    """A failed request: becomes an HTTP error status with an OpenAI error object.
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    ``param`` names the offending request field, ``code`` is OpenAI's machine-readable
+    code (``"model_not_found"``), ``kind`` overrides the error type derived from the status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str | None = None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code = status, param, code
+        self.kind = kind or _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
-    @property
-    def kind(self) -> str:
-        return {429: "rate_limit_error", 404: "not_found_error", 405: "invalid_request_error",
-                413: "invalid_request_error"}.get(self.status, "invalid_request_error" if self.status < 500
-                                                 else "server_error")
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        # after 408 or 413 the rest of the body may still be on its way: close the connection
+        close = {"Connection": "close"} if self.status in (408, 413) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=close)
 
 
 @dataclass
 class ServerLimits:
-    """max_prompt_tokens: longest prompt; max_tokens: largest max_tokens a request may
+    """Per-request limits of the server.
+
+    max_prompt_tokens: longest prompt; max_tokens: largest ``max_tokens`` a request may
     ask for; max_concurrent: requests in flight (more get 429); max_body_bytes: request
-    body size (413 beyond); default_max_tokens: when the request gives none."""
+    body size (413 beyond); request_timeout: seconds a client may take to send its body
+    (408 beyond: a body shorter than its Content-Length, or one sent too slowly);
+    default_max_tokens: when the request gives none."""
     max_prompt_tokens: int = 8192
     max_tokens: int = 4096
     max_concurrent: int = 64
     max_body_bytes: int = 1 << 20
+    request_timeout: float = 30.0
     default_max_tokens: int = 16
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ServerLimits.{name}: expected a positive number, got {value!r}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"ServerLimits.default_max_tokens ({self.default_max_tokens}) exceeds "
+                             f"max_tokens ({self.max_tokens})")
 
 
 class _Finished:
-    """Sentinel put on a request's queue when the engine failed it."""
+    """Put on a request's queue when the engine failed it."""
 
     def __init__(self, error: str, status: int):
         self.error, self.status = error, status
 
 
 class EngineLoop:
-    """Drives an :class:`LLMEngine` from one background thread (see module docstring)."""
+    """Drives an :class:`LLMEngine` from one background thread (see the module docstring)."""
 
     def __init__(self, engine: LLMEngine, max_concurrent: int = 64):
         self.engine = engine
         self.max_concurrent = max_concurrent
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, queue.Queue] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._wake = threading.Event()
         self._running = threading.Event()      # cleared by pause() (tests)
@@ -74,7 +114,7 @@ class EngineLoop:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def start(self) -> "EngineLoop":
+    def start(self) -> EngineLoop:
         self._thread.start()
         return self
 
@@ -93,28 +133,38 @@ class EngineLoop:
         self._wake.set()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None):
-        """Queue a request. Returns (request_id, queue of RequestOutput / _Finished);
-        raises RequestError(429) when ``max_concurrent`` requests are in flight."""
+        """Queue a request from the event loop. Returns (request_id, asyncio.Queue of
+        RequestOutput / _Finished); raises RequestError(429) when ``max_concurrent``
+        requests are in flight."""
         if not self._slots.acquire(blocking=False):
             raise RequestError(f"too many concurrent requests (limit {self.max_concurrent}); retry later", 429)
         with self._lock:
             self.in_flight += 1
         rid = uuid.uuid4().hex
-        q: queue.Queue = queue.Queue()
-        self._streams[rid] = q
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", rid, prompt_ids, params, prompt))
         self._wake.set()
         return rid, q
 
     def release(self, request_id: str) -> None:
-        """Called by the HTTP thread when it is done with a request (finished or not):
-        aborts it in the engine if it still runs and frees its concurrency slot."""
+        """Called when the endpoint is done with a request (finished, failed or its client
+        gone): aborts it in the engine if it still runs and frees its concurrency slot."""
         if self._streams.pop(request_id, None) is not None:
             self._inbox.put(("abort", request_id))
             self._wake.set()
             with self._lock:
                 self.in_flight -= 1
             self._slots.release()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            aloop, q = target
+            try:
+                aloop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:        # the event loop has closed (server shutdown)
+                pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -129,7 +179,7 @@ class EngineLoop:
                 try:
                     self.engine.add_request(prompt_ids, params, request_id=rid, prompt=prompt)
                 except ValueError as e:
-                    self._streams[rid].put(_Finished(str(e), 400))
+                    self._deliver(rid, _Finished(str(e), 400))
             else:
                 self.engine.abort_request(msg[1])
 
@@ -144,15 +194,13 @@ class EngineLoop:
             try:
                 outs = self.engine.step()
             except Exception as e:  # keep serving: fail the requests of this step
-                for rid, q in list(self._streams.items()):
+                for rid in list(self._streams):
                     if rid in self.engine.sequences:
                         self.engine.abort_request(rid)
-                        q.put(_Finished(f"engine error: {type(e).__name__}: {e}", 500))
+                        self._deliver(rid, _Finished(f"engine error: {type(e).__name__}: {e}", 500))
                 continue
             for out in outs:
-                q = self._streams.get(out.request_id)
-                if q is not None:
-                    q.put(out)
+                self._deliver(out.request_id, out)
 
 
 def _stream_text(text: str, sent: int, finished: bool, stops: list[str]) -> int:
@@ -169,195 +217,192 @@ def _stream_text(text: str, sent: int, finished: bool, stops: list[str]) -> int:
     return max(n, sent)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "flashdsa"
-    protocol_version = "HTTP/1.0"  # one request a connection; the end of a stream closes it
-    # set on the subclass made by make_server
-    loop: EngineLoop
-    limits: ServerLimits
-    model_name: str
+def _message_text(i: int, content) -> str:
+    """A chat message's content: a string, or a list of text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise RequestError(f"messages[{i}].content[{j}]: expected a {{'type': 'text', 'text': str}} part",
+                                   param="messages")
+            if part.get("type") != "text":
+                raise RequestError(f"messages[{i}].content[{j}]: content part type {part.get('type')!r} is not "
+                                   "supported; only 'text' parts are", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise RequestError(f"messages[{i}].content[{j}].text: expected a string", param="messages")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise RequestError(f"messages[{i}].content: expected a string or a non-empty list of text parts",
+                       param="messages")
 
-    def log_message(self, fmt, *args):  # quiet; the server is used from tests and the CLI
-        pass
 
-    # responses --------------------------------------------------------------------------
-    def _send_json(self, status: int, obj) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _send_error(self, err: RequestError) -> None:
-        self._send_json(err.status, {"error": {"message": str(err), "type": err.kind, "param": err.param,
-                                               "code": None}})
-
-    def do_GET(self):
-        if self.path in ("/health", "/v1/health"):
-            self._send_json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.model_name, "object": "model", "created": 0, "owned_by": "flashdsa"}]})
-        elif self.path in ("/v1/completions", "/v1/chat/completions"):
-            self._send_error(RequestError(f"method GET not allowed on {self.path}; use POST", 405))
-        else:
-            self._send_error(RequestError(f"no such endpoint: {self.path}", 404))
-
-    def do_POST(self):
-        try:
-            if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                raise RequestError(f"no such endpoint: {self.path}", 404)
-            body = self._read_json()
-            chat = self.path == "/v1/chat/completions"
-            prompt, prompt_ids, params, stream = self._parse(body, chat)
-            rid, q = self.loop.submit(prompt_ids, params, prompt)
-        except RequestError as e:
-            self._send_error(e)
-            return
-        try:
-            if stream:
-                self._stream(rid, q, chat, len(prompt_ids), params)
-            else:
-                self._complete(rid, q, chat, len(prompt_ids))
-        finally:
-            self.loop.release(rid)
-
-    # parsing and validation -------------------------------------------------------------
-    def _read_json(self) -> dict:
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise RequestError("Content-Length: not a number")
-        if n > self.limits.max_body_bytes:
-            raise RequestError(f"request body of {n} bytes exceeds the limit of {self.limits.max_body_bytes}", 413)
-        try:
-            body = json.loads(self.rfile.read(n) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            raise RequestError("body: expected a JSON object")
-        return body
-
-    def _parse(self, body: dict, chat: bool):
-        lim, tok = self.limits, self.loop.engine.tokenizer
-        if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise RequestError("messages: expected a non-empty list of {role, content} objects", param="messages")
-            for i, m in enumerate(msgs):
-                if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                        and isinstance(m.get("content"), str)):
-                    raise RequestError(f"messages[{i}]: expected {{'role': 'system'|'user'|'assistant', "
-                                       "'content': str}", param="messages")
-            prompt = tok.apply_chat_template(msgs)
+def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
+    """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams, stream)."""
+    tok = engine.tokenizer
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise RequestError("messages: expected a non-empty list of {role, content} objects", param="messages")
+        parsed = []
+        for i, m in enumerate(msgs):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and "content" in m):
+                raise RequestError(f"messages[{i}]: expected {{'role': 'system'|'user'|'assistant', "
+                                   "'content': str or a list of text parts}", param="messages")
+            parsed.append({"role": m["role"], "content": _message_text(i, m["content"])})
+        prompt = tok.apply_chat_template(parsed)
+        prompt_ids = tok.encode(prompt)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
             prompt_ids = tok.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            prompt_ids, prompt = list(prompt), None
+            vocab = engine.model_config.vocab_size
+            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+                raise RequestError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                prompt_ids = tok.encode(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                             for t in prompt):
-                prompt_ids, prompt = list(prompt), None
-                vocab = self.loop.engine.model_config.vocab_size
-                if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-                    raise RequestError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
-            else:
-                raise RequestError("prompt: expected a string or a list of token ids (one prompt a request)",
-                                   param="prompt")
-        if not prompt_ids:
-            raise RequestError("prompt: empty", param="prompt")
-        if len(prompt_ids) > lim.max_prompt_tokens:
-            raise RequestError(f"prompt: {len(prompt_ids)} tokens exceeds the limit of {lim.max_prompt_tokens}",
+            raise RequestError("prompt: expected a string or a list of token ids (one prompt a request)",
                                param="prompt")
+    if not prompt_ids:
+        raise RequestError("prompt: empty", param="prompt")
+    if len(prompt_ids) > lim.max_prompt_tokens:
+        raise RequestError(f"prompt: {len(prompt_ids)} tokens exceeds the limit of {lim.max_prompt_tokens}",
+                           param="prompt")
 
-        def number(name, default, lo, hi, integer=False):
-            v = body.get(name, default)
-            if v is None:
-                v = default
-            ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-            if not ok or isinstance(v, bool) or not lo <= v <= hi:
-                kind = "an integer" if integer else "a number"
-                raise RequestError(f"{name}: expected {kind} in [{lo}, {hi}], got {v!r}", param=name)
-            return v
+    def number(name, default, lo, hi, integer=False):
+        v = body.get(name, default)
+        if v is None:
+            v = default
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if not ok or isinstance(v, bool) or not lo <= v <= hi:
+            kind = "an integer" if integer else "a number"
+            raise RequestError(f"{name}: expected {kind} in [{lo}, {hi}], got {v!r}", param=name)
+        return v
 
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
-        body = dict(body, max_tokens=max_tokens)
-        max_tokens = number("max_tokens", lim.default_max_tokens, 1, lim.max_tokens, integer=True)
-        if len(prompt_ids) + max_tokens > self.loop.engine.max_model_len:
-            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                               f"context of {self.loop.engine.max_model_len} tokens", param="max_tokens")
-        temperature = number("temperature", 1.0, 0.0, 2.0)
-        top_p = number("top_p", 1.0, 0.0, 1.0)
-        if top_p == 0:
-            raise RequestError("top_p: expected a number in (0, 1], got 0", param="top_p")
-        top_k = number("top_k", 0, -1, 1 << 30, integer=True)
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise RequestError(f"seed: expected an integer, got {seed!r}", param="seed")
-        n = body.get("n", 1)
-        if n != 1:
-            raise RequestError("n: only n = 1 is supported", param="n")
-        if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
-            raise RequestError("logprobs and echo are not supported", param="logprobs")
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-            raise RequestError("stop: expected a non-empty string or a list of at most 4", param="stop")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(f"stream: expected true or false, got {stream!r}", param="stream")
-        ignore_eos = bool(body.get("ignore_eos", False))
-        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
-                                seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
-        return prompt, prompt_ids, params, stream
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
+    body = dict(body, max_tokens=max_tokens)
+    max_tokens = number("max_tokens", lim.default_max_tokens, 1, lim.max_tokens, integer=True)
+    if len(prompt_ids) + max_tokens > engine.max_model_len:
+        raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                           f"context of {engine.max_model_len} tokens", param="max_tokens")
+    temperature = number("temperature", 1.0, 0.0, 2.0)
+    top_p = number("top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise RequestError("top_p: expected a number in (0, 1], got 0", param="top_p")
+    top_k = number("top_k", 0, -1, 1 << 30, integer=True)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError(f"seed: expected an integer, got {seed!r}", param="seed")
+    if body.get("n", 1) != 1:
+        raise RequestError("n: only n = 1 is supported", param="n")
+    if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
+        raise RequestError("logprobs and echo are not supported", param="logprobs")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError("stop: expected a non-empty string or a list of at most 4", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream: expected true or false, got {stream!r}", param="stream")
+    params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
+                            seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")))
+    return prompt, prompt_ids, params, stream
 
-    # generation -------------------------------------------------------------------------
-    def _next(self, q: queue.Queue):
-        item = q.get()
-        if isinstance(item, _Finished):
-            raise RequestError(item.error, item.status)
-        return item
 
-    def _envelope(self, rid: str, chat: bool, stream: bool) -> dict:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, 413 as soon as its Content-Length or the bytes received exceed
+    ``limit``. (Starlette's RequestBodyLimitMiddleware answers 413 in plain text, not
+    with an OpenAI error object.)"""
+    too_large = RequestError(f"request body exceeds the limit of {limit} bytes", 413)
+    if int(request.headers.get("content-length", 0)) > limit:   # h11 has checked it is a number >= 0
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _read_json(request: Request, lim: ServerLimits) -> dict:
+    """The request's JSON object, within the body size and time limits."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, lim.max_body_bytes), lim.request_timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"request body not received within {lim.request_timeout:g} s", 408) from None
+    try:
+        obj = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("body: expected a JSON object")
+    return obj
+
+
+async def _next(q: asyncio.Queue) -> RequestOutput:
+    item = await q.get()
+    if isinstance(item, _Finished):
+        raise RequestError(item.error, item.status)
+    return item
+
+
+def _usage(n_prompt: int, out: RequestOutput) -> dict:
+    n = len(out.token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+
+
+def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLimits | None = None) -> FastAPI:
+    """The ASGI application of the server, on a (started or not) :class:`EngineLoop`.
+
+    Requests may omit ``model``; one that names another model than ``model_name`` gets
+    404 ``model_not_found``, as the OpenAI API answers."""
+    lim = limits or ServerLimits()
+    app = FastAPI(title="flashdsa", description="OpenAI-compatible API of the flashdsa engine",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = {404: f"no such endpoint: {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                          str(exc.detail))
+        return RequestError(message, exc.status_code).response()
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        return RequestError(f"internal error: {type(exc).__name__}: {exc}", 500).response()
+
+    def envelope(rid: str, chat: bool, stream: bool) -> dict:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
         return {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": kind, "created": int(time.time()),
-                "model": self.model_name}
+                "model": model_name}
 
-    def _complete(self, rid, q, chat: bool, n_prompt: int) -> None:
+    async def complete(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int) -> JSONResponse:
         try:
-            out: RequestOutput = self._next(q)
+            out = await _next(q)
             while not out.finished:
-                out = self._next(q)
-        except RequestError as e:
-            self._send_error(e)
-            return
+                out = await _next(q)
+        finally:
+            loop.release(rid)
         choice = {"index": 0, "finish_reason": out.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice.update(text=out.text, logprobs=None)
-        resp = self._envelope(rid, chat, False)
-        resp.update(choices=[choice], usage={"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
-                                            "total_tokens": n_prompt + len(out.token_ids)})
-        self._send_json(200, resp)
+        return JSONResponse(dict(envelope(rid, chat, False), choices=[choice], usage=_usage(n_prompt, out)))
 
-    def _event(self, obj) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream(self, rid, q, chat: bool, n_prompt: int, params: SamplingParams) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
-            c = self._envelope(rid, chat, True)
+    async def events(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, stops: list[str]):
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+            c = envelope(rid, chat, True)
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
                 c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
@@ -365,83 +410,132 @@ class _Handler(BaseHTTPRequestHandler):
                 c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
             return c
 
+        def event(obj) -> bytes:
+            return format_sse_event(data_str=json.dumps(obj))
+
         try:
             if chat:
-                self._event(chunk(None, None, role=True))
+                yield event(chunk(None, None, role=True))
             sent = 0
             while True:
                 try:
-                    out = self._next(q)
+                    out = await _next(q)
                 except RequestError as e:
-                    self._event({"error": {"message": str(e), "type": e.kind, "param": None, "code": None}})
+                    yield event(e.body())
                     break
-                n = _stream_text(out.text, sent, out.finished, params.stop)
+                n = _stream_text(out.text, sent, out.finished, stops)
                 if n > sent:
-                    self._event(chunk(out.text[sent:n], None))
+                    yield event(chunk(out.text[sent:n], None))
                     sent = n
                 if out.finished:
-                    final = chunk(None, out.finish_reason)
-                    final["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
-                                      "total_tokens": n_prompt + len(out.token_ids)}
-                    self._event(final)
+                    yield event(dict(chunk(None, out.finish_reason), usage=_usage(n_prompt, out)))
                     break
-            self._event("[DONE]")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; release() aborts the request
+            yield format_sse_event(data_str="[DONE]")
+        finally:        # also when the client went away: the response task is cancelled
+            loop.release(rid)
+
+    async def generate(request: Request, chat: bool):
+        body = await _read_json(request, lim)
+        model = body.get("model")
+        if model is not None and model != model_name:
+            raise RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`", 404,
+                               param="model", code="model_not_found", kind="invalid_request_error")
+        prompt, prompt_ids, params, stream = _parse(body, chat, loop.engine, lim)
+        rid, q = loop.submit(prompt_ids, params, prompt)
+        if stream:
+            return EventSourceResponse(events(rid, q, chat, len(prompt_ids), params.stop),
+                                       headers={"Cache-Control": "no-cache"})
+        return await complete(rid, q, chat, len(prompt_ids))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "flashdsa"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    # the default listen backlog (5) resets connections when many clients connect at once
-    request_queue_size = 1024
-    daemon_threads = True
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol whose 400 for an unparsable request (a negative or
+    malformed Content-Length, a bad request line) carries an OpenAI error object and has
+    its access-log line, as every other request has."""
+
+    def send_400_response(self, msg: str) -> None:
+        if self.access_log:     # the arguments of uvicorn's access-log format; the request line is unknown
+            client = "{}:{}".format(*self.client) if self.client else "-"
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "-", "-", "-", 400)
+        body = json.dumps(RequestError(f"malformed HTTP request: {msg}").body()).encode()
+        event = h11.Response(status_code=400, reason="Bad Request", headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")])
+        for ev in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(ev))
+        self.transport.close()
+
+
+def _uvicorn(app: FastAPI, host: str, port: int, log_config) -> tuple[uvicorn.Server, socket.socket]:
+    config = uvicorn.Config(app, http=_Protocol, lifespan="off", log_config=log_config, timeout_graceful_shutdown=5)
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    return uvicorn.Server(config), sock
 
 
 class ServerHandle:
-    """A running server: ``.url``, ``.port``, ``.loop`` (the EngineLoop), ``.shutdown()``."""
+    """A server running in background threads: ``.url``, ``.host``, ``.port``, ``.loop``
+    (the :class:`EngineLoop`), ``.shutdown()``."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, loop: EngineLoop, thread: threading.Thread):
-        self.httpd, self.loop, self._thread = httpd, loop, thread
-        self.host, self.port = httpd.server_address[:2]
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, loop: EngineLoop, thread: threading.Thread):
+        self.server, self.loop, self._thread, self._sock = server, loop, thread, sock
+        self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
 
     def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
         self.loop.stop()
-        self._thread.join(timeout=10)
-
-
-def make_server(engine: LLMEngine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "flashdsa",
-                limits: ServerLimits | None = None) -> tuple[ThreadingHTTPServer, EngineLoop]:
-    """Build (not start) the HTTP server and its engine loop."""
-    limits = limits or ServerLimits()
-    loop = EngineLoop(engine, limits.max_concurrent)
-    handler = type("Handler", (_Handler,), {"loop": loop, "limits": limits, "model_name": model_name})
-    httpd = _HTTPServer((host, port), handler)
-    return httpd, loop
 
 
 def start_server(engine: LLMEngine, host: str = "127.0.0.1", port: int = 0, model_name: str = "flashdsa",
-                 limits: ServerLimits | None = None) -> ServerHandle:
-    """Start the server in background threads (port 0: a free port); returns a handle."""
-    httpd, loop = make_server(engine, host, port, model_name, limits)
-    loop.start()
-    thread = threading.Thread(target=httpd.serve_forever, name="flashdsa-http", daemon=True)
+                 limits: ServerLimits | None = None, startup_timeout: float = 60.0) -> ServerHandle:
+    """Start the server in background threads (port 0: a free port) and wait until it
+    accepts connections; returns a handle. Logging is left as the caller configured it."""
+    limits = limits or ServerLimits()
+    loop = EngineLoop(engine, limits.max_concurrent).start()
+    server, sock = _uvicorn(create_app(loop, model_name, limits), host, port, log_config=None)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="flashdsa-http", daemon=True)
     thread.start()
-    return ServerHandle(httpd, loop, thread)
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            loop.stop()
+            sock.close()
+            raise RuntimeError(f"the server did not start within {startup_timeout:g} s")
+        time.sleep(0.01)
+    return ServerHandle(server, sock, loop, thread)
 
 
 def serve(engine: LLMEngine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "flashdsa",
           limits: ServerLimits | None = None) -> None:
-    """Serve until interrupted (Ctrl-C)."""
-    httpd, loop = make_server(engine, host, port, model_name, limits)
-    loop.start()
-    print(f"flashdsa: serving {model_name} on http://{host}:{httpd.server_address[1]} "
-          "(/v1/completions, /v1/chat/completions)", flush=True)
+    """Serve until interrupted (Ctrl-C), with uvicorn's logging (access log on stdout)."""
+    limits = limits or ServerLimits()
+    loop = EngineLoop(engine, limits.max_concurrent).start()
+    server, sock = _uvicorn(create_app(loop, model_name, limits), host, port, log_config=uvicorn.config.LOGGING_CONFIG)
+    print(f"flashdsa: serving {model_name} on http://{host}:{sock.getsockname()[1]} "
+          "(/v1/completions, /v1/chat/completions, /v1/models, /health)", flush=True)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run(sockets=[sock])
     finally:
-        httpd.server_close()
+        sock.close()
         loop.stop()

@@ -1,4 +1,5 @@
 """`flashdsa generate` in-process and `flashdsa serve` as a real subprocess."""
+import io
 import json
 import os
 import subprocess
@@ -54,3 +55,31 @@ def test_serve_subprocess():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _Terminal(io.StringIO):
+    """stdin as a terminal on which the user typed these lines."""
+
+    def isatty(self):
+        return True
+
+
+def test_generate_says_it_reads_stdin_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Terminal("def f(x):\n\nimport\n"))
+    assert main(["generate", "random:tiny", "--max-tokens", "2", "--ignore-eos", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "reading prompts from stdin" in err
+    assert [json.loads(x)["prompt"] for x in out.splitlines()] == ["def f(x):", "import"]
+
+
+def test_generate_reads_piped_stdin_silently(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("import\n"))
+    assert main(["generate", "random:tiny", "--max-tokens", "2", "--ignore-eos"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_generate_without_any_prompt_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    assert main(["generate", "random:tiny"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "flashdsa generate: error: no prompt: pass --prompt or pipe lines on stdin (--debug shows the traceback)"]

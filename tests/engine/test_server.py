@@ -1,13 +1,15 @@
-"""The OpenAI-compatible server through a real HTTP client (urllib) on 127.0.0.1:
-completions, chat, streaming, bad requests -> 4xx with a message, 16 concurrent
-requests, the concurrency limit. Expected texts come from step-by-step reference
-decoding of the same tiny model."""
+"""The OpenAI-compatible server through real HTTP clients (urllib and the official
+``openai`` client) on 127.0.0.1: completions, chat (string and text-part content),
+streaming, the model name checked, bad requests -> 4xx with an OpenAI error object,
+16 concurrent requests, the concurrency limit. Expected texts come from step-by-step
+reference decoding of the same tiny model. Raw, malformed HTTP: test_server_http.py."""
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 
 from flashdsa.engine import EngineConfig, LLMEngine
@@ -134,12 +136,17 @@ def test_stop_string_streaming_matches(server, model):
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
+     "messages"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing", {"prompt": "hi"}, 404, None),
 ])
 def test_bad_requests(server, path, body, status, param):
     got, r = post(server.url + path, body)
     assert got == status, r
     assert isinstance(r["error"]["message"], str) and r["error"]["message"]
+    assert set(r["error"]) == {"message", "type", "param", "code"}
     assert r["error"]["param"] == param
 
 
@@ -211,21 +218,105 @@ def test_client_disconnect_aborts_request(server):
     abort = engine.abort_request
     engine.abort_request = lambda rid: (aborted.append(rid) if rid in engine.sequences else None, abort(rid))
     try:
-        server.loop.pause()                  # nothing is generated until the client has left
         conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps(
             {"prompt": "abc", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}),
             {"Content-Type": "application/json"})
-        resp = conn.getresponse()            # the stream's headers come before any token
+        resp = conn.getresponse()
         assert resp.status == 200
-        resp.close()                         # the response owns the socket (HTTP/1.0)
+        assert resp.readline().startswith(b"data: ")   # the first token: the request runs in the engine
+        server.loop.pause()                  # at most one more step until the client has left
+        resp.close()
         conn.close()
-        server.loop.resume()
         deadline = time.time() + 30
-        while (server.loop.in_flight or engine.has_unfinished_requests()) and time.time() < deadline:
-            time.sleep(0.01)     # release() frees the slot, then the engine thread aborts
+        while server.loop.in_flight and time.time() < deadline:
+            time.sleep(0.01)                 # the server saw the disconnect and released the request
         assert server.loop.in_flight == 0
+        server.loop.resume()
+        while engine.has_unfinished_requests() and time.time() < deadline:
+            time.sleep(0.01)                 # then the engine thread aborts it
         assert len(aborted) == 1 and not engine.has_unfinished_requests()
     finally:
         server.loop.resume()
         engine.abort_request = abort
+
+
+def test_limits_are_checked():
+    with pytest.raises(ValueError, match="request_timeout"):
+        ServerLimits(request_timeout=0)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServerLimits(max_body_bytes=-1)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        ServerLimits(max_tokens=8)
+
+
+def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    from flashdsa.cli import main
+    monkeypatch.delitem(sys.modules, "flashdsa.engine.server")
+    monkeypatch.setitem(sys.modules, "fastapi", None)        # as if FastAPI were not installed
+    assert main(["serve", "random:tiny"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and 'pip install "flashdsa[serve]"' in err[0] and "fastapi" in err[0]
+
+
+def test_internal_error_is_an_error_object(server, monkeypatch):
+    def broken(text):
+        raise RuntimeError("tokenizer exploded")
+    monkeypatch.setattr(server.loop.engine.tokenizer, "encode", broken)
+    status, r = post(server.url + "/v1/completions", {"prompt": "hi"})
+    assert status == 500 and r["error"]["type"] == "server_error" and "tokenizer exploded" in r["error"]["message"]
+    monkeypatch.undo()
+    assert post(server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_openai_client(server, model):
+    tok, c = server.loop.engine.tokenizer, client(server)
+    want = expected_text(model, tok, tok.encode("Hello, DSA!"), 12)
+    r = c.completions.create(model="tiny", prompt="Hello, DSA!", max_tokens=12, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.model == "tiny" and r.choices[0].text == want and r.usage.completion_tokens == 12
+    chunks = list(c.completions.create(model="tiny", prompt="Hello, DSA!", max_tokens=12, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True}))
+    assert len(chunks) >= 2 and "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    msgs = [{"role": "user", "content": "what is sparse attention?"}]
+    want = expected_text(model, tok, tok.encode(tok.apply_chat_template(msgs)), 10)
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    stream = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want
+
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert e.value.code == "model_not_found" and "gpt-4" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}])
+    assert "'image_url'" in e.value.message and e.value.param == "messages"
+    assert [m.id for m in c.models.list()] == ["tiny"]
+
+
+def test_chat_content_as_text_parts(server):
+    """A list of text parts is the string of their texts joined by newlines."""
+    body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    parts = [{"type": "text", "text": "what is"}, {"type": "text", "text": "sparse attention?"}]
+    _, as_parts = post(server.url + "/v1/chat/completions",
+                       dict(body, messages=[{"role": "user", "content": parts}]))
+    _, as_string = post(server.url + "/v1/chat/completions",
+                        dict(body, messages=[{"role": "user", "content": "what is\nsparse attention?"}]))
+    assert as_parts["choices"][0]["message"]["content"] == as_string["choices"][0]["message"]["content"]
+    assert as_parts["usage"] == as_string["usage"]
+
+
+def test_health(server):
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
