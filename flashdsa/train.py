@@ -508,6 +508,10 @@ def cmd_train(args) -> int:
     blob = None
     if args.resume:
         blob = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if "corpus" not in blob or "python" not in blob.get("rng", {}):
+            raise UsageError(f"--resume: {args.resume} holds no saved corpus or Python RNG state (written by an "
+                             "older flashdsa), so the run cannot be continued exactly; start a new run from its "
+                             "weights with --init instead")
         restore_settings(args, blob)
         args.out = args.out or str(Path(args.resume).parent)
     elif args.stage is None or args.out is None:

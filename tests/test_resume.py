@@ -150,3 +150,16 @@ def test_resume_reads_the_same_corpus_from_anywhere(tmp_path, monkeypatch, capsy
     assert main(["train", "--resume", "../run/train_state.pt", "--data", "a.txt"]) == 2
     assert (f"--data {tmp_path / 'corpus' / 'a.txt'} contradicts the checkpoint's data {tmp_path / 'corpus'} "
             in capsys.readouterr().err)
+
+
+def test_resume_of_a_checkpoint_without_saved_corpus_is_one_line(finished, tmp_path, capsys):
+    """A train_state.pt from before the corpus and Python RNG state were saved cannot be
+    continued exactly: one line saying so and what to do, not a KeyError."""
+    blob = torch.load(finished, weights_only=False)
+    del blob["corpus"]
+    old = tmp_path / "old_state.pt"
+    torch.save(blob, old)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no saved corpus" in err[0] and "--init" in err[0], err
