@@ -112,9 +112,14 @@ def load_config(path: str | os.PathLike) -> DSAConfig:
 
 
 def _default_dtype(cfg: DSAConfig) -> torch.dtype:
-    name = cfg.extra.get("torch_dtype") or "float32"
+    """The weights' dtype that config.json names: ``dtype`` (transformers 5) or ``torch_dtype``
+    (the official release), float32 when neither is given."""
+    key = "dtype" if cfg.extra.get("dtype") is not None else "torch_dtype"
+    name = cfg.extra.get(key) or "float32"
     dt = getattr(torch, str(name).replace("torch.", ""), None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        raise ValueError(f"{key}: expected a floating torch dtype name such as 'bfloat16', got {name!r}")
+    return dt
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -124,7 +129,8 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     Args:
         path: directory with config.json and safetensors weights (single or sharded).
         device: where the parameters go.
-        dtype: parameter dtype; default the config's ``torch_dtype`` (float32 if absent).
+        dtype: parameter dtype; default the config's ``dtype`` or ``torch_dtype`` (float32 if
+            absent).
             FP8 weights are dequantized into it.
         config: use this config instead of config.json.
         strict: raise when a model parameter is missing from the checkpoint or the
@@ -220,7 +226,8 @@ def save_pretrained(model, path: str | os.PathLike, dtype: torch.dtype | None = 
     hf = cfg.to_hf_config()
     hf.setdefault("architectures", ["DeepseekV32ForCausalLM"])
     stored = dtype or next(model.parameters()).dtype
-    hf["torch_dtype"] = str(stored).replace("torch.", "")
+    # transformers 5 reads ``dtype``, the official release and older readers ``torch_dtype``.
+    hf["dtype"] = hf["torch_dtype"] = str(stored).replace("torch.", "")
     if fp8:
         hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}

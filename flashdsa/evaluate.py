@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from .data import Corpus, retrieval_windows
 from .layers import MLA, causal_ranges
-from .reference.rope import rope_cos_sin
 
 
 def position_buckets(seq_len: int, first: int = 64) -> list[tuple[int, int]]:
@@ -139,7 +138,7 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
             for li, mla in enumerate(layers):
                 x = captured[li].reshape(t, -1)
                 with _autocast(device):
-                    cos, sin = rope_cos_sin(positions, mla.inv_freq)
+                    cos, sin = mla.rope_cos_sin(positions)
                     qr = mla.q_a_layernorm(mla.q_a_proj(x))
                     idx = mla.indexer(x, qr, cos, sin, ks, ke, backend=backend).long()   # [T, k]
                 for r0 in range(topk, t, row_chunk):

@@ -50,7 +50,13 @@ class LightningIndexer(nn.Module):
     against ONE shared 128-wide key; the top ``index_topk`` tokens are kept.
 
     Parameters: ``wq_b`` (q_lora_rank -> H_I * d_I), ``wk`` (hidden -> d_I), ``k_norm``
-    (LayerNorm with bias, eps 1e-6), ``weights_proj`` (hidden -> H_I)."""
+    (LayerNorm with bias, eps 1e-6), ``weights_proj`` (hidden -> H_I).
+
+    ``numerics`` (attribute, from ``DSAConfig.indexer_numerics``): "fp8" quantizes q and k to
+    e4m3 with one scale per row before scoring, as DeepSeek's inference code and the Triton
+    kernels do; "exact" scores the unquantized q and k (fp32, or float64 inputs) as
+    transformers' indexer does, through the reference op (every [T, T] score materialized by
+    chunks; ``backend="triton"`` is refused)."""
 
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -58,6 +64,7 @@ class LightningIndexer(nn.Module):
         self.head_dim = cfg.index_head_dim
         self.rope_dim = cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
+        self.numerics = cfg.indexer_numerics
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
@@ -86,14 +93,21 @@ class LightningIndexer(nn.Module):
                 ks: torch.Tensor, ke: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """Selected key rows [T, index_topk] int32 (-1 padded) for each query row, chosen
         inside its range [ks, ke) of the packed axis. Runs in FP8 like the official
-        inference code; no gradient flows through the selection."""
+        inference code (or exact, see ``numerics``); no gradient flows through the selection."""
         return self.select(*self.project(x, qr, cos, sin), ks, ke, backend=backend)
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """Top-k rows from already projected q [T, H_I, d_I], k [T, d_I], weights [T, H_I]
-        (the outputs of :meth:`project`), quantized to FP8 as at inference."""
+        """Top-k rows [T, index_topk] int32 (-1 padded) from already projected q [T, H_I, d_I],
+        k [T, d_I], weights [T, H_I] (the outputs of :meth:`project`), quantized to FP8 as at
+        inference when ``numerics`` is "fp8", unquantized when it is "exact"."""
+        if self.numerics == "exact":
+            check(backend != "triton", ValueError,
+                  'backend: the indexer\'s "exact" numerics run on the reference op only, got "triton"')
+            ones = torch.ones(k.shape[0], dtype=weights.dtype, device=k.device)
+            return api.indexer_topk(q, k.to(q.dtype), ones, weights * self.head_dim ** -0.5, ks, ke, self.topk,
+                                    backend="reference")
         q8, q_scale = api.act_quant(q, self.head_dim)         # [T, H, d], [T, H, 1]
         k8, k_scale = api.act_quant(k, self.head_dim)         # [T, d], [T, 1]
         weights = weights * q_scale[..., 0] * self.head_dim ** -0.5
@@ -159,6 +173,7 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.softmax_scale = cfg.softmax_scale
+        self.rope_scale = cfg.rope_scale
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * cfg.qk_head_dim, bias=False)
@@ -247,9 +262,9 @@ class MLA(nn.Module):
         """The projections every attention path starts from (also used by the engine and
         the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
         [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
-        the RoPE cos/sin [T, r // 2] shared with the indexer."""
+        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`)."""
         t = x.shape[0]
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = self.rope_cos_sin(positions)
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
@@ -258,6 +273,14 @@ class MLA(nn.Module):
         kv = self.kv_a_layernorm(kv)                                          # [T, c]
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
         return qr, q_nope, q_pe, kv, k_pe, cos, sin
+
+    def rope_cos_sin(self, positions: torch.Tensor):
+        """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the
+        released configs), for MLA's and the indexer's rotary dims alike."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos, sin
 
     def absorb(self, q_nope, q_pe, kv, k_pe):
         """Absorbed (MQA) operands: q_full [T, H, c + r] (q_nope through W_UK), the latent

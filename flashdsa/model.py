@@ -95,8 +95,10 @@ class MoEGate(nn.Module):
     gradient, hence a buffer), grouped top-k: experts are split into ``n_group`` groups,
     a group scores the sum of its two best biased affinities, the best ``topk_group``
     groups stay eligible, and the top ``num_experts_per_tok`` eligible experts are picked.
-    Their weights are the unbiased affinities, renormalized (``norm_topk_prob``) and
-    scaled by ``routed_scaling_factor``. Training MoE models from scratch would also need
+    Their weights are the unbiased affinities, renormalized to sum 1 when
+    ``norm_topk_prob`` (for every top_k, as transformers' router and DeepSeek's inference
+    code, which always renormalizes sigmoid affinities), and scaled by
+    ``routed_scaling_factor``. Training MoE models from scratch would also need
     V3's bias update (aux-loss-free balancing), which is not implemented: the bias is
     loaded from checkpoints and stays fixed."""
 
@@ -131,7 +133,7 @@ class MoEGate(nn.Module):
                                         float("-inf"))
         ids = biased.topk(self.top_k, dim=-1).indices                           # [T, k]
         weights = scores.gather(1, ids)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # for every top_k, one expert included (its weight becomes 1)
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scale, ids
 

@@ -196,3 +196,21 @@ def test_one_return_type(attention, indexer_loss):
         torch.testing.assert_close(out.indexer_loss, inner.indexer_loss)
     else:
         assert out.indexer_loss is None and inner.indexer_loss is None
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_renormalizes_for_every_top_k(top_k):
+    """norm_topk_prob: the chosen weights sum to routed_scaling_factor, one expert included
+    (as transformers' router and DeepSeek's inference code); without it they stay the raw
+    sigmoid affinities."""
+    cfg = tiny_config(hidden_size=16, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=top_k)
+    gate = MoEGate(cfg)
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(7, 16)
+    w, ids = gate(x)
+    torch.testing.assert_close(w.sum(-1), torch.full((7,), cfg.routed_scaling_factor))
+    gate.norm_topk_prob = False
+    w_raw, ids_raw = gate(x)
+    assert torch.equal(ids_raw, ids)
+    sig = torch.sigmoid(x @ gate.weight.T).gather(1, ids)
+    torch.testing.assert_close(w_raw, sig * cfg.routed_scaling_factor)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers import LightningIndexer
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
 from .sampler import SamplingParams, sample
@@ -65,6 +66,9 @@ class LLMEngine:
         self.model = model.eval()
         self.config = config or EngineConfig()
         cfg = model.config
+        if any(isinstance(m, LightningIndexer) and m.numerics != "fp8" for m in model.modules()):
+            raise ValueError('indexer_numerics: the engine scores keys from its FP8 paged key cache and needs "fp8" '
+                             'indexers, got "exact" (set each indexer\'s numerics to "fp8")')
         self.model_config = cfg
         self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
         param = next(model.parameters())
