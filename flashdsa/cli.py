@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import __version__
+from .recipe import STAGES, ComparisonConfig
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -96,7 +97,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- train / eval / demo: the arguments here, the commands in flashdsa.train ----
 
-STAGE_NAMES = ("dense", "warmup", "sparse")   # flashdsa.train.STAGES
 # `train --override` choices: flashdsa.train.RUN_SETTINGS but the stage, as flag names
 OVERRIDABLE = ("steps", "batch-size", "seq-len", "lr", "warmup-steps", "min-lr-ratio", "weight-decay", "grad-clip",
                "seed", "plant-prob", "data-step", "no-amp", "data", "max-bytes")
@@ -127,7 +127,7 @@ def _add_common(p, seq_len: int, action: type[argparse.Action] | None = None):
 def add_train_args(p):
     p.set_defaults(given=frozenset())
     given = {"action": GivenAction}
-    p.add_argument("--stage", default=None, choices=STAGE_NAMES, **given,
+    p.add_argument("--stage", default=None, choices=tuple(STAGES), **given,
                    help="dense: all parameters, dense attention; warmup: only the indexer, by KL to dense "
                         "attention; sparse: all parameters, top-k attention (required unless --resume)")
     p.add_argument("--out", default=None,
@@ -180,13 +180,8 @@ def add_eval_args(p):
     _add_common(p, 512)
 
 
-# flashdsa.train.ComparisonConfig's defaults of the demo's flags (tests/test_cli.py checks they agree)
-DEMO_DEFAULTS = dict(pretrain_steps=600, branch_steps=300, warmup_steps=80, batch_size=8, eval_windows=16,
-                     eval_retrieval=32, eval_recall=4, seed=0, seq_len=256)
-
-
 def add_demo_args(p):
-    d = DEMO_DEFAULTS
+    d = vars(ComparisonConfig())
     p.add_argument("--pretrain-steps", type=int, default=d["pretrain_steps"], help="dense pretraining steps")
     p.add_argument("--branch-steps", type=int, default=d["branch_steps"],
                    help="steps of each branch: (a) dense, (b) warm-up + sparse")

@@ -91,12 +91,6 @@ def test_every_option_has_a_help_text():
     assert not missing
 
 
-def test_demo_flag_defaults_are_the_comparison_config():
-    from flashdsa.cli import DEMO_DEFAULTS, STAGE_NAMES
-    from flashdsa.train import STAGES, ComparisonConfig
-    assert STAGE_NAMES == tuple(STAGES)
-    assert DEMO_DEFAULTS == {k: getattr(ComparisonConfig(), k) for k in DEMO_DEFAULTS}
-
 
 def test_package_exports_are_lazy_and_complete():
     import flashdsa

@@ -1,0 +1,37 @@
+"""The training recipe's names and the demo's settings, without importing torch: the CLI
+builds its flags from them (``flashdsa --help`` stays fast) and flashdsa.train runs them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The recipe's stages as the two knobs of the model's forward: (attention, indexer_loss).
+STAGES = {
+    "dense": ("dense", False),     # pretraining or continued dense training
+    "warmup": ("dense", True),     # dense attention, the indexer fits its distribution
+    "sparse": ("sparse", True),    # top-k sparse attention, the KL on the selected rows
+}
+
+
+@dataclass
+class ComparisonConfig:
+    """The dense-vs-DSA comparison: dense pretraining, then from the same weights
+    (a) dense training continued and (b) DSA warm-up + sparse training, on the same tokens
+    (branch (b)'s warm-up and sparse steps together cover branch (a)'s data steps)."""
+
+    preset: str = "tiny"
+    seq_len: int = 256               # index_topk = seq_len / 16 = 16: 94% of late queries' keys dropped
+    batch_size: int = 8
+    pretrain_steps: int = 600
+    branch_steps: int = 300          # (a) dense steps = (b) warm-up + sparse steps
+    warmup_steps: int = 80           # DSA warm-up stage (indexer only)
+    lr: float = 2e-3
+    branch_lr: float = 6e-4
+    warmup_lr: float = 1e-3          # the paper's warm-up learning rate
+    plant_prob: float = 0.3
+    seed: int = 0
+    backend: str = "auto"
+    eval_windows: int = 16
+    eval_retrieval: int = 32
+    eval_recall: int = 4
+    untrained_indexer_row: bool = True   # also evaluate (a) with DSA and its never-trained indexer
+    log_every: int = 25
