@@ -164,6 +164,9 @@ def add_train_args(p):
     p.add_argument("--log-every", type=int, default=10, help="steps between logged losses and progress lines",
                    **given)
     p.add_argument("--no-amp", nargs=0, const=True, default=False, help="no bf16 autocast on GPU", **given)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data parallel over N processes of this host (FSDP2; one GPU each, or CPU with gloo); "
+                        "--batch-size is the whole step's and splits evenly over them (under torchrun: its ranks)")
     _add_common(p, 512, GivenAction)
 
 
@@ -241,7 +244,8 @@ examples:
   flashdsa train --stage dense --preset tiny --steps 600 --out runs/dense
   flashdsa train --stage warmup --init runs/dense/train_state.pt --steps 80 --out runs/warmup
   flashdsa train --stage sparse --init runs/warmup/train_state.pt --steps 220 --out runs/sparse
-  flashdsa train --stage sparse --resume runs/sparse/train_state.pt --out runs/sparse""",
+  flashdsa train --stage sparse --resume runs/sparse/train_state.pt --out runs/sparse
+  flashdsa train --stage dense --preset small --nproc 2 --out runs/dense2   (FSDP2; or torchrun -m flashdsa train)""",
     "eval": """\
 examples:
   flashdsa eval runs/sparse/train_state.pt

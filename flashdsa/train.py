@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from .config import DSAConfig
 from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
+from .distributed.fsdp import (data_mesh, init_from_env, launch, leave_process_group, load_full, load_sharded,
+                               local_rows, mean_over_ranks, save_pretrained, save_sharded, shard_model)
 from .errors import UsageError
 from .layers import MLA
 from .model import DSAForCausalLM
@@ -198,9 +200,15 @@ def save_train_state(path: str | os.PathLike, model, optimizer, cfg: TrainConfig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "train_config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
+    blob = {"train_config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
             "corpus": corpus.load_args, "model_config": model.config.to_hf_config(), "rng": _rng_state(device)}
+    if data_mesh(model) is not None:     # model and optimizer: sharded, beside the file
+        blob["sharded"] = path.stem + ".dcp"
+        save_sharded(path.parent / blob["sharded"], model, optimizer)
+        if torch.distributed.get_rank():
+            return
+    else:
+        blob.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -214,7 +222,11 @@ def load_model(path: str | os.PathLike, device="cpu") -> DSAForCausalLM:
         return from_pretrained(path, device=device, dtype=torch.float32)
     blob = torch.load(path, map_location=device, weights_only=False)
     model = DSAForCausalLM(DSAConfig.from_hf_config(blob["model_config"]), init=False).to(device)
-    model.load_state_dict(blob["model"])
+    if "sharded" in blob:
+        load_sharded(path.parent / blob["sharded"], model)
+        model.reset_buffers()
+    else:
+        model.load_state_dict(blob["model"])
     return model
 
 
@@ -249,6 +261,8 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     other stderr (a log, pytest) one plain line every ``cfg.log_every`` steps. The stage
     is appended to the model's :func:`trained_stages` once it trains a step."""
     device = next(model.parameters()).device
+    mesh = data_mesh(model)      # FSDP2: each rank reads its share of every batch, rank 0 reports
+    progress = progress and (mesh is None or torch.distributed.get_rank() == 0)
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     min_distance = cfg.min_distance if cfg.min_distance is not None else 4 * model.config.index_topk + 1
     min_distance = min(min_distance, cfg.seq_len - cfg.seq_len // 16 - 48)
@@ -261,8 +275,13 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
         if blob["train_config"]["stage"] != cfg.stage:
             raise ValueError(f"resume: {resume} is a {blob['train_config']['stage']!r} checkpoint, "
                              f"this run is stage {cfg.stage!r}")
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
+        if "sharded" in blob:
+            load_sharded(Path(resume).parent / blob["sharded"], model, opt)
+        elif mesh is not None:      # one process's checkpoint, continued on several
+            load_full(model, opt, blob["model"], blob["optimizer"])
+        else:
+            model.load_state_dict(blob["model"])
+            opt.load_state_dict(blob["optimizer"])
         state = TrainState(**blob["state"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg), last_epoch=state.step - 1) \
             if state.step else sched
@@ -285,6 +304,9 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     while state.step < last:
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
                                cfg.plant_prob, min_distance).to(device, non_blocking=True)
+        n_tokens = batch[:, 1:].numel()
+        if mesh is not None:
+            batch = local_rows(batch, mesh)
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, lm, idx = _forward_loss(model, x, y, cfg)
@@ -294,11 +316,12 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        loss, lm, idx = float(loss.detach()), float(lm.detach()), float(idx.detach())
+        losses = torch.stack([loss.detach(), lm.detach(), idx.detach()])
+        loss, lm, idx = (losses if mesh is None else mean_over_ranks(losses, mesh)).tolist()
         state.step += 1
         state.data_step += 1
-        state.tokens += x.numel()
-        tokens_run += x.numel()
+        state.tokens += n_tokens
+        tokens_run += n_tokens
         if state.step % max(cfg.log_every, 1) == 0 or state.step == cfg.steps:
             state.history.append((state.step, loss, lm, idx))
         if progress:
@@ -486,7 +509,17 @@ def cmd_train(args) -> int:
         args.out = args.out or str(Path(args.resume).parent)
     elif args.stage is None or args.out is None:
         raise UsageError(f"{'--stage' if args.stage is None else '--out'} is required (unless --resume is given)")
-    device = _device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", args.nproc))
+    if world < 1 or args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world} processes (--nproc or "
+                         "torchrun's WORLD_SIZE)")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:    # --nproc: this command again in N processes
+        launch(cmd_train, args.nproc, args)
+        return 0
+    mesh, device = None, _device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:              # a rank of torchrun or of --nproc: FSDP2
+        mesh, device = init_from_env(device.type)
+    rank0 = mesh is None or mesh.get_rank() == 0          # the rank that prints and writes --json
     seed_everything(args.seed)
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     data_step = args.data_step
@@ -500,6 +533,8 @@ def cmd_train(args) -> int:
     else:
         model = DSAForCausalLM(preset_config(args.preset or "tiny", args.seq_len))
     model.to(device)
+    if mesh is not None:
+        shard_model(model, mesh)
     lr = args.lr if args.lr is not None else {"dense": 2e-3, "warmup": 1e-3, "sparse": 6e-4}[args.stage]
     cfg = TrainConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       min_lr_ratio=args.min_lr_ratio,
@@ -508,18 +543,25 @@ def cmd_train(args) -> int:
                       plant_prob=args.plant_prob, backend=args.backend, amp=False if args.no_amp else None,
                       save_every=args.save_every, log_every=args.log_every, out_dir=args.out)
     start = f"resuming {args.resume} at step {blob['state']['step']}, " if blob is not None else ""
-    print(f"stage {cfg.stage}: {start}{model.num_parameters() / 1e6:.2f}M parameters on {device}, {cfg.steps} steps "
-          f"of {cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}, seed {cfg.seed}; "
-          f"corpus {corpus.source}", flush=True)
+    on = device if mesh is None else f"{mesh.size()} ranks (FSDP2, {device.type})"
+    if rank0:
+        print(f"stage {cfg.stage}: {start}{model.num_parameters() / 1e6:.2f}M parameters on {on}, {cfg.steps} "
+              f"steps of {cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}, seed {cfg.seed}; "
+              f"corpus {corpus.source}", flush=True)
     st = train(model, corpus, cfg, data_step=data_step or 0, resume=args.resume)
-    model.save_pretrained(Path(args.out) / "model")
+    if mesh is None:
+        model.save_pretrained(Path(args.out) / "model")
+    else:
+        save_pretrained(model, Path(args.out) / "model")
+        leave_process_group()
     summary = {"stage": cfg.stage, "steps": st.step, "data_step": st.data_step, "tokens": st.tokens,
                "seconds": st.train_seconds, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),
                "final": st.history[-1] if st.history else None, "history": st.history}
-    print(f"done: {st.step} steps, {st.tokens:,} tokens, {summary['tokens_per_s']:,.0f} tok/s; "
-          f"wrote {Path(args.out) / 'train_state.pt'} and {Path(args.out) / 'model'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if rank0:
+        print(f"done: {st.step} steps, {st.tokens:,} tokens, {summary['tokens_per_s']:,.0f} tok/s; "
+              f"wrote {Path(args.out) / 'train_state.pt'} and {Path(args.out) / 'model'}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
