@@ -167,6 +167,9 @@ def add_train_args(p):
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data parallel over N processes of this host (FSDP2; one GPU each, or CPU with gloo); "
                         "--batch-size is the whole step's and splits evenly over them (under torchrun: its ranks)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="instead of data parallel: every window split over the N processes (--nproc N), the "
+                        "model replicated; --seq-len a multiple of 2N")
     _add_common(p, 512, GivenAction)
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .config import DSAConfig
 from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
+from .distributed.context_parallel import context_parallel_forward, zigzag_split
 from .distributed.fsdp import (data_mesh, init_from_env, launch, leave_process_group, load_full, load_sharded,
                                local_rows, mean_over_ranks, save_pretrained, save_sharded, shard_model)
 from .errors import UsageError
@@ -230,10 +231,21 @@ def load_model(path: str | os.PathLike, device="cpu") -> DSAForCausalLM:
     return model
 
 
-def _forward_loss(model, x, y, cfg: TrainConfig):
-    """(total loss to backpropagate, lm loss, indexer loss) for one batch."""
+def _forward_loss(model, x, y, cfg: TrainConfig, context_parallel=None):
+    """(total loss to backpropagate, lm loss, indexer loss) for one batch; with a
+    ``context_parallel`` mesh, each window split over its ranks (the losses this rank's
+    tokens' means, averaged over the windows)."""
     attention, indexer_loss = STAGES[cfg.stage]
-    logits, idx = model(x, attention=attention, indexer_loss=indexer_loss, backend=cfg.backend)
+    if context_parallel is None:
+        logits, idx = model(x, attention=attention, indexer_loss=indexer_loss, backend=cfg.backend)
+    else:
+        world, rank = context_parallel.size(), context_parallel.get_local_rank()
+        positions = zigzag_split(torch.arange(x.shape[1], device=x.device), world, rank)
+        outs = [context_parallel_forward(model, zigzag_split(row, world, rank), positions, attention, indexer_loss,
+                                         context_parallel.get_group(), cfg.backend) for row in x]
+        logits = torch.stack([o.logits for o in outs])
+        idx = torch.stack([o.indexer_loss for o in outs]).mean() if indexer_loss else None
+        y = torch.stack([zigzag_split(row, world, rank) for row in y])
     if idx is None:
         lm = lm_loss(logits, y)
         return lm, lm, torch.zeros((), device=x.device)
@@ -247,7 +259,7 @@ def _forward_loss(model, x, y, cfg: TrainConfig):
 
 def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: int = 0,
           resume: str | os.PathLike | None = None, progress: bool = True,
-          stop_after: int | None = None) -> TrainState:
+          stop_after: int | None = None, context_parallel=None) -> TrainState:
     """Run one stage on ``model`` in place and return its TrainState.
 
     ``data_step``: the first data step (continue the token stream where the previous
@@ -259,10 +271,15 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     leave after that many steps of this call (a time-limited job), saving the state so
     that ``resume`` continues it. ``progress``: a tqdm bar on a terminal's stderr; on any
     other stderr (a log, pytest) one plain line every ``cfg.log_every`` steps. The stage
-    is appended to the model's :func:`trained_stages` once it trains a step."""
+    is appended to the model's :func:`trained_stages` once it trains a step.
+    ``context_parallel``: a DeviceMesh over which every window is split
+    (:func:`~flashdsa.distributed.context_parallel.context_parallel_forward`); the model is
+    replicated on its ranks, which average their gradients, and rank 0 writes the checkpoints."""
     device = next(model.parameters()).device
     mesh = data_mesh(model)      # FSDP2: each rank reads its share of every batch, rank 0 reports
-    progress = progress and (mesh is None or torch.distributed.get_rank() == 0)
+    ranks = mesh if mesh is not None else context_parallel
+    progress = progress and (ranks is None or torch.distributed.get_rank() == 0)
+    writes = context_parallel is None or context_parallel.get_rank() == 0
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     min_distance = cfg.min_distance if cfg.min_distance is not None else 4 * model.config.index_topk + 1
     min_distance = min(min_distance, cfg.seq_len - cfg.seq_len // 16 - 48)
@@ -309,15 +326,19 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
             batch = local_rows(batch, mesh)
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, lm, idx = _forward_loss(model, x, y, cfg)
+            loss, lm, idx = _forward_loss(model, x, y, cfg, context_parallel)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if context_parallel is not None:     # the ranks' shares averaged: the whole windows' gradient
+            for p in params:
+                if p.grad is not None:
+                    p.grad.copy_(mean_over_ranks(p.grad, context_parallel))
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         losses = torch.stack([loss.detach(), lm.detach(), idx.detach()])
-        loss, lm, idx = (losses if mesh is None else mean_over_ranks(losses, mesh)).tolist()
+        loss, lm, idx = (losses if ranks is None else mean_over_ranks(losses, ranks)).tolist()
         state.step += 1
         state.data_step += 1
         state.tokens += n_tokens
@@ -336,13 +357,13 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
                                         initial=first_step, postfix=", ".join(f"{k}={v}" for k, v in metrics.items())),
                       file=sys.stderr, flush=True)
         state.train_seconds = time.perf_counter() - t_start
-        if ckpt and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+        if ckpt and writes and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
             save_train_state(ckpt, model, opt, cfg, state, corpus)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.train_seconds = time.perf_counter() - t_start
-    if ckpt:
+    if ckpt and writes:
         save_train_state(ckpt, model, opt, cfg, state, corpus)
     set_trainable(model, "dense")
     model.eval()
@@ -510,16 +531,26 @@ def cmd_train(args) -> int:
     elif args.stage is None or args.out is None:
         raise UsageError(f"{'--stage' if args.stage is None else '--out'} is required (unless --resume is given)")
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
-    if world < 1 or args.batch_size % world:
+    if args.context_parallel < 1:
+        raise UsageError(f"--context-parallel: expected >= 1, got {args.context_parallel}")
+    if args.context_parallel > 1:
+        if world != args.context_parallel:
+            raise UsageError(f"--context-parallel {args.context_parallel}: needs as many processes, got {world} "
+                             "(--nproc or torchrun's WORLD_SIZE)")
+        if args.seq_len % (2 * world):
+            raise UsageError(f"--seq-len {args.seq_len}: --context-parallel {world} needs a multiple of {2 * world}")
+    elif world < 1 or args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world} processes (--nproc or "
                          "torchrun's WORLD_SIZE)")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:    # --nproc: this command again in N processes
         launch(cmd_train, args.nproc, args)
         return 0
-    mesh, device = None, _device(args.device)
+    mesh, cp, device = None, None, _device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:              # a rank of torchrun or of --nproc: FSDP2
         mesh, device = init_from_env(device.type)
-    rank0 = mesh is None or mesh.get_rank() == 0          # the rank that prints and writes --json
+        if args.context_parallel > 1:                           # or context parallel, the model replicated
+            mesh, cp = None, mesh
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # prints, writes --json
     seed_everything(args.seed)
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     data_step = args.data_step
@@ -544,15 +575,18 @@ def cmd_train(args) -> int:
                       save_every=args.save_every, log_every=args.log_every, out_dir=args.out)
     start = f"resuming {args.resume} at step {blob['state']['step']}, " if blob is not None else ""
     on = device if mesh is None else f"{mesh.size()} ranks (FSDP2, {device.type})"
+    if cp is not None:
+        on = f"{cp.size()} ranks (context parallel, {device.type})"
     if rank0:
         print(f"stage {cfg.stage}: {start}{model.num_parameters() / 1e6:.2f}M parameters on {on}, {cfg.steps} "
               f"steps of {cfg.batch_size} x {cfg.seq_len} tokens from data step {data_step or 0}, seed {cfg.seed}; "
               f"corpus {corpus.source}", flush=True)
-    st = train(model, corpus, cfg, data_step=data_step or 0, resume=args.resume)
-    if mesh is None:
-        model.save_pretrained(Path(args.out) / "model")
-    else:
+    st = train(model, corpus, cfg, data_step=data_step or 0, resume=args.resume, context_parallel=cp)
+    if mesh is not None:
         save_pretrained(model, Path(args.out) / "model")
+    elif rank0:
+        model.save_pretrained(Path(args.out) / "model")
+    if mesh is not None or cp is not None:
         leave_process_group()
     summary = {"stage": cfg.stage, "steps": st.step, "data_step": st.data_step, "tokens": st.tokens,
                "seconds": st.train_seconds, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),

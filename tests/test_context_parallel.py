@@ -1,17 +1,24 @@
 """Context parallelism (flashdsa.distributed.context_parallel) on CPU with gloo: the zigzag
-split, the differentiable gather, and one MLA layer split over 2 and 4 processes against
-the unsplit sequence (float64, every stage's knobs)."""
+split, the differentiable gather, one MLA layer and the whole causal LM split over 2 and 4
+processes against the unsplit sequence (float64, every stage's knobs)."""
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from flashdsa.distributed.context_parallel import (context_parallel_mla, gather_rows, gather_sequence,
-                                                   zigzag_positions, zigzag_split, zigzag_unsplit)
+from flashdsa.distributed.context_parallel import (context_parallel_forward, context_parallel_mla, gather_rows,
+                                                   gather_sequence, zigzag_positions, zigzag_split, zigzag_unsplit)
 from flashdsa.distributed.fsdp import init_from_env, launch, leave_process_group
 from flashdsa.layers import MLA
+from flashdsa.model import DSAForCausalLM
+from flashdsa.recipe import STAGES
+from flashdsa.train import lm_loss, load_model, preset_config, set_trainable
 from tests.utils import rel_err, tiny_mla_config
 
 SEQ_LEN = 32
@@ -20,6 +27,7 @@ TOPK = 8  # < SEQ_LEN: the selection matters
 # inference-style sparse attention (FP8 keys gathered as bytes) and with the "exact" indexer.
 CASES = (("sparse", True, "fp8"), ("dense", True, "fp8"), ("dense", False, "fp8"), ("sparse", False, "fp8"),
          ("sparse", False, "exact"))
+MODEL_STAGES = ("sparse", "warmup")
 TIMEOUT_S = 120  # seconds for a whole group of processes: a hung collective fails the test
 
 
@@ -154,8 +162,49 @@ def _cp_worker(out_dir):
             "params": {n: _grad_error(got[n], want[n]) for n in want if n != "x"},
             "traffic": sorted(traffic.calls),
         }
+    for stage in MODEL_STAGES:
+        results["model", stage] = _model_check(rank, world, group, stage)
     torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     leave_process_group()
+
+
+def _model_check(rank, world, group, stage):
+    """The tiny causal LM at ``stage`` on one sequence, unsplit and split: the LM loss, the
+    indexer loss and every trainable parameter's gradient, backpropagating what training does
+    (the warm-up stage: the indexer loss only)."""
+    torch.manual_seed(0)
+    model = DSAForCausalLM(preset_config("tiny", seq_len=SEQ_LEN)).double()
+    set_trainable(model, stage)
+    attention, loss_on = STAGES[stage]
+    ids = torch.randint(0, model.config.vocab_size, (SEQ_LEN + 1,), generator=torch.Generator().manual_seed(1))
+    x, y = ids[:-1], ids[1:]
+
+    def backward(logits, targets, idx):
+        lm = lm_loss(logits, targets)
+        (idx if stage == "warmup" else lm + idx).backward()
+        return lm.detach()
+
+    ref = model(x, attention=attention, indexer_loss=loss_on, backend="reference")
+    want_lm, want_idx = backward(ref.logits, y, ref.indexer_loss), ref.indexer_loss.detach()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    # Each rank backpropagates the means over its own tokens; the mean over the ranks of the
+    # losses and of the gradients is the whole sequence's.
+    out = context_parallel_forward(model, zigzag_split(x, world, rank), zigzag_split(torch.arange(SEQ_LEN), world, rank),
+                                   attention=attention, indexer_loss=loss_on, group=group, backend="reference")
+    lm = backward(out.logits, zigzag_split(y, world, rank), out.indexer_loss)
+    losses = torch.stack((lm, out.indexer_loss.detach()))
+    dist.all_reduce(losses, group=group)
+    losses /= world
+    got = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            got[n] = p.grad / world
+    return {"logits": rel_err(gather_sequence(out.logits.detach(), group), ref.logits.detach()),
+            "lm": rel_err(losses[0], want_lm), "indexer": rel_err(losses[1], want_idx),
+            "params": {n: _grad_error(got.get(n), want[n]) for n in want},
+            "trained": sorted(n for n in got)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -200,3 +249,52 @@ def test_context_parallel_traffic_per_token(cp_results):
     for res in per_rank:
         for case, calls in want.items():
             assert res[case]["traffic"] == sorted(calls), case
+
+
+@pytest.mark.parametrize("stage", MODEL_STAGES)
+def test_context_parallel_forward_matches_unsplit_model(cp_results, stage):
+    _, per_rank = cp_results
+    names = [n for n, _ in DSAForCausalLM(preset_config("tiny", seq_len=SEQ_LEN), init=False).named_parameters()]
+    trained = names if stage == "sparse" else [n for n in names if ".indexer." in n]
+    for rank, res in enumerate(per_rank):
+        r = res["model", stage]
+        # Logits and losses are fp32 (the model's output dtype and MLA's loss); the loss means
+        # sum their fp32 terms in another order when split.
+        assert r["logits"] < 1e-6 and r["lm"] < 1e-6 and r["indexer"] < 1e-6, (rank, r)
+        assert r["trained"] == sorted(trained), rank
+        # The norms compute in fp32 (see test_context_parallel_mla_matches_unsplit).
+        bad = {n: e for n, e in r["params"].items() if e is not None and not e < (1e-6 if "norm" in n else 1e-12)}
+        assert not bad, (rank, bad)
+
+
+def _cli_train(out: Path, *extra: str) -> dict:
+    argv = ["train", "--stage", "sparse", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64", "--steps", "3",
+            "--max-bytes", "100000", "--log-every", "1", "--out", str(out), "--json", str(out / "summary.json"), *extra]
+    r = subprocess.run([sys.executable, "-m", "flashdsa", *argv], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_cli_context_parallel_trains_as_one_process(tmp_path):
+    """`flashdsa train --nproc 2 --context-parallel 2` (every window split over the two ranks)
+    logs the one-process run's losses and writes its weights (float32: the losses' means and
+    the gradients' sums add in another order)."""
+    one = _cli_train(tmp_path / "one")
+    two = _cli_train(tmp_path / "two", "--nproc", "2", "--context-parallel", "2")
+    assert two["tokens"] == one["tokens"] and len(two["history"]) == 3
+    torch.testing.assert_close(torch.tensor(two["history"]), torch.tensor(one["history"]), rtol=1e-5, atol=1e-7)
+    plain = load_model(tmp_path / "one" / "model").state_dict()
+    for name, value in load_model(tmp_path / "two" / "model").state_dict().items():
+        torch.testing.assert_close(value, plain[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("extra, match", [(("--nproc", "2", "--context-parallel", "4"), "--context-parallel 4"),
+                                          (("--nproc", "2", "--context-parallel", "2", "--seq-len", "66"),
+                                           "--seq-len 66"),
+                                          (("--context-parallel", "0"), "--context-parallel: expected >= 1")])
+def test_cli_context_parallel_errors_name_the_flag(tmp_path, capsys, extra, match):
+    from flashdsa.cli import main
+    assert main(["train", "--stage", "sparse", "--out", str(tmp_path), *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

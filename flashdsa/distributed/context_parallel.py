@@ -19,6 +19,10 @@ its backward reduce-scatters the gathered rows' gradients, summing every rank's 
 the rows' owner. Parameters are replicated across the group; each rank's parameter gradient
 is its share of the whole sequence's, so averaging them across the group (as data-parallel
 training does) gives the gradient of the mean over the sequence's tokens.
+
+The whole causal LM (:func:`context_parallel_forward`) runs the per-token modules (embedding,
+norms, MLP / MoE, LM head) on the local tokens and every layer's attention through
+:func:`context_parallel_mla`.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 from .. import api
 from .._validate import check, check_tensor
 from ..layers import ATTENTIONS, MLA, MLAOutput
+from ..model import CausalLMOutput, DSAForCausalLM
 
 
 def _world(group) -> tuple[int, int]:
@@ -211,3 +216,33 @@ def context_parallel_mla(mla: MLA, x_local: torch.Tensor, positions_local: torch
             loss = api.sparse_kl_loss_from_probs(iq, ik_all, iw_proj * indexer.head_dim ** -0.5, res[3], indices,
                                                  reduction="mean", backend=backend)
     return MLAOutput(mla.o_proj(out.flatten(1)), None if loss is None else loss.float())
+
+
+def context_parallel_forward(model: DSAForCausalLM, input_ids_local: torch.Tensor, positions_local: torch.Tensor,
+                             attention: str = "sparse", indexer_loss: bool = False,
+                             group: dist.ProcessGroup | None = None, backend: str = "auto") -> CausalLMOutput:
+    """The whole causal LM over one sequence split across ``group`` by :func:`zigzag_split`:
+    the same as ``model(input_ids, attention=attention, indexer_loss=indexer_loss)`` on the
+    whole sequence, for this rank's tokens.
+
+    ``input_ids_local [n]``: this rank's tokens, ``zigzag_split(input_ids, W, rank)``;
+    ``positions_local [n]``: their positions, ``zigzag_split`` of the sequence's positions.
+    Every decoder layer's attention runs through :func:`context_parallel_mla`; the embedding,
+    norms, MLP / MoE and LM head are per token and run on the local tokens only.
+
+    Returns :class:`~flashdsa.model.CausalLMOutput` ``(logits [n, vocab] fp32, indexer_loss)``,
+    the loss summed over layers, each layer's a mean over this rank's tokens (as
+    :func:`context_parallel_mla`). Every rank must make the same call.
+    """
+    check_tensor("input_ids_local", input_ids_local, ndim=1, layout="[n]")
+    inner = model.model
+    x = inner.embed_tokens(input_ids_local)
+    total = x.new_zeros((), dtype=torch.float32) if indexer_loss else None
+    for layer in inner.layers:
+        attn = context_parallel_mla(layer.self_attn, layer.input_layernorm(x), positions_local, attention,
+                                    indexer_loss, group, backend)
+        x = x + attn.hidden
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if indexer_loss:
+            total = total + attn.indexer_loss
+    return CausalLMOutput(model.lm_head(inner.norm(x)).float(), total)
