@@ -38,9 +38,6 @@ from tqdm import tqdm
 
 from .config import DSAConfig
 from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
-from .distributed.context_parallel import context_parallel_forward, zigzag_split
-from .distributed.fsdp import (data_mesh, init_from_env, launch, leave_process_group, load_full, load_sharded,
-                               local_rows, mean_over_ranks, save_pretrained, save_sharded, shard_model)
 from .errors import UsageError
 from .layers import MLA
 from .model import DSAForCausalLM
@@ -50,6 +47,16 @@ from .recipe import STAGES, ComparisonConfig
 # The model config's key (written to config.json) listing the stages the model was trained
 # in, in order; "warmup" or "sparse" in it means the indexer was trained.
 STAGES_KEY = "flashdsa_stages"
+
+
+def _data_mesh(model):
+    """The FSDP2 mesh of a sharded model, None for a plain one. flashdsa.distributed (and
+    the torch.distributed modules it loads, a second at import) is imported only when a
+    process group exists, which a sharded model needs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from .distributed.fsdp import data_mesh
+    return data_mesh(model)
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +210,8 @@ def save_train_state(path: str | os.PathLike, model, optimizer, cfg: TrainConfig
     device = next(model.parameters()).device
     blob = {"train_config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
             "corpus": corpus.load_args, "model_config": model.config.to_hf_config(), "rng": _rng_state(device)}
-    if data_mesh(model) is not None:     # model and optimizer: sharded, beside the file
+    if _data_mesh(model) is not None:     # model and optimizer: sharded, beside the file
+        from .distributed.fsdp import save_sharded
         blob["sharded"] = path.stem + ".dcp"
         save_sharded(path.parent / blob["sharded"], model, optimizer)
         if torch.distributed.get_rank():
@@ -224,6 +232,7 @@ def load_model(path: str | os.PathLike, device="cpu") -> DSAForCausalLM:
     blob = torch.load(path, map_location=device, weights_only=False)
     model = DSAForCausalLM(DSAConfig.from_hf_config(blob["model_config"]), init=False).to(device)
     if "sharded" in blob:
+        from .distributed.fsdp import load_sharded
         load_sharded(path.parent / blob["sharded"], model)
         model.reset_buffers()
     else:
@@ -239,6 +248,7 @@ def _forward_loss(model, x, y, cfg: TrainConfig, context_parallel=None):
     if context_parallel is None:
         logits, idx = model(x, attention=attention, indexer_loss=indexer_loss, backend=cfg.backend)
     else:
+        from .distributed.context_parallel import context_parallel_forward, zigzag_split
         world, rank = context_parallel.size(), context_parallel.get_local_rank()
         positions = zigzag_split(torch.arange(x.shape[1], device=x.device), world, rank)
         outs = [context_parallel_forward(model, zigzag_split(row, world, rank), positions, attention, indexer_loss,
@@ -276,8 +286,10 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     (:func:`~flashdsa.distributed.context_parallel.context_parallel_forward`); the model is
     replicated on its ranks, which average their gradients, and rank 0 writes the checkpoints."""
     device = next(model.parameters()).device
-    mesh = data_mesh(model)      # FSDP2: each rank reads its share of every batch, rank 0 reports
+    mesh = _data_mesh(model)      # FSDP2: each rank reads its share of every batch, rank 0 reports
     ranks = mesh if mesh is not None else context_parallel
+    if ranks is not None:
+        from .distributed.fsdp import load_full, local_rows, mean_over_ranks
     progress = progress and (ranks is None or torch.distributed.get_rank() == 0)
     writes = context_parallel is None or context_parallel.get_rank() == 0
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
@@ -293,6 +305,7 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
             raise ValueError(f"resume: {resume} is a {blob['train_config']['stage']!r} checkpoint, "
                              f"this run is stage {cfg.stage!r}")
         if "sharded" in blob:
+            from .distributed.fsdp import load_sharded
             load_sharded(Path(resume).parent / blob["sharded"], model, opt)
         elif mesh is not None:      # one process's checkpoint, continued on several
             load_full(model, opt, blob["model"], blob["optimizer"])
@@ -543,10 +556,12 @@ def cmd_train(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world} processes (--nproc or "
                          "torchrun's WORLD_SIZE)")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:    # --nproc: this command again in N processes
+        from .distributed.fsdp import launch
         launch(cmd_train, args.nproc, args)
         return 0
     mesh, cp, device = None, None, _device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:              # a rank of torchrun or of --nproc: FSDP2
+        from .distributed.fsdp import init_from_env, leave_process_group, save_pretrained, shard_model
         mesh, device = init_from_env(device.type)
         if args.context_parallel > 1:                           # or context parallel, the model replicated
             mesh, cp = None, mesh
