@@ -1,7 +1,7 @@
 """Benchmark of the Triton lightning indexer: FP8 logits, fused top-k, paged decode.
 
-Top-k: the default threshold method (sample, filter, select; flashdsa.ops.indexer)
-with the streaming method timed beside it.
+Top-k: the default ("auto": the direct method up to DIRECT_MAX_POS key positions, the
+threshold method above; flashdsa.ops.indexer) with each method timed beside it.
 
 Prefill: 4096 query tokens that are the LAST 4096 of one sequence of S_kv tokens
 (causal: query t sees keys [0, S_kv - 4096 + t]), H_I 64, d_I 128, S_kv 8K / 32K / 128K.
@@ -76,8 +76,7 @@ def threshold_phases(inp, cfg=None, mode=None):
     and how many rows it flagged for the streaming fallback."""
     p = ops.ragged_problem(*inp, config=cfg)
     ms = 4 * p.cfg["BLOCK_N"]
-    n = p.row_len()
-    t_sample = bench_ms(lambda: ops.sample_thresholds(p, TOPK, ms, n))
+    t_sample = bench_ms(lambda: ops.sample_thresholds(p, TOPK, ms))
     t_pass = bench_ms(lambda: ops.threshold_topk(p, TOPK, ms, mode=mode))
     _, fail = ops.threshold_topk(p, TOPK, ms, mode=mode)
     return dict(sample_ms=t_sample, sample_filter_select_ms=t_pass, flagged_rows=int(fail.sum()))
@@ -90,6 +89,8 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
     flops = 2 * pairs * H * D
     t_log = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg_logits))
     t_topk = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    t_thr = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk, method="threshold"))
+    t_direct = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, method="direct")) if s_kv <= 32768 else None
     t_stream = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, method="streaming"), rep=50)
     logits = ops.indexer_logits(*inp, config=cfg_logits)
     t_torch_topk = bench_ms(lambda: torch.topk(logits, TOPK, dim=1))
@@ -100,13 +101,15 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
                logits_ratio_to_fp8_matmul=flops / t_log / 1e9 / ceil["fp8_matmul_tflops"],
                fused_topk_ms=t_topk, fused_topk_over_logits=t_topk / t_log,
                fused_topk_tflops=flops / t_topk / 1e9, streaming_topk_ms=t_stream,
+               threshold_topk_ms=t_thr, direct_topk_ms=t_direct,
                logits_plus_torch_topk_ms=t_log + t_torch_topk, torch_topk_ms=t_torch_topk,
                peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20,
                **threshold_phases(inp, cfg_topk))
     if check:
-        idx = ops.indexer_topk(*inp, TOPK, config=cfg_topk)
         rows = list(range(0, S_Q, S_Q // 64)) + [S_Q - 1]
-        res["topk_check_max_abs_diff"] = check_topk_exact(idx, logits, ks, ke, rows)
+        for method in ("auto", "threshold") + (("direct",) if s_kv <= 32768 else ()):
+            idx = ops.indexer_topk(*inp, TOPK, config=cfg_topk, method=method)
+            res[f"topk_check_max_abs_diff_{method}"] = check_topk_exact(idx, logits, ks, ke, rows)
     del logits
     return res
 
@@ -130,10 +133,18 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
     t_log = bench_ms(lambda: ops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
     t_topk = bench_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
     t_stream = bench_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg, method="streaming"))
-    graph = torch.cuda.CUDAGraph()  # as the engine's decode runs it: no launch or host-sync overhead
-    with torch.cuda.graph(graph):
-        ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg)
-    t_graph = bench_ms(graph.replay)
+
+    def graph_ms(fn):  # as the engine's decode runs it: no launch overhead
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay)
+
+    t_graph = graph_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg))
+    t_log_graph = graph_ms(lambda: ops.paged_indexer_logits(q8, cache, w, cl, bt, width, config=cfg))
+    t_graph_thr = graph_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg, method="threshold"))
+    t_graph_direct = (graph_ms(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK, config=cfg,
+                                                              method="direct")) if ctx <= 32768 else None)
     p = ops.paged_problem(q8, cache, w, cl, bt, width, cfg)
     _, fail = ops.threshold_topk(p, TOPK, 8 * p.cfg["BLOCK_N"])
     kv_bytes = bsz * ctx * (D + 4)
@@ -142,7 +153,9 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
                 logits_gbps_incl_output=(kv_bytes + bsz * next_n * width * 4) / t_log / 1e6,
                 fused_topk_ms=t_topk, fused_topk_cache_gbps=kv_bytes / t_topk / 1e6,
                 fused_topk_over_logits=t_topk / t_log, streaming_topk_ms=t_stream, flagged_rows=int(fail.sum()),
-                fused_topk_graph_ms=t_graph,
+                fused_topk_graph_ms=t_graph, logits_graph_ms=t_log_graph,
+                topk_over_logits_graph=t_graph / t_log_graph, threshold_graph_ms=t_graph_thr,
+                direct_graph_ms=t_graph_direct,
                 copy_ratio=(kv_bytes / t_topk / 1e6) / ceil["copy_gbps"])
 
 
@@ -214,7 +227,7 @@ def main():
         save()
     if args.no_main:
         return
-    for s_kv in (8192, 32768, 131072):
+    for s_kv in (8192, 16384, 32768, 131072):
         try:
             r = run_prefill(s_kv, ceil, cfg_topk=cfg_topk)
         except Exception as e:
@@ -246,11 +259,11 @@ def main():
                           f"{r['peak_mem_logits_mib']:>6.0f}/{r['peak_mem_fused_topk_mib']:<6.0f} "
                           f"{r['streaming_topk_ms']:>9.3f} {r['flagged_rows']:>7}")
     print_table(f"\n{'B':>4} {'ctx':>7} {'logits ms':>10} {'GB/s':>7} {'topk ms':>8} {'topk GB/s':>9} "
-                f"{'topk/log':>8} {'stream ms':>9} {'flagged':>7} {'graph ms':>8}", result["decode"],
+                f"{'topk/log':>8} {'stream ms':>9} {'flagged':>7} {'graph ms':>8} {'log graph':>9}", result["decode"],
                 lambda r: f"{r['batch']:>4} {r['context']:>7} {r['logits_ms']:>10.3f} {r['logits_cache_gbps']:>7.0f} "
                           f"{r['fused_topk_ms']:>8.3f} {r['fused_topk_cache_gbps']:>9.0f} "
                           f"{r['fused_topk_over_logits']:>8.2f} {r['streaming_topk_ms']:>9.3f} "
-                          f"{r['flagged_rows']:>7} {r['fused_topk_graph_ms']:>8.3f}"
+                          f"{r['flagged_rows']:>7} {r['fused_topk_graph_ms']:>8.3f} {r['logits_graph_ms']:>8.3f}"
                           + ("" if r["next_n"] == 1 else "  (next_n 2)"))
 
 

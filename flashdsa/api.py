@@ -126,8 +126,9 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk:
 def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
                  ks: torch.Tensor, ke: torch.Tensor, topk: int, backend: str = "auto",
                  chunk: int = 256) -> torch.Tensor:
-    """Top-k of the indexer scores without materializing [S, S_kv]: [S, topk] int32,
-    -1 padded. Arguments as :func:`indexer_logits`. The reference path scores ``chunk``
+    """Top-k of the indexer scores without materializing [S, S_kv] (the Triton path
+    writes the scores of short rows a chunk of at most 256 MiB at a time): [S, topk]
+    int32, -1 padded. Arguments as :func:`indexer_logits`. The reference path scores ``chunk``
     query rows at a time (memory O(chunk * S_kv))."""
     _check_indexer_inputs(q8, k8, k_scale, weights, ks, ke)
     check(isinstance(topk, int) and topk > 0, ValueError, f"topk: expected a positive int, got {topk!r}")
@@ -368,7 +369,8 @@ def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.
                        backend: str = "auto") -> torch.Tensor:
     """[B * next_n, topk] int32 PHYSICAL slots (block * 64 + row, what sparse_mla_decode
     takes) of each decode query's top-k keys, -1 padded; arguments as
-    :func:`paged_indexer_logits`. The Triton path never materializes the scores."""
+    :func:`paged_indexer_logits`. The Triton path materializes the scores of short rows
+    only, a chunk at a time (memory O(B * next_n * topk) beyond a fixed bound)."""
     _check_paged_indexer_inputs(q8, kv_cache, weights, context_lens, block_table)
     check(isinstance(topk, int) and topk > 0, ValueError, f"topk: expected a positive int, got {topk!r}")
     if resolve_backend(backend, q8) == "triton":

@@ -8,6 +8,7 @@ or flagged) and with its streaming fallback; tiny top-k values make its sample
 thresholds noisy, so the fallback runs here far more often than at real sizes.
 """
 import importlib
+import math
 import pkgutil
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from flashdsa import api
 from flashdsa import reference as ref
 from flashdsa.ops import indexer as ops
-from flashdsa.ops.indexer import scores, selection
+from flashdsa.ops.indexer import direct, scores, selection, threshold
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 DEV = KERNEL_DEVICE
@@ -139,7 +140,8 @@ def check_topk(idx, r64, ks, ke, topk, atol):
         assert torch.allclose(got, best, rtol=0, atol=atol), f"row {t}: selected scores differ"
 
 
-METHODS = [("threshold", ops.SCORES_SLOTS), ("threshold", ops.SCORES_ATOMIC), ("streaming", None)]
+METHODS = [("threshold", ops.SCORES_SLOTS), ("threshold", ops.SCORES_ATOMIC), ("streaming", None),
+           ("direct", None)]
 
 
 def run_topk(inputs, topk, n_split, method, mode, check_unflagged=None):
@@ -182,7 +184,7 @@ def test_threshold_flags_short_rows():
     inputs = make_inputs(5, 120, 4, 32, ranges="ragged")
     p = ops.ragged_problem(*inputs)
     thr = torch.full((5,), 2 ** 31 - 1, dtype=torch.int32, device=DEV)
-    n = p.row_len()
+    n = (p.ke - p.ks).clamp(min=0)
     for mode in (ops.SCORES_SLOTS, ops.SCORES_ATOMIC):
         n_slots = p.cfg["BLOCK_N"] if mode == ops.SCORES_SLOTS else 1
         cnt = torch.zeros(5 * n_slots, dtype=torch.int32, device=DEV)
@@ -192,8 +194,8 @@ def test_threshold_flags_short_rows():
         assert int(cnt.sum()) == 0
         out = torch.empty(5, 4, dtype=torch.int32, device=DEV)
         fail = torch.empty(5, dtype=torch.int32, device=DEV)
-        ops.indexer_select_kernel[(5,)](bkey, bidx, cnt, thr, n, out, fail, n_slots, 8, 4,
-                                        NS_PAD=n_slots, SC_PAD=8, TOPK_PAD=4)
+        ops.indexer_select_kernel[(5,)](bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, 8, 4, 1, p.n_pos,
+                                        NS_PAD=n_slots, SC_PAD=8, TOPK_PAD=4, PAGED=False)
         assert fail.tolist() == (n > 0).int().tolist()
         assert bool((out == -1).all())
 
@@ -214,6 +216,67 @@ def test_topk_exact_ties_and_rising_scores():
         check_topk(idx, r64, ks, ke, topk, atol=1e-9 * float(r64[torch.isfinite(r64)].abs().max()))
         idx = run_topk((q8, k8, rising, weights, ks, ke), topk, None, method, mode)
         check_topk(idx, r64r, ks, ke, topk, atol=1e-5 * float(r64r[torch.isfinite(r64r)].abs().max()))
+
+
+def test_direct_chunks_and_auto_dispatch(monkeypatch):
+    """The direct method gives the same rows when its scores are computed a few rows at a
+    time; "auto" takes it up to DIRECT_MAX_POS key positions and the threshold method
+    above."""
+    inputs = make_inputs(7, 300, 4, 32, ranges="ragged")
+    r64 = ref64(*inputs)
+    logits = ops.indexer_logits(*inputs).cpu()
+    fin = torch.isfinite(r64)
+    atol = 2 * float((logits[fin].double() - r64[fin]).abs().max()) + 1e-12
+    p = ops.ragged_problem(*inputs)
+    whole = ops.select_topk(p, 16, 64, method="direct")
+    monkeypatch.setattr(direct, "DIRECT_BYTES", 3 * 300 * 4)  # 3 rows a chunk
+    chunked = ops.select_topk(p, 16, 64, method="direct")
+    assert torch.equal(whole, chunked)
+    check_topk(chunked, r64, *inputs[4:], 16, atol)
+    called = []
+    for name in ("direct_topk", "threshold_topk"):
+        real = getattr(threshold, name)
+        monkeypatch.setattr(threshold, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
+    for limit, want in ((300, "direct_topk"), (299, "threshold_topk")):
+        monkeypatch.setattr(direct, "DIRECT_MAX_POS", limit)
+        called.clear()
+        check_topk(ops.select_topk(p, 16, 64), r64, *inputs[4:], 16, atol)
+        assert called == [want]
+    # past DIRECT_MAX_POS on a GPU of 132 SMs: direct while the rows fill about one wave
+    wave = direct.DIRECT_WAVE_MAX_POS
+    for rows, n_pos, want in ((128, wave, True), (66, wave, True), (264, wave, True), (32, wave, False),
+                              (4096, 16384, False), (128, wave + 1, False), (4096, 100, True)):
+        assert direct.direct_wins(rows, n_pos, 132) == want, (rows, n_pos)
+    assert not direct.direct_wins(128, wave, 0)  # no GPU: short rows only
+    with pytest.raises(ValueError, match="method"):
+        ops.select_topk(p, 16, 64, method="radix")
+
+
+def test_sample_thresholds_match_torch():
+    """Each row's threshold is the score key of its ceil(1.5 * topk * n_s / n)-th largest
+    sampled score (torch.topk of the sample), or INT32_MIN where every candidate passes."""
+    s_kv, topk = 1500, 24
+    inputs = make_inputs(9, s_kv, 4, 32, ranges="ragged")
+    p = ops.ragged_problem(*inputs)
+    n = (p.ke - p.ks).clamp(min=0)
+    thr = ops.sample_thresholds(p, topk, 64).cpu()
+    st = threshold.sample_stride(s_kv)
+    samp = torch.empty(p.rows, -(-s_kv // st), device=DEV)
+    ops.launch_scores(p, ops.SCORES_STORE, (1, 128 * 16), st, out=samp)
+    samp, ks, ke, n = samp.cpu(), inputs[4].cpu(), inputs[5].cpu(), n.cpu()
+    r_max = min(samp.shape[1], math.ceil(1.5 * topk / st + 1.5) + 1)
+    sampled = 0
+    for t in range(p.rows):
+        n_s = max(0, -(-int(ke[t]) // st) - (-(-int(ks[t]) // st)))
+        rank = -(-(n_s * 3 * topk) // (2 * max(int(n[t]), 1)))
+        if int(n[t]) <= topk or rank > min(n_s, r_max):
+            assert int(thr[t]) == selection.INT32_MIN
+        else:
+            v = samp[t].topk(rank).values[-1]
+            want = v.view(torch.int32) if v >= 0 else v.view(torch.int32) ^ 0x7FFFFFFF
+            assert int(thr[t]) == int(want), t
+            sampled += 1
+    assert sampled >= 3, sampled
 
 
 def test_config_table_bounds(monkeypatch):

@@ -7,6 +7,7 @@ from flashdsa import api
 from flashdsa import reference as ref
 from flashdsa.cache import PagedIndexerCache
 from flashdsa.ops import indexer as ops
+from flashdsa.ops.indexer import direct
 from flashdsa.reference import paged_indexer as pref
 from tests.ops.test_indexer import poison_scratch
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
@@ -130,7 +131,7 @@ def check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=0.0):
 
 
 @pytest.mark.parametrize("method,mode", [("threshold", ops.SCORES_SLOTS), ("threshold", ops.SCORES_ATOMIC),
-                                         ("streaming", None)])
+                                         ("streaming", None), ("direct", None)])
 @pytest.mark.parametrize("next_n,topk,n_split,ctx", [
     (1, 16, None, [150, 3, 64, 97]), (2, 24, 2, [150, 3, 64, 97]), (1, 256, None, [150, 3, 64, 97]),
     (2, 16, 5, [700, 190, 2, 431])])   # long contexts: real sample thresholds
@@ -143,6 +144,20 @@ def test_paged_topk_returns_physical_slots(next_n, topk, n_split, ctx, method, m
     slots = ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], n_split, method, mode)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
+
+
+def test_paged_direct_in_chunks(monkeypatch):
+    """The direct method's chunks are whole sequences (their next_n rows together)."""
+    ctx, next_n, topk = [150, 3, 64, 97, 130], 2, 16
+    max_blocks = max(ctx) // 64 + 1
+    cache, bt, cl = make_cache(ctx, 32, max_blocks)
+    q8, w = make_queries(len(ctx), next_n, 4, 32)
+    p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    whole = ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], method="direct")
+    monkeypatch.setattr(direct, "DIRECT_BYTES", 2 * next_n * max_blocks * 64 * 4)  # 2 sequences a chunk
+    assert torch.equal(ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], method="direct"), whole)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    check_paged_topk(whole, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
 
 
 def kernel_atol(q8, cache, w, cl, bt, r):
@@ -198,7 +213,7 @@ def test_gpu_paged_topk_in_cuda_graph_with_fallback():
     """Captured in a CUDA graph (as the engine's decode runs it), the threshold top-k and
     its streaming fallback need no host sync: a sequence whose 8000 keys all tie
     overflows its candidate buffer (about 2 * 1.5 * topk) and must still come out exact
-    on replay."""
+    on replay. The direct method (the default at this length) too."""
     ctx, h, d, topk = [6000, 8000], 64, 128, 2048
     max_blocks = max(ctx) // 64 + 1
     cache, bt, cl = make_cache(ctx, d, max_blocks, device="cuda")
@@ -208,11 +223,12 @@ def test_gpu_paged_topk_in_cuda_graph_with_fallback():
     p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
     _, fail = ops.threshold_topk(p, topk, 8 * p.cfg["BLOCK_N"])
     assert fail.tolist() == [0, 1], fail.tolist()
-    ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        slots = ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk)
-    slots.fill_(-7)
-    graph.replay()
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
-    check_paged_topk(slots, r, bt, ctx, 1, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
+    for method in ("threshold", "direct"):
+        ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, method=method)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            slots = ops.paged_indexer_topk(q8, cache.kv, w, cl, bt, topk, method=method)
+        slots.fill_(-7)
+        graph.replay()
+        check_paged_topk(slots, r, bt, ctx, 1, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))

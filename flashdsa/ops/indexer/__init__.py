@@ -4,8 +4,11 @@
     scores.py     the FP8 scores kernel (logits; the scoring pass of the threshold
                   top-k), block sizes, :class:`Problem`, :func:`indexer_logits`
     selection.py  int32 score keys and the exact in-register top-k both methods use
-    threshold.py  the default top-k: sample thresholds, keep-above-threshold pass,
-                  select kernel; :func:`select_topk`, :func:`indexer_topk`
+    direct.py     the top-k of short rows: scores of row chunks, then an in-register
+                  exact select a row
+    threshold.py  the top-k of long rows: sample thresholds, keep-above-threshold pass,
+                  select kernel; :func:`select_topk` (which picks the method),
+                  :func:`indexer_topk`
     streaming.py  the streaming top-k kernel: exact on any input, the fallback
     paged.py      the paged problem, :func:`paged_indexer_logits`,
                   :func:`paged_indexer_topk` and :func:`indexer_cache_write`
@@ -25,12 +28,14 @@ from .scores import (
     launch_scores,
     ragged_problem,
 )
+from .direct import DIRECT_MAX_POS, direct_topk, prefers_direct
 from .streaming import streaming_topk
-from .threshold import indexer_select_kernel, indexer_topk, sample_thresholds, select_topk, threshold_topk
+from .threshold import METHODS, indexer_select_kernel, indexer_topk, sample_thresholds, select_topk, threshold_topk
 
 __all__ = [
     "indexer_logits", "indexer_topk", "paged_indexer_logits", "paged_indexer_topk", "indexer_cache_write",
     "Problem", "ragged_problem", "paged_problem", "default_config", "launch_scores", "select_topk",
-    "threshold_topk", "sample_thresholds", "streaming_topk", "indexer_select_kernel",
+    "threshold_topk", "sample_thresholds", "streaming_topk", "indexer_select_kernel", "direct_topk",
+    "DIRECT_MAX_POS", "METHODS", "prefers_direct",
     "SCORES_STORE", "SCORES_SLOTS", "SCORES_ATOMIC",
 ]

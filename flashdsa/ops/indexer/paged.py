@@ -72,10 +72,10 @@ def paged_indexer_logits(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torc
 def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                        context_lens: torch.Tensor, block_table: torch.Tensor, topk: int,
                        max_context_len: int | None = None, config: dict | None = None,
-                       n_split: int | None = None, method: str = "threshold") -> torch.Tensor:
+                       n_split: int | None = None, method: str = "auto") -> torch.Tensor:
     """[B * next_n, topk] int32 physical slots of each decode query's top-k keys, -1
-    padded, in no particular order; never materializes the scores (see
-    flashdsa.ops.indexer.select_topk for the methods). ``max_context_len`` (default
+    padded, in no particular order; materializes the scores only of short rows, in
+    chunks (see flashdsa.ops.indexer.select_topk for the methods). ``max_context_len`` (default
     max_blocks * 64) bounds the positions walked; the key axis is split over programs
     when the batch alone does not fill the GPU. CUDA-graph capturable."""
     if max_context_len is None:

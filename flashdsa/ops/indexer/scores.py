@@ -196,6 +196,19 @@ def program_split(split_len, S_kv, HEAVY_FIRST: tl.constexpr):
     return pid_q, pid_s, n_start, n_end
 
 
+@triton.jit
+def row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED: tl.constexpr):
+    """Candidate keys of row r (SPEC 2 and 4): ke - ks (ragged), or the causal limit of
+    token r % NEXT_N of sequence r // NEXT_N, at most n_pos (paged: ks_ptr holds the
+    context lengths)."""
+    if PAGED:
+        ctx = tl.load(ks_ptr + r // NEXT_N)
+        n = tl.minimum(tl.maximum(ctx - NEXT_N + 1 + r % NEXT_N, 0), n_pos)
+    else:
+        n = tl.maximum(tl.load(ke_ptr + r) - tl.load(ks_ptr + r), 0)
+    return n
+
+
 # What indexer_scores_kernel does with each tile of scores (MODE):
 SCORES_STORE = 0    # write them: out [rows, n_pos] fp32, -inf outside each row's range
 SCORES_SLOTS = 1    # keep those >= the row's threshold, in per-(row, split, tile column) slots
@@ -329,14 +342,6 @@ class Problem:
         scoring kernel's)."""
         return self.units if self.paged else triton.cdiv(self.rows, (cfg or self.cfg)["BLOCK_Q"])
 
-    def row_len(self) -> torch.Tensor:
-        """[rows] int32: candidate keys of each row (SPEC 2 and 4)."""
-        if not self.paged:
-            return (self.ke - self.ks).clamp(min=0).to(torch.int32)
-        j = torch.arange(self.next_n, device=self.q.device, dtype=torch.int32)
-        n = self.ctx[:, None] - self.next_n + 1 + j[None, :]
-        return n.clamp(min=0, max=self.n_pos).reshape(-1).to(torch.int32)
-
     def take(self, units: torch.Tensor) -> "Problem":
         """The sub-problem of some units (a 1-D index tensor)."""
         if self.paged:
@@ -349,6 +354,14 @@ class Problem:
         widths are 16), H_PAD."""
         h, d = self.q.shape[1], self.q.shape[2]
         return dict(D=d, D_PAD=max(triton.next_power_of_2(d), 32), H_PAD=triton.next_power_of_2(h))
+
+    def slice(self, u0: int, u1: int) -> "Problem":
+        """The sub-problem of units [u0, u1) (views, no copies)."""
+        r0, r1 = u0 * self.next_n, u1 * self.next_n
+        if self.paged:
+            return replace(self, q=self.q[r0:r1], w=self.w[r0:r1], ks=self.ks[u0:u1], ke=self.ke[u0:u1],
+                           ctx=self.ctx[u0:u1], bt=self.bt[u0:u1])
+        return replace(self, q=self.q[r0:r1], w=self.w[r0:r1], ks=self.ks[r0:r1], ke=self.ke[r0:r1])
 
     def unit_rows(self, units: torch.Tensor) -> torch.Tensor:
         """Row indices of some units."""

@@ -24,13 +24,6 @@ def score_key(s):
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 
-def score_keys(x: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int32 image of fp32 scores (as :func:`score_key`); -inf -> INT32_MIN."""
-    b = x.contiguous().view(torch.int32)
-    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    return torch.where(torch.isneginf(x), INT32_MIN, key).to(torch.int32)
-
-
 @triton.jit
 def kth_largest(keys, valid, nvalid, thr, k):
     """The k-th largest of one row's keys [CAP] (entries where ``valid``), exact (any
@@ -63,7 +56,10 @@ def take_topk(keys, valid, thr, k):
     gt = valid & (keys > T)
     eq = valid & (keys == T)
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+    if n_gt + tl.sum(eq.to(tl.int32), axis=0) > k:  # ties at T cut: the first ones by position
+        take = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+    else:
+        take = gt | eq
     full = nvalid > k
     # (tl.where, not `&`, with a scalar bool: the 3.9 interpreter's tensor & scalar-bool
     # gives a mask dtype tl.store rejects)

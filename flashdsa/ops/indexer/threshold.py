@@ -9,7 +9,8 @@
 
 A row whose candidates overflowed or fell short is redone by the streaming kernel
 (flashdsa.ops.indexer.streaming): exact on any input, and rare on real data (the
-sample's quantile is within a few percent of the true one).
+sample's quantile is within a few percent of the true one). :func:`select_topk` also
+dispatches to the direct method (flashdsa.ops.indexer.direct) for short rows.
 """
 from __future__ import annotations
 
@@ -20,25 +21,46 @@ import triton
 import triton.language as tl
 
 from ..common import interpreted
-from .scores import SCORES_ATOMIC, SCORES_SLOTS, SCORES_STORE, Problem, choose_split, launch_scores, ragged_problem
-from .selection import INT32_MIN, INT32_MIN_C, score_keys, scratch, take_topk
+from .direct import direct_topk, prefers_direct
+from .scores import (
+    SCORES_ATOMIC,
+    SCORES_SLOTS,
+    SCORES_STORE,
+    Problem,
+    choose_split,
+    launch_scores,
+    ragged_problem,
+    row_length,
+)
+from .selection import (
+    INT32_MIN,
+    INT32_MIN_C,
+    kth_largest,
+    score_key,
+    scratch,
+    take_topk,
+)
 from .streaming import streaming_topk
 
-SAMPLE_STRIDE = 16             # the sample scores every SAMPLE_STRIDE-th key
-MARGIN = 1.5                   # the threshold aims at MARGIN * topk passing scores a row
+SAMPLE_STRIDE = 16             # the sample scores every SAMPLE_STRIDE-th key (at least)
+SAMPLE_MAX = 8192              # sampled scores a row at most
+MARGIN_NUM, MARGIN_DEN = 3, 2  # the threshold aims at MARGIN * topk passing scores a row
+MARGIN = MARGIN_NUM / MARGIN_DEN
+MARGIN_NUM_C, MARGIN_DEN_C = tl.constexpr(MARGIN_NUM), tl.constexpr(MARGIN_DEN)
 SAMPLE_BYTES = 64 * 2 ** 20   # the sample's scores are computed in row chunks of at most this
 SLOTS_MAX_SPLIT = 4            # per-slot buffers while the key axis has at most this many splits
 
 
 @triton.jit
-def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, nrow_ptr, out_ptr, fail_ptr,
-                          n_slots, SC, topk,
-                          NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, TOPK_PAD: tl.constexpr):
+def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, out_ptr, fail_ptr,
+                          n_slots, SC, topk, NEXT_N, n_pos,
+                          NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, TOPK_PAD: tl.constexpr,
+                          PAGED: tl.constexpr):
     """Second pass of the threshold top-k, one program a row r: its candidates are
     n_slots slots of SC entries (bkey/bidx [rows, n_slots, SC], counts cnt [rows,
     n_slots]); writes out [r, :topk] (indices, -1 padded) and fail [r] = 1 when the
     candidates cannot give the exact answer: a slot overflowed, or fewer than
-    min(topk, nrow[r]) scores passed the threshold thr [r]."""
+    min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`)."""
     r = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, NS_PAD * SC_PAD)
     slot = e // SC_PAD
@@ -53,38 +75,73 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, nrow_ptr, out_pt
     tl.store(out_ptr + r * topk + pos, idx, mask=take)
     p = tl.arange(0, TOPK_PAD)
     tl.store(out_ptr + r * topk + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
-    short = nvalid < tl.minimum(topk, tl.load(nrow_ptr + r))
+    short = nvalid < tl.minimum(topk, row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED))
     tl.store(fail_ptr + r, ((tl.max(cnt) > SC) | short).to(tl.int32))
 
 
-
-def sample_thresholds(p: Problem, topk: int, min_split: int, n: torch.Tensor) -> torch.Tensor:
-    """[rows] int32 score keys: the ceil(MARGIN * topk * n_s / n)-th largest of the
-    row's n_s sampled scores (n [rows] = its candidate keys), INT32_MIN where the row has
-    at most topk candidates or the sample is too short (every candidate then passes)."""
-    dev = p.q.device
-    st = SAMPLE_STRIDE
-    n_s_all = triton.cdiv(p.n_pos, st)
-    if n_s_all == 0:
-        return torch.full((p.rows,), INT32_MIN, dtype=torch.int32, device=dev)
-    r_max = min(n_s_all, math.ceil(MARGIN * topk / st + MARGIN) + 1)
-    if p.paged:
+@triton.jit
+def sample_threshold_kernel(samp_ptr, ks_ptr, ke_ptr, thr_ptr, cnt_ptr, stride_s, n_cols, st, topk, r_max,
+                            NEXT_N, n_pos, PAGED: tl.constexpr, ZERO_CNT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program a row r of the sample's scores samp [rows, n_cols] (-inf outside the
+    row's range): thr [r] = the score key of its rank-th largest sample, rank =
+    ceil(MARGIN * topk * n_s / n) (n = :func:`row_length` candidate keys, n_s of them
+    sampled), or INT32_MIN (every candidate passes) when n <= topk or rank > min(n_s,
+    r_max). ZERO_CNT: also zero the row's append counter cnt [r] of the filter pass."""
+    r = tl.program_id(0).to(tl.int64)
+    n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
+    if PAGED:
         n_s = (n + st - 1) // st
     else:
-        n_s = ((p.ke.clamp(min=0) + st - 1) // st - (p.ks.clamp(min=0) + st - 1) // st).clamp(min=0)
-    r = torch.ceil(n_s * (MARGIN * topk) / n.clamp(min=1)).long()
-    need = (n > topk) & (r <= n_s) & (r <= r_max)
+        ks = tl.maximum(tl.load(ks_ptr + r), 0)
+        ke = tl.maximum(tl.load(ke_ptr + r), 0)
+        n_s = tl.maximum((ke + st - 1) // st - (ks + st - 1) // st, 0)
+    nn = tl.maximum(n, 1).to(tl.int64)
+    rank = (n_s.to(tl.int64) * (MARGIN_NUM_C * topk) + MARGIN_DEN_C * nn - 1) // (MARGIN_DEN_C * nn)
+    rank = tl.maximum(rank, 1).to(tl.int32)
+    e = tl.arange(0, BLOCK)
+    v = tl.load(samp_ptr + r * stride_s + e, mask=e < n_cols, other=float("-inf"))
+    valid = v > float("-inf")
+    keys = score_key(v)
+    nvalid = tl.sum(valid.to(tl.int32), axis=0)
+    T = kth_largest(keys, valid, nvalid, INT32_MIN_C, rank)
+    need = (n > topk) & (rank <= n_s) & (rank <= r_max) & (nvalid >= rank)
+    tl.store(thr_ptr + r, tl.where(need, T, INT32_MIN_C))
+    if ZERO_CNT:
+        tl.store(cnt_ptr + r, 0)
+
+
+def sample_stride(n_pos: int) -> int:
+    """Keys between two sampled ones: SAMPLE_STRIDE, or more where the sample of a row
+    would exceed SAMPLE_MAX scores (the threshold kernel holds a sampled row in registers)."""
+    return max(SAMPLE_STRIDE, triton.cdiv(n_pos, SAMPLE_MAX))
+
+
+def sample_thresholds(p: Problem, topk: int, min_split: int, zero_cnt: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows] int32 score keys: the ceil(MARGIN * topk * n_s / n)-th largest of the
+    row's n_s sampled scores (n = its candidate keys), INT32_MIN where the row has at
+    most topk candidates or the sample is too short (every candidate then passes).
+    ``zero_cnt`` [rows] (the atomic filter's counters) is zeroed on the way."""
+    dev = p.q.device
+    st = sample_stride(p.n_pos)
+    n_s_all = triton.cdiv(p.n_pos, st)
+    if n_s_all == 0:
+        if zero_cnt is not None:
+            zero_cnt.zero_()
+        return torch.full((p.rows,), INT32_MIN, dtype=torch.int32, device=dev)
+    thr = torch.empty(p.rows, dtype=torch.int32, device=dev)
+    r_max = min(n_s_all, math.ceil(MARGIN * topk / st + MARGIN) + 1)
     chunk = max(1, SAMPLE_BYTES // (4 * n_s_all * p.next_n))   # units a chunk
-    vals = []
     for u0 in range(0, p.units, chunk):
-        sub = p if chunk >= p.units else p.take(torch.arange(u0, min(u0 + chunk, p.units), device=dev))
+        sub = p.slice(u0, min(u0 + chunk, p.units))
+        r0, r1 = u0 * p.next_n, u0 * p.next_n + sub.rows
         out = torch.empty(sub.rows, n_s_all, dtype=torch.float32, device=dev)
-        bn = sub.cfg["BLOCK_N"]
-        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_s_all, bn, dev, min_split), st, out=out)
-        vals.append(out.topk(r_max, dim=1).values)                                   # sorted, descending
-    vals = vals[0] if len(vals) == 1 else torch.cat(vals)
-    t = vals.gather(1, (r.clamp(1, r_max) - 1)[:, None])[:, 0]
-    return torch.where(need, score_keys(t), INT32_MIN)
+        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_s_all, sub.cfg["BLOCK_N"], dev, min_split),
+                      st, out=out)
+        sample_threshold_kernel[(sub.rows,)](
+            out, sub.ks, sub.ke, thr[r0:r1], thr if zero_cnt is None else zero_cnt[r0:r1], out.stride(0), n_s_all,
+            st, topk, r_max, p.next_n, p.n_pos, PAGED=p.paged, ZERO_CNT=zero_cnt is not None,
+            BLOCK=triton.next_power_of_2(n_s_all), num_warps=4)
+    return thr
 
 
 def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None,
@@ -93,20 +150,18 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     threshold method, before any fallback. ``mode``: SCORES_SLOTS or SCORES_ATOMIC
     (default: slots while the key axis has at most SLOTS_MAX_SPLIT splits)."""
     dev = p.q.device
-    n = p.row_len()
-    thr = sample_thresholds(p, topk, min_split, n)
     bn = p.cfg["BLOCK_N"]
     split = choose_split(p.n_prog(), max(p.n_pos, 1), bn, dev, min_split, n_split)
     if mode is None:
         mode = SCORES_SLOTS if split[0] <= SLOTS_MAX_SPLIT else SCORES_ATOMIC
-    expected = math.ceil(MARGIN * topk) + SAMPLE_STRIDE
+    expected = math.ceil(MARGIN * topk) + sample_stride(p.n_pos)
     if mode == SCORES_SLOTS:
         n_slots = split[0] * bn
         sc = triton.cdiv(2 * expected, n_slots) + 16
-        cnt = scratch(p.rows * n_slots, device=dev)
     else:
         n_slots, sc = 1, 2 * expected
-        cnt = scratch(p.rows, device=dev, fill=0)
+    cnt = scratch(p.rows * n_slots, device=dev)  # slots: written by the filter; appends: zeroed by the sample
+    thr = sample_thresholds(p, topk, min_split, zero_cnt=cnt if mode == SCORES_ATOMIC else None)
     bkey = scratch(p.rows * n_slots * sc, device=dev)
     bidx = scratch(p.rows * n_slots * sc, device=dev)
     launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
@@ -114,41 +169,45 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     fail = scratch(p.rows, device=dev)
     if p.rows:
         indexer_select_kernel[(p.rows,)](
-            bkey, bidx, cnt, thr, n, out, fail, n_slots, sc, topk,
+            bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, sc, topk, p.next_n, p.n_pos,
             NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=triton.next_power_of_2(sc),
-            TOPK_PAD=triton.next_power_of_2(topk), num_warps=4 if interpreted() else 8)
+            TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=4 if interpreted() else 8)
     return out, fail
 
 
-def select_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None, method: str = "threshold",
+METHODS = ("auto", "direct", "threshold", "streaming")
+
+
+def select_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None, method: str = "auto",
                 mode: int | None = None) -> torch.Tensor:
-    """[rows, topk] int32, exact up to ties, by ``method`` "threshold" (with the
-    streaming fallback for flagged rows) or "streaming". Under CUDA-graph capture the
-    fallback runs without a host sync (a launch whose unflagged programs exit)."""
+    """[rows, topk] int32, exact up to ties, by ``method``: "direct" (materialized scores
+    of row chunks, flashdsa.ops.indexer.direct), "threshold" (with the streaming fallback
+    for flagged rows), "streaming", or "auto": direct where
+    :func:`~flashdsa.ops.indexer.direct.prefers_direct` says so, else threshold. No host sync: the fallback is one launch whose unflagged
+    programs exit at once (CUDA-graph safe)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if p.rows == 0:
         return torch.empty(0, topk, dtype=torch.int32, device=p.q.device)
+    if method == "auto":
+        method = "direct" if prefers_direct(p) else "threshold"
+    if method == "direct":
+        return direct_topk(p, topk, min_split)
     if method == "streaming":
         return streaming_topk(p, topk, min_split, n_split)
-    if method != "threshold":
-        raise ValueError(f"method must be 'threshold' or 'streaming', got {method!r}")
     out, fail = threshold_topk(p, topk, min_split, n_split, mode)
-    if p.q.is_cuda and torch.cuda.is_current_stream_capturing():
-        streaming_topk(p, topk, min_split, out=out, fail=fail)
-        return out
-    per_unit = fail.view(p.units, -1).amax(1) if p.paged else fail
-    bad = per_unit.nonzero()[:, 0]
-    if bad.numel():
-        out[p.unit_rows(bad)] = streaming_topk(p.take(bad), topk, min_split)
+    streaming_topk(p, topk, min_split, out=out, fail=fail)
     return out
 
 
 def indexer_topk(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
                  ks: torch.Tensor, ke: torch.Tensor, topk: int, config: dict | None = None,
-                 n_split: int | None = None, method: str = "threshold") -> torch.Tensor:
+                 n_split: int | None = None, method: str = "auto") -> torch.Tensor:
     """[S, topk] int32 key rows of the topk largest index scores in each row's [ks, ke),
-    -1 padded, in no particular order; computed without materializing [S, S_kv]
-    (threshold method: about 8 * S * 3 * topk bytes of candidates plus a sample of at
-    most SAMPLE_BYTES; see :func:`select_topk`). Inputs as :func:`indexer_logits`."""
+    -1 padded, in no particular order; never materializes [S, S_kv] (direct method: the
+    scores of row chunks of at most DIRECT_BYTES; threshold method: about 8 * S * 3 *
+    topk bytes of candidates plus a sample of at most SAMPLE_BYTES; see
+    :func:`select_topk`). Inputs as :func:`indexer_logits`."""
     p = ragged_problem(q8, k8, k_scale, weights, ks, ke, config)
     return select_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split, method)
 

@@ -1,0 +1,96 @@
+"""Direct top-k of the indexer scores, for short rows: the scores kernel writes the
+scores of a chunk of rows (SCORES_STORE), then ``rows_topk_kernel`` takes each row's
+exact top-k with the row held in registers (:func:`take_topk`: binary search on the
+int32 score keys, ties in position order). No sample, no candidate slots, no fallback:
+at a few thousand keys a row the threshold method's fixed costs outweigh what it saves
+(the crossovers, :func:`prefers_direct`, are measured: docs/benchmarks_indexer.md).
+
+Memory: the scores of at most DIRECT_BYTES a chunk (plus the [rows, topk] output).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...layout import PAGE_SIZE
+from ..common import interpreted, num_sms
+from .scores import SCORES_STORE, Problem, choose_split, launch_scores, row_length
+from .selection import INT32_MIN_C, score_key, take_topk
+
+DIRECT_MAX_POS = 8192           # "auto" takes the direct method for rows of at most this many keys,
+DIRECT_WAVE_MAX_POS = 32768     # and up to this many when its programs (a row each) fill about one wave
+DIRECT_BYTES = 256 * 2 ** 20    # the scores of one chunk of rows at most
+
+
+def prefers_direct(p: Problem) -> bool:
+    """Whether "auto" takes the direct method for ``p``: :func:`direct_wins` with the
+    GPU's SM count (short rows only under the interpreter or on CPU)."""
+    sms = num_sms(p.q.device) if p.q.device.type == "cuda" and not interpreted() else 0
+    return direct_wins(p.rows, p.n_pos, sms)
+
+
+def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
+    """The measured crossovers on an H200 (docs/benchmarks_indexer.md): the direct method
+    for rows of at most DIRECT_MAX_POS keys; for rows of up to DIRECT_WAVE_MAX_POS keys
+    when the rows fill the GPU about once (between half and twice as many rows as SMs),
+    where the threshold method's passes cost more than one wave of long selects. Many
+    long rows (prefill) and few (small decode batches) go to the threshold method."""
+    if n_pos <= DIRECT_MAX_POS:
+        return True
+    return n_pos <= DIRECT_WAVE_MAX_POS and sms > 0 and sms // 2 <= rows <= 2 * sms
+
+
+@triton.jit
+def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt, topk, NEXT_N, n_pos,
+                     BLOCK: tl.constexpr, TOPK_PAD: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr):
+    """One program a row r of the scores s [rows, n_pos] (n_pos <= BLOCK): out [r, :topk]
+    = the positions of its topk largest scores among its candidates (ragged: [ks, ke);
+    paged: the first :func:`row_length` positions, reported as the physical slot
+    block_table[r // NEXT_N, pos // PAGE] * PAGE + pos % PAGE), -1 padded, in position
+    order."""
+    r = tl.program_id(0).to(tl.int64)
+    n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
+    start = 0 if PAGED else tl.load(ks_ptr + r)
+    e = tl.arange(0, BLOCK)
+    valid = (e >= start) & (e < start + n)
+    keys = score_key(tl.load(s_ptr + r * stride_s + e, mask=valid, other=float("-inf")))
+    take, pos, n_take, nvalid, T, full = take_topk(keys, valid, INT32_MIN_C, topk)
+    if PAGED:
+        blk = tl.load(bt_ptr + (r // NEXT_N) * stride_bt + e // PAGE, mask=take, other=0)
+        idx = blk * PAGE + e % PAGE
+    else:
+        idx = e
+    tl.store(out_ptr + r * topk + pos, idx, mask=take)
+    p = tl.arange(0, TOPK_PAD)
+    tl.store(out_ptr + r * topk + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
+
+
+def _warps(block: int) -> int:
+    if interpreted():
+        return 4
+    return 4 if block <= 8192 else 8 if block <= 16384 else 32
+
+
+def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:
+    """[rows, topk] int32, exact (ties in position order), by the direct method, for rows
+    of at most DIRECT_WAVE_MAX_POS key positions (a row is held in registers)."""
+    if p.n_pos > DIRECT_WAVE_MAX_POS:
+        raise ValueError(f"the direct top-k takes at most {DIRECT_WAVE_MAX_POS} key positions a row, "
+                         f"got {p.n_pos}: use method 'threshold' or 'auto'")
+    dev = p.q.device
+    n_pos = max(p.n_pos, 1)
+    out = torch.empty(p.rows, topk, dtype=torch.int32, device=dev)
+    block = triton.next_power_of_2(n_pos)
+    chunk = max(1, DIRECT_BYTES // (4 * n_pos * p.next_n))   # units a chunk
+    for u0 in range(0, p.units, chunk):
+        sub = p.slice(u0, min(u0 + chunk, p.units))
+        r0 = u0 * p.next_n
+        scores = torch.empty(sub.rows, n_pos, dtype=torch.float32, device=dev)
+        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_pos, sub.cfg["BLOCK_N"], dev, min_split),
+                      out=scores)
+        rows_topk_kernel[(sub.rows,)](
+            scores, sub.ks, sub.ke, sub.bt, out[r0:r0 + sub.rows], scores.stride(0),
+            sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block,
+            TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block))
+    return out
