@@ -46,7 +46,8 @@ def select_alone(scores, ks, ke, topk, num_warps):
     rows, width = scores.shape
     out = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     rows_topk_kernel[(rows,)](scores, ks, ke, ks, out, scores.stride(0), 0, topk, 1, width,
-                              BLOCK=triton.next_power_of_2(width), TOPK_PAD=triton.next_power_of_2(topk),
+                              BLOCK=triton.next_power_of_2(width), CHUNK=min(1024, triton.next_power_of_2(width)),
+                              TOPK_PAD=triton.next_power_of_2(topk),
                               PAGE=PAGE_SIZE, PAGED=False, num_warps=num_warps)
     return out
 

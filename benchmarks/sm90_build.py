@@ -1,5 +1,6 @@
 """Build the GPU kernels for sm_90 (Hopper) on any machine, no GPU needed, and report
-their resources: registers, spill stack, shared memory.
+their resources: registers, spill stack, shared memory (the training kernels and the
+indexer top-k's).
 
     python -m benchmarks.sm90_build            # table of every kernel at the sm90 block sizes
 
@@ -172,6 +173,57 @@ def training_launches() -> dict[str, list]:
     return cases
 
 
+def indexer_launches() -> dict[str, list]:
+    """The launches of the indexer top-k (prefill and decode) at the real widths (H_I 64,
+    d_I 128, topk 2048) with the sm90 block sizes, by case name."""
+    from unittest import mock
+
+    from flashdsa.layout import PAGE_SIZE, indexer_block_bytes
+    from flashdsa.ops import indexer as I
+    from flashdsa.ops.indexer import paged as P
+    from flashdsa.ops.indexer import scores as Sc
+    from flashdsa.ops.indexer import threshold as Th
+
+    g = torch.Generator().manual_seed(0)
+    S, H, D, topk = 64, 64, 128, 2048
+    cases = {}
+    with mock.patch.object(Sc, "_family", lambda device: "sm90"):
+        for s_kv in (8192, 16384, 32768):
+            q8 = torch.randn(S, H, D, generator=g).to(torch.float8_e4m3fn)
+            k8 = torch.randn(s_kv, D, generator=g).to(torch.float8_e4m3fn)
+            ke = torch.arange(s_kv - S + 1, s_kv + 1, dtype=torch.int32)
+            p = I.ragged_problem(q8, k8, torch.rand(s_kv, generator=g), torch.randn(S, H, generator=g),
+                                 torch.zeros_like(ke), ke)
+            with capture_launches() as launches:
+                I.direct_topk(p, topk, 4 * p.cfg["BLOCK_N"])
+            cases[f"direct top-k {s_kv // 1024}K"] = launches[1:]  # (the scores kernel: below)
+        for warps in (4, 8):
+            with capture_launches() as launches, mock.patch.object(Th, "select_warps", lambda p, w=warps: w):
+                I.threshold_topk(p, topk, 4 * p.cfg["BLOCK_N"])
+            cases[f"threshold top-k 32K, select {warps} warps"] = launches if warps == 4 else launches[3:]
+        few_rows = mock.patch.object(Th, "select_warps", lambda p: 8)  # a decode batch: fewer rows than SMs
+        with capture_launches() as launches, few_rows:
+            I.threshold_topk(p, topk, 4 * p.cfg["BLOCK_N"], n_split=8)
+        cases["threshold top-k, atomic appends"] = launches[2:]
+        with capture_launches() as launches:
+            I.streaming_topk(p, topk, 4 * p.cfg["BLOCK_N"], out=torch.empty(S, topk, dtype=torch.int32),
+                             fail=torch.zeros(S, dtype=torch.int32))
+        cases["streaming top-k (fallback)"] = launches
+        bsz, ctx = 4, 32768
+        blocks = ctx // PAGE_SIZE
+        cache = torch.zeros(bsz * blocks, indexer_block_bytes(D), dtype=torch.uint8)
+        bt = torch.arange(bsz * blocks, dtype=torch.int32).view(bsz, blocks)
+        cl = torch.full((bsz,), ctx, dtype=torch.int32)
+        q8 = torch.randn(bsz, 1, H, D, generator=g).to(torch.float8_e4m3fn)
+        pp = P.paged_problem(q8, cache, torch.randn(bsz, H, generator=g), cl, bt, ctx, P.PAGED_SM90["logits"])
+        h200 = mock.patch.object(Sc, "num_sms", lambda device: 132)  # the key axis split as on an H200
+        with capture_launches() as launches, few_rows, h200:
+            I.direct_topk(pp, topk, 8 * pp.cfg["BLOCK_N"])
+            I.threshold_topk(pp, topk, 8 * pp.cfg["BLOCK_N"])
+        cases["paged top-k 32K (direct, threshold)"] = launches
+    return cases
+
+
 def main():
     import argparse
 
@@ -183,7 +235,7 @@ def main():
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     print(f"triton {triton.__version__}, target sm_90; shared memory limit {SM90_SHARED_BYTES} bytes")
     over = 0
-    for case, launches in training_launches().items():
+    for case, launches in {**training_launches(), **indexer_launches()}.items():
         for r in build(launches):
             flag = "  SPILLS" if r["spill_stack"] else ""
             if r["shared"] > SM90_SHARED_BYTES:

@@ -42,9 +42,19 @@ def poison_scratch(monkeypatch):
     assert {"streaming", "threshold"} <= set(users), users
 
 
+def small_chunks(monkeypatch):
+    """On CPU, the select kernels' second passes step through a few entries at a time,
+    so that the tiny problems here cross chunk boundaries (running prefix sums, ties
+    cut in a later chunk); the GPU tests keep the real chunk sizes."""
+    if DEV == "cpu":
+        monkeypatch.setattr(direct, "DIRECT_CHUNK", 32)
+        monkeypatch.setattr(threshold, "SELECT_CHUNK", 64)
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     poison_scratch(monkeypatch)
+    small_chunks(monkeypatch)
 
 
 def make_inputs(s, s_kv, h, d, dtype=torch.float8_e4m3fn, device=DEV, ranges="ragged"):
@@ -195,7 +205,7 @@ def test_threshold_flags_short_rows():
         out = torch.empty(5, 4, dtype=torch.int32, device=DEV)
         fail = torch.empty(5, dtype=torch.int32, device=DEV)
         ops.indexer_select_kernel[(5,)](bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, 8, 4, 1, p.n_pos,
-                                        NS_PAD=n_slots, SC_PAD=8, TOPK_PAD=4, PAGED=False)
+                                        NS_PAD=n_slots, SC_PAD=8, CHUNK=8, TOPK_PAD=4, PAGED=False)
         assert fail.tolist() == (n > 0).int().tolist()
         assert bool((out == -1).all())
 

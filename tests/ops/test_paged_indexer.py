@@ -9,7 +9,7 @@ from flashdsa.cache import PagedIndexerCache
 from flashdsa.ops import indexer as ops
 from flashdsa.ops.indexer import direct
 from flashdsa.reference import paged_indexer as pref
-from tests.ops.test_indexer import poison_scratch
+from tests.ops.test_indexer import poison_scratch, small_chunks
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 DEV = KERNEL_DEVICE
@@ -18,6 +18,7 @@ DEV = KERNEL_DEVICE
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     poison_scratch(monkeypatch)
+    small_chunks(monkeypatch)
 
 
 def make_cache(ctx, d, max_blocks, device=DEV, extra_blocks=3):

@@ -1,7 +1,7 @@
 """Direct top-k of the indexer scores, for short rows: the scores kernel writes the
 scores of a chunk of rows (SCORES_STORE), then ``rows_topk_kernel`` takes each row's
-exact top-k with the row held in registers (:func:`take_topk`: binary search on the
-int32 score keys, ties in position order). No sample, no candidate slots, no fallback:
+exact top-k with the row held in registers (binary search on the int32 score keys,
+then the positions by a running prefix sum; ties in position order). No sample, no candidate slots, no fallback:
 at a few thousand keys a row the threshold method's fixed costs outweigh what it saves
 (the crossovers, :func:`prefers_direct`, are measured: docs/benchmarks_indexer.md).
 
@@ -16,11 +16,12 @@ import triton.language as tl
 from ...layout import PAGE_SIZE
 from ..common import interpreted, num_sms
 from .scores import SCORES_STORE, Problem, choose_split, launch_scores, row_length
-from .selection import INT32_MIN_C, score_key, take_topk
+from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
 DIRECT_MAX_POS = 8192           # "auto" takes the direct method for rows of at most this many keys,
 DIRECT_WAVE_MAX_POS = 32768     # and up to this many when its programs (a row each) fill about one wave
 DIRECT_BYTES = 256 * 2 ** 20    # the scores of one chunk of rows at most
+DIRECT_CHUNK = 1024             # scores a step of the select's second pass
 
 
 def prefers_direct(p: Problem) -> bool:
@@ -43,27 +44,44 @@ def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
 
 @triton.jit
 def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt, topk, NEXT_N, n_pos,
-                     BLOCK: tl.constexpr, TOPK_PAD: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr):
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, TOPK_PAD: tl.constexpr, PAGE: tl.constexpr,
+                     PAGED: tl.constexpr):
     """One program a row r of the scores s [rows, n_pos] (n_pos <= BLOCK): out [r, :topk]
     = the positions of its topk largest scores among its candidates (ragged: [ks, ke);
     paged: the first :func:`row_length` positions, reported as the physical slot
     block_table[r // NEXT_N, pos // PAGE] * PAGE + pos % PAGE), -1 padded, in position
-    order."""
+    order, ties at the k-th score taken in position order.
+
+    Two passes: the k-th largest key T by binary search over the row held in registers
+    (only the keys are live: a register-light kernel, several rows an SM), then the row
+    re-read (from L2) in CHUNK-wide pieces whose taken positions are placed by a running
+    prefix sum."""
     r = tl.program_id(0).to(tl.int64)
     n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
     start = 0 if PAGED else tl.load(ks_ptr + r)
+    end = start + n
+    row = s_ptr + r * stride_s
     e = tl.arange(0, BLOCK)
-    valid = (e >= start) & (e < start + n)
-    keys = score_key(tl.load(s_ptr + r * stride_s + e, mask=valid, other=float("-inf")))
-    take, pos, n_take, nvalid, T, full = take_topk(keys, valid, INT32_MIN_C, topk)
-    if PAGED:
-        blk = tl.load(bt_ptr + (r // NEXT_N) * stride_bt + e // PAGE, mask=take, other=0)
-        idx = blk * PAGE + e % PAGE
-    else:
-        idx = e
-    tl.store(out_ptr + r * topk + pos, idx, mask=take)
+    inr = (e >= start) & (e < end)
+    keys = tl.where(inr, score_key(tl.load(row + e, mask=inr, other=0.0)), INT32_MIN_C)
+    T, n_gt, full, cut = kth_cut(keys, n, INT32_MIN_C, topk)
+    out_row = out_ptr + r * topk
+    c = tl.arange(0, CHUNK)
+    n_take = n * 0
+    n_eq = n * 0
+    for c0 in range(start, end, CHUNK):
+        off = c0 + c
+        m = off < end
+        kk = score_key(tl.load(row + off, mask=m, other=0.0))
+        take, pos, n_take, n_eq = chunk_take(kk, m, T, n_gt, full, cut, topk, n_take, n_eq)
+        if PAGED:
+            blk = tl.load(bt_ptr + (r // NEXT_N) * stride_bt + off // PAGE, mask=take, other=0)
+            idx = blk * PAGE + off % PAGE
+        else:
+            idx = off
+        tl.store(out_row + pos, idx, mask=take)
     p = tl.arange(0, TOPK_PAD)
-    tl.store(out_ptr + r * topk + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
+    tl.store(out_row + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
 
 
 def _warps(block: int) -> int:
@@ -91,6 +109,6 @@ def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:
                       out=scores)
         rows_topk_kernel[(sub.rows,)](
             scores, sub.ks, sub.ke, sub.bt, out[r0:r0 + sub.rows], scores.stride(0),
-            sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block,
+            sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block, CHUNK=min(block, DIRECT_CHUNK),
             TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block))
     return out

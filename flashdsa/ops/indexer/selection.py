@@ -4,8 +4,10 @@ Scores are compared as int32 *keys*: for fp32 bits b, key = b if b >= 0 else
 b ^ 0x7FFFFFFF, which orders like the floats (and -inf above every NaN pattern); an
 empty candidate slot holds INT32_MIN. :func:`take_topk` finds a row's exact top-k by a
 binary search over that int32 range (no sort), ties at the k-th key taken in position
-order. The streaming kernel uses it to compact its buffers and at the end; the
-threshold method's select kernel uses it once a row.
+order. The streaming kernel uses it to compact its buffers and at the end. The
+select kernels of the direct and threshold methods run it in two passes
+(:func:`kth_cut`, then :func:`chunk_take` a chunk at a time), so that only the keys
+stay in registers during the search.
 """
 from __future__ import annotations
 
@@ -25,19 +27,18 @@ def score_key(s):
 
 
 @triton.jit
-def kth_largest(keys, valid, nvalid, thr, k):
-    """The k-th largest of one row's keys [CAP] (entries where ``valid``), exact (any
-    value when nvalid < k). Binary search on the int32 key range with the invariant
-    count(key >= lo) >= k > count(key >= hi + 1); ``thr`` (the last threshold, with at
-    least k entries at or above it) tightens the start."""
-    big = tl.where(valid, keys, INT32_MIN_C)
-    lo = tl.min(tl.where(valid, keys, 2147483647), axis=0)
+def kth_largest(keys, nvalid, thr, k):
+    """The k-th largest of one row's keys [CAP] (INT32_MIN: no entry; nvalid entries),
+    exact (any value when nvalid < k). Binary search on the int32 key range with the
+    invariant count(key >= lo) >= k > count(key >= hi + 1); ``thr`` (the last threshold,
+    with at least k entries at or above it) tightens the start."""
+    lo = tl.min(tl.where(keys > INT32_MIN_C, keys, 2147483647), axis=0)
     lo = tl.maximum(lo, thr).to(tl.int64)
-    hi = tl.max(big, axis=0).to(tl.int64)
+    hi = tl.max(keys, axis=0).to(tl.int64)
     lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
     while hi > lo:
         mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((big >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        c = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0)
         ok = c >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
@@ -52,7 +53,7 @@ def take_topk(keys, valid, thr, k):
     (a lower bound for the search). Ties at T are taken in position order; a row with at
     most k entries takes all of them."""
     nvalid = tl.sum(valid.to(tl.int32), axis=0)
-    T = kth_largest(keys, valid, nvalid, thr, k)
+    T = kth_largest(tl.where(valid, keys, INT32_MIN_C), nvalid, thr, k)
     gt = valid & (keys > T)
     eq = valid & (keys == T)
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
@@ -66,6 +67,40 @@ def take_topk(keys, valid, thr, k):
     take = tl.where(full, take, valid)
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     return take, pos, tl.minimum(nvalid, k), nvalid, T, full
+
+
+@triton.jit
+def kth_cut(keys, nvalid, thr, k):
+    """First pass of a two-pass top-k over keys [N] (INT32_MIN: no entry; nvalid
+    entries, all >= thr): (T = the k-th largest key, n_gt = entries above T, full = more
+    than k entries, cut = ties at T must be cut). Only the keys need be live: the second
+    pass (:func:`chunk_take`) re-reads the entries a chunk at a time."""
+    T = kth_largest(keys, nvalid, thr, k)
+    full = nvalid > k
+    n_gt = tl.sum((keys > T).to(tl.int32), axis=0)
+    cut = full & (n_gt + tl.sum((keys == T).to(tl.int32), axis=0) > k)  # T > INT32_MIN when full
+    return T, n_gt, full, cut
+
+
+@triton.jit
+def chunk_take(keys, present, T, n_gt, full, cut, k, n_take, n_eq):
+    """Second pass of the two-pass top-k, on one chunk of entries (in position order):
+    (take mask, pos = destination of each taken entry, n_take, n_eq) with the running
+    counts of taken entries and of entries equal to T updated. Ties at T are taken in
+    position order; a row with at most k entries takes all of them."""
+    if full:
+        eq = present & (keys == T)
+        take = present & (keys > T)
+        if cut:
+            take = take | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+        else:
+            take = take | eq
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+    else:
+        take = present
+    pos = n_take + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    n_take += tl.sum(take.to(tl.int32), axis=0)
+    return take, pos, n_take, n_eq
 
 
 def scratch(*shape, device, fill=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import interpreted
+from ..common import interpreted, num_sms
 from .direct import direct_topk, prefers_direct
 from .scores import (
     SCORES_ATOMIC,
@@ -35,10 +35,11 @@ from .scores import (
 from .selection import (
     INT32_MIN,
     INT32_MIN_C,
+    chunk_take,
+    kth_cut,
     kth_largest,
     score_key,
     scratch,
-    take_topk,
 )
 from .streaming import streaming_topk
 
@@ -49,34 +50,46 @@ MARGIN = MARGIN_NUM / MARGIN_DEN
 MARGIN_NUM_C, MARGIN_DEN_C = tl.constexpr(MARGIN_NUM), tl.constexpr(MARGIN_DEN)
 SAMPLE_BYTES = 64 * 2 ** 20   # the sample's scores are computed in row chunks of at most this
 SLOTS_MAX_SPLIT = 4            # per-slot buffers while the key axis has at most this many splits
+SELECT_CHUNK = 1024            # candidates a step of the select kernel's second pass
 
 
 @triton.jit
 def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, out_ptr, fail_ptr,
                           n_slots, SC, topk, NEXT_N, n_pos,
-                          NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, TOPK_PAD: tl.constexpr,
-                          PAGED: tl.constexpr):
+                          NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                          TOPK_PAD: tl.constexpr, PAGED: tl.constexpr):
     """Second pass of the threshold top-k, one program a row r: its candidates are
     n_slots slots of SC entries (bkey/bidx [rows, n_slots, SC], counts cnt [rows,
     n_slots]); writes out [r, :topk] (indices, -1 padded) and fail [r] = 1 when the
     candidates cannot give the exact answer: a slot overflowed, or fewer than
-    min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`)."""
+    min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`).
+    Two passes (:func:`kth_cut` over the keys of all slots, then :func:`chunk_take`
+    over CHUNK entries of the slots at a time, where the indices are read)."""
     r = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, NS_PAD * SC_PAD)
-    slot = e // SC_PAD
-    c = e % SC_PAD
-    smask = slot < n_slots
-    cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=smask, other=0)
-    inb = smask & (c < tl.minimum(cnt, SC))
-    off = (r * n_slots + slot) * SC + c
-    keys = tl.load(bkey_ptr + off, mask=inb, other=INT32_MIN_C)
-    idx = tl.load(bidx_ptr + off, mask=inb, other=-1)
-    take, pos, n_take, nvalid, T, full = take_topk(keys, inb, tl.load(thr_ptr + r), topk)
-    tl.store(out_ptr + r * topk + pos, idx, mask=take)
-    p = tl.arange(0, TOPK_PAD)
-    tl.store(out_ptr + r * topk + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
+    slot = tl.arange(0, NS_PAD)
+    cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=slot < n_slots, other=0)
+    c = tl.arange(0, SC_PAD)
+    inb = c[None, :] < tl.minimum(cnt, SC)[:, None]
+    keys = tl.load(bkey_ptr + ((r * n_slots + slot) * SC)[:, None] + c[None, :], mask=inb, other=INT32_MIN_C)
+    keys = tl.reshape(keys, [NS_PAD * SC_PAD])
+    nvalid = tl.sum(tl.minimum(cnt, SC), axis=0)
     short = nvalid < tl.minimum(topk, row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED))
     tl.store(fail_ptr + r, ((tl.max(cnt) > SC) | short).to(tl.int32))
+    T, n_gt, full, cut = kth_cut(keys, nvalid, tl.load(thr_ptr + r), topk)
+    out_row = out_ptr + r * topk
+    e2 = tl.arange(0, CHUNK)
+    n_take = nvalid * 0
+    n_eq = nvalid * 0
+    for e0 in range(0, n_slots * SC_PAD, CHUNK):
+        slot2 = (e0 + e2) // SC_PAD
+        cnt2 = tl.load(cnt_ptr + r * n_slots + slot2, mask=slot2 < n_slots, other=0)
+        present = ((e0 + e2) % SC_PAD) < tl.minimum(cnt2, SC)
+        off = (r * n_slots + slot2) * SC + (e0 + e2) % SC_PAD
+        kk = tl.load(bkey_ptr + off, mask=present, other=INT32_MIN_C)
+        take, pos, n_take, n_eq = chunk_take(kk, present, T, n_gt, full, cut, topk, n_take, n_eq)
+        tl.store(out_row + pos, tl.load(bidx_ptr + off, mask=take, other=-1), mask=take)
+    p = tl.arange(0, TOPK_PAD)
+    tl.store(out_row + p, tl.full([TOPK_PAD], -1, tl.int32), mask=(p >= n_take) & (p < topk))
 
 
 @triton.jit
@@ -101,13 +114,21 @@ def sample_threshold_kernel(samp_ptr, ks_ptr, ke_ptr, thr_ptr, cnt_ptr, stride_s
     e = tl.arange(0, BLOCK)
     v = tl.load(samp_ptr + r * stride_s + e, mask=e < n_cols, other=float("-inf"))
     valid = v > float("-inf")
-    keys = score_key(v)
+    keys = tl.where(valid, score_key(v), INT32_MIN_C)
     nvalid = tl.sum(valid.to(tl.int32), axis=0)
-    T = kth_largest(keys, valid, nvalid, INT32_MIN_C, rank)
+    T = kth_largest(keys, nvalid, INT32_MIN_C, rank)
     need = (n > topk) & (rank <= n_s) & (rank <= r_max) & (nvalid >= rank)
     tl.store(thr_ptr + r, tl.where(need, T, INT32_MIN_C))
     if ZERO_CNT:
         tl.store(cnt_ptr + r, 0)
+
+
+def select_warps(p: Problem) -> int:
+    """Warps of a select program: 4 when the rows fill the GPU several times over (more
+    rows resident an SM: the kernel is throughput-bound), 8 for few rows (latency-bound)."""
+    if interpreted() or p.q.device.type != "cuda":
+        return 4
+    return 4 if p.rows >= 2 * num_sms(p.q.device) else 8
 
 
 def sample_stride(n_pos: int) -> int:
@@ -167,11 +188,12 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
     out = scratch(p.rows, topk, device=dev)
     fail = scratch(p.rows, device=dev)
+    sc_pad = triton.next_power_of_2(sc)
     if p.rows:
         indexer_select_kernel[(p.rows,)](
             bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, sc, topk, p.next_n, p.n_pos,
-            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=triton.next_power_of_2(sc),
-            TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=4 if interpreted() else 8)
+            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=sc_pad, CHUNK=min(SELECT_CHUNK, triton.next_power_of_2(n_slots) * sc_pad),
+            TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=select_warps(p))
     return out, fail
 
 
