@@ -154,7 +154,9 @@ class MLA(nn.Module):
     through W_UV. ``attention="dense"``: causal attention over every past token in the
     usual multi-head form (keys and values expanded from the latent by kv_b_proj), through
     torch's scaled_dot_product_attention. Both give the same function when
-    index_topk >= sequence length.
+    index_topk >= sequence length, so without the indexer loss a call of at most
+    index_topk tokens runs the dense path (no indexer, no top-k; the engine does the same
+    per query).
 
     ``indexer_loss=True`` also returns the indexer's KL loss (SPEC 5), the target taken
     from the attention that runs: with dense attention that is the warm-up stage, with
@@ -214,6 +216,10 @@ class MLA(nn.Module):
               f"indexer_loss: expected a bool, got {type(indexer_loss).__name__}")
         self._check(x, positions, cu_seqlens)
         qr, q_nope, q_pe, kv, k_pe, cos, sin = self.project(x, positions)
+        if attention == "sparse" and not indexer_loss and x.shape[0] <= self.indexer.topk:
+            # No sequence is longer than index_topk: the top-k of every query is its whole
+            # causal range, so sparse attention is dense attention; skip the indexer.
+            attention = "dense"
         if attention == "dense" and not indexer_loss:
             out = self._dense(q_nope, q_pe, kv, k_pe, cu_seqlens)[0]
             return MLAOutput(self.o_proj(out.flatten(1)), None)

@@ -26,6 +26,24 @@ def test_dsa_equals_dense_when_topk_covers_sequence():
                                atol=1e-12)
 
 
+def test_short_call_skips_the_indexer(monkeypatch):
+    """At most index_topk tokens in the call: every query's top-k is its whole causal
+    range, so the sparse call runs the dense path without the indexer, and equals it
+    exactly; with the indexer loss (training) the sparse path still runs."""
+    m = MLA(tiny_mla_config(index_topk=25)).double()
+    x, pos, cu = _packed()                            # 25 tokens
+    dense = m(x, pos, cu, "dense").hidden
+    monkeypatch.setattr(m.indexer, "forward", lambda *a, **k: pytest.fail("indexer called"))
+    assert torch.equal(m(x, pos, cu, "sparse").hidden, dense)
+    monkeypatch.undo()
+    calls = []
+    real = m.indexer.select
+    monkeypatch.setattr(m.indexer, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = m(x, pos, cu, "sparse", indexer_loss=True)
+    assert calls and out.indexer_loss is not None
+    torch.testing.assert_close(out.hidden, dense, rtol=1e-10, atol=1e-12)
+
+
 def test_dsa_differs_from_dense_when_topk_is_small():
     m = MLA(tiny_mla_config(index_topk=3)).double()
     x, pos, cu = _packed()
