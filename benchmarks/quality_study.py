@@ -14,6 +14,11 @@ benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it 
                                                         # 8 layers, width 512, context 8192, top-k 512
     python -m benchmarks.quality_study --toy            # CPU logic check at toy size (~1 minute)
     python -m benchmarks.quality_study --plot-from benchmarks/results/quality_study.json --out docs
+    python -m benchmarks.quality_study --state-dir .study --time-limit-s 540 --budget-s 1500
+        # a study longer than one call: each call trains until its time limit, saves
+        # model, optimizer, data position and RNG under .study/ (ignored by git, so it stays
+        # on a GPU machine between calls) and exits; the same command again continues, and
+        # the call that finishes evaluates and writes the result
 
 Step counts follow from a time budget: a short probe times one step of each stage, then
 pretraining gets ``--pretrain-share`` of the training time and the two branches split the rest
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -129,11 +135,18 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-retrieval", type=int, default=32)
     ap.add_argument("--eval-recall", type=int, default=2)
     ap.add_argument("--max-bytes", type=int, default=None)
+    ap.add_argument("--state-dir", default=None,
+                    help="resumable run: stage checkpoints and the step plan live here; rerun to continue")
+    ap.add_argument("--time-limit-s", type=float, default=None,
+                    help="with --state-dir: this call stops training after this many seconds (minus "
+                         "--eval-reserve-s) and saves its state")
     ap.add_argument("--out", default=None, help="output directory (default $OUT or benchmarks/results)")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="only redraw the two plots of a result JSON (into --out, default next to the JSON; "
                          "needs matplotlib: pip install 'flashdsa[plot]')")
     args = ap.parse_args(argv)
+    if args.time_limit_s is not None and not args.state_dir:
+        ap.error("--time-limit-s needs --state-dir (where the paused run's state is kept)")
     if args.plot_from:
         res = json.loads(Path(args.plot_from).read_text())
         try:
@@ -162,30 +175,49 @@ def main(argv=None) -> int:
                           backend=args.backend, eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall, log_every=10)
 
-    notes = []
-    if device.type == "cuda":
-        notes.append(f"dense SDPA kernel: {sdpa_preflight(mcfg, args.seq_len)}")
-        print(notes[-1], flush=True)
-    backend = args.backend
-    try:
-        sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
-    except Exception as e:  # a kernel that does not support this shape: say so, fall back, keep going
-        if backend == "reference":
-            raise
-        notes.append(f"backend {backend!r} failed in the probe ({type(e).__name__}: {e}); used 'reference'")
-        traceback.print_exc()
-        backend = cc.backend = "reference"
-        sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
-    elapsed = time.perf_counter() - t_start
-    train_budget = max(args.budget_s - args.eval_reserve_s - elapsed, 10)
-    pre, branch, warm = plan_steps(sec, train_budget, args.pretrain_share, args.warmup_share)
-    cc.pretrain_steps = args.pretrain_steps or pre
-    cc.branch_steps = args.branch_steps or branch
-    cc.warmup_steps = args.warmup_steps or warm
+    plan_path = Path(args.state_dir) / "plan.json" if args.state_dir else None
+    if plan_path is not None and plan_path.exists():   # a later call of a resumable run: the same plan
+        plan = json.loads(plan_path.read_text())
+        cc = ComparisonConfig(**plan["comparison"])
+        sec, notes = plan["probe_seconds_per_step"], plan["notes"]
+        print(f"continuing the run in {args.state_dir}", flush=True)
+    else:
+        notes = []
+        if device.type == "cuda":
+            notes.append(f"dense SDPA kernel: {sdpa_preflight(mcfg, args.seq_len)}")
+            print(notes[-1], flush=True)
+        backend = args.backend
+        try:
+            sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
+        except Exception as e:  # a kernel that does not support this shape: say so, fall back, keep going
+            if backend == "reference":
+                raise
+            notes.append(f"backend {backend!r} failed in the probe ({type(e).__name__}: {e}); used 'reference'")
+            traceback.print_exc()
+            backend = cc.backend = "reference"
+            sec = probe_step_seconds(mcfg, corpus, cc, device, backend)
+        elapsed = time.perf_counter() - t_start
+        train_budget = max(args.budget_s - args.eval_reserve_s - elapsed, 10)
+        pre, branch, warm = plan_steps(sec, train_budget, args.pretrain_share, args.warmup_share)
+        cc.pretrain_steps = args.pretrain_steps or pre
+        cc.branch_steps = args.branch_steps or branch
+        cc.warmup_steps = args.warmup_steps or warm
+        if plan_path is not None:
+            plan_path.parent.mkdir(parents=True, exist_ok=True)
+            plan_path.write_text(json.dumps({"comparison": dataclasses.asdict(cc), "probe_seconds_per_step": sec,
+                                             "notes": notes}, indent=1) + "\n")
     print(f"probe s/step {sec}; plan: pretrain {cc.pretrain_steps}, branches {cc.branch_steps} "
           f"(warm-up {cc.warmup_steps}) steps of {cc.batch_size} x {cc.seq_len} tokens", flush=True)
 
-    res = run_comparison(cc, corpus, device, model_config=copy.deepcopy(mcfg), progress=True)
+    deadline = None
+    if args.time_limit_s is not None:
+        deadline = t_start + max(args.time_limit_s - args.eval_reserve_s, 1.0)
+    res = run_comparison(cc, corpus, device, model_config=copy.deepcopy(mcfg), progress=True,
+                         state_dir=args.state_dir, deadline=deadline)
+    if "paused" in res:
+        print(f"paused in stage {res['paused']!r} after {time.perf_counter() - t_start:.0f} s; "
+              f"the same command again continues", flush=True)
+        return 0
     res["probe_seconds_per_step"] = sec
     res["notes"] = notes
     res["wall_seconds"] = time.perf_counter() - t_start

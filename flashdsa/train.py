@@ -269,7 +269,7 @@ def _forward_loss(model, x, y, cfg: TrainConfig, context_parallel=None):
 
 def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: int = 0,
           resume: str | os.PathLike | None = None, progress: bool = True,
-          stop_after: int | None = None, context_parallel=None) -> TrainState:
+          stop_after: int | None = None, context_parallel=None, deadline: float | None = None) -> TrainState:
     """Run one stage on ``model`` in place and return its TrainState.
 
     ``data_step``: the first data step (continue the token stream where the previous
@@ -279,7 +279,8 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     from the file). With ``cfg.out_dir`` a TrainState is written to
     ``out_dir/train_state.pt`` every ``save_every`` steps and at the end. ``stop_after``:
     leave after that many steps of this call (a time-limited job), saving the state so
-    that ``resume`` continues it. ``progress``: a tqdm bar on a terminal's stderr; on any
+    that ``resume`` continues it. ``deadline`` (a ``time.perf_counter()`` value): likewise,
+    leave after the step during which it passed. ``progress``: a tqdm bar on a terminal's stderr; on any
     other stderr (a log, pytest) one plain line every ``cfg.log_every`` steps. The stage
     is appended to the model's :func:`trained_stages` once it trains a step.
     ``context_parallel``: a DeviceMesh over which every window is split
@@ -372,6 +373,8 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
         state.train_seconds = time.perf_counter() - t_start
         if ckpt and writes and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
             save_train_state(ckpt, model, opt, cfg, state, corpus)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -383,10 +386,27 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     return state
 
 
+class Paused(Exception):
+    """A time-limited :func:`run_comparison` stopped inside ``stage``; its state is saved."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
 def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_config: DSAConfig | None = None,
-                   out_dir: str | None = None, progress: bool = True, log=print) -> dict:
+                   out_dir: str | None = None, progress: bool = True, log=print,
+                   state_dir: str | os.PathLike | None = None, deadline: float | None = None) -> dict:
     """Run the comparison and evaluate every branch; returns a JSON-able dict with
-    "rows" (one per evaluated model) and the configs. ``out_dir`` gets HF exports."""
+    "rows" (one per evaluated model) and the configs. ``out_dir`` gets HF exports.
+
+    ``state_dir``: make the run resumable across processes (a GPU machine's time-limited
+    calls): each training stage checkpoints into ``state_dir/<stage>/`` and, once done,
+    leaves its weights and summary there; the evaluations of a branch are kept beside
+    them. A call with the same ``state_dir`` skips what is done and resumes the stage in
+    progress exactly (flashdsa.train.train's TrainState). ``deadline`` (a
+    ``time.perf_counter()`` value): stop training once it passes; the result is then
+    ``{"paused": stage, ...}`` and the same call again continues."""
     from .evaluate import evaluate, throughput
 
     seed_everything(cc.seed)
@@ -402,40 +422,73 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,
                    backend=cc.backend)
     stages = {}
+    root = Path(state_dir) if state_dir is not None else None
 
-    def run(name, tc, data_step):
-        st = train(model, corpus, tc, data_step=data_step, progress=progress)
+    def run(name, key, tc, data_step):
+        sdir = root / key if root is not None else None
+        if sdir is not None and (sdir / "done.json").exists():
+            done = json.loads((sdir / "done.json").read_text())
+            model.load_state_dict(torch.load(sdir / "model.pt", map_location=device, weights_only=True))
+            stages[name] = done["summary"]
+            return TrainState(**done["state"])
+        resume = sdir / "train_state.pt" if sdir is not None and (sdir / "train_state.pt").exists() else None
+        tc = dataclasses.replace(tc, out_dir=str(sdir) if sdir is not None else None)
+        st = train(model, corpus, tc, data_step=data_step, resume=resume, progress=progress, deadline=deadline)
         stages[name] = {"steps": st.step, "tokens": st.tokens, "seconds": st.train_seconds,
                         "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9), "first_data_step": data_step,
                         "final_loss": st.history[-1][1] if st.history else None, "history": st.history}
+        if st.step < tc.steps:
+            raise Paused(key)
+        if sdir is not None:
+            torch.save(model.state_dict(), sdir / "model.pt")
+            (sdir / "done.json").write_text(json.dumps({"summary": stages[name],
+                                                        "state": dataclasses.asdict(st)}) + "\n")
         return st
 
-    pre = run("pretrain (dense)", TrainConfig(stage="dense", steps=cc.pretrain_steps, lr=cc.lr,
-                                              warmup_steps=max(cc.pretrain_steps // 20, 1), **base), 0)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = []
+    def rows_of(key, make):
+        """The evaluated rows of a branch: computed once, kept in the state dir."""
+        path = root / f"{key}_rows.json" if root is not None else None
+        if path is not None and path.exists():
+            return json.loads(path.read_text())
+        made = make()
+        if path is not None:
+            path.write_text(json.dumps(made) + "\n")
+        return made
 
-    branch = dict(warmup_steps=max(cc.branch_steps // 20, 1), **base)
-    run("(a) dense continued", TrainConfig(stage="dense", steps=cc.branch_steps, lr=cc.branch_lr, **branch),
-        pre.data_step)
-    rows.append({"name": "(a) dense continued",
-                 **evaluate(model, corpus, cc.seq_len, "dense", **dict(eval_kw, n_recall=0))})
-    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dense", cc.backend)
-    if cc.untrained_indexer_row:
-        rows.append({"name": "(a) + DSA, untrained indexer",
-                     **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)})
-        rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
-    if out_dir:
-        model.save_pretrained(Path(out_dir) / "dense_continued")
+    def rows_a():
+        made = [{"name": "(a) dense continued",
+                 **evaluate(model, corpus, cc.seq_len, "dense", **dict(eval_kw, n_recall=0))}]
+        made[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "dense", cc.backend)
+        if cc.untrained_indexer_row:
+            made.append({"name": "(a) + DSA, untrained indexer",
+                         **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)})
+            made[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
+        return made
 
-    model.load_state_dict(start)
-    wu = run("(b) DSA warm-up", TrainConfig(stage="warmup", steps=cc.warmup_steps, lr=cc.warmup_lr,
-                                           **dict(branch, warmup_steps=max(cc.warmup_steps // 10, 1))),
-             pre.data_step)
-    run("(b) DSA sparse", TrainConfig(stage="sparse", steps=cc.branch_steps - cc.warmup_steps, lr=cc.branch_lr,
-                                      **branch), wu.data_step)
-    rows.append({"name": "(b) DSA warm-up + sparse", **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)})
-    rows[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
+    def rows_b():
+        made = [{"name": "(b) DSA warm-up + sparse", **evaluate(model, corpus, cc.seq_len, "sparse", **eval_kw)}]
+        made[-1]["forward_tokens_per_s"] = throughput(model, cc.batch_size, cc.seq_len, "sparse", cc.backend)
+        return made
+
+    try:
+        pre = run("pretrain (dense)", "pretrain", TrainConfig(stage="dense", steps=cc.pretrain_steps, lr=cc.lr,
+                                                             warmup_steps=max(cc.pretrain_steps // 20, 1), **base), 0)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        branch = dict(warmup_steps=max(cc.branch_steps // 20, 1), **base)
+        run("(a) dense continued", "dense", TrainConfig(stage="dense", steps=cc.branch_steps, lr=cc.branch_lr,
+                                                        **branch), pre.data_step)
+        rows = rows_of("dense", rows_a)
+        if out_dir:
+            model.save_pretrained(Path(out_dir) / "dense_continued")
+        model.load_state_dict(start)
+        wu = run("(b) DSA warm-up", "warmup",
+                 TrainConfig(stage="warmup", steps=cc.warmup_steps, lr=cc.warmup_lr,
+                             **dict(branch, warmup_steps=max(cc.warmup_steps // 10, 1))), pre.data_step)
+        run("(b) DSA sparse", "sparse", TrainConfig(stage="sparse", steps=cc.branch_steps - cc.warmup_steps,
+                                                    lr=cc.branch_lr, **branch), wu.data_step)
+        rows = rows + rows_of("sparse", rows_b)
+    except Paused as p:
+        return {"paused": p.stage, "stages": stages, "comparison": dataclasses.asdict(cc)}
     if out_dir:
         model.save_pretrained(Path(out_dir) / "dsa")
     for r in rows:

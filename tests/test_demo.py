@@ -110,3 +110,65 @@ def test_quality_study_toy(tmp_path):
         root = ET.parse(tmp_path / plot).getroot()
         texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
         assert root.tag.endswith("svg") and len(names) >= 3 and names <= texts
+
+
+def test_comparison_resumes_across_calls_exactly(tmp_path):
+    """A comparison run with a state dir and a deadline that has already passed trains one
+    step a call (each call a fresh model, as a new process would), pausing in every stage
+    in turn; called until it finishes, it gives the uninterrupted run's losses, retrieval
+    and recall exactly, and the same stage records."""
+    from flashdsa.data import Corpus
+    from flashdsa.train import ComparisonConfig, run_comparison
+
+    torch.set_num_threads(1)
+    corpus = Corpus.load(max_bytes=1 << 18)
+    cc = ComparisonConfig(seq_len=64, batch_size=2, pretrain_steps=4, branch_steps=4, warmup_steps=2,
+                          eval_windows=2, eval_retrieval=2, eval_recall=1, log_every=1)
+    quiet = dict(progress=False, log=lambda *a: None)
+    whole = run_comparison(cc, corpus, **quiet)
+    paused, calls = [], 0
+    while True:
+        calls += 1
+        res = run_comparison(cc, corpus, state_dir=tmp_path / "state", deadline=0.0, **quiet)
+        if "paused" not in res:
+            break
+        paused.append(res["paused"])
+        assert calls < 30
+    assert sorted(set(paused)) == ["dense", "pretrain", "sparse", "warmup"], paused
+    assert [r["name"] for r in res["rows"]] == [r["name"] for r in whole["rows"]]
+    for a, b in zip(res["rows"], whole["rows"]):
+        assert a["lm"] == b["lm"] and a["retrieval"] == b["retrieval"]
+        assert a["indexer_recall"] == b["indexer_recall"]
+    for name, st in whole["stages"].items():
+        got = res["stages"][name]
+        assert (got["steps"], got["first_data_step"]) == (st["steps"], st["first_data_step"])
+        assert [list(h) for h in got["history"]] == [list(h) for h in st["history"]], name
+    # finished: one more call only reads what is done
+    again = run_comparison(cc, corpus, state_dir=tmp_path / "state", deadline=0.0, **quiet)
+    assert again["rows"] == res["rows"]
+
+
+def test_quality_study_resumes_in_time_limited_calls(tmp_path):
+    """`--state-dir` with `--time-limit-s`: the first call plans and saves the plan, later
+    calls continue it; the call that finishes writes the result. A time limit without a
+    state dir is refused (the paused state would be lost)."""
+    import pytest
+
+    from benchmarks.quality_study import main as study
+
+    args = ["--toy", "--seq-len", "128", "--pretrain-steps", "4", "--branch-steps", "4", "--warmup-steps", "2",
+            "--max-bytes", str(1 << 18), "--out", str(tmp_path), "--state-dir", str(tmp_path / "state"),
+            "--time-limit-s", "0", "--eval-reserve-s", "0"]
+    n = torch.get_num_threads()
+    try:
+        for calls in range(1, 20):
+            assert study(args) == 0
+            if (tmp_path / "quality_study_toy.json").exists():
+                break
+    finally:
+        torch.set_num_threads(n)
+    assert calls > 1 and (tmp_path / "state" / "plan.json").exists()
+    res = json.loads((tmp_path / "quality_study_toy.json").read_text())
+    assert res["comparison"]["pretrain_steps"] == 4 and len(res["rows"]) == 3
+    with pytest.raises(SystemExit):
+        study(["--toy", "--time-limit-s", "10"])
