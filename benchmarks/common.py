@@ -75,6 +75,30 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
     return path
 
 
+def kernel_table(fn, n: int = 3, top: int = 14) -> list:
+    """[(name, launches a call, device us a call)] of ``fn``'s kernels, slowest first
+    (torch.profiler over ``n`` calls after one warm-up call; CUDA kernels on a GPU, the
+    CPU ops' self time elsewhere)."""
+    import torch.profiler as tp
+
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with tp.profile(activities=[tp.ProfilerActivity.CUDA if cuda else tp.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        if t > 0:
+            rows.append((e.key[:90], e.count // n, round(t / n, 1)))
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))

@@ -4,6 +4,7 @@
     python -m benchmarks.cost_curve --toy                # CPU: tiny shapes, checks the logic only
     TRITON_INTERPRET=1 python -m benchmarks.cost_curve --toy --backend triton --contexts 128   # kernels too
     python -m benchmarks.cost_curve --plot-from benchmarks/results/cost_curve.json
+    python -m benchmarks.cost_curve --profile --contexts 8192 131072   # + each decode step's kernels
 
 What is timed: a stack of ``--layers`` MLA attention layers with DeepSeek-V3.2 shapes
 (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, rope 64, indexer 64 x 128, top-k 2048),
@@ -52,6 +53,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import kernel_table
 from flashdsa import api
 from flashdsa.config import DSAConfig
 from flashdsa.engine.attention import StepMetadata, paged_mla_attention
@@ -302,7 +304,7 @@ def run(args) -> dict:
     result = {"config": {k: getattr(cfg, k) for k in V32}, "layers": args.layers, "chunk": args.chunk,
               "prefill_batches": [1, args.prefill_batch], "decode_batches": [1, args.decode_batch],
               "kv_cache_dtype": args.kv_cache_dtype, "backend": args.backend, "device_type": device.type, "rows": [],
-              "errors": []}
+              "errors": [], "profiles": {}}
     if device.type == "cuda":
         from benchmarks.common import environment, measure_ceilings
         result.update(environment())
@@ -337,6 +339,17 @@ def run(args) -> dict:
                 result["errors"].append(f"context {ctx} {key}: {type(e).__name__}: {str(e)[:300]}")
                 row[key] = None
 
+        def profile(key, fn, graph=False):
+            """The kernels of one call of fn, slowest first (torch.profiler), into
+            result["profiles"][context][key]; a failure is recorded, not raised."""
+            try:
+                with torch.no_grad():
+                    if graph:
+                        fn, _ = graphed(fn, device)
+                    result["profiles"].setdefault(str(ctx), {})[key] = kernel_table(fn, top=args.profile_top)
+            except Exception as e:
+                result["errors"].append(f"context {ctx} profile {key}: {type(e).__name__}: {str(e)[:300]}")
+
         for b in (1, args.prefill_batch):
             meta = step_metadata(table, b, ctx, args.chunk)
             x = torch.randn(b * args.chunk, cfg.hidden_size, device=device, dtype=dtype)
@@ -368,6 +381,12 @@ def run(args) -> dict:
                     graph=True)
             dense = [v for v in (row[f"decode_dense_bmm_b{b}"], row[f"decode_dense_kernel_b{b}"]) if v is not None]
             row[f"decode_dense_b{b}"] = min(dense) if dense else None
+            if args.profile:
+                profile(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend, static),
+                        graph=static)
+                profile(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend))
+                profile(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+                                                                       "bmm"), graph=True)
         for phase in ("prefill", "decode"):
             for b in (1, args.prefill_batch if phase == "prefill" else args.decode_batch):
                 d, s = row.get(f"{phase}_dense_b{b}"), row.get(f"{phase}_dsa_b{b}")
@@ -439,6 +458,10 @@ def main():
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                     help="of the DSA path and the dense decode kernel (toy + triton: the Triton interpreter)")
     ap.add_argument("--toy", action="store_true", help="tiny shapes on CPU: checks the logic, times nothing useful")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each decode step's kernels (torch.profiler: DSA in a graph and eagerly, "
+                         "dense) into the JSON's 'profiles'")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels kept per profiled step")
     ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="only redraw the plot of a result JSON (SVG into --out, default next to the JSON; "

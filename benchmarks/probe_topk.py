@@ -19,26 +19,10 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_indexer import S_Q, TOPK, check_topk_exact, decode_inputs, prefill_inputs  # noqa: E402
-from benchmarks.common import bench_ms, environment, measure_ceilings  # noqa: E402
+from benchmarks.common import bench_ms, environment, kernel_table, measure_ceilings  # noqa: E402
 from flashdsa.layout import PAGE_SIZE  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 from flashdsa.ops.indexer.direct import rows_topk_kernel  # noqa: E402
-
-
-def kernel_table(fn, n=3):
-    """[(kernel name, launches a call, device us a call)] of ``fn``, slowest first."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((e.key[:90], e.count // n, round(t / n, 1)))
-    return sorted(rows, key=lambda r: -r[2])[:14]
 
 
 def select_alone(scores, ks, ke, topk, num_warps):

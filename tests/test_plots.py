@@ -56,3 +56,19 @@ def test_same_data_same_svg_bytes(tmp_path):
     paths = [line_chart(series, str(tmp_path / f"{i}.svg"), "t", "x", "y") for i in range(2)]
     assert Path(paths[0]).read_bytes() == Path(paths[1]).read_bytes()
 
+
+
+def test_cost_curve_toy_profiles_each_decode_step(tmp_path):
+    """`cost_curve --profile`: each decode step's ops (kernels on a GPU), slowest first, per
+    context and variant, in the JSON (here the CPU toy run: the logic only)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cost_curve", "--toy", "--contexts", "128", "--profile",
+                        "--profile-top", "5", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "cost_curve_toy.json").read_text())
+    assert not res["errors"], res["errors"]
+    steps = res["profiles"]["128"]
+    assert set(steps) == {f"decode_{v}_b{b}" for v in ("dsa", "dsa_eager", "dense_bmm") for b in (1, 4)}
+    for rows in steps.values():
+        assert 0 < len(rows) <= 5 and all(t > 0 for _, _, t in rows)
+        assert [t for _, _, t in rows] == sorted((t for _, _, t in rows), reverse=True)
