@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import re
 import subprocess
 import tempfile
+from unittest import mock
 
 import torch
 import triton
@@ -31,6 +33,9 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block can have on Hopper
+# the most shared memory one block can have, by compute capability: A100 163 KB, H100/H200
+# and B200 227 KB
+SHARED_LIMIT = {80: 166912, 90: SM90_SHARED_BYTES, 100: SM90_SHARED_BYTES}
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
        torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1",
        torch.float8_e4m3fn: "fp8e4nv"}
@@ -51,18 +56,6 @@ def capture_launches():
         yield launches
     finally:
         JITFunction.run = run
-
-
-@contextlib.contextmanager
-def _as_sm90(module):
-    """Within the block, ``module``'s host code takes the (CPU) tensors for an sm_90 GPU's
-    (its TMA paths included)."""
-    has_tma = module.has_tma
-    module.has_tma = lambda device: True
-    try:
-        yield
-    finally:
-        module.has_tma = has_tma
 
 
 def _specialize(fn: JITFunction, args, kwargs):
@@ -109,23 +102,48 @@ def _resources(cubin: bytes) -> dict:
     return dict(regs=int(m.group(1)), spill_stack=int(m.group(2)))
 
 
-def build(launches) -> list[dict]:
-    """Compile each recorded launch for sm_90: name, warps, stages, shared bytes, registers,
-    spill stack bytes. Raises the compiler's error for a kernel that does not build."""
+@contextlib.contextmanager
+def dispatch_as(arch: int):
+    """Within the block, the launchers pick what they pick on a GPU of compute capability
+    ``arch`` (80, 90, 100) for the CPU tensors they are given: TMA (sm_90 and later), the
+    e4m3 type (sm_89 and later) and the indexer's block-size family."""
+    from flashdsa.ops.indexer import scores
+    from flashdsa.ops.sparse_mla import decode, fwd, fwd_fp8
+
+    with contextlib.ExitStack() as stack:
+        for mod in (fwd, fwd_fp8, decode, scores):
+            if hasattr(mod, "has_tma"):
+                stack.enter_context(mock.patch.object(mod, "has_tma", lambda device: arch >= 90))
+            if hasattr(mod, "fp8_native"):
+                stack.enter_context(mock.patch.object(mod, "fp8_native", lambda device: arch >= 89))
+        stack.enter_context(mock.patch.object(scores, "_family", lambda device: "sm90" if arch >= 89 else "sm80"))
+        yield
+
+
+def build(launches, arch: int = 90, keep_going: bool = False) -> list[dict]:
+    """Compile each recorded launch for sm_<arch>: name, warps, stages, shared bytes,
+    registers, spill stack bytes. Raises the compiler's error for a kernel that does not
+    build, or with ``keep_going`` records it (``error``) and goes on."""
     rows = []
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     for fn, args, kwargs in launches:
         kwargs = dict(kwargs)
         opts = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))  # Triton's defaults
         signature, constexprs, attrs = _specialize(fn, args, kwargs)
-        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
+        try:
+            k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
+        except Exception as e:
+            if not keep_going:
+                raise
+            rows.append(dict(kernel=fn.fn.__name__, **opts, error=str(e).strip().splitlines()[-1][:160]))
+            continue
         rows.append(dict(kernel=fn.fn.__name__, **opts, shared=k.metadata.shared, **_resources(k.asm["cubin"])))
     return rows
 
 
-def training_launches() -> dict[str, list]:
+def training_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the training path at the real widths (d_qk 576, d_v 512, H_I 64,
-    d_I 128) with the sm90 configurations, by case name."""
+    d_I 128) with the configurations a GPU of compute capability ``arch`` gets, by case name."""
     from flashdsa.ops import indexer_loss as L
     from flashdsa.ops.sparse_mla import bwd as B
     from flashdsa.ops.sparse_mla import fwd as F
@@ -140,8 +158,9 @@ def training_launches() -> dict[str, list]:
         idx = torch.randint(0, S, (T, 1, topk), dtype=torch.int32, generator=g)
         lse = torch.rand(T, h, generator=g)
         for name, dt in (("fp16", torch.float16), ("e4m3", torch.float8_e4m3fn)):
-            with capture_launches() as launches, _as_sm90(F):
-                F.run_sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90"], return_probs=True, probs_dtype=dt)
+            with capture_launches() as launches, dispatch_as(arch):
+                F.run_sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90" if arch >= 90 else "sm80"],
+                                     return_probs=True, probs_dtype=dt)
             cases[f"sparse_mla_fwd probs {name} h{h}"] = launches
         with capture_launches() as launches:
             out = torch.randn(T, h, 512, generator=g, **bf)
@@ -173,11 +192,10 @@ def training_launches() -> dict[str, list]:
     return cases
 
 
-def indexer_launches() -> dict[str, list]:
+def indexer_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the indexer top-k (prefill and decode) at the real widths (H_I 64,
-    d_I 128, topk 2048) with the sm90 block sizes, by case name."""
-    from unittest import mock
-
+    d_I 128, topk 2048) with the block sizes a GPU of compute capability ``arch`` gets, by
+    case name."""
     from flashdsa.layout import PAGE_SIZE, indexer_block_bytes
     from flashdsa.ops import indexer as I
     from flashdsa.ops.indexer import paged as P
@@ -187,7 +205,7 @@ def indexer_launches() -> dict[str, list]:
     g = torch.Generator().manual_seed(0)
     S, H, D, topk = 64, 64, 128, 2048
     cases = {}
-    with mock.patch.object(Sc, "_family", lambda device: "sm90"):
+    with dispatch_as(arch):
         for s_kv in (8192, 16384, 32768):
             q8 = torch.randn(S, H, D, generator=g).to(torch.float8_e4m3fn)
             k8 = torch.randn(s_kv, D, generator=g).to(torch.float8_e4m3fn)
@@ -215,7 +233,8 @@ def indexer_launches() -> dict[str, list]:
         bt = torch.arange(bsz * blocks, dtype=torch.int32).view(bsz, blocks)
         cl = torch.full((bsz,), ctx, dtype=torch.int32)
         q8 = torch.randn(bsz, 1, H, D, generator=g).to(torch.float8_e4m3fn)
-        pp = P.paged_problem(q8, cache, torch.randn(bsz, H, generator=g), cl, bt, ctx, P.PAGED_SM90["logits"])
+        pp = P.paged_problem(q8, cache, torch.randn(bsz, H, generator=g), cl, bt, ctx,
+                             P.PAGED_SM90["logits"] if arch >= 90 else None)
         h200 = mock.patch.object(Sc, "num_sms", lambda device: 132)  # the key axis split as on an H200
         with capture_launches() as launches, few_rows, h200:
             I.direct_topk(pp, topk, 8 * pp.cfg["BLOCK_N"])
@@ -228,23 +247,41 @@ def main():
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT),
+                    help="compute capabilities to build for, with the configurations each gets (default 90)")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 if a kernel needs more shared memory than sm_90 has (a build error raises)")
+                    help="exit 1 if a kernel does not build or needs more shared memory than its target has")
+    ap.add_argument("--json", default=None, help="also write every kernel's row (by target and case) here")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    print(f"triton {triton.__version__}, target sm_90; shared memory limit {SM90_SHARED_BYTES} bytes")
     over = 0
-    for case, launches in {**training_launches(), **indexer_launches()}.items():
-        for r in build(launches):
-            flag = "  SPILLS" if r["spill_stack"] else ""
-            if r["shared"] > SM90_SHARED_BYTES:
-                flag += "  OVER SHARED LIMIT"
-                over += 1
-            print(f"{case:34s} {r['kernel']:34s} warps {r['num_warps']} stages {r['num_stages']}  "
-                  f"shared {r['shared']:6d}  regs {r['regs']:3d}  spill {r['spill_stack']:4d}{flag}", flush=True)
+    from benchmarks.common import environment
+
+    report = {**environment(), "shared_limit": {}, "rows": []}
+    for arch in args.arch:
+        limit = SHARED_LIMIT[arch]
+        report["shared_limit"][f"sm_{arch}"] = limit
+        print(f"triton {triton.__version__}, target sm_{arch}; shared memory limit {limit} bytes")
+        for case, launches in {**training_launches(arch), **indexer_launches(arch)}.items():
+            for r in build(launches, arch, keep_going=True):
+                report["rows"].append(dict(target=f"sm_{arch}", case=case, **r,
+                                           over_limit="error" not in r and r["shared"] > limit))
+                if "error" in r:
+                    print(f"sm_{arch} {case:34s} {r['kernel']:34s} BUILD ERROR: {r['error']}", flush=True)
+                    over += 1
+                    continue
+                flag = "  SPILLS" if r["spill_stack"] else ""
+                if r["shared"] > limit:
+                    flag += "  OVER SHARED LIMIT"
+                    over += 1
+                print(f"sm_{arch} {case:34s} {r['kernel']:34s} warps {r['num_warps']} stages {r['num_stages']}  "
+                      f"shared {r['shared']:6d}  regs {r['regs']:3d}  spill {r['spill_stack']:4d}{flag}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     if args.check and over:
-        raise SystemExit(f"{over} kernel(s) over the shared memory limit")
+        raise SystemExit(f"{over} kernel(s) over the shared memory limit or not built")
 
 
 if __name__ == "__main__":

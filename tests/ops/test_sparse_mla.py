@@ -138,6 +138,22 @@ def test_return_probs_e4m3_scratch(poison_empty):
     assert rel_err(probs, fp16) > FP16_ULP  # the e4m3 path really ran
 
 
+def test_return_probs_e4m3_scratch_without_the_e4m3_type(poison_empty, monkeypatch):
+    """Where Triton has no e4m3 type (before sm_89, e.g. the A100) the scratch holds the e4m3
+    bytes encoded and decoded with integer operations (round to nearest even, as torch's
+    cast): probabilities within the e4m3 rounding, the rest of the forward unchanged."""
+    from flashdsa.ops.sparse_mla import fwd
+    q, kv, idx = make_inputs(5, 70, 40, 80, 53, torch.float32)
+    native = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float8_e4m3fn)
+    monkeypatch.setattr(fwd, "fp8_native", lambda device: False)
+    out, ml, lse, probs = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True,
+                                             probs_dtype=torch.float8_e4m3fn)
+    assert torch.equal(out, native[0]) and torch.equal(ml, native[1]) and torch.equal(lse, native[2])
+    check_probs(q * 3, kv, idx, 0.2, 64, probs, rounding=E4M3_ULP)
+    fp16 = run_sparse_mla_fwd(q * 3, kv, idx, 0.2, 64, return_probs=True, probs_dtype=torch.float16)[3]
+    assert rel_err(probs, fp16) > FP16_ULP  # the e4m3 path really ran
+
+
 def test_return_probs_in_query_chunks(poison_empty):
     """A scratch of 3 queries: 7 queries run in chunks of 3, 3, 1 and give the same result."""
     q, kv, idx = make_inputs(7, 50, 16, 80, 37, torch.float32)

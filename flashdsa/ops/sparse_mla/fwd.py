@@ -40,7 +40,18 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..common import LN2_C, LOG2E, LOG2E_C, fp8_native, has_tma, interpreted, last_dim_contiguous, nvidia_compiled
+from ..common import (
+    LN2_C,
+    LOG2E,
+    LOG2E_C,
+    e4m3_byte,
+    e4m3_to_f32,
+    fp8_native,
+    has_tma,
+    interpreted,
+    last_dim_contiguous,
+    nvidia_compiled,
+)
 from .fwd_fp8 import sparse_mla_fwd_fp8_kernel
 
 # Block sizes per GPU family, for the fast shape (d_qk 576, d_v 512, h_q >= 64); the
@@ -133,6 +144,7 @@ def sparse_mla_fwd_kernel(
     OFFS64: tl.constexpr,  # row offsets need int64 (big paged caches); int32 saves registers
     PROBS: tl.constexpr = False,  # also store each block's p and max for sparse_mla_probs_reduce_kernel
     PROBS_FP8: tl.constexpr = False,  # that p scratch in e4m3 (half the bytes of fp16)
+    PROBS_INT: tl.constexpr = False,  # PROBS_FP8 bytes by integer encoding (no e4m3 type: before sm_89)
     ASM_STORE: tl.constexpr = False,  # PROBS: the maxima stored by inline PTX (_store_in_place)
     TMA_STORE: tl.constexpr = False,  # PROBS: the p tile stored by TMA through ps_desc (Hopper)
     ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, n_blk, h_q] fp32
@@ -200,7 +212,9 @@ def sparse_mla_fwd_kernel(
         acc = tl.dot(p.to(dot_dtype), kv_v, acc * alpha[:, None], input_precision=DOT_PREC)
         if PROBS:  # after the p @ V issue (async), which runs meanwhile; p relative to this
             # block's max, rescaled by exp2(m_use - lse2) in sparse_mla_probs_reduce_kernel
-            if PROBS_FP8:  # e4m3 of 256 p: p <= 1 stays below 448, 2^-14 and up keep 3 mantissa bits
+            if PROBS_FP8 and PROBS_INT:
+                p_st = e4m3_byte(p * 256.0).to(tl.uint8)
+            elif PROBS_FP8:  # e4m3 of 256 p: p <= 1 stays below 448, 2^-14 and up keep 3 mantissa bits
                 p_st = (p * 256.0).to(tl.float8e4nv)
             else:
                 p_st = p.to(tl.float16)
@@ -234,11 +248,12 @@ def sparse_mla_fwd_kernel(
 @triton.jit
 def sparse_mla_probs_reduce_kernel(ps_ptr, ms_ptr, lse_ptr, pr_ptr, h_q, topk, scale,
                                    stride_pst, stride_psh, stride_mst, stride_msb, stride_lt, stride_prt,
-                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, P_INT: tl.constexpr = False):
     """probs[t, j] = scale * sum_h p_blk[h, j] * exp2(m_blk[h] - lse2[h]) for the slots j of
     one forward block: the forward's per-block probabilities (relative to each block's max)
     rescaled by the final lse and averaged over the heads (scale = 1 / h_q, and 1 / 256 for
-    the e4m3 scratch). One program per (block, query), all heads."""
+    the e4m3 scratch; P_INT: its bytes decoded with integer operations). One program per
+    (block, query), all heads."""
     pid_j = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -252,7 +267,11 @@ def sparse_mla_probs_reduce_kernel(ps_ptr, ms_ptr, lse_ptr, pr_ptr, h_q, topk, s
     f = tl.where(has, tl.math.exp2(m - lse2), 0.0) * scale
     p = tl.load(ps_ptr + t * stride_pst + offs_h[:, None] * stride_psh + offs_j[None, :],
                 mask=h_mask[:, None] & j_mask[None, :], other=0.0)
-    tl.store(pr_ptr + t * stride_prt + offs_j, tl.sum(p.to(tl.float32) * f[:, None], 0), mask=j_mask)
+    if P_INT:
+        p = e4m3_to_f32(p.to(tl.int32))
+    else:
+        p = p.to(tl.float32)
+    tl.store(pr_ptr + t * stride_prt + offs_j, tl.sum(p * f[:, None], 0), mask=j_mask)
 
 
 @triton.jit
@@ -373,7 +392,10 @@ def _launch_with_probs(kernel, ins, meta, cfg, out, max_logits, lse, k_per_split
     # The maxima by inline PTX only beside tl.store's p tile (beside the TMA store tl.store's are cheaper).
     asm = bool(cfg.get("ASM_STORE", False)) and not tma and nvidia_compiled()
     desc = TensorDescriptor.from_tensor(p_scr.view(chunk * h_q, topk), [block_h, block_k]) if tma else None
-    extra = dict(PROBS=True, PROBS_FP8=fp8, ASM_STORE=asm, TMA_STORE=tma, ps_ptr=p_scr, ms_ptr=m_scr,
+    # without the e4m3 type the scratch holds the same bytes, written and read as integers
+    p_int = fp8 and not fp8_native(q.device)
+    ps = p_scr.view(torch.uint8) if p_int else p_scr
+    extra = dict(PROBS=True, PROBS_FP8=fp8, PROBS_INT=p_int, ASM_STORE=asm, TMA_STORE=tma, ps_ptr=ps, ms_ptr=m_scr,
                  ps_desc=desc, stride_pst=p_scr.stride(0), stride_psh=p_scr.stride(1),
                  stride_mst=m_scr.stride(0), stride_msb=m_scr.stride(1))
     for c0 in range(0, t_q, chunk):
@@ -383,9 +405,9 @@ def _launch_with_probs(kernel, ins, meta, cfg, out, max_logits, lse, k_per_split
             **chunk_ins, **_out_args(out[c0:c1], max_logits[c0:c1], lse[c0:c1], False), k_per_split=k_per_split,
             SPLIT=False, **meta, **extra)
         sparse_mla_probs_reduce_kernel[(n_steps, c1 - c0)](
-            p_scr, m_scr, lse[c0:c1], probs[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
+            ps, m_scr, lse[c0:c1], probs[c0:c1], h_q, topk, (1.0 / 256 if fp8 else 1.0) / h_q,
             p_scr.stride(0), p_scr.stride(1), m_scr.stride(0), m_scr.stride(1), lse.stride(0), probs.stride(0),
-            BLOCK_H=max(16, triton.next_power_of_2(h_q)), BLOCK_K=block_k,
+            BLOCK_H=max(16, triton.next_power_of_2(h_q)), BLOCK_K=block_k, P_INT=p_int,
             num_warps=cfg.get("REDUCE_WARPS", 2))
     return probs
 
