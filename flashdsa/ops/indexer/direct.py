@@ -1,9 +1,10 @@
 """Direct top-k of the indexer scores, for short rows: the scores kernel writes the
 scores of a chunk of rows (SCORES_STORE), then ``rows_topk_kernel`` takes each row's
 exact top-k with the row held in registers (binary search on the int32 score keys,
-then the positions by a running prefix sum; ties in position order). No sample, no candidate slots, no fallback:
-at a few thousand keys a row the threshold method's fixed costs outweigh what it saves
-(the crossovers, :func:`prefers_direct`, are measured: docs/benchmarks_indexer.md).
+then the positions by a running prefix sum; ties in position order). No sample, no
+candidate slots, no fallback: at a few thousand keys a row the threshold method's fixed
+costs outweigh what it saves (the crossovers, :func:`prefers_direct`, are measured:
+docs/benchmarks_indexer.md).
 
 Memory: the scores of at most DIRECT_BYTES a chunk (plus the [rows, topk] output).
 """
