@@ -289,6 +289,23 @@ def test_sample_thresholds_match_torch():
     assert sampled >= 3, sampled
 
 
+def test_without_the_e4m3_type_the_bytes_are_decoded(monkeypatch):
+    """Where Triton has no e4m3 type (before sm_89, e.g. the A100) the kernels take the e4m3
+    tensors as their uint8 bytes and decode them with integer operations to fp16 (exact):
+    the logits within the same budget and an exact top-k by every method."""
+    inputs = make_inputs(6, 300, 4, 32, ranges="ragged")
+    r64 = ref64(*inputs)
+    monkeypatch.setattr(scores, "fp8_native", lambda device: False)
+    p = ops.ragged_problem(*inputs)
+    assert p.q.dtype == p.k.dtype == torch.uint8 and scores.dot_mode(p.q) == scores.DOT_FP16
+    logits = ops.indexer_logits(*inputs).cpu()
+    assert rel_err(logits, r64) <= logits_budget(*inputs, r64)
+    fin = torch.isfinite(r64)
+    atol = 2 * float((logits[fin].double() - r64[fin]).abs().max()) + 1e-12
+    for method, mode in METHODS:
+        check_topk(run_topk(inputs, 16, None, method, mode), r64, *inputs[4:], 16, atol)
+
+
 def test_config_table_bounds(monkeypatch):
     """GPU block sizes: the dot's N = BLOCK_Q * H_PAD stays >= 16 and the top-k kernel
     (which unrolls its per-row selection) gets few rows even for tiny head counts."""

@@ -147,6 +147,24 @@ def test_paged_topk_returns_physical_slots(next_n, topk, n_split, ctx, method, m
     check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
 
 
+def test_paged_without_the_e4m3_type(monkeypatch):
+    """Before sm_89 the queries go in as bytes and the cache's key bytes are decoded with
+    integer operations (no e4m3 bitcast): the same exact top-k by every method."""
+    from flashdsa.ops.indexer import scores
+    ctx, next_n, topk = [150, 3, 64, 97], 2, 16
+    max_blocks = max(ctx) // 64 + 1
+    cache, bt, cl = make_cache(ctx, 32, max_blocks)
+    q8, w = make_queries(len(ctx), next_n, 4, 32)
+    r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
+    atol = kernel_atol(q8, cache, w, cl, bt, r)
+    monkeypatch.setattr(scores, "fp8_native", lambda device: False)
+    p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    assert p.q.dtype == torch.uint8
+    for method in ("direct", "threshold", "streaming"):
+        slots = ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], method=method)
+        check_paged_topk(slots, r, bt, ctx, next_n, topk, atol=atol)
+
+
 def test_paged_direct_in_chunks(monkeypatch):
     """The direct method's chunks are whole sequences (their next_n rows together)."""
     ctx, next_n, topk = [150, 3, 64, 97, 130], 2, 16

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ...layout import PAGE_SIZE
 from ..common import e4m3_byte, interpreted
-from .scores import SCORES_STORE, Problem, choose_split, default_config, launch_scores
+from .scores import SCORES_STORE, Problem, as_bytes_without_e4m3, choose_split, default_config, launch_scores
 from .threshold import select_topk
 
 # Decode block sizes on sm_90 and newer (one sequence a program, so the dot's N is
@@ -44,7 +44,7 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
 def paged_problem(q8, kv_cache, weights, context_lens, block_table, max_context_len, config=None) -> Problem:
     """The paged Problem of a decode batch (q8 [B, next_n, H, D])."""
     bsz, next_n, h, d = q8.shape
-    q = q8.reshape(bsz * next_n, h, d)
+    q, = as_bytes_without_e4m3(q8.reshape(bsz * next_n, h, d))
     return Problem(q, kv_cache, kv_cache.view(torch.float32), weights.float().contiguous(), context_lens,
                    context_lens, context_lens, block_table, max_context_len, next_n, True,
                    _paged_config(q8, next_n, False, config), _paged_config(q8, next_n, True, config))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import fp8_native, interpreted, last_dim_contiguous, num_sms
+from ..common import e4m3_to_f32, fp8_native, interpreted, last_dim_contiguous, num_sms
 from .selection import score_key
 
 # Block sizes per GPU family ("sm90": sm_89 and newer, "sm80": older GPUs, "small": the
@@ -54,7 +54,8 @@ MAX_TOPK_ROWS = 4
 
 # dot modes: how the q.k products are computed
 DOT_FP8 = 0  # e4m3 x e4m3 tensor-core dot (sm_89 and newer; the interpreter)
-DOT_FP16 = 1  # e4m3 (or fp16) tiles converted to fp16 first (exact): sm_80 fallback
+DOT_FP16 = 1  # fp16 tiles, or e4m3 bytes (uint8) decoded to fp16 with integer operations (exact):
+              # GPUs whose Triton has no e4m3 type (before sm_89)
 DOT_FP32 = 2  # fp32 / bf16 inputs: fp32 dot in full precision (reference-grade, slow)
 
 
@@ -65,10 +66,17 @@ def _family(device: torch.device) -> str:
 
 
 def dot_mode(x: torch.Tensor) -> int:
-    """Which dot a q8/k8 dtype and device get (see DOT_*)."""
+    """Which dot a q8/k8 dtype and device get (see DOT_*; uint8: e4m3 bytes)."""
     if x.dtype == torch.float8_e4m3fn:
         return DOT_FP8 if fp8_native(x.device) else DOT_FP16
-    return DOT_FP16 if x.dtype == torch.float16 else DOT_FP32
+    return DOT_FP16 if x.dtype in (torch.float16, torch.uint8) else DOT_FP32
+
+
+def as_bytes_without_e4m3(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """e4m3 tensors as their uint8 bytes where Triton has no e4m3 type (the kernels then
+    decode them with integer operations), else unchanged."""
+    return tuple(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn and dot_mode(x) == DOT_FP16 else x
+                 for x in xs)
 
 
 def default_config(device: torch.device, h: int, topk: bool = False, **override) -> dict:
@@ -87,6 +95,15 @@ def default_config(device: torch.device, h: int, topk: bool = False, **override)
 
 
 @triton.jit
+def _fp16(x):
+    """fp16 of a tile: e4m3 bytes (uint8) decoded with integer operations, else converted."""
+    if x.dtype == tl.uint8:
+        return e4m3_to_f32(x.to(tl.int32)).to(tl.float16)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
 def tile_scores(k8, kscale, qT, w, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr,
                 DOT: tl.constexpr):
     """Weighted ReLU head sum of one key tile.
@@ -96,7 +113,7 @@ def tile_scores(k8, kscale, qT, w, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     if DOT == 0:
         acc = tl.dot(k8, qT)
     elif DOT == 1:
-        acc = tl.dot(k8.to(tl.float16), qT.to(tl.float16))
+        acc = tl.dot(_fp16(k8), _fp16(qT))
     else:
         acc = tl.dot(k8.to(tl.float32), qT.to(tl.float32), input_precision="ieee")
     acc = tl.maximum(acc, 0.0) * w[None, :]
@@ -142,7 +159,8 @@ def load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
 
 @triton.jit
 def load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
-              D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr):
+              D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+              DOT: tl.constexpr):
     """A key tile k8 [BLOCK_N, D_PAD], its scales [BLOCK_N] and the index each key is
     reported by ([BLOCK_N] int32: the key row, or the physical slot when PAGED).
 
@@ -158,7 +176,10 @@ def load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k, stride_bt,
         t = offs % PAGE
         kb = tl.load(k_ptr + (blk * (PAGE * (D + 4)) + t * D)[:, None] + d[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0)
-        k8 = kb.to(tl.float8e4nv, bitcast=True)
+        if DOT == 0:
+            k8 = kb.to(tl.float8e4nv, bitcast=True)
+        else:  # no e4m3 type: the bytes, decoded in tile_scores
+            k8 = kb
         kscale = tl.load(ksc_ptr + blk * (PAGE * (D + 4) // 4) + (PAGE * D // 4) + t, mask=kmask, other=0.0)
         kidx = (blk * PAGE + t).to(tl.int32)
     else:
@@ -258,7 +279,7 @@ def indexer_scores_kernel(
         offs = n0 + col
         kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
         k8, kscale, kidx, kmask = load_keys(k_ptr, ksc_ptr, bt_ptr, offs * pos_stride, kmask, pid_q, stride_k,
-                                            stride_bt, D, D_PAD, PAGE, PAGED)
+                                            stride_bt, D, D_PAD, PAGE, PAGED, DOT)
         s = tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
         inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
         if MODE == 0:
@@ -373,8 +394,7 @@ class Problem:
 def ragged_problem(q8, k8, k_scale, weights, ks, ke, config: dict | None = None) -> Problem:
     """A ragged Problem (ctx and bt unused), with the default block sizes updated by
     ``config`` for both kernels."""
-    q8 = last_dim_contiguous(q8)
-    k8 = last_dim_contiguous(k8)
+    q8, k8 = as_bytes_without_e4m3(last_dim_contiguous(q8), last_dim_contiguous(k8))
     h = q8.shape[1]
     cfg = default_config(q8.device, h, **(config or {}))
     topk_cfg = default_config(q8.device, h, topk=True, **(config or {}))

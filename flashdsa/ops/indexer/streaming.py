@@ -88,7 +88,7 @@ def indexer_topk_kernel(
             offs = n0 + tl.arange(0, BLOCK_N)
             kmask = offs < hi  # hi <= n_end; past it a paged block table may hold garbage
             k8, kscale, kidx, kmask = load_keys(k_ptr, ksc_ptr, bt_ptr, offs, kmask, pid_q, stride_k,
-                                                stride_bt, D, D_PAD, PAGE, PAGED)
+                                                stride_bt, D, D_PAD, PAGE, PAGED, DOT)
             s = tile_scores(k8, kscale, qT, w, BLOCK_N, BLOCK_Q, H_PAD, DOT)  # [BLOCK_N, BLOCK_Q]
             key = score_key(s)
             inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :]) & kmask[:, None]
