@@ -106,7 +106,8 @@ def _resources(cubin: bytes) -> dict:
 def dispatch_as(arch: int):
     """Within the block, the launchers pick what they pick on a GPU of compute capability
     ``arch`` (80, 90, 100) for the CPU tensors they are given: TMA (sm_90 and later), the
-    e4m3 type (sm_89 and later) and the indexer's block-size family."""
+    e4m3 type (sm_89 and later), the indexer's block-size family, and the capability the
+    config tables read (``torch.cuda.get_device_capability``)."""
     from flashdsa.ops.indexer import scores
     from flashdsa.ops.sparse_mla import decode, fwd, fwd_fp8
 
@@ -117,6 +118,7 @@ def dispatch_as(arch: int):
             if hasattr(mod, "fp8_native"):
                 stack.enter_context(mock.patch.object(mod, "fp8_native", lambda device: arch >= 89))
         stack.enter_context(mock.patch.object(scores, "_family", lambda device: "sm90" if arch >= 89 else "sm80"))
+        stack.enter_context(mock.patch("torch.cuda.get_device_capability", lambda device=None: divmod(arch, 10)))
         yield
 
 
@@ -159,8 +161,8 @@ def training_launches(arch: int = 90) -> dict[str, list]:
         lse = torch.rand(T, h, generator=g)
         for name, dt in (("fp16", torch.float16), ("e4m3", torch.float8_e4m3fn)):
             with capture_launches() as launches, dispatch_as(arch):
-                F.run_sparse_mla_fwd(q, kv, idx, 0.04, 512, config=F.CONFIGS["sm90" if arch >= 90 else "sm80"],
-                                     return_probs=True, probs_dtype=dt)
+                cfg = F.default_config(torch.device("cuda"), h, 512)  # what that GPU gets
+                F.run_sparse_mla_fwd(q, kv, idx, 0.04, 512, config=cfg, return_probs=True, probs_dtype=dt)
             cases[f"sparse_mla_fwd probs {name} h{h}"] = launches
         with capture_launches() as launches:
             out = torch.randn(T, h, 512, generator=g, **bf)

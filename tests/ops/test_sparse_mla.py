@@ -267,3 +267,16 @@ def test_gpu_bf16_odd_shapes_and_split():
         for n_split in (1, 3):
             out, ml, lse = run_sparse_mla_fwd(q, kv, idx, d_qk ** -0.5, d_v, n_split=n_split, config=dict(BLOCK_K=64))
             check_against_reference(q, kv, idx, d_qk ** -0.5, d_v, out, ml, lse, factor=2.0, floor=2e-3)
+
+
+def test_forward_block_sizes_by_gpu(monkeypatch):
+    """The forward's table by compute capability (CPU check of the dispatch): the A100 gets
+    "sm80", Hopper "sm90" (e4m3 rows: "sm90_fp8"), Blackwell "sm100", whose blocks fit its
+    227 KB of shared memory where Triton's sm_100 build of "sm90"'s does not."""
+    from flashdsa.ops.sparse_mla import fwd
+    monkeypatch.setattr(fwd, "interpreted", lambda: False)
+    for cap, fp8, key in (((8, 0), False, "sm80"), ((9, 0), False, "sm90"), ((9, 0), True, "sm90_fp8"),
+                          ((10, 0), False, "sm100")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        cfg = fwd.default_config(torch.device("cuda"), 128, 512, fp8)
+        assert cfg == fwd.CONFIGS[key], (cap, fp8)

@@ -70,10 +70,14 @@ from .fwd_fp8 import sparse_mla_fwd_fp8_kernel
 #   INT_DECODE (fp8 only, not in the table): decode the e4m3 bytes with integer operations;
 #     default: where Triton has no e4m3 type on the device (before sm_89).
 # The sweeps behind these choices are in docs/benchmarks_sparse_mla.md. "sm80" is sized for
-# the A100's 163 KB of shared memory; "small" serves tiny shapes and the interpreter.
+# the A100's 163 KB of shared memory; "sm100" for Blackwell, where Triton's build of the
+# "sm90" blocks needs more than the 227 KB a block can have (BLOCK_K 32 fits: see
+# docs/testing.md; not tuned on a B200); "small" serves tiny shapes and the interpreter.
 CONFIGS = {
     "sm90": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2, ASM_STORE=True, TMA_STORE=True, REDUCE_WARPS=1),
     "sm90_fp8": dict(BLOCK_H=64, BLOCK_K=64, num_warps=8, num_stages=2),
+    "sm100": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, ASM_STORE=True, TMA_STORE=True,
+                  REDUCE_WARPS=1),
     "sm80": dict(BLOCK_H=64, BLOCK_K=32, num_warps=8, num_stages=2, ASM_STORE=True),
     "small": dict(BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2),
 }
@@ -83,7 +87,10 @@ def default_config(device: torch.device, h_q: int, d_v: int, fp8: bool = False) 
     """Block sizes for a problem; tiny/odd shapes get small blocks."""
     if d_v > 256 and device.type == "cuda" and not interpreted():
         major, _ = torch.cuda.get_device_capability(device)
-        cfg = dict(CONFIGS[("sm90_fp8" if fp8 else "sm90") if major >= 9 else "sm80"])
+        if major < 9:
+            cfg = dict(CONFIGS["sm80"])
+        else:
+            cfg = dict(CONFIGS["sm90_fp8" if fp8 else "sm100" if major >= 10 else "sm90"])
     else:
         cfg = dict(CONFIGS["small"])
     cfg["BLOCK_H"] = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(h_q)))
