@@ -172,7 +172,7 @@ def training_launches(arch: int = 90) -> dict[str, list]:
         ik = torch.randn(S, DI, generator=g, **bf)
         w = torch.randn(T, HI, generator=g)
         stats, p, dkl = torch.zeros(T, 2), torch.rand(T, topk, generator=g), torch.ones(T)
-        cfg = L.CONFIGS["sm90" if h == 64 else "sm90_h128"]
+        cfg = L.config_for(h, divmod(arch, 10))   # what that GPU gets
         ks, ke = torch.zeros(T, dtype=torch.int32), torch.arange(1, T + 1, dtype=torch.int32)
         with capture_launches() as launches:
             L.indexer_kl_fwd(q, kv, lse, iq, ik, w, idx, None, None, 0.04, cfg)
@@ -183,11 +183,13 @@ def training_launches(arch: int = 90) -> dict[str, list]:
             L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, stats, p, 0.04, cfg)
         cases[f"warmup_kl_loss h{h}"] = launches
     with capture_launches() as launches:
-        L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.CONFIGS["sm90_probs"], probs=p)
-        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"])
+        L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.config_for(None, divmod(arch, 10)),
+                         probs=p)
+        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0,
+                         L.config_for(None, divmod(arch, 10)))
     cases["sparse_kl_loss_from_probs"] = launches
     with capture_launches() as launches:  # torch.use_deterministic_algorithms(True): dik in a fixed order
-        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.CONFIGS["sm90_probs"],
+        L.indexer_kl_bwd(dkl, None, None, None, iq, ik, w, idx, None, None, stats, p, 0.0, L.config_for(None, divmod(arch, 10)),
                          deterministic=True)
         L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, stats, p, 0.04, cfg, deterministic=True)
     cases["kl_loss bwd, deterministic"] = launches

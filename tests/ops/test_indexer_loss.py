@@ -418,3 +418,13 @@ def test_public_losses_name_the_bad_argument(case, exc, match, backend):
         args["lse"] = lse.to("meta")
     with pytest.raises(exc, match=match):
         flashdsa.warmup_kl_loss(**args)
+
+
+def test_block_sizes_by_gpu():
+    """The loss kernels' table by compute capability (CPU check of the dispatch): the A100
+    gets "sm80" at 64 heads (sized to its 163 KB of shared memory), Hopper "sm90"; at 128
+    heads both "sm90_h128"; with the target given, "sm90_probs"."""
+    from flashdsa.ops.indexer_loss import CONFIGS, config_for
+    assert config_for(64, (8, 0)) == CONFIGS["sm80"] and config_for(64, (9, 0)) == CONFIGS["sm90"]
+    assert config_for(128, (8, 0)) == config_for(128, (10, 0)) == CONFIGS["sm90_h128"]
+    assert config_for(None, (8, 0)) == CONFIGS["sm90_probs"]

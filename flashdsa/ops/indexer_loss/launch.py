@@ -19,6 +19,10 @@ from .kernels import indexer_kl_bwd_kernel, indexer_kl_fwd_kernel
 #       memory, more than the 227 KB an sm_90 block may use).
 #   "sm90_probs": the target p given (no attention tile; only the indexer's [64, 128] q is
 #       resident), so a block of 64 rows fits with 2 stages.
+#   "sm80": GPUs before Hopper (the A100's 163 KB of shared memory), H <= 64, target
+#       recomputed: 16 rows, 8 warps, 1 stage (built to fit, not tuned: docs/testing.md). At
+#       H 128 the resident q alone (144 KB) leaves too little; those GPUs take "sm90_h128"
+#       and the launch fails for lack of shared memory.
 #   "small": the interpreter, CPU tensors, and widths below the real ones (d_qk <= 128 or
 #       d_I < 64), e.g. the tests' tiny shapes.
 # How the sm90 entries were chosen (benchmarks/bench_indexer_loss.py --sweep): docs/training.md.
@@ -26,6 +30,7 @@ CONFIGS = {
     "sm90": dict(BLOCK_K=32, num_warps=4, num_stages=2),
     "sm90_h128": dict(BLOCK_K=32, num_warps=8, num_stages=1),
     "sm90_probs": dict(BLOCK_K=64, num_warps=4, num_stages=2),
+    "sm80": dict(BLOCK_K=16, num_warps=8, num_stages=1),
     "small": dict(BLOCK_K=16, num_warps=4, num_stages=1),
 }
 
@@ -34,9 +39,18 @@ def _config(q: torch.Tensor | None, iq: torch.Tensor) -> dict:
     """Block sizes; ``q`` None: the target p is given (no attention tile)."""
     if not iq.is_cuda or interpreted() or (q is not None and q.shape[2] <= 128) or iq.shape[2] < 64:
         return dict(CONFIGS["small"])
-    if q is None:
+    return config_for(None if q is None else q.shape[1], torch.cuda.get_device_capability(iq.device))
+
+
+def config_for(h_q: int | None, capability: tuple[int, int]) -> dict:
+    """The table's entry for a GPU of compute ``capability`` at the real widths: ``h_q``
+    query heads of the attention whose target the loss recomputes (None: the target is
+    given)."""
+    if h_q is None:
         return dict(CONFIGS["sm90_probs"])
-    return dict(CONFIGS["sm90" if q.shape[1] <= 64 else "sm90_h128"])
+    if h_q <= 64:
+        return dict(CONFIGS["sm90" if capability >= (9, 0) else "sm80"])
+    return dict(CONFIGS["sm90_h128"])
 
 
 def _split(d: int) -> tuple[int, int]:
