@@ -1,6 +1,6 @@
 """Build the GPU kernels for sm_90 (Hopper) on any machine, no GPU needed, and report
-their resources: registers, spill stack, shared memory (the training kernels and the
-indexer top-k's).
+their resources: registers, spill stack, shared memory (the training kernels, the indexer
+top-k's and the paged decode's).
 
     python -m benchmarks.sm90_build            # table of every kernel at the sm90 block sizes
 
@@ -247,6 +247,28 @@ def indexer_launches(arch: int = 90) -> dict[str, list]:
     return cases
 
 
+def decode_launches(arch: int = 90) -> dict[str, list]:
+    """The launches of the paged sparse MLA decode (bf16 and fp8_ds_mla caches; batch 4 x
+    s_q 2, 128 heads, top-k 2048, split-k 4) with the block sizes a GPU of compute
+    capability ``arch`` gets, by case name."""
+    from flashdsa.layout import MLA_FP8_BYTES
+    from flashdsa.ops.sparse_mla import fwd as F
+    from flashdsa.ops.sparse_mla.decode import sparse_mla_decode
+
+    g = torch.Generator().manual_seed(0)
+    b, s_q, h, topk, blocks = 4, 2, 128, 2048, 256
+    q = torch.randn(b, s_q, h, 576, generator=g, dtype=torch.bfloat16)
+    idx = torch.randint(0, blocks * 64, (b, s_q, topk), dtype=torch.int32, generator=g)
+    cases = {}
+    for fmt, cache in (("bf16", torch.zeros(blocks, 64, 1, 576, dtype=torch.bfloat16)),
+                       ("fp8_ds_mla", torch.zeros(blocks, 64, 1, MLA_FP8_BYTES, dtype=torch.uint8))):
+        with capture_launches() as launches, dispatch_as(arch):
+            cfg = F.default_config(torch.device("cuda"), h, 512, fmt != "bf16")   # what that GPU gets
+            sparse_mla_decode(q, cache, idx, 0.04, 512, fmt, n_split=4, config=cfg)
+        cases[f"sparse_mla_decode {fmt}"] = launches
+    return cases
+
+
 def main():
     import argparse
 
@@ -267,7 +289,7 @@ def main():
         limit = SHARED_LIMIT[arch]
         report["shared_limit"][f"sm_{arch}"] = limit
         print(f"triton {triton.__version__}, target sm_{arch}; shared memory limit {limit} bytes")
-        for case, launches in {**training_launches(arch), **indexer_launches(arch)}.items():
+        for case, launches in {**training_launches(arch), **indexer_launches(arch), **decode_launches(arch)}.items():
             for r in build(launches, arch, keep_going=True):
                 report["rows"].append(dict(target=f"sm_{arch}", case=case, **r,
                                            over_limit="error" not in r and r["shared"] > limit))
