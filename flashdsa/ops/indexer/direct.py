@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ...layout import PAGE_SIZE
 from ..common import interpreted, num_sms
-from .scores import SCORES_STORE, Problem, choose_split, launch_scores, row_length
+from .scores import Problem, row_length, scored_chunks
 from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
 DIRECT_MAX_POS = 8192           # "auto" takes the direct method for rows of at most this many keys,
@@ -101,13 +101,7 @@ def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:
     n_pos = max(p.n_pos, 1)
     out = torch.empty(p.rows, topk, dtype=torch.int32, device=dev)
     block = triton.next_power_of_2(n_pos)
-    chunk = max(1, DIRECT_BYTES // (4 * n_pos * p.next_n))   # units a chunk
-    for u0 in range(0, p.units, chunk):
-        sub = p.slice(u0, min(u0 + chunk, p.units))
-        r0 = u0 * p.next_n
-        scores = torch.empty(sub.rows, n_pos, dtype=torch.float32, device=dev)
-        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_pos, sub.cfg["BLOCK_N"], dev, min_split),
-                      out=scores)
+    for r0, sub, scores in scored_chunks(p, 1, DIRECT_BYTES, min_split):
         rows_topk_kernel[(sub.rows,)](
             scores, sub.ks, sub.ke, sub.bt, out[r0:r0 + sub.rows], scores.stride(0),
             sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block, CHUNK=min(block, DIRECT_CHUNK),

@@ -332,7 +332,7 @@ class Problem:
     """One scoring problem, ragged or paged, as the kernels take it.
 
     q [rows, H, D] and w [rows, H] fp32: the query rows. Ragged: k = k8 [S_kv, D],
-    ksc = k_scale [S_kv] fp32, ks/ke [rows] int32; a *unit* (what ``take`` selects and
+    ksc = k_scale [S_kv] fp32, ks/ke [rows] int32; a *unit* (what :meth:`slice` cuts and
     programs are launched over, BLOCK_Q rows a program) is a row. Paged: k = the uint8
     cache, ksc its fp32 view, ctx [B] int32, bt [B, max_blocks] int32; a unit is a
     sequence of next_n rows, one program each. ``n_pos``: key positions walked."""
@@ -363,13 +363,6 @@ class Problem:
         scoring kernel's)."""
         return self.units if self.paged else triton.cdiv(self.rows, (cfg or self.cfg)["BLOCK_Q"])
 
-    def take(self, units: torch.Tensor) -> "Problem":
-        """The sub-problem of some units (a 1-D index tensor)."""
-        if self.paged:
-            rows = self.unit_rows(units)
-            return replace(self, q=self.q[rows], w=self.w[rows], ctx=self.ctx[units], bt=self.bt[units])
-        return replace(self, q=self.q[units], w=self.w[units], ks=self.ks[units], ke=self.ke[units])
-
     def dims(self) -> dict:
         """The kernels' width constexprs: D, D_PAD (fp8 MMAs need K >= 32; tiny test
         widths are 16), H_PAD."""
@@ -384,11 +377,6 @@ class Problem:
                            ctx=self.ctx[u0:u1], bt=self.bt[u0:u1])
         return replace(self, q=self.q[r0:r1], w=self.w[r0:r1], ks=self.ks[r0:r1], ke=self.ke[r0:r1])
 
-    def unit_rows(self, units: torch.Tensor) -> torch.Tensor:
-        """Row indices of some units."""
-        if not self.paged:
-            return units
-        return (units[:, None] * self.next_n + torch.arange(self.next_n, device=units.device)).reshape(-1)
 
 
 def ragged_problem(q8, k8, k_scale, weights, ks, ke, config: dict | None = None) -> Problem:
@@ -400,6 +388,22 @@ def ragged_problem(q8, k8, k_scale, weights, ks, ke, config: dict | None = None)
     topk_cfg = default_config(q8.device, h, topk=True, **(config or {}))
     return Problem(q8, k8, k_scale.float().contiguous(), weights.float().contiguous(), ks, ke, ks, ks,
                    k8.shape[0], 1, False, cfg, topk_cfg)
+
+
+def scored_chunks(p: Problem, pos_stride: int, budget_bytes: int, min_split: int):
+    """The scores of ``p`` (SCORES_STORE, every ``pos_stride``-th key position) a chunk of
+    whole units at a time, at most ``budget_bytes`` of scores a chunk: yields (first row,
+    the chunk's sub-problem, its scores [rows, cdiv(n_pos, pos_stride)] fp32). Each
+    chunk's buffer is new, so a consumer launched on it may still run when the next
+    chunk is scored."""
+    n_cols = triton.cdiv(max(p.n_pos, 1), pos_stride)
+    chunk = max(1, budget_bytes // (4 * n_cols * p.next_n))   # units a chunk
+    for u0 in range(0, p.units, chunk):
+        sub = p.slice(u0, min(u0 + chunk, p.units))
+        out = torch.empty(sub.rows, n_cols, dtype=torch.float32, device=p.q.device)
+        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_cols, sub.cfg["BLOCK_N"], p.q.device, min_split),
+                      pos_stride, out=out)
+        yield u0 * p.next_n, sub, out
 
 
 def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int = 1, out=None,

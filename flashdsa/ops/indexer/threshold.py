@@ -25,12 +25,12 @@ from .direct import direct_topk, prefers_direct
 from .scores import (
     SCORES_ATOMIC,
     SCORES_SLOTS,
-    SCORES_STORE,
     Problem,
     choose_split,
     launch_scores,
     ragged_problem,
     row_length,
+    scored_chunks,
 )
 from .selection import (
     INT32_MIN,
@@ -151,13 +151,8 @@ def sample_thresholds(p: Problem, topk: int, min_split: int, zero_cnt: torch.Ten
         return torch.full((p.rows,), INT32_MIN, dtype=torch.int32, device=dev)
     thr = torch.empty(p.rows, dtype=torch.int32, device=dev)
     r_max = min(n_s_all, math.ceil(MARGIN * topk / st + MARGIN) + 1)
-    chunk = max(1, SAMPLE_BYTES // (4 * n_s_all * p.next_n))   # units a chunk
-    for u0 in range(0, p.units, chunk):
-        sub = p.slice(u0, min(u0 + chunk, p.units))
-        r0, r1 = u0 * p.next_n, u0 * p.next_n + sub.rows
-        out = torch.empty(sub.rows, n_s_all, dtype=torch.float32, device=dev)
-        launch_scores(sub, SCORES_STORE, choose_split(sub.n_prog(), n_s_all, sub.cfg["BLOCK_N"], dev, min_split),
-                      st, out=out)
+    for r0, sub, out in scored_chunks(p, st, SAMPLE_BYTES, min_split):
+        r1 = r0 + sub.rows
         sample_threshold_kernel[(sub.rows,)](
             out, sub.ks, sub.ke, thr[r0:r1], thr if zero_cnt is None else zero_cnt[r0:r1], out.stride(0), n_s_all,
             st, topk, r_max, p.next_n, p.n_pos, PAGED=p.paged, ZERO_CNT=zero_cnt is not None,
