@@ -56,7 +56,7 @@ def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt
     Two passes: the k-th largest key T by binary search over the row held in registers
     (only the keys are live: a register-light kernel, several rows an SM), then the row
     re-read (from L2) in CHUNK-wide pieces whose taken positions are placed by a running
-    prefix sum."""
+    prefix sum, the next piece loaded while one is taken."""
     r = tl.program_id(0).to(tl.int64)
     n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
     start = 0 if PAGED else tl.load(ks_ptr + r)
@@ -70,10 +70,12 @@ def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt
     c = tl.arange(0, CHUNK)
     n_take = n * 0
     n_eq = n * 0
+    v_next = tl.load(row + start + c, mask=start + c < end, other=0.0)
     for c0 in range(start, end, CHUNK):
         off = c0 + c
         m = off < end
-        kk = score_key(tl.load(row + off, mask=m, other=0.0))
+        kk = score_key(v_next)
+        v_next = tl.load(row + off + CHUNK, mask=off + CHUNK < end, other=0.0)  # in flight while this chunk is taken
         take, pos, n_take, n_eq = chunk_take(kk, m, T, n_gt, full, cut, topk, n_take, n_eq)
         if PAGED:
             blk = tl.load(bt_ptr + (r // NEXT_N) * stride_bt + off // PAGE, mask=take, other=0)
@@ -88,7 +90,7 @@ def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt
 def _warps(block: int) -> int:
     if interpreted():
         return 4
-    return 4 if block <= 8192 else 8 if block <= 16384 else 32
+    return 4 if block <= 16384 else 16
 
 
 def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:

@@ -38,11 +38,12 @@ from .selection import score_key
 # interpreter and tiny tests), for the scores kernel and the streaming top-k kernel alike.
 # BLOCK_N: keys a tile, the dot's M (64 = one wgmma M tile for a 4-warp warpgroup);
 # QH = BLOCK_Q * H_PAD: the dot's N, query rows times padded heads a program (the top-k
-# kernel takes at most MAX_TOPK_ROWS rows); num_warps; num_stages: software-pipelining
-# depth of the key tiles (8 KB each at D = 128 in fp8). The measurements behind them are
-# in docs/benchmarks_indexer.md.
+# kernel takes at most MAX_TOPK_ROWS rows); num_warps (8 on sm90: two warpgroups, each
+# the dot of half the query rows, so each keeps its head sums to itself); num_stages:
+# software-pipelining depth of the key tiles (8 KB each at D = 128 in fp8). The
+# measurements behind them are in docs/benchmarks_indexer.md.
 CONFIGS = {
-    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3),
+    "sm90": dict(BLOCK_N=64, QH=256, num_warps=8, num_stages=3),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1),
 }

@@ -27,22 +27,36 @@ def score_key(s):
 
 
 @triton.jit
-def kth_largest(keys, nvalid, thr, k):
-    """The k-th largest of one row's keys [CAP] (INT32_MIN: no entry; nvalid entries),
-    exact (any value when nvalid < k). Binary search on the int32 key range with the
-    invariant count(key >= lo) >= k > count(key >= hi + 1); ``thr`` (the last threshold,
-    with at least k entries at or above it) tightens the start."""
+def kth_search(keys, nvalid, thr, k):
+    """(T, count(keys >= T)): T the k-th largest of one row's keys [CAP] (INT32_MIN: no
+    entry; nvalid entries, all >= ``thr``), exact (any value when nvalid < k). Binary
+    search on the int32 key range with the invariant count(key >= lo) >= k >
+    count(key >= hi + 1), the count at lo carried along; ``thr`` (the last threshold, a
+    lower bound of the entries) tightens the start.
+
+    The search stops early at a midpoint with exactly k keys at or above it: the answer
+    is then the least of those k (one more reduction). On distinct scores that happens
+    once the bracket holds a few keys, after about log2(nvalid) + 2 steps instead of
+    the bit width of the bracket (up to 31); ties at the k-th key run to the end."""
     lo = tl.min(tl.where(keys > INT32_MIN_C, keys, 2147483647), axis=0)
     lo = tl.maximum(lo, thr).to(tl.int64)
     hi = tl.max(keys, axis=0).to(tl.int64)
     lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
+    c_lo = nvalid
     while hi > lo:
         mid = lo + (hi - lo + 1) // 2
         c = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0)
         ok = c >= k
         lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    return lo.to(tl.int32)
+        c_lo = tl.where(ok, c, c_lo)
+        hi = tl.where(c == k, mid, tl.where(ok, hi, mid - 1))
+    return tl.min(tl.where(keys >= lo.to(tl.int32), keys, 2147483647), axis=0), c_lo
+
+
+@triton.jit
+def kth_largest(keys, nvalid, thr, k):
+    """The k-th largest of one row's keys (see :func:`kth_search`)."""
+    return kth_search(keys, nvalid, thr, k)[0]
 
 
 @triton.jit
@@ -72,13 +86,15 @@ def take_topk(keys, valid, thr, k):
 @triton.jit
 def kth_cut(keys, nvalid, thr, k):
     """First pass of a two-pass top-k over keys [N] (INT32_MIN: no entry; nvalid
-    entries, all >= thr): (T = the k-th largest key, n_gt = entries above T, full = more
-    than k entries, cut = ties at T must be cut). Only the keys need be live: the second
+    entries, all >= thr): (T = the k-th largest key, n_gt = entries above T when ties
+    are cut, else 0, full = more than k entries, cut = ties at T must be cut). Only the keys need be live: the second
     pass (:func:`chunk_take`) re-reads the entries a chunk at a time."""
-    T = kth_largest(keys, nvalid, thr, k)
+    T, c_ge = kth_search(keys, nvalid, thr, k)
     full = nvalid > k
-    n_gt = tl.sum((keys > T).to(tl.int32), axis=0)
-    cut = full & (n_gt + tl.sum((keys == T).to(tl.int32), axis=0) > k)  # T > INT32_MIN when full
+    cut = full & (c_ge > k)  # T > INT32_MIN when full
+    n_gt = nvalid * 0  # needed only to cut ties
+    if cut:
+        n_gt = tl.sum((keys > T).to(tl.int32), axis=0)
     return T, n_gt, full, cut
 
 
@@ -86,16 +102,15 @@ def kth_cut(keys, nvalid, thr, k):
 def chunk_take(keys, present, T, n_gt, full, cut, k, n_take, n_eq):
     """Second pass of the two-pass top-k, on one chunk of entries (in position order):
     (take mask, pos = destination of each taken entry, n_take, n_eq) with the running
-    counts of taken entries and of entries equal to T updated. Ties at T are taken in
-    position order; a row with at most k entries takes all of them."""
+    counts of taken entries and (when ties are cut) of entries equal to T updated. Ties
+    at T are taken in position order; a row with at most k entries takes all of them."""
     if full:
-        eq = present & (keys == T)
-        take = present & (keys > T)
         if cut:
-            take = take | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+            eq = present & (keys == T)
+            take = (present & (keys > T)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+            n_eq += tl.sum(eq.to(tl.int32), axis=0)
         else:
-            take = take | eq
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+            take = present & (keys >= T)
     else:
         take = present
     pos = n_take + tl.cumsum(take.to(tl.int32), axis=0) - 1

@@ -54,6 +54,15 @@ SELECT_CHUNK = 1024            # candidates a step of the select kernel's second
 
 
 @triton.jit
+def _slot_entries(cnt_ptr, r, n_slots, SC, e, SC_PAD: tl.constexpr):
+    """(present mask, offset in the row's slot buffers) of entries e of row r, entry e
+    being position e % SC_PAD of slot e // SC_PAD."""
+    slot = e // SC_PAD
+    cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=slot < n_slots, other=0)
+    return (e % SC_PAD) < tl.minimum(cnt, SC), (r * n_slots + slot) * SC + e % SC_PAD
+
+
+@triton.jit
 def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, out_ptr, fail_ptr,
                           n_slots, SC, topk, NEXT_N, n_pos,
                           NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, CHUNK: tl.constexpr,
@@ -64,7 +73,8 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     candidates cannot give the exact answer: a slot overflowed, or fewer than
     min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`).
     Two passes (:func:`kth_cut` over the keys of all slots, then :func:`chunk_take`
-    over CHUNK entries of the slots at a time, where the indices are read)."""
+    over CHUNK entries of the slots at a time, where the indices are read; the next
+    chunk's keys are loaded while one is taken)."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, NS_PAD)
     cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=slot < n_slots, other=0)
@@ -80,12 +90,15 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     e2 = tl.arange(0, CHUNK)
     n_take = nvalid * 0
     n_eq = nvalid * 0
-    for e0 in range(0, n_slots * SC_PAD, CHUNK):
-        slot2 = (e0 + e2) // SC_PAD
-        cnt2 = tl.load(cnt_ptr + r * n_slots + slot2, mask=slot2 < n_slots, other=0)
-        present = ((e0 + e2) % SC_PAD) < tl.minimum(cnt2, SC)
-        off = (r * n_slots + slot2) * SC + (e0 + e2) % SC_PAD
-        kk = tl.load(bkey_ptr + off, mask=present, other=INT32_MIN_C)
+    present, off = _slot_entries(cnt_ptr, r, n_slots, SC, e2, SC_PAD)
+    kk_next = tl.load(bkey_ptr + off, mask=present, other=INT32_MIN_C)
+    # one slot (atomic appends): its entries are a prefix, the loop ends with them
+    e_end = tl.where(n_slots == 1, nvalid, n_slots * SC_PAD)
+    for e0 in range(0, e_end, CHUNK):
+        present, off = _slot_entries(cnt_ptr, r, n_slots, SC, e0 + e2, SC_PAD)
+        kk = kk_next
+        present_n, off_n = _slot_entries(cnt_ptr, r, n_slots, SC, e0 + CHUNK + e2, SC_PAD)
+        kk_next = tl.load(bkey_ptr + off_n, mask=present_n, other=INT32_MIN_C)  # in flight while this chunk is taken
         take, pos, n_take, n_eq = chunk_take(kk, present, T, n_gt, full, cut, topk, n_take, n_eq)
         tl.store(out_row + pos, tl.load(bidx_ptr + off, mask=take, other=-1), mask=take)
     p = tl.arange(0, TOPK_PAD)
