@@ -60,7 +60,8 @@ def probe_step_seconds(mcfg, corpus, cc: ComparisonConfig, device, backend: str,
     out = {}
     for stage in ("dense", "warmup", "sparse"):
         tc = TrainConfig(stage=stage, steps=steps + 1, batch_size=cc.batch_size, seq_len=cc.seq_len,
-                         backend=backend, warmup_steps=1, plant_prob=cc.plant_prob)
+                         backend=backend, warmup_steps=1, plant_prob=cc.plant_prob, plant=cc.retrieval,
+                         plant_distance=cc.retrieval_distance)
         train(model, corpus, tc, progress=False, stop_after=1)
         st = train(model, corpus, tc, progress=False)
         out[stage] = st.train_seconds / max(st.step, 1)
@@ -171,8 +172,9 @@ def main(argv=None) -> int:
     corpus = Corpus.load(max_bytes=args.max_bytes)
     mcfg = preset_config("tiny" if args.toy else "small", args.seq_len)
     cc = ComparisonConfig(preset="tiny" if args.toy else "small", seq_len=args.seq_len, batch_size=args.batch_size,
-                          lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, plant_prob=args.plant_prob,
-                          backend=args.backend, eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
+                          lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, retrieval="passkey",
+                          retrieval_distance=None, plant_prob=args.plant_prob, backend=args.backend,
+                          eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall, log_every=10)
 
     plan_path = Path(args.state_dir) / "plan.json" if args.state_dir else None

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from . import __version__
-from .recipe import STAGES, ComparisonConfig
+from .recipe import REPEAT_SPAN, STAGES, ComparisonConfig
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -194,7 +194,12 @@ def add_demo_args(p):
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="branch (b)'s indexer warm-up steps")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="windows per step")
     p.add_argument("--eval-windows", type=int, default=d["eval_windows"], help="held-out windows for the loss")
-    p.add_argument("--eval-retrieval", type=int, default=d["eval_retrieval"], help="passkey samples")
+    p.add_argument("--eval-retrieval", type=int, default=d["eval_retrieval"],
+                   help="held-out windows for retrieval (a planted repeat each)")
+    p.add_argument("--repeat-offset", type=int, default=d["retrieval_distance"],
+                   help=f"retrieval task: a span of {REPEAT_SPAN} random digits, planted in "
+                        f"{100 * d['plant_prob']:.0f}%% of the training windows and in the held-out ones, repeats "
+                        f"exactly this many tokens later (needs --seq-len >= offset + {REPEAT_SPAN - 1})")
     p.add_argument("--eval-recall", type=int, default=d["eval_recall"], help="windows for indexer recall")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed")
     p.add_argument("--out", default=None, help="directory for the two models (HF format)")

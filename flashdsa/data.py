@@ -1,5 +1,5 @@
 """Training data: an embedded corpus that needs no download, byte-level tokens, a fixed
-held-out split, deterministic batches, and a planted-passkey retrieval task.
+held-out split, deterministic batches, and two planted retrieval tasks.
 
 Default corpus: the ``.py`` sources of the running interpreter's standard library
 (``sysconfig.get_paths()["stdlib"]``, about 30 MB for CPython 3.11: real, long files).
@@ -14,6 +14,16 @@ not depend on the file list, the machine or the Python version's other files.
 Batches are a pure function of ``(seed, step)``: random windows of ``seq_len + 1``
 tokens. Resuming at step s therefore replays exactly the batches a run without
 interruption would have seen, and two runs with one seed see the same tokens.
+
+Retrieval tasks (:data:`RETRIEVAL_TASKS`), planted into windows of real code, each scored
+on digits that only a token far back predicts:
+
+- ``"passkey"`` (:func:`plant_passkey`): a line with a random number, repeated later at a
+  random distance; the copy is found by content (the line's prefix), which needs an
+  induction circuit.
+- ``"repeat"`` (:func:`plant_repeat`): a span of random digits, repeated exactly a fixed
+  offset later; the copy is found by relative position, which the CPU demo's tiny model
+  learns within its steps (a content-addressed copy it does not).
 """
 from __future__ import annotations
 
@@ -24,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .recipe import REPEAT_SPAN, RETRIEVAL_TASKS
 
 PAD, BOS, EOS = 256, 257, 258
 VOCAB_SIZE = 259
@@ -187,25 +199,66 @@ def plant_passkey(window: torch.Tensor, min_distance: int, generator: torch.Gene
     return window, rows
 
 
-def retrieval_windows(corpus: Corpus, n: int, seq_len: int, min_distance: int, seed: int = 1234):
-    """n held-out windows [n, seq_len + 1] with a planted passkey each, and answer rows [n, 5]."""
+def check_repeat(window_len: int, offset: int, span: int = REPEAT_SPAN) -> None:
+    """Raise ValueError unless a ``span``-digit repeat at ``offset`` fits a window of
+    ``window_len`` tokens (``seq_len + 1``) without the copy overwriting the original."""
+    if offset < span:
+        raise ValueError(f"repeat offset {offset}: expected at least the span of {span} digits "
+                         f"(the copy would overwrite its original)")
+    if window_len < offset + span:
+        raise ValueError(f"a {span}-digit span repeated {offset} tokens later needs windows of {offset + span} "
+                         f"tokens (seq_len >= {offset + span - 1}), got {window_len} (seq_len {window_len - 1})")
+
+
+def plant_repeat(window: torch.Tensor, offset: int, generator: torch.Generator, span: int = REPEAT_SPAN):
+    """Plant a fixed-offset repeat in a token window [n] (in place; returns it and the answer rows).
+
+    Writes ``span`` random digits at a random position and the same digits again exactly
+    ``offset`` tokens later. The copy's first digit cannot be predicted (nothing says a
+    copy starts there); each later one is the token ``offset`` positions back. Returns
+    ``(window, rows)``: ``rows`` [span - 1] are positions p of the window whose *next*
+    token window[p + 1] is a copied digit after the first, i.e. the rows of the logits to
+    score."""
+    n = window.shape[0]
+    check_repeat(n, offset, span)
+    digits = torch.randint(ord("0"), ord("9") + 1, (span,), generator=generator)
+    start = int(torch.randint(0, n - offset - span + 1, (1,), generator=generator))
+    window[start:start + span] = digits
+    window[start + offset:start + offset + span] = digits
+    copy = start + offset
+    return window, torch.arange(copy, copy + span - 1)
+
+
+def plant_retrieval(task: str, window: torch.Tensor, distance: int, generator: torch.Generator):
+    """Plant ``task`` (one of :data:`RETRIEVAL_TASKS`) in ``window`` [n], in place: a
+    passkey more than ``distance`` tokens back, or a repeat exactly ``distance`` tokens
+    back. Returns ``(window, rows)`` as :func:`plant_passkey` and :func:`plant_repeat` do."""
+    if task == "passkey":
+        return plant_passkey(window, distance, generator)
+    if task == "repeat":
+        return plant_repeat(window, distance, generator)
+    raise ValueError(f"retrieval task: expected one of {RETRIEVAL_TASKS}, got {task!r}")
+
+
+def retrieval_windows(corpus: Corpus, n: int, seq_len: int, distance: int, seed: int = 1234,
+                      task: str = "passkey"):
+    """n held-out windows [n, seq_len + 1] with ``task`` planted in each (:func:`plant_retrieval`),
+    and their answer rows [n, answer digits]."""
     g = torch.Generator().manual_seed(seed)
     base = corpus.eval_windows(n, seq_len).clone()
-    rows = []
-    for i in range(n):
-        _, r = plant_passkey(base[i], min_distance, g)
-        rows.append(r)
+    rows = [plant_retrieval(task, base[i], distance, g)[1] for i in range(n)]
     return base, torch.stack(rows)
 
 
 def training_batch(corpus: Corpus, step: int, batch_size: int, seq_len: int, seed: int = 0,
-                   plant_prob: float = 0.0, min_distance: int = 0) -> torch.Tensor:
+                   plant_prob: float = 0.0, distance: int = 0, task: str = "passkey") -> torch.Tensor:
     """A training batch [B, seq_len + 1]; with ``plant_prob`` > 0 that share of the
-    windows carries a planted passkey (teaches the retrieval skill the eval measures)."""
+    windows carries ``task`` planted ``distance`` tokens back (:func:`plant_retrieval`),
+    which teaches the retrieval skill the evaluation measures."""
     x = corpus.batch(step, batch_size, seq_len, seed)
     if plant_prob > 0:
         g = _generator(seed + 7919, step)
         for i in range(batch_size):
             if float(torch.rand((), generator=g)) < plant_prob:
-                plant_passkey(x[i], min_distance, g)
+                plant_retrieval(task, x[i], distance, g)
     return x

@@ -3,11 +3,12 @@
 - :func:`loss_by_position`: held-out loss and perplexity, overall and per position bucket
   ([0, 64), [64, 128), [128, 256), ... doubling): sparse attention can only hurt where a
   query has more than ``index_topk`` candidates, so the late buckets are where to look.
-- :func:`retrieval_accuracy`: a passkey planted in real held-out code more than
-  4 x index_topk tokens before the question (flashdsa.data.plant_passkey); a sample counts
-  when every digit is the model's top prediction (teacher forcing); ``answer_loss`` (nats
-  per digit, ln 10 = 2.30 for a guess) shows partial use of the context before exact
-  recall emerges.
+- :func:`retrieval_accuracy`: a retrieval task planted in real held-out code
+  (flashdsa.data.plant_retrieval): a passkey more than 4 x index_topk tokens before the
+  question, or a span of digits repeated at a fixed offset; a sample counts when every
+  answer digit is the model's top prediction (teacher forcing); ``digit_accuracy`` is the
+  share of answer digits right, and ``answer_loss`` (nats per digit, ln 10 = 2.30 for a
+  guess) shows partial use of the context before exact recall emerges.
 - :func:`indexer_recall`: for every layer, the share of the dense attention mass (summed
   over heads, normalized per query) that falls on the indexer's top-k selection, averaged
   over queries with more than top-k candidates (the others keep everything).
@@ -62,32 +63,43 @@ def loss_by_position(model, windows: torch.Tensor, attention: str = "sparse", ba
     return {"loss": loss, "ppl": math.exp(loss), "buckets": buckets, "tokens": windows[:, 1:].numel()}
 
 
+def score_answers(logits: torch.Tensor, windows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced answers: ``logits`` [B, L, V] of ``windows`` [B, L + 1] (the model
+    ran on ``windows[:, :-1]``), answer ``rows`` [B, R] (the answer of row p is
+    ``windows[:, p + 1]``). Returns (right [B, R] bool: the top prediction is the answer,
+    nll [B, R] fp32: the answer's negative log-likelihood)."""
+    at = logits.float().gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))   # [B, R, V]
+    want = windows.gather(1, rows + 1)
+    return at.argmax(-1) == want, -at.log_softmax(-1).gather(-1, want[..., None])[..., 0]
+
+
 @torch.no_grad()
-def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, min_distance: int | None = None,
-                       attention: str = "sparse", backend: str = "auto", batch_size: int = 4,
-                       seed: int = 1234) -> dict:
-    """Passkey retrieval over ``n`` held-out windows; answer > ``min_distance`` tokens back
-    (default 4 * index_topk + 1). Returns {"accuracy", "digit_accuracy", "answer_loss",
-    "min_distance", "n"}."""
+def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distance: int | None = None,
+                       task: str = "passkey", attention: str = "sparse", backend: str = "auto",
+                       batch_size: int = 4, seed: int = 1234) -> dict:
+    """``task`` retrieval (flashdsa.recipe.RETRIEVAL_TASKS) over ``n`` held-out windows, the
+    answer ``distance`` tokens back: a passkey more than that (default 4 * index_topk + 1),
+    a repeat exactly that (required). Returns {"task", "accuracy", "digit_accuracy",
+    "answer_loss", "distance", "n"}."""
     device = next(model.parameters()).device
     model.eval()
-    if min_distance is None:
-        min_distance = 4 * model.config.index_topk + 1
-    windows, rows = retrieval_windows(corpus, n, seq_len, min_distance, seed)
+    if distance is None:
+        if task != "passkey":
+            raise ValueError(f"retrieval task {task!r}: give its distance (the offset it was trained with)")
+        distance = 4 * model.config.index_topk + 1
+    windows, rows = retrieval_windows(corpus, n, seq_len, distance, seed, task)
     hits, digit_hits, nll = 0, 0, 0.0
     for i in range(0, n, batch_size):
         b, r = windows[i:i + batch_size].to(device), rows[i:i + batch_size].to(device)
         with _autocast(device):
             logits = model(b[:, :-1], attention=attention, backend=backend).logits   # [B, L, V]
-        at = logits.float().gather(1, r[..., None].expand(-1, -1, logits.shape[-1]))   # [B, digits, V]
-        want = b.gather(1, r + 1)
-        ok = at.argmax(-1) == want
+        ok, answer_nll = score_answers(logits, b, r)
         hits += int(ok.all(-1).sum())
         digit_hits += int(ok.sum())
-        nll += float(-at.log_softmax(-1).gather(-1, want[..., None]).sum())
+        nll += float(answer_nll.sum())
     # answer_loss: mean nats per answer digit; ln 10 = 2.303 is guessing, 0 is perfect recall
-    return {"accuracy": hits / n, "digit_accuracy": digit_hits / (n * rows.shape[1]),
-            "answer_loss": nll / (n * rows.shape[1]), "min_distance": min_distance, "n": n}
+    return {"task": task, "accuracy": hits / n, "digit_accuracy": digit_hits / (n * rows.shape[1]),
+            "answer_loss": nll / (n * rows.shape[1]), "distance": distance, "n": n}
 
 
 def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -177,12 +189,14 @@ def throughput(model, batch_size: int, seq_len: int, attention: str, backend: st
 
 
 def evaluate(model, corpus: Corpus, seq_len: int, attention: str = "sparse", backend: str = "auto",
-             n_windows: int = 16, n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4) -> dict:
-    """All of the above for one model, ``attention`` "sparse" or "dense"."""
+             n_windows: int = 16, n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4,
+             retrieval: str = "passkey", retrieval_distance: int | None = None) -> dict:
+    """All of the above for one model, ``attention`` "sparse" or "dense"; ``retrieval`` and
+    ``retrieval_distance``: the task and distance of :func:`retrieval_accuracy`."""
     windows = corpus.eval_windows(n_windows, seq_len)
     out = {"attention": attention, "seq_len": seq_len, "index_topk": model.config.index_topk}
     out["lm"] = loss_by_position(model, windows, attention, backend, batch_size)
-    out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, attention=attention, backend=backend,
-                                          batch_size=batch_size)
+    out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, retrieval_distance, retrieval,
+                                          attention=attention, backend=backend, batch_size=batch_size)
     out["indexer_recall"] = indexer_recall(model, windows[:n_recall], backend) if n_recall else None
     return out

@@ -12,6 +12,12 @@ STAGES = {
 }
 
 
+# Retrieval tasks planted into training windows and evaluated (flashdsa.data.plant_retrieval):
+# "passkey" (a copy found by content), "repeat" (REPEAT_SPAN random digits, copied at a fixed offset).
+RETRIEVAL_TASKS = ("passkey", "repeat")
+REPEAT_SPAN = 64
+
+
 @dataclass
 class ComparisonConfig:
     """The dense-vs-DSA comparison: dense pretraining, then from the same weights
@@ -27,7 +33,10 @@ class ComparisonConfig:
     lr: float = 2e-3
     branch_lr: float = 6e-4
     warmup_lr: float = 1e-3          # the paper's warm-up learning rate
-    plant_prob: float = 0.3
+    retrieval: str = "repeat"        # the task planted in training windows and evaluated (RETRIEVAL_TASKS)
+    retrieval_distance: int | None = 128   # repeat: its fixed offset (8 x index_topk at seq_len 256); passkey:
+                                           # the distance floor (None: 4 x index_topk + 1)
+    plant_prob: float = 0.5          # share of training windows with the task planted
     seed: int = 0
     backend: str = "auto"
     eval_windows: int = 16

@@ -37,11 +37,11 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from .config import DSAConfig
-from .data import BOS, EOS, VOCAB_SIZE, Corpus, training_batch
+from .data import BOS, EOS, VOCAB_SIZE, Corpus, check_repeat, training_batch
 from .errors import UsageError
 from .layers import MLA
 from .model import DSAForCausalLM
-from .recipe import STAGES, ComparisonConfig
+from .recipe import REPEAT_SPAN, RETRIEVAL_TASKS, STAGES, ComparisonConfig
 
 
 # The model config's key (written to config.json) listing the stages the model was trained
@@ -107,8 +107,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0                    # data seed: batches are a function of (seed, data step); `flashdsa train`
                                      # also seeds every generator with it (seed_everything)
-    plant_prob: float = 0.25         # share of windows carrying a planted passkey
-    min_distance: int | None = None  # passkey distance floor; default 4 * index_topk + 1
+    plant_prob: float = 0.25         # share of windows carrying a planted retrieval task
+    plant: str = "passkey"           # that task, one of flashdsa.recipe.RETRIEVAL_TASKS
+    plant_distance: int | None = None  # passkey: distance floor, default 4 * index_topk + 1 (capped to fit the
+                                       # window); repeat: its fixed offset, required
     indexer_loss_weight: float = 1.0
     backend: str = "auto"
     amp: bool | None = None          # bf16 autocast; default on for CUDA
@@ -122,6 +124,12 @@ class TrainConfig:
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError(f"steps/batch_size/seq_len: expected >= 0, >= 1, >= 2, got "
                              f"{self.steps}, {self.batch_size}, {self.seq_len}")
+        if self.plant not in RETRIEVAL_TASKS:
+            raise ValueError(f"plant: expected one of {RETRIEVAL_TASKS}, got {self.plant!r}")
+        if self.plant == "repeat" and self.plant_prob > 0:
+            if self.plant_distance is None:
+                raise ValueError("plant 'repeat': plant_distance (its offset) is required")
+            check_repeat(self.seq_len + 1, self.plant_distance)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -294,8 +302,10 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     progress = progress and (ranks is None or torch.distributed.get_rank() == 0)
     writes = context_parallel is None or context_parallel.get_rank() == 0
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    min_distance = cfg.min_distance if cfg.min_distance is not None else 4 * model.config.index_topk + 1
-    min_distance = min(min_distance, cfg.seq_len - cfg.seq_len // 16 - 48)
+    distance = cfg.plant_distance
+    if cfg.plant == "passkey":
+        distance = distance if distance is not None else 4 * model.config.index_topk + 1
+        distance = min(distance, cfg.seq_len - cfg.seq_len // 16 - 48)
     params = set_trainable(model, cfg.stage)
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -334,7 +344,7 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
     first_step = state.step
     while state.step < last:
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
-                               cfg.plant_prob, min_distance).to(device, non_blocking=True)
+                               cfg.plant_prob, distance, cfg.plant).to(device, non_blocking=True)
         n_tokens = batch[:, 1:].numel()
         if mesh is not None:
             batch = local_rows(batch, mesh)
@@ -418,9 +428,9 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         f"{mcfg.hidden_size}, context {cc.seq_len}, index_topk {mcfg.index_topk}; corpus {corpus.source} "
         f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M held-out tokens)")
     base = dict(batch_size=cc.batch_size, seq_len=cc.seq_len, seed=cc.seed, plant_prob=cc.plant_prob,
-                backend=cc.backend, log_every=cc.log_every)
+                plant=cc.retrieval, plant_distance=cc.retrieval_distance, backend=cc.backend, log_every=cc.log_every)
     eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,
-                   backend=cc.backend)
+                   retrieval=cc.retrieval, retrieval_distance=cc.retrieval_distance, backend=cc.backend)
     stages = {}
     root = Path(state_dir) if state_dir is not None else None
 
@@ -504,22 +514,29 @@ def format_table(result: dict) -> str:
     rows = result["rows"]
     buckets = rows[0]["lm"]["buckets"]
     late = buckets[-1]
-    head = ["model", "attn", "loss", "ppl", f"ppl@{late['start']}-{late['end']}", "retrieval acc/loss",
+    head = ["model", "attn", "loss", "ppl", f"ppl@{late['start']}-{late['end']}", "retrieval all/digits/loss",
             "idx recall", "train tok/s", "fwd tok/s"]
     table = []
     for r in rows:
-        rec = r.get("indexer_recall")
+        rec, rt = r.get("indexer_recall"), r["retrieval"]
         table.append([r["name"], r["attention"], f"{r['lm']['loss']:.4f}", f"{r['lm']['ppl']:.3f}",
                       f"{r['lm']['buckets'][-1]['ppl']:.3f}",
-                      f"{100 * r['retrieval']['accuracy']:.1f}% / {r['retrieval']['answer_loss']:.2f}",
+                      f"{100 * rt['accuracy']:.1f}% / {100 * rt['digit_accuracy']:.1f}% / {rt['answer_loss']:.2f}",
                       "-" if rec is None else f"{100 * rec['mean']:.1f}%",
                       f"{r.get('train_tokens_per_s', 0):,.0f}", f"{r.get('forward_tokens_per_s', 0):,.0f}"])
     lines = tabulate(table, headers=head, disable_numparse=True,
                      colalign=("left", "left") + ("right",) * (len(head) - 2)).splitlines()
-    r0 = rows[0]["retrieval"]
-    lines.append(f"loss/ppl: per byte on held-out code. retrieval: passkey in held-out code > {r0['min_distance'] - 1} "
-                 f"tokens (4 x index_topk) back: all digits right / loss per digit (ln 10 = 2.30 is a guess). "
-                 f"idx recall: dense attention mass on the top-{rows[0]['index_topk']} selection.")
+    rt, topk = rows[0]["retrieval"], rows[0]["index_topk"]
+    if rt["task"] == "repeat":
+        task = (f"{REPEAT_SPAN} random digits in held-out code, repeated exactly {rt['distance']} tokens "
+                f"({rt['distance'] / topk:g} x index_topk) later; scored: the copy's digits after its first")
+    else:
+        task = (f"a passkey in held-out code more than {rt['distance'] - 1} tokens "
+                f"({(rt['distance'] - 1) / topk:g} x index_topk) back; scored: its digits")
+    lines.append(f"loss/ppl: per byte on held-out code. idx recall: dense attention mass on the top-{topk} "
+                 f"selection.")
+    lines.append(f"retrieval: {task}; samples with all digits right / digits right / loss per digit "
+                 f"(ln 10 = 2.30 is a guess).")
     return "\n".join(lines)
 
 
@@ -700,7 +717,7 @@ def cmd_eval(args) -> int:
     print(f"  held-out loss {lm['loss']:.4f}  ppl {lm['ppl']:.3f}  over {lm['tokens']:,} tokens")
     for b in lm["buckets"]:
         print(f"    positions [{b['start']:>6}, {b['end']:>6}): loss {b['loss']:.4f}  ppl {b['ppl']:.3f}")
-    print(f"  passkey retrieval (> {rt['min_distance'] - 1} tokens back): {100 * rt['accuracy']:.1f}% "
+    print(f"  passkey retrieval (> {rt['distance'] - 1} tokens back): {100 * rt['accuracy']:.1f}% "
           f"({100 * rt['digit_accuracy']:.1f}% of digits, {rt['n']} samples)")
     if res["indexer_recall"]:
         rc = res["indexer_recall"]
@@ -712,6 +729,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`flashdsa demo`: refuses a --repeat-offset that the windows of --seq-len cannot hold
+    before loading anything, then runs :func:`run_comparison` and prints its table."""
+    try:
+        check_repeat(args.seq_len + 1, args.repeat_offset)
+    except ValueError as e:
+        raise UsageError(f"--repeat-offset {args.repeat_offset} with --seq-len {args.seq_len}: {e}") from None
     device = _device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -719,7 +742,8 @@ def cmd_demo(args) -> int:
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     cc = ComparisonConfig(preset="tiny", seq_len=args.seq_len, batch_size=args.batch_size,
                           pretrain_steps=args.pretrain_steps, branch_steps=args.branch_steps,
-                          warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend,
+                          warmup_steps=args.warmup_steps, retrieval_distance=args.repeat_offset,
+                          seed=args.seed, backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall)
     print(f"flashdsa demo: dense pretraining ({cc.pretrain_steps} steps), then from the same weights "

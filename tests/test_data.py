@@ -1,4 +1,4 @@
-"""The embedded corpus, byte tokens, fixed split, deterministic batches, passkey planting."""
+"""The embedded corpus, byte tokens, fixed split, deterministic batches, passkey and repeat planting."""
 import pytest
 import torch
 
@@ -6,12 +6,15 @@ from flashdsa.data import (
     BOS,
     EOS,
     PASSKEY_PREFIX,
+    REPEAT_SPAN,
     VOCAB_SIZE,
     Corpus,
     decode,
     encode,
     is_held_out,
     plant_passkey,
+    plant_repeat,
+    plant_retrieval,
     random_windows,
     retrieval_windows,
     stdlib_files,
@@ -86,11 +89,55 @@ def test_retrieval_and_training_batches(corpus):
     w, rows = retrieval_windows(corpus, 3, 256, 65)
     assert w.shape == (3, 257) and rows.shape == (3, 5)
     assert torch.equal(w, retrieval_windows(corpus, 3, 256, 65)[0])
-    b = training_batch(corpus, 0, 16, 256, plant_prob=0.5, min_distance=65)
+    b = training_batch(corpus, 0, 16, 256, plant_prob=0.5, distance=65)
     n = sum(decode(x).count(PASSKEY_PREFIX.decode()) >= 2 for x in b)
     assert 2 <= n <= 14
-    assert torch.equal(b, training_batch(corpus, 0, 16, 256, plant_prob=0.5, min_distance=65))
+    assert torch.equal(b, training_batch(corpus, 0, 16, 256, plant_prob=0.5, distance=65))
     assert torch.equal(training_batch(corpus, 0, 16, 256), corpus.batch(0, 16, 256))
+
+
+def _repeats(window, offset):
+    """Starts of the digit spans of REPEAT_SPAN that recur exactly ``offset`` tokens later."""
+    span = REPEAT_SPAN
+    digit = (window >= ord("0")) & (window <= ord("9"))
+    return [s for s in range(len(window) - offset - span + 1)
+            if digit[s:s + span].all() and torch.equal(window[s:s + span], window[s + offset:s + offset + span])]
+
+
+def test_repeat_is_a_digit_span_copied_at_the_offset():
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(20):
+        w = torch.full((257,), ord("x"))
+        w, rows = plant_repeat(w, 128, g)
+        (start,) = _repeats(w, 128)           # exactly one span, copied exactly 128 tokens later
+        starts.add(start)
+        assert int((w != ord("x")).sum()) == 2 * REPEAT_SPAN      # nothing else written
+        # rows: the copy's positions but its last; each row's next token is a copied digit after the
+        # first, the token 128 back
+        assert torch.equal(rows, torch.arange(start + 128, start + 128 + REPEAT_SPAN - 1))
+        assert torch.equal(w[rows + 1], w[rows + 1 - 128])
+        assert torch.equal(w[rows + 1], w[start + 1:start + REPEAT_SPAN])
+    assert len(starts) > 10 and max(starts) <= 257 - 128 - REPEAT_SPAN
+    with pytest.raises(ValueError, match=r"needs windows of 192 tokens \(seq_len >= 191\), got 129"):
+        plant_repeat(torch.zeros(129, dtype=torch.long), 128, g)
+    with pytest.raises(ValueError, match="at least the span"):
+        plant_repeat(torch.zeros(257, dtype=torch.long), 32, g)
+    with pytest.raises(ValueError, match="retrieval task"):
+        plant_retrieval("copy", torch.zeros(257, dtype=torch.long), 128, g)
+
+
+def test_repeat_retrieval_and_training_batches(corpus):
+    w, rows = retrieval_windows(corpus, 3, 256, 128, task="repeat")
+    assert w.shape == (3, 257) and rows.shape == (3, REPEAT_SPAN - 1)
+    assert torch.equal(w, retrieval_windows(corpus, 3, 256, 128, task="repeat")[0])
+    for x, r in zip(w, rows):
+        assert int(r[0]) - 128 in _repeats(x, 128)
+    b = training_batch(corpus, 0, 16, 256, plant_prob=0.5, distance=128, task="repeat")
+    n = sum(bool(_repeats(x, 128)) for x in b)
+    assert 2 <= n <= 14
+    assert not any(_repeats(x, 128) for x in corpus.batch(0, 16, 256))     # code alone has no such repeat
+    assert torch.equal(b, training_batch(corpus, 0, 16, 256, plant_prob=0.5, distance=128, task="repeat"))
 
 
 def test_user_files(tmp_path):

@@ -6,17 +6,34 @@ import torch
 from flashdsa.cli import main
 
 
-def test_demo_short(tmp_path, capsys):
+def test_demo_short(tmp_path, capsys, monkeypatch):
+    import flashdsa.train
+
+    planted, batch = set(), flashdsa.train.training_batch
+
+    def spy(*args):       # records each stage's (plant_prob, distance, task)
+        planted.add(args[5:])
+        return batch(*args)
+
+    monkeypatch.setattr(flashdsa.train, "training_batch", spy)
     out = tmp_path / "demo.json"
-    rc = main(["demo", "--seq-len", "128", "--batch-size", "2", "--pretrain-steps", "6", "--branch-steps", "5",
-               "--warmup-steps", "2", "--eval-windows", "2", "--eval-retrieval", "2", "--eval-recall", "1",
-               "--max-bytes", str(1 << 18), "--quiet", "--json", str(out), "--out", str(tmp_path / "models")])
+    rc = main(["demo", "--seq-len", "128", "--repeat-offset", "64", "--batch-size", "2", "--pretrain-steps", "6",
+               "--branch-steps", "5", "--warmup-steps", "2", "--eval-windows", "2", "--eval-retrieval", "2",
+               "--eval-recall", "1", "--max-bytes", str(1 << 18), "--quiet", "--json", str(out),
+               "--out", str(tmp_path / "models")])
     assert rc == 0
     text = capsys.readouterr().out
     for row in ("(a) dense continued", "(a) + DSA, untrained indexer", "(b) DSA warm-up + sparse"):
         assert row in text
-    assert "retrieval" in text and "idx recall" in text
+    assert "retrieval all/digits/loss" in text and "idx recall" in text
+    assert "64 random digits in held-out code, repeated exactly 64 tokens (8 x index_topk) later" in text
     res = json.loads(out.read_text())
+    assert planted == {(0.5, 64, "repeat")}        # every stage trains on the task the table scores
+    assert res["comparison"]["retrieval"] == "repeat" and res["comparison"]["retrieval_distance"] == 64
+    for r in res["rows"]:
+        rt = r["retrieval"]
+        assert (rt["task"], rt["distance"], rt["n"]) == ("repeat", 64, 2)
+        assert 0 <= rt["accuracy"] <= rt["digit_accuracy"] <= 1
     assert [s for s in res["stages"]] == ["pretrain (dense)", "(a) dense continued", "(b) DSA warm-up",
                                           "(b) DSA sparse"]
     st = res["stages"]
@@ -27,6 +44,16 @@ def test_demo_short(tmp_path, capsys):
     dsa = res["rows"][-1]
     assert 0 < dsa["indexer_recall"]["mean"] <= 1 and dsa["lm"]["loss"] > 0
     assert (tmp_path / "models" / "dsa" / "config.json").exists()
+
+
+def test_demo_refuses_a_repeat_offset_the_window_cannot_hold(capsys):
+    assert main(["demo", "--seq-len", "128"]) == 2       # the default offset, 128, needs --seq-len >= 191
+    err = capsys.readouterr().err
+    assert "--repeat-offset 128 with --seq-len 128: a 64-digit span repeated 128 tokens later needs windows of " \
+           "192 tokens (seq_len >= 191)" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo", "--repeat-offset", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--repeat-offset 32 with --seq-len 256: repeat offset 32: expected at least the span" in err
 
 
 def test_cli_train_then_eval(tmp_path, capsys):
@@ -122,8 +149,8 @@ def test_comparison_resumes_across_calls_exactly(tmp_path):
 
     torch.set_num_threads(1)
     corpus = Corpus.load(max_bytes=1 << 18)
-    cc = ComparisonConfig(seq_len=64, batch_size=2, pretrain_steps=4, branch_steps=4, warmup_steps=2,
-                          eval_windows=2, eval_retrieval=2, eval_recall=1, log_every=1)
+    cc = ComparisonConfig(seq_len=128, retrieval_distance=64, batch_size=2, pretrain_steps=4, branch_steps=4,
+                          warmup_steps=2, eval_windows=2, eval_retrieval=2, eval_recall=1, log_every=1)
     quiet = dict(progress=False, log=lambda *a: None)
     whole = run_comparison(cc, corpus, **quiet)
     paused, calls = [], 0

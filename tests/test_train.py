@@ -158,6 +158,13 @@ def test_stages_are_recorded_and_kept_in_the_checkpoint(corpus, tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="stage"):
         TrainConfig(stage="pretrain")
+    with pytest.raises(ValueError, match="plant: expected one of"):
+        TrainConfig(plant="copy")
+    with pytest.raises(ValueError, match="plant_distance"):
+        TrainConfig(plant="repeat", plant_prob=0.5)
+    with pytest.raises(ValueError, match=r"needs windows of 192 tokens \(seq_len >= 191\), got 129"):
+        TrainConfig(plant="repeat", plant_distance=128, seq_len=128)
+    TrainConfig(plant="repeat", plant_distance=128, seq_len=191)
 
 
 def test_warmup_trains_only_the_indexers_and_lowers_the_kl(corpus):
