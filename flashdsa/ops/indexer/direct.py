@@ -19,7 +19,7 @@ from ..common import interpreted, num_sms
 from .scores import Problem, row_length, scored_chunks
 from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
-DIRECT_MAX_POS = 8192           # "auto" takes the direct method for rows of at most this many keys,
+DIRECT_MAX_POS = 16384          # "auto" takes the direct method for rows of at most this many keys,
 DIRECT_WAVE_MAX_POS = 32768     # and up to this many when its programs (a row each) fill about one wave
 DIRECT_BYTES = 256 * 2 ** 20    # the scores of one chunk of rows at most
 DIRECT_CHUNK = 1024             # scores a step of the select's second pass

@@ -38,6 +38,8 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
     # all next_n tokens of a sequence in one program (and N = BLOCK_Q * H_PAD >= 16)
     cfg["BLOCK_Q"] = max(triton.next_power_of_2(next_n), triton.cdiv(16, h_pad))
     cfg.update(config or {})
+    if "store_warps" not in (config or {}):
+        cfg["store_warps"] = cfg["num_warps"]  # one warp count for every mode in decode
     return cfg
 
 

@@ -38,12 +38,14 @@ from .selection import score_key
 # interpreter and tiny tests), for the scores kernel and the streaming top-k kernel alike.
 # BLOCK_N: keys a tile, the dot's M (64 = one wgmma M tile for a 4-warp warpgroup);
 # QH = BLOCK_Q * H_PAD: the dot's N, query rows times padded heads a program (the top-k
-# kernel takes at most MAX_TOPK_ROWS rows); num_warps (8 on sm90: two warpgroups, each
-# the dot of half the query rows, so each keeps its head sums to itself); num_stages:
-# software-pipelining depth of the key tiles (8 KB each at D = 128 in fp8). The
-# measurements behind them are in docs/benchmarks_indexer.md.
+# kernel takes at most MAX_TOPK_ROWS rows); num_warps; num_stages: software-pipelining
+# depth of the key tiles (8 KB each at D = 128 in fp8); store_warps: num_warps of the
+# scores kernel when it writes the scores (SCORES_STORE; 8 on sm90: two warpgroups, each
+# the dot of half the query rows, so each keeps its head sums to itself), where the
+# filter modes and the streaming top-k run faster at 4. The measurements behind them
+# are in docs/benchmarks_indexer.md.
 CONFIGS = {
-    "sm90": dict(BLOCK_N=64, QH=256, num_warps=8, num_stages=3),
+    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3, store_warps=8),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1),
 }
@@ -90,6 +92,9 @@ def default_config(device: torch.device, h: int, topk: bool = False, **override)
     if topk:  # the top-k kernel unrolls its selection over the rows: keep them few
         cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], MAX_TOPK_ROWS)
     cfg.update(override)
+    cfg.setdefault("store_warps", cfg["num_warps"])
+    if "num_warps" in override and "store_warps" not in override:
+        cfg["store_warps"] = cfg["num_warps"]
     if cfg["BLOCK_Q"] * h_pad < 16:  # tl.dot needs N >= 16
         cfg["BLOCK_Q"] = 16 // h_pad
     return cfg
@@ -421,7 +426,8 @@ def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int
         p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
         p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0), **p.dims(),
         BLOCK_Q=p.cfg["BLOCK_Q"], BLOCK_N=p.cfg["BLOCK_N"], PAGE=PAGE_SIZE, DOT=dot_mode(p.q), PAGED=p.paged,
-        HEAVY_FIRST=not p.paged, MODE=mode, num_warps=p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
+        HEAVY_FIRST=not p.paged, MODE=mode,
+        num_warps=p.cfg["store_warps"] if mode == SCORES_STORE else p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
 
 
 def indexer_logits(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,

@@ -42,7 +42,7 @@ def kth_search(keys, nvalid, thr, k):
     lo = tl.maximum(lo, thr).to(tl.int64)
     hi = tl.max(keys, axis=0).to(tl.int64)
     lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
-    c_lo = nvalid
+    c_lo = nvalid.to(tl.int32)
     while hi > lo:
         mid = lo + (hi - lo + 1) // 2
         c = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0)
@@ -92,7 +92,7 @@ def kth_cut(keys, nvalid, thr, k):
     T, c_ge = kth_search(keys, nvalid, thr, k)
     full = nvalid > k
     cut = full & (c_ge > k)  # T > INT32_MIN when full
-    n_gt = nvalid * 0  # needed only to cut ties
+    n_gt = (nvalid * 0).to(tl.int32)  # needed only to cut ties
     if cut:
         n_gt = tl.sum((keys > T).to(tl.int32), axis=0)
     return T, n_gt, full, cut
