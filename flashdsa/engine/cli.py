@@ -29,7 +29,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (prefill chunk)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU, no MoE)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture decode steps in CUDA graphs (default: on where they work: GPU, Triton "
+                        "kernels, no MoE layers; --no-cuda-graphs decodes eagerly)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* models")
 
 

@@ -28,8 +28,10 @@ class EngineConfig:
     max_num_seqs: sequences in one step; max_num_batched_tokens: tokens in one step
         (the prefill chunk size).
     backend: "auto" | "triton" | "reference" for every op.
-    cuda_graphs: capture decode steps in CUDA graphs (GPU, Triton kernels, no MoE
-        layers; see engine/cuda_graph.py). Off by default.
+    cuda_graphs: capture decode steps in CUDA graphs (see engine/cuda_graph.py). None
+        (default): on where they work (a CUDA device, the Triton kernels, no MoE
+        layers), eager elsewhere without a warning; True: on, with a warning where they
+        cannot be; False: off (every step eager).
     """
     kv_cache_dtype: str = "auto"
     num_blocks: int | None = None
@@ -38,7 +40,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     gpu_memory_utilization: float = 0.9
     backend: str = "auto"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -78,13 +80,15 @@ class LLMEngine:
         max_len = c.max_model_len or cfg.max_position_embeddings
         num_blocks = c.num_blocks or self._auto_num_blocks(cfg, latent_dim, max_len)
         self.max_model_len = min(max_len, num_blocks * PAGE_SIZE)
-        graphs_off = None
-        if c.cuda_graphs:
+        if c.cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs: expected None (auto), True or False, got {c.cuda_graphs!r}")
+        use_graphs = False
+        if c.cuda_graphs is not False:
             from .cuda_graph import graphs_supported
             graphs_off = graphs_supported(model, self.device, c.backend)
-            if graphs_off:
+            if graphs_off and c.cuda_graphs:
                 warnings.warn(f"flashdsa engine: cuda_graphs requested but off: {graphs_off}")
-        use_graphs = c.cuda_graphs and not graphs_off
+            use_graphs = not graphs_off
         # with CUDA graphs one extra block, owned by no sequence, takes the padding rows
         self.caches = PagedCaches(cfg.num_hidden_layers, num_blocks + use_graphs, latent_dim, cfg.index_head_dim,
                                   c.kv_cache_dtype, self.dtype, self.device, cfg.kv_lora_rank, c.backend)

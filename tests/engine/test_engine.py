@@ -218,3 +218,26 @@ def test_llm_from_checkpoint_directory(tmp_path):
     from_dir = LLM(str(tmp_path), device="cpu").generate(prompts, params)
     direct = LLM(model).generate(prompts, params)
     assert [o.token_ids for o in from_dir] == [o.token_ids for o in direct]
+
+
+def test_cuda_graphs_switch():
+    """cuda_graphs: None (default) decodes eagerly without a word where graphs cannot run
+    (here: CPU), True says why it cannot, False is off; anything else is an error. The
+    CLI's --cuda-graphs / --no-cuda-graphs map to True / False, absent to None."""
+    import warnings
+
+    from flashdsa.cli import build_parser
+
+    model = tiny_model()
+    assert EngineConfig().cuda_graphs is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LLMEngine(model, config=EngineConfig(num_blocks=8)).runner.graphs is None
+        assert LLMEngine(model, config=EngineConfig(num_blocks=8, cuda_graphs=False)).runner.graphs is None
+    with pytest.warns(UserWarning, match="cuda_graphs requested but off: CUDA graphs need a CUDA device"):
+        assert LLMEngine(model, config=EngineConfig(num_blocks=8, cuda_graphs=True)).runner.graphs is None
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        LLMEngine(model, config=EngineConfig(num_blocks=8, cuda_graphs="on"))
+    parser = build_parser()
+    for flags, want in (([], None), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)):
+        assert parser.parse_args(["generate", "random:tiny", *flags]).cuda_graphs is want
