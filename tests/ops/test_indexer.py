@@ -253,9 +253,11 @@ def test_direct_chunks_and_auto_dispatch(monkeypatch):
         check_topk(ops.select_topk(p, 16, 64), r64, *inputs[4:], 16, atol)
         assert called == [want]
     # past DIRECT_MAX_POS on a GPU of 132 SMs: direct while the rows fill about one wave
-    wave = direct.DIRECT_WAVE_MAX_POS
-    for rows, n_pos, want in ((128, wave, True), (66, wave, True), (264, wave, True), (32, wave, False),
-                              (4096, 16384, False), (128, wave + 1, False), (4096, 100, True)):
+    monkeypatch.undo()
+    short, wave = direct.DIRECT_MAX_POS, direct.DIRECT_WAVE_MAX_POS
+    for rows, n_pos, want in ((128, wave, True), (44, wave, True), (64, wave, True), (264, wave, True),
+                              (43, wave, False), (32, wave, False), (265, wave, False), (4096, short, True),
+                              (4096, short + 1, False), (128, wave + 1, False), (4096, 100, True)):
         assert direct.direct_wins(rows, n_pos, 132) == want, (rows, n_pos)
     assert not direct.direct_wins(128, wave, 0)  # no GPU: short rows only
     with pytest.raises(ValueError, match="method"):

@@ -35,12 +35,13 @@ def prefers_direct(p: Problem) -> bool:
 def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
     """The measured crossovers on an H200 (docs/benchmarks_indexer.md): the direct method
     for rows of at most DIRECT_MAX_POS keys; for rows of up to DIRECT_WAVE_MAX_POS keys
-    when the rows fill the GPU about once (between half and twice as many rows as SMs),
-    where the threshold method's passes cost more than one wave of long selects. Many
-    long rows (prefill) and few (small decode batches) go to the threshold method."""
+    when the rows fill the GPU about once (between a third of and twice as many rows as
+    SMs; 32 rows of 32K are faster by threshold, 64 and 128 directly), where the
+    threshold method's passes cost more than one wave of long selects. Many long rows
+    (prefill) and few (small decode batches) go to the threshold method."""
     if n_pos <= DIRECT_MAX_POS:
         return True
-    return n_pos <= DIRECT_WAVE_MAX_POS and sms > 0 and sms // 2 <= rows <= 2 * sms
+    return n_pos <= DIRECT_WAVE_MAX_POS and sms > 0 and sms // 3 <= rows <= 2 * sms
 
 
 @triton.jit
