@@ -29,12 +29,19 @@ TIMEOUT = 120        # seconds for a whole group of processes: a hung collective
 SEQ_LEN, STEPS = 64, 2
 # float32 on both sides, summed in other orders: relative errors of a few 1e-7 measured, bounds 10x above.
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-5
+# The indexer's scores pass a ReLU: where one (query, key, head) score sits within rounding of 0,
+# the two summation orders can put it on either side, and that term's share of the indexer's
+# gradients appears on one side only (measured: 3.2e-4 for one layer's wq_b in the warm-up with 4
+# ranks on one machine's corpus, everything else below 7e-6). A sharding bug (a missing or doubled
+# reduction) is off by O(1).
+GRAD_RTOL_INDEXER = 1e-3
 # The indexer's KL at these steps is ~1e-4, a difference of terms of order 1 (cross-entropy minus
 # entropy): its error is float32's rounding of those terms (3e-9 measured), not a share of it.
 LOSS_ATOL = 1e-7
 # AdamW's first steps move a weight by about lr whatever its gradient's size, so weights agree to
 # a small share of lr (measured: 6e-7 with lr 2e-3 after 3 steps).
 PARAM_ATOL = 1e-5
+LR = 2e-3
 
 
 def _corpus() -> Corpus:
@@ -48,7 +55,7 @@ def _fresh_model() -> DSAForCausalLM:
 
 def _config(stage: str, batch_size: int) -> TrainConfig:
     return TrainConfig(stage=stage, steps=STEPS, batch_size=batch_size, seq_len=SEQ_LEN, warmup_steps=1, log_every=1,
-                       lr=2e-3)
+                       lr=LR)
 
 
 def _compare_stages(out_dir: str, batch_size: int) -> None:
@@ -81,8 +88,16 @@ def _compare_stages(out_dir: str, batch_size: int) -> None:
             assert (p.grad is None) == (q.grad is None), f"{stage}: {name}"
             if q.grad is not None:
                 trained += 1
-                assert rel_err(p.grad.full_tensor(), q.grad) < GRAD_RTOL, f"{stage}: gradient of {name}"
-            torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=PARAM_ATOL, msg=f"{stage}: {name}")
+                rtol = GRAD_RTOL_INDEXER if ".indexer." in name else GRAD_RTOL
+                assert rel_err(p.grad.full_tensor(), q.grad) < rtol, f"{stage}: gradient of {name}"
+            if ".indexer." in name:
+                # where the kink's term dominates a weight's gradient, AdamW (up to lr a step)
+                # moves it otherwise: measured 2 of 8192 weights, by 2e-5
+                dw = (p.full_tensor() - q.detach()).abs()
+                assert int((dw > PARAM_ATOL).sum()) <= dw.numel() // 1000, f"{stage}: {name}"
+                assert float(dw.max()) <= STEPS * LR, f"{stage}: {name}"
+            else:
+                torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=PARAM_ATOL, msg=f"{stage}: {name}")
         # dense: the indexers take no part; warm-up: only they train; sparse: everything
         indexer = sum(1 for n, _ in plain.named_parameters() if ".indexer." in n)
         total = sum(1 for _ in plain.parameters())
