@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from . import __version__
-from .recipe import REPEAT_SPAN, STAGES, ComparisonConfig
+from .recipe import REPEAT_SPAN, RETRIEVAL_TASKS, STAGES, ComparisonConfig
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -99,7 +99,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # `train --override` choices: flashdsa.train.RUN_SETTINGS but the stage, as flag names
 OVERRIDABLE = ("steps", "batch-size", "seq-len", "lr", "warmup-steps", "min-lr-ratio", "weight-decay", "grad-clip",
-               "seed", "plant-prob", "data-step", "no-amp", "data", "max-bytes")
+               "seed", "plant-prob", "retrieval-task", "repeat-offset", "data-step", "no-amp", "data", "max-bytes")
 
 
 class GivenAction(argparse.Action):
@@ -122,6 +122,19 @@ def _add_common(p, seq_len: int, action: type[argparse.Action] | None = None):
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="kernels: triton, the PyTorch reference, or auto (triton on GPU)", **kw)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+
+def _add_retrieval(p, action: type[argparse.Action] | None = None):
+    """train's and eval's choice of the retrieval task (flashdsa.train.retrieval_setting reads it)."""
+    kw = {"action": action} if action else {}
+    p.add_argument("--retrieval-task", default="passkey", choices=RETRIEVAL_TASKS, **kw,
+                   help="the retrieval task planted in training windows and scored by eval: passkey (a 5-digit "
+                        "key found by content, more than 4 x index_topk tokens back) or repeat (flashdsa demo's: "
+                        f"a span of {REPEAT_SPAN} random digits repeated exactly --repeat-offset tokens later)")
+    p.add_argument("--repeat-offset", type=int, default=None, **kw,
+                   help="with --retrieval-task repeat: tokens from the span to its copy (default "
+                        f"{ComparisonConfig.retrieval_distance}, flashdsa demo's; needs --seq-len >= offset + "
+                        f"{REPEAT_SPAN - 1})")
 
 
 def add_train_args(p):
@@ -154,9 +167,11 @@ def add_train_args(p):
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay", **given)
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip", **given)
     p.add_argument("--seed", type=int, default=0, **given,
-                   help="seeds everything: a --preset model's initial weights, the data order and passkeys, "
+                   help="seeds everything: a --preset model's initial weights, the data order and planted digits, "
                         "Python's, NumPy's and torch's generators; one command twice gives the same losses")
-    p.add_argument("--plant-prob", type=float, default=0.3, help="share of windows with a planted passkey", **given)
+    p.add_argument("--plant-prob", type=float, default=0.3, help="share of windows with the retrieval task planted",
+                   **given)
+    _add_retrieval(p, GivenAction)
     p.add_argument("--data-step", type=int, default=None, **given,
                    help="first data step (default: where --init's train_state stopped, else 0)")
     p.add_argument("--save-every", type=int, default=0, help="write train_state.pt every N steps (0: only at the end)",
@@ -181,7 +196,9 @@ def add_eval_args(p):
                    help="run --attention sparse even when the model's recorded training has no warmup or sparse "
                         "stage (its indexer was never trained: the top-k is arbitrary; refused without this flag)")
     p.add_argument("--windows", type=int, default=16, help="held-out windows for the loss")
-    p.add_argument("--retrieval", type=int, default=32, help="passkey samples")
+    p.add_argument("--retrieval", type=int, default=32,
+                   help="held-out windows for retrieval (the task planted in each)")
+    _add_retrieval(p)
     p.add_argument("--recall-windows", type=int, default=4, help="windows for indexer recall (0: skip)")
     _add_common(p, 512)
 
@@ -208,7 +225,7 @@ def add_demo_args(p):
                    help="torch CPU threads (the tiny model's ops are too small to gain from more, and one "
                         "thread stays fast on a busy machine)")
     _add_common(p, d["seq_len"])
-    p.set_defaults(max_bytes=4 << 20)
+    p.set_defaults(max_bytes=4 << 20, retrieval_task=d["retrieval"])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Loss by position, passkey retrieval and indexer recall of a model; see flashdsa.evaluate."""
+    """Loss by position, retrieval and indexer recall of a model; see flashdsa.evaluate."""
     from .train import cmd_eval as run
     return run(args)
 
@@ -253,11 +270,13 @@ examples:
   flashdsa train --stage warmup --init runs/dense/train_state.pt --steps 80 --out runs/warmup
   flashdsa train --stage sparse --init runs/warmup/train_state.pt --steps 220 --out runs/sparse
   flashdsa train --stage sparse --resume runs/sparse/train_state.pt --out runs/sparse
+  flashdsa train --stage dense --seq-len 256 --retrieval-task repeat --plant-prob 0.5 --out runs/repeat
   flashdsa train --stage dense --preset small --nproc 2 --out runs/dense2   (FSDP2; or torchrun -m flashdsa train)""",
     "eval": """\
 examples:
   flashdsa eval runs/sparse/train_state.pt
-  flashdsa eval runs/dense/model --attention dense --json dense.json""",
+  flashdsa eval runs/dense/model --attention dense --json dense.json
+  flashdsa eval runs/repeat/model --attention dense --seq-len 256 --retrieval-task repeat""",
     "demo": """\
 examples:
   flashdsa demo
@@ -286,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = [
         ("info", "versions, device and usable backends", None, cmd_info),
         ("train", "train one stage: dense (pretrain/continue), warmup (indexer KL), sparse", add_train_args, cmd_train),
-        ("eval", "loss/perplexity by position, passkey retrieval, indexer recall", add_eval_args, cmd_eval),
+        ("eval", "loss/perplexity by position, retrieval (passkey or repeat), indexer recall", add_eval_args, cmd_eval),
         ("demo", "the whole DSA recipe at tiny scale on CPU, against dense, as a table", add_demo_args, cmd_demo),
         ("generate", "complete prompts with the inference engine (paged DSA)", add_generate_args, cmd_generate),
         ("serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)", add_serve_args,

@@ -550,7 +550,8 @@ def _device(name: str | None) -> torch.device:
 # change the run's losses (a contradicting flag is an error unless --override names it), then
 # those that do not (a flag given replaces the checkpoint's value).
 RUN_SETTINGS = ("stage", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
-                "grad_clip", "seed", "plant_prob", "data_step", "no_amp", "data", "max_bytes")
+                "grad_clip", "seed", "plant_prob", "retrieval_task", "repeat_offset", "data_step", "no_amp", "data",
+                "max_bytes")
 FREE_SETTINGS = ("save_every", "log_every", "backend")
 
 
@@ -558,7 +559,9 @@ def _saved_settings(blob: dict) -> dict:
     """A train_state.pt's settings of the run, keyed by `flashdsa train`'s argument names."""
     tc, st = blob["train_config"], blob["state"]
     saved = {k: tc[k] for k in RUN_SETTINGS + FREE_SETTINGS if k in tc}
-    saved.update(data_step=st["data_step"] - st["step"], no_amp=tc["amp"] is False,
+    task = tc.get("plant", "passkey")
+    saved.update(retrieval_task=task, repeat_offset=tc.get("plant_distance") if task == "repeat" else None,
+                 data_step=st["data_step"] - st["step"], no_amp=tc["amp"] is False,
                  data=blob["corpus"]["data"], max_bytes=blob["corpus"]["max_bytes"])
     return saved
 
@@ -595,6 +598,25 @@ def restore_settings(args, blob: dict) -> None:
                              f"{_shown(value)} ({args.resume}); drop the flag{fix}")
 
 
+def retrieval_setting(args) -> tuple[str, int | None]:
+    """The retrieval task and distance of `flashdsa train`, `eval` or `demo`'s ``args``
+    (``retrieval_task``, ``repeat_offset``, ``seq_len``): a repeat at --repeat-offset
+    (default :attr:`ComparisonConfig.retrieval_distance`), or a passkey at its default
+    distance (None). A --repeat-offset without the repeat task, or one that the windows of
+    --seq-len cannot hold (:func:`~flashdsa.data.check_repeat`), is a UsageError naming it."""
+    if args.retrieval_task != "repeat":
+        if args.repeat_offset is not None:
+            raise UsageError(f"--repeat-offset {args.repeat_offset}: applies to --retrieval-task repeat only, "
+                             f"got --retrieval-task {args.retrieval_task}")
+        return args.retrieval_task, None
+    offset = ComparisonConfig.retrieval_distance if args.repeat_offset is None else args.repeat_offset
+    try:
+        check_repeat(args.seq_len + 1, offset)
+    except ValueError as e:
+        raise UsageError(f"--repeat-offset {offset} with --seq-len {args.seq_len}: {e}") from None
+    return "repeat", offset
+
+
 def cmd_train(args) -> int:
     """`flashdsa train`: one stage from a preset, --init or --resume (see flashdsa.cli)."""
     if args.override and not args.resume:
@@ -613,6 +635,7 @@ def cmd_train(args) -> int:
         args.out = args.out or str(Path(args.resume).parent)
     elif args.stage is None or args.out is None:
         raise UsageError(f"{'--stage' if args.stage is None else '--out'} is required (unless --resume is given)")
+    task, distance = retrieval_setting(args)
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     if args.context_parallel < 1:
         raise UsageError(f"--context-parallel: expected >= 1, got {args.context_parallel}")
@@ -656,7 +679,8 @@ def cmd_train(args) -> int:
                       min_lr_ratio=args.min_lr_ratio,
                       warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(args.steps // 20, 1),
                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                      plant_prob=args.plant_prob, backend=args.backend, amp=False if args.no_amp else None,
+                      plant_prob=args.plant_prob, plant=task, plant_distance=distance, backend=args.backend,
+                      amp=False if args.no_amp else None,
                       save_every=args.save_every, log_every=args.log_every, out_dir=args.out)
     start = f"resuming {args.resume} at step {blob['state']['step']}, " if blob is not None else ""
     on = device if mesh is None else f"{mesh.size()} ranks (FSDP2, {device.type})"
@@ -695,6 +719,7 @@ def cmd_eval(args) -> int:
     """`flashdsa eval`: refuses sparse attention on a model whose indexer was never trained
     unless --allow-untrained-indexer, and says which attention it ran."""
     from .evaluate import evaluate
+    task, distance = retrieval_setting(args)
     device = _device(args.device)
     model = load_model(args.model, device)
     trained, stages = indexer_trained(model), trained_stages(model)
@@ -707,7 +732,8 @@ def cmd_eval(args) -> int:
         print(f"warning: sparse attention with an untrained indexer ({history})", file=sys.stderr)
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     res = evaluate(model, corpus, args.seq_len, args.attention, args.backend, n_windows=args.windows,
-                   n_retrieval=args.retrieval, n_recall=args.recall_windows)
+                   n_retrieval=args.retrieval, n_recall=args.recall_windows, retrieval=task,
+                   retrieval_distance=distance)
     res.update(model=str(args.model), trained_stages=stages, indexer_trained=trained)
     lm, rt = res["lm"], res["retrieval"]
     ran = (f"sparse attention (DSA: each query attends to the indexer's top-{model.config.index_topk} keys)"
@@ -717,7 +743,9 @@ def cmd_eval(args) -> int:
     print(f"  held-out loss {lm['loss']:.4f}  ppl {lm['ppl']:.3f}  over {lm['tokens']:,} tokens")
     for b in lm["buckets"]:
         print(f"    positions [{b['start']:>6}, {b['end']:>6}): loss {b['loss']:.4f}  ppl {b['ppl']:.3f}")
-    print(f"  passkey retrieval (> {rt['distance'] - 1} tokens back): {100 * rt['accuracy']:.1f}% "
+    scored = (f"repeat retrieval ({REPEAT_SPAN} digits repeated exactly {rt['distance']} tokens later)"
+              if task == "repeat" else f"passkey retrieval (> {rt['distance'] - 1} tokens back)")
+    print(f"  {scored}: {100 * rt['accuracy']:.1f}% "
           f"({100 * rt['digit_accuracy']:.1f}% of digits, {rt['n']} samples)")
     if res["indexer_recall"]:
         rc = res["indexer_recall"]
@@ -730,11 +758,9 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     """`flashdsa demo`: refuses a --repeat-offset that the windows of --seq-len cannot hold
-    before loading anything, then runs :func:`run_comparison` and prints its table."""
-    try:
-        check_repeat(args.seq_len + 1, args.repeat_offset)
-    except ValueError as e:
-        raise UsageError(f"--repeat-offset {args.repeat_offset} with --seq-len {args.seq_len}: {e}") from None
+    (:func:`retrieval_setting`) before loading anything, then runs :func:`run_comparison`
+    and prints its table."""
+    task, distance = retrieval_setting(args)
     device = _device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -742,7 +768,7 @@ def cmd_demo(args) -> int:
     corpus = Corpus.load(args.data, max_bytes=args.max_bytes)
     cc = ComparisonConfig(preset="tiny", seq_len=args.seq_len, batch_size=args.batch_size,
                           pretrain_steps=args.pretrain_steps, branch_steps=args.branch_steps,
-                          warmup_steps=args.warmup_steps, retrieval_distance=args.repeat_offset,
+                          warmup_steps=args.warmup_steps, retrieval=task, retrieval_distance=distance,
                           seed=args.seed, backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall)

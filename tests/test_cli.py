@@ -160,3 +160,28 @@ def test_usage_error_of_a_command_is_one_line(capsys, monkeypatch, tmp_path):
     for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
         with pytest.raises(UsageError):
             main(debug_argv)
+
+
+def test_bad_retrieval_flags_are_one_line_before_loading(capsys, monkeypatch, tmp_path):
+    """train and eval check --retrieval-task and --repeat-offset against --seq-len before they
+    read the corpus or load a model."""
+    import flashdsa.train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before checking the flags")
+
+    monkeypatch.setattr(flashdsa.train.Corpus, "load", no_loading)
+    monkeypatch.setattr(flashdsa.train, "load_model", no_loading)
+    train = ["train", "--stage", "dense", "--out", str(tmp_path / "run"), "--seq-len", "128"]
+    cases = [([*train, "--retrieval-task", "repeat"],      # the default offset, 128
+              "--repeat-offset 128 with --seq-len 128: a 64-digit span repeated 128 tokens later needs windows "
+              "of 192 tokens (seq_len >= 191)"),
+             ([*train, "--repeat-offset", "64"],
+              "--repeat-offset 64: applies to --retrieval-task repeat only, got --retrieval-task passkey"),
+             (["eval", str(tmp_path / "missing"), "--retrieval-task", "repeat", "--repeat-offset", "32"],
+              "--repeat-offset 32 with --seq-len 512: repeat offset 32: expected at least the span")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = _one_error_line(capsys, f"flashdsa {argv[0]}")
+        assert message in err
+    assert not (tmp_path / "run").exists()

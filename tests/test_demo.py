@@ -76,6 +76,37 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "sparse attention (DSA" in text and "indexer trained (stages: dense -> warmup)" in text
 
 
+def test_cli_train_and_eval_on_the_repeat_task(tmp_path, capsys, monkeypatch):
+    """--retrieval-task repeat --repeat-offset: train plants the repeat (a resumed run too: the
+    checkpoint holds the task and its offset) and eval scores it."""
+    import flashdsa.train
+
+    planted, batch = [], flashdsa.train.training_batch
+
+    def spy(*args):       # records each step's (plant_prob, distance, task)
+        planted.append(args[5:])
+        return batch(*args)
+
+    monkeypatch.setattr(flashdsa.train, "training_batch", spy)
+    common = ["--seq-len", "128", "--max-bytes", str(1 << 18)]
+    out = tmp_path / "run"
+    assert main(["train", "--stage", "dense", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+                 "--plant-prob", "0.5", "--retrieval-task", "repeat", "--repeat-offset", "64", "--out", str(out),
+                 *common]) == 0
+    state = str(out / "train_state.pt")
+    assert main(["train", "--resume", state, "--steps", "3", "--override", "steps"]) == 0
+    assert planted == [(0.5, 64, "repeat")] * 3
+    capsys.readouterr()
+    assert main(["train", "--resume", state, "--repeat-offset", "96"]) == 2
+    assert "--repeat-offset 96 contradicts the checkpoint's repeat-offset 64" in capsys.readouterr().err
+    assert main(["eval", str(out / "model"), "--attention", "dense", "--windows", "1", "--retrieval", "2",
+                 "--recall-windows", "0", "--retrieval-task", "repeat", "--repeat-offset", "64",
+                 "--json", str(tmp_path / "eval.json"), *common]) == 0
+    assert "repeat retrieval (64 digits repeated exactly 64 tokens later)" in capsys.readouterr().out
+    rt = json.loads((tmp_path / "eval.json").read_text())["retrieval"]
+    assert (rt["task"], rt["distance"], rt["n"]) == ("repeat", 64, 2)
+
+
 def test_eval_refuses_sparse_attention_with_an_untrained_indexer(tmp_path, capsys):
     common = ["--seq-len", "64", "--max-bytes", str(1 << 18)]
     assert main(["train", "--stage", "dense", "--preset", "tiny", "--steps", "1", "--batch-size", "2",
