@@ -99,6 +99,26 @@ def kernel_table(fn, n: int = 3, top: int = 14) -> list:
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
+def host_table(fn, n: int = 3, top: int = 25) -> list:
+    """[(function, calls a call, own host us a call, cumulative host us a call)] of
+    ``fn``'s Python functions with the most own time (cProfile over ``n`` calls after one
+    warm-up call): where an eager step spends its time on the host."""
+    import cProfile
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    rows = []
+    for (path, line, name), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
+        where = f"{os.path.basename(path)}:{line}({name})"
+        rows.append((where[:90], calls // n, round(own * 1e6 / n, 1), round(cum * 1e6 / n, 1)))
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))

@@ -53,7 +53,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import kernel_table
+from benchmarks.common import host_table, kernel_table
 from flashdsa import api
 from flashdsa.config import DSAConfig
 from flashdsa.engine.attention import StepMetadata, paged_mla_attention
@@ -339,14 +339,18 @@ def run(args) -> dict:
                 result["errors"].append(f"context {ctx} {key}: {type(e).__name__}: {str(e)[:300]}")
                 row[key] = None
 
-        def profile(key, fn, graph=False):
+        def profile(key, fn, graph=False, host=False):
             """The kernels of one call of fn, slowest first (torch.profiler), into
-            result["profiles"][context][key]; a failure is recorded, not raised."""
+            result["profiles"][context][key] (and, with ``host``, its Python functions
+            with the most own host time into [key + "_host"]); a failure is recorded."""
             try:
                 with torch.no_grad():
                     if graph:
                         fn, _ = graphed(fn, device)
-                    result["profiles"].setdefault(str(ctx), {})[key] = kernel_table(fn, top=args.profile_top)
+                    prof = result["profiles"].setdefault(str(ctx), {})
+                    prof[key] = kernel_table(fn, top=args.profile_top)
+                    if host:
+                        prof[key + "_host"] = host_table(fn, top=args.profile_top)
             except Exception as e:
                 result["errors"].append(f"context {ctx} profile {key}: {type(e).__name__}: {str(e)[:300]}")
 
@@ -384,7 +388,7 @@ def run(args) -> dict:
             if args.profile:
                 profile(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend, static),
                         graph=static)
-                profile(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend))
+                profile(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), host=True)
                 profile(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
                                                                        "bmm"), graph=True)
         for phase in ("prefill", "decode"):
@@ -460,7 +464,8 @@ def main():
     ap.add_argument("--toy", action="store_true", help="tiny shapes on CPU: checks the logic, times nothing useful")
     ap.add_argument("--profile", action="store_true",
                     help="also record each decode step's kernels (torch.profiler: DSA in a graph and eagerly, "
-                         "dense) into the JSON's 'profiles'")
+                         "dense) and the eager DSA step's host time by function (cProfile) into the JSON's "
+                         "'profiles'")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels kept per profiled step")
     ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
