@@ -250,7 +250,8 @@ def indexer_launches(arch: int = 90) -> dict[str, list]:
 def decode_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the paged sparse MLA decode (bf16 and fp8_ds_mla caches; batch 4 x
     s_q 2, 128 heads, top-k 2048, split-k 4) with the block sizes a GPU of compute
-    capability ``arch`` gets, by case name."""
+    capability ``arch`` gets, and of the indexer's fused FP8 operands (64 tokens, 64 x 128
+    queries), by case name."""
     from flashdsa.layout import MLA_FP8_BYTES
     from flashdsa.ops.sparse_mla import fwd as F
     from flashdsa.ops.sparse_mla.decode import sparse_mla_decode
@@ -266,6 +267,17 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
             cfg = F.default_config(torch.device("cuda"), h, 512, fmt != "bf16")   # what that GPU gets
             sparse_mla_decode(q, cache, idx, 0.04, 512, fmt, n_split=4, config=cfg)
         cases[f"sparse_mla_decode {fmt}"] = launches
+    from flashdsa.cache import PagedIndexerCache
+    from flashdsa.ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
+    t, hi, d = 64, 64, 128
+    cos, sin = torch.randn(t, 32), torch.randn(t, 32)
+    had = torch.randn(d, d, dtype=torch.bfloat16)
+    with capture_launches() as launches:
+        indexer_q_fp8(torch.randn(t, hi, d, dtype=torch.bfloat16), cos, sin, torch.randn(t, hi, dtype=torch.bfloat16),
+                      64, had)
+        indexer_k_to_cache(torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
+                           PagedIndexerCache(4, d).kv, torch.arange(t))
+    cases["indexer fp8 operands (q, k to cache)"] = launches
     return cases
 
 

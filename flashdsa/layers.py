@@ -77,16 +77,23 @@ class LightningIndexer(nn.Module):
         [T, rope_dim // 2]. Returns q [T, H_I, d_I] and k [T, d_I] (RoPE on the first
         rope_dim dims, half-split, then the Hadamard rotation) and weights [T, H_I] fp32
         (weights_proj(x) * H_I^-0.5)."""
-        t = x.shape[0]
-        q = self.wq_b(qr).view(t, self.n_heads, self.head_dim)
-        k = F.layer_norm(self.wk(x).float(), (self.head_dim,), self.k_norm.weight.float(),
+        q, k, weights = self.project_raw(x, qr)
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(),
                          self.k_norm.bias.float(), self.k_norm.eps).to(q.dtype)  # q.dtype: autocast-aware
         r = self.rope_dim
         q = torch.cat((apply_rope(q[..., :r], cos, sin, interleaved=False), q[..., r:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :r], cos, sin, interleaved=False), k[..., r:]), dim=-1)
         q, k = api.hadamard_transform(q), api.hadamard_transform(k)
-        weights = self.weights_proj(x.float() if self.weights_proj.weight.dtype == torch.float32 else x)
         return q, k, weights.float() * self.n_heads ** -0.5
+
+    def project_raw(self, x: torch.Tensor, qr: torch.Tensor):
+        """The three projections alone: q = wq_b(qr) [T, H_I, d_I], k = wk(x) [T, d_I]
+        (before k_norm) and weights_proj(x) [T, H_I] (before the H_I^-0.5), what
+        :meth:`project` and the engine's fused FP8 kernels (flashdsa.ops.indexer.prep)
+        start from."""
+        q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
+        weights = self.weights_proj(x.float() if self.weights_proj.weight.dtype == torch.float32 else x)
+        return q, self.wk(x), weights
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -85,13 +85,32 @@ def dense_indices(meta: StepMetadata, topk: int) -> torch.Tensor:
 def select_indices_static(q8: torch.Tensor, weights: torch.Tensor, meta: StepMetadata, icache: torch.Tensor,
                           topk: int) -> torch.Tensor:
     """Decode selection without host synchronization (for CUDA graphs): the paged
-    indexer kernel runs for every row over at most block_table.shape[1] * 64 positions,
-    and rows with position + 1 <= topk take the dense indices instead."""
+    indexer kernel runs for every row over at most block_table.shape[1] * 64 positions.
+    A row with position + 1 <= topk gets every slot of its context (the top-k of at most
+    topk keys), the set :func:`dense_indices` gives the eager step."""
     from ..ops.indexer import paged_indexer_topk
-    sel = paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), meta.context_lens,
-                             meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
-    dense = dense_indices(meta, topk)
-    return torch.where((meta.positions + 1 > topk)[:, None], sel, dense)
+    return paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), meta.context_lens,
+                              meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
+
+
+def index_operands(indexer, x, qr, cos, sin, meta: StepMetadata, caches: PagedCaches, layer: int, kernels: bool):
+    """Write the new tokens' indexer keys into the key cache; return (the queries q8
+    [T, H_I, D] e4m3, weights [T, H_I] fp32 with the q scales and D^-0.5 folded in), as
+    the scores take them. ``kernels``: the fused kernels of
+    flashdsa.ops.indexer.prep (two launches), else the indexer's torch path."""
+    d = indexer.head_dim
+    if kernels and d >= 16:   # (the kernel's Hadamard product is a tl.dot: 16 wide at least)
+        from ..ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
+        q, k, w = indexer.project_raw(x, qr)
+        had = api.hadamard_matrix(d, q.dtype, q.device)
+        indexer_k_to_cache(k.contiguous(), indexer.k_norm, cos, sin, indexer.rope_dim, had,
+                           caches.index_layer(layer), meta.slots)
+        q8, weights = indexer_q_fp8(q.contiguous(), cos, sin, w, indexer.rope_dim, had)
+        return q8, weights
+    q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
+    caches.write_index(layer, meta.slots, k)
+    q8, q_scale = api.act_quant(q, d)                    # [T, H, D] e4m3, [T, H, 1]
+    return q8, weights * q_scale[..., 0] * d ** -0.5
 
 
 def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -102,21 +121,17 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     ``static``: a decode step captured in a CUDA graph (see select_indices_static)."""
     indexer = attn.indexer
     topk = indexer.topk
-    q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
-    caches.write_index(layer, meta.slots, k)
+    kernels = resolve_backend(backend, x) == "triton"
+    q8, weights = index_operands(indexer, x, qr, cos, sin, meta, caches, layer, kernels)
     if static:
-        q8, q_scale = api.act_quant(q, indexer.head_dim)
-        weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
         return select_indices_static(q8, weights, meta, caches.index_layer(layer), topk)
     indices = dense_indices(meta, topk)
     rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
     if not any(len(r) for r in rows_of):
         return indices
-    q8, q_scale = api.act_quant(q, indexer.head_dim)     # [T, H, D] e4m3, [T, H, 1]
-    weights = weights * q_scale[..., 0] * indexer.head_dim ** -0.5
     icache = caches.index_layer(layer)
     dev = x.device
-    if meta.is_decode and resolve_backend(backend, x) == "triton":
+    if meta.is_decode and kernels:
         # one query per sequence: the paged kernel scores the cache in place
         seqs = [b for b, r in enumerate(rows_of) if len(r)]
         rows = torch.tensor([meta.query_start[b] for b in seqs], device=dev)

@@ -4,8 +4,8 @@ A decode step launches hundreds of small kernels per token; replaying a captured
 removes their launch cost. A graph needs fixed shapes and no host synchronization, so
 the captured step (``decode_body``) differs from the eager one only in how it selects:
 the paged indexer top-k runs for every row (over at most ``max_blocks * 64`` positions),
-and rows whose context is within top-k take the dense indices through ``torch.where``
-(the eager step decides that on the host). Batches are padded up to a captured size
+also for rows whose context is within top-k, which select all of it (the eager step
+gives them their context's slots without the indexer, decided on the host). Batches are padded up to a captured size
 (1, 2, 4, 8, 16, 32, ...); padding rows decode position 0 of a scratch block that no
 sequence owns.
 

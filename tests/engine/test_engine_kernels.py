@@ -148,7 +148,7 @@ def test_kernel_engine_matches_reference_engine(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU test below covers the captured graphs")
 def test_graph_decode_body_matches_eager_step(monkeypatch):
     """The body that CUDA graphs capture (fixed shapes, padded batch, indexer on every
-    row, torch.where for the dense rows) equals the eager decode step, under the
+    row, also those within top-k, which must select their whole context) equals the eager decode step, under the
     interpreter, and selects the same slots. Capture itself needs a GPU."""
     from flashdsa.engine.cuda_graph import DecodeGraphs
     model = tiny_model(seed=41, dtype=torch.float32)

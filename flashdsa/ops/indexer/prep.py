@@ -1,0 +1,147 @@
+"""The indexer's FP8 operands from its raw projections, one kernel each (SPEC 1):
+
+- queries: q = wq_b(qr) [T, H, D] -> RoPE on the first R dims (half-split) -> Hadamard ->
+  e4m3 with one ue8m0 scale a (token, head), and the scores' head weights folded with
+  that scale: w' = weights_proj(x) * H^-0.5 * scale * D^-0.5 (what the scores kernels take);
+- keys: k = wk(x) [T, D] -> LayerNorm -> RoPE -> Hadamard -> e4m3 + ue8m0 scale, stored
+  into the paged key cache at each token's slot.
+
+The reference is the indexer's own torch path (``LightningIndexer.project``, then
+``act_quant`` and ``PagedIndexerCache.store``), which runs each step as its own kernels
+(about 25 launches for the queries and 17 for the keys): at decode sizes each launch
+costs more than its work, which these two kernels remove. Intermediate roundings follow
+the reference: RoPE and the LayerNorm in fp32 rounded to the input dtype, the Hadamard
+as a product with the same cached matrix (``flashdsa.api.hadamard_matrix``), fp32
+accumulation, rounded to the input dtype, then the quantization of
+``flashdsa.reference.act_quant``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...layout import PAGE_SIZE
+from ..common import e4m3_byte, interpreted
+
+
+@triton.jit
+def _quantize_rows(y):
+    """(e4m3 bytes int32 [BLOCK, D], ue8m0 scale fp32 [BLOCK]) of fp32 rows y: scale =
+    max(|y|, 1e-4) / 448 rounded up to a power of two on its bits (exact)."""
+    amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)
+    bits = (amax / 448.0).to(tl.int32, bitcast=True)
+    expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    scale = (expo << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
+    y = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
+    return e4m3_byte(y), scale
+
+
+@triton.jit
+def _round(x, dt: tl.constexpr):
+    """fp32 x rounded to dtype dt (to nearest, ties to even), kept in fp32. bf16 on the
+    bits (the interpreter's fp32 -> bf16 cast truncates); NaN and inf are not expected."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def indexer_prep_kernel(x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_ptr, q8_ptr, wout_ptr,
+                        slot_ptr, cache_ptr, cscale_ptr, n_rows, heads, stride_cs, eps, w_mul, d_mul,
+                        D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, KEYS: tl.constexpr,
+                        PAGE: tl.constexpr, UPCAST: tl.constexpr):
+    """BLOCK rows of x [n_rows, D] (row r is head r % heads of token r // heads; keys:
+    heads = 1). KEYS=False: q8 [n_rows, D] e4m3 bytes and wout [n_rows] = w [n_rows] *
+    w_mul * scale * d_mul. KEYS=True: LayerNorm (ln_w, ln_b, eps) first, then the bytes
+    and scale of each row go to the paged cache at slot_ptr[token] (negative: skipped)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < n_rows
+    rr = r.to(tl.int64)
+    t = rr // heads
+    d = tl.arange(0, D)
+    half: tl.constexpr = R // 2
+    # the RoPE partner of dim d < R: d + R/2 in the first half, d - R/2 in the second
+    dp = tl.where(d < half, d + half, tl.where(d < R, d - half, d))
+    m2 = ok[:, None] & (d[None, :] < D)
+    x = tl.load(x_ptr + rr[:, None] * D + d[None, :], mask=m2, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    xp = tl.load(x_ptr + rr[:, None] * D + dp[None, :], mask=m2, other=0.0).to(tl.float32)
+    if KEYS:
+        mean = tl.sum(xf, axis=1) / D
+        xc = xf - mean[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xf = (xc * rstd[:, None] * tl.load(ln_w_ptr + d)[None, :].to(tl.float32)
+              + tl.load(ln_b_ptr + d)[None, :].to(tl.float32))
+        xp = ((xp - mean[:, None]) * rstd[:, None] * tl.load(ln_w_ptr + dp)[None, :].to(tl.float32)
+              + tl.load(ln_b_ptr + dp)[None, :].to(tl.float32))
+        xf, xp = _round(xf, dt), _round(xp, dt)
+    j = tl.where(d < half, d, d - half)
+    rope = d < R
+    cs = tl.load(cos_ptr + t[:, None] * stride_cs + j[None, :], mask=ok[:, None] & rope[None, :], other=1.0)
+    sn = tl.load(sin_ptr + t[:, None] * stride_cs + j[None, :], mask=ok[:, None] & rope[None, :], other=0.0)
+    # first half: x1 cos - x2 sin; second half: x1 sin + x2 cos (x1 = dim d - R/2)
+    lo = (d < half)[None, :]
+    y = _round(tl.where(rope[None, :], tl.where(lo, xf * cs - xp * sn, xp * sn + xf * cs), xf), dt)
+    h = tl.load(had_ptr + d[:, None] * D + d[None, :])
+    if UPCAST:  # fp32 inputs, or the interpreter (whose bf16 dot is wrong): exact products either way
+        y = tl.dot(y, h.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(y.to(dt), h.to(dt))
+    y = _round(y, dt)
+    y8, scale = _quantize_rows(y)
+    if KEYS:
+        slot = tl.load(slot_ptr + t, mask=ok, other=-1).to(tl.int64)
+        keep = ok & (slot >= 0)
+        blk = slot // PAGE
+        row = slot % PAGE
+        tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8.to(tl.uint8),
+                 mask=keep[:, None] & (d[None, :] < D))
+        tl.store(cscale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=keep)
+    else:
+        tl.store(q8_ptr + rr[:, None] * D + d[None, :], y8.to(tl.uint8), mask=m2)
+        w = tl.load(w_ptr + rr, mask=ok, other=0.0).to(tl.float32)
+        tl.store(wout_ptr + rr, w * w_mul * scale * d_mul, mask=ok)
+
+
+def _launch(n_rows: int, x: torch.Tensor, *args, **meta) -> None:
+    block = 16 if interpreted() else (32 if n_rows <= 4096 else 64)
+    indexer_prep_kernel[(triton.cdiv(n_rows, block),)](
+        x, *args, BLOCK=block, PAGE=PAGE_SIZE, UPCAST=x.dtype == torch.float32 or interpreted(),
+        num_warps=4, **meta)
+
+
+def indexer_q_fp8(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: torch.Tensor, rope_dim: int,
+                  hadamard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q8 [T, H, D] e4m3, weights [T, H] fp32) from the raw indexer queries q = wq_b(qr)
+    [T, H, D] (float, contiguous) and head weights weights = weights_proj(x) [T, H]:
+    RoPE over the first ``rope_dim`` dims (half-split; cos/sin [T, rope_dim / 2] fp32),
+    the Hadamard rotation (``hadamard`` [D, D]: H_D / sqrt(D) in q's dtype), one ue8m0
+    e4m3 scale a (token, head), and weights * H^-0.5 * scale * D^-0.5 (inputs assumed
+    valid: D a power of two >= 16)."""
+    t, h, d = q.shape
+    q8 = torch.empty(t, h, d, dtype=torch.float8_e4m3fn, device=q.device)
+    w_out = torch.empty(t, h, dtype=torch.float32, device=q.device)
+    n = t * h
+    if n == 0:
+        return q8, w_out
+    _launch(n, q, cos, sin, hadamard, q, q, weights.contiguous(), q8.view(torch.uint8), w_out, q, q, q, n, h,
+            cos.stride(0), 0.0, h ** -0.5, d ** -0.5, D=d, R=rope_dim, KEYS=False)
+    return q8, w_out
+
+
+def indexer_k_to_cache(k: torch.Tensor, norm: torch.nn.LayerNorm, cos: torch.Tensor, sin: torch.Tensor,
+                       rope_dim: int, hadamard: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the raw indexer keys k = wk(x) [T, D] (float, contiguous) into the paged key
+    cache kv_cache uint8 [num_blocks, 64 * (D + 4)] at ``slots [T]`` (< 0: skipped):
+    LayerNorm ``norm`` (fp32), RoPE, Hadamard, e4m3 with one ue8m0 scale a token."""
+    t, d = k.shape
+    if t == 0:
+        return
+    _launch(t, k, cos, sin, hadamard, norm.weight, norm.bias, k, k, k, slots.contiguous(), kv_cache,
+            kv_cache.view(torch.float32), t, 1, cos.stride(0), norm.eps, 1.0, 1.0, D=d, R=rope_dim, KEYS=True)
