@@ -250,8 +250,8 @@ def indexer_launches(arch: int = 90) -> dict[str, list]:
 def decode_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the paged sparse MLA decode (bf16 and fp8_ds_mla caches; batch 4 x
     s_q 2, 128 heads, top-k 2048, split-k 4) with the block sizes a GPU of compute
-    capability ``arch`` gets, and of the indexer's fused FP8 operands (64 tokens, 64 x 128
-    queries), by case name."""
+    capability ``arch`` gets, of the indexer's fused FP8 operands (64 tokens, 64 x 128
+    queries), and of the inference RMSNorm and RoPE kernels, by case name."""
     from flashdsa.layout import MLA_FP8_BYTES
     from flashdsa.ops.sparse_mla import fwd as F
     from flashdsa.ops.sparse_mla.decode import sparse_mla_decode
@@ -278,6 +278,12 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
         indexer_k_to_cache(torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
                            PagedIndexerCache(4, d).kv, torch.arange(t))
     cases["indexer fp8 operands (q, k to cache)"] = launches
+    from flashdsa.ops.norm_rope import rms_norm, rope_interleaved
+    with capture_launches() as launches:
+        for d in (7168, 1536, 512):
+            rms_norm(torch.randn(1, d, dtype=torch.bfloat16), torch.ones(d), 1e-6)
+        rope_interleaved(torch.randn(4, 128, 64, dtype=torch.bfloat16), cos, sin)
+    cases["rms_norm, rope (hidden, q_lora, kv_lora; 128 heads)"] = launches
     return cases
 
 

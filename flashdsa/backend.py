@@ -27,6 +27,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fused_inference(x: torch.Tensor) -> bool:
+    """Whether the modules take the inference kernels (flashdsa.ops.norm_rope) for ``x``:
+    a CUDA tensor, no autograd recording, not inside torch.compile (which fuses the torch
+    ops itself), Triton present and not interpreted."""
+    return (x.is_cuda and _TRITON_AVAILABLE and not torch.is_grad_enabled() and not triton_interpreted()
+            and not torch.compiler.is_compiling())
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Return "triton" or "reference" for an op whose main input is ``x``."""
     if backend not in BACKENDS:

@@ -18,12 +18,14 @@ from torch import nn
 
 from . import api
 from ._validate import check, check_cu_seqlens, check_tensor
+from .backend import fused_inference
 from .config import DSAConfig
 from .reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
-    """RMS normalization computed in fp32, returned in the input dtype."""
+    """RMS normalization computed in fp32, returned in the input dtype (on a GPU without
+    autograd: one fused kernel, flashdsa.ops.norm_rope)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -31,6 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_inference(x) and x.stride(-1) == 1:
+            from .ops.norm_rope import rms_norm
+            return rms_norm(x, self.weight, self.eps)     # one launch (inference on a GPU)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -281,11 +286,18 @@ class MLA(nn.Module):
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
         kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
         kv = self.kv_a_layernorm(kv)                                          # [T, c]
-        k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleaved=True)      # [T, 1, r]
-        return qr, q_nope, q_pe, kv, k_pe, cos, sin
+        rope = self._rope_fn(x)
+        return qr, q_nope, rope(q_pe, cos, sin), kv, rope(k_pe[:, None, :], cos, sin), cos, sin
+
+    def _rope_fn(self, x: torch.Tensor):
+        """MLA's interleaved RoPE: on a GPU without autograd one kernel (instead of the
+        torch ops' nine), else :func:`apply_rope`."""
+        if fused_inference(x) and self.rope & (self.rope - 1) == 0:
+            from .ops.norm_rope import rope_interleaved
+            return rope_interleaved
+        return lambda z, c, s: apply_rope(z, c, s, interleaved=True)
 
     def rope_cos_sin(self, positions: torch.Tensor):
         """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the

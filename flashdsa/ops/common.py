@@ -13,7 +13,7 @@ from ..backend import triton_interpreted as interpreted
 
 __all__ = [
     "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "has_tma", "fp8_native",
-    "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "reduce_slots_fixed_order",
+    "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "round_as", "reduce_slots_fixed_order",
 ]
 
 LOG2E = 1.4426950408889634
@@ -52,6 +52,18 @@ def num_sms(device: torch.device) -> int:
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dim has stride 1 (what the kernels index), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def round_as(x, dt: tl.constexpr):
+    """fp32 x rounded to dtype dt (to nearest, ties to even), kept in fp32. bf16 on the
+    bits (the interpreter's fp32 -> bf16 cast truncates); NaN and inf are not expected."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)
 
 
 @triton.jit

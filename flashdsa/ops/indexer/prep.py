@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import e4m3_byte, interpreted
+from ..common import e4m3_byte, interpreted, round_as
 
 
 @triton.jit
@@ -36,18 +36,6 @@ def _quantize_rows(y):
     inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
     y = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
     return e4m3_byte(y), scale
-
-
-@triton.jit
-def _round(x, dt: tl.constexpr):
-    """fp32 x rounded to dtype dt (to nearest, ties to even), kept in fp32. bf16 on the
-    bits (the interpreter's fp32 -> bf16 cast truncates); NaN and inf are not expected."""
-    if dt == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dt).to(tl.float32)
 
 
 @triton.jit
@@ -80,20 +68,20 @@ def indexer_prep_kernel(x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_
               + tl.load(ln_b_ptr + d)[None, :].to(tl.float32))
         xp = ((xp - mean[:, None]) * rstd[:, None] * tl.load(ln_w_ptr + dp)[None, :].to(tl.float32)
               + tl.load(ln_b_ptr + dp)[None, :].to(tl.float32))
-        xf, xp = _round(xf, dt), _round(xp, dt)
+        xf, xp = round_as(xf, dt), round_as(xp, dt)
     j = tl.where(d < half, d, d - half)
     rope = d < R
     cs = tl.load(cos_ptr + t[:, None] * stride_cs + j[None, :], mask=ok[:, None] & rope[None, :], other=1.0)
     sn = tl.load(sin_ptr + t[:, None] * stride_cs + j[None, :], mask=ok[:, None] & rope[None, :], other=0.0)
     # first half: x1 cos - x2 sin; second half: x1 sin + x2 cos (x1 = dim d - R/2)
     lo = (d < half)[None, :]
-    y = _round(tl.where(rope[None, :], tl.where(lo, xf * cs - xp * sn, xp * sn + xf * cs), xf), dt)
+    y = round_as(tl.where(rope[None, :], tl.where(lo, xf * cs - xp * sn, xp * sn + xf * cs), xf), dt)
     h = tl.load(had_ptr + d[:, None] * D + d[None, :])
     if UPCAST:  # fp32 inputs, or the interpreter (whose bf16 dot is wrong): exact products either way
         y = tl.dot(y, h.to(tl.float32), input_precision="ieee")
     else:
         y = tl.dot(y.to(dt), h.to(dt))
-    y = _round(y, dt)
+    y = round_as(y, dt)
     y8, scale = _quantize_rows(y)
     if KEYS:
         slot = tl.load(slot_ptr + t, mask=ok, other=-1).to(tl.int64)

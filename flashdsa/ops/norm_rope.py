@@ -1,0 +1,76 @@
+"""Inference kernels for the model's small per-token ops: RMSNorm and MLA's interleaved
+RoPE, one launch each where the torch versions take 7 and 9 (casts, power, mean, rsqrt,
+products, stack). At decode sizes each launch costs more than its work, so these set
+the projections' time at batch 1 (issue 16). Forward only, no autograd: the modules use
+them under ``torch.no_grad`` / inference mode on a GPU (flashdsa.backend.fused_inference).
+
+Numerics follow the torch versions (flashdsa.layers.RMSNorm, flashdsa.reference.rope):
+fp32 math, rounded once to the input dtype; only the order of the sum of squares differs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import round_as
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, stride_x, stride_y, eps, D: tl.constexpr,
+                    D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """y [r] = x [r] * rsqrt(mean(x [r]^2) + eps) * w, fp32, rounded to y's dtype."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D_PAD)
+    m = (r < n_rows)[:, None] & (d < D)[None, :]
+    rr = r.to(tl.int64)
+    x = tl.load(x_ptr + rr[:, None] * stride_x + d[None, :], mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = x * inv[:, None] * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    ty = y_ptr.dtype.element_ty
+    tl.store(y_ptr + rr[:, None] * stride_y + d[None, :], round_as(y, ty).to(ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., D] (last dim contiguous) over its last dim, times ``weight [D]``."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    n = x2.shape[0]
+    if n:
+        d_pad = triton.next_power_of_2(d)
+        block = max(1, min(16, 4096 // d_pad))
+        rms_norm_kernel[(triton.cdiv(n, block),)](x2, weight, y, n, x2.stride(0), y.stride(0), eps, D=d,
+                                                  D_PAD=d_pad, BLOCK=block, num_warps=4 if d_pad <= 2048 else 8)
+    return y.view(x.shape)
+
+
+@triton.jit
+def rope_interleaved_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, stride_xt, stride_xh, stride_cs,
+                            R: tl.constexpr, H_PAD: tl.constexpr):
+    """Token t = program 0: y [t, h, 2i : 2i + 2] = the pair (x1, x2) = x [t, h, 2i : 2i + 2]
+    rotated by angle i: (x1 cos - x2 sin, x1 sin + x2 cos). y [T, n_heads, R] contiguous."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, R // 2)
+    m = (h < n_heads)[:, None]
+    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + 2 * i[None, :]
+    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_cs + i)[None, :]
+    s = tl.load(sin_ptr + t * stride_cs + i)[None, :]
+    ty = y_ptr.dtype.element_ty
+    out = y_ptr + t * n_heads * R + h[:, None] * R + 2 * i[None, :]
+    tl.store(out, round_as(x1 * c - x2 * s, ty).to(ty), mask=m)
+    tl.store(out + 1, round_as(x1 * s + x2 * c, ty).to(ty), mask=m)
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """MLA's RoPE of x [T, H, R] (any strides but a contiguous last dim) by cos/sin
+    [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R]."""
+    t, h, r = x.shape
+    y = torch.empty(t, h, r, dtype=x.dtype, device=x.device)
+    if t:
+        rope_interleaved_kernel[(t,)](x, cos, sin, y, h, x.stride(0), x.stride(1), cos.stride(0), R=r,
+                                      H_PAD=triton.next_power_of_2(h), num_warps=4)
+    return y
