@@ -10,10 +10,16 @@ bf16 weights. Prompts are random tokens of ``--prompt-len`` each, greedy, EOS ig
 
 For each batch size and each engine setting (``default``: ``LLM(model)`` as a user makes
 it, CUDA graphs on where they work; ``eager``: ``cuda_graphs=False``, the engine's
-default before graphs were), two generate calls run: ``max_tokens=1`` (prefill and the
-first token) and ``max_tokens=--new-tokens``. Decode tokens/s = batch * (new - 1) /
-(difference of the two times): the prefill cancels. Results go to
-benchmarks/results/bench_engine.json ($OUT when set), with the ceilings of the same run.
+default before graphs were), the requests go through the engine's step loop (what
+``LLM.generate`` runs) twice, the first pass a warm-up (Triton compiles each shape once):
+
+- prefill: from adding the requests until every one has its first token (chunks of
+  ``max_num_batched_tokens``; sequences done early decode beside later chunks);
+- decode: then ``--decode-steps`` steps in which every sequence decodes one token, all of
+  them still running: decode tokens/s = batch * steps / time.
+
+Results go to benchmarks/results/bench_engine.json ($OUT when set), with the ceilings of
+the same run.
 """
 from __future__ import annotations
 
@@ -44,15 +50,34 @@ def small_v32(args) -> DSAConfig:
                      max_position_embeddings=args.max_model_len, tie_word_embeddings=False)
 
 
-def timed_generate(llm, prompts, params) -> float:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def measure(engine, prompts, decode_steps: int) -> dict:
+    """Seconds of the prefill phase and of ``decode_steps`` decode-only steps (see the
+    module docstring); the requests are aborted afterwards."""
+    from flashdsa.engine import SamplingParams
+    chunk = engine.config.max_num_batched_tokens
+    room = decode_steps + sum(len(p) for p in prompts) // chunk + 2     # no request may finish meanwhile
+    params = SamplingParams(temperature=0, max_tokens=room, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    seqs = [engine.sequences[i] for i in ids]
+    sync()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    assert all(len(o.token_ids) == params.max_tokens for o in outs), "a request stopped early"
-    return time.perf_counter() - t0
+    while not all(s.output_ids for s in seqs):
+        engine.step()
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(decode_steps):
+        outs = engine.step()
+        assert len(outs) == len(prompts) and not any(o.finished for o in outs), "not a full decode step"
+    sync()
+    t2 = time.perf_counter()
+    for i in ids:
+        engine.abort_request(i)
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
 
 def main() -> None:
@@ -60,7 +85,7 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true")
     ap.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 32768; toy 96)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 65; toy 5)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (default 64; toy 4)")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
@@ -68,41 +93,38 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from flashdsa.engine import LLM, SamplingParams
+    from flashdsa.engine import LLM
     from flashdsa.model import DSAForCausalLM
 
     prompt_len = args.prompt_len or (96 if args.toy else 32768)
-    new = args.new_tokens or (5 if args.toy else 65)
+    steps = args.decode_steps or (4 if args.toy else 64)
     cuda = torch.cuda.is_available() and not args.toy
     device = "cuda" if cuda else "cpu"
     cfg = small_v32(args)
     torch.manual_seed(0)
     model = DSAForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if cuda else torch.float32).eval()
-    result = {"config": dataclasses.asdict(cfg), "prompt_len": prompt_len,
-              "new_tokens": new, "params": sum(p.numel() for p in model.parameters()), "rows": []}
+    result = {"config": dataclasses.asdict(cfg), "prompt_len": prompt_len, "decode_steps": steps,
+              "params": sum(p.numel() for p in model.parameters()), "rows": []}
     if cuda:
         result["ceilings"] = measure_ceilings()
     g = torch.Generator().manual_seed(1)
     for setting in args.settings:
         engine_args = {} if setting == "default" else {"cuda_graphs": False}
-        n_blocks = max(args.batches) * (-(-(prompt_len + new) // 64) + 1) + 8
+        room = steps + max(args.batches) * prompt_len // 2048 + 2
+        n_blocks = max(args.batches) * (-(-(prompt_len + room) // 64) + 1) + 8
         t0 = time.perf_counter()
         llm = LLM(model, num_blocks=n_blocks, max_num_seqs=max(args.batches), **engine_args)
         build_s = time.perf_counter() - t0
         graphs = getattr(llm.engine.runner, "graphs", None)
         for b in args.batches:
             prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]
-            one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-            full = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-            timed_generate(llm, [p[:256] for p in prompts], SamplingParams(temperature=0, max_tokens=3,
-                                                                           ignore_eos=True))   # warm-up
-            t1 = timed_generate(llm, prompts, one)
-            tn = timed_generate(llm, prompts, full)
+            measure(llm.engine, prompts, steps)                          # warm-up: compiles
+            m = measure(llm.engine, prompts, steps)
             row = {"setting": setting, "batch": b, "cuda_graphs": bool(graphs and graphs.graphs),
-                   "engine_build_s": round(build_s, 2), "prefill_s": round(t1, 3),
-                   "prefill_tokens_per_s": round(b * prompt_len / t1, 1), "generate_s": round(tn, 3),
-                   "decode_tokens_per_s": round(b * (new - 1) / max(tn - t1, 1e-9), 1),
-                   "decode_ms_per_step": round((tn - t1) * 1e3 / (new - 1), 3)}
+                   "engine_build_s": round(build_s, 2), "prefill_s": round(m["prefill_s"], 3),
+                   "prefill_tokens_per_s": round(b * prompt_len / m["prefill_s"], 1),
+                   "decode_tokens_per_s": round(b * steps / m["decode_s"], 1),
+                   "decode_ms_per_step": round(m["decode_s"] * 1e3 / steps, 3)}
             result["rows"].append(row)
             print(row, flush=True)
         del llm

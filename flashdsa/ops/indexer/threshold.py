@@ -144,6 +144,11 @@ def select_warps(p: Problem) -> int:
     return 4 if p.rows >= 2 * num_sms(p.q.device) else 8
 
 
+def sample_warps(p: Problem) -> int:
+    """Warps of a sample-threshold program (a row of at most SAMPLE_MAX sampled scores)."""
+    return 4
+
+
 def sample_stride(n_pos: int) -> int:
     """Keys between two sampled ones: SAMPLE_STRIDE, or more where the sample of a row
     would exceed SAMPLE_MAX scores (the threshold kernel holds a sampled row in registers)."""
@@ -169,7 +174,7 @@ def sample_thresholds(p: Problem, topk: int, min_split: int, zero_cnt: torch.Ten
         sample_threshold_kernel[(sub.rows,)](
             out, sub.ks, sub.ke, thr[r0:r1], thr if zero_cnt is None else zero_cnt[r0:r1], out.stride(0), n_s_all,
             st, topk, r_max, p.next_n, p.n_pos, PAGED=p.paged, ZERO_CNT=zero_cnt is not None,
-            BLOCK=triton.next_power_of_2(n_s_all), num_warps=4)
+            BLOCK=triton.next_power_of_2(n_s_all), num_warps=sample_warps(p))
     return thr
 
 
