@@ -5,6 +5,7 @@
     TRITON_INTERPRET=1 python -m benchmarks.cost_curve --toy --backend triton --contexts 128   # kernels too
     python -m benchmarks.cost_curve --plot-from benchmarks/results/cost_curve.json
     python -m benchmarks.cost_curve --profile --contexts 8192 131072   # + each decode step's kernels
+    python -m benchmarks.cost_curve --breakdown-from benchmarks/results/cost_curve.json   # kernels by group
 
 What is timed: a stack of ``--layers`` MLA attention layers with DeepSeek-V3.2 shapes
 (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, rope 64, indexer 64 x 128, top-k 2048),
@@ -115,6 +116,7 @@ def make_layers(cfg: DSAConfig, n: int, device, dtype) -> list[MLA]:
                 if p.dim() == 2:
                     p.normal_(0.0, 0.02)
         m = m.to(device=device, dtype=dtype).eval()
+        m.merge_projections()   # as the engine does: the DSA step's projections, one GEMM per input
         # RoPE frequencies stay fp32 (module.to(dtype) rounded the buffer)
         m.inv_freq = yarn_inv_freq(m.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
                                    cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow).to(device)
@@ -408,6 +410,45 @@ def run(args) -> dict:
     return result
 
 
+# --- profile breakdown -------------------------------------------------------------------------
+KERNEL_GROUPS = (  # (group, substrings of the kernel names), first match wins
+    ("GEMMs (cuBLAS)", ("nvjet", "cublas", "gemm", "gemv")),
+    ("indexer scores", ("indexer_scores_kernel",)),
+    ("indexer top-k selects", ("rows_topk_kernel", "indexer_select_kernel", "sample_threshold_kernel",
+                               "streaming_topk")),
+    ("sparse MLA decode", ("sparse_mla",)),
+    ("indexer FP8 operands", ("indexer_prep_kernel", "indexer_cache_write")),
+    ("RMSNorm / RoPE kernels", ("rms_norm_kernel", "rope_interleaved_kernel")),
+    ("softmax (dense)", ("SoftMax",)),
+)
+
+
+def breakdown(table: list, layers: int) -> dict:
+    """{group: [launches, device us] per layer} of a profile table (kernel_table rows);
+    everything unmatched is "torch elementwise, copies, cat, reductions"."""
+    out: dict = {}
+    for name, launches, us in table:
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)),
+                     "torch elementwise, copies, cat, reductions")
+        acc = out.setdefault(group, [0, 0.0])
+        acc[0] += launches / layers
+        acc[1] += us / layers
+    return {g: [round(n, 1), round(t, 1)] for g, (n, t) in sorted(out.items(), key=lambda kv: -kv[1][1])}
+
+
+def print_breakdown(result: dict) -> None:
+    for ctx, profiles in result.get("profiles", {}).items():
+        for key, table in profiles.items():
+            if key.endswith("_host"):
+                continue
+            groups = breakdown(table, result["layers"])
+            total = sum(t for _, t in groups.values())
+            launches = sum(n for n, _ in groups.values())
+            print(f"context {ctx} {key}: {total:.1f} us in {launches:.0f} launches a layer (top kernels only)")
+            for g, (n, t) in groups.items():
+                print(f"    {g:<45} {n:>5.1f} launches {t:>7.1f} us")
+
+
 # --- output ------------------------------------------------------------------------------------
 def write(result: dict, args) -> None:
     out_dir = args.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
@@ -471,7 +512,13 @@ def main():
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="only redraw the plot of a result JSON (SVG into --out, default next to the JSON; "
                          "needs matplotlib: pip install 'flashdsa[plot]')")
+    ap.add_argument("--breakdown-from", default=None, metavar="JSON",
+                    help="only print the per-layer kernel breakdown of a --profile result JSON")
     args = ap.parse_args()
+    if args.breakdown_from:
+        with open(args.breakdown_from) as f:
+            print_breakdown(json.load(f))
+        return
     if args.plot_from:
         with open(args.plot_from) as f:
             result = json.load(f)

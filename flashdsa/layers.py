@@ -75,14 +75,15 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
 
-    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, raw=None):
         """Unquantized indexer queries, keys and head weights.
 
         x [T, hidden], qr [T, q_lora_rank] (MLA's normalized query latent), cos/sin
         [T, rope_dim // 2]. Returns q [T, H_I, d_I] and k [T, d_I] (RoPE on the first
         rope_dim dims, half-split, then the Hadamard rotation) and weights [T, H_I] fp32
-        (weights_proj(x) * H_I^-0.5)."""
-        q, k, weights = self.project_raw(x, qr)
+        (weights_proj(x) * H_I^-0.5). ``raw``: the output of :meth:`project_raw` when
+        already computed."""
+        q, k, weights = self.project_raw(x, qr) if raw is None else raw
         k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(),
                          self.k_norm.bias.float(), self.k_norm.eps).to(q.dtype)  # q.dtype: autocast-aware
         r = self.rope_dim
@@ -157,6 +158,18 @@ class MLAOutput(NamedTuple):
     indexer_loss: torch.Tensor | None
 
 
+def _merge_rows(linears: list) -> torch.Tensor:
+    """One weight tensor holding the given bias-free linears' weights as row blocks, each
+    linear's weight turned into a view of its block."""
+    w = torch.cat([m.weight.detach() for m in linears])
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = w[row:row + n]
+        row += n
+    return w
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with DeepSeek Sparse Attention.
 
@@ -196,6 +209,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
         self.indexer = LightningIndexer(cfg)
+        self._merged = None        # (w_x, w_qr, n): see merge_projections
         inv_freq = yarn_inv_freq(self.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
                                  cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -276,20 +290,54 @@ class MLA(nn.Module):
         check_tensor("positions", positions, shape=(t,), layout="[T]")
         check_cu_seqlens(cu_seqlens, t)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
+    def project(self, x: torch.Tensor, positions: torch.Tensor, indexer_raw: bool = False):
         """The projections every attention path starts from (also used by the engine and
         the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
         [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
-        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`)."""
+        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`).
+        ``indexer_raw``: an eighth output, the indexer's projections
+        (:meth:`LightningIndexer.project_raw`), computed in the same GEMMs as MLA's after
+        :meth:`merge_projections`."""
         t = x.shape[0]
         cos, sin = self.rope_cos_sin(positions)
-        qr = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope), dim=-1)
+        ix = self.indexer
+        merged = self._merged if indexer_raw else None
+        if merged is not None and merged[0].data_ptr() == self.q_a_proj.weight.data_ptr():
+            w_x, w_qr, n_x = merged
+            outs = F.linear(x, w_x).split([self.q_a_proj.out_features, self.kv_a_proj_with_mqa.out_features,
+                                           ix.head_dim, ix.n_heads][:n_x], dim=-1)
+            qa, kv_pe, ik = outs[:3]
+            iw = outs[3] if n_x == 4 else ix.weights_proj(x.float())
+            qr = self.q_a_layernorm(qa)
+            q, iq = F.linear(qr, w_qr).split((self.q_b_proj.out_features, ix.wq_b.out_features), dim=-1)
+            raw = (iq.view(t, ix.n_heads, ix.head_dim), ik, iw)
+        else:
+            qr = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(qr)
+            kv_pe = self.kv_a_proj_with_mqa(x)
+            raw = ix.project_raw(x, qr) if indexer_raw else None
+        q_nope, q_pe = q.view(t, self.n_heads, self.nope + self.rope).split((self.nope, self.rope), dim=-1)
+        kv, k_pe = kv_pe.split((self.kv_lora_rank, self.rope), dim=-1)
         kv = self.kv_a_layernorm(kv)                                          # [T, c]
         rope = self._rope_fn(x)
-        return qr, q_nope, rope(q_pe, cos, sin), kv, rope(k_pe[:, None, :], cos, sin), cos, sin
+        out = (qr, q_nope, rope(q_pe, cos, sin), kv, rope(k_pe[:, None, :], cos, sin), cos, sin)
+        return out + (raw,) if indexer_raw else out
+
+    @torch.no_grad()
+    def merge_projections(self) -> None:
+        """For inference: store the weights of the projections that read the same input
+        as row blocks of one tensor, so that ``project(..., indexer_raw=True)`` runs one
+        GEMM for each input instead of four and two: q_a_proj, kv_a_proj_with_mqa and the
+        indexer's wk (and weights_proj, when of the same dtype) read x; q_b_proj and the
+        indexer's wq_b read qr. The parameters become views of the merged tensors (same
+        values, still trainable); moving the module afterwards (``.to``) undoes the merge,
+        and ``project`` then runs the separate GEMMs."""
+        ix = self.indexer
+        dt = self.q_a_proj.weight.dtype
+        down = [self.q_a_proj, self.kv_a_proj_with_mqa, ix.wk]
+        if ix.weights_proj.weight.dtype == dt:
+            down.append(ix.weights_proj)
+        self._merged = (_merge_rows(down), _merge_rows([self.q_b_proj, ix.wq_b]), len(down))
 
     def _rope_fn(self, x: torch.Tensor):
         """MLA's interleaved RoPE: on a GPU without autograd one kernel (instead of the

@@ -124,3 +124,36 @@ def test_forward_returns_one_type(attention):
     hidden, loss = m(x, pos, cu, attention=attention, indexer_loss=True, backend="reference")
     assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.item() > 0
     torch.testing.assert_close(hidden, out.hidden)
+
+
+@pytest.mark.parametrize("weights_fp32", [False, True])
+def test_merged_projections_equal_separate_ones(weights_fp32):
+    """merge_projections: one GEMM per input gives MLA's and the indexer's projections
+    (up to the GEMM's summation order), the parameters stay the same values and
+    trainable views, and a module moved afterwards falls back to separate GEMMs."""
+    torch.manual_seed(0)
+    attn = MLA(tiny_mla_config()).eval()
+    if weights_fp32:   # a float32 weights_proj beside float64 weights stays out of the merge
+        attn.double()
+        attn.indexer.weights_proj.float()
+    dt = attn.q_a_proj.weight.dtype
+    x, pos = torch.randn(7, attn.cfg.hidden_size, dtype=dt), torch.arange(7)
+    with torch.no_grad():
+        want = attn.project(x, pos, indexer_raw=True)
+        before = {n: p.clone() for n, p in attn.named_parameters()}
+        attn.merge_projections()
+        got = attn.project(x, pos, indexer_raw=True)
+    assert attn._merged[2] == (3 if weights_fp32 else 4)
+    assert attn.q_a_proj.weight.data_ptr() == attn._merged[0].data_ptr()
+    assert attn.indexer.wq_b.weight.data_ptr() > attn._merged[1].data_ptr()   # a view into the merged tensor
+    for n, p in attn.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad, n
+    flat = lambda out: [t for o in out for t in (o if isinstance(o, tuple) else (o,))]   # noqa: E731
+    for a, b in zip(flat(got), flat(want)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    other = torch.float64 if dt == torch.float32 else torch.float32
+    moved = attn.to(other)
+    with torch.no_grad():
+        again = moved.project(x.to(other), pos, indexer_raw=True)
+    assert moved.q_a_proj.weight.data_ptr() != moved._merged[0].data_ptr()
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in zip(flat(again), flat(want)))

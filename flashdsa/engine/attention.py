@@ -93,21 +93,23 @@ def select_indices_static(q8: torch.Tensor, weights: torch.Tensor, meta: StepMet
                               meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
 
 
-def index_operands(indexer, x, qr, cos, sin, meta: StepMetadata, caches: PagedCaches, layer: int, kernels: bool):
+def index_operands(indexer, x, qr, cos, sin, raw, meta: StepMetadata, caches: PagedCaches, layer: int,
+                   kernels: bool):
     """Write the new tokens' indexer keys into the key cache; return (the queries q8
     [T, H_I, D] e4m3, weights [T, H_I] fp32 with the q scales and D^-0.5 folded in), as
-    the scores take them. ``kernels``: the fused kernels of
+    the scores take them. ``raw``: the indexer's projections (q, k, weights) of
+    LightningIndexer.project_raw. ``kernels``: the fused kernels of
     flashdsa.ops.indexer.prep (two launches), else the indexer's torch path."""
     d = indexer.head_dim
     if kernels and d >= 16:   # (the kernel's Hadamard product is a tl.dot: 16 wide at least)
         from ..ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
-        q, k, w = indexer.project_raw(x, qr)
+        q, k, w = raw
         had = api.hadamard_matrix(d, q.dtype, q.device)
-        indexer_k_to_cache(k.contiguous(), indexer.k_norm, cos, sin, indexer.rope_dim, had,
+        indexer_k_to_cache(k, indexer.k_norm, cos, sin, indexer.rope_dim, had,
                            caches.index_layer(layer), meta.slots)
-        q8, weights = indexer_q_fp8(q.contiguous(), cos, sin, w, indexer.rope_dim, had)
+        q8, weights = indexer_q_fp8(q, cos, sin, w, indexer.rope_dim, had)
         return q8, weights
-    q, k, weights = indexer.project(x, qr, cos, sin)     # [T, H_I, D], [T, D], [T, H_I] fp32
+    q, k, weights = indexer.project(x, qr, cos, sin, raw)   # [T, H_I, D], [T, D], [T, H_I] fp32
     caches.write_index(layer, meta.slots, k)
     q8, q_scale = api.act_quant(q, d)                    # [T, H, D] e4m3, [T, H, 1]
     return q8, weights * q_scale[..., 0] * d ** -0.5
@@ -115,14 +117,16 @@ def index_operands(indexer, x, qr, cos, sin, meta: StepMetadata, caches: PagedCa
 
 def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    meta: StepMetadata, caches: PagedCaches, layer: int, backend: str,
-                   static: bool = False) -> torch.Tensor:
+                   static: bool = False, raw=None) -> torch.Tensor:
     """Write the indexer keys of the new tokens, then return the attended physical slots
     [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3).
     ``static``: a decode step captured in a CUDA graph (see select_indices_static)."""
     indexer = attn.indexer
     topk = indexer.topk
     kernels = resolve_backend(backend, x) == "triton"
-    q8, weights = index_operands(indexer, x, qr, cos, sin, meta, caches, layer, kernels)
+    if raw is None:
+        raw = indexer.project_raw(x, qr)
+    q8, weights = index_operands(indexer, x, qr, cos, sin, raw, meta, caches, layer, kernels)
     if static:
         return select_indices_static(q8, weights, meta, caches.index_layer(layer), topk)
     indices = dense_indices(meta, topk)
@@ -186,11 +190,11 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden].
     ``static``: a decode step with no host synchronization, for CUDA graph capture
     (kernels only; see engine/cuda_graph.py)."""
-    qr, q_nope, q_pe, kv, k_pe, cos, sin = attn.project(x, meta.positions)
+    qr, q_nope, q_pe, kv, k_pe, cos, sin, raw = attn.project(x, meta.positions, indexer_raw=True)
     q_full, kv_full, w_uv = attn.absorb(q_nope, q_pe, kv, k_pe)             # [T, H, c + r], [T, 1, c + r]
     caches.write_latent(layer, meta.slots, kv_full[:, 0])
 
-    indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static)
+    indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static, raw)
 
     q_full = q_full.contiguous()
     o_lat = sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,

@@ -67,6 +67,8 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval()
         self.config = config or EngineConfig()
+        for layer in model.model.layers:   # one GEMM per input for MLA's and the indexer's projections
+            layer.self_attn.merge_projections()
         cfg = model.config
         if any(isinstance(m, LightningIndexer) and m.numerics != "fp8" for m in model.modules()):
             raise ValueError('indexer_numerics: the engine scores keys from its FP8 paged key cache and needs "fp8" '

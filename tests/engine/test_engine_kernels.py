@@ -68,8 +68,8 @@ def _record_selections(monkeypatch) -> list:
     log = []
     real = engine_attention.select_indices
 
-    def recording(attn, x, qr, cos, sin, meta, caches, layer, backend, static=False):
-        idx = real(attn, x, qr, cos, sin, meta, caches, layer, backend, static)
+    def recording(attn, x, qr, cos, sin, meta, caches, layer, backend, static=False, raw=None):
+        idx = real(attn, x, qr, cos, sin, meta, caches, layer, backend, static, raw)
         log.append((idx.cpu().long(), _slot_scores(attn, x, qr, cos, sin, meta, caches, layer)))
         return idx
 

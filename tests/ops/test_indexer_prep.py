@@ -49,8 +49,10 @@ def assert_close_fp8(q8, scale, q8_ref, scale_ref):
 def test_q_fp8_matches_torch_path(dtype, t, h, d, rope):
     inv = yarn_inv_freq(rope, 10000.0)
     cos, sin = rope_cos_sin(torch.randint(0, 100000, (t,)), inv)
-    q = (torch.randn(t, h, d) * torch.rand(t, h, 1) * 3).to(dtype)
-    w = torch.randn(t, h).to(dtype)
+    # token-strided views, like the column blocks of a merged projection's output
+    q = (torch.randn(t, h * d + 16) * 3)[:, 16:].view(t, h, d).mul_(torch.rand(t, h, 1)).to(dtype)
+    q = torch.cat((torch.zeros(t, 8, dtype=dtype), q.flatten(1)), dim=1)[:, 8:].view(t, h, d)
+    w = torch.cat((torch.randn(t, h).to(dtype), torch.zeros(t, 3, dtype=dtype)), dim=1)[:, :h]
     q8, w_out = indexer_q_fp8(q.to(DEV), cos.to(DEV), sin.to(DEV), w.to(DEV), rope,
                               api.hadamard_matrix(d, dtype, DEV))
     q8_ref, scale_ref = act_quant(rotate(q, cos, sin, rope), d)
@@ -74,7 +76,7 @@ def test_k_to_cache_matches_torch_path(dtype, t, d, rope):
         norm.bias.normal_(0, 0.3)
     inv = yarn_inv_freq(rope, 10000.0)
     cos, sin = rope_cos_sin(torch.randint(0, 100000, (t,)), inv)
-    k = (torch.randn(t, d) * 3 + torch.randn(t, 1)).to(dtype)
+    k = torch.cat((torch.zeros(t, 5), torch.randn(t, d) * 3 + torch.randn(t, 1)), dim=1).to(dtype)[:, 5:]
     blocks = t // 64 + 3
     slots = torch.randperm(blocks * 64)[:t]
     slots[1::7] = -1                                  # padding tokens: nothing written

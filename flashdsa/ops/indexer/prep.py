@@ -40,26 +40,28 @@ def _quantize_rows(y):
 
 @triton.jit
 def indexer_prep_kernel(x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_ptr, q8_ptr, wout_ptr,
-                        slot_ptr, cache_ptr, cscale_ptr, n_rows, heads, stride_cs, eps, w_mul, d_mul,
+                        slot_ptr, cache_ptr, cscale_ptr, n_rows, heads, stride_xt, stride_wt, stride_cs, eps,
+                        w_mul, d_mul,
                         D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, KEYS: tl.constexpr,
                         PAGE: tl.constexpr, UPCAST: tl.constexpr):
-    """BLOCK rows of x [n_rows, D] (row r is head r % heads of token r // heads; keys:
-    heads = 1). KEYS=False: q8 [n_rows, D] e4m3 bytes and wout [n_rows] = w [n_rows] *
+    """BLOCK rows of x (row r is head r % heads of token r // heads, at x_ptr + token *
+    stride_xt + head * D; keys: heads = 1). KEYS=False: q8 [n_rows, D] e4m3 bytes and wout [n_rows] = w [n_rows] *
     w_mul * scale * d_mul. KEYS=True: LayerNorm (ln_w, ln_b, eps) first, then the bytes
     and scale of each row go to the paged cache at slot_ptr[token] (negative: skipped)."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = r < n_rows
     rr = r.to(tl.int64)
     t = rr // heads
+    xrow = t * stride_xt + (rr % heads) * D
     d = tl.arange(0, D)
     half: tl.constexpr = R // 2
     # the RoPE partner of dim d < R: d + R/2 in the first half, d - R/2 in the second
     dp = tl.where(d < half, d + half, tl.where(d < R, d - half, d))
     m2 = ok[:, None] & (d[None, :] < D)
-    x = tl.load(x_ptr + rr[:, None] * D + d[None, :], mask=m2, other=0.0)
+    x = tl.load(x_ptr + xrow[:, None] + d[None, :], mask=m2, other=0.0)
     dt = x.dtype
     xf = x.to(tl.float32)
-    xp = tl.load(x_ptr + rr[:, None] * D + dp[None, :], mask=m2, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + xrow[:, None] + dp[None, :], mask=m2, other=0.0).to(tl.float32)
     if KEYS:
         mean = tl.sum(xf, axis=1) / D
         xc = xf - mean[:, None]
@@ -93,7 +95,7 @@ def indexer_prep_kernel(x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_
         tl.store(cscale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=keep)
     else:
         tl.store(q8_ptr + rr[:, None] * D + d[None, :], y8.to(tl.uint8), mask=m2)
-        w = tl.load(w_ptr + rr, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + t * stride_wt + rr % heads, mask=ok, other=0.0).to(tl.float32)
         tl.store(wout_ptr + rr, w * w_mul * scale * d_mul, mask=ok)
 
 
@@ -107,7 +109,8 @@ def _launch(n_rows: int, x: torch.Tensor, *args, **meta) -> None:
 def indexer_q_fp8(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: torch.Tensor, rope_dim: int,
                   hadamard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q8 [T, H, D] e4m3, weights [T, H] fp32) from the raw indexer queries q = wq_b(qr)
-    [T, H, D] (float, contiguous) and head weights weights = weights_proj(x) [T, H]:
+    [T, H, D] (float; heads and dims contiguous, any token stride) and head weights
+    weights = weights_proj(x) [T, H] (last dim contiguous):
     RoPE over the first ``rope_dim`` dims (half-split; cos/sin [T, rope_dim / 2] fp32),
     the Hadamard rotation (``hadamard`` [D, D]: H_D / sqrt(D) in q's dtype), one ue8m0
     e4m3 scale a (token, head), and weights * H^-0.5 * scale * D^-0.5 (inputs assumed
@@ -118,18 +121,23 @@ def indexer_q_fp8(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights
     n = t * h
     if n == 0:
         return q8, w_out
-    _launch(n, q, cos, sin, hadamard, q, q, weights.contiguous(), q8.view(torch.uint8), w_out, q, q, q, n, h,
-            cos.stride(0), 0.0, h ** -0.5, d ** -0.5, D=d, R=rope_dim, KEYS=False)
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    _launch(n, q, cos, sin, hadamard, q, q, weights, q8.view(torch.uint8), w_out, q, q, q, n, h, q.stride(0),
+            weights.stride(0), cos.stride(0), 0.0, h ** -0.5, d ** -0.5, D=d, R=rope_dim, KEYS=False)
     return q8, w_out
 
 
 def indexer_k_to_cache(k: torch.Tensor, norm: torch.nn.LayerNorm, cos: torch.Tensor, sin: torch.Tensor,
                        rope_dim: int, hadamard: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the raw indexer keys k = wk(x) [T, D] (float, contiguous) into the paged key
+    """Store the raw indexer keys k = wk(x) [T, D] (float, last dim contiguous) into the paged key
     cache kv_cache uint8 [num_blocks, 64 * (D + 4)] at ``slots [T]`` (< 0: skipped):
     LayerNorm ``norm`` (fp32), RoPE, Hadamard, e4m3 with one ue8m0 scale a token."""
     t, d = k.shape
     if t == 0:
         return
+    k = k if k.stride(-1) == 1 else k.contiguous()
     _launch(t, k, cos, sin, hadamard, norm.weight, norm.bias, k, k, k, slots.contiguous(), kv_cache,
-            kv_cache.view(torch.float32), t, 1, cos.stride(0), norm.eps, 1.0, 1.0, D=d, R=rope_dim, KEYS=True)
+            kv_cache.view(torch.float32), t, 1, k.stride(0), 0, cos.stride(0), norm.eps, 1.0, 1.0, D=d, R=rope_dim,
+            KEYS=True)
