@@ -120,33 +120,21 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
                    static: bool = False, raw=None) -> torch.Tensor:
     """Write the indexer keys of the new tokens, then return the attended physical slots
     [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3).
-    ``static``: a decode step captured in a CUDA graph (see select_indices_static)."""
+    ``static``: a decode step captured in a CUDA graph (see select_indices_static; an
+    eager decode step on the kernels selects the same way)."""
     indexer = attn.indexer
     topk = indexer.topk
     kernels = resolve_backend(backend, x) == "triton"
     if raw is None:
         raw = indexer.project_raw(x, qr)
     q8, weights = index_operands(indexer, x, qr, cos, sin, raw, meta, caches, layer, kernels)
-    if static:
+    if static or (meta.is_decode and kernels):
+        # one query per sequence: the paged kernel scores the cache in place, for every
+        # row (a row within top-k selects its whole context), with no host sync
         return select_indices_static(q8, weights, meta, caches.index_layer(layer), topk)
     indices = dense_indices(meta, topk)
     rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
     if not any(len(r) for r in rows_of):
-        return indices
-    icache = caches.index_layer(layer)
-    dev = x.device
-    if meta.is_decode and kernels:
-        # one query per sequence: the paged kernel scores the cache in place
-        seqs = [b for b, r in enumerate(rows_of) if len(r)]
-        rows = torch.tensor([meta.query_start[b] for b in seqs], device=dev)
-        if len(seqs) == meta.num_seqs:   # the common case: no gathers
-            bt, ctx, qq, ww = meta.block_table, meta.context_lens, q8, weights
-        else:
-            sel = torch.tensor(seqs, device=dev)
-            bt, ctx, qq, ww = meta.block_table[sel], meta.context_lens[sel], q8[rows], weights[rows]
-        out = api.paged_indexer_topk(qq[:, None].contiguous(), icache, ww.contiguous(), ctx.contiguous(),
-                                     bt.contiguous(), topk, backend=backend)
-        indices[rows] = out
         return indices
     for b, r in enumerate(rows_of):
         if not len(r):
