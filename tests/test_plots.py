@@ -60,7 +60,8 @@ def test_same_data_same_svg_bytes(tmp_path):
 
 def test_cost_curve_toy_profiles_each_decode_step(tmp_path):
     """`cost_curve --profile`: each decode step's ops (kernels on a GPU), slowest first, per
-    context and variant, in the JSON (here the CPU toy run: the logic only)."""
+    context and variant, and the eager step's host time by function, in the JSON (here the
+    CPU toy run: the logic only); --breakdown-from groups them per layer."""
     r = subprocess.run([sys.executable, "-m", "benchmarks.cost_curve", "--toy", "--contexts", "128", "--profile",
                         "--profile-top", "5", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
@@ -68,7 +69,16 @@ def test_cost_curve_toy_profiles_each_decode_step(tmp_path):
     res = json.loads((tmp_path / "cost_curve_toy.json").read_text())
     assert not res["errors"], res["errors"]
     steps = res["profiles"]["128"]
-    assert set(steps) == {f"decode_{v}_b{b}" for v in ("dsa", "dsa_eager", "dense_bmm") for b in (1, 4)}
-    for rows in steps.values():
+    kernels = {f"decode_{v}_b{b}" for v in ("dsa", "dsa_eager", "dense_bmm") for b in (1, 4)}
+    assert set(steps) == kernels | {f"decode_dsa_eager_b{b}_host" for b in (1, 4)}
+    for key in kernels:
+        rows = steps[key]
         assert 0 < len(rows) <= 5 and all(t > 0 for _, _, t in rows)
         assert [t for _, _, t in rows] == sorted((t for _, _, t in rows), reverse=True)
+    for b in (1, 4):   # the eager step's host time by Python function: own time, slowest first
+        rows = steps[f"decode_dsa_eager_b{b}_host"]
+        assert 0 < len(rows) <= 5 and [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+        assert all(cum >= own >= 0 for _, _, own, cum in rows)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cost_curve", "--breakdown-from",
+                        str(tmp_path / "cost_curve_toy.json")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "context 128 decode_dsa_b1:" in r.stdout, r.stdout + r.stderr
