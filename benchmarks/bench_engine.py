@@ -107,6 +107,7 @@ def main() -> None:
               "params": sum(p.numel() for p in model.parameters()), "rows": []}
     if cuda:
         result["ceilings"] = measure_ceilings()
+    name = "bench_engine_toy" if args.toy else "bench_engine"
     g = torch.Generator().manual_seed(1)
     for setting in args.settings:
         engine_args = {} if setting == "default" else {"cuda_graphs": False}
@@ -127,12 +128,11 @@ def main() -> None:
                    "decode_ms_per_step": round(m["decode_s"] * 1e3 / steps, 3)}
             result["rows"].append(row)
             print(row, flush=True)
+            write_result(name, result, args.out or os.environ.get("OUT"))   # after each row: a cut run keeps it
         del llm
         if cuda:
             torch.cuda.empty_cache()
-    path = write_result("bench_engine_toy" if args.toy else "bench_engine", result,
-                        args.out or os.environ.get("OUT"))
-    print("wrote", path)
+    print("wrote", write_result(name, result, args.out or os.environ.get("OUT")))
 
 
 if __name__ == "__main__":
