@@ -66,9 +66,10 @@ def rope_interleaved_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, stride_xt, 
 
 
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """MLA's RoPE of x [T, H, R] (any strides but a contiguous last dim) by cos/sin
+    """MLA's RoPE of x [T, H, R] (any strides; R / 2 a power of two) by cos/sin
     [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R]."""
     t, h, r = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(t, h, r, dtype=x.dtype, device=x.device)
     if t:
         rope_interleaved_kernel[(t,)](x, cos, sin, y, h, x.stride(0), x.stride(1), cos.stride(0), R=r,
