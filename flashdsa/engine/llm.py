@@ -62,18 +62,20 @@ class LLMEngine:
     ``add_request`` queues a request; each ``step`` runs one forward pass over the
     tokens the scheduler picked and returns a :class:`RequestOutput` for every request
     that got a new token or finished. Not thread safe: one thread drives it
-    (see engine.server for the serving loop)."""
+    (see engine.server for the serving loop). At start every layer's projections are
+    merged (:meth:`flashdsa.layers.MLA.merge_projections`: the model's weights become
+    views of the merged tensors, same values)."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval()
         self.config = config or EngineConfig()
-        for layer in model.model.layers:   # one GEMM per input for MLA's and the indexer's projections
-            layer.self_attn.merge_projections()
         cfg = model.config
         if any(isinstance(m, LightningIndexer) and m.numerics != "fp8" for m in model.modules()):
             raise ValueError('indexer_numerics: the engine scores keys from its FP8 paged key cache and needs "fp8" '
                              'indexers, got "exact" (set each indexer\'s numerics to "fp8")')
         self.model_config = cfg
+        for layer in model.model.layers:   # one GEMM per input for MLA's and the indexer's projections
+            layer.self_attn.merge_projections()
         self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
