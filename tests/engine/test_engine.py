@@ -241,3 +241,24 @@ def test_cuda_graphs_switch():
     parser = build_parser()
     for flags, want in (([], None), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)):
         assert parser.parse_args(["generate", "random:tiny", *flags]).cuda_graphs is want
+
+
+def test_engine_merges_projections_and_model_stays_usable(tmp_path):
+    """The engine merges each layer's projections (views of one tensor per input): the
+    model keeps its values, still saves and reloads through save_pretrained, and its own
+    forward gives the same logits as before."""
+    from flashdsa.checkpoint import from_pretrained, save_pretrained
+    model = tiny_model(seed=5, dtype=torch.float32, n_routed_experts=None)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    LLMEngine(model, config=EngineConfig(num_blocks=4))
+    attn = model.model.layers[0].self_attn
+    assert attn._merged is not None and attn.q_a_proj.weight.data_ptr() == attn._merged[0].data_ptr()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    save_pretrained(model, tmp_path)
+    again = from_pretrained(tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
