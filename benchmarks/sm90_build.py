@@ -251,7 +251,7 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the paged sparse MLA decode (bf16 and fp8_ds_mla caches; batch 4 x
     s_q 2, 128 heads, top-k 2048, split-k 4) with the block sizes a GPU of compute
     capability ``arch`` gets, of the indexer's fused FP8 operands (64 tokens, 64 x 128
-    queries), and of the inference RMSNorm and RoPE kernels, by case name."""
+    queries) and key-cache write, and of the inference RMSNorm and RoPE kernels, by case name."""
     from flashdsa.layout import MLA_FP8_BYTES
     from flashdsa.ops.sparse_mla import fwd as F
     from flashdsa.ops.sparse_mla.decode import sparse_mla_decode
@@ -268,6 +268,7 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
             sparse_mla_decode(q, cache, idx, 0.04, 512, fmt, n_split=4, config=cfg)
         cases[f"sparse_mla_decode {fmt}"] = launches
     from flashdsa.cache import PagedIndexerCache
+    from flashdsa.ops.indexer import indexer_cache_write
     from flashdsa.ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
     t, hi, d = 64, 64, 128
     cos, sin = torch.randn(t, 32), torch.randn(t, 32)
@@ -277,7 +278,8 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
                       64, had)
         indexer_k_to_cache(torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
                            PagedIndexerCache(4, d).kv, torch.arange(t))
-    cases["indexer fp8 operands (q, k to cache)"] = launches
+        indexer_cache_write(PagedIndexerCache(4, d).kv, torch.randn(t, d, dtype=torch.bfloat16), torch.arange(t))
+    cases["indexer fp8 operands (q, k to cache; cache write)"] = launches
     from flashdsa.ops.norm_rope import rms_norm, rope_interleaved
     with capture_launches() as launches:
         for d in (7168, 1536, 512):

@@ -4,10 +4,9 @@ A decode step launches hundreds of small kernels per token; replaying a captured
 removes their launch cost. A graph needs fixed shapes and no host synchronization, so
 the captured step (``decode_body``) differs from the eager one only in how it selects:
 the paged indexer top-k runs for every row (over at most ``max_blocks * 64`` positions),
-also for rows whose context is within top-k, which select all of it (the eager step
-gives them their context's slots without the indexer, decided on the host). Batches are padded up to a captured size
-(1, 2, 4, 8, 16, 32, ...); padding rows decode position 0 of a scratch block that no
-sequence owns.
+also for rows whose context is within top-k, which select all of it (the eager step on
+the kernels does the same). Batches are padded up to a captured size (1, 2, 4, 8, 16,
+32, ...); padding rows decode position 0 of a scratch block that no sequence owns.
 
 "Where possible": only decode-only steps, only on a GPU with the Triton kernels, and
 only for models without MoE layers (the MoE forward reads expert counts on the host).

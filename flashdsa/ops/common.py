@@ -13,7 +13,8 @@ from ..backend import triton_interpreted as interpreted
 
 __all__ = [
     "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "has_tma", "fp8_native",
-    "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "round_as", "reduce_slots_fixed_order",
+    "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "round_as", "quantize_rows_ue8m0",
+    "reduce_slots_fixed_order",
 ]
 
 LOG2E = 1.4426950408889634
@@ -87,6 +88,20 @@ def e4m3_byte(y):
     k = (tl.abs(y) * 512.0 + 12582912.0) - 12582912.0
     sub = k.to(tl.int32)
     return sign | tl.where(mag < 0x3C800000, sub, normal)  # 0x3C800000: fp32 bits of 2^-6
+
+
+@triton.jit
+def quantize_rows_ue8m0(y):
+    """(e4m3 bytes int32 [BLOCK, D], scale fp32 [BLOCK]) of fp32 rows y, one block a row
+    (SPEC 1): scale = max(|y|, 1e-4) / 448 rounded up to a power of two on its bits
+    (exact, no log2 rounding), bytes of y / scale clamped to +-448."""
+    amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)
+    bits = (amax / 448.0).to(tl.int32, bitcast=True)
+    expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    scale = (expo << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
+    y = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
+    return e4m3_byte(y), scale
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import e4m3_byte, interpreted
+from ..common import interpreted, quantize_rows_ue8m0
 from .scores import SCORES_STORE, Problem, as_bytes_without_e4m3, choose_split, default_config, launch_scores
 from .threshold import select_topk
 
@@ -98,19 +98,17 @@ def indexer_cache_write_kernel(k_ptr, slot_ptr, cache_ptr, scale_ptr, N, stride_
     d = tl.arange(0, D_PAD)
     x = tl.load(k_ptr + t.to(tl.int64)[:, None] * stride_k + d[None, :],
                 mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
-    scale = amax / 448.0
-    # round the scale UP to a power of two on its bits: exact, no log2 rounding
-    bits = scale.to(tl.int32, bitcast=True)
-    expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    scale = (expo << 23).to(tl.float32, bitcast=True)
-    inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
-    y = x * inv[:, None]
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    y8 = e4m3_byte(y).to(tl.uint8)  # integer encoding: exact on every backend, -0 kept
+    y8, scale = quantize_rows_ue8m0(x)  # integer encoding: exact on every backend, -0 kept
+    store_key_rows(cache_ptr, scale_ptr, slot, ok, y8, scale, d, D, PAGE)
+
+
+@triton.jit
+def store_key_rows(cache_ptr, scale_ptr, slot, ok, y8, scale, d, D: tl.constexpr, PAGE: tl.constexpr):
+    """Store e4m3 key bytes y8 [BLOCK, D_PAD] (int32) and scales [BLOCK] at int64 physical
+    ``slot`` [BLOCK] of the cache (rows with ``ok`` False skipped; d = arange(D_PAD))."""
     blk = slot // PAGE
     row = slot % PAGE
-    tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8,
+    tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8.to(tl.uint8),
              mask=ok[:, None] & (d[None, :] < D))
     tl.store(scale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=ok)
 

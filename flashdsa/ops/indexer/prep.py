@@ -22,20 +22,8 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import e4m3_byte, interpreted, round_as
-
-
-@triton.jit
-def _quantize_rows(y):
-    """(e4m3 bytes int32 [BLOCK, D], ue8m0 scale fp32 [BLOCK]) of fp32 rows y: scale =
-    max(|y|, 1e-4) / 448 rounded up to a power of two on its bits (exact)."""
-    amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)
-    bits = (amax / 448.0).to(tl.int32, bitcast=True)
-    expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    scale = (expo << 23).to(tl.float32, bitcast=True)
-    inv = ((254 - expo) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
-    y = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
-    return e4m3_byte(y), scale
+from ..common import interpreted, quantize_rows_ue8m0, round_as
+from .paged import store_key_rows
 
 
 @triton.jit
@@ -84,15 +72,10 @@ def indexer_prep_kernel(x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_
     else:
         y = tl.dot(y.to(dt), h.to(dt))
     y = round_as(y, dt)
-    y8, scale = _quantize_rows(y)
+    y8, scale = quantize_rows_ue8m0(y)
     if KEYS:
         slot = tl.load(slot_ptr + t, mask=ok, other=-1).to(tl.int64)
-        keep = ok & (slot >= 0)
-        blk = slot // PAGE
-        row = slot % PAGE
-        tl.store(cache_ptr + (blk * (PAGE * (D + 4)) + row * D)[:, None] + d[None, :], y8.to(tl.uint8),
-                 mask=keep[:, None] & (d[None, :] < D))
-        tl.store(cscale_ptr + blk * (PAGE * (D + 4) // 4) + PAGE * D // 4 + row, scale, mask=keep)
+        store_key_rows(cache_ptr, cscale_ptr, slot, ok & (slot >= 0), y8, scale, d, D, PAGE)
     else:
         tl.store(q8_ptr + rr[:, None] * D + d[None, :], y8.to(tl.uint8), mask=m2)
         w = tl.load(w_ptr + t * stride_wt + rr % heads, mask=ok, other=0.0).to(tl.float32)
