@@ -55,12 +55,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def max_tokens(decode_steps: int, prompt_tokens: int, chunk: int) -> int:
+    """Tokens a request may generate so that none finishes before the timed decode steps
+    end: at most one a prefill step (chunks of ``chunk`` tokens) before them, plus them."""
+    return decode_steps + prompt_tokens // chunk + 2
+
+
 def measure(engine, prompts, decode_steps: int) -> dict:
     """Seconds of the prefill phase and of ``decode_steps`` decode-only steps (see the
     module docstring); the requests are aborted afterwards."""
     from flashdsa.engine import SamplingParams
-    chunk = engine.config.max_num_batched_tokens
-    room = decode_steps + sum(len(p) for p in prompts) // chunk + 2     # no request may finish meanwhile
+    room = max_tokens(decode_steps, sum(len(p) for p in prompts), engine.config.max_num_batched_tokens)
     params = SamplingParams(temperature=0, max_tokens=room, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     seqs = [engine.sequences[i] for i in ids]
@@ -93,7 +98,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from flashdsa.engine import LLM
+    from flashdsa.engine import LLM, EngineConfig
     from flashdsa.model import DSAForCausalLM
 
     prompt_len = args.prompt_len or (96 if args.toy else 32768)
@@ -111,7 +116,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     for setting in args.settings:
         engine_args = {} if setting == "default" else {"cuda_graphs": False}
-        room = steps + max(args.batches) * prompt_len // 2048 + 2
+        room = max_tokens(steps, max(args.batches) * prompt_len, EngineConfig.max_num_batched_tokens)
         n_blocks = max(args.batches) * (-(-(prompt_len + room) // 64) + 1) + 8
         t0 = time.perf_counter()
         llm = LLM(model, num_blocks=n_blocks, max_num_seqs=max(args.batches), **engine_args)

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_indexer import TOPK, decode_inputs  # noqa: E402
 from benchmarks.common import bench_ms, measure_ceilings, write_result  # noqa: E402
+from benchmarks.cost_curve import graphed  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 from flashdsa.ops.indexer import direct, threshold  # noqa: E402
 
@@ -25,12 +26,8 @@ WARPS = (4, 8, 16)
 
 
 def graph_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench_ms(graph.replay)
+    replay, _ = graphed(fn, torch.device("cuda"))
+    return bench_ms(replay)
 
 
 def main() -> None:
