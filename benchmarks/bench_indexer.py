@@ -76,7 +76,7 @@ def threshold_phases(inp, cfg=None, mode=None):
     and how many rows it flagged for the streaming fallback."""
     p = ops.ragged_problem(*inp, config=cfg)
     ms = 4 * p.cfg["BLOCK_N"]
-    t_sample = bench_ms(lambda: ops.sample_thresholds(p, TOPK, ms))
+    t_sample = bench_ms(lambda: ops.sample_thresholds(p, TOPK))
     t_pass = bench_ms(lambda: ops.threshold_topk(p, TOPK, ms, mode=mode))
     _, fail = ops.threshold_topk(p, TOPK, ms, mode=mode)
     return dict(sample_ms=t_sample, sample_filter_select_ms=t_pass, flagged_rows=int(fail.sum()))

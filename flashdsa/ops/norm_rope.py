@@ -47,31 +47,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def rope_interleaved_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, stride_xt, stride_xh, stride_cs,
-                            R: tl.constexpr, H_PAD: tl.constexpr):
-    """Token t = program 0: y [t, h, 2i : 2i + 2] = the pair (x1, x2) = x [t, h, 2i : 2i + 2]
-    rotated by angle i: (x1 cos - x2 sin, x1 sin + x2 cos). y [T, n_heads, R] contiguous."""
+                            R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Token t = program 0, heads of block program 1: y [t, h, 2i : 2i + 2] = the pair
+    (x1, x2) = x [t, h, 2i : 2i + 2] rotated by angle i: (x1 cos - x2 sin, x1 sin + x2 cos).
+    Each head's R values are loaded and stored as one contiguous row and split into their
+    pairs in registers. y [T, n_heads, R] contiguous."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, R // 2)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, R)
     m = (h < n_heads)[:, None]
-    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + 2 * i[None, :]
-    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + t * stride_xt + h[:, None] * stride_xh + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, R // 2, 2]))
+    i = tl.arange(0, R // 2)
     c = tl.load(cos_ptr + t * stride_cs + i)[None, :]
     s = tl.load(sin_ptr + t * stride_cs + i)[None, :]
     ty = y_ptr.dtype.element_ty
-    out = y_ptr + t * n_heads * R + h[:, None] * R + 2 * i[None, :]
-    tl.store(out, round_as(x1 * c - x2 * s, ty).to(ty), mask=m)
-    tl.store(out + 1, round_as(x1 * s + x2 * c, ty).to(ty), mask=m)
+    y = tl.reshape(tl.join(round_as(x1 * c - x2 * s, ty), round_as(x1 * s + x2 * c, ty)), [BLOCK_H, R])
+    tl.store(y_ptr + t * n_heads * R + h[:, None] * R + j[None, :], y.to(ty), mask=m)
 
 
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """MLA's RoPE of x [T, H, R] (any strides; R / 2 a power of two) by cos/sin
-    [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R]."""
+    [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R].
+    A program takes one token's heads in blocks of about 2048 values (several programs
+    a token, so that a decode step's few tokens still spread over SMs)."""
     t, h, r = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(t, h, r, dtype=x.dtype, device=x.device)
     if t:
-        rope_interleaved_kernel[(t,)](x, cos, sin, y, h, x.stride(0), x.stride(1), cos.stride(0), R=r,
-                                      H_PAD=triton.next_power_of_2(h), num_warps=4)
+        block_h = max(1, min(triton.next_power_of_2(h), 2048 // r))
+        rope_interleaved_kernel[(t, triton.cdiv(h, block_h))](x, cos, sin, y, h, x.stride(0), x.stride(1),
+                                                              cos.stride(0), R=r, BLOCK_H=block_h, num_warps=4)
     return y

@@ -248,13 +248,20 @@ def test_direct_chunks_and_auto_dispatch(monkeypatch):
         real = getattr(threshold, name)
         monkeypatch.setattr(threshold, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
     for limit, want in ((300, "direct_topk"), (299, "threshold_topk")):
+        monkeypatch.setattr(direct, "DIRECT_SHORT_POS", limit)
         monkeypatch.setattr(direct, "DIRECT_MAX_POS", limit)
         called.clear()
         check_topk(ops.select_topk(p, 16, 64), r64, *inputs[4:], 16, atol)
         assert called == [want]
-    # past DIRECT_MAX_POS on a GPU of 132 SMs: direct while the rows fill about one wave
+    # on a GPU of 132 SMs: short rows directly; up to DIRECT_MAX_POS unless the rows are
+    # fewer than 44; past it while the rows fill about one wave
     monkeypatch.undo()
     short, wave = direct.DIRECT_MAX_POS, direct.DIRECT_WAVE_MAX_POS
+    very_short = direct.DIRECT_SHORT_POS
+    for rows, n_pos, want in ((1, very_short, True), (1, very_short + 1, False), (43, short, False),
+                              (44, short, True), (1, short, False)):
+        assert direct.direct_wins(rows, n_pos, 132) == want, (rows, n_pos)
+    assert direct.direct_wins(1, short, 0)  # no GPU: direct up to DIRECT_MAX_POS
     for rows, n_pos, want in ((128, wave, True), (44, wave, True), (64, wave, True), (264, wave, True),
                               (43, wave, False), (32, wave, False), (265, wave, False), (4096, short, True),
                               (4096, short + 1, False), (128, wave + 1, False), (4096, 100, True)):
@@ -271,7 +278,7 @@ def test_sample_thresholds_match_torch():
     inputs = make_inputs(9, s_kv, 4, 32, ranges="ragged")
     p = ops.ragged_problem(*inputs)
     n = (p.ke - p.ks).clamp(min=0)
-    thr = ops.sample_thresholds(p, topk, 64).cpu()
+    thr = ops.sample_thresholds(p, topk).cpu()
     st = threshold.sample_stride(s_kv)
     samp = torch.empty(p.rows, -(-s_kv // st), device=DEV)
     ops.launch_scores(p, ops.SCORES_STORE, (1, 128 * 16), st, out=samp)

@@ -80,13 +80,13 @@ def test_k_to_cache_matches_torch_path(dtype, t, d, rope):
     blocks = t // 64 + 3
     slots = torch.randperm(blocks * 64)[:t]
     slots[1::7] = -1                                  # padding tokens: nothing written
+    kn = F.layer_norm(k.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
     cache = PagedIndexerCache(blocks, d, device=DEV)
     cache.kv.fill_(0x5A)                             # poison: the written bytes must all be new
     indexer_k_to_cache(k.to(DEV), norm.to(DEV), cos.to(DEV), sin.to(DEV), rope, api.hadamard_matrix(d, dtype, DEV),
                        cache.kv, slots.to(DEV))
     ref_cache = PagedIndexerCache(blocks, d)
     ref_cache.kv.fill_(0x5A)
-    kn = F.layer_norm(k.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
     pref.indexer_cache_write(ref_cache.kv, rotate(kn, cos, sin, rope).float(), slots)
     got, ref = cache.kv.cpu(), ref_cache.kv
     written = slots[slots >= 0]

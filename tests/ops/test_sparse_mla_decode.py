@@ -85,7 +85,8 @@ def test_decode_validation():
 
 def test_choose_n_split():
     assert choose_n_split(512, 2048, 64, 132) == 1  # batch 128, s_q 2: grid already full
-    assert choose_n_split(2, 2048, 64, 132) == 16  # batch 1: capped at 2 steps a split
+    assert choose_n_split(2, 2048, 64, 132) == 32  # batch 1: 2 steps a split would leave 100 SMs idle
+    assert choose_n_split(8, 2048, 64, 132) == 16  # batch 4: capped at 2 steps a split
     assert choose_n_split(64, 2048, 64, 132) == 5
 
 

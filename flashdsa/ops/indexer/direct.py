@@ -19,7 +19,8 @@ from ..common import interpreted, num_sms
 from .scores import Problem, row_length, scored_chunks
 from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
-DIRECT_MAX_POS = 16384          # "auto" takes the direct method for rows of at most this many keys,
+DIRECT_SHORT_POS = 8192         # "auto" takes the direct method for rows of at most this many keys,
+DIRECT_MAX_POS = 16384          # up to this many unless the rows are few (a small decode batch),
 DIRECT_WAVE_MAX_POS = 32768     # and up to this many when its programs (a row each) fill about one wave
 DIRECT_BYTES = 256 * 2 ** 20    # the scores of one chunk of rows at most
 DIRECT_CHUNK = 1024             # scores a step of the select's second pass
@@ -34,13 +35,18 @@ def prefers_direct(p: Problem) -> bool:
 
 def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
     """The measured crossovers on an H200 (docs/benchmarks_indexer.md): the direct method
-    for rows of at most DIRECT_MAX_POS keys; for rows of up to DIRECT_WAVE_MAX_POS keys
-    when the rows fill the GPU about once (between a third of and twice as many rows as
-    SMs; 32 rows of 32K are faster by threshold, 64 and 128 directly), where the
-    threshold method's passes cost more than one wave of long selects. Many long rows
-    (prefill) and few (small decode batches) go to the threshold method."""
-    if n_pos <= DIRECT_MAX_POS:
+    for rows of at most DIRECT_SHORT_POS keys; up to DIRECT_MAX_POS keys unless there are
+    fewer rows than a third of the SMs (there one program's select of a whole row is
+    slower than the threshold method's passes spread over the GPU: 1 row of 16K); for
+    rows of up to DIRECT_WAVE_MAX_POS keys when the rows fill the GPU about once (between
+    a third of and twice as many rows as SMs; 32 rows of 32K are faster by threshold, 64
+    and 128 directly), where the threshold method's passes cost more than one wave of
+    long selects. Many long rows (prefill) and few (small decode batches) go to the
+    threshold method. Without a GPU (sms 0): the direct method up to DIRECT_MAX_POS."""
+    if n_pos <= DIRECT_SHORT_POS:
         return True
+    if n_pos <= DIRECT_MAX_POS:
+        return sms == 0 or rows >= sms // 3
     return n_pos <= DIRECT_WAVE_MAX_POS and sms > 0 and sms // 3 <= rows <= 2 * sms
 
 

@@ -79,11 +79,12 @@ def paged_indexer_topk(q8: torch.Tensor, kv_cache: torch.Tensor, weights: torch.
     padded, in no particular order; materializes the scores only of short rows, in
     chunks (see flashdsa.ops.indexer.select_topk for the methods). ``max_context_len`` (default
     max_blocks * 64) bounds the positions walked; the key axis is split over programs
-    when the batch alone does not fill the GPU. CUDA-graph capturable."""
+    when the batch alone does not fill the GPU, down to one BLOCK_N tile a program (at
+    small batches the passes are latency-bound). CUDA-graph capturable."""
     if max_context_len is None:
         max_context_len = block_table.shape[1] * PAGE_SIZE
     p = paged_problem(q8, kv_cache, weights, context_lens, block_table, max(max_context_len, 1), config)
-    return select_topk(p, topk, 8 * p.cfg["BLOCK_N"], n_split, method)
+    return select_topk(p, topk, p.cfg["BLOCK_N"], n_split, method)
 
 
 @triton.jit

@@ -155,11 +155,13 @@ def sample_stride(n_pos: int) -> int:
     return max(SAMPLE_STRIDE, triton.cdiv(n_pos, SAMPLE_MAX))
 
 
-def sample_thresholds(p: Problem, topk: int, min_split: int, zero_cnt: torch.Tensor | None = None) -> torch.Tensor:
+def sample_thresholds(p: Problem, topk: int, zero_cnt: torch.Tensor | None = None) -> torch.Tensor:
     """[rows] int32 score keys: the ceil(MARGIN * topk * n_s / n)-th largest of the
     row's n_s sampled scores (n = its candidate keys), INT32_MIN where the row has at
     most topk candidates or the sample is too short (every candidate then passes).
-    ``zero_cnt`` [rows] (the atomic filter's counters) is zeroed on the way."""
+    ``zero_cnt`` [rows] (the atomic filter's counters) is zeroed on the way. The sample
+    pass splits its keys down to one tile a program: with few rows (small decode
+    batches) its latency, not its work, is its cost."""
     dev = p.q.device
     st = sample_stride(p.n_pos)
     n_s_all = triton.cdiv(p.n_pos, st)
@@ -169,7 +171,7 @@ def sample_thresholds(p: Problem, topk: int, min_split: int, zero_cnt: torch.Ten
         return torch.full((p.rows,), INT32_MIN, dtype=torch.int32, device=dev)
     thr = torch.empty(p.rows, dtype=torch.int32, device=dev)
     r_max = min(n_s_all, math.ceil(MARGIN * topk / st + MARGIN) + 1)
-    for r0, sub, out in scored_chunks(p, st, SAMPLE_BYTES, min_split):
+    for r0, sub, out in scored_chunks(p, st, SAMPLE_BYTES, p.cfg["BLOCK_N"]):
         r1 = r0 + sub.rows
         sample_threshold_kernel[(sub.rows,)](
             out, sub.ks, sub.ke, thr[r0:r1], thr if zero_cnt is None else zero_cnt[r0:r1], out.stride(0), n_s_all,
@@ -195,7 +197,7 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     else:
         n_slots, sc = 1, 2 * expected
     cnt = scratch(p.rows * n_slots, device=dev)  # slots: written by the filter; appends: zeroed by the sample
-    thr = sample_thresholds(p, topk, min_split, zero_cnt=cnt if mode == SCORES_ATOMIC else None)
+    thr = sample_thresholds(p, topk, zero_cnt=cnt if mode == SCORES_ATOMIC else None)
     bkey = scratch(p.rows * n_slots * sc, device=dev)
     bidx = scratch(p.rows * n_slots * sc, device=dev)
     launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)

@@ -23,10 +23,15 @@ from .fwd import KvRows, resolve_config, run_over_rows
 
 def choose_n_split(n_programs: int, topk: int, block_k: int, n_sm: int) -> int:
     """Splits of the top-k range so that about 2 programs per SM run, each keeping at
-    least 2 BLOCK_K steps (below that the combine costs more than it saves)."""
+    least 2 BLOCK_K steps (below that the combine costs more than it saves), or one
+    BLOCK_K step when that still leaves more than half the SMs idle (one query token of
+    128 heads: 2 head blocks x 16 splits)."""
     if n_programs >= n_sm:
         return 1
-    return max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(topk, 2 * block_k)))
+    n_split = max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(topk, 2 * block_k)))
+    if 2 * n_programs * n_split < n_sm:
+        n_split = max(1, min(triton.cdiv(n_sm, n_programs), triton.cdiv(topk, block_k)))
+    return n_split
 
 
 def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
