@@ -7,6 +7,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 from flashdsa.cli import main
@@ -35,6 +36,7 @@ def test_generate_rejects_too_long(capsys):
 
 
 def test_serve_subprocess():
+    pytest.importorskip("uvicorn", reason="the server's packages (flashdsa[serve]) are not installed")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "flashdsa.cli", "serve", "random:tiny", "--port", "0",
