@@ -269,23 +269,23 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
         cases[f"sparse_mla_decode {fmt}"] = launches
     from flashdsa.cache import PagedIndexerCache
     from flashdsa.ops.indexer import indexer_cache_write
-    from flashdsa.ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
+    from flashdsa.ops.indexer.prep import indexer_operands
     t, hi, d = 64, 64, 128
     cos, sin = torch.randn(t, 32), torch.randn(t, 32)
     had = torch.randn(d, d, dtype=torch.bfloat16)
     with capture_launches() as launches:
-        indexer_q_fp8(torch.randn(t, hi, d, dtype=torch.bfloat16), cos, sin, torch.randn(t, hi, dtype=torch.bfloat16),
-                      64, had)
-        indexer_k_to_cache(torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
-                           PagedIndexerCache(4, d).kv, torch.arange(t))
+        indexer_operands(torch.randn(t, hi, d, dtype=torch.bfloat16), torch.randn(t, hi, dtype=torch.bfloat16),
+                         torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
+                         PagedIndexerCache(4, d).kv, torch.arange(t))
         indexer_cache_write(PagedIndexerCache(4, d).kv, torch.randn(t, d, dtype=torch.bfloat16), torch.arange(t))
-    cases["indexer fp8 operands (q, k to cache; cache write)"] = launches
-    from flashdsa.ops.norm_rope import rms_norm, rope_interleaved
+    cases["indexer fp8 operands (q and k to cache; cache write)"] = launches
+    from flashdsa.ops.norm_rope import rms_norm, rope_cos_sin, rope_interleaved
     with capture_launches() as launches:
         for d in (7168, 1536, 512):
             rms_norm(torch.randn(1, d, dtype=torch.bfloat16), torch.ones(d), 1e-6)
         rope_interleaved(torch.randn(4, 128, 64, dtype=torch.bfloat16), cos, sin)
-    cases["rms_norm, rope (hidden, q_lora, kv_lora; 128 heads)"] = launches
+        rope_cos_sin(torch.arange(t), torch.rand(32), 0.8)
+    cases["rms_norm, rope, rope cos/sin (hidden, q_lora, kv_lora; 128 heads)"] = launches
     return cases
 
 

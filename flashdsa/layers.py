@@ -210,9 +210,18 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
         self.indexer = LightningIndexer(cfg)
         self._merged = None        # (w_x, w_qr, n): see merge_projections
-        inv_freq = yarn_inv_freq(self.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
-                                 cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_args = (self.rope, cfg.rope_theta, cfg.rope_factor, cfg.original_max_position_embeddings,
+                           cfg.max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
+        self.register_buffer("inv_freq", yarn_inv_freq(*self._rope_args), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (``.to``, ``.cuda``, ``.bfloat16()``...) keeping the RoPE
+        frequencies in fp32: in bf16 the angles position * frequency would be rounded to
+        8 significant bits (positions past 256 merged, a whole turn off at 128K)."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = yarn_inv_freq(*self._rope_args).to(self.inv_freq.device)
+        return self
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj weight as [H, nope + v, kv_lora_rank]: W_UK rows first, then W_UV."""
@@ -349,7 +358,11 @@ class MLA(nn.Module):
 
     def rope_cos_sin(self, positions: torch.Tensor):
         """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the
-        released configs), for MLA's and the indexer's rotary dims alike."""
+        released configs), for MLA's and the indexer's rotary dims alike (on a GPU without
+        autograd one kernel, :func:`flashdsa.ops.norm_rope.rope_cos_sin`)."""
+        if fused_inference(positions) and self.inv_freq.dtype == torch.float32:
+            from .ops.norm_rope import rope_cos_sin as fused_cos_sin
+            return fused_cos_sin(positions, self.inv_freq, self.rope_scale)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale

@@ -7,6 +7,7 @@ import torch
 
 from flashdsa.config import DSAConfig
 from flashdsa.layers import MLA, MLAOutput, causal_ranges
+from flashdsa.reference.rope import yarn_inv_freq
 from tests.utils import OFFICIAL_671B, tiny_mla_config
 
 LENS = [7, 13, 5]
@@ -157,3 +158,15 @@ def test_merged_projections_equal_separate_ones(weights_fp32):
         again = moved.project(x.to(other), pos, indexer_raw=True)
     assert moved.q_a_proj.weight.data_ptr() != moved._merged[0].data_ptr()
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in zip(flat(again), flat(want)))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    """A bf16 model keeps its RoPE frequencies and angles in fp32: in bf16, positions past
+    256 would share angles (1000 and 1001 would rotate alike)."""
+    attn = MLA(tiny_mla_config()).to(torch.bfloat16)
+    assert attn.inv_freq.dtype == torch.float32
+    cos, sin = attn.rope_cos_sin(torch.tensor([1000, 1001, 131071]))
+    assert cos.dtype == sin.dtype == torch.float32
+    assert float((cos[0] - cos[1]).abs().max()) > 0.1
+    want = yarn_inv_freq(*attn._rope_args)
+    assert torch.equal(attn.inv_freq, want)

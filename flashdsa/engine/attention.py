@@ -99,16 +99,13 @@ def index_operands(indexer, x, qr, cos, sin, raw, meta: StepMetadata, caches: Pa
     [T, H_I, D] e4m3, weights [T, H_I] fp32 with the q scales and D^-0.5 folded in), as
     the scores take them. ``raw``: the indexer's projections (q, k, weights) of
     LightningIndexer.project_raw. ``kernels``: the fused kernels of
-    flashdsa.ops.indexer.prep (two launches), else the indexer's torch path."""
+    flashdsa.ops.indexer.prep (one launch), else the indexer's torch path."""
     d = indexer.head_dim
     if kernels and d >= 16:   # (the kernel's Hadamard product is a tl.dot: 16 wide at least)
-        from ..ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
+        from ..ops.indexer.prep import indexer_operands
         q, k, w = raw
-        had = api.hadamard_matrix(d, q.dtype, q.device)
-        indexer_k_to_cache(k, indexer.k_norm, cos, sin, indexer.rope_dim, had,
-                           caches.index_layer(layer), meta.slots)
-        q8, weights = indexer_q_fp8(q, cos, sin, w, indexer.rope_dim, had)
-        return q8, weights
+        return indexer_operands(q, w, k, indexer.k_norm, cos, sin, indexer.rope_dim,
+                                api.hadamard_matrix(d, q.dtype, q.device), caches.index_layer(layer), meta.slots)
     q, k, weights = indexer.project(x, qr, cos, sin, raw)   # [T, H_I, D], [T, D], [T, H_I] fp32
     caches.write_index(layer, meta.slots, k)
     q8, q_scale = api.act_quant(q, d)                    # [T, H, D] e4m3, [T, H, 1]

@@ -1,6 +1,6 @@
-"""Inference kernels for the model's small per-token ops: RMSNorm and MLA's interleaved
-RoPE, one launch each where the torch versions take 7 and 9 (casts, power, mean, rsqrt,
-products, stack). At decode sizes each launch costs more than its work, so these set
+"""Inference kernels for the model's small per-token ops: RMSNorm, MLA's interleaved
+RoPE and the RoPE angles' cos/sin, one launch each where the torch versions take 7, 9
+and 4 (casts, power, mean, rsqrt, products, stack; cast, product, cos, sin). At decode sizes each launch costs more than its work, so these set
 the projections' time at batch 1 (issue 16). Forward only, no autograd: the modules use
 them under ``torch.no_grad`` / inference mode on a GPU (flashdsa.backend.fused_inference).
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
-from .common import round_as
+from .common import interpreted, round_as
 
 
 @triton.jit
@@ -79,3 +80,45 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
         rope_interleaved_kernel[(t, triton.cdiv(h, block_h))](x, cos, sin, y, h, x.stride(0), x.stride(1),
                                                               cos.stride(0), R=r, BLOCK_H=block_h, num_warps=4)
     return y
+
+
+@triton.jit
+def rope_cos_sin_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, n, scale, HALF: tl.constexpr,
+                        HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SCALED: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """cos/sin [t, i] = cos/sin(float(pos [t]) * inv [i]) (* scale when SCALED), fp32, by
+    libdevice's cosf/sinf on a GPU: full-range argument reduction, as torch's kernels
+    (the PTX approximations are unusable for angles of up to 10^5 radians). The
+    interpreter, which has no libdevice, takes tl.cos / tl.sin (numpy's)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, HALF_PAD)
+    m = (t < n)[:, None] & (i < HALF)[None, :]
+    pos = tl.load(pos_ptr + t, mask=t < n, other=0).to(tl.float32)
+    a = pos[:, None] * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)[None, :]
+    if INTERPRET:
+        c = tl.cos(a)
+        s = tl.sin(a)
+    else:
+        c = libdevice.cos(a)
+        s = libdevice.sin(a)
+    if SCALED:
+        c = c * scale
+        s = s * scale
+    off = t.to(tl.int64)[:, None] * HALF + i[None, :]
+    tl.store(cos_ptr + off, c, mask=m)
+    tl.store(sin_ptr + off, s, mask=m)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0):
+    """(cos, sin), each [T, R / 2] fp32 contiguous, of positions [T] (integer) times
+    inv_freq [R / 2] fp32, times ``scale``: flashdsa.reference.rope_cos_sin in one launch."""
+    t, half = positions.shape[0], inv_freq.shape[0]
+    cos = torch.empty(t, half, dtype=torch.float32, device=positions.device)
+    sin = torch.empty_like(cos)
+    if t:
+        half_pad = triton.next_power_of_2(half)
+        block_t = max(1, min(64, 2048 // half_pad))
+        rope_cos_sin_kernel[(triton.cdiv(t, block_t),)](positions.contiguous(), inv_freq, cos, sin, t, scale,
+                                                        HALF=half, HALF_PAD=half_pad, BLOCK_T=block_t,
+                                                        SCALED=scale != 1.0, INTERPRET=interpreted(), num_warps=4)
+    return cos, sin

@@ -1,4 +1,4 @@
-"""The indexer's fused FP8 operand kernels (flashdsa.ops.indexer.prep) against the
+"""The indexer's fused FP8 operand kernel (flashdsa.ops.indexer.prep) against the
 indexer's torch path: RoPE, LayerNorm, Hadamard product and act_quant as separate ops,
 with the Hadamard product in float64 (the kernel accumulates in fp32 and rounds once,
 like the GPU's matrix product; the CPU reference's butterfly rounds at every stage).
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flashdsa import api
 from flashdsa.cache import PagedIndexerCache
-from flashdsa.ops.indexer.prep import indexer_k_to_cache, indexer_q_fp8
+from flashdsa.ops.indexer.prep import indexer_operands
 from flashdsa.reference import act_quant
 from flashdsa.reference import paged_indexer as pref
 from flashdsa.reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
@@ -53,8 +53,10 @@ def test_q_fp8_matches_torch_path(dtype, t, h, d, rope):
     q = (torch.randn(t, h * d + 16) * 3)[:, 16:].view(t, h, d).mul_(torch.rand(t, h, 1)).to(dtype)
     q = torch.cat((torch.zeros(t, 8, dtype=dtype), q.flatten(1)), dim=1)[:, 8:].view(t, h, d)
     w = torch.cat((torch.randn(t, h).to(dtype), torch.zeros(t, 3, dtype=dtype)), dim=1)[:, :h]
-    q8, w_out = indexer_q_fp8(q.to(DEV), cos.to(DEV), sin.to(DEV), w.to(DEV), rope,
-                              api.hadamard_matrix(d, dtype, DEV))
+    spare = PagedIndexerCache(t // 64 + 1, d, device=DEV)   # the keys' half of the launch (test_k_to_cache)
+    q8, w_out = indexer_operands(q.to(DEV), w.to(DEV), torch.randn(t, d, dtype=dtype, device=DEV),
+                                 torch.nn.LayerNorm(d).to(DEV), cos.to(DEV), sin.to(DEV), rope,
+                                 api.hadamard_matrix(d, dtype, DEV), spare.kv, torch.arange(t, device=DEV))
     q8_ref, scale_ref = act_quant(rotate(q, cos, sin, rope), d)
     scale_ref = scale_ref[..., 0]
     # the folded weights carry the kernel's scale: recover it from them, then compare both
@@ -83,8 +85,11 @@ def test_k_to_cache_matches_torch_path(dtype, t, d, rope):
     kn = F.layer_norm(k.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
     cache = PagedIndexerCache(blocks, d, device=DEV)
     cache.kv.fill_(0x5A)                             # poison: the written bytes must all be new
-    indexer_k_to_cache(k.to(DEV), norm.to(DEV), cos.to(DEV), sin.to(DEV), rope, api.hadamard_matrix(d, dtype, DEV),
-                       cache.kv, slots.to(DEV))
+    h = 3   # the queries' half of the launch (test_q_fp8)
+    q8, _ = indexer_operands(torch.randn(t, h, d, dtype=dtype, device=DEV), torch.randn(t, h, device=DEV),
+                             k.to(DEV), norm.to(DEV), cos.to(DEV), sin.to(DEV), rope,
+                             api.hadamard_matrix(d, dtype, DEV), cache.kv, slots.to(DEV))
+    assert q8.shape == (t, h, d)
     ref_cache = PagedIndexerCache(blocks, d)
     ref_cache.kv.fill_(0x5A)
     pref.indexer_cache_write(ref_cache.kv, rotate(kn, cos, sin, rope).float(), slots)

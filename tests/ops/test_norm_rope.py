@@ -1,5 +1,5 @@
-"""RMSNorm and MLA's interleaved RoPE as inference kernels (flashdsa.ops.norm_rope)
-against the torch module and function they replace on a GPU. Both compute in fp32 and
+"""RMSNorm, MLA's interleaved RoPE and the RoPE cos/sin as inference kernels
+(flashdsa.ops.norm_rope) against the torch module and functions they replace on a GPU. Both compute in fp32 and
 round once to the input dtype, so the kernel's error against float64 may be at most
 that of the torch version in the same dtype (twice, for the sum of squares taken in
 another order), plus a few fp32 roundings of the inputs' size."""
@@ -8,6 +8,7 @@ import torch
 
 from flashdsa.layers import RMSNorm
 from flashdsa.backend import fused_inference
+from flashdsa.ops import norm_rope
 from flashdsa.ops.norm_rope import rms_norm, rope_interleaved
 from flashdsa.reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from tests.utils import KERNEL_DEVICE
@@ -48,6 +49,21 @@ def test_rope_interleaved_matches_apply_rope(dtype, t, h, r):
     want = apply_rope(x.double(), cos.double(), sin.double(), interleaved=True)
     assert_within_torch_error(got, apply_rope(x, cos, sin, interleaved=True), want, x.abs().max())
     assert got.is_contiguous() and got.shape == x.shape
+
+
+@pytest.mark.parametrize("half,scale", [(32, 1.0), (32, 0.8), (8, 1.0), (5, 1.0)])
+def test_rope_cos_sin_matches_reference(half, scale):
+    """Angles of up to 10^5 radians (positions to 160K): the kernel's cos/sin agree with
+    torch's fp32 ones to a few ulps of 1 (both reduce the full range; the products
+    position * frequency are the same fp32 roundings)."""
+    t = 41
+    inv = yarn_inv_freq(2 * half, 10000.0, 40.0, 4096, 163840) if half % 2 == 0 else torch.rand(half)
+    pos = torch.cat((torch.tensor([0, 1, 255, 256, 257, 131071]), torch.randint(0, 163840, (t - 6,))))
+    cos, sin = norm_rope.rope_cos_sin(pos.to(DEV), inv.to(DEV), scale)
+    want_c, want_s = rope_cos_sin(pos, inv)
+    assert cos.shape == sin.shape == (t, half) and cos.dtype == torch.float32
+    assert torch.allclose(cos.cpu(), want_c * scale, rtol=0, atol=4 * 2.0 ** -24)
+    assert torch.allclose(sin.cpu(), want_s * scale, rtol=0, atol=4 * 2.0 ** -24)
 
 
 def test_dispatch_only_for_gpu_inference():
