@@ -415,10 +415,10 @@ KERNEL_GROUPS = (  # (group, substrings of the kernel names), first match wins
     ("GEMMs (cuBLAS)", ("nvjet", "cublas", "gemm", "gemv")),
     ("indexer scores", ("indexer_scores_kernel",)),
     ("indexer top-k selects", ("rows_topk_kernel", "indexer_select_kernel", "sample_threshold_kernel",
-                               "streaming_topk")),
+                               "indexer_topk_kernel")),
     ("sparse MLA decode", ("sparse_mla",)),
     ("indexer FP8 operands", ("indexer_prep_kernel", "indexer_cache_write")),
-    ("RMSNorm / RoPE kernels", ("rms_norm_kernel", "rope_interleaved_kernel")),
+    ("RMSNorm / RoPE kernels", ("rms_norm_kernel", "rope_interleaved_kernel", "rope_cos_sin_kernel")),
     ("softmax (dense)", ("SoftMax",)),
 )
 
