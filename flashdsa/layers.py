@@ -220,8 +220,13 @@ class MLA(nn.Module):
         8 significant bits (positions past 256 merged, a whole turn off at 128K)."""
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = yarn_inv_freq(*self._rope_args).to(self.inv_freq.device)
+            self.reset_inv_freq()
         return self
+
+    @torch.no_grad()
+    def reset_inv_freq(self) -> None:
+        """Recompute the RoPE frequencies (fp32, on the buffer's device) from the config."""
+        self.inv_freq = yarn_inv_freq(*self._rope_args).to(self.inv_freq.device)
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj weight as [H, nope + v, kv_lora_rank]: W_UK rows first, then W_UV."""

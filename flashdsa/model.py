@@ -57,7 +57,6 @@ from torch import nn
 
 from .config import DSAConfig
 from .layers import MLA, MLAOutput, RMSNorm
-from .reference.rope import yarn_inv_freq
 
 
 class DSAOutput(NamedTuple):
@@ -320,12 +319,9 @@ class DSAForCausalLM(nn.Module):
     @torch.no_grad()
     def reset_buffers(self):
         """Recompute non-persistent buffers (RoPE frequencies), e.g. after ``to_empty``."""
-        cfg = self.config
         for m in self.modules():
             if isinstance(m, MLA):
-                m.inv_freq = yarn_inv_freq(m.rope, cfg.rope_theta, cfg.rope_factor,
-                                           cfg.original_max_position_embeddings, cfg.max_position_embeddings,
-                                           cfg.beta_fast, cfg.beta_slow).to(m.inv_freq.device)
+                m.reset_inv_freq()
 
     def forward(self, input_ids, cu_seqlens=None, positions=None, attention="sparse", indexer_loss=False,
                 backend="auto", logits_rows=None) -> CausalLMOutput:
