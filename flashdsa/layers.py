@@ -365,7 +365,7 @@ class MLA(nn.Module):
         """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the
         released configs), for MLA's and the indexer's rotary dims alike (on a GPU without
         autograd one kernel, :func:`flashdsa.ops.norm_rope.rope_cos_sin`)."""
-        if fused_inference(positions) and self.inv_freq.dtype == torch.float32:
+        if fused_inference(positions):
             from .ops.norm_rope import rope_cos_sin as fused_cos_sin
             return fused_cos_sin(positions, self.inv_freq, self.rope_scale)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
