@@ -50,7 +50,6 @@ def sample_split(s_tiles):
 
 def topk_rows() -> list:
     rows = []
-    chunks = CHUNKS
     for bsz, ctx in ((1, 8192), (1, 16384), (1, 32768), (1, 131072), (4, 131072), (32, 32768)):
         q8, cache, w, cl, bt = decode_inputs(bsz, ctx)
         p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * 64)
@@ -78,7 +77,7 @@ def topk_rows() -> list:
                 except Exception as e:  # a variant that fails is recorded, not fatal
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 finally:
-                    threshold.scored_chunks = chunks
+                    threshold.scored_chunks = CHUNKS
         row["kernels_default"] = kernel_table(lambda: ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK), top=8)
         if best[1] is not None:
             row["best"] = best[2]
@@ -86,7 +85,7 @@ def topk_rows() -> list:
             try:
                 row["kernels_best"] = kernel_table(best[1], top=8)
             finally:
-                threshold.scored_chunks = chunks
+                threshold.scored_chunks = CHUNKS
         rows.append(row)
         print({k: v for k, v in row.items() if not k.startswith("kernels")}, flush=True)
     return rows
