@@ -49,6 +49,7 @@ def small_chunks(monkeypatch):
     if DEV == "cpu":
         monkeypatch.setattr(direct, "DIRECT_CHUNK", 32)
         monkeypatch.setattr(threshold, "SELECT_CHUNK", 64)
+        monkeypatch.setattr(threshold, "SELECT_CHUNK_ATOMIC", 64)
 
 
 @pytest.fixture(autouse=True)

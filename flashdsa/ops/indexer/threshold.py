@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import interpreted, num_sms
+from ..common import interpreted, num_sms, pdl_launch, pdl_prologue
 from .direct import direct_topk, prefers_direct
 from .scores import (
     SCORES_ATOMIC,
@@ -50,7 +50,9 @@ MARGIN = MARGIN_NUM / MARGIN_DEN
 MARGIN_NUM_C, MARGIN_DEN_C = tl.constexpr(MARGIN_NUM), tl.constexpr(MARGIN_DEN)
 SAMPLE_BYTES = 64 * 2 ** 20   # the sample's scores are computed in row chunks of at most this
 SLOTS_MAX_SPLIT = 4            # per-slot buffers while the key axis has at most this many splits
-SELECT_CHUNK = 1024            # candidates a step of the select kernel's second pass
+SELECT_CHUNK = 1024            # candidates a step of the select kernel's second pass (slots)
+SELECT_CHUNK_ATOMIC = 4096     # the same with one buffer a row: a decode row's candidates in one step
+CAP_SIGMAS = 4                 # see candidate_capacity
 
 
 @triton.jit
@@ -66,7 +68,7 @@ def _slot_entries(cnt_ptr, r, n_slots, SC, e, SC_PAD: tl.constexpr):
 def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, out_ptr, fail_ptr,
                           n_slots, SC, topk, NEXT_N, n_pos,
                           NS_PAD: tl.constexpr, SC_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                          TOPK_PAD: tl.constexpr, PAGED: tl.constexpr):
+                          TOPK_PAD: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr = False):
     """Second pass of the threshold top-k, one program a row r: its candidates are
     n_slots slots of SC entries (bkey/bidx [rows, n_slots, SC], counts cnt [rows,
     n_slots]); writes out [r, :topk] (indices, -1 padded) and fail [r] = 1 when the
@@ -74,7 +76,8 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`).
     Two passes (:func:`kth_cut` over the keys of all slots, then :func:`chunk_take`
     over CHUNK entries of the slots at a time, where the indices are read; the next
-    chunk's keys are loaded while one is taken)."""
+    chunk's keys are loaded while one is taken). PDL: see flashdsa.ops.common.pdl_prologue."""
+    pdl_prologue(PDL)
     r = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, NS_PAD)
     cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=slot < n_slots, other=0)
@@ -107,12 +110,15 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
 
 @triton.jit
 def sample_threshold_kernel(samp_ptr, ks_ptr, ke_ptr, thr_ptr, cnt_ptr, stride_s, n_cols, st, topk, r_max,
-                            NEXT_N, n_pos, PAGED: tl.constexpr, ZERO_CNT: tl.constexpr, BLOCK: tl.constexpr):
+                            NEXT_N, n_pos, PAGED: tl.constexpr, ZERO_CNT: tl.constexpr, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """One program a row r of the sample's scores samp [rows, n_cols] (-inf outside the
     row's range): thr [r] = the score key of its rank-th largest sample, rank =
     ceil(MARGIN * topk * n_s / n) (n = :func:`row_length` candidate keys, n_s of them
     sampled), or INT32_MIN (every candidate passes) when n <= topk or rank > min(n_s,
-    r_max). ZERO_CNT: also zero the row's append counter cnt [r] of the filter pass."""
+    r_max). ZERO_CNT: also zero the row's append counter cnt [r] of the filter pass.
+    PDL: see flashdsa.ops.common.pdl_prologue."""
+    pdl_prologue(PDL)
     r = tl.program_id(0).to(tl.int64)
     n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
     if PAGED:
@@ -176,8 +182,24 @@ def sample_thresholds(p: Problem, topk: int, zero_cnt: torch.Tensor | None = Non
         sample_threshold_kernel[(sub.rows,)](
             out, sub.ks, sub.ke, thr[r0:r1], thr if zero_cnt is None else zero_cnt[r0:r1], out.stride(0), n_s_all,
             st, topk, r_max, p.next_n, p.n_pos, PAGED=p.paged, ZERO_CNT=zero_cnt is not None,
-            BLOCK=triton.next_power_of_2(n_s_all), num_warps=sample_warps(p))
+            BLOCK=triton.next_power_of_2(n_s_all), num_warps=sample_warps(p), **pdl_launch(dev))
     return thr
+
+
+def candidate_capacity(topk: int, n_pos: int, slots: bool) -> int:
+    """Candidates a row's filter buffers hold; a row whose passing scores overflow them is
+    redone by the fallback. The count of scores at or above the rank-r sampled score
+    (r = about MARGIN * topk / stride) has a relative spread of about 1 / sqrt(r),
+    whatever the scores' distribution (order statistics of a uniform sample), ties
+    apart. One buffer a row (atomic appends): the expected count plus CAP_SIGMAS of
+    that spread (3980 at top-k 2048, stride 16). Per-column slots: twice the expected
+    count, since each of the many slots can overflow on its own."""
+    st = sample_stride(n_pos)
+    expected = math.ceil(MARGIN * topk) + st
+    if slots:
+        return 2 * expected
+    rank = max(1, math.ceil(MARGIN * topk / st))
+    return expected + math.ceil(CAP_SIGMAS * expected / math.sqrt(rank))
 
 
 def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None,
@@ -190,12 +212,12 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     split = choose_split(p.n_prog(), max(p.n_pos, 1), bn, dev, min_split, n_split)
     if mode is None:
         mode = SCORES_SLOTS if split[0] <= SLOTS_MAX_SPLIT else SCORES_ATOMIC
-    expected = math.ceil(MARGIN * topk) + sample_stride(p.n_pos)
+    cap = candidate_capacity(topk, p.n_pos, mode == SCORES_SLOTS)
     if mode == SCORES_SLOTS:
         n_slots = split[0] * bn
-        sc = triton.cdiv(2 * expected, n_slots) + 16
+        sc = triton.cdiv(cap, n_slots) + 16
     else:
-        n_slots, sc = 1, 2 * expected
+        n_slots, sc = 1, cap
     cnt = scratch(p.rows * n_slots, device=dev)  # slots: written by the filter; appends: zeroed by the sample
     thr = sample_thresholds(p, topk, zero_cnt=cnt if mode == SCORES_ATOMIC else None)
     bkey = scratch(p.rows * n_slots * sc, device=dev)
@@ -204,11 +226,12 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     out = scratch(p.rows, topk, device=dev)
     fail = scratch(p.rows, device=dev)
     sc_pad = triton.next_power_of_2(sc)
+    chunk = SELECT_CHUNK if mode == SCORES_SLOTS else SELECT_CHUNK_ATOMIC
     if p.rows:
         indexer_select_kernel[(p.rows,)](
             bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, sc, topk, p.next_n, p.n_pos,
-            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=sc_pad, CHUNK=min(SELECT_CHUNK, triton.next_power_of_2(n_slots) * sc_pad),
-            TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=select_warps(p))
+            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=sc_pad, CHUNK=min(chunk, triton.next_power_of_2(n_slots) * sc_pad),
+            TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=select_warps(p), **pdl_launch(dev))
     return out, fail
 
 
