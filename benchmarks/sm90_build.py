@@ -106,12 +106,18 @@ def _resources(cubin: bytes) -> dict:
 def dispatch_as(arch: int):
     """Within the block, the launchers pick what they pick on a GPU of compute capability
     ``arch`` (80, 90, 100) for the CPU tensors they are given: TMA (sm_90 and later), the
-    e4m3 type (sm_89 and later), the indexer's block-size family, and the capability the
-    config tables read (``torch.cuda.get_device_capability``)."""
-    from flashdsa.ops.indexer import scores
+    e4m3 type (sm_89 and later), programmatic dependent launch (sm_90 and later), the
+    indexer's block-size family, and the capability the config tables read
+    (``torch.cuda.get_device_capability``)."""
+    from flashdsa.ops.indexer import direct, prep, scores, streaming, threshold
     from flashdsa.ops.sparse_mla import decode, fwd, fwd_fp8
 
+    def pdl(device):
+        return dict(PDL=True, launch_pdl=True) if arch >= 90 else dict(PDL=False)
+
     with contextlib.ExitStack() as stack:
+        for mod in (fwd, scores, threshold, direct, streaming, prep):
+            stack.enter_context(mock.patch.object(mod, "pdl_launch", pdl))
         for mod in (fwd, fwd_fp8, decode, scores):
             if hasattr(mod, "has_tma"):
                 stack.enter_context(mock.patch.object(mod, "has_tma", lambda device: arch >= 90))
@@ -131,6 +137,8 @@ def build(launches, arch: int = 90, keep_going: bool = False) -> list[dict]:
     for fn, args, kwargs in launches:
         kwargs = dict(kwargs)
         opts = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))  # Triton's defaults
+        if kwargs.pop("launch_pdl", False):
+            opts["launch_pdl"] = True
         signature, constexprs, attrs = _specialize(fn, args, kwargs)
         try:
             k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
@@ -254,7 +262,7 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
     queries) and key-cache write, and of the inference RMSNorm and RoPE kernels, by case name."""
     from flashdsa.layout import MLA_FP8_BYTES
     from flashdsa.ops.sparse_mla import fwd as F
-    from flashdsa.ops.sparse_mla.decode import sparse_mla_decode
+    from flashdsa.ops.sparse_mla.decode import ONE_QUERY_SM90, sparse_mla_decode
 
     g = torch.Generator().manual_seed(0)
     b, s_q, h, topk, blocks = 4, 2, 128, 2048, 256
@@ -266,6 +274,9 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
         with capture_launches() as launches, dispatch_as(arch):
             cfg = F.default_config(torch.device("cuda"), h, 512, fmt != "bf16")   # what that GPU gets
             sparse_mla_decode(q, cache, idx, 0.04, 512, fmt, n_split=4, config=cfg)
+            if fmt == "bf16":   # one query token on Hopper: 16 heads a program
+                sparse_mla_decode(q[:1, :1], cache, idx[:1, :1], 0.04, 512, fmt, n_split=16,
+                                  config=dict(cfg, **ONE_QUERY_SM90))
         cases[f"sparse_mla_decode {fmt}"] = launches
     from flashdsa.cache import PagedIndexerCache
     from flashdsa.ops.indexer import indexer_cache_write
@@ -273,7 +284,7 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
     t, hi, d = 64, 64, 128
     cos, sin = torch.randn(t, 32), torch.randn(t, 32)
     had = torch.randn(d, d, dtype=torch.bfloat16)
-    with capture_launches() as launches:
+    with capture_launches() as launches, dispatch_as(arch):
         indexer_operands(torch.randn(t, hi, d, dtype=torch.bfloat16), torch.randn(t, hi, dtype=torch.bfloat16),
                          torch.randn(t, d, dtype=torch.bfloat16), torch.nn.LayerNorm(d), cos, sin, 64, had,
                          PagedIndexerCache(4, d).kv, torch.arange(t))

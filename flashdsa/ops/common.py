@@ -12,7 +12,8 @@ import triton.language as tl
 from ..backend import triton_interpreted as interpreted
 
 __all__ = [
-    "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "has_tma", "fp8_native",
+    "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "has_tma", "fp8_native", "pdl_launch",
+    "pdl_prologue",
     "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "round_as", "quantize_rows_ue8m0",
     "reduce_slots_fixed_order",
 ]
@@ -34,6 +35,28 @@ def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can store through TMA descriptors (NVIDIA sm_90 and
     later, compiled, not interpreted)."""
     return device.type == "cuda" and nvidia_compiled() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch options of a kernel that starts with :func:`pdl_prologue`: programmatic
+    dependent launch (``PDL`` and Triton's ``launch_pdl``) on NVIDIA sm_90 and later,
+    compiled; elsewhere ``PDL=False`` (the prologue compiles to nothing)."""
+    if has_tma(device):
+        return dict(PDL=True, launch_pdl=True)
+    return dict(PDL=False)
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """The first statement of a kernel of a chain of dependent launches (a decode step):
+    with PDL, wait until the kernels before it in the stream have finished and their
+    writes are visible (nothing before this touches memory), then let the next kernel be
+    scheduled while this one runs, so that each launch's latency overlaps the kernel
+    before it. Every kernel of the chain waits in its prologue, so one that starts early
+    still reads and writes only after its predecessors are done."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def fp8_native(device: torch.device) -> bool:

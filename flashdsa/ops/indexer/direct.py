@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import interpreted, num_sms
+from ..common import interpreted, num_sms, pdl_launch, pdl_prologue
 from .scores import Problem, row_length, scored_chunks
 from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
@@ -53,7 +53,7 @@ def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
 @triton.jit
 def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt, topk, NEXT_N, n_pos,
                      BLOCK: tl.constexpr, CHUNK: tl.constexpr, TOPK_PAD: tl.constexpr, PAGE: tl.constexpr,
-                     PAGED: tl.constexpr):
+                     PAGED: tl.constexpr, PDL: tl.constexpr = False):
     """One program a row r of the scores s [rows, n_pos] (n_pos <= BLOCK): out [r, :topk]
     = the positions of its topk largest scores among its candidates (ragged: [ks, ke);
     paged: the first :func:`row_length` positions, reported as the physical slot
@@ -63,7 +63,9 @@ def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt
     Two passes: the k-th largest key T by binary search over the row held in registers
     (only the keys are live: a register-light kernel, several rows an SM), then the row
     re-read (from L2) in CHUNK-wide pieces whose taken positions are placed by a running
-    prefix sum, the next piece loaded while one is taken."""
+    prefix sum, the next piece loaded while one is taken. PDL: see
+    flashdsa.ops.common.pdl_prologue."""
+    pdl_prologue(PDL)
     r = tl.program_id(0).to(tl.int64)
     n = row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED)
     start = 0 if PAGED else tl.load(ks_ptr + r)
@@ -114,5 +116,6 @@ def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:
         rows_topk_kernel[(sub.rows,)](
             scores, sub.ks, sub.ke, sub.bt, out[r0:r0 + sub.rows], scores.stride(0),
             sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block, CHUNK=min(block, DIRECT_CHUNK),
-            TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block))
+            TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block),
+            **pdl_launch(dev))
     return out

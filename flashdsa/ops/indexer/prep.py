@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import interpreted, quantize_rows_ue8m0, round_as
+from ..common import interpreted, pdl_launch, pdl_prologue, quantize_rows_ue8m0, round_as
 from .paged import store_key_rows
 
 
@@ -87,9 +87,11 @@ def _prep_rows(pid, x_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_ptr,
 def indexer_prep_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, had_ptr, ln_w_ptr, ln_b_ptr, w_ptr, q8_ptr, wout_ptr,
                         slot_ptr, cache_ptr, cscale_ptr, n_q, n_k, heads, stride_qt, stride_kt, stride_wt,
                         stride_cs, eps, w_mul, d_mul, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                        PAGE: tl.constexpr, UPCAST: tl.constexpr):
+                        PAGE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
     """Programs below cdiv(n_q, BLOCK): BLOCK of the n_q = T * heads query rows; the
-    rest: BLOCK of the n_k = T key rows (see :func:`_prep_rows`)."""
+    rest: BLOCK of the n_k = T key rows (see :func:`_prep_rows`). PDL: see
+    flashdsa.ops.common.pdl_prologue (the scores kernels of the top-k come next)."""
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     n_qp = tl.cdiv(n_q, BLOCK)
     if pid < n_qp:
@@ -132,5 +134,5 @@ def indexer_operands(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, no
         q, k, cos, sin, hadamard, norm.weight, norm.bias, weights, q8.view(torch.uint8), w_out,
         slots.contiguous(), kv_cache, kv_cache.view(torch.float32), n_q, n_k, h, q.stride(0), k.stride(0),
         weights.stride(0), cos.stride(0), norm.eps, h ** -0.5, d ** -0.5, D=d, R=rope_dim, BLOCK=block,
-        PAGE=PAGE_SIZE, UPCAST=q.dtype == torch.float32 or interpreted(), num_warps=4)
+        PAGE=PAGE_SIZE, UPCAST=q.dtype == torch.float32 or interpreted(), num_warps=4, **pdl_launch(q.device))
     return q8, w_out

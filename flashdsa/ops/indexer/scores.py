@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import e4m3_to_f32, fp8_native, interpreted, last_dim_contiguous, num_sms
+from ..common import e4m3_to_f32, fp8_native, interpreted, last_dim_contiguous, num_sms, pdl_launch, pdl_prologue
 from .selection import score_key
 
 # Block sizes per GPU family ("sm90": sm_89 and newer, "sm80": older GPUs, "small": the
@@ -251,6 +251,7 @@ def indexer_scores_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr, MODE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Scores of the program's rows over one split of the key axis (grid: query blocks,
     key splits of ``split_len``, a multiple of BLOCK_N).
@@ -265,7 +266,9 @@ def indexer_scores_kernel(
     (row, split, c) of SC entries, counted in registers (no atomics, no scan);
     cnt [rows * n_split * BLOCK_N] gets the counts (which may exceed SC: overflow).
     SCORES_ATOMIC: positions from an atomic counter per row (cnt [rows], zeroed by the
-    caller), a buffer of SC entries per row. bkey/bidx hold (score key, index)."""
+    caller), a buffer of SC entries per row. bkey/bidx hold (score key, index).
+    PDL: see :func:`~flashdsa.ops.common.pdl_prologue`."""
+    pdl_prologue(PDL)
     pid_q, pid_s, n_start, n_end = program_split(split_len, S_kv, HEAVY_FIRST)
     qT, w, rows, rmask, ks, ke = load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
                                            stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
@@ -426,7 +429,7 @@ def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int
         p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
         p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0), **p.dims(),
         BLOCK_Q=p.cfg["BLOCK_Q"], BLOCK_N=p.cfg["BLOCK_N"], PAGE=PAGE_SIZE, DOT=dot_mode(p.q), PAGED=p.paged,
-        HEAVY_FIRST=not p.paged, MODE=mode,
+        HEAVY_FIRST=not p.paged, MODE=mode, **pdl_launch(p.q.device),
         num_warps=p.cfg["store_warps"] if mode == SCORES_STORE else p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
+from ..common import pdl_launch, pdl_prologue
 from .scores import (Problem, block_range, choose_split, dot_mode, load_keys, load_rows, program_split,
                      tile_scores)
 from .selection import INT32_MIN, INT32_MIN_C, score_key, scratch, take_topk
@@ -57,7 +58,7 @@ def indexer_topk_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAP: tl.constexpr,
     TOPK_PAD: tl.constexpr, DOT: tl.constexpr, PAGED: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-    ONLY_FAILED: tl.constexpr,
+    ONLY_FAILED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Streaming top-k (the exact fallback of the threshold top-k). Buffers bkey/bidx
     [S * n_split, CAP] int32 (scratch); outputs okey/oidx [S * n_split, topk] int32: per
@@ -68,7 +69,9 @@ def indexer_topk_kernel(
     buffer has room for, so its inner loop never compacts and stays a plain loop that
     Triton software-pipelines (loads of the next tiles in flight during the dots);
     compactions happen between segments. A tile's scores above the threshold are
-    appended at positions given by a cumsum over the tile."""
+    appended at positions given by a cumsum over the tile. PDL: see
+    flashdsa.ops.common.pdl_prologue."""
+    pdl_prologue(PDL)
     pid_q, pid_s, n_start, n_end = program_split(split_len, S_kv, HEAVY_FIRST)
     qT, w, rows, rmask, ks, ke = load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
                                            stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
@@ -172,6 +175,6 @@ def streaming_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
         p.bt.stride(0) if p.paged else 0, **p.dims(),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=bn, PAGE=PAGE_SIZE, CAP=cap,
         TOPK_PAD=triton.next_power_of_2(topk), DOT=dot_mode(p.q), PAGED=p.paged, HEAVY_FIRST=not p.paged,
-        ONLY_FAILED=fail is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        ONLY_FAILED=fail is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(dev))
     return out if fail is not None else merge_splits(okey, oidx, p.rows, n_split, topk)
 

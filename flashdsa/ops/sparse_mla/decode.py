@@ -17,15 +17,29 @@ import torch
 import triton
 
 from ...layout import MLA_D_NOPE, MLA_D_ROPE, MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
-from ..common import last_dim_contiguous, num_sms
+from ..common import interpreted, last_dim_contiguous, num_sms
 from .fwd import KvRows, resolve_config, run_over_rows
+
+# One query token over bf16 rows on Hopper: 16 heads a program (8 head blocks x 16 splits
+# of 128 heads) instead of one wgmma tile of 64 (2 x 32): the same number of programs
+# with half the splits, so half the fp32 partials the combine reads. Measured in
+# docs/benchmarks_sparse_mla.md; with more queries, or fp8 rows, 64 heads stay faster.
+ONE_QUERY_SM90 = dict(BLOCK_H=16, num_warps=4)
+
+
+def one_query_config(device: torch.device, t_q: int, fp8: bool, config: dict | None) -> dict | None:
+    """``config`` with the one-query blocks put under it where they apply (see ONE_QUERY_SM90)."""
+    if t_q != 1 or fp8 or device.type != "cuda" or interpreted() or torch.cuda.get_device_capability(device)[0] != 9:
+        return config
+    return {**ONE_QUERY_SM90, **(config or {})}
 
 
 def choose_n_split(n_programs: int, topk: int, block_k: int, n_sm: int) -> int:
     """Splits of the top-k range so that about 2 programs per SM run, each keeping at
     least 2 BLOCK_K steps (below that the combine costs more than it saves), or one
     BLOCK_K step when that still leaves more than half the SMs idle (one query token of
-    128 heads: 2 head blocks x 16 splits)."""
+    128 heads in blocks of 64 on 132 SMs: 2 head blocks x 32 splits; in blocks of 16:
+    8 x 16)."""
     if n_programs >= n_sm:
         return 1
     n_split = max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(topk, 2 * block_k)))
@@ -57,7 +71,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     else:
         flat = kv_cache.reshape(-1, kv_cache.shape[-1])
         rows = KvRows(flat, flat[:, d_v:] if d_qk > d_v else None, None, flat.shape[0])
-    cfg = resolve_config(q.device, h_q, d_v, fp8, config)
+    cfg = resolve_config(q.device, h_q, d_v, fp8, one_query_config(q.device, b * s_q, fp8, config))
     if n_split is None:
         n_prog = triton.cdiv(h_q, cfg["BLOCK_H"]) * b * s_q
         n_split = choose_n_split(n_prog, topk, cfg["BLOCK_K"], num_sms(q.device))

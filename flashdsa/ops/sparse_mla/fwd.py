@@ -51,6 +51,8 @@ from ..common import (
     interpreted,
     last_dim_contiguous,
     nvidia_compiled,
+    pdl_launch,
+    pdl_prologue,
 )
 from .fwd_fp8 import sparse_mla_fwd_fp8_kernel
 
@@ -157,7 +159,9 @@ def sparse_mla_fwd_kernel(
     ps_ptr=None, ms_ptr=None,  # PROBS: scratch p [T, h_q, topk] fp16 / e4m3, m [T, n_blk, h_q] fp32
     ps_desc=None,  # TMA_STORE: descriptor of ps_ptr as [T * h_q, topk], blocks [BLOCK_H, BLOCK_K]
     stride_pst=0, stride_psh=0, stride_mst=0, stride_msb=0,
+    PDL: tl.constexpr = False,  # programmatic dependent launch: flashdsa.ops.common.pdl_prologue
 ):
+    pdl_prologue(PDL)
     pid_h = tl.program_id(0)  # head blocks vary fastest: programs of one token run together
     pid_t = tl.program_id(1)  # and share its gathered rows through L2
     pid_s = tl.program_id(2)
@@ -289,10 +293,12 @@ def sparse_mla_combine_kernel(
     stride_ps, stride_pt, stride_ph,
     stride_ls, stride_lt,
     stride_ot, stride_oh,
-    D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse2_s - max lse2): each split's
-    output is already normalized by its own sum, so its weight is its share of the total."""
+    output is already normalized by its own sum, so its weight is its share of the total.
+    PDL: see flashdsa.ops.common.pdl_prologue."""
+    pdl_prologue(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -352,7 +358,7 @@ def _kernel_and_inputs(q, idx, rows: KvRows, sm_scale, d_v, cfg):
         # int32 row offsets while every (row, byte) of kv stays below 2^31 elements
         OFFS64=max(row_strides) * max(rows.n_rows, 1) >= 2 ** 31 - 1024,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], UPCAST=upcast, DOT_PREC="ieee" if upcast else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q.device))
     ins = dict(q_ptr=q, tail_ptr=tail, idx_ptr=idx, n_kv=rows.n_rows, topk=idx.shape[1], h_q=q.shape[1],
                qk_scale=sm_scale * LOG2E, stride_qt=q.stride(0), stride_qh=q.stride(1),
                stride_tail=tail.stride(0), stride_it=idx.stride(0))
@@ -433,7 +439,8 @@ def _launch_split(kernel, ins, meta, out, max_logits, lse, n_split, k_per_split,
         p_out, p_lse, p_ml, out, max_logits, lse, n_split, h_q,
         p_out.stride(0), p_out.stride(1), p_out.stride(2), p_lse.stride(0), p_lse.stride(1),
         out.stride(0), out.stride(1),
-        D_V=d_v, BLOCK_DV=triton.next_power_of_2(d_v), BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+        D_V=d_v, BLOCK_DV=triton.next_power_of_2(d_v), BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4,
+        **pdl_launch(out.device))
 
 
 def run_over_rows(q: torch.Tensor, idx: torch.Tensor, rows: KvRows, sm_scale: float, d_v: int,

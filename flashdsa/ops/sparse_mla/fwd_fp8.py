@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LN2_C, e4m3_to_f32
+from ..common import LN2_C, e4m3_to_f32, pdl_prologue
 
 
 @triton.jit
@@ -53,11 +53,13 @@ def sparse_mla_fwd_fp8_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
     INT_DECODE: tl.constexpr = False,  # kv_ptr is uint8, decoded with integer ops (pre-sm_89)
+    PDL: tl.constexpr = False,  # programmatic dependent launch: flashdsa.ops.common.pdl_prologue
 ):
     """Grid, loop and outputs as sparse_mla_fwd_kernel. The value part is handled as 4 tiles
     of 128 dims with 4 accumulators [BLOCK_H, 128]: dequantizing a whole [BLOCK_K, 512] tile
     at once (reshape to [BLOCK_K, 4, 128]) keeps too many fp32 values live next to the
     accumulator and spills."""
+    pdl_prologue(PDL)
     pid_h = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
