@@ -11,6 +11,7 @@ Each variant is timed replayed from a CUDA graph and checked against the product
 default output (max abs difference).
 
     python -m benchmarks.probe_decode_blocks     # -> $OUT/probe_decode_blocks.json (or benchmarks/results/)
+    python -m benchmarks.probe_decode_blocks --quick   # batch 1, bf16, 64 and 16 heads, 16 and 32 splits
 
 Not a benchmark of record: docs/benchmarks_sparse_mla.md says what it found and what the
 product took.
@@ -29,13 +30,13 @@ from benchmarks import bench_sparse_mla_decode as smd  # noqa: E402
 from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
 from benchmarks.cost_curve import graphed  # noqa: E402
 from flashdsa.api import quantize_mla_cache  # noqa: E402
+from flashdsa.ops.common import LN2_C  # noqa: E402
 from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views  # noqa: E402
 from flashdsa.ops.sparse_mla import fwd  # noqa: E402
 from flashdsa.ops.sparse_mla.decode import sparse_mla_decode  # noqa: E402
 
 BLOCKS = ((64, 8), (32, 4), (32, 8), (16, 4))  # (BLOCK_H, num_warps)
 SPLITS = (None, 8, 16, 32, 64)
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -63,9 +64,9 @@ def combine_tile_kernel(po_ptr, plse_ptr, pml_ptr, out_ptr, ml_ptr, lse_ptr, n_s
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
     if dblk == 0:
         mx2 = tl.max(tl.load(pml_ptr + l_ptrs, mask=s_mask, other=float("-inf")), 0)
-        tl.store(lse_ptr + t * h_q + h, tl.where(has, (big + tl.math.log2(tl.where(has, w_sum, 1.0))) * LN2,
+        tl.store(lse_ptr + t * h_q + h, tl.where(has, (big + tl.math.log2(tl.where(has, w_sum, 1.0))) * LN2_C,
                                                  float("inf")))
-        tl.store(ml_ptr + t * h_q + h, mx2 * LN2)
+        tl.store(ml_ptr + t * h_q + h, mx2 * LN2_C)
 
 
 def rows_of(cache, fmt):
@@ -105,10 +106,18 @@ def graph_us(fn) -> float:
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batch 1, bf16 rows, a few variants")
+    args = ap.parse_args()
+    global BLOCKS, SPLITS
+    if args.quick:
+        BLOCKS, SPLITS = ((64, 8), (16, 4)), (16, 32)
     rows = []
-    for bsz in (1, 4):
+    for bsz in (1,) if args.quick else (1, 4):
         q, cache, idx = smd.make_problem(bsz, 32768, 1)
-        for fmt, c in (("bf16", cache), ("fp8_ds_mla", quantize_mla_cache(cache))):
+        formats = (("bf16", cache),) if args.quick else (("bf16", cache), ("fp8_ds_mla", quantize_mla_cache(cache)))
+        for fmt, c in formats:
             ref = sparse_mla_decode(q, c, idx, smd.SM_SCALE, kv_format=fmt)[0].float()
             row = {"batch": bsz, "format": fmt}
 
@@ -149,7 +158,8 @@ def main() -> None:
             row["best"] = min(times, key=times.get)
             rows.append(row)
             print({k: v for k, v in row.items() if not k.startswith("kernels")}, flush=True)
-    print("wrote", write_result("probe_decode_blocks", {"ceilings": measure_ceilings(), "rows": rows}))
+    name = "probe_decode_blocks_quick" if args.quick else "probe_decode_blocks"
+    print("wrote", write_result(name, {"ceilings": measure_ceilings(), "rows": rows}))
 
 
 if __name__ == "__main__":
