@@ -14,6 +14,7 @@ torch's peak allocation over what the inputs already hold.
 
     python benchmarks/bench_indexer.py                 # full benchmark -> benchmarks/results/indexer.json
     python benchmarks/bench_indexer.py --sweep         # also time block-size variants
+    python benchmarks/bench_indexer.py --only decode --out benchmarks/results/indexer_decode.json
 """
 from __future__ import annotations
 
@@ -201,6 +202,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time block-size variants first")
     ap.add_argument("--no-main", action="store_true", help="only the sweep")
+    ap.add_argument("--only", choices=("prefill", "decode"), default=None,
+                    help="run one of the two tables (decode: about half a minute)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "indexer.json"))
     args = ap.parse_args()
@@ -227,7 +230,7 @@ def main():
         save()
     if args.no_main:
         return
-    for s_kv in (8192, 16384, 32768, 131072):
+    for s_kv in (8192, 16384, 32768, 131072) if args.only != "decode" else ():
         try:
             r = run_prefill(s_kv, ceil, cfg_topk=cfg_topk)
         except Exception as e:
@@ -235,7 +238,7 @@ def main():
         result["prefill"].append(r)
         log(f"prefill {r}")
         save()
-    for bsz in (1, 8, 32, 128):
+    for bsz in (1, 8, 32, 128) if args.only != "prefill" else ():
         for ctx in (8192, 32768, 131072):
             try:
                 r = run_decode(bsz, ctx, ceil)
@@ -244,13 +247,14 @@ def main():
             result["decode"].append(r)
             log(f"decode {r}")
             save()
-    try:
-        r = run_decode(32, 32768, ceil, next_n=2)
-    except Exception as e:
-        r = dict(batch=32, context=32768, next_n=2, error=repr(e)[:500])
-    result["decode"].append(r)
-    log(f"decode {r}")
-    save()
+    if args.only != "prefill":
+        try:
+            r = run_decode(32, 32768, ceil, next_n=2)
+        except Exception as e:
+            r = dict(batch=32, context=32768, next_n=2, error=repr(e)[:500])
+        result["decode"].append(r)
+        log(f"decode {r}")
+        save()
     print_table(f"\n{'S_kv':>7} {'logits ms':>10} {'TFLOP/s':>8} {'% fp8':>6} {'topk ms':>8} {'topk/log':>8} "
                 f"{'torch topk ms':>13} {'peak MiB l/t':>14} {'stream ms':>9} {'flagged':>7}", result["prefill"],
                 lambda r: f"{r['s_kv']:>7} {r['logits_ms']:>10.3f} {r['logits_tflops']:>8.1f} "
