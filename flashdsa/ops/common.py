@@ -40,7 +40,8 @@ def has_tma(device: torch.device) -> bool:
 def pdl_launch(device: torch.device) -> dict:
     """Launch options of a kernel that starts with :func:`pdl_prologue`: programmatic
     dependent launch (``PDL`` and Triton's ``launch_pdl``) on NVIDIA sm_90 and later,
-    compiled; elsewhere ``PDL=False`` (the prologue compiles to nothing)."""
+    compiled (the condition :func:`has_tma` tests); elsewhere ``PDL=False`` (the prologue
+    compiles to nothing)."""
     if has_tma(device):
         return dict(PDL=True, launch_pdl=True)
     return dict(PDL=False)
