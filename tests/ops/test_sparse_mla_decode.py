@@ -92,19 +92,22 @@ def test_choose_n_split():
 
 def test_one_query_config_dispatch(monkeypatch):
     """One query token over bf16 rows on Hopper gets 16 heads a program; more queries,
-    fp8 rows, other GPUs and a caller's BLOCK_H keep theirs."""
+    more than ONE_QUERY_MAX_TOPK rows, fp8 rows, other GPUs and a caller's BLOCK_H keep
+    theirs."""
     from flashdsa.ops.sparse_mla import decode as D
     monkeypatch.setattr(D, "interpreted", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     dev = torch.device("cuda")
-    assert D.one_query_config(dev, 1, False, None) == D.ONE_QUERY_SM90
-    assert D.one_query_config(dev, 2, False, None) is None
-    assert D.one_query_config(dev, 1, True, None) is None
-    assert D.one_query_config(dev, 1, False, {"BLOCK_H": 64, "BLOCK_K": 32}) == dict(BLOCK_H=64, BLOCK_K=32,
-                                                                                    num_warps=4)
-    assert D.one_query_config(torch.device("cpu"), 1, False, None) is None
+    assert D.one_query_config(dev, 1, 2048, False, None) == D.ONE_QUERY_SM90
+    assert D.one_query_config(dev, 1, D.ONE_QUERY_MAX_TOPK, False, None) == D.ONE_QUERY_SM90
+    assert D.one_query_config(dev, 1, D.ONE_QUERY_MAX_TOPK + 1, False, None) is None  # a dense decode of 16K+
+    assert D.one_query_config(dev, 2, 2048, False, None) is None
+    assert D.one_query_config(dev, 1, 2048, True, None) is None
+    assert D.one_query_config(dev, 1, 2048, False, {"BLOCK_H": 64, "BLOCK_K": 32}) == dict(BLOCK_H=64, BLOCK_K=32,
+                                                                                          num_warps=4)
+    assert D.one_query_config(torch.device("cpu"), 1, 2048, False, None) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
-    assert D.one_query_config(dev, 1, False, None) is None
+    assert D.one_query_config(dev, 1, 2048, False, None) is None
 
 
 def test_pdl_launch_dispatch(monkeypatch):

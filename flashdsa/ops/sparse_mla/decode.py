@@ -22,14 +22,19 @@ from .fwd import KvRows, resolve_config, run_over_rows
 
 # One query token over bf16 rows on Hopper: 16 heads a program (8 head blocks x 16 splits
 # of 128 heads) instead of one wgmma tile of 64 (2 x 32): the same number of programs
-# with half the splits, so half the fp32 partials the combine reads. Measured in
+# with half the splits, so half the fp32 partials the combine reads. Each head block
+# reads every selected row, so 8 blocks read them 8 times: from L2 while they fit
+# (ONE_QUERY_MAX_TOPK rows of 576 bf16 are 19 MB), from memory beyond (a dense decode of
+# 64K or 128K positions through this kernel is slower with 16 heads). Measured in
 # docs/benchmarks_sparse_mla.md; with more queries, or fp8 rows, 64 heads stay faster.
 ONE_QUERY_SM90 = dict(BLOCK_H=16, num_warps=4)
+ONE_QUERY_MAX_TOPK = 16384
 
 
-def one_query_config(device: torch.device, t_q: int, fp8: bool, config: dict | None) -> dict | None:
+def one_query_config(device: torch.device, t_q: int, topk: int, fp8: bool, config: dict | None) -> dict | None:
     """``config`` with the one-query blocks put under it where they apply (see ONE_QUERY_SM90)."""
-    if t_q != 1 or fp8 or device.type != "cuda" or interpreted() or torch.cuda.get_device_capability(device)[0] != 9:
+    if (t_q != 1 or topk > ONE_QUERY_MAX_TOPK or fp8 or device.type != "cuda" or interpreted()
+            or torch.cuda.get_device_capability(device)[0] != 9):
         return config
     return {**ONE_QUERY_SM90, **(config or {})}
 
@@ -71,7 +76,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     else:
         flat = kv_cache.reshape(-1, kv_cache.shape[-1])
         rows = KvRows(flat, flat[:, d_v:] if d_qk > d_v else None, None, flat.shape[0])
-    cfg = resolve_config(q.device, h_q, d_v, fp8, one_query_config(q.device, b * s_q, fp8, config))
+    cfg = resolve_config(q.device, h_q, d_v, fp8, one_query_config(q.device, b * s_q, topk, fp8, config))
     if n_split is None:
         n_prog = triton.cdiv(h_q, cfg["BLOCK_H"]) * b * s_q
         n_split = choose_n_split(n_prog, topk, cfg["BLOCK_K"], num_sms(q.device))
