@@ -51,6 +51,19 @@ def device_arg(name: str) -> str:
     return name
 
 
+def _launch_mode(torch) -> str:
+    """How the decode step's Triton kernels are launched on this machine (flashdsa info)."""
+    from .backend import triton_available
+
+    if not (torch.cuda.is_available() and triton_available()):
+        return "no GPU kernels here"
+    from .ops.common import pdl_launch
+
+    if pdl_launch(torch.device("cuda", 0))["PDL"]:
+        return "programmatic dependent launch (each kernel's launch overlaps the one before)"
+    return "plain (programmatic dependent launch needs NVIDIA sm_90 or later)"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, the device and which backends are usable here."""
     import importlib.metadata
@@ -88,6 +101,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("backend reference", "usable"),
         ("backend triton", triton_state),
         ("backend auto", "triton" if triton_available() and torch.cuda.is_available() else "reference"),
+        ("decode launches", _launch_mode(torch)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

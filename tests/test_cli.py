@@ -14,7 +14,7 @@ from flashdsa.errors import UsageError
 def test_info_prints_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("flashdsa", "torch", "triton", "device", "backend reference", "backend auto"):
+    for key in ("flashdsa", "torch", "triton", "device", "backend reference", "backend auto", "decode launches"):
         assert key in out
 
 
