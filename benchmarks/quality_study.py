@@ -222,6 +222,16 @@ def main(argv=None) -> int:
         return 0
     res["probe_seconds_per_step"] = sec
     res["notes"] = notes
+    if device.type == "cuda":   # MFU: each stage's model FLOPs (DSAForCausalLM.train_flops_per_token) a second
+        from benchmarks.common import measure_ceilings
+        res["ceilings"] = measure_ceilings()
+        for st in res["stages"].values():
+            if "model_tflops" in st:   # (absent from stages finished by an older version of a resumed study)
+                st["mfu_bf16"] = st["model_tflops"] / res["ceilings"]["bf16_matmul_tflops"]
+    for name, st in res["stages"].items():
+        if "model_tflops" in st:
+            print(f"{name}: {st['tokens_per_s']:,.0f} tokens/s, {st['model_tflops']:.3f} model TFLOP/s"
+                  + (f", MFU {100 * st['mfu_bf16']:.1f}% of the bf16 matmul" if "mfu_bf16" in st else ""), flush=True)
     res["wall_seconds"] = time.perf_counter() - t_start
     table = format_table(res)
     print(table)

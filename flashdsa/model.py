@@ -335,6 +335,50 @@ class DSAForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def train_flops_per_token(self, seq_len: int, stage: str) -> float:
+        """Matmul FLOPs one trained token costs in windows of ``seq_len`` tokens, forward
+        and backward, in training stage ``stage`` (flashdsa.recipe.STAGES): the model FLOPs
+        of an MFU figure (2 per multiply-add; the backward of a matmul twice its forward).
+
+        - weights: 2 FLOPs per weight the token passes (linear layers and the MoE router;
+          routed experts: the num_experts_per_tok it is sent to), the indexer's apart;
+        - attention: dense (MHA over the causal context, mean (seq_len + 1) / 2 keys) in the
+          dense and warm-up stages, sparse (absorbed MQA over min(index_topk, t + 1) latent
+          rows) in the sparse stage;
+        - the indexer where a stage runs it (warm-up, sparse): its projections and its scores
+          over the causal context forward; backward the projections and, in the warm-up, the
+          scores over the context, in the sparse stage those of the selected keys.
+        Backward counted where a stage trains: everything in dense and sparse, the indexer
+        alone in the warm-up. Not counted: norms, softmax, RoPE, quantization, the top-k,
+        the KL's own recomputation of attention scores."""
+        from .recipe import STAGES
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {tuple(STAGES)}, got {stage!r}")
+        cfg = self.config
+        w_main = w_idx = 0.0
+        for name, m in self.named_modules():
+            if not isinstance(m, (nn.Linear, MoEGate)):
+                continue
+            n = m.weight.numel()
+            if ".indexer." in name:
+                w_idx += n
+            elif ".experts." in name:
+                w_main += n * cfg.num_experts_per_tok / cfg.n_routed_experts
+            else:
+                w_main += n
+        layers, h = cfg.num_hidden_layers, cfg.num_attention_heads
+        ctx = (seq_len + 1) / 2
+        sel = sum(min(cfg.index_topk, t + 1) for t in range(seq_len)) / seq_len
+        d_qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        dense_attn = 2 * h * (d_qk + cfg.v_head_dim) * ctx * layers
+        sparse_attn = 2 * h * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * sel * layers
+        scores = 2 * cfg.index_n_heads * cfg.index_head_dim * layers
+        if stage == "dense":
+            return 3 * (2 * w_main + dense_attn)
+        if stage == "warmup":
+            return 2 * w_main + dense_attn + 3 * (2 * w_idx + scores * ctx)
+        return 3 * (2 * w_main + sparse_attn) + 3 * 2 * w_idx + scores * ctx + 2 * scores * sel
+
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "DSAForCausalLM":
         """See :func:`flashdsa.checkpoint.from_pretrained`."""

@@ -444,8 +444,11 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         resume = sdir / "train_state.pt" if sdir is not None and (sdir / "train_state.pt").exists() else None
         tc = dataclasses.replace(tc, out_dir=str(sdir) if sdir is not None else None)
         st = train(model, corpus, tc, data_step=data_step, resume=resume, progress=progress, deadline=deadline)
+        tok_s = st.tokens / max(st.train_seconds, 1e-9)
+        flops = model.train_flops_per_token(cc.seq_len, tc.stage)
         stages[name] = {"steps": st.step, "tokens": st.tokens, "seconds": st.train_seconds,
-                        "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9), "first_data_step": data_step,
+                        "tokens_per_s": tok_s, "flops_per_token": flops, "model_tflops": tok_s * flops / 1e12,
+                        "first_data_step": data_step,
                         "final_loss": st.history[-1][1] if st.history else None, "history": st.history}
         if st.step < tc.steps:
             raise Paused(key)

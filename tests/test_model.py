@@ -1,5 +1,6 @@
 """DSAForCausalLM: official 671B shapes on the meta device, wiring of the packed layout,
 DSA == dense when top-k covers the context, causality, and the V3 MoE router."""
+import dataclasses
 import math
 
 import pytest
@@ -214,3 +215,40 @@ def test_router_renormalizes_for_every_top_k(top_k):
     assert torch.equal(ids_raw, ids)
     sig = torch.sigmoid(x @ gate.weight.T).gather(1, ids)
     torch.testing.assert_close(w_raw, sig * cfg.routed_scaling_factor)
+
+
+def _counted_flops(model, seq_len, batch=2):
+    """(weight matmuls, attention bmms) FLOPs a token of a dense training step, counted by
+    torch's FlopCounterMode on the reference path (its attention over the full square)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, attention="dense", backend="reference").logits.mean().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    tokens = batch * seq_len
+    return counts.get("aten.mm", 0) / tokens, counts.get("aten.bmm", 0) / tokens
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_train_flops_per_token_match_torchs_flop_counter(moe):
+    """The dense stage's model FLOPs equal what torch's FlopCounterMode counts in a forward
+    and backward: the weight matmuls as counted (routed experts: only those a token is
+    sent to), the attention's full-square bmms halved to the causal mean context."""
+    from flashdsa.train import preset_config
+    torch.manual_seed(0)
+    seq_len = 96
+    cfg = preset_config("tiny", seq_len)
+    if moe:
+        cfg = dataclasses.replace(cfg, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                  first_k_dense_replace=1, moe_intermediate_size=48, n_shared_experts=1)
+    model = DSAForCausalLM(cfg)
+    mm, bmm = _counted_flops(model, seq_len)
+    want = mm + bmm * (seq_len + 1) / (2 * seq_len)
+    got = model.train_flops_per_token(seq_len, "dense")
+    assert abs(got - want) <= 1e-6 * want, (got, want, mm, bmm)
+    sparse = model.train_flops_per_token(seq_len, "sparse")
+    warmup = model.train_flops_per_token(seq_len, "warmup")
+    assert 0 < warmup < got and sparse > 0
+    with pytest.raises(ValueError, match="stage"):
+        model.train_flops_per_token(seq_len, "pretrain")
