@@ -700,11 +700,13 @@ def cmd_train(args) -> int:
         model.save_pretrained(Path(args.out) / "model")
     if mesh is not None or cp is not None:
         leave_process_group()
+    tok_s = st.tokens / max(st.train_seconds, 1e-9)
+    model_tflops = tok_s * model.train_flops_per_token(cfg.seq_len, cfg.stage) / 1e12
     summary = {"stage": cfg.stage, "steps": st.step, "data_step": st.data_step, "tokens": st.tokens,
-               "seconds": st.train_seconds, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),
+               "seconds": st.train_seconds, "tokens_per_s": tok_s, "model_tflops": model_tflops,
                "final": st.history[-1] if st.history else None, "history": st.history}
     if rank0:
-        print(f"done: {st.step} steps, {st.tokens:,} tokens, {summary['tokens_per_s']:,.0f} tok/s; "
+        print(f"done: {st.step} steps, {st.tokens:,} tokens, {tok_s:,.0f} tok/s ({model_tflops:.3g} model TFLOP/s); "
               f"wrote {Path(args.out) / 'train_state.pt'} and {Path(args.out) / 'model'}")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
