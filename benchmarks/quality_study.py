@@ -102,17 +102,26 @@ def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_sha
 
 def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
     """``<prefix>_loss.svg`` (training LM loss against the data step: pretraining and both
-    branches on one axis) and ``<prefix>_loss_by_position.svg`` (held-out loss of each
-    evaluated model by position bucket) in ``out_dir``, with matplotlib."""
+    branches on one axis), ``<prefix>_loss_by_position.svg`` (held-out loss of each
+    evaluated model by position bucket) and, where the rows have it,
+    ``<prefix>_retrieval_by_distance.svg`` (passkey accuracy by distance bucket) in
+    ``out_dir``, with matplotlib."""
     from benchmarks.plot import line_chart
     curves = {name: [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
               for name, st in res["stages"].items()}
     by_position = {r["name"]: [((b["start"] + b["end"]) / 2, b["loss"]) for b in r["lm"]["buckets"]]
                    for r in res["rows"]}
-    return [line_chart(curves, os.path.join(out_dir, f"{prefix}_loss.svg"),
-                       "training LM loss (same data steps for both branches)", "data step", "loss (nats/byte)"),
-            line_chart(by_position, os.path.join(out_dir, f"{prefix}_loss_by_position.svg"),
-                       "held-out loss by position", "position (bucket centre)", "loss (nats/byte)", logx=True)]
+    paths = [line_chart(curves, os.path.join(out_dir, f"{prefix}_loss.svg"),
+                        "training LM loss (same data steps for both branches)", "data step", "loss (nats/byte)"),
+             line_chart(by_position, os.path.join(out_dir, f"{prefix}_loss_by_position.svg"),
+                        "held-out loss by position", "position (bucket centre)", "loss (nats/byte)", logx=True)]
+    by_distance = {r["name"]: [(b["distance"], 100 * b["accuracy"]) for b in r["retrieval_by_distance"]]
+                   for r in res["rows"] if r.get("retrieval_by_distance")}
+    if by_distance:
+        paths.append(line_chart(by_distance, os.path.join(out_dir, f"{prefix}_retrieval_by_distance.svg"),
+                                "passkey accuracy by distance (bucket start; buckets double)", "distance (tokens)",
+                                "samples all digits right (%)", logx=True))
+    return paths
 
 
 def main(argv=None) -> int:
@@ -175,7 +184,7 @@ def main(argv=None) -> int:
                           lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, retrieval="passkey",
                           retrieval_distance=None, plant_prob=args.plant_prob, backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
-                          eval_recall=args.eval_recall, log_every=10)
+                          eval_recall=args.eval_recall, eval_by_distance=True, log_every=10)
 
     plan_path = Path(args.state_dir) / "plan.json" if args.state_dir else None
     if plan_path is not None and plan_path.exists():   # a later call of a resumable run: the same plan

@@ -175,12 +175,22 @@ def random_windows(stream: torch.Tensor, step: int, batch_size: int, seq_len: in
     return stream[starts[:, None] + offs[None, :]].long()
 
 
-def plant_passkey(window: torch.Tensor, min_distance: int, generator: torch.Generator, digits: int = 5):
+def passkey_max_distance(window_len: int, digits: int = 5) -> int:
+    """The longest distance :func:`plant_passkey` can plant in a window of ``window_len``
+    tokens whatever its random draws (the second copy ends at most window_len / 16 before
+    the window's end)."""
+    m = len(PASSKEY_PREFIX) + digits + 1
+    return window_len - 2 * m - max(1, window_len // 16 - 1)
+
+
+def plant_passkey(window: torch.Tensor, min_distance: int, generator: torch.Generator, digits: int = 5,
+                  max_distance: int | None = None):
     """Plant a retrieval task in a token window [n] (in place; returns it and the answer rows).
 
     Writes ``\\n# passkey = DDDDD\\n`` (a random number) early in the window and the same
     line again near its end; the digits of the second copy can only be predicted by
-    looking back at the first, more than ``min_distance`` tokens earlier. Returns
+    looking back at the first, at least ``min_distance`` tokens earlier (from the end of
+    the first copy to the start of the second), and at most ``max_distance`` when given. Returns
     ``(window, rows)``: ``rows`` [digits] are positions p of the window whose *next*
     token window[p + 1] is an answer digit, i.e. the rows of the logits to score."""
     n = window.shape[0]
@@ -191,7 +201,11 @@ def plant_passkey(window: torch.Tensor, min_distance: int, generator: torch.Gene
     latest = q_start - min_distance - m
     if latest < 0:
         raise ValueError(f"window of {n} tokens too short for a passkey {min_distance} tokens back")
-    k_start = int(torch.randint(0, latest + 1, (1,), generator=generator))
+    earliest = 0 if max_distance is None else max(0, q_start - max_distance - m)
+    if earliest > latest:
+        raise ValueError(f"passkey distance: expected min_distance <= max_distance, got {min_distance} > "
+                         f"{max_distance}")
+    k_start = int(torch.randint(earliest, latest + 1, (1,), generator=generator))
     window[k_start:k_start + m] = needle
     window[q_start:q_start + m] = needle
     first_digit = q_start + len(PASSKEY_PREFIX)
@@ -229,24 +243,26 @@ def plant_repeat(window: torch.Tensor, offset: int, generator: torch.Generator, 
     return window, torch.arange(copy, copy + span - 1)
 
 
-def plant_retrieval(task: str, window: torch.Tensor, distance: int, generator: torch.Generator):
+def plant_retrieval(task: str, window: torch.Tensor, distance: int, generator: torch.Generator,
+                    max_distance: int | None = None):
     """Plant ``task`` (one of :data:`RETRIEVAL_TASKS`) in ``window`` [n], in place: a
-    passkey more than ``distance`` tokens back, or a repeat exactly ``distance`` tokens
-    back. Returns ``(window, rows)`` as :func:`plant_passkey` and :func:`plant_repeat` do."""
+    passkey ``distance`` to ``max_distance`` (default: any) tokens back, or a repeat exactly
+    ``distance`` tokens back. Returns ``(window, rows)`` as :func:`plant_passkey` and
+    :func:`plant_repeat` do."""
     if task == "passkey":
-        return plant_passkey(window, distance, generator)
+        return plant_passkey(window, distance, generator, max_distance=max_distance)
     if task == "repeat":
         return plant_repeat(window, distance, generator)
     raise ValueError(f"retrieval task: expected one of {RETRIEVAL_TASKS}, got {task!r}")
 
 
 def retrieval_windows(corpus: Corpus, n: int, seq_len: int, distance: int, seed: int = 1234,
-                      task: str = "passkey"):
+                      task: str = "passkey", max_distance: int | None = None):
     """n held-out windows [n, seq_len + 1] with ``task`` planted in each (:func:`plant_retrieval`),
     and their answer rows [n, answer digits]."""
     g = torch.Generator().manual_seed(seed)
     base = corpus.eval_windows(n, seq_len).clone()
-    rows = [plant_retrieval(task, base[i], distance, g)[1] for i in range(n)]
+    rows = [plant_retrieval(task, base[i], distance, g, max_distance)[1] for i in range(n)]
     return base, torch.stack(rows)
 
 

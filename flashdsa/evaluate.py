@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import Corpus, retrieval_windows
+from .data import Corpus, passkey_max_distance, retrieval_windows
 from .layers import MLA, causal_ranges
 
 
@@ -76,18 +76,19 @@ def score_answers(logits: torch.Tensor, windows: torch.Tensor, rows: torch.Tenso
 @torch.no_grad()
 def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distance: int | None = None,
                        task: str = "passkey", attention: str = "sparse", backend: str = "auto",
-                       batch_size: int = 4, seed: int = 1234) -> dict:
+                       batch_size: int = 4, seed: int = 1234, max_distance: int | None = None) -> dict:
     """``task`` retrieval (flashdsa.recipe.RETRIEVAL_TASKS) over ``n`` held-out windows, the
-    answer ``distance`` tokens back: a passkey more than that (default 4 * index_topk + 1),
-    a repeat exactly that (required). Returns {"task", "accuracy", "digit_accuracy",
-    "answer_loss", "distance", "n"}."""
+    answer ``distance`` tokens back: a passkey at least that (default 4 * index_topk + 1)
+    and at most ``max_distance`` (default: anywhere earlier in the window), a repeat
+    exactly that (required). Returns {"task", "accuracy", "digit_accuracy",
+    "answer_loss", "distance", "max_distance", "n"}."""
     device = next(model.parameters()).device
     model.eval()
     if distance is None:
         if task != "passkey":
             raise ValueError(f"retrieval task {task!r}: give its distance (the offset it was trained with)")
         distance = 4 * model.config.index_topk + 1
-    windows, rows = retrieval_windows(corpus, n, seq_len, distance, seed, task)
+    windows, rows = retrieval_windows(corpus, n, seq_len, distance, seed, task, max_distance)
     hits, digit_hits, nll = 0, 0, 0.0
     for i in range(0, n, batch_size):
         b, r = windows[i:i + batch_size].to(device), rows[i:i + batch_size].to(device)
@@ -99,7 +100,27 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distanc
         nll += float(answer_nll.sum())
     # answer_loss: mean nats per answer digit; ln 10 = 2.303 is guessing, 0 is perfect recall
     return {"task": task, "accuracy": hits / n, "digit_accuracy": digit_hits / (n * rows.shape[1]),
-            "answer_loss": nll / (n * rows.shape[1]), "distance": distance, "n": n}
+            "answer_loss": nll / (n * rows.shape[1]), "distance": distance, "max_distance": max_distance, "n": n}
+
+
+def distance_buckets(seq_len: int, index_topk: int) -> list[tuple[int, int]]:
+    """Passkey distance buckets [d, 2d) from 4 * index_topk (where the selection must reach
+    back past most of the context) doubling while a window of seq_len (+ 1) tokens holds
+    them: [(d, 2d - 1), ...], the last one cut at :func:`~flashdsa.data.passkey_max_distance`."""
+    longest = passkey_max_distance(seq_len + 1)
+    out, d = [], 4 * index_topk
+    while d <= longest:
+        out.append((d, min(2 * d - 1, longest)))
+        d *= 2
+    return out
+
+
+def retrieval_by_distance(model, corpus: Corpus, seq_len: int, buckets: list[tuple[int, int]], n: int = 32,
+                          attention: str = "sparse", backend: str = "auto", batch_size: int = 4) -> list[dict]:
+    """Passkey retrieval (:func:`retrieval_accuracy`) in each distance bucket (lo, hi):
+    the first copy lo to hi tokens before the second, ``n`` held-out windows a bucket."""
+    return [retrieval_accuracy(model, corpus, seq_len, n, lo, "passkey", attention, backend, batch_size,
+                               max_distance=hi) for lo, hi in buckets]
 
 
 def _dense_probs(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -190,13 +211,18 @@ def throughput(model, batch_size: int, seq_len: int, attention: str, backend: st
 
 def evaluate(model, corpus: Corpus, seq_len: int, attention: str = "sparse", backend: str = "auto",
              n_windows: int = 16, n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4,
-             retrieval: str = "passkey", retrieval_distance: int | None = None) -> dict:
+             retrieval: str = "passkey", retrieval_distance: int | None = None,
+             retrieval_buckets: list[tuple[int, int]] | None = None) -> dict:
     """All of the above for one model, ``attention`` "sparse" or "dense"; ``retrieval`` and
-    ``retrieval_distance``: the task and distance of :func:`retrieval_accuracy`."""
+    ``retrieval_distance``: the task and distance of :func:`retrieval_accuracy`;
+    ``retrieval_buckets``: also passkey accuracy by distance (:func:`retrieval_by_distance`)."""
     windows = corpus.eval_windows(n_windows, seq_len)
     out = {"attention": attention, "seq_len": seq_len, "index_topk": model.config.index_topk}
     out["lm"] = loss_by_position(model, windows, attention, backend, batch_size)
     out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, retrieval_distance, retrieval,
                                           attention=attention, backend=backend, batch_size=batch_size)
+    if retrieval_buckets:
+        out["retrieval_by_distance"] = retrieval_by_distance(model, corpus, seq_len, retrieval_buckets,
+                                                             n_retrieval, attention, backend, batch_size)
     out["indexer_recall"] = indexer_recall(model, windows[:n_recall], backend) if n_recall else None
     return out

@@ -42,5 +42,6 @@ class ComparisonConfig:
     eval_windows: int = 16
     eval_retrieval: int = 32
     eval_recall: int = 4
+    eval_by_distance: bool = False   # passkey: also accuracy by distance bucket (flashdsa.evaluate.distance_buckets)
     untrained_indexer_row: bool = True   # also evaluate (a) with DSA and its never-trained indexer
     log_every: int = 25

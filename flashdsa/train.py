@@ -417,7 +417,7 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     progress exactly (flashdsa.train.train's TrainState). ``deadline`` (a
     ``time.perf_counter()`` value): stop training once it passes; the result is then
     ``{"paused": stage, ...}`` and the same call again continues."""
-    from .evaluate import evaluate, throughput
+    from .evaluate import distance_buckets, evaluate, throughput
 
     seed_everything(cc.seed)
     mcfg = model_config or preset_config(cc.preset, cc.seq_len)
@@ -429,8 +429,11 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M held-out tokens)")
     base = dict(batch_size=cc.batch_size, seq_len=cc.seq_len, seed=cc.seed, plant_prob=cc.plant_prob,
                 plant=cc.retrieval, plant_distance=cc.retrieval_distance, backend=cc.backend, log_every=cc.log_every)
+    buckets = (distance_buckets(cc.seq_len, mcfg.index_topk)
+               if cc.eval_by_distance and cc.retrieval == "passkey" else None)
     eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,
-                   retrieval=cc.retrieval, retrieval_distance=cc.retrieval_distance, backend=cc.backend)
+                   retrieval=cc.retrieval, retrieval_distance=cc.retrieval_distance, backend=cc.backend,
+                   retrieval_buckets=buckets)
     stages = {}
     root = Path(state_dir) if state_dir is not None else None
 

@@ -12,6 +12,7 @@ from flashdsa.data import (
     decode,
     encode,
     is_held_out,
+    passkey_max_distance,
     plant_passkey,
     plant_repeat,
     plant_retrieval,
@@ -83,6 +84,26 @@ def test_passkey_is_far_back_and_rows_point_at_digits():
         assert int(rows[0]) + 1 - (first + len(PASSKEY_PREFIX)) > 129
     with pytest.raises(ValueError, match="too short"):
         plant_passkey(torch.zeros(100, dtype=torch.long), 90, g)
+
+
+def test_passkey_within_a_distance_range():
+    """min_distance <= distance <= max_distance (end of the first copy to the start of the
+    second), passkey_max_distance plantable whatever the draws, bad ranges named."""
+    m = len(PASSKEY_PREFIX) + 6
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(60):
+        w, rows = plant_passkey(torch.full((400,), ord("x")), 100, g, max_distance=140)
+        text = decode(w)
+        first, second = (i for i in range(len(text)) if text.startswith(PASSKEY_PREFIX.decode(), i))
+        seen.add(second - first - m)
+    assert min(seen) >= 100 and max(seen) <= 140 and len(seen) > 10
+    for n in (257, 1001):
+        d = passkey_max_distance(n)
+        for s in range(50):
+            plant_passkey(torch.zeros(n, dtype=torch.long), d, torch.Generator().manual_seed(s), max_distance=d)
+    with pytest.raises(ValueError, match="min_distance <= max_distance"):
+        plant_passkey(torch.zeros(400, dtype=torch.long), 100, g, max_distance=99)
 
 
 def test_retrieval_and_training_batches(corpus):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flashdsa.data import REPEAT_SPAN, VOCAB_SIZE, Corpus
-from flashdsa.evaluate import retrieval_accuracy, score_answers
+from flashdsa.data import PASSKEY_PREFIX, REPEAT_SPAN, VOCAB_SIZE, Corpus, passkey_max_distance
+from flashdsa.evaluate import distance_buckets, retrieval_accuracy, retrieval_by_distance, score_answers
 
 
 class LookBack(torch.nn.Module):
@@ -55,3 +55,15 @@ def test_repeat_retrieval_is_exact_for_a_model_that_looks_back_the_offset(corpus
 def test_passkey_retrieval_default_distance(corpus):
     res = retrieval_accuracy(LookBack(1), corpus, 256, n=2)
     assert res["task"] == "passkey" and res["distance"] == 4 * 16 + 1
+
+
+def test_passkey_accuracy_by_distance(corpus):
+    """Buckets from 4 x top-k doubling up to what the window holds; in a bucket of one
+    distance D, a model that looks back exactly D + the line's length (where the first
+    copy's digit sits) is always right, and wrong one distance further."""
+    assert distance_buckets(8192, 512) == [(2048, 4095), (4096, passkey_max_distance(8193))]
+    assert distance_buckets(256, 16)[0] == (64, 127)
+    line = len(PASSKEY_PREFIX) + 6
+    res = retrieval_by_distance(LookBack(90 + line), corpus, 256, [(90, 90), (91, 91)], n=4)
+    assert [r["accuracy"] for r in res] == [1.0, 0.0]
+    assert [(r["distance"], r["max_distance"]) for r in res] == [(90, 90), (91, 91)]
