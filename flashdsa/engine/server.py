@@ -330,12 +330,34 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _drain(request: Request, seconds: float) -> None:
+    """Read and drop what is left of the request body, for at most ``seconds``, before a
+    413 is sent (a lingering close): a server that closes the connection while the body
+    is still arriving makes its TCP stack answer the unread bytes with a reset, which can
+    destroy the 413 before the client reads it."""
+    async def discard():
+        while True:
+            msg = await request.receive()
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(discard(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
 async def _read_json(request: Request, lim: ServerLimits) -> dict:
-    """The request's JSON object, within the body size and time limits."""
+    """The request's JSON object, within the body size and time limits (a body over the
+    size limit is drained, within the time limit, then answered with 413)."""
     try:
         body = await asyncio.wait_for(_read_body(request, lim.max_body_bytes), lim.request_timeout)
     except asyncio.TimeoutError:
         raise RequestError(f"request body not received within {lim.request_timeout:g} s", 408) from None
+    except RequestError as e:
+        if e.status == 413:
+            await _drain(request, lim.request_timeout)
+        raise
     try:
         obj = json.loads(body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
