@@ -127,6 +127,18 @@ def decode_inputs(bsz, ctx, next_n=1):
     return q8, cache, w, cl, bt
 
 
+def threshold_decode_case(bsz, ctx):
+    """(decode inputs, their paged Problem, each row's default top-k set) of a decode
+    batch that the threshold method serves, or None where the direct method does (the
+    probes of the threshold method's decode passes)."""
+    inputs = decode_inputs(bsz, ctx)
+    q8, cache, w, cl, bt = inputs
+    p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * PAGE_SIZE)
+    if ops.prefers_direct(p):
+        return None
+    return inputs, p, [set(r.tolist()) for r in ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK)]
+
+
 def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
     q8, cache, w, cl, bt = decode_inputs(bsz, ctx, next_n)
     width = bt.shape[1] * PAGE_SIZE

@@ -54,7 +54,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import host_table, kernel_table
+from benchmarks.common import bench_ms, host_table, kernel_table
 from flashdsa import api
 from flashdsa.config import DSAConfig
 from flashdsa.engine.attention import StepMetadata, paged_mla_attention
@@ -72,7 +72,6 @@ TOY = dict(hidden_size=128, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=
 def time_ms(fn, device: torch.device) -> float:
     """Median milliseconds of fn(): do_bench on a GPU, perf_counter medians on CPU."""
     if device.type == "cuda":
-        from benchmarks.common import bench_ms
         return bench_ms(fn, warmup=10, rep=50)
     fn()
     ts = []
@@ -104,6 +103,13 @@ def graphed(fn, device: torch.device):
         torch.cuda.synchronize()
         print(f"graph capture failed, timing eagerly: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return fn, False
+
+
+def graph_us(fn) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph (the probes' timing of
+    decode-step pieces; eagerly where capture fails)."""
+    replay, _ = graphed(fn, torch.device("cuda"))
+    return round(bench_ms(replay) * 1e3, 2)
 
 
 # --- the layer stack and its caches ----------------------------------------------------------

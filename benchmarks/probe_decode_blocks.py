@@ -27,8 +27,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_sparse_mla_decode as smd  # noqa: E402
-from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
-from benchmarks.cost_curve import graphed  # noqa: E402
+from benchmarks.common import kernel_table, measure_ceilings, write_result  # noqa: E402
+from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.api import quantize_mla_cache  # noqa: E402
 from flashdsa.ops.common import LN2_C  # noqa: E402
 from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views  # noqa: E402
@@ -98,11 +98,6 @@ def decode_tile_combine(q, rows, idx, cfg, n_split, block_d):
         p_lse.stride(0), p_lse.stride(1), out.stride(0), out.stride(1),
         BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
     return out.reshape(b, s_q, h_q, 512)
-
-
-def graph_us(fn) -> float:
-    replay, _ = graphed(fn, torch.device("cuda"))
-    return round(bench_ms(replay) * 1e3, 2)
 
 
 def main() -> None:

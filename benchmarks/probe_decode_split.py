@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_sparse_mla_decode as smd  # noqa: E402
 from benchmarks.bench_indexer import TOPK, decode_inputs  # noqa: E402
-from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
-from benchmarks.cost_curve import graphed  # noqa: E402
+from benchmarks.common import kernel_table, measure_ceilings, write_result  # noqa: E402
+from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.api import quantize_mla_cache  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 from flashdsa.ops.indexer import direct, threshold  # noqa: E402
@@ -31,11 +30,6 @@ from flashdsa.ops.sparse_mla.decode import sparse_mla_decode  # noqa: E402
 # (sample pass, filter pass) minimum tiles a program; None: as the product does
 SPLITS = ((None, None), (1, 8), (1, 4), (1, 2), (1, 1), (2, 2), (4, 4))
 DECODE_SPLITS = (None, 8, 16, 32, 64)
-
-
-def graph_us(fn) -> float:
-    replay, _ = graphed(fn, torch.device("cuda"))
-    return round(bench_ms(replay) * 1e3, 2)
 
 
 CHUNKS = threshold.scored_chunks

@@ -18,14 +18,12 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_indexer import TOPK, decode_inputs  # noqa: E402
-from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
-from benchmarks.cost_curve import graphed  # noqa: E402
-from flashdsa.ops import indexer as ops  # noqa: E402
+from benchmarks.bench_indexer import TOPK, threshold_decode_case  # noqa: E402
+from benchmarks.common import kernel_table, measure_ceilings, write_result  # noqa: E402
+from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops.indexer import threshold  # noqa: E402
 from flashdsa.ops.indexer.scores import choose_split  # noqa: E402
 
@@ -33,21 +31,15 @@ CASES = ((1, 32768), (1, 65536), (1, 131072), (4, 131072), (32, 32768))
 FACTORS = (1, 2, 4, 8)
 
 
-def graph_us(fn) -> float:
-    replay, _ = graphed(fn, torch.device("cuda"))
-    return round(bench_ms(replay) * 1e3, 2)
-
-
 def main() -> None:
     rows = []
     for bsz, ctx in CASES:
-        q8, cache, w, cl, bt = decode_inputs(bsz, ctx)
-        p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * 64)
-        if ops.prefers_direct(p):
+        case = threshold_decode_case(bsz, ctx)
+        if case is None:
             continue
+        (q8, *_), p, want = case
         bn = p.cfg["BLOCK_N"]
         default = choose_split(p.n_prog(), p.n_pos, bn, q8.device, bn)[0]
-        want = [set(r.tolist()) for r in ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK)]
         row = {"batch": bsz, "context": ctx, "default_split": default}
         best = (float("inf"), None)
         for f in FACTORS:

@@ -30,7 +30,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_indexer import TOPK, decode_inputs, prefill_inputs  # noqa: E402
 from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
-from benchmarks.cost_curve import graphed  # noqa: E402
+from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops.indexer import selection  # noqa: E402
 from flashdsa.ops.indexer.selection import INT32_MIN_C  # noqa: E402
 
@@ -66,11 +66,6 @@ def kth_search4(keys, nvalid, thr, k):
         c_lo = new_c
         hi = new_hi
     return tl.min(tl.where(keys >= lo.to(tl.int32), keys, 2147483647), axis=0), c_lo
-
-
-def graph_us(fn) -> float:
-    replay, _ = graphed(fn, torch.device("cuda"))
-    return round(bench_ms(replay) * 1e3, 2)
 
 
 def same_scores(idx, logits, rows, bt=None) -> bool:

@@ -20,12 +20,11 @@ import math
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_indexer import TOPK, decode_inputs, prefill_inputs  # noqa: E402
+from benchmarks.bench_indexer import TOPK, decode_inputs, prefill_inputs, threshold_decode_case  # noqa: E402
 from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
-from benchmarks.cost_curve import graphed  # noqa: E402
+from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 from flashdsa.ops.indexer import threshold  # noqa: E402
 
@@ -51,11 +50,6 @@ def z_capacity(z):
         rank = max(1, math.ceil(threshold.MARGIN * topk / st))
         return expected + math.ceil(z * expected / math.sqrt(rank))
     return cap
-
-
-def graph_us(fn) -> float:
-    replay, _ = graphed(fn, torch.device("cuda"))
-    return round(bench_ms(replay) * 1e3, 2)
 
 
 def prefill_rows() -> list:
@@ -88,11 +82,10 @@ def prefill_rows() -> list:
 def main() -> None:
     rows = []
     for bsz, ctx in CASES:
-        q8, cache, w, cl, bt = decode_inputs(bsz, ctx)
-        p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * 64)
-        if ops.prefers_direct(p):
+        case = threshold_decode_case(bsz, ctx)
+        if case is None:
             continue
-        want = [set(r.tolist()) for r in ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK)]
+        (q8, cache, w, cl, bt), p, want = case
         row = {"batch": bsz, "context": ctx}
         draws = [decode_inputs(bsz, ctx)[0] for _ in range(DRAWS)]
         for z in CAPS:
