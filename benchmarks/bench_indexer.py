@@ -127,16 +127,16 @@ def decode_inputs(bsz, ctx, next_n=1):
     return q8, cache, w, cl, bt
 
 
-def threshold_decode_case(bsz, ctx):
-    """(decode inputs, their paged Problem, each row's default top-k set) of a decode
-    batch that the threshold method serves, or None where the direct method does (the
-    probes of the threshold method's decode passes)."""
-    inputs = decode_inputs(bsz, ctx)
-    q8, cache, w, cl, bt = inputs
-    p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * PAGE_SIZE)
-    if ops.prefers_direct(p):
-        return None
-    return inputs, p, [set(r.tolist()) for r in ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK)]
+def threshold_decode_cases(cases):
+    """For each (batch, context) of ``cases`` that the threshold method serves (the direct
+    method's are skipped): (batch, context, decode inputs, their paged Problem, each row's
+    default top-k set). For the probes of the threshold method's decode passes."""
+    for bsz, ctx in cases:
+        inputs = decode_inputs(bsz, ctx)
+        q8, cache, w, cl, bt = inputs
+        p = ops.paged_problem(q8, cache, w, cl, bt, bt.shape[1] * PAGE_SIZE)
+        if not ops.prefers_direct(p):
+            yield bsz, ctx, inputs, p, [set(r.tolist()) for r in ops.paged_indexer_topk(q8, cache, w, cl, bt, TOPK)]
 
 
 def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):

@@ -21,7 +21,7 @@ import sys
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_indexer import TOPK, threshold_decode_case  # noqa: E402
+from benchmarks.bench_indexer import TOPK, threshold_decode_cases  # noqa: E402
 from benchmarks.common import kernel_table, measure_ceilings, write_result  # noqa: E402
 from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops.indexer import threshold  # noqa: E402
@@ -33,11 +33,7 @@ FACTORS = (1, 2, 4, 8)
 
 def main() -> None:
     rows = []
-    for bsz, ctx in CASES:
-        case = threshold_decode_case(bsz, ctx)
-        if case is None:
-            continue
-        (q8, *_), p, want = case
+    for bsz, ctx, (q8, *_), p, want in threshold_decode_cases(CASES):
         bn = p.cfg["BLOCK_N"]
         default = choose_split(p.n_prog(), p.n_pos, bn, q8.device, bn)[0]
         row = {"batch": bsz, "context": ctx, "default_split": default}

@@ -22,7 +22,7 @@ import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_indexer import TOPK, decode_inputs, prefill_inputs, threshold_decode_case  # noqa: E402
+from benchmarks.bench_indexer import TOPK, decode_inputs, prefill_inputs, threshold_decode_cases  # noqa: E402
 from benchmarks.common import bench_ms, kernel_table, measure_ceilings, write_result  # noqa: E402
 from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
@@ -81,11 +81,7 @@ def prefill_rows() -> list:
 
 def main() -> None:
     rows = []
-    for bsz, ctx in CASES:
-        case = threshold_decode_case(bsz, ctx)
-        if case is None:
-            continue
-        (q8, cache, w, cl, bt), p, want = case
+    for bsz, ctx, (q8, cache, w, cl, bt), p, want in threshold_decode_cases(CASES):
         row = {"batch": bsz, "context": ctx}
         draws = [decode_inputs(bsz, ctx)[0] for _ in range(DRAWS)]
         for z in CAPS:
