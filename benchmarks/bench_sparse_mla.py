@@ -4,7 +4,9 @@
 
 Shapes (issue 3): s_q 4096, s_kv 8192 and 65536, h_q 128 and 64, topk 2048, d_qk 576,
 d_v 512, bf16; indices = topk distinct random rows per query (every slot valid).
-FLOPs = 2 * s_q * h_q * topk * (d_qk + d_v). Beside the kernel:
+FLOPs = 2 * s_q * h_q * topk * (d_qk + d_v). The forward as dispatched (on an H200 the
+Gluon kernel of fwd_sm90.py), and beside it:
+- triton: the portable Triton kernel (``impl="triton"``, what other GPUs run);
 - naive: the PyTorch gather + einsum in bf16 (softmax in fp32), in chunks of 256 queries
   so the gathered [chunk, topk, 576] tensor fits;
 - dense: torch SDPA over the whole context (MHA form, 128 or 64 heads, d 192/128, no
@@ -88,8 +90,9 @@ def kernel_resources():
     """n_regs / n_spills / shared memory of every compiled specialization of the kernels."""
     from flashdsa.ops.sparse_mla.fwd import sparse_mla_fwd_kernel
     from flashdsa.ops.sparse_mla.fwd_fp8 import sparse_mla_fwd_fp8_kernel
+    from flashdsa.ops.sparse_mla.fwd_sm90 import sparse_mla_fwd_sm90_kernel
     rows = []
-    for fn in (sparse_mla_fwd_kernel, sparse_mla_fwd_fp8_kernel):
+    for fn in (sparse_mla_fwd_kernel, sparse_mla_fwd_fp8_kernel, sparse_mla_fwd_sm90_kernel):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, k in dev_cache[0].items():
                 try:
@@ -157,7 +160,11 @@ def main():
         if best is not None:
             config = cfg_of(best)
             results["best_variant"] = list(best)
-    results["config"] = config or default_config(torch.device("cuda"), 128, D_V)
+    from flashdsa.ops.sparse_mla.fwd_sm90 import SM90_GLUON, gluon_device
+
+    gluon = config is None and gluon_device(torch.device("cuda")) is None
+    results["kernel"] = "gluon" if gluon else "triton"
+    results["config"] = SM90_GLUON if gluon else config or default_config(torch.device("cuda"), 128, D_V)
     rows = []
     for s_kv in (8192, 65536):
         for h in (128, 64):
@@ -166,6 +173,10 @@ def main():
             ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=config))
             row = {"s_q": S_Q, "s_kv": s_kv, "h_q": h, "topk": TOPK, "ms": ms, "tflops": f / ms * 1e-9}
             row["vs_bf16_matmul"] = row["tflops"] / bf16_ceiling
+            if config is None:
+                t_ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, impl="triton"))
+                row["triton_ms"], row["triton_tflops"] = t_ms, f / t_ms * 1e-9
+                row["triton_vs_bf16_matmul"] = row["triton_tflops"] / bf16_ceiling
             if not args.no_baselines:
                 n_ms = bench_ms(lambda: naive_gather(q, kv, idx), warmup=5, rep=20)
                 row["naive_ms"], row["naive_tflops"] = n_ms, f / n_ms * 1e-9
@@ -180,7 +191,8 @@ def main():
             torch.cuda.empty_cache()
     results["prefill"] = rows
     results["kernel_resources"] = kernel_resources()
-    print_table(rows, ["s_kv", "h_q", "ms", "tflops", "vs_bf16_matmul", "naive_tflops", "dense_sdpa_ms"])
+    print_table(rows, ["s_kv", "h_q", "ms", "tflops", "vs_bf16_matmul", "triton_tflops", "triton_vs_bf16_matmul",
+                       "naive_tflops", "dense_sdpa_ms"])
     print("written", write_result("sparse_mla", results))
 
 

@@ -1,6 +1,7 @@
 """The public ops: validate inputs once, then dispatch to a Triton kernel or the reference.
 
-Every op takes ``backend="auto" | "triton" | "reference"`` (see flashdsa.backend).
+Every op takes ``backend="auto" | "triton" | "reference"``, sparse_mla_fwd also "gluon"
+(see flashdsa.backend).
 Shapes follow SPEC.md: batches are flattened into the token axis and described by
 per-row candidate ranges [ks, ke) or by ``cu_seqlens``.
 """
@@ -179,6 +180,10 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         sm_scale: softmax scale, required (DeepSeek-V3.2: (128 + 64)^-0.5 times YaRN's
             mscale^2, see flashdsa.reference.yarn_softmax_scale).
         d_v: value width (512 for DeepSeek-V3.2).
+        backend: "auto": on an sm_90 GPU the Gluon kernel where it takes the shape (bf16,
+            d_qk 576, d_v 512, h_q a multiple of 64, no ``return_probs``), the portable
+            Triton kernel on other GPUs and shapes, the reference on CPU; "triton", "gluon"
+            (fails clearly where it cannot run) or "reference" force one.
         return_probs: also return ``probs [s_q, topk]`` fp32, the attention probability of
             each slot averaged over the heads (0 at invalid slots, not differentiable): the
             target of the sparse-stage indexer loss (:func:`sparse_kl_loss_from_probs`),
@@ -200,10 +205,19 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     _check_sm_scale(sm_scale)
     check(probs_precision in PROBS_PRECISIONS, ValueError,
           f"probs_precision: expected one of {PROBS_PRECISIONS}, got {probs_precision!r}")
-    if resolve_backend(backend, q) == "triton":
+    chosen = resolve_backend(backend, q, gluon=True)
+    if chosen == "gluon":
+        from .ops.sparse_mla.fwd_sm90 import gluon_fwd_supported
+
+        why = gluon_fwd_supported(q, kv, d_v) or (
+            "the Gluon kernel does not return probabilities (return_probs=True takes backend='triton')"
+            if return_probs else None)
+        check(why is None, ValueError, f"backend='gluon': {why}")
+    if chosen != "reference":
         # differentiable in q and kv (and lse): custom ops + autograd, torch.compile-traceable
         from .ops.sparse_mla import sparse_mla_fwd as kernel
-        return kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs, probs_precision=probs_precision)
+        return kernel(q, kv, indices, sm_scale, d_v, return_probs=return_probs, probs_precision=probs_precision,
+                      impl="auto" if backend == "auto" else chosen)
     return ref.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs=return_probs)
 
 

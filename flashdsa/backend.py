@@ -1,9 +1,13 @@
-"""Backend selection: every public op takes ``backend="auto" | "triton" | "reference"``.
+"""Backend selection: every public op takes ``backend="auto" | "triton" | "reference"``,
+and the ops with a Hopper kernel written in Gluon (``flashdsa.sparse_mla_fwd``) also
+``"gluon"``.
 
-"auto" picks the Triton kernel for CUDA tensors when Triton imports, and the
-pure-PyTorch reference otherwise. "triton" on CPU tensors runs the kernels under
-the Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before Triton is
-imported (that is how the CPU tests exercise the kernels).
+"auto" picks the GPU kernels for CUDA tensors when Triton imports (for an op with a Gluon
+kernel: that one on sm_90 where it supports the shape, the portable Triton kernel
+elsewhere), and the pure-PyTorch reference otherwise. "triton" forces the portable Triton
+kernel; on CPU tensors it runs under the Triton interpreter, which needs
+``TRITON_INTERPRET=1`` set before Triton is imported (that is how the CPU tests exercise
+the kernels). "gluon" forces the Gluon kernel and fails where it cannot run.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "gluon", "reference")
 
 
 # Looked up once at import: a plain constant keeps torch.compile from tracing a lookup.
@@ -35,11 +39,19 @@ def fused_inference(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Return "triton" or "reference" for an op whose main input is ``x``."""
+def resolve_backend(backend: str, x: torch.Tensor, gluon: bool = False) -> str:
+    """Return "triton" or "reference" for an op whose main input is ``x``; with ``gluon``
+    (the op has a Gluon kernel) also "gluon", for ``backend="gluon"`` on a CUDA tensor."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
+        return backend
+    if backend == "gluon":
+        if not gluon:
+            raise ValueError("backend='gluon': this op has no Gluon kernel; use 'auto', 'triton' or 'reference'")
+        if not (_TRITON_AVAILABLE and x.is_cuda):
+            raise RuntimeError("backend='gluon' needs CUDA tensors and the triton package (the Gluon kernels "
+                               "do not run in the Triton interpreter)")
         return backend
     usable = triton_available() and (x.is_cuda or triton_interpreted())
     if backend == "auto":

@@ -64,6 +64,23 @@ def _launch_mode(torch) -> str:
     return "plain (programmatic dependent launch needs NVIDIA sm_90 or later)"
 
 
+def _prefill_kernel(torch) -> str:
+    """flashdsa info's line on the sparse MLA forward that backend="auto" runs here."""
+    if not torch.cuda.is_available():
+        return "reference (no CUDA device)"
+    from .backend import triton_available
+
+    if not triton_available():
+        return "reference (no triton)"
+    from .ops.sparse_mla.fwd_sm90 import gluon_device
+
+    why = gluon_device(torch.device("cuda", 0))
+    if why is None:
+        return ("gluon (the Hopper kernel: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no probabilities; "
+                "triton otherwise)")
+    return f"triton ({why})"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, the device and which backends are usable here."""
     import importlib.metadata
@@ -101,6 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("backend reference", "usable"),
         ("backend triton", triton_state),
         ("backend auto", "triton" if triton_available() and torch.cuda.is_available() else "reference"),
+        ("sparse MLA forward", _prefill_kernel(torch)),
         ("decode launches", _launch_mode(torch)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -158,7 +158,7 @@ def test_public_api_autograd_and_opcheck():
     assert rel_err(q.grad, qd.grad) < 1e-5 and rel_err(kv.grad, kvd.grad) < 1e-5
     for probs_bytes in (0, 2, 1):
         torch.library.opcheck(_sparse_mla_fwd_op, (q.detach().requires_grad_(), kv.detach().requires_grad_(),
-                                                   idx, 0.3, d_v, probs_bytes))
+                                                   idx, 0.3, d_v, probs_bytes, "triton"))
 
 
 @requires_cuda

@@ -55,6 +55,7 @@ from ..common import (
     pdl_prologue,
 )
 from .fwd_fp8 import sparse_mla_fwd_fp8_kernel
+from .fwd_sm90 import gluon_fwd_supported, run_sparse_mla_fwd_sm90
 
 # Block sizes per GPU family, for the fast shape (d_qk 576, d_v 512, h_q >= 64); the
 # defaults of default_config, any key can be overridden by the ``config`` argument.
@@ -480,7 +481,8 @@ def run_over_rows(q: torch.Tensor, idx: torch.Tensor, rows: KvRows, sm_scale: fl
 
 def run_sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                        d_v: int = 512, n_split: int = 1, config: dict | None = None, return_probs: bool = False,
-                       scratch_bytes: int = 1 << 30, probs_dtype: torch.dtype = torch.float8_e4m3fn):
+                       scratch_bytes: int = 1 << 30, probs_dtype: torch.dtype = torch.float8_e4m3fn,
+                       impl: str = "auto"):
     """Sparse MLA forward (SPEC 3) on validated inputs, not differentiable (use
     ``flashdsa.sparse_mla_fwd``, or flashdsa.ops.sparse_mla.sparse_mla_fwd for the
     differentiable custom op).
@@ -499,6 +501,10 @@ def run_sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     (fp16) per query, plus 4 bytes per (query, head, block); a separate reduction kernel
     reads it back, rescales it by the final lse and averages over the heads. Queries run
     in chunks whose scratch fits ``scratch_bytes``.
+    ``impl``: "triton" runs the Triton kernel of this module; "gluon" the Hopper kernel of
+    fwd_sm90.py (ValueError where :func:`~flashdsa.ops.sparse_mla.fwd_sm90.gluon_fwd_supported`
+    says it cannot, or with probabilities, split-k or a ``config``); "auto" the Gluon kernel
+    where it can run, else the Triton one.
     ``probs_dtype``: the scratch's type, torch.float8_e4m3fn (256 p stored: 2^-4 relative
     rounding of each head's probability, values below 2^-14 of their block's max lost) or
     torch.float16 (2^-11 relative rounding).
@@ -506,6 +512,13 @@ def run_sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     q = last_dim_contiguous(q)
     kv2 = last_dim_contiguous(kv[:, 0])
     idx = last_dim_contiguous(indices[:, 0])
+    if impl != "triton":
+        why = ("it returns no probabilities" if return_probs else "it has no split-k" if n_split > 1
+               else "it takes no config" if config else None) or gluon_fwd_supported(q, kv2, d_v)
+        if why is None:
+            return run_sparse_mla_fwd_sm90(q, kv2, idx, sm_scale)
+        if impl == "gluon":
+            raise ValueError(f"impl='gluon': {why}")
     tail = kv2[:, d_v:] if q.shape[-1] > d_v else None
     return run_over_rows(q, idx, KvRows(kv2, tail, None, kv.shape[0]), sm_scale, d_v, n_split, config,
                          probs_dtype=probs_dtype if return_probs else None, scratch_bytes=scratch_bytes)

@@ -4,9 +4,10 @@ Three layers (the flash-attention interface pattern):
   1. raw ops registered with ``torch.library.custom_op`` plus ``register_fake`` (shape and
      dtype propagation without running a kernel), so torch.compile traces them as opaque
      nodes instead of graph-breaking on Triton launches:
-       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v, probs_bytes)
+       ``flashdsa::sparse_mla_fwd(q, kv, indices, sm_scale, d_v, probs_bytes, impl)
                                   -> (out, max_logits, lse, probs)`` (probs [s_q, 0] unless
-                                  probs_bytes is 2 (fp16 scratch) or 1 (e4m3 scratch))
+                                  probs_bytes is 2 (fp16 scratch) or 1 (e4m3 scratch); impl:
+                                  "auto", "triton" or "gluon", see run_sparse_mla_fwd)
        ``flashdsa::sparse_mla_bwd(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v,
                                   deterministic) -> (dq, dkv)``
   2. the autograd formula attached with ``torch.library.register_autograd``: it saves q,
@@ -33,16 +34,17 @@ from .fwd import run_sparse_mla_fwd
 
 @torch.library.custom_op("flashdsa::sparse_mla_fwd", mutates_args=())
 def _sparse_mla_fwd_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                       d_v: int, probs_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       d_v: int, probs_bytes: int, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
     res = run_sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs=probs_bytes > 0,
-                             probs_dtype=torch.float8_e4m3fn if probs_bytes == 1 else torch.float16)
+                             probs_dtype=torch.float8_e4m3fn if probs_bytes == 1 else torch.float16, impl=impl)
     probs = res[3] if probs_bytes else q.new_empty(q.shape[0], 0, dtype=torch.float32)
     # custom_op outputs may not alias inputs or each other; the kernels allocate fresh.
     return res[0], res[1], res[2], probs
 
 
 @_sparse_mla_fwd_op.register_fake
-def _(q, kv, indices, sm_scale, d_v, probs_bytes):
+def _(q, kv, indices, sm_scale, d_v, probs_bytes, impl):
     s_q, h = q.shape[0], q.shape[1]
     return (q.new_empty(s_q, h, d_v), q.new_empty(s_q, h, dtype=torch.float32),
             q.new_empty(s_q, h, dtype=torch.float32),
@@ -62,7 +64,7 @@ def _(q, kv, indices, out, dout, lse, dlse, sm_scale, d_v, deterministic):
 
 
 def _setup_context(ctx, inputs, output):
-    q, kv, indices, sm_scale, d_v, _ = inputs
+    q, kv, indices, sm_scale, d_v, _, _ = inputs
     out, max_logits, lse, probs = output
     ctx.save_for_backward(q, kv, indices, out, lse)
     ctx.sm_scale, ctx.d_v = sm_scale, d_v
@@ -75,24 +77,25 @@ def _backward(ctx, dout, dmax_logits, dlse, dprobs):
         dout = torch.zeros_like(out)
     dq, dkv = _sparse_mla_bwd_op(q, kv, indices, out, dout.contiguous(), lse, dlse, ctx.sm_scale, ctx.d_v,
                                  torch.are_deterministic_algorithms_enabled())
-    return dq, dkv, None, None, None, None
+    return dq, dkv, None, None, None, None, None
 
 
 torch.library.register_autograd("flashdsa::sparse_mla_fwd", _backward, setup_context=_setup_context)
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
-                   return_probs: bool = False, probs_precision: str = "e4m3"):
-    """Triton sparse MLA forward, differentiable in q and kv (and through lse).
+                   return_probs: bool = False, probs_precision: str = "e4m3", impl: str = "auto"):
+    """Sparse MLA forward on the GPU kernels, differentiable in q and kv (and through lse).
 
     Same contract as :func:`flashdsa.ops.sparse_mla.fwd.run_sparse_mla_fwd`: q [s_q, h_q, d_qk],
     kv [s_kv, 1, d_qk], indices [s_q, 1, topk] int32 -> (out [s_q, h_q, d_v] in q.dtype,
     max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32), plus the head-mean probs [s_q, topk]
     fp32 (not differentiable) with ``return_probs``, through a scratch of ``probs_precision``
-    ("e4m3" or "fp16"). Inputs assumed validated.
+    ("e4m3" or "fp16"). ``impl``: which forward kernel, see run_sparse_mla_fwd. Inputs
+    assumed validated.
     """
     probs_bytes = (1 if probs_precision == "e4m3" else 2) if return_probs else 0
-    res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), probs_bytes)
+    res = torch.ops.flashdsa.sparse_mla_fwd(q, kv, indices, float(sm_scale), int(d_v), probs_bytes, impl)
     return res if return_probs else res[:3]
 
 

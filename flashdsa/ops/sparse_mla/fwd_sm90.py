@@ -1,0 +1,261 @@
+"""Hopper (sm_90) sparse MLA forward in Gluon: the prefill fast path (SPEC 3).
+
+Same contract as the Triton kernel in fwd.py (one query token and a block of 64 heads a
+program, the top-k list walked in blocks of ``BLOCK_K`` gathered rows, online softmax in
+base 2), with what Triton's language cannot express:
+
+- warp specialization: a producer partition of 4 warps gathers the selected rows by
+  cp.async into a ring of ``NUM_STAGES`` shared-memory stages (invalid indices copy
+  nothing and leave zeros) and signals each stage on an mbarrier as its copies land;
+  the two consumer warpgroups free a stage on another mbarrier once both products have
+  read it. The consumers never compute a gather address;
+- the score tile s = q . k^T [64 heads, BLOCK_K rows] is split between the consumer
+  warpgroups along the rows (``warps_per_cta = [4, 2]``), so each q . k product is
+  computed once (Triton's chained-dot rule puts both warpgroups along the heads and
+  computes it twice); the output accumulator [64, 512] is split the same way along d_v
+  (128 fp32 registers a thread);
+- both products are asynchronous wgmma from shared memory (q stays resident: [64, 512]
+  and [64, 64] tiles), p goes to the second product from registers;
+- registers move between the partitions (``setmaxnreg``): the producer runs on
+  ``PRODUCER_REGS`` a thread, the consumers on what is left under ``maxnreg``.
+
+Shared memory at BLOCK_K 64 and 2 stages: q 72 KB + 2 x 72 KB of rows = 216 KB (227 KB
+is the limit), so one program runs per SM.
+
+Only the fast shape runs here: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no
+probabilities, no split-k. Everything else takes the Triton kernel (see
+:func:`gluon_fwd_supported`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common import LN2_C, LOG2E, interpreted
+
+try:  # Gluon ships with Triton >= 3.4; without it the Triton kernels serve every GPU
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                         warpgroup_mma_wait)
+    # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    # a block-wide barrier: gl.barrier from Triton 3.7 on
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    GLUON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    GLUON_AVAILABLE = False
+
+D_V = 512
+D_TAIL = 64
+BLOCK_H = 64
+# BLOCK_K: gathered rows a step; NUM_STAGES: shared-memory stages of gathered rows;
+# num_warps: the consumer warps (the producer's 4 come on top); maxnreg: registers a thread
+# at launch (65536 / 384 threads, rounded down to a multiple of 8); PRODUCER_REGS: the
+# producer's share after the launch (the consumers take the rest: spill-free on the Triton
+# 3.6 and 3.9 builds, where 40 spills).
+SM90_GLUON = dict(BLOCK_K=64, NUM_STAGES=2, num_warps=8, maxnreg=168, PRODUCER_REGS=56)
+
+
+def gluon_device(device: torch.device) -> str | None:
+    """None when the Gluon kernels can run on ``device``, else why not."""
+    if not GLUON_AVAILABLE:
+        return "this Triton has no Gluon (triton.experimental.gluon)"
+    if device.type != "cuda" or interpreted():
+        return "the Gluon kernels run on CUDA tensors, compiled (not in the Triton interpreter)"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return "the Gluon kernels are built for sm_90 (Hopper) GPUs"
+    return None
+
+
+def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> str | None:
+    """None when the Gluon kernel can run this forward (q [T, h_q, d_qk], kv [N, ..., d_qk]),
+    else why not (for errors and the dispatch)."""
+    why = gluon_device(q.device)
+    if why:
+        return why
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        return f"the Gluon kernel takes bf16 q and kv, got {q.dtype} and {kv.dtype}"
+    if d_v != D_V or q.shape[-1] != D_V + D_TAIL:
+        return f"the Gluon kernel takes d_qk {D_V + D_TAIL} and d_v {D_V}, got {q.shape[-1]} and {d_v}"
+    if q.shape[1] % BLOCK_H:
+        return f"the Gluon kernel takes h_q a multiple of {BLOCK_H}, got {q.shape[1]}"
+    return None
+
+
+if GLUON_AVAILABLE:
+
+    @gluon.jit
+    def _load_slots(idx_row, k0, topk, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+        """The row indices of slots [k0, k0 + BLOCK_K) in the two gather layouts (-1 past
+        topk). Loaded a step before their rows are gathered, so that the gather does not
+        wait on them."""
+        kk, kt = _row_range(k0, BLOCK_K, num_warps)
+        return gl.load(idx_row + kk, mask=kk < topk, other=-1), gl.load(idx_row + kt, mask=kt < topk, other=-1)
+
+    @gluon.jit
+    def _row_range(start, ROWS: gl.constexpr, num_warps: gl.constexpr):
+        """Rows start + [0, ROWS) in the two layouts of :func:`_issue_rows`."""
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        return (start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, nope_l)),
+                start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, tail_l)))
+
+    @gluon.jit
+    def _issue_rows(kv_ptr, idx, idx_t, n_kv, stride_kv, nope_smem, tail_smem, num_warps: gl.constexpr):
+        """cp.async of the rows ``idx`` (the same indices in the tail's layout: ``idx_t``)
+        into one stage: the first 512 columns into ``nope_smem`` [BLOCK_K, 512], the last
+        64 into ``tail_smem`` [BLOCK_K, 64]. Invalid indices (< 0 or >= n_kv) read nothing
+        and leave zeros."""
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        valid = (idx >= 0) & (idx < n_kv)
+        base = kv_ptr + gl.where(valid, idx, 0).to(gl.int64) * stride_kv
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, nope_l))
+        for c in gl.static_range(512 // 128):
+            _async_load(nope_smem.slice(c * 128, 128, dim=1), base[:, None] + (c * 128 + cols)[None, :],
+                        mask=valid[:, None])
+        valid_t = (idx_t >= 0) & (idx_t < n_kv)
+        base_t = kv_ptr + gl.where(valid_t, idx_t, 0).to(gl.int64) * stride_kv + 512
+        cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
+        _async_load(tail_smem, base_t[:, None] + cols_t[None, :], mask=valid_t[:, None])
+
+    @gluon.jit
+    def _gather_partition(kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
+                     BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """The gather partition (4 warps): block j's rows into stage j % NUM_STAGES once the
+        consumers have freed it (an mbarrier starts with its phase before 0 complete, so the
+        first NUM_STAGES waits pass); each thread's copies arrive on the stage's ready
+        barrier when they land. The next block's indices load while this one's copies go."""
+        n_blocks = gl.cdiv(topk, BLOCK_K)
+        idx_n, idx_t = _load_slots(idx_row, 0, topk, BLOCK_K, 4)
+        for j in range(n_blocks):
+            st = j % NUM_STAGES
+            mbarrier.wait(empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
+            _issue_rows(kv_ptr, idx_n, idx_t, n_kv, stride_kv, k_nope.index(st), k_tail.index(st), 4)
+            async_copy.mbarrier_arrive(ready.index(st), increment_count=False)
+            idx_n, idx_t = _load_slots(idx_row, (j + 1) * BLOCK_K, topk, BLOCK_K, 4)
+
+    @gluon.jit
+    def _attend_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
+                     h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                     q_nope, q_tail, k_nope, k_tail, ready, empty,
+                     BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The attention partition (the two consumer warpgroups): q into shared memory, then
+        for each block: wait for its stage, s = q . k^T (split along the rows), the online
+        softmax, acc += p @ v (split along d_v), free the stage; then the outputs."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, BLOCK_K // 2, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, 256, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        # q of this token's 64 heads: rows pid_h * 64 + [0, 64) of q[pid_t], copied as gathered rows are
+        h_n, h_t = _row_range(pid_h * 64, 64, num_warps)
+        _issue_rows(q_ptr + pid_t.to(gl.int64) * stride_qt, h_n, h_t, h_q, stride_qh, q_nope, q_tail, num_warps)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()  # q is read by wgmma (the async proxy)
+        _barrier()
+
+        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([64], gl.float32, row_s)
+        acc = gl.zeros([64, 512], gl.float32, o_layout)
+        n_blocks = gl.cdiv(topk, BLOCK_K)
+        for j in range(n_blocks):
+            st = j % NUM_STAGES
+            kk = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
+            idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)  # for the mask, in the score layout
+            mbarrier.wait(ready.index(st), (j // NUM_STAGES) & 1)
+            fence_async_shared()  # the producer's copies, read next by wgmma
+            kn = k_nope.index(st)
+            s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma(q_tail, k_tail.index(st).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            valid = (idx >= 0) & (idx < n_kv)
+            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p_op, kn, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(st), count=1)  # both warpgroups are done with the stage
+
+        has = l_i > 0.0
+        inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)  # rows with no valid index: acc is 0
+        out = (acc * inv[:, None]).to(gl.bfloat16)
+        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
+        o_ptrs = (out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
+                  + gl.arange(0, 512, col_o)[None, :])
+        gl.store(o_ptrs, out)
+        heads = pid_h * 64 + gl.arange(0, 64, row_s)
+        l_off = pid_t.to(gl.int64) * stride_lt + heads
+        lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf"))
+        gl.store(lse_ptr + l_off, lse)
+        gl.store(ml_ptr + l_off, m_i * LN2_C)
+
+    @gluon.jit
+    def sparse_mla_fwd_sm90_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr,
+        n_kv, topk, h_q, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    ):
+        gl.static_assert(num_warps == 8, "two consumer warpgroups: the score tile split along its rows")
+        # one program per (token, head block), head blocks fastest: the programs of one token
+        # run together and share its gathered rows through L2 (a 1-D grid: no 65535 limit)
+        n_hb = h_q // 64
+        pid_h = gl.program_id(0) % n_hb
+        pid_t = gl.program_id(0) // n_hb
+        nope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16)
+        tail_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16)
+        qn_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16)
+        qt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512], qn_sl)
+        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64], qt_sl)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 512], nope_sl)
+        k_tail = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 64], tail_sl)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=128)  # one asynchronous arrival per producer thread
+            mbarrier.init(empty.index(i), count=1)  # one arrival of the consumers (after their barrier)
+        idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
+                                 h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                                 q_nope, q_tail, k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, num_warps)),
+            (_gather_partition, (kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
+                                 BLOCK_K, NUM_STAGES)),
+        ], [4], [PRODUCER_REGS])
+
+
+def run_sparse_mla_fwd_sm90(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float,
+                            config: dict | None = None):
+    """The Gluon forward: q [T, h_q, 576] bf16, kv [N, 576] bf16 rows, idx [T, topk] int32
+    (last dims contiguous, validated; :func:`gluon_fwd_supported` holds) -> (out [T, h_q,
+    512] bf16, max_logits [T, h_q] fp32, lse [T, h_q] fp32 natural log); ``config``
+    overrides keys of SM90_GLUON."""
+    cfg = dict(SM90_GLUON, **(config or {}))
+    t_q, h_q, _ = q.shape
+    out = torch.empty(t_q, h_q, D_V, dtype=q.dtype, device=q.device)
+    max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    if t_q == 0:
+        return out, max_logits, lse
+    sparse_mla_fwd_sm90_kernel[(h_q // BLOCK_H * t_q, )](
+        q, kv, idx, out, max_logits, lse, kv.shape[0], idx.shape[1], h_q, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
+        BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], maxnreg=cfg["maxnreg"])
+    return out, max_logits, lse

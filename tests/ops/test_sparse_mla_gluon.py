@@ -1,0 +1,160 @@
+"""The Hopper Gluon sparse MLA forward (flashdsa/ops/sparse_mla/fwd_sm90.py).
+
+Gluon kernels do not run in the Triton interpreter, so on CPU this file tests the dispatch
+(which forward runs for which inputs, and the errors of ``backend="gluon"``);
+tests/test_sm90_build.py compiles the kernel for sm_90 and fails on spills. The GPU tests
+(sm_90 only) compare it with the float64 reference at full size with adversarial indices.
+"""
+import pytest
+import torch
+
+import flashdsa
+from flashdsa import reference as ref
+from flashdsa.ops.sparse_mla import fwd, fwd_sm90
+from tests.utils import rel_err, requires_cuda
+
+SM_SCALE = 0.1352
+
+
+def _inputs(s_q, s_kv, h_q, topk, device="cpu", dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(s_q, h_q, 576, device=device, dtype=dtype, generator=g)
+    kv = torch.randn(s_kv, 1, 576, device=device, dtype=dtype, generator=g)
+    idx = torch.randint(0, s_kv, (s_q, 1, topk), device=device, dtype=torch.int32, generator=g)
+    return q, kv, idx
+
+
+@pytest.fixture
+def gluon_recorder(monkeypatch):
+    """The Gluon launcher replaced by a recorder, and every device taken for an sm_90 GPU:
+    what the dispatch of run_sparse_mla_fwd would launch there, on CPU tensors."""
+    calls = []
+
+    def fake(q, kv, idx, sm_scale, config=None):
+        calls.append((q.shape, kv.shape, idx.shape))
+        return (torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), torch.zeros(q.shape[:2]),
+                torch.zeros(q.shape[:2]))
+
+    monkeypatch.setattr(fwd, "run_sparse_mla_fwd_sm90", fake)
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
+    return calls
+
+
+def test_auto_takes_gluon_on_sm90_for_the_fast_shape(gluon_recorder):
+    q, kv, idx = _inputs(3, 100, 128, 64)
+    fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512)
+    fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="gluon")
+    assert gluon_recorder == [((3, 128, 576), (100, 576), (3, 64))] * 2
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(return_probs=True), "probabilities"),
+    (dict(n_split=2), "split-k"),
+    (dict(config=dict(BLOCK_K=32)), "config"),
+])
+def test_gluon_falls_back_or_refuses(gluon_recorder, monkeypatch, kwargs, why):
+    """What the Gluon kernel does not do goes to the Triton kernel under "auto", and is
+    refused under "gluon"."""
+    q, kv, idx = _inputs(3, 100, 64, 64)
+    triton_calls = []
+    monkeypatch.setattr(fwd, "run_over_rows", lambda *a, **k: triton_calls.append(1))
+    fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, **kwargs)
+    assert triton_calls == [1] and gluon_recorder == []
+    with pytest.raises(ValueError, match=why):
+        fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="gluon", **kwargs)
+
+
+def test_triton_impl_never_takes_gluon(gluon_recorder, monkeypatch):
+    q, kv, idx = _inputs(3, 100, 128, 64)
+    monkeypatch.setattr(fwd, "run_over_rows", lambda *a, **k: None)
+    fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="triton")
+    assert gluon_recorder == []
+
+
+@pytest.mark.parametrize("shape, dtype, d_v, why", [
+    ((2, 64, 576), torch.float16, 512, "bf16"),
+    ((2, 64, 192), torch.bfloat16, 128, "d_qk 576 and d_v 512"),
+    ((2, 48, 576), torch.bfloat16, 512, "multiple of 64"),
+])
+def test_gluon_supported_says_why_not(monkeypatch, shape, dtype, d_v, why):
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
+    q = torch.zeros(shape, dtype=dtype)
+    assert why in fwd_sm90.gluon_fwd_supported(q, torch.zeros(5, shape[2], dtype=dtype), d_v)
+    assert fwd_sm90.gluon_fwd_supported(torch.zeros(2, 128, 576, dtype=torch.bfloat16),
+                                        torch.zeros(5, 576, dtype=torch.bfloat16), 512) is None
+
+
+def test_gluon_device_on_this_machine():
+    """CPU tensors (and the interpreter) never take the Gluon kernel."""
+    assert fwd_sm90.gluon_device(torch.device("cpu")) is not None
+
+
+def test_backend_gluon_errors():
+    q, kv, idx = _inputs(3, 100, 64, 64)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        flashdsa.sparse_mla_fwd(q, kv, idx, SM_SCALE, backend="gluon")
+    with pytest.raises(ValueError, match="no Gluon kernel"):
+        flashdsa.act_quant(torch.randn(4, 128), backend="gluon")
+    with pytest.raises(ValueError, match="expected one of"):
+        flashdsa.sparse_mla_fwd(q, kv, idx, SM_SCALE, backend="cutlass")
+
+
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                          reason="the Gluon kernel runs on sm_90 GPUs")
+
+
+def _adversarial(s_q, s_kv, h_q, topk, seed):
+    """Valid rows, rows listed twice, -1 holes, rows >= s_kv and < -1, a row with no valid
+    slot (query 0) and a row whose second half is invalid (query 1)."""
+    q, kv, idx = _inputs(s_q, s_kv, h_q, topk, "cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    kind = torch.randint(0, 10, idx.shape, device="cuda", generator=g)
+    far = torch.randint(0, 1000, idx.shape, device="cuda", generator=g).int()
+    idx = torch.where(kind == 0, -1, idx)
+    idx = torch.where(kind == 1, s_kv + far, idx)
+    idx = torch.where(kind == 2, -2 - far, idx)
+    idx = torch.where(kind == 3, idx.roll(1, dims=2), idx)
+    idx[0] = -1
+    idx[1, :, topk // 2:] = s_kv
+    return q, kv, idx
+
+
+@requires_cuda
+@sm90
+@pytest.mark.parametrize("h_q, s_kv, topk", [(128, 65536, 2048), (64, 65536, 2048), (128, 3000, 1000)])
+def test_gpu_gluon_matches_float64_reference(h_q, s_kv, topk):
+    """Full shapes with every kind of index, outputs poisoned with NaN first: the Gluon
+    forward's error against the float64 reference is within 1.25x the Triton kernel's on
+    the same inputs (both round the output to bf16), lse and max_logits to 1e-4, the empty
+    row gives out 0, lse +inf, max_logits -inf."""
+    q, kv, idx = _adversarial(24, s_kv, h_q, topk, seed=h_q + topk)
+    r_out, r_ml, r_lse = ref.sparse_mla_fwd(q.double(), kv.double(), idx, SM_SCALE, 512)
+    t_out = fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="triton")[0]
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))  # freed: the next outputs reuse it
+    out, ml, lse = fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="gluon")
+    assert not torch.isnan(out).any()
+    assert rel_err(out, r_out) <= 1.25 * rel_err(t_out, r_out) + 1e-5
+    fin = torch.isfinite(r_lse)
+    assert (lse.double() - r_lse)[fin].abs().max() < 1e-4
+    assert (ml.double() - r_ml)[fin].abs().max() < 1e-4
+    assert (out[0] == 0).all() and (lse[0] == float("inf")).all() and (ml[0] == float("-inf")).all()
+
+
+@requires_cuda
+@sm90
+def test_gpu_auto_is_gluon_and_trains():
+    """backend="auto" runs the Gluon forward on sm_90 (same outputs as backend="gluon"), and
+    the gradients through it match the Triton forward's."""
+    q, kv, idx = _inputs(40, 5000, 128, 512, "cuda")
+    outs = {b: flashdsa.sparse_mla_fwd(q, kv, idx, SM_SCALE, backend=b) for b in ("auto", "gluon")}
+    assert all(torch.equal(a, b) for a, b in zip(outs["auto"], outs["gluon"]))
+    grads = {}
+    for b in ("auto", "triton"):
+        qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        out, _, lse = flashdsa.sparse_mla_fwd(qq, kk, idx, SM_SCALE, backend=b)
+        (out.float().square().sum() + lse.sum()).backward()
+        grads[b] = (qq.grad, kk.grad)
+    for a, b in zip(grads["auto"], grads["triton"]):
+        assert rel_err(a, b) < 1e-2
+    with pytest.raises(ValueError, match="probabilities"):
+        flashdsa.sparse_mla_fwd(q, kv, idx, SM_SCALE, backend="gluon", return_probs=True)
