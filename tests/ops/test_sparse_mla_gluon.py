@@ -10,7 +10,7 @@ import torch
 
 import flashdsa
 from flashdsa import reference as ref
-from flashdsa.ops.sparse_mla import fwd, fwd_sm90
+from flashdsa.ops.sparse_mla import decode, fwd, fwd_sm90
 from tests.utils import rel_err, requires_cuda
 
 SM_SCALE = 0.1352
@@ -36,6 +36,7 @@ def gluon_recorder(monkeypatch):
                 torch.zeros(q.shape[:2]))
 
     monkeypatch.setattr(fwd, "run_sparse_mla_fwd_sm90", fake)
+    monkeypatch.setattr(decode, "run_sparse_mla_fwd_sm90", fake)
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
     return calls
 
@@ -62,6 +63,26 @@ def test_gluon_falls_back_or_refuses(gluon_recorder, monkeypatch, kwargs, why):
     assert triton_calls == [1] and gluon_recorder == []
     with pytest.raises(ValueError, match=why):
         fwd.run_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, impl="gluon", **kwargs)
+
+
+def test_paged_decode_takes_gluon_without_split(gluon_recorder, monkeypatch):
+    """The paged path (decode batches, engine prefill chunks) over a bf16 cache takes the
+    Gluon forward when it runs without split-k; split-k and fp8_ds_mla rows stay on the
+    Triton kernels."""
+    from flashdsa.layout import MLA_FP8_BYTES
+
+    monkeypatch.setattr(decode, "run_over_rows", lambda q, idx, rows, *a, **k: (
+        torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), None, torch.zeros(q.shape[:2])))
+    q = torch.randn(2, 3, 128, 576, dtype=torch.bfloat16)
+    cache = torch.randn(4, 64, 1, 576, dtype=torch.bfloat16)
+    idx = torch.randint(0, 256, (2, 3, 64), dtype=torch.int32)
+    out, lse = decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, n_split=1)
+    assert gluon_recorder == [((6, 128, 576), (256, 576), (6, 64))]
+    assert out.shape == (2, 3, 128, 512) and lse.shape == (2, 3, 128)
+    decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, n_split=4)
+    decode.sparse_mla_decode(q, torch.zeros(4, 64, 1, MLA_FP8_BYTES, dtype=torch.uint8), idx, SM_SCALE, 512,
+                             "fp8_ds_mla", n_split=1)
+    assert len(gluon_recorder) == 1
 
 
 def test_triton_impl_never_takes_gluon(gluon_recorder, monkeypatch):
