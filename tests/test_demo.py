@@ -141,6 +141,24 @@ def test_eval_without_a_training_record(tmp_path, capsys):
     assert "sparse attention (DSA" in text and "indexer unknown (no training record)" in text
 
 
+def test_bench_train_toy(tmp_path):
+    """The training-throughput sweep at toy size on CPU: every stage at every context, with
+    rates and model FLOPs that follow from the step times."""
+    from benchmarks.bench_train import main as bench
+    from flashdsa.recipe import STAGES
+
+    n = torch.get_num_threads()
+    try:
+        assert bench(["--toy", "--contexts", "64", "128", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = json.loads((tmp_path / "bench_train_toy.json").read_text())
+    assert [(r["context"], r["stage"]) for r in res["rows"]] == [(c, s) for c in (64, 128) for s in STAGES]
+    for r in res["rows"]:
+        assert r["seconds_per_step"] > 0 and r["batch"] == 512 // r["context"]
+        assert abs(r["tokens_per_s"] * r["seconds_per_step"] - 512) < 1e-6 * 512 and r["model_tflops"] > 0
+
+
 def test_quality_study_toy(tmp_path):
     """The GPU study script's logic, at toy size on CPU: probe, plan, run, JSON, plots."""
     import xml.etree.ElementTree as ET
