@@ -100,10 +100,58 @@ def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_sha
     return pretrain, branch, warm
 
 
+BRANCHES = {"(a) dense": ["(a) dense continued"], "(b) DSA": ["(b) DSA warm-up", "(b) DSA sparse"]}
+
+
+def loss_by_time(res: dict) -> dict[str, list[tuple[float, float]]]:
+    """Each branch's training LM loss against its own training seconds (the stages of a
+    branch one after the other; a stage's logged steps placed at their share of its
+    seconds, its steps taken as equally long). Branch (b)'s warm-up trains the indexers
+    only: its LM loss stays the pretrained model's, and its seconds count."""
+    curves = {}
+    for branch, names in BRANCHES.items():
+        t0, pts = 0.0, []
+        for name in names:
+            st = res["stages"].get(name)
+            if not st or not st["steps"]:
+                continue
+            per_step = st["seconds"] / st["steps"]
+            pts += [(t0 + step * per_step, lm) for step, _, lm, _ in st["history"]]
+            t0 += st["seconds"]
+        curves[branch] = pts
+    return curves
+
+
+def equal_time(res: dict) -> dict | None:
+    """The branches at equal training time: when (b) finishes first (sparse steps are
+    faster at long context), (a)'s training LM loss at (b)'s total seconds (interpolated
+    along its logged steps) against (b)'s last; and the other way round. None without
+    both curves."""
+    curves = loss_by_time(res)
+    a, b = curves.get("(a) dense"), curves.get("(b) DSA")
+    if not a or not b:
+        return None
+    first, other = ("(b) DSA", a) if b[-1][0] <= a[-1][0] else ("(a) dense", b)
+    t_end, loss_end = curves[first][-1]
+    before = [p for p in other if p[0] <= t_end]
+    after = [p for p in other if p[0] > t_end]
+    if not before:
+        at = other[0][1]
+    elif not after:
+        at = before[-1][1]
+    else:
+        (t0, l0), (t1, l1) = before[-1], after[0]
+        at = l0 + (l1 - l0) * (t_end - t0) / (t1 - t0)
+    return {"seconds": t_end, "finished_first": first, "its_train_lm_loss": loss_end,
+            "other_train_lm_loss_at_that_time": at,
+            "seconds_a": a[-1][0], "seconds_b": b[-1][0]}
+
+
 def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
     """``<prefix>_loss.svg`` (training LM loss against the data step: pretraining and both
     branches on one axis), ``<prefix>_loss_by_position.svg`` (held-out loss of each
-    evaluated model by position bucket) and, where the rows have it,
+    evaluated model by position bucket), ``<prefix>_loss_by_time.svg`` (each branch's
+    training LM loss against its training seconds: :func:`loss_by_time`) and, where the rows have it,
     ``<prefix>_retrieval_by_distance.svg`` (passkey accuracy by distance bucket) in
     ``out_dir``, with matplotlib."""
     from benchmarks.plot import line_chart
@@ -115,6 +163,9 @@ def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
                         "training LM loss (same data steps for both branches)", "data step", "loss (nats/byte)"),
              line_chart(by_position, os.path.join(out_dir, f"{prefix}_loss_by_position.svg"),
                         "held-out loss by position", "position (bucket centre)", "loss (nats/byte)", logx=True)]
+    paths.append(line_chart(loss_by_time(res), os.path.join(out_dir, f"{prefix}_loss_by_time.svg"),
+                            "training LM loss of each branch against its training time", "seconds",
+                            "loss (nats/byte)"))
     by_distance = {r["name"]: [(b["distance"], 100 * b["accuracy"]) for b in r["retrieval_by_distance"]]
                    for r in res["rows"] if r.get("retrieval_by_distance")}
     if by_distance:
@@ -246,6 +297,7 @@ def main(argv=None) -> int:
     print(table)
     res["table"] = table
     dense, dsa = res["rows"][0], res["rows"][-1]
+    res["equal_time"] = equal_time(res)
     res["summary"] = {
         "loss_gap_pct": 100 * (dsa["lm"]["loss"] / dense["lm"]["loss"] - 1),
         "retrieval_gap_points": 100 * (dsa["retrieval"]["accuracy"] - dense["retrieval"]["accuracy"]),

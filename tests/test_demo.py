@@ -159,6 +159,23 @@ def test_bench_train_toy(tmp_path):
         assert abs(r["tokens_per_s"] * r["seconds_per_step"] - 512) < 1e-6 * 512 and r["model_tflops"] > 0
 
 
+def test_equal_time_comparison():
+    """Each branch's logged steps placed at their share of its stages' seconds; the branch
+    that finishes first against the other's loss interpolated at that time."""
+    from benchmarks.quality_study import equal_time, loss_by_time
+
+    stages = {"(a) dense continued": {"steps": 4, "seconds": 8.0, "history": [(2, 0, 3.0, 0), (4, 0, 2.0, 0)]},
+              "(b) DSA warm-up": {"steps": 1, "seconds": 1.0, "history": [(1, 0, 3.5, 0)]},
+              "(b) DSA sparse": {"steps": 3, "seconds": 3.0, "history": [(2, 0, 3.0, 0), (3, 0, 2.5, 0)]}}
+    assert loss_by_time({"stages": stages}) == {"(a) dense": [(4.0, 3.0), (8.0, 2.0)],
+                                                "(b) DSA": [(1.0, 3.5), (3.0, 3.0), (4.0, 2.5)]}
+    assert equal_time({"stages": stages}) == {"seconds": 4.0, "finished_first": "(b) DSA", "its_train_lm_loss": 2.5,
+                                              "other_train_lm_loss_at_that_time": 3.0, "seconds_a": 8.0,
+                                              "seconds_b": 4.0}
+    stages["(a) dense continued"]["history"] = [(1, 0, 3.2, 0), (3, 0, 2.4, 0), (4, 0, 2.0, 0)]
+    assert equal_time({"stages": stages})["other_train_lm_loss_at_that_time"] == 3.2 + (2.4 - 3.2) * (4 - 2) / (6 - 2)
+
+
 def test_quality_study_toy(tmp_path):
     """The GPU study script's logic, at toy size on CPU: probe, plan, run, JSON, plots."""
     import xml.etree.ElementTree as ET
@@ -181,11 +198,16 @@ def test_quality_study_toy(tmp_path):
     assert {"loss_gap_pct", "retrieval_gap_points", "indexer_recall_pct"} <= set(res["summary"])
     assert "torch" in res and "command" in res
     legends = {"quality_study_toy_loss.svg": set(res["stages"]),
-               "quality_study_toy_loss_by_position.svg": {r["name"] for r in res["rows"]}}
+               "quality_study_toy_loss_by_position.svg": {r["name"] for r in res["rows"]},
+               "quality_study_toy_loss_by_time.svg": {"(a) dense", "(b) DSA"}}
     for plot, names in legends.items():     # each plot's legend names its series
         root = ET.parse(tmp_path / plot).getroot()
         texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
-        assert root.tag.endswith("svg") and len(names) >= 3 and names <= texts
+        assert root.tag.endswith("svg") and len(names) >= 2 and names <= texts
+    eq = res["equal_time"]    # the branch that finished first, the other's loss at that time
+    a, b = res["stages"]["(a) dense continued"], (res["stages"]["(b) DSA warm-up"], res["stages"]["(b) DSA sparse"])
+    assert abs(eq["seconds_a"] - a["seconds"]) < 1e-9 and abs(eq["seconds_b"] - b[0]["seconds"] - b[1]["seconds"]) < 1e-9
+    assert eq["seconds"] == min(eq["seconds_a"], eq["seconds_b"]) and eq["finished_first"] in ("(a) dense", "(b) DSA")
 
 
 def test_comparison_resumes_across_calls_exactly(tmp_path):
