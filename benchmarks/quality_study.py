@@ -191,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--branch-lr", type=float, default=4e-4)
     ap.add_argument("--warmup-lr", type=float, default=1e-3)
     ap.add_argument("--plant-prob", type=float, default=0.3)
+    ap.add_argument("--curriculum-steps", type=int, default=0,
+                    help="passkey distance curriculum over the first data steps (pretraining): the largest "
+                         "distance grows from 64 tokens to the window (flashdsa.data.curriculum_distances)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-retrieval", type=int, default=32)
@@ -233,7 +236,8 @@ def main(argv=None) -> int:
     mcfg = preset_config("tiny" if args.toy else "small", args.seq_len)
     cc = ComparisonConfig(preset="tiny" if args.toy else "small", seq_len=args.seq_len, batch_size=args.batch_size,
                           lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, retrieval="passkey",
-                          retrieval_distance=None, plant_prob=args.plant_prob, backend=args.backend,
+                          retrieval_distance=None, plant_prob=args.plant_prob, plant_curriculum=args.curriculum_steps,
+                          backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall, eval_by_distance=True, log_every=10)
 

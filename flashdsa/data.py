@@ -266,15 +266,30 @@ def retrieval_windows(corpus: Corpus, n: int, seq_len: int, distance: int, seed:
     return base, torch.stack(rows)
 
 
+CURRICULUM_START = 64  # the passkey curriculum's largest distance at data step 0
+
+
+def curriculum_distances(step: int, floor: int, seq_len: int, steps: int) -> tuple[int, int | None]:
+    """(min, max) passkey distance at data step ``step`` of a curriculum of ``steps`` data
+    steps: the largest distance grows linearly from CURRICULUM_START tokens to the whole
+    window, and the floor stays below it; from ``steps`` on, (``floor``, any)."""
+    if step >= steps:
+        return floor, None
+    largest = int(CURRICULUM_START + (seq_len - CURRICULUM_START) * step / steps)
+    return min(floor, largest), largest
+
+
 def training_batch(corpus: Corpus, step: int, batch_size: int, seq_len: int, seed: int = 0,
-                   plant_prob: float = 0.0, distance: int = 0, task: str = "passkey") -> torch.Tensor:
+                   plant_prob: float = 0.0, distance: int = 0, task: str = "passkey",
+                   max_distance: int | None = None) -> torch.Tensor:
     """A training batch [B, seq_len + 1]; with ``plant_prob`` > 0 that share of the
-    windows carries ``task`` planted ``distance`` tokens back (:func:`plant_retrieval`),
-    which teaches the retrieval skill the evaluation measures."""
+    windows carries ``task`` planted ``distance`` (a passkey: to ``max_distance``) tokens
+    back (:func:`plant_retrieval`), which teaches the retrieval skill the evaluation
+    measures."""
     x = corpus.batch(step, batch_size, seq_len, seed)
     if plant_prob > 0:
         g = _generator(seed + 7919, step)
         for i in range(batch_size):
             if float(torch.rand((), generator=g)) < plant_prob:
-                plant_retrieval(task, x[i], distance, g)
+                plant_retrieval(task, x[i], distance, g, max_distance)
     return x

@@ -37,6 +37,7 @@ class ComparisonConfig:
     retrieval_distance: int | None = 128   # repeat: its fixed offset (8 x index_topk at seq_len 256); passkey:
                                            # the distance floor (None: 4 x index_topk + 1)
     plant_prob: float = 0.5          # share of training windows with the task planted
+    plant_curriculum: int = 0        # passkey: data steps of the distance curriculum (TrainConfig.plant_curriculum)
     seed: int = 0
     backend: str = "auto"
     eval_windows: int = 16

@@ -37,7 +37,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from .config import DSAConfig
-from .data import BOS, EOS, VOCAB_SIZE, Corpus, check_repeat, training_batch
+from .data import BOS, EOS, VOCAB_SIZE, Corpus, check_repeat, curriculum_distances, training_batch
 from .errors import UsageError
 from .layers import MLA
 from .model import DSAForCausalLM
@@ -111,6 +111,8 @@ class TrainConfig:
     plant: str = "passkey"           # that task, one of flashdsa.recipe.RETRIEVAL_TASKS
     plant_distance: int | None = None  # passkey: distance floor, default 4 * index_topk + 1 (capped to fit the
                                        # window); repeat: its fixed offset, required
+    plant_curriculum: int = 0        # passkey: for data steps below this, the largest distance grows from 64
+                                     # tokens to the window (flashdsa.data.curriculum_distances); 0: none
     indexer_loss_weight: float = 1.0
     backend: str = "auto"
     amp: bool | None = None          # bf16 autocast; default on for CUDA
@@ -343,8 +345,11 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
                dynamic_ncols=True, disable=not live)
     first_step = state.step
     while state.step < last:
+        lo, hi = distance, None
+        if cfg.plant == "passkey" and cfg.plant_curriculum:
+            lo, hi = curriculum_distances(state.data_step, distance, cfg.seq_len, cfg.plant_curriculum)
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
-                               cfg.plant_prob, distance, cfg.plant).to(device, non_blocking=True)
+                               cfg.plant_prob, lo, cfg.plant, hi).to(device, non_blocking=True)
         n_tokens = batch[:, 1:].numel()
         if mesh is not None:
             batch = local_rows(batch, mesh)
@@ -428,7 +433,8 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         f"{mcfg.hidden_size}, context {cc.seq_len}, index_topk {mcfg.index_topk}; corpus {corpus.source} "
         f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M held-out tokens)")
     base = dict(batch_size=cc.batch_size, seq_len=cc.seq_len, seed=cc.seed, plant_prob=cc.plant_prob,
-                plant=cc.retrieval, plant_distance=cc.retrieval_distance, backend=cc.backend, log_every=cc.log_every)
+                plant=cc.retrieval, plant_distance=cc.retrieval_distance, plant_curriculum=cc.plant_curriculum,
+                backend=cc.backend, log_every=cc.log_every)
     buckets = (distance_buckets(cc.seq_len, mcfg.index_topk)
                if cc.eval_by_distance and cc.retrieval == "passkey" else None)
     eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,

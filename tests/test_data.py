@@ -171,3 +171,22 @@ def test_user_files(tmp_path):
     assert text.count("hello world") == 2000 and text.count("second file") == 2000
     with pytest.raises(FileNotFoundError, match="--data"):
         Corpus.load([str(tmp_path / "missing")])
+
+
+def test_passkey_curriculum():
+    """The largest distance grows from CURRICULUM_START to the window, the floor stays
+    under it, and after the curriculum the batches are the plain ones."""
+    from flashdsa.data import CURRICULUM_START, curriculum_distances
+
+    steps, floor, n = 100, 2049, 8192
+    ramp = [curriculum_distances(s, floor, n, steps) for s in range(steps)]
+    assert ramp[0] == (CURRICULUM_START, CURRICULUM_START) and all(lo <= hi for lo, hi in ramp)
+    assert [hi for _, hi in ramp] == sorted(hi for _, hi in ramp) and ramp[-1][1] > n - 100
+    assert curriculum_distances(steps, floor, n, steps) == (floor, None)
+    corpus = Corpus.load(max_bytes=1 << 18)
+    def batch(step, curriculum):
+        lo, hi = curriculum_distances(step, 65, 256, steps) if curriculum else (65, None)
+        return training_batch(corpus, step, 4, 256, 0, 1.0, lo, "passkey", hi)
+
+    assert torch.equal(batch(steps, True), batch(steps, False))
+    assert not torch.equal(batch(0, True), batch(0, False))

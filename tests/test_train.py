@@ -49,6 +49,21 @@ def test_lr_schedule():
     assert f[55] == pytest.approx(0.55)
 
 
+def test_passkey_curriculum_feeds_the_scheduled_batches(corpus, monkeypatch):
+    """With plant_curriculum, each step's batch takes the curriculum's distances for its
+    data step (flashdsa.data.curriculum_distances), then the plain floor."""
+    import flashdsa.train as T
+
+    seen = []
+    plain = T.training_batch
+    monkeypatch.setattr(T, "training_batch", lambda *a: seen.append((a[1], a[6], a[8])) or plain(*a))
+    train(_model(), corpus, _cfg(steps=4, batch_size=1, seq_len=256, plant_prob=1.0, plant_curriculum=3),
+          progress=False)
+    floor = seen[-1][1]   # the passkey floor train() picks (4 x index_topk + 1, capped to fit the window)
+    assert seen == [(s, *T.curriculum_distances(s, floor, 256, 3)) for s in range(3)] + [(3, floor, None)]
+    assert seen[0][2] < seen[1][2] < seen[2][2]
+
+
 def test_dense_stage_learns(corpus):
     model = _model()
     st = train(model, corpus, _cfg(steps=25, lr=5e-3), progress=False)
