@@ -105,9 +105,13 @@ def test_gluon_supported_says_why_not(monkeypatch, shape, dtype, d_v, why):
                                         torch.zeros(5, 576, dtype=torch.bfloat16), 512) is None
 
 
-def test_gluon_device_on_this_machine():
-    """CPU tensors (and the interpreter) never take the Gluon kernel."""
+def test_gluon_device_on_this_machine(monkeypatch):
+    """CPU tensors (and the interpreter) never take the Gluon kernel, nor a Triton older
+    than the Gluon API the kernels are written against."""
     assert fwd_sm90.gluon_device(torch.device("cpu")) is not None
+    assert fwd_sm90._triton_version("3.6.0") == (3, 6) and fwd_sm90._triton_version("3.10.0+git1") == (3, 10)
+    monkeypatch.setattr(fwd_sm90.triton, "__version__", "3.5.1")
+    assert "Triton >= 3.6, found 3.5.1" in fwd_sm90.gluon_device(torch.device("cuda"))
 
 
 def test_backend_gluon_errors():

@@ -28,11 +28,25 @@ probabilities, no split-k. Everything else takes the Triton kernel (see
 """
 from __future__ import annotations
 
+import re
+
 import torch
+import triton
 
 from ..common import LN2_C, LOG2E, interpreted
 
-try:  # Gluon ships with Triton >= 3.4; without it the Triton kernels serve every GPU
+# The Gluon API these kernels are written against (warp_specialize taking a list of
+# (function, arguments) pairs, the Hopper mbarrier and wgmma modules) is Triton 3.6's,
+# built and run there and built with 3.9; earlier Tritons take the Triton kernels.
+GLUON_MIN_TRITON = (3, 6)
+
+
+def _triton_version(text: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+try:  # Gluon ships with Triton; without it the Triton kernels serve every GPU
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -61,6 +75,9 @@ def gluon_device(device: torch.device) -> str | None:
     """None when the Gluon kernels can run on ``device``, else why not."""
     if not GLUON_AVAILABLE:
         return "this Triton has no Gluon (triton.experimental.gluon)"
+    if _triton_version(triton.__version__) < GLUON_MIN_TRITON:
+        return (f"the Gluon kernels need Triton >= {'.'.join(map(str, GLUON_MIN_TRITON))}, "
+                f"found {triton.__version__}")
     if device.type != "cuda" or interpreted():
         return "the Gluon kernels run on CUDA tensors, compiled (not in the Triton interpreter)"
     if torch.cuda.get_device_capability(device) != (9, 0):
