@@ -12,7 +12,7 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
     planted, batch = set(), flashdsa.train.training_batch
 
     def spy(*args):       # records each stage's (plant_prob, distance, task)
-        planted.add(args[5:])
+        planted.add(args[5:8])
         return batch(*args)
 
     monkeypatch.setattr(flashdsa.train, "training_batch", spy)
@@ -84,7 +84,7 @@ def test_cli_train_and_eval_on_the_repeat_task(tmp_path, capsys, monkeypatch):
     planted, batch = [], flashdsa.train.training_batch
 
     def spy(*args):       # records each step's (plant_prob, distance, task)
-        planted.append(args[5:])
+        planted.append(args[5:8])
         return batch(*args)
 
     monkeypatch.setattr(flashdsa.train, "training_batch", spy)
