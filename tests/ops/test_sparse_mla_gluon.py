@@ -101,8 +101,12 @@ def test_gluon_supported_says_why_not(monkeypatch, shape, dtype, d_v, why):
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
     q = torch.zeros(shape, dtype=dtype)
     assert why in fwd_sm90.gluon_fwd_supported(q, torch.zeros(5, shape[2], dtype=dtype), d_v)
-    assert fwd_sm90.gluon_fwd_supported(torch.zeros(2, 128, 576, dtype=torch.bfloat16),
-                                        torch.zeros(5, 576, dtype=torch.bfloat16), 512) is None
+    q, kv = torch.zeros(2, 128, 576, dtype=torch.bfloat16), torch.zeros(5, 576, dtype=torch.bfloat16)
+    assert fwd_sm90.gluon_fwd_supported(q, kv, 512) is None
+    wide = torch.zeros(5, 580, dtype=torch.bfloat16)[:, :576]          # rows 580 elements apart
+    shifted = torch.zeros(5 * 576 + 1, dtype=torch.bfloat16)[1:].view(5, 576)   # 2 bytes off alignment
+    for bad_q, bad_kv in ((q, wide), (q, shifted), (torch.zeros(2, 128, 580, dtype=torch.bfloat16)[..., :576], kv)):
+        assert "16-byte" in fwd_sm90.gluon_fwd_supported(bad_q, bad_kv, 512)
 
 
 def test_gluon_device_on_this_machine(monkeypatch):

@@ -52,9 +52,9 @@ try:  # Gluon ships with Triton; without it the Triton kernels serve every GPU
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                          warpgroup_mma_wait)
-    # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on
+    # cp.async of a pointer tensor into shared memory: async_load in newer Tritons (3.9), the older name in 3.6
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-    # a block-wide barrier: gl.barrier from Triton 3.7 on
+    # a barrier of the running partition's warps: gl.barrier in newer Tritons (3.9), thread_barrier in 3.6
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     GLUON_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -97,6 +97,12 @@ def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> str | No
         return f"the Gluon kernel takes d_qk {D_V + D_TAIL} and d_v {D_V}, got {q.shape[-1]} and {d_v}"
     if q.shape[1] % BLOCK_H:
         return f"the Gluon kernel takes h_q a multiple of {BLOCK_H}, got {q.shape[1]}"
+    # cp.async copies 16 bytes: the rows of q and kv must start on 16-byte boundaries the
+    # compiler can see (Triton marks pointers and integers divisible by 16 as such)
+    if (q.data_ptr() % 16 or kv.data_ptr() % 16 or q.stride(0) % 16 or q.stride(1) % 16 or kv.stride(0) % 16
+            or q.stride(2) != 1 or kv.stride(-1) != 1):
+        return ("the Gluon kernel copies 16-byte pieces: q and kv need 16-byte aligned storage, row strides "
+                "that are multiples of 16 elements and a contiguous last dim")
     return None
 
 
