@@ -64,21 +64,23 @@ def _launch_mode(torch) -> str:
     return "plain (programmatic dependent launch needs NVIDIA sm_90 or later)"
 
 
-def _prefill_kernel(torch) -> str:
-    """flashdsa info's line on the sparse MLA forward that backend="auto" runs here."""
+def _sparse_mla_paths(torch) -> list[tuple[str, str]]:
+    """flashdsa info's rows on the sparse MLA kernels that backend="auto" runs here."""
     if not torch.cuda.is_available():
-        return "reference (no CUDA device)"
+        return [("sparse MLA forward, decode", "reference (no CUDA device)")]
     from .backend import triton_available
 
     if not triton_available():
-        return "reference (no triton)"
+        return [("sparse MLA forward, decode", "reference (no triton)")]
     from .ops.sparse_mla.fwd_sm90 import gluon_device
 
     why = gluon_device(torch.device("cuda", 0))
-    if why is None:
-        return ("gluon (the Hopper kernel: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no probabilities; "
-                "triton otherwise)")
-    return f"triton ({why})"
+    if why is not None:
+        return [("sparse MLA forward, decode", f"triton ({why})")]
+    return [("sparse MLA forward", "gluon (the Hopper kernel: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no "
+                                   "probabilities); triton otherwise"),
+            ("sparse MLA decode", "gluon for bf16 caches with enough queries to need no split-k; triton with "
+                                  "split-k and for fp8_ds_mla caches")]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -118,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("backend reference", "usable"),
         ("backend triton", triton_state),
         ("backend auto", "triton" if triton_available() and torch.cuda.is_available() else "reference"),
-        ("sparse MLA forward", _prefill_kernel(torch)),
+        *_sparse_mla_paths(torch),
         ("decode launches", _launch_mode(torch)),
     ]
     width = max(len(k) for k, _ in rows)

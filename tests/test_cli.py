@@ -14,8 +14,25 @@ from flashdsa.errors import UsageError
 def test_info_prints_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("flashdsa", "torch", "triton", "device", "backend reference", "backend auto", "decode launches"):
+    for key in ("flashdsa", "torch", "triton", "device", "backend reference", "backend auto", "decode launches",
+                "sparse MLA forward"):
         assert key in out
+
+
+def test_info_names_the_sparse_mla_kernels(monkeypatch):
+    """On an sm_90 GPU info names the Gluon forward and when decode takes it; elsewhere the
+    Triton kernels and why."""
+    import torch
+
+    from flashdsa.cli import _sparse_mla_paths
+    from flashdsa.ops.sparse_mla import fwd_sm90
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
+    rows = dict(_sparse_mla_paths(torch))
+    assert rows["sparse MLA forward"].startswith("gluon") and "split-k" in rows["sparse MLA decode"]
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: "built for sm_90")
+    assert _sparse_mla_paths(torch) == [("sparse MLA forward, decode", "triton (built for sm_90)")]
 
 
 def _run(*args):
