@@ -28,6 +28,7 @@ from flashdsa.ops.sparse_mla.fwd_sm90 import (
     BLOCK_H,
     GLUON_AVAILABLE,
     SM90_GLUON,
+    _allocate,
     _async_load,
     _attend_partition,
     _barrier,
@@ -88,19 +89,8 @@ if GLUON_AVAILABLE:
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
         pid_t = gl.program_id(0) // n_hb
-        nope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16)
-        tail_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16)
-        qn_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16)
-        qt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512], qn_sl)
-        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64], qt_sl)
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 512], nope_sl)
-        k_tail = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 64], tail_sl)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=129)  # the producer's stores + its 128 threads' copies
-            mbarrier.init(empty.index(i), count=1)
+        # ready: the producer's stores (one arrival) + its 128 threads' copies
+        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 129)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,

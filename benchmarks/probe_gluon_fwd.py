@@ -110,19 +110,7 @@ if G.GLUON_AVAILABLE:
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
         pid_t = gl.program_id(0) // n_hb
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512],
-                                           gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16))
-        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64],
-                                           gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 512],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16))
-        k_tail = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 64],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16))
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=128)
-            mbarrier.init(empty.index(i), count=1)
+        q_nope, q_tail, k_nope, k_tail, ready, empty = G._allocate(BLOCK_K, NUM_STAGES, 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_early, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,

@@ -228,6 +228,27 @@ if GLUON_AVAILABLE:
         gl.store(ml_ptr + l_off, m_i * LN2_C)
 
     @gluon.jit
+    def _allocate(BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
+        """The shared memory of a program: q ([64, 512] and [64, 64] bf16 tiles), the ring
+        of NUM_STAGES stages of gathered rows ([BLOCK_K, 512] and [BLOCK_K, 64]), and each
+        stage's mbarriers: ready (READY_COUNT arrivals: the producer's) and empty (one
+        arrival of the consumers, after their barrier)."""
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512],
+                                           gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16))
+        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64],
+                                           gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 512],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16))
+        k_tail = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 64],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16))
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=READY_COUNT)
+            mbarrier.init(empty.index(i), count=1)
+        return q_nope, q_tail, k_nope, k_tail, ready, empty
+
+    @gluon.jit
     def sparse_mla_fwd_sm90_kernel(
         q_ptr, kv_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr,
         n_kv, topk, h_q, qk_scale,
@@ -240,19 +261,8 @@ if GLUON_AVAILABLE:
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
         pid_t = gl.program_id(0) // n_hb
-        nope_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16)
-        tail_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16)
-        qn_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16)
-        qt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512], qn_sl)
-        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64], qt_sl)
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 512], nope_sl)
-        k_tail = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_K, 64], tail_sl)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=128)  # one asynchronous arrival per producer thread
-            mbarrier.init(empty.index(i), count=1)  # one arrival of the consumers (after their barrier)
+        # ready: one asynchronous arrival per producer thread
+        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
