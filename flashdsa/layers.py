@@ -144,7 +144,9 @@ def _causal_attention(q, k, v, scale, need_lse):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q[None], k[None], v[None], None, True, 0.0,
                                                                        True, False, scale=scale)[:2]
         return out[0], lse.reshape(q.shape[0], q.shape[1]).transpose(0, 1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), None
+    # 4-D operands: torch's fused SDPA kernels refuse 3-D ones and fall back to the math
+    # kernel, which materializes the [H, L, L] scores
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)[0], None
 
 
 ATTENTIONS = ("sparse", "dense")

@@ -170,3 +170,24 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     assert float((cos[0] - cos[1]).abs().max()) > 0.1
     want = yarn_inv_freq(*attn._rope_args)
     assert torch.equal(attn.inv_freq, want)
+
+
+def test_dense_attention_gives_sdpa_4d_operands(monkeypatch):
+    """torch's fused SDPA kernels (flash, memory-efficient, cuDNN) take 4-D operands only; 3-D
+    ones run the math kernel, which materializes [H, L, L] scores. The dense path (training's
+    dense stages) must hand SDPA [1, H, L, d] operands, and still give each sequence's output."""
+    import flashdsa.layers as layers
+
+    dims, sdpa = [], layers.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        dims.append((q.dim(), k.dim(), v.dim()))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    m = MLA(tiny_mla_config(index_topk=4)).double()
+    x, pos, cu = _packed()
+    want = m(x, pos, cu, "dense").hidden
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    got = m(x, pos, cu, "dense").hidden
+    assert dims == [(4, 4, 4)] * len(LENS)
+    assert torch.equal(got, want)

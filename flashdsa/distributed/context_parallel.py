@@ -142,9 +142,10 @@ def _dense_local(mla: MLA, q_nope, q_pe, kv_all, k_pe_all, layout, chunk):
     outs = []
     for c0 in range(0, q.shape[1], chunk):
         end = int(layout[c0 + chunk - 1]) + 1
-        o = F.scaled_dot_product_attention(q[:, c0:c0 + chunk], k[:, :end], v[:, :end],
+        # 4-D operands, which torch's fused SDPA kernels need
+        o = F.scaled_dot_product_attention(q[None, :, c0:c0 + chunk], k[None, :, :end], v[None, :, :end],
                                            attn_mask=causal_lower_right(chunk, end), scale=mla.softmax_scale)
-        outs.append(o.transpose(0, 1))
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
 
 
