@@ -5,7 +5,8 @@ Pretrain a small DeepSeek-V3.2-style model densely on the Python standard librar
   (a) dense, continued;
   (b) DSA: warm-up (indexers only, KL to the dense attention), then sparse training
       (top-k attention, LM loss + KL on the selected set);
-and compare held-out loss, perplexity by position, passkey retrieval with the answer more
+and compare held-out loss, perplexity by position, retrieval (a passkey, or with
+``--retrieval-task repeat`` 64 random digits copied at a random offset) with the answer more
 than 4 x top-k tokens back, indexer recall and tokens/s. Writes
 benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it (with matplotlib:
 ``pip install 'flashdsa[plot]'``; ``--plot-from`` redraws them from the JSON).
@@ -41,8 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
-from flashdsa.data import Corpus  # noqa: E402
+from flashdsa.data import Corpus, check_repeat  # noqa: E402
 from flashdsa.model import DSAForCausalLM  # noqa: E402
+from flashdsa.recipe import REPEAT_SPAN  # noqa: E402
 from flashdsa.train import (  # noqa: E402
     ComparisonConfig,
     TrainConfig,
@@ -61,7 +63,7 @@ def probe_step_seconds(mcfg, corpus, cc: ComparisonConfig, device, backend: str,
     for stage in ("dense", "warmup", "sparse"):
         tc = TrainConfig(stage=stage, steps=steps + 1, batch_size=cc.batch_size, seq_len=cc.seq_len,
                          backend=backend, warmup_steps=1, plant_prob=cc.plant_prob, plant=cc.retrieval,
-                         plant_distance=cc.retrieval_distance)
+                         plant_distance=cc.retrieval_distance, plant_max_distance=cc.retrieval_max_distance)
         train(model, corpus, tc, progress=False, stop_after=1)
         st = train(model, corpus, tc, progress=False)
         out[stage] = st.train_seconds / max(st.step, 1)
@@ -152,7 +154,7 @@ def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
     branches on one axis), ``<prefix>_loss_by_position.svg`` (held-out loss of each
     evaluated model by position bucket), ``<prefix>_loss_by_time.svg`` (each branch's
     training LM loss against its training seconds: :func:`loss_by_time`) and, where the rows have it,
-    ``<prefix>_retrieval_by_distance.svg`` (passkey accuracy by distance bucket) in
+    ``<prefix>_retrieval_by_distance.svg`` (retrieval accuracy by distance bucket) in
     ``out_dir``, with matplotlib."""
     from benchmarks.plot import line_chart
     curves = {name: [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
@@ -170,7 +172,7 @@ def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
                    for r in res["rows"] if r.get("retrieval_by_distance")}
     if by_distance:
         paths.append(line_chart(by_distance, os.path.join(out_dir, f"{prefix}_retrieval_by_distance.svg"),
-                                "passkey accuracy by distance (bucket start; buckets double)", "distance (tokens)",
+                                "retrieval accuracy by distance (bucket start; buckets double)", "distance (tokens)",
                                 "samples all digits right (%)", logx=True))
     return paths
 
@@ -191,6 +193,13 @@ def main(argv=None) -> int:
     ap.add_argument("--branch-lr", type=float, default=4e-4)
     ap.add_argument("--warmup-lr", type=float, default=1e-3)
     ap.add_argument("--plant-prob", type=float, default=0.3)
+    ap.add_argument("--retrieval-task", default="passkey", choices=("passkey", "repeat"),
+                    help="the retrieval task planted and scored: a passkey, or 64 random digits repeated "
+                         "--repeat-offset to --repeat-max-offset tokens later (found by content)")
+    ap.add_argument("--repeat-offset", type=int, default=None, help="repeat: the shortest offset "
+                    "(default 4 x index_topk)")
+    ap.add_argument("--repeat-max-offset", type=int, default=None, help="repeat: the longest offset "
+                    "(default: the window less the 64 digits)")
     ap.add_argument("--curriculum-steps", type=int, default=0,
                     help="passkey distance curriculum over the first data steps (pretraining): the largest "
                          "distance grows from 64 tokens to the window (flashdsa.data.curriculum_distances)")
@@ -234,9 +243,23 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     corpus = Corpus.load(max_bytes=args.max_bytes)
     mcfg = preset_config("tiny" if args.toy else "small", args.seq_len)
+    distance = max_distance = None
+    if args.retrieval_task == "repeat":
+        distance = args.repeat_offset or 4 * mcfg.index_topk
+        max_distance = args.repeat_max_offset or args.seq_len + 1 - REPEAT_SPAN
+        try:
+            check_repeat(args.seq_len + 1, distance)
+            check_repeat(args.seq_len + 1, max_distance)
+        except ValueError as e:
+            ap.error(f"--repeat-offset / --repeat-max-offset: {e}")
+        if max_distance < distance:
+            ap.error(f"--repeat-max-offset {max_distance}: expected >= --repeat-offset {distance}")
+    elif args.repeat_offset is not None or args.repeat_max_offset is not None:
+        ap.error("--repeat-offset / --repeat-max-offset: apply to --retrieval-task repeat only")
     cc = ComparisonConfig(preset="tiny" if args.toy else "small", seq_len=args.seq_len, batch_size=args.batch_size,
-                          lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, retrieval="passkey",
-                          retrieval_distance=None, plant_prob=args.plant_prob, plant_curriculum=args.curriculum_steps,
+                          lr=args.lr, branch_lr=args.branch_lr, warmup_lr=args.warmup_lr, retrieval=args.retrieval_task,
+                          retrieval_distance=distance, retrieval_max_distance=max_distance,
+                          plant_prob=args.plant_prob, plant_curriculum=args.curriculum_steps,
                           backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall, eval_by_distance=True, log_every=10)

@@ -224,17 +224,23 @@ def check_repeat(window_len: int, offset: int, span: int = REPEAT_SPAN) -> None:
                          f"tokens (seq_len >= {offset + span - 1}), got {window_len} (seq_len {window_len - 1})")
 
 
-def plant_repeat(window: torch.Tensor, offset: int, generator: torch.Generator, span: int = REPEAT_SPAN):
-    """Plant a fixed-offset repeat in a token window [n] (in place; returns it and the answer rows).
+def plant_repeat(window: torch.Tensor, offset: int, generator: torch.Generator, span: int = REPEAT_SPAN,
+                 max_offset: int | None = None):
+    """Plant a repeat in a token window [n] (in place; returns it and the answer rows).
 
     Writes ``span`` random digits at a random position and the same digits again exactly
-    ``offset`` tokens later. The copy's first digit cannot be predicted (nothing says a
-    copy starts there); each later one is the token ``offset`` positions back. Returns
-    ``(window, rows)``: ``rows`` [span - 1] are positions p of the window whose *next*
-    token window[p + 1] is a copied digit after the first, i.e. the rows of the logits to
-    score."""
+    ``offset`` tokens later, or, with ``max_offset``, a random offset from ``offset`` to
+    ``max_offset`` (capped to what the window holds), so that the copy can only be found
+    by its content. The copy's first digit cannot be predicted (nothing says a copy starts
+    there); each later one is the token ``offset`` positions back. Returns ``(window,
+    rows)``: ``rows`` [span - 1] are positions p of the window whose *next* token
+    window[p + 1] is a copied digit after the first, i.e. the rows of the logits to score."""
     n = window.shape[0]
     check_repeat(n, offset, span)
+    if max_offset is not None:
+        if max_offset < offset:
+            raise ValueError(f"repeat offsets: expected offset <= max_offset, got {offset} > {max_offset}")
+        offset = int(torch.randint(offset, min(max_offset, n - span) + 1, (1,), generator=generator))
     digits = torch.randint(ord("0"), ord("9") + 1, (span,), generator=generator)
     start = int(torch.randint(0, n - offset - span + 1, (1,), generator=generator))
     window[start:start + span] = digits
@@ -246,13 +252,14 @@ def plant_repeat(window: torch.Tensor, offset: int, generator: torch.Generator, 
 def plant_retrieval(task: str, window: torch.Tensor, distance: int, generator: torch.Generator,
                     max_distance: int | None = None):
     """Plant ``task`` (one of :data:`RETRIEVAL_TASKS`) in ``window`` [n], in place: a
-    passkey ``distance`` to ``max_distance`` (default: any) tokens back, or a repeat exactly
-    ``distance`` tokens back. Returns ``(window, rows)`` as :func:`plant_passkey` and
+    passkey ``distance`` to ``max_distance`` (default: any) tokens back, or a repeat
+    exactly ``distance`` tokens back (with ``max_distance``: ``distance`` to
+    ``max_distance``). Returns ``(window, rows)`` as :func:`plant_passkey` and
     :func:`plant_repeat` do."""
     if task == "passkey":
         return plant_passkey(window, distance, generator, max_distance=max_distance)
     if task == "repeat":
-        return plant_repeat(window, distance, generator)
+        return plant_repeat(window, distance, generator, max_offset=max_distance)
     raise ValueError(f"retrieval task: expected one of {RETRIEVAL_TASKS}, got {task!r}")
 
 
@@ -283,7 +290,7 @@ def training_batch(corpus: Corpus, step: int, batch_size: int, seq_len: int, see
                    plant_prob: float = 0.0, distance: int = 0, task: str = "passkey",
                    max_distance: int | None = None) -> torch.Tensor:
     """A training batch [B, seq_len + 1]; with ``plant_prob`` > 0 that share of the
-    windows carries ``task`` planted ``distance`` (a passkey: to ``max_distance``) tokens
+    windows carries ``task`` planted ``distance`` (to ``max_distance``, when given) tokens
     back (:func:`plant_retrieval`), which teaches the retrieval skill the evaluation
     measures."""
     x = corpus.batch(step, batch_size, seq_len, seed)

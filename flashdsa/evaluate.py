@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Corpus, passkey_max_distance, retrieval_windows
+from .recipe import REPEAT_SPAN
 from .layers import MLA, causal_ranges
 
 
@@ -80,7 +81,7 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distanc
     """``task`` retrieval (flashdsa.recipe.RETRIEVAL_TASKS) over ``n`` held-out windows, the
     answer ``distance`` tokens back: a passkey at least that (default 4 * index_topk + 1)
     and at most ``max_distance`` (default: anywhere earlier in the window), a repeat
-    exactly that (required). Returns {"task", "accuracy", "digit_accuracy",
+    exactly that (required), or from that to ``max_distance`` when given. Returns {"task", "accuracy", "digit_accuracy",
     "answer_loss", "distance", "max_distance", "n"}."""
     device = next(model.parameters()).device
     model.eval()
@@ -103,11 +104,12 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distanc
             "answer_loss": nll / (n * rows.shape[1]), "distance": distance, "max_distance": max_distance, "n": n}
 
 
-def distance_buckets(seq_len: int, index_topk: int) -> list[tuple[int, int]]:
-    """Passkey distance buckets [d, 2d) from 4 * index_topk (where the selection must reach
-    back past most of the context) doubling while a window of seq_len (+ 1) tokens holds
-    them: [(d, 2d - 1), ...], the last one cut at :func:`~flashdsa.data.passkey_max_distance`."""
-    longest = passkey_max_distance(seq_len + 1)
+def distance_buckets(seq_len: int, index_topk: int, task: str = "passkey") -> list[tuple[int, int]]:
+    """Distance buckets [d, 2d) of ``task`` from 4 * index_topk (where the selection must
+    reach back past most of the context) doubling while a window of seq_len (+ 1) tokens
+    holds them: [(d, 2d - 1), ...], the last one cut at the longest distance the task can
+    plant (:func:`~flashdsa.data.passkey_max_distance`; a repeat: the window less its span)."""
+    longest = passkey_max_distance(seq_len + 1) if task == "passkey" else seq_len + 1 - REPEAT_SPAN
     out, d = [], 4 * index_topk
     while d <= longest:
         out.append((d, min(2 * d - 1, longest)))
@@ -116,10 +118,11 @@ def distance_buckets(seq_len: int, index_topk: int) -> list[tuple[int, int]]:
 
 
 def retrieval_by_distance(model, corpus: Corpus, seq_len: int, buckets: list[tuple[int, int]], n: int = 32,
-                          attention: str = "sparse", backend: str = "auto", batch_size: int = 4) -> list[dict]:
-    """Passkey retrieval (:func:`retrieval_accuracy`) in each distance bucket (lo, hi):
-    the first copy lo to hi tokens before the second, ``n`` held-out windows a bucket."""
-    return [retrieval_accuracy(model, corpus, seq_len, n, lo, "passkey", attention, backend, batch_size,
+                          attention: str = "sparse", backend: str = "auto", batch_size: int = 4,
+                          task: str = "passkey") -> list[dict]:
+    """``task`` retrieval (:func:`retrieval_accuracy`) in each distance bucket (lo, hi): the
+    first copy lo to hi tokens before the second, ``n`` held-out windows a bucket."""
+    return [retrieval_accuracy(model, corpus, seq_len, n, lo, task, attention, backend, batch_size,
                                max_distance=hi) for lo, hi in buckets]
 
 
@@ -212,17 +215,20 @@ def throughput(model, batch_size: int, seq_len: int, attention: str, backend: st
 def evaluate(model, corpus: Corpus, seq_len: int, attention: str = "sparse", backend: str = "auto",
              n_windows: int = 16, n_retrieval: int = 32, n_recall: int = 4, batch_size: int = 4,
              retrieval: str = "passkey", retrieval_distance: int | None = None,
-             retrieval_buckets: list[tuple[int, int]] | None = None) -> dict:
-    """All of the above for one model, ``attention`` "sparse" or "dense"; ``retrieval`` and
-    ``retrieval_distance``: the task and distance of :func:`retrieval_accuracy`;
-    ``retrieval_buckets``: also passkey accuracy by distance (:func:`retrieval_by_distance`)."""
+             retrieval_buckets: list[tuple[int, int]] | None = None,
+             retrieval_max_distance: int | None = None) -> dict:
+    """All of the above for one model, ``attention`` "sparse" or "dense"; ``retrieval``,
+    ``retrieval_distance`` and ``retrieval_max_distance``: the task and distances of
+    :func:`retrieval_accuracy`; ``retrieval_buckets``: also its accuracy by distance
+    (:func:`retrieval_by_distance`)."""
     windows = corpus.eval_windows(n_windows, seq_len)
     out = {"attention": attention, "seq_len": seq_len, "index_topk": model.config.index_topk}
     out["lm"] = loss_by_position(model, windows, attention, backend, batch_size)
     out["retrieval"] = retrieval_accuracy(model, corpus, seq_len, n_retrieval, retrieval_distance, retrieval,
-                                          attention=attention, backend=backend, batch_size=batch_size)
+                                          attention=attention, backend=backend, batch_size=batch_size,
+                                          max_distance=retrieval_max_distance)
     if retrieval_buckets:
         out["retrieval_by_distance"] = retrieval_by_distance(model, corpus, seq_len, retrieval_buckets,
-                                                             n_retrieval, attention, backend, batch_size)
+                                                             n_retrieval, attention, backend, batch_size, retrieval)
     out["indexer_recall"] = indexer_recall(model, windows[:n_recall], backend) if n_recall else None
     return out

@@ -36,6 +36,8 @@ class ComparisonConfig:
     retrieval: str = "repeat"        # the task planted in training windows and evaluated (RETRIEVAL_TASKS)
     retrieval_distance: int | None = 128   # repeat: its fixed offset (8 x index_topk at seq_len 256); passkey:
                                            # the distance floor (None: 4 x index_topk + 1)
+    retrieval_max_distance: int | None = None  # the largest distance planted and evaluated (repeat: offsets
+                                               # drawn from [retrieval_distance, this]; None: fixed offset)
     plant_prob: float = 0.5          # share of training windows with the task planted
     plant_curriculum: int = 0        # passkey: data steps of the distance curriculum (TrainConfig.plant_curriculum)
     seed: int = 0
@@ -43,6 +45,7 @@ class ComparisonConfig:
     eval_windows: int = 16
     eval_retrieval: int = 32
     eval_recall: int = 4
-    eval_by_distance: bool = False   # passkey: also accuracy by distance bucket (flashdsa.evaluate.distance_buckets)
+    eval_by_distance: bool = False   # also accuracy by distance bucket (flashdsa.evaluate.distance_buckets);
+                                     # passkey, or a repeat with retrieval_max_distance
     untrained_indexer_row: bool = True   # also evaluate (a) with DSA and its never-trained indexer
     log_every: int = 25

@@ -110,7 +110,9 @@ class TrainConfig:
     plant_prob: float = 0.25         # share of windows carrying a planted retrieval task
     plant: str = "passkey"           # that task, one of flashdsa.recipe.RETRIEVAL_TASKS
     plant_distance: int | None = None  # passkey: distance floor, default 4 * index_topk + 1 (capped to fit the
-                                       # window); repeat: its fixed offset, required
+                                       # window); repeat: its offset, required
+    plant_max_distance: int | None = None  # the largest distance planted (passkey default: anywhere earlier;
+                                           # repeat default: plant_distance exactly)
     plant_curriculum: int = 0        # passkey: for data steps below this, the largest distance grows from 64
                                      # tokens to the window (flashdsa.data.curriculum_distances); 0: none
     indexer_loss_weight: float = 1.0
@@ -132,6 +134,10 @@ class TrainConfig:
             if self.plant_distance is None:
                 raise ValueError("plant 'repeat': plant_distance (its offset) is required")
             check_repeat(self.seq_len + 1, self.plant_distance)
+        if self.plant_max_distance is not None and self.plant_distance is not None \
+                and self.plant_max_distance < self.plant_distance:
+            raise ValueError(f"plant_max_distance: expected >= plant_distance ({self.plant_distance}), got "
+                             f"{self.plant_max_distance}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -345,7 +351,7 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
                dynamic_ncols=True, disable=not live)
     first_step = state.step
     while state.step < last:
-        lo, hi = distance, None
+        lo, hi = distance, cfg.plant_max_distance
         if cfg.plant == "passkey" and cfg.plant_curriculum:
             lo, hi = curriculum_distances(state.data_step, distance, cfg.seq_len, cfg.plant_curriculum)
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
@@ -433,13 +439,13 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         f"{mcfg.hidden_size}, context {cc.seq_len}, index_topk {mcfg.index_topk}; corpus {corpus.source} "
         f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M held-out tokens)")
     base = dict(batch_size=cc.batch_size, seq_len=cc.seq_len, seed=cc.seed, plant_prob=cc.plant_prob,
-                plant=cc.retrieval, plant_distance=cc.retrieval_distance, plant_curriculum=cc.plant_curriculum,
-                backend=cc.backend, log_every=cc.log_every)
-    buckets = (distance_buckets(cc.seq_len, mcfg.index_topk)
-               if cc.eval_by_distance and cc.retrieval == "passkey" else None)
+                plant=cc.retrieval, plant_distance=cc.retrieval_distance, plant_max_distance=cc.retrieval_max_distance,
+                plant_curriculum=cc.plant_curriculum, backend=cc.backend, log_every=cc.log_every)
+    ranged = cc.retrieval == "passkey" or cc.retrieval_max_distance is not None
+    buckets = distance_buckets(cc.seq_len, mcfg.index_topk, cc.retrieval) if cc.eval_by_distance and ranged else None
     eval_kw = dict(n_windows=cc.eval_windows, n_retrieval=cc.eval_retrieval, n_recall=cc.eval_recall,
                    retrieval=cc.retrieval, retrieval_distance=cc.retrieval_distance, backend=cc.backend,
-                   retrieval_buckets=buckets)
+                   retrieval_buckets=buckets, retrieval_max_distance=cc.retrieval_max_distance)
     stages = {}
     root = Path(state_dir) if state_dir is not None else None
 
@@ -539,7 +545,11 @@ def format_table(result: dict) -> str:
     lines = tabulate(table, headers=head, disable_numparse=True,
                      colalign=("left", "left") + ("right",) * (len(head) - 2)).splitlines()
     rt, topk = rows[0]["retrieval"], rows[0]["index_topk"]
-    if rt["task"] == "repeat":
+    if rt["task"] == "repeat" and rt.get("max_distance") is not None:
+        task = (f"{REPEAT_SPAN} random digits in held-out code, repeated {rt['distance']} to {rt['max_distance']} "
+                f"tokens ({rt['distance'] / topk:g} to {rt['max_distance'] / topk:g} x index_topk) later; scored: "
+                f"the copy's digits after its first")
+    elif rt["task"] == "repeat":
         task = (f"{REPEAT_SPAN} random digits in held-out code, repeated exactly {rt['distance']} tokens "
                 f"({rt['distance'] / topk:g} x index_topk) later; scored: the copy's digits after its first")
     else:

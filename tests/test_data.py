@@ -148,6 +148,25 @@ def test_repeat_is_a_digit_span_copied_at_the_offset():
         plant_retrieval("copy", torch.zeros(257, dtype=torch.long), 128, g)
 
 
+def test_repeat_at_random_offsets():
+    """With max_offset, each repeat's offset is drawn from [offset, max_offset] (capped to what
+    the window holds), and the answer rows are the copy's, found at that offset."""
+    g = torch.Generator().manual_seed(1)
+    offsets = []
+    for _ in range(40):
+        w = torch.full((513,), ord("x"))
+        w, rows = plant_repeat(w, 128, g, max_offset=300)
+        (off,) = [o for o in range(128, 301) if _repeats(w, o)]
+        offsets.append(off)
+        assert int((w != ord("x")).sum()) == 2 * REPEAT_SPAN
+        assert torch.equal(w[rows + 1], w[rows + 1 - off]) and int(rows[0]) - off in _repeats(w, off)
+    assert min(offsets) >= 128 and max(offsets) <= 300 and len(set(offsets)) > 20
+    w, _ = plant_repeat(torch.full((257,), ord("x")), 128, g, max_offset=10_000)   # capped: 257 - 64
+    assert max(o for o in range(128, 194) if _repeats(w, o)) <= 257 - REPEAT_SPAN
+    with pytest.raises(ValueError, match="offset <= max_offset"):
+        plant_repeat(torch.zeros(513, dtype=torch.long), 128, g, max_offset=100)
+
+
 def test_repeat_retrieval_and_training_batches(corpus):
     w, rows = retrieval_windows(corpus, 3, 256, 128, task="repeat")
     assert w.shape == (3, 257) and rows.shape == (3, REPEAT_SPAN - 1)
@@ -159,6 +178,11 @@ def test_repeat_retrieval_and_training_batches(corpus):
     assert 2 <= n <= 14
     assert not any(_repeats(x, 128) for x in corpus.batch(0, 16, 256))     # code alone has no such repeat
     assert torch.equal(b, training_batch(corpus, 0, 16, 256, plant_prob=0.5, distance=128, task="repeat"))
+    b = training_batch(corpus, 0, 16, 256, plant_prob=1.0, distance=64, task="repeat", max_distance=190)
+    assert all(any(_repeats(x, o) for o in range(64, 191)) for x in b)
+    w, rows = retrieval_windows(corpus, 8, 256, 64, task="repeat", max_distance=190)
+    offs = [next(o for o in range(64, 191) if int(r[0]) - o in _repeats(x, o)) for x, r in zip(w, rows)]
+    assert len(set(offs)) > 1
 
 
 def test_user_files(tmp_path):

@@ -1,6 +1,7 @@
 """A shortened `flashdsa demo`: the whole pipeline runs and prints the comparison table."""
 import json
 
+import pytest
 import torch
 
 from flashdsa.cli import main
@@ -208,6 +209,35 @@ def test_quality_study_toy(tmp_path):
     a, b = res["stages"]["(a) dense continued"], (res["stages"]["(b) DSA warm-up"], res["stages"]["(b) DSA sparse"])
     assert abs(eq["seconds_a"] - a["seconds"]) < 1e-9 and abs(eq["seconds_b"] - b[0]["seconds"] - b[1]["seconds"]) < 1e-9
     assert eq["seconds"] == min(eq["seconds_a"], eq["seconds_b"]) and eq["finished_first"] in ("(a) dense", "(b) DSA")
+
+
+def test_quality_study_repeat_by_distance(tmp_path, capsys):
+    """--retrieval-task repeat: digits copied at offsets from 4 x index_topk to the window's
+    end, scored overall and by distance bucket; offsets the window cannot hold are refused."""
+    from benchmarks.quality_study import main as study
+
+    n = torch.get_num_threads()
+    try:
+        assert study(["--toy", "--seq-len", "256", "--retrieval-task", "repeat", "--pretrain-steps", "2",
+                      "--branch-steps", "3", "--warmup-steps", "1", "--max-bytes", str(1 << 18),
+                      "--out", str(tmp_path)]) == 0
+        for bad in (["--repeat-offset", "300"], ["--repeat-offset", "100", "--repeat-max-offset", "80"]):
+            with pytest.raises(SystemExit):
+                study(["--toy", "--seq-len", "256", "--retrieval-task", "repeat", *bad, "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            study(["--toy", "--repeat-offset", "100", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n)
+    assert "--repeat-offset" in capsys.readouterr().err
+    res = json.loads((tmp_path / "quality_study_toy.json").read_text())
+    topk = res["rows"][0]["index_topk"]
+    assert res["comparison"]["retrieval"] == "repeat"
+    assert (res["comparison"]["retrieval_distance"], res["comparison"]["retrieval_max_distance"]) == (4 * topk, 193)
+    for r in res["rows"]:
+        assert (r["retrieval"]["task"], r["retrieval"]["distance"], r["retrieval"]["max_distance"]) == (
+            "repeat", 64, 193)
+        assert [(b["distance"], b["max_distance"]) for b in r["retrieval_by_distance"]] == [(64, 127), (128, 193)]
+    assert "repeated 64 to 193 tokens" in res["table"]
 
 
 def test_comparison_resumes_across_calls_exactly(tmp_path):
