@@ -38,7 +38,7 @@ def flops(b, s_q, topk=TOPK):
 def make_problem(b, ctx, s_q, seed=0, device="cuda"):
     """bf16 paged cache for b sequences of ``ctx`` tokens, q, and physical-slot indices."""
     g = torch.Generator(device=device).manual_seed(seed)
-    n_pages = ctx // PAGE
+    n_pages = -(-ctx // PAGE)
     num_blocks = b * n_pages
     table = torch.randperm(num_blocks, device=device, generator=g).view(b, n_pages)
     cache = torch.randn(num_blocks, PAGE, 1, D_QK, device=device, dtype=torch.bfloat16, generator=g)

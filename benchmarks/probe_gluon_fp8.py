@@ -43,12 +43,18 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _fp8_gather_partition(c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
-                              k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """The producer (4 warps): block j's rows dequantized into stage j % NUM_STAGES."""
-        # 16 e4m3 bytes a thread along a row; a [BLOCK_K, 32] piece of a tile at a time
-        # keeps the producer's registers small (16 values a thread)
+                              k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+                              TILE: gl.constexpr):
+        """The producer (4 warps): block j's rows dequantized into stage j % NUM_STAGES.
+
+        A row's 512 e4m3 bytes go in pieces of TILE columns, 16 bytes a load; the next
+        piece's loads are issued before this one is converted and stored, and a block's
+        first piece before the wait for its stage, so the gathers' latency overlaps."""
         deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
         tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        N_T: gl.constexpr = 512 // TILE
+        cols = gl.arange(0, TILE, layout=gl.SliceLayout(0, deq_l))
+        cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
         n_blocks = gl.cdiv(topk, BLOCK_K)
         for j in range(n_blocks):
             st = j % NUM_STAGES
@@ -56,24 +62,25 @@ if GLUON_AVAILABLE:
             idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
             valid = (idx >= 0) & (idx < n_kv)
             row = gl.where(valid, idx, 0).to(gl.int64)
+            # a row is 656 bytes: its offsets are multiples of 16 bytes (8 bf16, 16 e4m3)
+            src = c8_ptr + gl.multiple_of(row * stride_c8, 16)[:, None] + cols[None, :]
+            sc_row = sc_ptr + row * stride_sc
+            x = gl.load(src, mask=valid[:, None], other=0.0)
             kt = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, tail_l))
             idx_t = gl.load(idx_row + kt, mask=kt < topk, other=-1)
             valid_t = (idx_t >= 0) & (idx_t < n_kv)
             row_t = gl.where(valid_t, idx_t, 0).to(gl.int64)
             mbarrier.wait(empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
-            cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
-            # a row is 656 bytes: its offsets are multiples of 16 bytes (8 bf16, 16 e4m3)
             off_t = gl.multiple_of(row_t * stride_pe, 8)
             _async_load(k_tail.index(st), pe_ptr + off_t[:, None] + cols_t[None, :], mask=valid_t[:, None])
-            cols = gl.arange(0, 32, layout=gl.SliceLayout(0, deq_l))
-            off = gl.multiple_of(row * stride_c8, 16)
             dst = k_nope.index(st)
-            for t in gl.static_range(4):  # the 4 tiles of 128 columns, each with its scale
-                scale = gl.load(sc_ptr + row * stride_sc + t, mask=valid, other=0.0)
-                for c in gl.static_range(4):
-                    x = gl.load(c8_ptr + off[:, None] + (t * 128 + c * 32 + cols)[None, :],
-                                mask=valid[:, None], other=0.0)
-                    dst.slice(t * 128 + c * 32, 32, dim=1).store((x.to(gl.float32) * scale[:, None]).to(gl.bfloat16))
+            for t in gl.static_range(N_T):
+                if t + 1 < N_T:
+                    x_next = gl.load(src + (t + 1) * TILE, mask=valid[:, None], other=0.0)
+                scale = gl.load(sc_row + (t * TILE) // 128, mask=valid, other=0.0)
+                dst.slice(t * TILE, TILE, dim=1).store((x.to(gl.float32) * scale[:, None]).to(gl.bfloat16))
+                if t + 1 < N_T:
+                    x = x_next
             fence_async_shared()  # the stores are read next by wgmma (the async proxy)
             _barrier()  # every producer thread's stores are done
             mbarrier.arrive(ready.index(st), count=1)
@@ -85,6 +92,7 @@ if GLUON_AVAILABLE:
         n_kv, topk, h_q, qk_scale,
         stride_qt, stride_qh, stride_c8, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        TILE: gl.constexpr,
     ):
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
@@ -97,11 +105,13 @@ if GLUON_AVAILABLE:
                                  h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                                  q_nope, q_tail, k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, num_warps)),
             (_fp8_gather_partition, (c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
-                                     k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES)),
+                                     k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, TILE)),
         ], [4], [PRODUCER_REGS])
 
 
-CONFIG = dict(SM90_GLUON, PRODUCER_REGS=80)
+CONFIG = dict(SM90_GLUON, PRODUCER_REGS=80, TILE=32)
+# producer variants timed by speed(): (TILE, PRODUCER_REGS)
+VARIANTS = [(32, 80), (128, 80), (128, 104), (256, 104), (256, 120)]
 
 
 def run_fp8(q, cache, idx, sm_scale, config=None):
@@ -119,13 +129,13 @@ def run_fp8(q, cache, idx, sm_scale, config=None):
         q.stride(0), q.stride(1), c8.stride(0), sc.stride(0), pe.stride(0), idx.stride(0), out.stride(0),
         out.stride(1), ml.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], maxnreg=cfg["maxnreg"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], TILE=cfg["TILE"], maxnreg=cfg["maxnreg"])
     return out, ml, lse
 
 
 def check(results):
     from flashdsa import api
-    from flashdsa import reference as ref
+    from flashdsa.reference.sparse_mla import sparse_mla_decode as ref_decode
     from tests.utils import rel_err
 
     rows = []
@@ -139,20 +149,24 @@ def check(results):
         idx = torch.where(kind == 2, idx.roll(1, dims=2), idx)
         idx[0, 0] = -1
         cache = api.quantize_mla_cache(cache_bf16)
-        r_out, r_lse = ref.sparse_mla_decode(q.double(), cache, idx, SM_SCALE, D_V, "fp8_ds_mla",
-                                             compute_dtype=torch.float64)
+        r_out, r_lse = ref_decode(q.double(), cache, idx, SM_SCALE, D_V, "fp8_ds_mla",
+                                    compute_dtype=torch.float64)
         t_out, _ = api.sparse_mla_decode(q, cache, idx, SM_SCALE, D_V, kv_format="fp8_ds_mla")
-        torch.empty(1 << 28, device="cuda").fill_(float("nan"))
-        out, _, lse = run_fp8(q.reshape(b * s_q, H_Q, D_QK), cache, idx.reshape(b * s_q, -1).contiguous(), SM_SCALE)
-        out, lse = out.view(b, s_q, H_Q, D_V), lse.view(b, s_q, H_Q)
         fin = torch.isfinite(r_lse)
-        row = dict(b=b, s_q=s_q, ctx=ctx, triton_err=rel_err(t_out, r_out), gluon_err=rel_err(out, r_out),
-                   lse_err=(lse.double() - r_lse)[fin].abs().max().item(), nan=int(torch.isnan(out).sum()),
-                   empty_ok=bool((out[0, 0] == 0).all() and (lse[0, 0] == float("inf")).all()))
+        row = dict(b=b, s_q=s_q, ctx=ctx, triton_err=rel_err(t_out, r_out))
+        for tile, regs in VARIANTS:
+            torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+            out, _, lse = run_fp8(q.reshape(b * s_q, H_Q, D_QK), cache, idx.reshape(b * s_q, -1).contiguous(),
+                                  SM_SCALE, dict(TILE=tile, PRODUCER_REGS=regs))
+            out, lse = out.view(b, s_q, H_Q, D_V), lse.view(b, s_q, H_Q)
+            row[f"gluon_{tile}_{regs}"] = dict(
+                err=rel_err(out, r_out), lse_err=(lse.double() - r_lse)[fin].abs().max().item(),
+                nan=int(torch.isnan(out).sum()),
+                empty_ok=bool((out[0, 0] == 0).all() and (lse[0, 0] == float("inf")).all()))
         rows.append(row)
         print(row, flush=True)
-    ok = all(r["nan"] == 0 and r["empty_ok"] and r["gluon_err"] <= 1.25 * r["triton_err"] + 1e-5
-             and r["lse_err"] < 1e-3 for r in rows)
+    ok = all(v["nan"] == 0 and v["empty_ok"] and v["err"] <= 1.25 * r["triton_err"] + 1e-5 and v["lse_err"] < 1e-3
+             for r in rows for k, v in r.items() if k.startswith("gluon_"))
     results["check"], results["check_passed"] = rows, ok
     print("check passed" if ok else "CHECK FAILED", flush=True)
     return ok
@@ -169,10 +183,11 @@ def speed(results):
         f = flops(b, s_q)
         qf, idf = q.reshape(b * s_q, H_Q, D_QK), idx.reshape(b * s_q, -1).contiguous()
         row = dict(b=b, s_q=s_q, ctx=32768)
-        for name, fn in (("triton_fp8", lambda: api.sparse_mla_decode(q, cache, idx, SM_SCALE, D_V,
-                                                                      kv_format="fp8_ds_mla")),
-                         ("gluon_fp8", lambda: run_fp8(qf, cache, idf, SM_SCALE)),
-                         ("gluon_bf16", lambda: api.sparse_mla_decode(q, cache_bf16, idx, SM_SCALE, D_V))):
+        fns = [("triton_fp8", lambda: api.sparse_mla_decode(q, cache, idx, SM_SCALE, D_V, kv_format="fp8_ds_mla")),
+               ("gluon_bf16", lambda: api.sparse_mla_decode(q, cache_bf16, idx, SM_SCALE, D_V))]
+        fns += [(f"gluon_fp8_{tile}_{regs}", lambda tile=tile, regs=regs: run_fp8(
+            qf, cache, idf, SM_SCALE, dict(TILE=tile, PRODUCER_REGS=regs))) for tile, regs in VARIANTS]
+        for name, fn in fns:
             ms = graph_ms(fn)
             row[name + "_ms"], row[name + "_x"] = ms, f / ms * 1e-9 / ceiling
         rows.append(row)
