@@ -308,10 +308,12 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
 
 def gluon_launches(arch: int = 90) -> dict[str, list]:
     """The launches of the Gluon kernels (flashdsa/ops/sparse_mla/fwd_sm90.py), at 64 and
-    128 heads; they are built for sm_90 only (no case for other targets)."""
+    128 heads, over bf16 rows and over fp8_ds_mla rows; they are built for sm_90 only (no
+    case for other targets)."""
     if arch != 90:
         return {}
-    from flashdsa.ops.sparse_mla.fwd_sm90 import run_sparse_mla_fwd_sm90
+    from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
+    from flashdsa.ops.sparse_mla.fwd_sm90 import run_sparse_mla_decode_sm90_fp8, run_sparse_mla_fwd_sm90
 
     g = torch.Generator().manual_seed(0)
     cases = {}
@@ -322,6 +324,10 @@ def gluon_launches(arch: int = 90) -> dict[str, list]:
         with capture_launches() as launches:
             run_sparse_mla_fwd_sm90(q, kv, idx, 0.04)
         cases[f"sparse_mla_fwd gluon h{h}"] = launches
+    c8, sc, pe = mla_byte_views(torch.zeros(1024, MLA_FP8_BYTES, dtype=torch.uint8))
+    with capture_launches() as launches:
+        run_sparse_mla_decode_sm90_fp8(q, c8, sc[:, MLA_SCALE_OFF:], pe[:, MLA_ROPE_OFF:], idx, 0.04)
+    cases["sparse_mla_decode gluon fp8_ds_mla h128"] = launches
     return cases
 
 

@@ -79,8 +79,8 @@ def _sparse_mla_paths(torch) -> list[tuple[str, str]]:
         return [("sparse MLA forward, decode", f"triton ({why})")]
     return [("sparse MLA forward", "gluon (the Hopper kernel: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no "
                                    "probabilities); triton otherwise"),
-            ("sparse MLA decode", "gluon for bf16 caches with enough queries to need no split-k; triton with "
-                                  "split-k and for fp8_ds_mla caches")]
+            ("sparse MLA decode", "gluon (bf16 and fp8_ds_mla caches) with enough queries to need no split-k; "
+                                  "triton with split-k")]
 
 
 def cmd_info(args: argparse.Namespace) -> int:

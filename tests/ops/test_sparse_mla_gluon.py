@@ -35,8 +35,14 @@ def gluon_recorder(monkeypatch):
         return (torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), torch.zeros(q.shape[:2]),
                 torch.zeros(q.shape[:2]))
 
+    def fake_fp8(q, c8, scales, rope, idx, sm_scale, config=None):
+        calls.append(("fp8", q.shape, c8.shape, scales.shape, rope.shape, idx.shape))
+        return (torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), torch.zeros(q.shape[:2]),
+                torch.zeros(q.shape[:2]))
+
     monkeypatch.setattr(fwd, "run_sparse_mla_fwd_sm90", fake)
     monkeypatch.setattr(decode, "run_sparse_mla_fwd_sm90", fake)
+    monkeypatch.setattr(decode, "run_sparse_mla_decode_sm90_fp8", fake_fp8)
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
     return calls
 
@@ -66,23 +72,49 @@ def test_gluon_falls_back_or_refuses(gluon_recorder, monkeypatch, kwargs, why):
 
 
 def test_paged_decode_takes_gluon_without_split(gluon_recorder, monkeypatch):
-    """The paged path (decode batches, engine prefill chunks) over a bf16 cache takes the
-    Gluon forward when it runs without split-k; split-k and fp8_ds_mla rows stay on the
-    Triton kernels."""
+    """The paged path (decode batches, engine prefill chunks) takes the Gluon forward when
+    it runs without split-k: over a bf16 cache the cp.async kernel, over an fp8_ds_mla cache
+    the dequantizing one, given the cache's three views (e4m3 rows, the scales from their
+    offset, the rope values from theirs). Split-k and block configs stay on the Triton kernels."""
     from flashdsa.layout import MLA_FP8_BYTES
 
-    monkeypatch.setattr(decode, "run_over_rows", lambda q, idx, rows, *a, **k: (
-        torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), None, torch.zeros(q.shape[:2])))
+    triton_calls = []
+
+    def fake_triton(q, idx, rows, *a, **k):
+        triton_calls.append(rows.scales is not None)
+        return torch.zeros(q.shape[0], q.shape[1], 512, dtype=q.dtype), None, torch.zeros(q.shape[:2])
+
+    monkeypatch.setattr(decode, "run_over_rows", fake_triton)
     q = torch.randn(2, 3, 128, 576, dtype=torch.bfloat16)
     cache = torch.randn(4, 64, 1, 576, dtype=torch.bfloat16)
+    fp8 = torch.zeros(4, 64, 1, MLA_FP8_BYTES, dtype=torch.uint8)
     idx = torch.randint(0, 256, (2, 3, 64), dtype=torch.int32)
     out, lse = decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, n_split=1)
     assert gluon_recorder == [((6, 128, 576), (256, 576), (6, 64))]
     assert out.shape == (2, 3, 128, 512) and lse.shape == (2, 3, 128)
+    out, lse = decode.sparse_mla_decode(q, fp8, idx, SM_SCALE, 512, "fp8_ds_mla", n_split=1)
+    assert gluon_recorder[1:] == [("fp8", (6, 128, 576), (256, 656), (256, 36), (256, 64), (6, 64))]
+    assert out.shape == (2, 3, 128, 512) and lse.shape == (2, 3, 128)
     decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, n_split=4)
-    decode.sparse_mla_decode(q, torch.zeros(4, 64, 1, MLA_FP8_BYTES, dtype=torch.uint8), idx, SM_SCALE, 512,
-                             "fp8_ds_mla", n_split=1)
-    assert len(gluon_recorder) == 1
+    decode.sparse_mla_decode(q, fp8, idx, SM_SCALE, 512, "fp8_ds_mla", n_split=4)
+    decode.sparse_mla_decode(q, fp8, idx, SM_SCALE, 512, "fp8_ds_mla", n_split=1, config=dict(BLOCK_K=32))
+    assert len(gluon_recorder) == 2 and triton_calls == [False, True, True]
+
+
+def test_gluon_fp8_supported_says_why_not(monkeypatch):
+    from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, mla_byte_views
+
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
+    c8, _, pe = mla_byte_views(torch.zeros(8, MLA_FP8_BYTES, dtype=torch.uint8))
+    rope = pe[:, MLA_ROPE_OFF:]
+    q = torch.zeros(2, 128, 576, dtype=torch.bfloat16)
+    assert fwd_sm90.gluon_fp8_supported(q, c8, rope, 512) is None
+    assert "bf16 q" in fwd_sm90.gluon_fp8_supported(q.half(), c8, rope, 512)
+    assert "multiple of 64" in fwd_sm90.gluon_fp8_supported(q[:, :48], c8, rope, 512)
+    assert "d_v 512" in fwd_sm90.gluon_fp8_supported(q, c8, rope, 256)
+    assert "16-byte" in fwd_sm90.gluon_fp8_supported(q, c8, pe[:, MLA_ROPE_OFF + 1:], 512)
+    monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: "not here")
+    assert fwd_sm90.gluon_fp8_supported(q, c8, rope, 512) == "not here"
 
 
 def test_triton_impl_never_takes_gluon(gluon_recorder, monkeypatch):
@@ -132,20 +164,26 @@ sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device
                           reason="the Gluon kernel runs on sm_90 GPUs")
 
 
-def _adversarial(s_q, s_kv, h_q, topk, seed):
-    """Valid rows, rows listed twice, -1 holes, rows >= s_kv and < -1, a row with no valid
-    slot (query 0) and a row whose second half is invalid (query 1)."""
-    q, kv, idx = _inputs(s_q, s_kv, h_q, topk, "cuda", seed=seed)
+def _adversarial_slots(idx, n, seed):
+    """Valid indices of ``idx`` [..., topk] (into n rows) mixed with repeats, -1 holes,
+    indices >= n and < -1; the first query gets no valid slot, the second none in its
+    second half."""
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     kind = torch.randint(0, 10, idx.shape, device="cuda", generator=g)
     far = torch.randint(0, 1000, idx.shape, device="cuda", generator=g).int()
     idx = torch.where(kind == 0, -1, idx)
-    idx = torch.where(kind == 1, s_kv + far, idx)
+    idx = torch.where(kind == 1, n + far, idx)
     idx = torch.where(kind == 2, -2 - far, idx)
-    idx = torch.where(kind == 3, idx.roll(1, dims=2), idx)
-    idx[0] = -1
-    idx[1, :, topk // 2:] = s_kv
-    return q, kv, idx
+    idx = torch.where(kind == 3, idx.roll(1, dims=-1), idx)
+    flat = idx.view(-1, idx.shape[-1])
+    flat[0] = -1
+    flat[1, idx.shape[-1] // 2:] = n
+    return idx
+
+
+def _adversarial(s_q, s_kv, h_q, topk, seed):
+    q, kv, idx = _inputs(s_q, s_kv, h_q, topk, "cuda", seed=seed)
+    return q, kv, _adversarial_slots(idx, s_kv, seed)
 
 
 @requires_cuda
@@ -187,3 +225,37 @@ def test_gpu_auto_is_gluon_and_trains():
         assert rel_err(a, b) < 1e-2
     with pytest.raises(ValueError, match="probabilities"):
         flashdsa.sparse_mla_fwd(q, kv, idx, SM_SCALE, backend="gluon", return_probs=True)
+
+
+@requires_cuda
+@sm90
+@pytest.mark.parametrize("s_q, topk", [(2, 2048), (1, 1000)])
+def test_gpu_gluon_fp8_decode_matches_float64_reference(s_q, topk):
+    """The paged decode over an fp8_ds_mla cache of 64K slots without split-k, every kind of
+    slot (valid, repeated, -1, past the cache, < -1; an empty row, a half-valid row), outputs
+    poisoned with NaN: the Gluon kernel's error against the float64 reference on the same
+    dequantized rows is within 1.25x the Triton fp8 kernel's, lse within 1e-4, the empty row
+    0 / +inf."""
+    from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, mla_byte_views
+    from flashdsa.reference.sparse_mla import sparse_mla_decode as ref_decode
+
+    b, blocks = 6, 1024
+    g = torch.Generator(device="cuda").manual_seed(topk)
+    cache = flashdsa.quantize_mla_cache(torch.randn(blocks, 64, 1, 576, device="cuda", dtype=torch.bfloat16,
+                                                    generator=g))
+    q = torch.randn(b, s_q, 128, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    n = blocks * 64
+    idx = _adversarial_slots(torch.randint(0, n, (b, s_q, topk), device="cuda", dtype=torch.int32, generator=g),
+                             n, topk)
+    c8, _, pe = mla_byte_views(cache.reshape(-1, MLA_FP8_BYTES))
+    assert fwd_sm90.gluon_fp8_supported(q.reshape(b * s_q, 128, 576), c8, pe[:, MLA_ROPE_OFF:], 512) is None
+    r_out, r_lse = ref_decode(q.double(), cache, idx, SM_SCALE, 512, "fp8_ds_mla", compute_dtype=torch.float64)
+    t_out, _ = decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, "fp8_ds_mla", n_split=1,
+                                        config=fwd.resolve_config(q.device, 128, 512, True, None))
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))  # freed: the next outputs reuse it
+    out, lse = decode.sparse_mla_decode(q, cache, idx, SM_SCALE, 512, "fp8_ds_mla", n_split=1)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, r_out) <= 1.25 * rel_err(t_out, r_out) + 1e-5
+    fin = torch.isfinite(r_lse)
+    assert (lse.double() - r_lse)[fin].abs().max() < 1e-4
+    assert (out[0, 0] == 0).all() and (lse[0, 0] == float("inf")).all()

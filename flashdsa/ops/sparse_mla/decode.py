@@ -6,8 +6,9 @@ rows. For the fp8_ds_mla format (flashdsa.layout) the fp8 kernel (fwd_fp8.py) re
 e4m3 bytes, the 4 fp32 scales and the bf16 rope values through three typed views of the
 cache and dequantizes each gathered tile in registers. When ``b * s_q`` head-block
 programs cannot fill the GPU, the top-k range is split over programs (split-k) and a
-combine kernel merges the partial softmaxes. On Hopper, bf16 rows with enough queries to
-need no split take the Gluon forward (fwd_sm90.py), which reads the cache the same way.
+combine kernel merges the partial softmaxes. On Hopper, enough queries to need no split
+take the Gluon forward (fwd_sm90.py), which reads the cache the same way: bf16 rows by
+cp.async, fp8_ds_mla rows through its dequantizing producer.
 
 Module split of the op: fwd.py (forward kernel and launcher), fwd_fp8.py (fp8_ds_mla
 kernel), decode.py (this), bwd.py (backward), op.py (custom ops and autograd).
@@ -20,7 +21,7 @@ import triton
 from ...layout import MLA_D_NOPE, MLA_D_ROPE, MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
 from ..common import interpreted, last_dim_contiguous, num_sms
 from .fwd import KvRows, resolve_config, run_over_rows
-from .fwd_sm90 import gluon_fwd_supported, run_sparse_mla_fwd_sm90
+from .fwd_sm90 import gluon_fp8_supported, gluon_fwd_supported, run_sparse_mla_decode_sm90_fp8, run_sparse_mla_fwd_sm90
 
 # One query token over bf16 rows on Hopper: 16 heads a program (8 head blocks x 16 splits
 # of 128 heads) instead of one wgmma tile of 64 (2 x 32): the same number of programs
@@ -82,9 +83,12 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     if n_split is None:
         n_prog = triton.cdiv(h_q, cfg["BLOCK_H"]) * b * s_q
         n_split = choose_n_split(n_prog, topk, cfg["BLOCK_K"], num_sms(q.device))
-    if not fp8 and n_split == 1 and config is None and gluon_fwd_supported(qf, rows.values, d_v) is None:
-        # enough queries to fill the GPU without split-k (a prefill chunk, a large decode
-        # batch) over bf16 rows on Hopper: the Gluon forward (fwd_sm90.py)
+    # enough queries to fill the GPU without split-k (a prefill chunk, a large decode batch)
+    # on Hopper: the Gluon forward (fwd_sm90.py)
+    gluon = n_split == 1 and config is None
+    if gluon and fp8 and gluon_fp8_supported(qf, rows.values, rows.tail, d_v) is None:
+        out, _, lse = run_sparse_mla_decode_sm90_fp8(qf, rows.values, rows.scales, rows.tail, idx, sm_scale)
+    elif gluon and not fp8 and gluon_fwd_supported(qf, rows.values, d_v) is None:
         out, _, lse = run_sparse_mla_fwd_sm90(qf, rows.values, idx, sm_scale)
     else:
         out, _, lse = run_over_rows(qf, idx, rows, sm_scale, d_v, n_split, cfg)

@@ -22,9 +22,16 @@ base 2), with what Triton's language cannot express:
 Shared memory at BLOCK_K 64 and 2 stages: q 72 KB + 2 x 72 KB of rows = 216 KB (227 KB
 is the limit), so one program runs per SM.
 
-Only the fast shape runs here: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no
-probabilities, no split-k. Everything else takes the Triton kernel (see
-:func:`gluon_fwd_supported`).
+The fp8_ds_mla rows of the paged decode (flashdsa.layout: 512 e4m3 values in 4 tiles of
+128 with an fp32 scale each, then 64 bf16 rope values) run the same program with another
+producer: it loads each gathered row's e4m3 bytes in pieces of ``PIECE`` columns (the next
+piece's loads in flight while one is converted, a block's first piece issued before the
+wait for its stage), scales them in fp32 and stores bf16 into the stage, and copies the
+rope values by cp.async; the consumers see bf16 rows as before.
+
+Only the fast shapes run here: bf16 q, d_qk 576, d_v 512, h_q a multiple of 64, no
+probabilities, no split-k. Everything else takes the Triton kernels (see
+:func:`gluon_fwd_supported` and :func:`gluon_fp8_supported`).
 """
 from __future__ import annotations
 
@@ -69,6 +76,10 @@ BLOCK_H = 64
 # producer's share after the launch (the consumers take the rest: spill-free on the Triton
 # 3.6 and 3.9 builds, where 40 spills).
 SM90_GLUON = dict(BLOCK_K=64, NUM_STAGES=2, num_warps=8, maxnreg=168, PRODUCER_REGS=56)
+# fp8_ds_mla rows: the dequantizing producer holds a piece of PIECE columns in flight while
+# it converts another (PIECE <= 128: one scale a piece); 88 registers are the fewest with
+# which neither partition spills on the Triton 3.6 and 3.9 builds.
+SM90_GLUON_FP8 = dict(SM90_GLUON, PRODUCER_REGS=88, PIECE=128)
 
 
 def gluon_device(device: torch.device) -> str | None:
@@ -85,24 +96,50 @@ def gluon_device(device: torch.device) -> str | None:
     return None
 
 
-def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> str | None:
-    """None when the Gluon kernel can run this forward (q [T, h_q, d_qk], kv [N, ..., d_qk]),
-    else why not (for errors and the dispatch)."""
+def _q_supported(q: torch.Tensor, d_v: int) -> str | None:
+    """None when the Gluon kernels take these queries (q [T, h_q, d_qk]), else why not."""
     why = gluon_device(q.device)
     if why:
         return why
-    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-        return f"the Gluon kernel takes bf16 q and kv, got {q.dtype} and {kv.dtype}"
     if d_v != D_V or q.shape[-1] != D_V + D_TAIL:
         return f"the Gluon kernel takes d_qk {D_V + D_TAIL} and d_v {D_V}, got {q.shape[-1]} and {d_v}"
     if q.shape[1] % BLOCK_H:
         return f"the Gluon kernel takes h_q a multiple of {BLOCK_H}, got {q.shape[1]}"
-    # cp.async copies 16 bytes: the rows of q and kv must start on 16-byte boundaries the
-    # compiler can see (Triton marks pointers and integers divisible by 16 as such)
+    return None
+
+
+# cp.async copies 16 bytes: the rows must start on 16-byte boundaries the compiler can see
+# (Triton marks pointers and integers divisible by 16 as such)
+_ALIGNMENT = ("the Gluon kernel copies 16-byte pieces: q and kv need 16-byte aligned storage, row strides "
+              "that are multiples of 16 elements and a contiguous last dim")
+
+
+def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> str | None:
+    """None when the Gluon kernel can run this forward (q [T, h_q, d_qk], kv [N, ..., d_qk]),
+    else why not (for errors and the dispatch)."""
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        return gluon_device(q.device) or f"the Gluon kernel takes bf16 q and kv, got {q.dtype} and {kv.dtype}"
+    why = _q_supported(q, d_v)
+    if why:
+        return why
     if (q.data_ptr() % 16 or kv.data_ptr() % 16 or q.stride(0) % 16 or q.stride(1) % 16 or kv.stride(0) % 16
             or q.stride(2) != 1 or kv.stride(-1) != 1):
-        return ("the Gluon kernel copies 16-byte pieces: q and kv need 16-byte aligned storage, row strides "
-                "that are multiples of 16 elements and a contiguous last dim")
+        return _ALIGNMENT
+    return None
+
+
+def gluon_fp8_supported(q: torch.Tensor, c8: torch.Tensor, rope: torch.Tensor, d_v: int) -> str | None:
+    """None when the Gluon kernel can run a decode over fp8_ds_mla rows (q [T, h_q, 576]
+    bf16; the cache's e4m3 view ``c8`` [N, 512+] and bf16 rope view ``rope`` [N, 64+] of
+    flashdsa.layout.mla_byte_views), else why not."""
+    if q.dtype != torch.bfloat16:
+        return gluon_device(q.device) or f"the Gluon kernel takes bf16 q, got {q.dtype}"
+    why = _q_supported(q, d_v)
+    if why:
+        return why
+    if (q.data_ptr() % 16 or c8.data_ptr() % 16 or rope.data_ptr() % 16 or q.stride(0) % 16 or q.stride(1) % 16
+            or c8.stride(0) % 16 or rope.stride(0) % 8 or q.stride(2) != 1):
+        return _ALIGNMENT
     return None
 
 
@@ -158,6 +195,66 @@ if GLUON_AVAILABLE:
             _issue_rows(kv_ptr, idx_n, idx_t, n_kv, stride_kv, k_nope.index(st), k_tail.index(st), 4)
             async_copy.mbarrier_arrive(ready.index(st), increment_count=False)
             idx_n, idx_t = _load_slots(idx_row, (j + 1) * BLOCK_K, topk, BLOCK_K, 4)
+
+    @gluon.jit
+    def _fp8_gather_partition(c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
+                              k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+                              PIECE: gl.constexpr):
+        """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's rows into
+        stage j % NUM_STAGES as bf16. Each row's e4m3 bytes are loaded 16 a thread, a piece
+        of PIECE columns at a time: the next piece's loads are issued before this piece is
+        scaled and stored, and a block's first piece before the wait for its stage, so the
+        gathers' latency overlaps the conversion and the consumers. The rope values go by
+        cp.async. The stage's ready barrier takes this partition's one arrival after its
+        stores (fenced for the wgmma that reads them) and its threads' copy arrivals."""
+        gl.static_assert(PIECE <= 128, "a piece takes one scale: at most one 128-column tile")
+        N_PIECES: gl.constexpr = 512 // PIECE
+        # rows spread over the threads the same way in both layouts (a thread's row index
+        # serves its e4m3 loads and its rope copies)
+        deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
+        tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+        cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, deq_l))
+        cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
+        n_blocks = gl.cdiv(topk, BLOCK_K)
+        for j in range(n_blocks):
+            st = j % NUM_STAGES
+            kk = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, deq_l))
+            idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
+            valid = (idx >= 0) & (idx < n_kv)
+            row = gl.where(valid, idx, 0).to(gl.int64)
+            # a cache row is 656 bytes: its e4m3 bytes start on 16-byte boundaries
+            src = c8_ptr + gl.multiple_of(row * stride_c8, 16)[:, None] + cols[None, :]
+            sc_row = sc_ptr + row * stride_sc
+            x = gl.load(src, mask=valid[:, None], other=0.0)
+            row_t = gl.convert_layout(row, gl.SliceLayout(1, tail_l))
+            valid_t = gl.convert_layout(valid, gl.SliceLayout(1, tail_l))
+            mbarrier.wait(empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
+            _async_load(k_tail.index(st), pe_ptr + gl.multiple_of(row_t * stride_pe, 8)[:, None] + cols_t[None, :],
+                        mask=valid_t[:, None])
+            dst = k_nope.index(st)
+            for p in gl.static_range(N_PIECES):
+                if p + 1 < N_PIECES:
+                    x_next = gl.load(src + (p + 1) * PIECE, mask=valid[:, None], other=0.0)
+                scale = gl.load(sc_row + (p * PIECE) // 128, mask=valid, other=0.0)
+                dst.slice(p * PIECE, PIECE, dim=1).store((x.to(gl.float32) * scale[:, None]).to(gl.bfloat16))
+                if p + 1 < N_PIECES:
+                    x = x_next
+            fence_async_shared()
+            _barrier()  # every thread of this partition has stored its pieces
+            mbarrier.arrive(ready.index(st), count=1)
+            async_copy.mbarrier_arrive(ready.index(st), increment_count=False)
+
+    @gluon.jit
+    def _producer_partition(kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
+                            k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+                            FP8: gl.constexpr, PIECE: gl.constexpr):
+        """The producer: the cp.async gather of bf16 rows, or the dequantizing one of fp8_ds_mla rows."""
+        if FP8:
+            _fp8_gather_partition(kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
+                                  k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, PIECE)
+        else:
+            _gather_partition(kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
+                              BLOCK_K, NUM_STAGES)
 
     @gluon.jit
     def _attend_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
@@ -250,26 +347,30 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def sparse_mla_fwd_sm90_kernel(
-        q_ptr, kv_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr,
+        q_ptr, kv_ptr, sc_ptr, pe_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr,
         n_kv, topk, h_q, qk_scale,
-        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        stride_qt, stride_qh, stride_kv, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        FP8: gl.constexpr, PIECE: gl.constexpr,
     ):
+        """bf16 rows (kv_ptr, FP8 False; sc_ptr and pe_ptr unused) or fp8_ds_mla rows (FP8:
+        kv_ptr the e4m3 bytes, sc_ptr the fp32 scales, pe_ptr the bf16 rope values)."""
         gl.static_assert(num_warps == 8, "two consumer warpgroups: the score tile split along its rows")
         # one program per (token, head block), head blocks fastest: the programs of one token
         # run together and share its gathered rows through L2 (a 1-D grid: no 65535 limit)
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
         pid_t = gl.program_id(0) // n_hb
-        # ready: one asynchronous arrival per producer thread
-        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 128)
+        # ready: one asynchronous arrival per producer thread (its copies), and with fp8 rows
+        # one more after the producer's stores
+        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 129 if FP8 else 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                                  h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                                  q_nope, q_tail, k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, num_warps)),
-            (_gather_partition, (kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
-                                 BLOCK_K, NUM_STAGES)),
+            (_producer_partition, (kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
+                                   k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, FP8, PIECE)),
         ], [4], [PRODUCER_REGS])
 
 
@@ -279,16 +380,32 @@ def run_sparse_mla_fwd_sm90(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor
     (last dims contiguous, validated; :func:`gluon_fwd_supported` holds) -> (out [T, h_q,
     512] bf16, max_logits [T, h_q] fp32, lse [T, h_q] fp32 natural log); ``config``
     overrides keys of SM90_GLUON."""
-    cfg = dict(SM90_GLUON, **(config or {}))
+    return _launch(q, kv, None, None, idx, sm_scale, dict(SM90_GLUON, **(config or {})))
+
+
+def run_sparse_mla_decode_sm90_fp8(q: torch.Tensor, c8: torch.Tensor, scales: torch.Tensor, rope: torch.Tensor,
+                                   idx: torch.Tensor, sm_scale: float, config: dict | None = None):
+    """The Gluon forward over fp8_ds_mla rows: q [T, h_q, 576] bf16; the cache's views
+    (flashdsa.layout.mla_byte_views, one row a slot): ``c8`` [N, 656] e4m3 (the first 512
+    used), ``scales`` [N, 4+] fp32 from the scale offset, ``rope`` [N, 64+] bf16 from the
+    rope offset; idx [T, topk] int32 slots (validated; :func:`gluon_fp8_supported` holds)
+    -> (out [T, h_q, 512] bf16, max_logits, lse [T, h_q] fp32 natural log); ``config``
+    overrides keys of SM90_GLUON_FP8."""
+    return _launch(q, c8, scales, rope, idx, sm_scale, dict(SM90_GLUON_FP8, **(config or {})))
+
+
+def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
     t_q, h_q, _ = q.shape
     out = torch.empty(t_q, h_q, D_V, dtype=q.dtype, device=q.device)
     max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
     if t_q == 0:
         return out, max_logits, lse
+    fp8 = scales is not None
     sparse_mla_fwd_sm90_kernel[(h_q // BLOCK_H * t_q, )](
-        q, kv, idx, out, max_logits, lse, kv.shape[0], idx.shape[1], h_q, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
+        q, kv, scales, rope, idx, out, max_logits, lse, kv.shape[0], idx.shape[1], h_q, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
+        idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], maxnreg=cfg["maxnreg"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", 128), maxnreg=cfg["maxnreg"])
     return out, max_logits, lse
