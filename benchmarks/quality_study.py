@@ -153,9 +153,11 @@ def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
     """``<prefix>_loss.svg`` (training LM loss against the data step: pretraining and both
     branches on one axis), ``<prefix>_loss_by_position.svg`` (held-out loss of each
     evaluated model by position bucket), ``<prefix>_loss_by_time.svg`` (each branch's
-    training LM loss against its training seconds: :func:`loss_by_time`) and, where the rows have it,
-    ``<prefix>_retrieval_by_distance.svg`` (retrieval accuracy by distance bucket) in
-    ``out_dir``, with matplotlib."""
+    training LM loss against its training seconds: :func:`loss_by_time`) and, where the rows have them,
+    ``<prefix>_retrieval_by_distance.svg`` (retrieval accuracy by distance bucket: a
+    passkey's share of samples right, a repeat's share of copied digits right) and
+    ``<prefix>_recall_by_layer.svg`` (indexer recall of each layer) in ``out_dir``, with
+    matplotlib."""
     from benchmarks.plot import line_chart
     curves = {name: [(st["first_data_step"] + s, lm) for s, _, lm, _ in st["history"]]
               for name, st in res["stages"].items()}
@@ -168,12 +170,20 @@ def write_plots(res: dict, out_dir: str, prefix: str) -> list[str]:
     paths.append(line_chart(loss_by_time(res), os.path.join(out_dir, f"{prefix}_loss_by_time.svg"),
                             "training LM loss of each branch against its training time", "seconds",
                             "loss (nats/byte)"))
-    by_distance = {r["name"]: [(b["distance"], 100 * b["accuracy"]) for b in r["retrieval_by_distance"]]
+    repeat = res["rows"][0]["retrieval"]["task"] == "repeat"
+    key = "digit_accuracy" if repeat else "accuracy"
+    by_distance = {r["name"]: [(b["distance"], 100 * b[key]) for b in r["retrieval_by_distance"]]
                    for r in res["rows"] if r.get("retrieval_by_distance")}
     if by_distance:
         paths.append(line_chart(by_distance, os.path.join(out_dir, f"{prefix}_retrieval_by_distance.svg"),
                                 "retrieval accuracy by distance (bucket start; buckets double)", "distance (tokens)",
-                                "samples all digits right (%)", logx=True))
+                                "copied digits right (%)" if repeat else "samples all digits right (%)", logx=True))
+    by_layer = {r["name"]: [(i, 100 * x) for i, x in enumerate(r["indexer_recall"]["per_layer"])]
+                for r in res["rows"] if r.get("indexer_recall")}
+    if by_layer:
+        paths.append(line_chart(by_layer, os.path.join(out_dir, f"{prefix}_recall_by_layer.svg"),
+                                "indexer recall by layer (dense attention mass on the top-k selection)", "layer",
+                                "recall (%)"))
     return paths
 
 

@@ -200,7 +200,8 @@ def test_quality_study_toy(tmp_path):
     assert "torch" in res and "command" in res
     legends = {"quality_study_toy_loss.svg": set(res["stages"]),
                "quality_study_toy_loss_by_position.svg": {r["name"] for r in res["rows"]},
-               "quality_study_toy_loss_by_time.svg": {"(a) dense", "(b) DSA"}}
+               "quality_study_toy_loss_by_time.svg": {"(a) dense", "(b) DSA"},
+               "quality_study_toy_recall_by_layer.svg": {r["name"] for r in res["rows"] if r["indexer_recall"]}}
     for plot, names in legends.items():     # each plot's legend names its series
         root = ET.parse(tmp_path / plot).getroot()
         texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
