@@ -125,6 +125,21 @@ def _load_index_row(iq_ptr, w_ptr, t, n_iheads, stride_iqt, stride_iqh, stride_w
 
 
 @triton.jit
+def _kl_accumulate(p, s, valid, z_sum, plogp, p_i, m, l):
+    """One block of the forward's running sums (any tile shape, lanes kept apart): target
+    p, index scores s (-inf where invalid) -> (sum p, sum p ln p, sum p I, and the online
+    logsumexp of I as its max m and sum l)."""
+    pos = p > 0
+    z_sum += p
+    plogp += tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
+    p_i += p * tl.where(valid, s, 0.0)  # p = 0 wherever s = -inf
+    m_new = tl.maximum(m, s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp(m - m_safe) + tl.exp(s - m_safe)
+    return z_sum, plogp, p_i, m_new, l
+
+
+@triton.jit
 def _row_range(ks_ptr, ke_ptr, t, topk, DENSE: tl.constexpr):
     """(ks, ke, n): the causal range of row t (warm-up) or n = topk slots (sparse)."""
     if DENSE:
@@ -205,14 +220,7 @@ def indexer_kl_fwd_kernel(
         else:
             p = tl.where(valid, tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0), 0.0)
         _, s, _ = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
-        pos = p > 0
-        z_sum += p
-        plogp += tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
-        p_i += p * tl.where(valid, s, 0.0)  # p = 0 wherever s = -inf
-        m_new = tl.maximum(m, s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.exp(s - m_safe)
-        m = m_new
+        z_sum, plogp, p_i, m, l = _kl_accumulate(p, s, valid, z_sum, plogp, p_i, m, l)
     # Combine the BLOCK_K lanes.
     zt = tl.sum(z_sum, axis=0)
     mt = tl.max(m, axis=0)
