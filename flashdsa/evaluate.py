@@ -81,8 +81,8 @@ def retrieval_accuracy(model, corpus: Corpus, seq_len: int, n: int = 32, distanc
     """``task`` retrieval (flashdsa.recipe.RETRIEVAL_TASKS) over ``n`` held-out windows, the
     answer ``distance`` tokens back: a passkey at least that (default 4 * index_topk + 1)
     and at most ``max_distance`` (default: anywhere earlier in the window), a repeat
-    exactly that (required), or from that to ``max_distance`` when given. Returns {"task", "accuracy", "digit_accuracy",
-    "answer_loss", "distance", "max_distance", "n"}."""
+    exactly that (required), or from that to ``max_distance`` when given. Returns {"task",
+    "accuracy", "digit_accuracy", "answer_loss", "distance", "max_distance", "n"}."""
     device = next(model.parameters()).device
     model.eval()
     if distance is None:

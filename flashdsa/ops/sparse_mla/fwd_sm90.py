@@ -395,6 +395,8 @@ def run_sparse_mla_decode_sm90_fp8(q: torch.Tensor, c8: torch.Tensor, scales: to
 
 
 def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
+    """One launch of the Gluon program: bf16 rows ``kv`` (``scales`` None), or fp8_ds_mla
+    rows (``kv`` the e4m3 view, with their ``scales`` and ``rope`` views)."""
     t_q, h_q, _ = q.shape
     out = torch.empty(t_q, h_q, D_V, dtype=q.dtype, device=q.device)
     max_logits = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
@@ -407,5 +409,5 @@ def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
         q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
         idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", 128), maxnreg=cfg["maxnreg"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", SM90_GLUON_FP8["PIECE"]), maxnreg=cfg["maxnreg"])
     return out, max_logits, lse
