@@ -409,5 +409,6 @@ def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
         q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
         idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", SM90_GLUON_FP8["PIECE"]), maxnreg=cfg["maxnreg"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", SM90_GLUON_FP8["PIECE"]),
+        maxnreg=cfg["maxnreg"])
     return out, max_logits, lse
