@@ -196,6 +196,17 @@ def training_launches(arch: int = 90) -> dict[str, list]:
             L.indexer_kl_fwd(q, kv, None, iq, ik, w, None, ks, ke, 0.04, cfg)
             L.indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, None, ks, ke, stats, p, 0.04, cfg)
         cases[f"warmup_kl_loss h{h}"] = launches
+    # the query-tiled warm-up kernels: 16 heads and 16 indexer heads at the real widths
+    # (4 queries a program), and the quality study's layer (8 heads of 288, 8 of 64: 8 queries)
+    for h, d, hi, di in ((16, 576, 16, 128), (8, 288, 8, 64)):
+        qs, kvs = torch.randn(T, h, d, generator=g, **bf), torch.randn(S, 1, d, generator=g, **bf)
+        iqs, iks = torch.randn(T, hi, di, generator=g, **bf), torch.randn(S, di, generator=g, **bf)
+        ws, lses = torch.randn(T, hi, generator=g), torch.rand(T, h, generator=g)
+        cfg = L.config_for(64, divmod(arch, 10))
+        with capture_launches() as launches:
+            L.indexer_kl_fwd(qs, kvs, None, iqs, iks, ws, None, ks, ke, 0.04, cfg)
+            L.indexer_kl_bwd(dkl, qs, kvs, lses, iqs, iks, ws, None, ks, ke, stats, p, 0.04, cfg)
+        cases[f"warmup_kl_loss h{h} d{d} hi{hi} d_i{di}, query-tiled"] = launches
     with capture_launches() as launches:
         L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.config_for(None, divmod(arch, 10)),
                          probs=p)

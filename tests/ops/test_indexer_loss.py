@@ -34,6 +34,26 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
+@pytest.fixture(params=["query_tiled", "one_row"])
+def warmup_kernel(request, monkeypatch):
+    """Runs a warm-up test on each kernel pair: the query-tiled kernels (what the tests'
+    few heads get) and the one-row-a-program kernels (forced)."""
+    real, blocks = launch.query_block, []
+    if request.param == "one_row":
+        monkeypatch.setattr(launch, "query_block", lambda h_q, h_i: blocks.append(1) or 1)
+    else:
+        monkeypatch.setattr(launch, "query_block", lambda h_q, h_i: blocks.append(real(h_q, h_i)) or blocks[-1])
+    yield request.param
+    assert blocks and all((b > 1) == (request.param == "query_tiled") for b in blocks), blocks
+
+
+def test_query_block_by_heads():
+    """Query rows a warm-up program takes: tiles of up to 64 rows, each at least 16."""
+    qb = launch.query_block
+    assert (qb(8, 8), qb(3, 5), qb(20, 17), qb(16, 16)) == (8, 8, 2, 4)
+    assert qb(64, 64) == qb(128, 64) == qb(8, 64) == qb(4, 32) == 1 and qb(1, 1) == 64
+
+
 def _causal(lens, device):
     ks, ke, s = [], [], 0
     for n in lens:
@@ -76,7 +96,7 @@ def _compare(stage, q, kv, lse, iq, ik, w, sm_scale, extra, device):
         assert rel_err(a.cpu(), t) <= budget, (name, rel_err(a.cpu(), t), budget)
 
 
-def test_warmup_ranges_past_the_keys_count_their_rows_in_range(poison):
+def test_warmup_ranges_past_the_keys_count_their_rows_in_range(poison, warmup_kernel):
     """ks < 0 or ke > S are normal inputs: the rows of [ks, ke) inside [0, S) count, as in
     the naive loss, and the kernels read nothing outside (rows of which none is in range,
     and empty ranges, add 0)."""
@@ -93,7 +113,8 @@ def test_warmup_ranges_past_the_keys_count_their_rows_in_range(poison):
     ([7, 12], 3, 48, 5, 24, 16, False),  # lse computed by the loss kernel (attention ran elsewhere)
     ([19], 20, 40, 17, 32, 16, True),    # heads > 16 (padded tiles), tail 8
 ])
-def test_warmup_blockwise_equals_naive(lens, H, d_qk, HI, DI, block_k, given_lse, poison, monkeypatch):
+def test_warmup_blockwise_equals_naive(lens, H, d_qk, HI, DI, block_k, given_lse, poison, monkeypatch,
+                                      warmup_kernel):
     monkeypatch.setitem(ops.CONFIGS, "small", dict(ops.CONFIGS["small"], BLOCK_K=block_k))
     T = sum(lens)
     q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
@@ -220,10 +241,14 @@ def test_torch_compile_fullgraph():
 
 
 @requires_cuda
-@pytest.mark.parametrize("stage", ["warmup", "sparse"])
-def test_bf16_gpu(stage):
-    """bf16 attention/indexer inputs at the real widths (d_qk 576, H 64, H_I 64, d_I 128)."""
-    T, H, d_qk, HI, DI, topk = 300, 64, 576, 64, 128, 128
+@pytest.mark.parametrize("stage,H,d_qk,HI,DI", [
+    ("warmup", 64, 576, 64, 128), ("sparse", 64, 576, 64, 128),
+    ("warmup", 8, 288, 8, 64),  # the quality study's layer: the query-tiled warm-up kernels
+])
+def test_bf16_gpu(stage, H, d_qk, HI, DI):
+    """bf16 attention/indexer inputs at the real widths (d_qk 576, H 64, H_I 64, d_I 128)
+    and at the quality study's (8 heads of 288, 8 indexer heads of 64)."""
+    T, topk = 300, 128
     q, kv, iq, ik, w = _data(T, H, d_qk, HI, DI)
     ks, ke, cu = _causal([100, 200], "cpu")
     sm_scale = d_qk ** -0.5

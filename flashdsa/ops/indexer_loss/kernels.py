@@ -31,6 +31,15 @@ Backward (``indexer_kl_bwd_kernel``), per block, with g = dL_t * (softmax(I) - p
     dik[r]  += dzT @ iq[t]                   [BK, d_I]   (fp32 atomics, or with
                ``DETERMINISTIC`` one buffer row per (row, slot), summed later in a fixed order)
 
+Warm-up with few heads (``indexer_kl_warmup_fwd_kernel`` / ``_bwd_kernel``): one program
+per QB consecutive query rows (launch.query_block: QB x heads and QB x indexer heads fill
+tiles of up to 64 rows), so each key row read serves QB queries instead of one. The
+attention tile's rows are (query, head) pairs, p is a head mean inside each query's rows,
+each query keeps its own running sums and causal mask, and the program walks the union of
+its queries' ranges. The backward sums dik over the QB queries in one product before the
+atomic add. The one-row kernels above serve the rest (e.g. V3.2's 64 indexer heads, whose
+index tile alone fills 64 rows) and the deterministic backward.
+
 The indexer's q and k enter in bf16 in training (tensor cores, fp32 accumulation), the
 weights in fp32; not FP8, whose rounding has zero gradient almost everywhere (see
 docs/training.md). d_qk (576) is split into a power-of-two head (512) and a tail (64) for
@@ -140,6 +149,21 @@ def _kl_accumulate(p, s, valid, z_sum, plogp, p_i, m, l):
 
 
 @triton.jit
+def _kl_combine(z_sum, plogp, p_i, m, l, AXIS: tl.constexpr):
+    """The running sums' lanes (along ``AXIS``) combined: (KL, Z, lse_I) with
+    KL = (sum p ln p)/Z - ln Z - (sum p I)/Z + lse_I (0 where Z = 0)."""
+    zt = tl.sum(z_sum, axis=AXIS)
+    mk = tl.max(m, axis=AXIS, keep_dims=True)
+    mk = tl.where(mk == float("-inf"), 0.0, mk)
+    lt = tl.sum(l * tl.exp(m - mk), axis=AXIS)
+    mt = tl.max(mk, axis=AXIS)
+    lse_i = tl.where(lt > 0, mt + tl.log(tl.where(lt > 0, lt, 1.0)), float("-inf"))
+    zt_safe = tl.where(zt > 0, zt, 1.0)
+    kl = tl.sum(plogp, axis=AXIS) / zt_safe - tl.log(zt_safe) - tl.sum(p_i, axis=AXIS) / zt_safe + lse_i
+    return tl.where(zt > 0, kl, 0.0), zt, lse_i
+
+
+@triton.jit
 def _row_range(ks_ptr, ke_ptr, t, topk, DENSE: tl.constexpr):
     """(ks, ke, n): the causal range of row t (warm-up) or n = topk slots (sparse)."""
     if DENSE:
@@ -221,15 +245,7 @@ def indexer_kl_fwd_kernel(
             p = tl.where(valid, tl.load(p_ptr + t * stride_pt + offs, mask=offs < topk, other=0.0), 0.0)
         _, s, _ = _index_scores(iq, ik_ptr, stride_ikr, rows, valid, w, DI, BLOCK_DI, DOT_PREC)
         z_sum, plogp, p_i, m, l = _kl_accumulate(p, s, valid, z_sum, plogp, p_i, m, l)
-    # Combine the BLOCK_K lanes.
-    zt = tl.sum(z_sum, axis=0)
-    mt = tl.max(m, axis=0)
-    mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
-    lt = tl.sum(l * tl.exp(m - mt_safe), axis=0)
-    lse_i = tl.where(lt > 0, mt_safe + tl.log(tl.where(lt > 0, lt, 1.0)), float("-inf"))
-    zt_safe = tl.where(zt > 0, zt, 1.0)
-    kl = tl.sum(plogp, axis=0) / zt_safe - tl.log(zt_safe) - tl.sum(p_i, axis=0) / zt_safe + lse_i
-    kl = tl.where(zt > 0, kl, 0.0)
+    kl, zt, lse_i = _kl_combine(z_sum, plogp, p_i, m, l, 0)
     tl.store(kl_ptr + t, kl)
     tl.store(stats_ptr + t * 2, zt)
     tl.store(stats_ptr + t * 2 + 1, lse_i)
@@ -293,3 +309,182 @@ def indexer_kl_bwd_kernel(
              acc_iq.to(diq_ptr.dtype.element_ty), mask=mask_j[:, None] & mask_d[None, :])
     tl.store(dw_ptr + t * stride_dwt + offs_j, acc_w, mask=mask_j)
 
+
+
+@triton.jit
+def _query_block(q_ptr, lse_ptr, iq_ptr, w_ptr, ks_ptr, ke_ptr, T, n_kv, n_heads, n_iheads,
+                 stride_qt, stride_qh, stride_lt, stride_iqt, stride_iqh, stride_wt,
+                 QB: tl.constexpr, D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr,
+                 BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
+                 LOAD_LSE: tl.constexpr):
+    """The QB query rows of this program (warm-up, query-tiled kernels): the attention
+    tile's rows (query i, head h) = i * BLOCK_H + h with their q and (``LOAD_LSE``) lse in
+    base 2, the index tile's rows (query i, indexer head j) = i * BLOCK_HI + j with their
+    q and weights, each query's causal range [ks, ke) and the union [lo, hi) of the
+    ranges inside [0, S), which the program walks."""
+    # The longest causal ranges first, so the short ones fill the tail.
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64) * QB
+    offs_m = tl.arange(0, QB * BLOCK_H)
+    tm = t0 + offs_m // BLOCK_H
+    hm = offs_m % BLOCK_H
+    mrow = (tm < T) & (hm < n_heads)
+    q_row = q_ptr + tm * stride_qt + hm * stride_qh
+    offs_a = tl.arange(0, D_HEAD)
+    offs_b = tl.arange(0, BLOCK_DT)
+    q_h = tl.load(q_row[:, None] + offs_a[None, :], mask=mrow[:, None], other=0.0)
+    q_t = tl.load(q_row[:, None] + D_HEAD + offs_b[None, :], mask=mrow[:, None] & (offs_b < D_TAIL)[None, :],
+                  other=0.0)
+    if LOAD_LSE:
+        lse2 = tl.load(lse_ptr + tm * stride_lt + hm, mask=mrow, other=float("inf")) * LOG2E_C
+    else:
+        lse2 = tl.full([QB * BLOCK_H], float("inf"), dtype=tl.float32)
+    offs_n = tl.arange(0, QB * BLOCK_HI)
+    tn = t0 + offs_n // BLOCK_HI
+    jn = offs_n % BLOCK_HI
+    nrow = (tn < T) & (jn < n_iheads)
+    offs_d = tl.arange(0, BLOCK_DI)
+    iq = tl.load(iq_ptr + tn[:, None] * stride_iqt + jn[:, None] * stride_iqh + offs_d[None, :],
+                 mask=nrow[:, None] & (offs_d < DI)[None, :], other=0.0)
+    w = tl.load(w_ptr + tn * stride_wt + jn, mask=nrow, other=0.0).to(tl.float32)
+    tq = t0 + tl.arange(0, QB)
+    qmask = tq < T
+    ks = tl.load(ks_ptr + tq, mask=qmask, other=0).to(tl.int64)
+    ke = tl.load(ke_ptr + tq, mask=qmask, other=0).to(tl.int64)
+    live = qmask & (ke > ks)
+    lo = tl.maximum(tl.min(tl.where(live, ks, n_kv), axis=0), 0)
+    hi = tl.minimum(tl.max(tl.where(live, ke, 0), axis=0), n_kv)
+    return q_h, q_t, lse2, mrow, tm, hm, iq, w, tn, jn, nrow, tq, qmask, ks, ke, lo, hi
+
+
+@triton.jit
+def _block_logits2(q_h, q_t, kv_ptr, stride_kvr, k0, hi, qk_scale,
+                   D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """Key rows k0 + [0, BLOCK_K) (those < hi read): the attention logits of the tile's rows
+    in base 2 [QB * BLOCK_H, BK], the rows and which are below hi."""
+    rows = k0 + tl.arange(0, BLOCK_K)
+    inb = rows < hi
+    offs_a = tl.arange(0, D_HEAD)
+    offs_b = tl.arange(0, BLOCK_DT)
+    kv_row = kv_ptr + tl.where(inb, rows, 0)[:, None] * stride_kvr
+    kv_h = tl.load(kv_row + offs_a[None, :], mask=inb[:, None], other=0.0)
+    kv_t = tl.load(kv_row + D_HEAD + offs_b[None, :], mask=inb[:, None] & (offs_b < D_TAIL)[None, :], other=0.0)
+    a = tl.dot(q_h, tl.trans(kv_h), input_precision=DOT_PREC)
+    a = tl.dot(q_t, tl.trans(kv_t), a, input_precision=DOT_PREC)
+    return a * qk_scale, rows, inb
+
+
+@triton.jit
+def _block_scores(q_h, q_t, lse2, iq, w, kv_ptr, ik_ptr, stride_kvr, stride_ikr, k0, hi, ks, ke, qk_scale, inv_h,
+                  QB: tl.constexpr, D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr,
+                  BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key rows k0 + [0, BLOCK_K) for the program's QB queries: the target p [QB, BK]
+    (a head mean inside each query's rows of the attention tile), the index scores s
+    [QB, BK] (-inf where invalid), the validity mask [QB, BK], the index logits z
+    [QB * BLOCK_HI, BK], the rows, which are below hi, and their ik [BK, DI]."""
+    a, rows, inb = _block_logits2(q_h, q_t, kv_ptr, stride_kvr, k0, hi, qk_scale, D_HEAD, D_TAIL, BLOCK_DT,
+                                  BLOCK_K, DOT_PREC)
+    pr = tl.where(lse2[:, None] < float("inf"), tl.exp2(a - lse2[:, None]), 0.0)  # padding heads: 0
+    p = tl.sum(tl.reshape(pr, [QB, BLOCK_H, BLOCK_K]), axis=1) * inv_h
+    valid = (rows[None, :] >= ks[:, None]) & (rows[None, :] < ke[:, None]) & inb[None, :]
+    p = tl.where(valid, p, 0.0)
+    offs_d = tl.arange(0, BLOCK_DI)
+    ik = tl.load(ik_ptr + tl.where(inb, rows, 0)[:, None] * stride_ikr + offs_d[None, :],
+                 mask=inb[:, None] & (offs_d < DI)[None, :], other=0.0)
+    z = tl.dot(iq, tl.trans(ik), input_precision=DOT_PREC)
+    s = tl.sum(tl.reshape(tl.maximum(z, 0.0) * w[:, None], [QB, BLOCK_HI, BLOCK_K]), axis=1)
+    return p, tl.where(valid, s, float("-inf")), valid, z, rows, inb, ik
+
+
+@triton.jit
+def indexer_kl_warmup_fwd_kernel(
+    q_ptr, kv_ptr, lse_ptr, iq_ptr, ik_ptr, w_ptr, ks_ptr, ke_ptr, kl_ptr, stats_ptr, lse_out_ptr,
+    T, n_kv, n_heads, n_iheads, qk_scale, inv_h,
+    stride_qt, stride_qh, stride_kvr, stride_lt, stride_iqt, stride_iqh, stride_ikr, stride_wt,
+    QB: tl.constexpr, D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_K: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The warm-up forward for QB consecutive queries a program: the same running sums as
+    ``indexer_kl_fwd_kernel``, per query, with each gathered key row serving all QB."""
+    q_h, q_t, lse2, mrow, tm, hm, iq, w, tn, jn, nrow, tq, qmask, ks, ke, lo, hi = _query_block(
+        q_ptr, lse_ptr, iq_ptr, w_ptr, ks_ptr, ke_ptr, T, n_kv, n_heads, n_iheads,
+        stride_qt, stride_qh, stride_lt, stride_iqt, stride_iqh, stride_wt,
+        QB, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI, not COMPUTE_LSE)
+    if COMPUTE_LSE:
+        # One pass over the union range for each (query, head)'s logsumexp (online, base 2),
+        # each row masked to its own query's range; stored for the backward.
+        ks_m = tl.load(ks_ptr + tm, mask=tm < T, other=0).to(tl.int64)
+        ke_m = tl.load(ke_ptr + tm, mask=tm < T, other=0).to(tl.int64)
+        m_h = tl.full([QB * BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([QB * BLOCK_H], dtype=tl.float32)
+        for k0 in range(lo, hi, BLOCK_K):
+            a2, rows, inb = _block_logits2(q_h, q_t, kv_ptr, stride_kvr, k0, hi, qk_scale, D_HEAD, D_TAIL, BLOCK_DT,
+                                           BLOCK_K, DOT_PREC)
+            ok = (rows[None, :] >= ks_m[:, None]) & (rows[None, :] < ke_m[:, None]) & inb[None, :]
+            a2 = tl.where(ok, a2, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(a2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(a2 - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where((l_h > 0) & mrow, m_h + tl.log2(tl.where(l_h > 0, l_h, 1.0)), float("inf"))
+        tl.store(lse_out_ptr + tm * stride_lt + hm, lse2 * LN2_C, mask=mrow)
+
+    z_sum = tl.zeros([QB, BLOCK_K], dtype=tl.float32)
+    plogp = tl.zeros([QB, BLOCK_K], dtype=tl.float32)
+    p_i = tl.zeros([QB, BLOCK_K], dtype=tl.float32)
+    m = tl.full([QB, BLOCK_K], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([QB, BLOCK_K], dtype=tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        p, s, valid, _, _, _, _ = _block_scores(q_h, q_t, lse2, iq, w, kv_ptr, ik_ptr, stride_kvr, stride_ikr, k0, hi,
+                                                ks, ke, qk_scale, inv_h, QB, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI,
+                                                BLOCK_DI, BLOCK_HI, BLOCK_K, DOT_PREC)
+        z_sum, plogp, p_i, m, l = _kl_accumulate(p, s, valid, z_sum, plogp, p_i, m, l)
+    kl, zt, lse_i = _kl_combine(z_sum, plogp, p_i, m, l, 1)
+    tl.store(kl_ptr + tq, kl, mask=qmask)
+    tl.store(stats_ptr + tq * 2, zt, mask=qmask)
+    tl.store(stats_ptr + tq * 2 + 1, lse_i, mask=qmask)
+
+
+@triton.jit
+def indexer_kl_warmup_bwd_kernel(
+    q_ptr, kv_ptr, lse_ptr, iq_ptr, ik_ptr, w_ptr, ks_ptr, ke_ptr, dkl_ptr, stats_ptr, diq_ptr, dik_ptr, dw_ptr,
+    T, n_kv, n_heads, n_iheads, qk_scale, inv_h,
+    stride_qt, stride_qh, stride_kvr, stride_lt, stride_iqt, stride_iqh, stride_ikr, stride_wt,
+    stride_dkl, stride_diqt, stride_diqh, stride_dikr, stride_dwt,
+    QB: tl.constexpr, D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The warm-up backward for QB queries a program, the target recomputed: as
+    ``indexer_kl_bwd_kernel`` per query, with dik[r] summed over the QB queries (one
+    [BK, QB * H_I] @ [QB * H_I, d_I] product) before its one fp32 atomic add."""
+    q_h, q_t, lse2, mrow, tm, hm, iq, w, tn, jn, nrow, tq, qmask, ks, ke, lo, hi = _query_block(
+        q_ptr, lse_ptr, iq_ptr, w_ptr, ks_ptr, ke_ptr, T, n_kv, n_heads, n_iheads,
+        stride_qt, stride_qh, stride_lt, stride_iqt, stride_iqh, stride_wt,
+        QB, D_HEAD, D_TAIL, BLOCK_DT, BLOCK_H, DI, BLOCK_DI, BLOCK_HI, True)
+    zt = tl.load(stats_ptr + tq * 2, mask=qmask, other=0.0)
+    lse_i = tl.load(stats_ptr + tq * 2 + 1, mask=qmask, other=float("-inf"))
+    dkl = tl.load(dkl_ptr + tq * stride_dkl, mask=qmask, other=0.0).to(tl.float32)
+    inv_z = tl.where(zt > 0, 1.0 / tl.where(zt > 0, zt, 1.0), 0.0)
+    lse_i_safe = tl.where(lse_i == float("-inf"), 0.0, lse_i)
+    offs_d = tl.arange(0, BLOCK_DI)
+    mask_d = offs_d < DI
+    acc_iq = tl.zeros([QB * BLOCK_HI, BLOCK_DI], dtype=tl.float32)
+    acc_w = tl.zeros([QB * BLOCK_HI], dtype=tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        p, s, valid, z, rows, inb, ik = _block_scores(q_h, q_t, lse2, iq, w, kv_ptr, ik_ptr, stride_kvr, stride_ikr,
+                                                      k0, hi, ks, ke, qk_scale, inv_h, QB, D_HEAD, D_TAIL, BLOCK_DT,
+                                                      BLOCK_H, DI, BLOCK_DI, BLOCK_HI, BLOCK_K, DOT_PREC)
+        g = tl.where(valid, tl.exp(s - lse_i_safe[:, None]) - p * inv_z[:, None], 0.0) * dkl[:, None]  # [QB, BK]
+        g_n = tl.reshape(tl.broadcast_to(g[:, None, :], [QB, BLOCK_HI, BLOCK_K]), [QB * BLOCK_HI, BLOCK_K])
+        acc_w += tl.sum(tl.maximum(z, 0.0) * g_n, axis=1)
+        dz = tl.where(z > 0, g_n * w[:, None], 0.0).to(ik.dtype)  # [QB * BLOCK_HI, BK]
+        acc_iq = tl.dot(dz, ik, acc_iq, input_precision=DOT_PREC)
+        dk = tl.dot(tl.trans(dz), iq, input_precision=DOT_PREC)  # [BK, DI]
+        tl.atomic_add(dik_ptr + rows[:, None] * stride_dikr + offs_d[None, :], dk,
+                      mask=inb[:, None] & mask_d[None, :], sem="relaxed")
+    tl.store(diq_ptr + tn[:, None] * stride_diqt + jn[:, None] * stride_diqh + offs_d[None, :],
+             acc_iq.to(diq_ptr.dtype.element_ty), mask=nrow[:, None] & mask_d[None, :])
+    tl.store(dw_ptr + tn * stride_dwt + jn, acc_w, mask=nrow)

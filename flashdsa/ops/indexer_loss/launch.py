@@ -7,7 +7,8 @@ import torch
 import triton
 
 from ..common import LOG2E, interpreted, last_dim_contiguous, reduce_slots_fixed_order
-from .kernels import indexer_kl_bwd_kernel, indexer_kl_fwd_kernel
+from .kernels import (indexer_kl_bwd_kernel, indexer_kl_fwd_kernel, indexer_kl_warmup_bwd_kernel,
+                      indexer_kl_warmup_fwd_kernel)
 
 # Block sizes and launch settings, one entry per kind of problem.
 # BLOCK_K: key rows per step. When the loss recomputes the target, the attention tile is
@@ -25,6 +26,8 @@ from .kernels import indexer_kl_bwd_kernel, indexer_kl_fwd_kernel
 #       and the launch fails for lack of shared memory.
 #   "small": the interpreter, CPU tensors, and widths below the real ones (d_qk <= 128 or
 #       d_I < 64), e.g. the tests' tiny shapes.
+# The query-tiled warm-up kernels (few heads, see query_block) hold an attention tile of at
+# most 64 rows, as the row kernel at H 64, so they take the H <= 64 entries.
 # How the sm90 entries were chosen (benchmarks/bench_indexer_loss.py --sweep): docs/training.md.
 CONFIGS = {
     "sm90": dict(BLOCK_K=32, num_warps=4, num_stages=2),
@@ -35,11 +38,32 @@ CONFIGS = {
 }
 
 
-def _config(q: torch.Tensor | None, iq: torch.Tensor) -> dict:
-    """Block sizes; ``q`` None: the target p is given (no attention tile)."""
+def _config(q: torch.Tensor | None, iq: torch.Tensor, tiled: bool = False) -> dict:
+    """Block sizes; ``q`` None: the target p is given (no attention tile); ``tiled``: the
+    query-tiled warm-up kernels."""
     if not iq.is_cuda or interpreted() or (q is not None and q.shape[2] <= 128) or iq.shape[2] < 64:
         return dict(CONFIGS["small"])
-    return config_for(None if q is None else q.shape[1], torch.cuda.get_device_capability(iq.device))
+    h_q = None if q is None else (64 if tiled else q.shape[1])
+    return config_for(h_q, torch.cuda.get_device_capability(iq.device))
+
+
+def query_block(h_q: int, h_i: int) -> int:
+    """Query rows a program of the warm-up kernels takes: QB > 1 (the query-tiled kernels)
+    when QB queries' attention rows (QB x next_pow2(h_q)) and index rows (QB x
+    next_pow2(h_i)) fit tiles of 16 to 64 rows, so each key row read serves QB queries
+    (e.g. 8 at 8 heads and 8 indexer heads); else 1, the one-row-a-program kernels
+    (V3.2's 64 indexer heads)."""
+    bh, bhi = triton.next_power_of_2(h_q), triton.next_power_of_2(h_i)
+    qb = min(64 // bh, 64 // bhi)
+    return qb if qb >= 2 and qb * bh >= 16 and qb * bhi >= 16 else 1
+
+
+def _tiled_meta(q, iq, qb):
+    """Tile constexprs of the query-tiled warm-up kernels: the attention and index tiles'
+    head blocks unpadded (QB of them fill the tile)."""
+    meta = _meta(q, iq)
+    meta.update(QB=qb, BLOCK_H=triton.next_power_of_2(q.shape[1]), BLOCK_HI=triton.next_power_of_2(iq.shape[1]))
+    return meta
 
 
 def config_for(h_q: int | None, capability: tuple[int, int]) -> dict:
@@ -121,13 +145,22 @@ def indexer_kl_fwd(q, kv, lse, iq, ik, w, indices, ks, ke, sm_scale, config=None
         probs = probs.float().contiguous()
     T = iq.shape[0]
     dev = iq.device
-    cfg = _config(q, iq) | dict(config or {})
+    qb = query_block(q.shape[1], iq.shape[1]) if dense else 1
+    cfg = _config(q, iq, tiled=qb > 1) | dict(config or {})
     compute_lse = not given and lse is None
     lse_out = torch.empty((T, q.shape[1]) if compute_lse else (0, 0), dtype=torch.float32, device=dev)
     if compute_lse:
         lse = lse_out
     kl = torch.empty(T, dtype=torch.float32, device=dev)
     stats = torch.empty(T, 2, dtype=torch.float32, device=dev)
+    if qb > 1:
+        indexer_kl_warmup_fwd_kernel[(triton.cdiv(T, qb),)](
+            q, kv2, lse, iq, ik, w, ks, ke, kl, stats, lse_out if compute_lse else kl,
+            T, ik.shape[0], q.shape[1], iq.shape[1], sm_scale * LOG2E, 1.0 / q.shape[1],
+            *_row_args(q, kv2, lse, iq, ik, w, None)[:-1], **_tiled_meta(q, iq, qb), BLOCK_K=cfg["BLOCK_K"],
+            COMPUTE_LSE=compute_lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return kl, stats, kl.new_empty(T, 0), lse_out
     p = probs if given else torch.empty(T, topk, dtype=torch.float32, device=dev)
     dummy = kl  # any valid pointer for an argument the kernel does not read
     sidx = idx if idx is not None else ks
@@ -158,13 +191,23 @@ def indexer_kl_bwd(dkl, q, kv, lse, iq, ik, w, indices, ks, ke, stats, p, sm_sca
         q = kv = lse = None  # the sparse target is in p
     q, kv2, lse, iq, ik, w, idx, ks, ke, dense, topk = _prep(q, kv, lse, iq, ik, w, indices, ks, ke)
     T = iq.shape[0]
-    cfg = _config(q, iq) | dict(config or {})
+    qb = query_block(q.shape[1], iq.shape[1]) if dense and not deterministic else 1
+    cfg = _config(q, iq, tiled=qb > 1) | dict(config or {})
     dkl = dkl.float().contiguous()
     if topk:
         p = p.float().contiguous()
     diq = torch.empty_like(iq)
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=ik.device)
     dw = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    if qb > 1:
+        indexer_kl_warmup_bwd_kernel[(triton.cdiv(T, qb),)](
+            q, kv2, lse, iq, ik, w, ks, ke, dkl, stats, diq, dik, dw,
+            T, ik.shape[0], q.shape[1], iq.shape[1], sm_scale * LOG2E, 1.0 / q.shape[1],
+            *_row_args(q, kv2, lse, iq, ik, w, None)[:-1], dkl.stride(0), diq.stride(0), diq.stride(1),
+            dik.stride(0), dw.stride(0), **_tiled_meta(q, iq, qb), BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return diq, dik.to(ik.dtype), dw.to(w.dtype)
     meta = dict(**_meta(q, iq), BLOCK_K=cfg["BLOCK_K"], DENSE=dense,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
