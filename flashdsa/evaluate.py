@@ -149,8 +149,10 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
 
     Runs the model densely on each window [L + 1] (its last token dropped), captures each
     layer's attention input, and compares the dense head-summed attention of every query
-    with more than ``index_topk`` candidates against the indexer's selection.
-    Returns {"mean", "per_layer": [...], "queries": n}."""
+    with more than ``index_topk`` candidates against the indexer's selection. The oracle is
+    the mass of each query's own k heaviest keys under that attention: the most any
+    selection of k keys can capture.
+    Returns {"mean", "per_layer": [...], "oracle_mean", "oracle_per_layer": [...], "queries": n}."""
     device = next(model.parameters()).device
     model.eval()
     layers = [layer.self_attn for layer in model.model.layers]
@@ -159,6 +161,7 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
                                          with_kwargs=True) for i, m in enumerate(layers)]
     topk = model.config.index_topk
     mass = torch.zeros(len(layers), dtype=torch.float64)
+    oracle = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
     try:
         for w in windows:
@@ -184,12 +187,15 @@ def indexer_recall(model, windows: torch.Tensor, backend: str = "auto", row_chun
                     sel = idx[rows]
                     got = p.gather(1, sel.clamp_min(0)) * (sel >= 0)
                     mass[li] += float(got.sum(1).double().sum())
+                    oracle[li] += float(p.topk(topk, dim=1).values.sum(1).double().sum())
             count += t - topk
     finally:
         for h in hooks:
             h.remove()
     per_layer = (mass / max(count, 1)).tolist()
-    return {"mean": sum(per_layer) / len(per_layer), "per_layer": per_layer, "queries": count}
+    best = (oracle / max(count, 1)).tolist()
+    return {"mean": sum(per_layer) / len(per_layer), "per_layer": per_layer,
+            "oracle_mean": sum(best) / len(best), "oracle_per_layer": best, "queries": count}
 
 
 @torch.no_grad()

@@ -44,6 +44,9 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
     assert st["(b) DSA warm-up"]["steps"] + st["(b) DSA sparse"]["steps"] == st["(a) dense continued"]["steps"]
     dsa = res["rows"][-1]
     assert 0 < dsa["indexer_recall"]["mean"] <= 1 and dsa["lm"]["loss"] > 0
+    # no selection of k keys captures more than the k heaviest (the oracle)
+    rec = dsa["indexer_recall"]
+    assert all(0 < r <= o + 1e-6 <= 1 + 1e-6 for r, o in zip(rec["per_layer"], rec["oracle_per_layer"]))
     assert (tmp_path / "models" / "dsa" / "config.json").exists()
 
 
