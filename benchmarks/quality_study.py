@@ -23,7 +23,7 @@ benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it 
 
 Step counts follow from a time budget: a short probe times one step of each stage, then
 pretraining gets ``--pretrain-share`` of the training time and the two branches split the rest
-(they see the same tokens, so (b)'s warm-up + sparse steps = (a)'s steps).
+(equal LM steps on the same tokens: (b)'s sparse steps = (a)'s steps, its warm-up steps come first).
 """
 from __future__ import annotations
 
@@ -93,8 +93,10 @@ def sdpa_preflight(mcfg, seq_len: int) -> str:
 
 
 def plan_steps(sec: dict, train_budget: float, pretrain_share: float, warmup_share: float) -> tuple[int, int, int]:
-    """(pretrain, branch, warm-up) steps filling ``train_budget`` seconds."""
-    per_branch_step = sec["dense"] + warmup_share * sec["warmup"] + (1 - warmup_share) * sec["sparse"]
+    """(pretrain, branch, warm-up) steps filling ``train_budget`` seconds: a branch step is
+    one step of (a) and one sparse step of (b), and (b) warms up for ``warmup_share`` x
+    the branch steps before."""
+    per_branch_step = sec["dense"] + sec["sparse"] + warmup_share * sec["warmup"]
     branch_time = train_budget * (1 - pretrain_share)
     branch = max(int(branch_time / per_branch_step), 10)
     pretrain = max(int(train_budget * pretrain_share / sec["dense"]), 10)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480, help="training + evaluation wall-clock budget")
     ap.add_argument("--eval-reserve-s", type=float, default=100, help="part of the budget kept for evaluation")
     ap.add_argument("--pretrain-share", type=float, default=0.55)
-    ap.add_argument("--warmup-share", type=float, default=0.15, help="share of (b)'s steps spent in warm-up")
+    ap.add_argument("--warmup-share", type=float, default=0.15, help="(b)'s warm-up steps as a share of the branch steps (LM steps)")
     ap.add_argument("--pretrain-steps", type=int, help="override the planned step counts")
     ap.add_argument("--branch-steps", type=int)
     ap.add_argument("--warmup-steps", type=int)

@@ -241,8 +241,8 @@ def add_demo_args(p):
     d = vars(ComparisonConfig())
     p.add_argument("--pretrain-steps", type=int, default=d["pretrain_steps"], help="dense pretraining steps")
     p.add_argument("--branch-steps", type=int, default=d["branch_steps"],
-                   help="steps of each branch: (a) dense, (b) warm-up + sparse")
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="branch (b)'s indexer warm-up steps")
+                   help="LM steps of each branch on the same tokens: (a) dense, (b) sparse (after its warm-up)")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="branch (b)'s indexer warm-up steps (indexers only, before its sparse steps)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="windows per step")
     p.add_argument("--eval-windows", type=int, default=d["eval_windows"], help="held-out windows for the loss")
     p.add_argument("--eval-retrieval", type=int, default=d["eval_retrieval"],

@@ -21,15 +21,17 @@ REPEAT_SPAN = 64
 @dataclass
 class ComparisonConfig:
     """The dense-vs-DSA comparison: dense pretraining, then from the same weights
-    (a) dense training continued and (b) DSA warm-up + sparse training, on the same tokens
-    (branch (b)'s warm-up and sparse steps together cover branch (a)'s data steps)."""
+    (a) dense training continued and (b) DSA warm-up + sparse training, at equal LM steps
+    on the same tokens: (b)'s warm-up trains the indexers alone on the branch's first
+    ``warmup_steps`` batches, then its sparse stage trains on exactly (a)'s batches, in
+    the same order, with the same schedule."""
 
     preset: str = "tiny"
     seq_len: int = 256               # index_topk = seq_len / 16 = 16: 94% of late queries' keys dropped
     batch_size: int = 8
     pretrain_steps: int = 600
-    branch_steps: int = 300          # (a) dense steps = (b) warm-up + sparse steps
-    warmup_steps: int = 80           # DSA warm-up stage (indexer only)
+    branch_steps: int = 300          # LM steps of each branch: (a) dense steps = (b) sparse steps
+    warmup_steps: int = 80           # DSA warm-up stage (indexer only), before (b)'s sparse steps
     lr: float = 2e-3
     branch_lr: float = 6e-4
     warmup_lr: float = 1e-3          # the paper's warm-up learning rate

@@ -432,8 +432,8 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
 
     seed_everything(cc.seed)
     mcfg = model_config or preset_config(cc.preset, cc.seq_len)
-    if cc.branch_steps <= cc.warmup_steps:
-        raise ValueError(f"branch_steps ({cc.branch_steps}) must exceed warmup_steps ({cc.warmup_steps})")
+    if cc.branch_steps < 1 or cc.warmup_steps < 1:
+        raise ValueError(f"branch_steps and warmup_steps must be >= 1, got {cc.branch_steps} and {cc.warmup_steps}")
     model = DSAForCausalLM(mcfg).to(device)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers, width "
         f"{mcfg.hidden_size}, context {cc.seq_len}, index_topk {mcfg.index_topk}; corpus {corpus.source} "
@@ -509,11 +509,13 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
         if out_dir:
             model.save_pretrained(Path(out_dir) / "dense_continued")
         model.load_state_dict(start)
-        wu = run("(b) DSA warm-up", "warmup",
-                 TrainConfig(stage="warmup", steps=cc.warmup_steps, lr=cc.warmup_lr,
-                             **dict(branch, warmup_steps=max(cc.warmup_steps // 10, 1))), pre.data_step)
-        run("(b) DSA sparse", "sparse", TrainConfig(stage="sparse", steps=cc.branch_steps - cc.warmup_steps,
-                                                    lr=cc.branch_lr, **branch), wu.data_step)
+        # (b): the warm-up trains the indexers alone on the branch's first batches, then the
+        # sparse stage trains the LM on exactly (a)'s batches with (a)'s schedule: equal LM steps
+        run("(b) DSA warm-up", "warmup",
+            TrainConfig(stage="warmup", steps=cc.warmup_steps, lr=cc.warmup_lr,
+                        **dict(branch, warmup_steps=max(cc.warmup_steps // 10, 1))), pre.data_step)
+        run("(b) DSA sparse", "sparse", TrainConfig(stage="sparse", steps=cc.branch_steps, lr=cc.branch_lr,
+                                                    **branch), pre.data_step)
         rows = rows + rows_of("sparse", rows_b)
     except Paused as p:
         return {"paused": p.stage, "stages": stages, "comparison": dataclasses.asdict(cc)}
@@ -797,8 +799,8 @@ def cmd_demo(args) -> int:
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
                           eval_recall=args.eval_recall)
     print(f"flashdsa demo: dense pretraining ({cc.pretrain_steps} steps), then from the same weights "
-          f"(a) dense for {cc.branch_steps} steps vs (b) DSA warm-up {cc.warmup_steps} + sparse "
-          f"{cc.branch_steps - cc.warmup_steps} steps on the same tokens; {device}", flush=True)
+          f"(a) dense for {cc.branch_steps} steps vs (b) DSA warm-up {cc.warmup_steps} steps (indexers only) "
+          f"+ sparse {cc.branch_steps} steps on (a)'s tokens; {device}", flush=True)
     res = run_comparison(cc, corpus, device, out_dir=args.out, progress=not args.quiet)
     res["wall_seconds"] = time.perf_counter() - t0
     print()
