@@ -202,10 +202,10 @@ def training_launches(arch: int = 90) -> dict[str, list]:
         qs, kvs = torch.randn(T, h, d, generator=g, **bf), torch.randn(S, 1, d, generator=g, **bf)
         iqs, iks = torch.randn(T, hi, di, generator=g, **bf), torch.randn(S, di, generator=g, **bf)
         ws, lses = torch.randn(T, hi, generator=g), torch.rand(T, h, generator=g)
-        cfg = L.config_for(64, divmod(arch, 10))
+        tiled = L.config_for(64, divmod(arch, 10))  # a tile of at most 64 attention rows
         with capture_launches() as launches:
-            L.indexer_kl_fwd(qs, kvs, None, iqs, iks, ws, None, ks, ke, 0.04, cfg)
-            L.indexer_kl_bwd(dkl, qs, kvs, lses, iqs, iks, ws, None, ks, ke, stats, p, 0.04, cfg)
+            L.indexer_kl_fwd(qs, kvs, None, iqs, iks, ws, None, ks, ke, 0.04, tiled)
+            L.indexer_kl_bwd(dkl, qs, kvs, lses, iqs, iks, ws, None, ks, ke, stats, p, 0.04, tiled)
         cases[f"warmup_kl_loss h{h} d{d} hi{hi} d_i{di}, query-tiled"] = launches
     with capture_launches() as launches:
         L.indexer_kl_fwd(None, None, None, iq, ik, w, idx, None, None, 0.0, L.config_for(None, divmod(arch, 10)),
