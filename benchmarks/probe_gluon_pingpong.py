@@ -1,0 +1,271 @@
+"""Experiment (issue 15): the Hopper sparse MLA forward with a block of gathered rows of its
+own for each consumer warpgroup ("ping-pong"), against the product's Gluon kernel
+(flashdsa/ops/sparse_mla/fwd_sm90.py), the Triton kernel and the float64 reference.
+
+    python -m benchmarks.probe_gluon_pingpong [--quick]     # H200: check, then time
+    python -m benchmarks.probe_gluon_pingpong --build       # CPU: compile for sm_90, registers and spills
+
+The product kernel splits every block's [64 heads, 64 rows] score tile between its two
+consumer warpgroups (32 rows each). The row maxima and the probabilities then cross
+between the warpgroups twice a block, and its profile (docs/benchmarks_sparse_mla.md)
+shows the tensor cores waiting on those barriers. Here each consumer warpgroup is its own
+partition of 4 warps and takes whole blocks: warpgroup 0 the even ones (stage 0),
+warpgroup 1 the odd ones (stage 1); the producer is the product's gather partition. For
+each pair of blocks, each warpgroup:
+  1. waits for its block, s = q . k^T (an m64n64 tile), masks it, takes p = exp2(s - m)
+     against m = max(running max, the block's row max), and row sums l_blk;
+  2. hands p (bf16) to the other warpgroup in the rope columns of its own stage (only q . k
+     reads them, and it is done), with m and l_blk in a small buffer, then one mbarrier;
+  3. moves its half of the output (warpgroup w holds d_v columns [256 w, 256 w + 256)) to
+     its block's reference max and issues p_own . v_own (register-operand wgmma);
+  4. meanwhile waits for the other's p, m and l_blk: both warpgroups reach the same new
+     running max (the old one and both blocks' row maxima), rescale once more, run
+     p_other . v_other on their half (p scaled to the new max on the way) and free the
+     stages (empty: two arrivals each). The two warpgroups' row sums l differ only in
+     rounding (the blocks are added in a different order); warpgroup 0's give lse.
+The top-k list is padded with -1 to an even number of blocks, so every pair is whole.
+Shared memory: q 72 KB + 2 stages of 72 KB + 1 KB of maxima and sums (a third stage would
+not fit, so the gather of a pair starts when both warpgroups are done with the last).
+Results: ``probe_gluon_pingpong.json`` under $OUT (device runs) or benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_sparse_mla import D_QK, D_V
+from benchmarks.common import measure_ceilings, write_result
+from benchmarks.probe_gluon_fwd import check, speed
+from flashdsa.ops.common import LN2_C, LOG2E
+from flashdsa.ops.sparse_mla import fwd_sm90 as G
+
+BLOCK_K = 64
+# the launch's registers a thread (65536 / 384, rounded down to a multiple of 8) and each
+# consumer warpgroup's after it; the producer (the default partition) gets the rest,
+# 3 x 168 - 2 x CONSUMER_REGS (56 at 224)
+PINGPONG = dict(maxnreg=168, CONSUMER_REGS=224)
+
+if G.GLUON_AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                         warpgroup_mma_wait)
+
+    @gluon.jit
+    def _pp_attend(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h, h_q,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                   q_nope, q_tail, k_nope, k_tail, ready, empty, handed_m, handed_p, q_bar, m_mine, l_mine, m_other,
+                   l_other,
+                   PARITY: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Consumer warpgroup PARITY: blocks 2 i + PARITY from stage PARITY, the d_v columns
+        [256 PARITY, 256 PARITY + 256) of the output; warpgroup 0 also writes
+        lse and max_logits. Its blocks' row maxima and sums go to ``m_mine`` / ``l_mine``
+        [64], the other's come from ``m_other`` / ``l_other``."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_K, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, 256, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        OTHER: gl.constexpr = 1 - PARITY
+
+        mbarrier.wait(q_bar, 0)  # q, copied by the producer
+
+        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([64], gl.float32, row_s)
+        acc = gl.zeros([64, 256], gl.float32, o_layout)
+        n_pairs = gl.cdiv(topk, 2 * BLOCK_K)
+        for i in range(n_pairs):
+            phase = i & 1
+            kk = (2 * i + PARITY) * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
+            idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
+            # the stages' views are taken in the loop: hoisted out of it (each warpgroup's stage
+            # never changes), their wgmma descriptors stay live across it and spill
+            own = (2 * i + PARITY) % 2
+            kn = k_nope.index(own)
+            kt = k_tail.index(own)
+            v_own = kn.slice(PARITY * 256, 256, dim=1)
+            v_other = k_nope.index(1 - own).slice(PARITY * 256, 256, dim=1)
+            mbarrier.wait(ready.index(PARITY), phase)
+            fence_async_shared()  # the producer's copies, read next by wgmma
+            s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            valid = (idx >= 0) & (idx < n_kv)
+            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+            # the row maxima first: both warpgroups then take the same new max
+            m_mine.store(gl.max(s, 1))
+            G._barrier()
+            mbarrier.arrive(handed_m.index(PARITY), count=1)
+            mbarrier.wait(handed_m.index(OTHER), phase)
+            m_new = gl.maximum(m_i, gl.maximum(gl.max(s, 1), m_other.load(row_s)))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
+            alpha = gl.exp2(m_i - m_use)
+            m_i = m_new
+            p = gl.exp2(s - m_use[:, None])
+            l_own = gl.sum(p, 1)
+            p16 = p.to(gl.bfloat16)
+            # hand p (read by the other's wgmma: the async proxy) and its row sums over
+            kt.store(p16)
+            l_mine.store(l_own)
+            fence_async_shared()
+            G._barrier()
+            mbarrier.arrive(handed_p.index(PARITY), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_own, acc, is_async=True)
+            mbarrier.wait(handed_p.index(OTHER), phase)
+            l_oth = l_other.load(row_s)
+            if PARITY == 0:  # the even block's sum first in both warpgroups: the same l in both
+                l_i = l_i * alpha + l_own + l_oth
+            else:
+                l_i = l_i * alpha + l_oth + l_own
+            acc = warpgroup_mma(k_tail.index(1 - own), v_other, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(0), count=1)
+            mbarrier.arrive(empty.index(1), count=1)
+
+        has = l_i > 0.0
+        inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)  # rows with no valid index: acc is 0
+        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
+        gl.store(out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
+                 + (PARITY * 256 + gl.arange(0, 256, col_o))[None, :], (acc * inv[:, None]).to(gl.bfloat16))
+        if PARITY == 0:
+            l_off = pid_t.to(gl.int64) * stride_lt + pid_h * 64 + gl.arange(0, 64, row_s)
+            gl.store(lse_ptr + l_off, gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf")))
+            gl.store(ml_ptr + l_off, m_i * LN2_C)
+
+    @gluon.jit
+    def _pp_produce(q_ptr, kv_ptr, idx_row, n_kv, topk, h_q, pid_t, pid_h, stride_qt, stride_qh, stride_kv,
+                    q_nope, q_tail, k_nope, k_tail, ready, empty, q_bar, BLOCK_K: gl.constexpr,
+                    NUM_STAGES: gl.constexpr):
+        """The producer (the default partition, 4 warps): q of this token's 64 heads into
+        shared memory (each thread's copies arrive on q_bar), then the product's gather
+        partition."""
+        h_n, h_t = G._row_range(pid_h * 64, 64, 4)
+        G._issue_rows(q_ptr + pid_t.to(gl.int64) * stride_qt, h_n, h_t, h_q, stride_qh, q_nope, q_tail, 4)
+        async_copy.mbarrier_arrive(q_bar, increment_count=False)
+        G._gather_partition(kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty, BLOCK_K,
+                            NUM_STAGES)
+
+    @gluon.jit
+    def pingpong_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr, n_kv, topk, h_q, qk_scale,
+                        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+                        BLOCK_K: gl.constexpr, num_warps: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        WG0: gl.constexpr = 0, WG1: gl.constexpr = 1,
+                        NUM_STAGES: gl.constexpr = 2):
+        """WG0, WG1, NUM_STAGES: the partitions' constants (a partition's constexpr
+        arguments must come as constexprs, written out in the call)."""
+        gl.static_assert(num_warps == 4, "the default partition is the producer warpgroup")
+        n_hb = h_q // 64
+        pid_h = gl.program_id(0) % n_hb
+        pid_t = gl.program_id(0) // n_hb
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512],
+                                           gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16))
+        q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64],
+                                           gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, 512],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 512], gl.bfloat16))
+        k_tail = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, 64],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16))
+        vec_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        m_0 = gl.allocate_shared_memory(gl.float32, [64], vec_l)
+        l_0 = gl.allocate_shared_memory(gl.float32, [64], vec_l)
+        m_1 = gl.allocate_shared_memory(gl.float32, [64], vec_l)
+        l_1 = gl.allocate_shared_memory(gl.float32, [64], vec_l)
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        handed_m = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        handed_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ready.index(i), count=128)   # the producer threads' copy arrivals
+            mbarrier.init(empty.index(i), count=2)     # both consumer warpgroups
+            mbarrier.init(handed_m.index(i), count=1)
+            mbarrier.init(handed_p.index(i), count=1)
+        mbarrier.init(q_bar, count=128)  # the producer threads' copy arrivals
+        idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_pp_produce, (q_ptr, kv_ptr, idx_row, n_kv, topk, h_q, pid_t, pid_h, stride_qt, stride_qh, stride_kv,
+                           q_nope, q_tail, k_nope, k_tail, ready, empty, q_bar, BLOCK_K, NUM_STAGES)),
+            (_pp_attend, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h, h_q,
+                          stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, q_nope, q_tail, k_nope, k_tail,
+                          ready, empty, handed_m, handed_p, q_bar, m_0, l_0, m_1, l_1, WG0, BLOCK_K)),
+            (_pp_attend, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h, h_q,
+                          stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, q_nope, q_tail, k_nope, k_tail,
+                          ready, empty, handed_m, handed_p, q_bar, m_1, l_1, m_0, l_0, WG1, BLOCK_K)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+def run_pingpong(q, kv, idx, sm_scale, config=None):
+    """Same contract as fwd_sm90.run_sparse_mla_fwd_sm90 (q [T, h_q, 576], kv [N, 576],
+    idx [T, topk]); the top-k list is padded with -1 to a multiple of 2 x BLOCK_K."""
+    cfg = dict(PINGPONG, **(config or {}))
+    t_q, h_q, _ = q.shape
+    pad = -idx.shape[1] % (2 * BLOCK_K)
+    if pad:
+        idx = F.pad(idx, (0, pad), value=-1)
+    out = torch.empty(t_q, h_q, D_V, dtype=q.dtype, device=q.device)
+    ml = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(ml)
+    if t_q == 0:
+        return out, ml, lse
+    pingpong_kernel[(h_q // G.BLOCK_H * t_q, )](
+        q, kv, idx, out, ml, lse, kv.shape[0], idx.shape[1], h_q, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), ml.stride(0),
+        BLOCK_K=BLOCK_K, num_warps=4, CONSUMER_REGS=cfg["CONSUMER_REGS"], maxnreg=cfg["maxnreg"])
+    return out, ml, lse
+
+
+# the kernels compared (check and speed of benchmarks.probe_gluon_fwd): the product's Gluon
+# kernel and the ping-pong one at two register splits
+VARIANTS = {"gluon": lambda q, kv, idx, s: G.run_sparse_mla_fwd_sm90(q, kv, idx, s),
+            "pingpong": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s),
+            "pingpong_c232": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, dict(CONSUMER_REGS=232))}
+
+
+def build_report():
+    """Compile the ping-pong kernel for sm_90 here (no GPU): registers, spills, shared memory."""
+    from benchmarks.sm90_build import build, capture_launches
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, cfg in (("pingpong", {}), ("pingpong_c232", dict(CONSUMER_REGS=232))):
+        q = torch.randn(8, 128, D_QK, generator=g, dtype=torch.bfloat16)
+        kv = torch.randn(1024, D_QK, generator=g, dtype=torch.bfloat16)
+        idx = torch.randint(0, 1024, (8, 2048), dtype=torch.int32, generator=g)
+        with capture_launches() as launches:
+            run_pingpong(q, kv, idx, 0.04, cfg)
+        for r in build(launches, 90, keep_going=True):
+            rows.append(dict(variant=name, **r))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="speed at s_kv 8K, h_q 128 only")
+    ap.add_argument("--build", action="store_true", help="compile for sm_90 on this machine and report")
+    args = ap.parse_args()
+    if args.build:
+        build_report()
+        return
+    results = {"ceilings": measure_ceilings(), "variants": list(VARIANTS)}
+    print("ceilings", results["ceilings"], flush=True)
+    try:
+        check(VARIANTS, results)
+        ok = {n: run for n, run in VARIANTS.items()
+              if all("error" not in r[n] and r[n]["out_nan"] == 0 for r in results["check"])}
+        speed(ok, results, args.quick)
+    finally:
+        print("written", write_result("probe_gluon_pingpong", results))
+
+
+if __name__ == "__main__":
+    main()
