@@ -10,19 +10,19 @@ consumer warpgroups (32 rows each). The row maxima and the probabilities then cr
 between the warpgroups twice a block, and its profile (docs/benchmarks_sparse_mla.md)
 shows the tensor cores waiting on those barriers. Here each consumer warpgroup is its own
 partition of 4 warps and takes whole blocks: warpgroup 0 the even ones (stage 0),
-warpgroup 1 the odd ones (stage 1); the producer is the product's gather partition. For
-each pair of blocks, each warpgroup:
-  1. waits for its block, s = q . k^T (an m64n64 tile), masks it, takes p = exp2(s - m)
-     against m = max(running max, the block's row max), and row sums l_blk;
-  2. hands p (bf16) to the other warpgroup in the rope columns of its own stage (only q . k
-     reads them, and it is done), with m and l_blk in a small buffer, then one mbarrier;
-  3. moves its half of the output (warpgroup w holds d_v columns [256 w, 256 w + 256)) to
-     its block's reference max and issues p_own . v_own (register-operand wgmma);
-  4. meanwhile waits for the other's p, m and l_blk: both warpgroups reach the same new
-     running max (the old one and both blocks' row maxima), rescale once more, run
-     p_other . v_other on their half (p scaled to the new max on the way) and free the
-     stages (empty: two arrivals each). The two warpgroups' row sums l differ only in
-     rounding (the blocks are added in a different order); warpgroup 0's give lse.
+warpgroup 1 the odd ones (stage 1). The producer (the default partition) copies q, then
+runs the product's gather partition. Warpgroup w holds the d_v columns [256 w, 256 w + 256)
+of the output. For each pair of blocks, each warpgroup:
+  1. waits for its block and computes s = q . k^T (an m64n64 tile), masked;
+  2. hands its row maxima to the other warpgroup (a small buffer and an mbarrier) and takes
+     theirs: both reach the same new running max m (the old one and both blocks' row maxima);
+  3. computes p = exp2(s - m) and its row sums, and hands p (bf16, in the rope columns of
+     its own stage: only q . k reads them, and it is done) and the sums over (a second
+     mbarrier);
+  4. rescales its half of the output, runs p_own . v_own from registers, then, once the
+     other's p is there, p_other . v_other from shared memory, and frees both stages
+     (empty: two arrivals each). Both warpgroups add the two blocks' row sums in block
+     order, so they keep the same l; warpgroup 0 writes lse and max_logits.
 The top-k list is padded with -1 to an even number of blocks, so every pair is whole.
 Shared memory: q 72 KB + 2 stages of 72 KB + 1 KB of maxima and sums (a third stage would
 not fit, so the gather of a pair starts when both warpgroups are done with the last).
@@ -80,18 +80,15 @@ if G.GLUON_AVAILABLE:
         m_i = gl.full([64], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([64], gl.float32, row_s)
         acc = gl.zeros([64, 256], gl.float32, o_layout)
+        kn = k_nope.index(PARITY)  # this warpgroup's stage; the other's is stage OTHER
+        kt = k_tail.index(PARITY)
+        v_own = kn.slice(PARITY * 256, 256, dim=1)
+        v_other = k_nope.index(OTHER).slice(PARITY * 256, 256, dim=1)
         n_pairs = gl.cdiv(topk, 2 * BLOCK_K)
         for i in range(n_pairs):
             phase = i & 1
             kk = (2 * i + PARITY) * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
             idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
-            # the stages' views are taken in the loop: hoisted out of it (each warpgroup's stage
-            # never changes), their wgmma descriptors stay live across it and spill
-            own = (2 * i + PARITY) % 2
-            kn = k_nope.index(own)
-            kt = k_tail.index(own)
-            v_own = kn.slice(PARITY * 256, 256, dim=1)
-            v_other = k_nope.index(1 - own).slice(PARITY * 256, 256, dim=1)
             mbarrier.wait(ready.index(PARITY), phase)
             fence_async_shared()  # the producer's copies, read next by wgmma
             s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
@@ -126,7 +123,7 @@ if G.GLUON_AVAILABLE:
                 l_i = l_i * alpha + l_own + l_oth
             else:
                 l_i = l_i * alpha + l_oth + l_own
-            acc = warpgroup_mma(k_tail.index(1 - own), v_other, acc, is_async=True)
+            acc = warpgroup_mma(k_tail.index(OTHER), v_other, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(0), count=1)
             mbarrier.arrive(empty.index(1), count=1)
