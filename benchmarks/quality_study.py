@@ -218,8 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat-max-offset", type=int, default=None, help="repeat: the longest offset "
                     "(default: the window less the 64 digits)")
     ap.add_argument("--curriculum-steps", type=int, default=0,
-                    help="passkey distance curriculum over the first data steps (pretraining): the largest "
-                         "distance grows from 64 tokens to the window (flashdsa.data.curriculum_distances)")
+                    help="retrieval distance curriculum over the first data steps (pretraining): the largest "
+                         "passkey distance or repeat offset grows from 64 tokens to the window "
+                         "(flashdsa.data.curriculum_distances)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-retrieval", type=int, default=32)

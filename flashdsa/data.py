@@ -273,15 +273,17 @@ def retrieval_windows(corpus: Corpus, n: int, seq_len: int, distance: int, seed:
     return base, torch.stack(rows)
 
 
-CURRICULUM_START = 64  # the passkey curriculum's largest distance at data step 0
+CURRICULUM_START = REPEAT_SPAN  # the curriculum's largest distance at data step 0 (a repeat's shortest)
 
 
-def curriculum_distances(step: int, floor: int, seq_len: int, steps: int) -> tuple[int, int | None]:
-    """(min, max) passkey distance at data step ``step`` of a curriculum of ``steps`` data
-    steps: the largest distance grows linearly from CURRICULUM_START tokens to the whole
-    window, and the floor stays below it; from ``steps`` on, (``floor``, any)."""
+def curriculum_distances(step: int, floor: int, seq_len: int, steps: int,
+                         max_distance: int | None = None) -> tuple[int, int | None]:
+    """(min, max) retrieval distance (passkey distance or repeat offset) at data step
+    ``step`` of a curriculum of ``steps`` data steps: the largest distance grows linearly
+    from CURRICULUM_START tokens to the whole window, and the floor stays below it; from
+    ``steps`` on, the plain ones: (``floor``, ``max_distance``)."""
     if step >= steps:
-        return floor, None
+        return floor, max_distance
     largest = int(CURRICULUM_START + (seq_len - CURRICULUM_START) * step / steps)
     return min(floor, largest), largest
 

@@ -41,7 +41,7 @@ class ComparisonConfig:
     retrieval_max_distance: int | None = None  # the largest distance planted and evaluated (repeat: offsets
                                                # drawn from [retrieval_distance, this]; None: fixed offset)
     plant_prob: float = 0.5          # share of training windows with the task planted
-    plant_curriculum: int = 0        # passkey: data steps of the distance curriculum (TrainConfig.plant_curriculum)
+    plant_curriculum: int = 0        # data steps of the distance curriculum (TrainConfig.plant_curriculum)
     seed: int = 0
     backend: str = "auto"
     eval_windows: int = 16

@@ -113,8 +113,9 @@ class TrainConfig:
                                        # window); repeat: its offset, required
     plant_max_distance: int | None = None  # the largest distance planted (passkey default: anywhere earlier;
                                            # repeat default: plant_distance exactly)
-    plant_curriculum: int = 0        # passkey: for data steps below this, the largest distance grows from 64
-                                     # tokens to the window (flashdsa.data.curriculum_distances); 0: none
+    plant_curriculum: int = 0        # for data steps below this, the largest distance (passkey) or offset
+                                     # (repeat) grows from 64 tokens to the window
+                                     # (flashdsa.data.curriculum_distances); 0: none
     indexer_loss_weight: float = 1.0
     backend: str = "auto"
     amp: bool | None = None          # bf16 autocast; default on for CUDA
@@ -351,9 +352,8 @@ def train(model: DSAForCausalLM, corpus: Corpus, cfg: TrainConfig, data_step: in
                dynamic_ncols=True, disable=not live)
     first_step = state.step
     while state.step < last:
-        lo, hi = distance, cfg.plant_max_distance
-        if cfg.plant == "passkey" and cfg.plant_curriculum:
-            lo, hi = curriculum_distances(state.data_step, distance, cfg.seq_len, cfg.plant_curriculum)
+        lo, hi = curriculum_distances(state.data_step, distance, cfg.seq_len, cfg.plant_curriculum,
+                                      cfg.plant_max_distance)
         batch = training_batch(corpus, state.data_step, cfg.batch_size, cfg.seq_len, cfg.seed,
                                cfg.plant_prob, lo, cfg.plant, hi).to(device, non_blocking=True)
         n_tokens = batch[:, 1:].numel()

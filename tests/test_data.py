@@ -207,6 +207,7 @@ def test_passkey_curriculum():
     assert ramp[0] == (CURRICULUM_START, CURRICULUM_START) and all(lo <= hi for lo, hi in ramp)
     assert [hi for _, hi in ramp] == sorted(hi for _, hi in ramp) and ramp[-1][1] > n - 100
     assert curriculum_distances(steps, floor, n, steps) == (floor, None)
+    assert curriculum_distances(steps, floor, n, steps, n - 64) == (floor, n - 64)
     corpus = Corpus.load(max_bytes=1 << 18)
     def batch(step, curriculum):
         lo, hi = curriculum_distances(step, 65, 256, steps) if curriculum else (65, None)

@@ -64,6 +64,20 @@ def test_passkey_curriculum_feeds_the_scheduled_batches(corpus, monkeypatch):
     assert seen[0][2] < seen[1][2] < seen[2][2]
 
 
+def test_repeat_curriculum_then_the_plain_offsets(corpus, monkeypatch):
+    """The repeat task takes the curriculum too: offsets from 64 up during it, then its own
+    range (plant_distance to plant_max_distance)."""
+    import flashdsa.train as T
+
+    seen = []
+    plain = T.training_batch
+    monkeypatch.setattr(T, "training_batch", lambda *a: seen.append((a[6], a[8])) or plain(*a))
+    train(_model(), corpus, _cfg(steps=4, batch_size=1, seq_len=256, plant_prob=1.0, plant="repeat",
+                                 plant_distance=100, plant_max_distance=180, plant_curriculum=3), progress=False)
+    assert seen == [T.curriculum_distances(s, 100, 256, 3) for s in range(3)] + [(100, 180)]
+    assert seen[0] == (64, 64)
+
+
 def test_dense_stage_learns(corpus):
     model = _model()
     st = train(model, corpus, _cfg(steps=25, lr=5e-3), progress=False)
