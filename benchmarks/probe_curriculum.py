@@ -55,7 +55,7 @@ def run_variant(curriculum: int, args) -> list[dict]:
                                      attention="dense", backend="reference", max_distance=hi)
             history.append({"step": state.step, "accuracy": acc["accuracy"],
                             "digit_accuracy": acc["digit_accuracy"], "answer_loss": acc["answer_loss"]})
-            print(f"curriculum {curriculum}: {history[-1]}", flush=True)
+            print(f"curriculum {curriculum}: {history[-1]}", file=sys.stderr, flush=True)
             if state.step >= args.steps:
                 return history
             resume = Path(tmp) / "train_state.pt"

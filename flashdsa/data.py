@@ -280,12 +280,14 @@ def curriculum_distances(step: int, floor: int, seq_len: int, steps: int,
                          max_distance: int | None = None) -> tuple[int, int | None]:
     """(min, max) retrieval distance (passkey distance or repeat offset) at data step
     ``step`` of a curriculum of ``steps`` data steps: the largest distance grows linearly
-    from CURRICULUM_START tokens to the whole window, and the floor stays below it; from
-    ``steps`` on, the plain ones: (``floor``, ``max_distance``)."""
+    from CURRICULUM_START tokens to the whole window, and the smallest is half of it
+    (at least CURRICULUM_START) until that reaches ``floor``, so that the distances
+    always vary and the answer can only be found by its content; from ``steps`` on, the
+    plain ones: (``floor``, ``max_distance``)."""
     if step >= steps:
         return floor, max_distance
     largest = int(CURRICULUM_START + (seq_len - CURRICULUM_START) * step / steps)
-    return min(floor, largest), largest
+    return min(floor, max(CURRICULUM_START, largest // 2)), largest
 
 
 def training_batch(corpus: Corpus, step: int, batch_size: int, seq_len: int, seed: int = 0,

@@ -75,7 +75,7 @@ def test_repeat_curriculum_then_the_plain_offsets(corpus, monkeypatch):
     train(_model(), corpus, _cfg(steps=4, batch_size=1, seq_len=256, plant_prob=1.0, plant="repeat",
                                  plant_distance=100, plant_max_distance=180, plant_curriculum=3), progress=False)
     assert seen == [T.curriculum_distances(s, 100, 256, 3) for s in range(3)] + [(100, 180)]
-    assert seen[0] == (64, 64)
+    assert seen[0] == (64, 64) and seen[2][0] < seen[2][1]
 
 
 def test_dense_stage_learns(corpus):
