@@ -57,7 +57,7 @@ BLOCK_K = 64
 # the launch's registers a thread (65536 / 384, rounded down to a multiple of 8) and each
 # consumer warpgroup's after it; the producer (the default partition) gets the rest,
 # 3 x 168 - 2 x CONSUMER_REGS (56 at 224)
-PINGPONG = dict(maxnreg=168, CONSUMER_REGS=224)
+PINGPONG = dict(maxnreg=168, CONSUMER_REGS=224, EARLY_QK=False)
 
 if G.GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -66,25 +66,29 @@ if G.GLUON_AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                          warpgroup_mma_wait)
 
+    # a consumer warpgroup's [64 heads, BLOCK_K] score tile and [64 heads, 256] output columns
+    S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_K, 16]))
+    O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, 256, 16]))
+    P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT.value, k_width=2))  # p from registers
+    ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT.value))
+    COL_S = gl.constexpr(gl.SliceLayout(0, S_LAYOUT.value))
+    ROW_O = gl.constexpr(gl.SliceLayout(1, O_LAYOUT.value))
+    COL_O = gl.constexpr(gl.SliceLayout(0, O_LAYOUT.value))
+
     @gluon.jit
     def _pp_store(acc, m_i, l_i, out_ptr, ml_ptr, lse_ptr, pid_t, pid_h, stride_ot, stride_oh, stride_lt,
                   PARITY: gl.constexpr, BLOCK_K: gl.constexpr):
         """A consumer warpgroup's epilogue: its 256 output columns, normalized by the row
         sums ``l_i`` (both warpgroups' blocks); warpgroup 0 also writes lse and max_logits."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 256, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         has = l_i > 0.0
-        inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)  # rows with no valid index: acc is 0
-        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
+        inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), ROW_O)  # rows with no valid index: acc is 0
+        heads_o = pid_h * 64 + gl.arange(0, 64, ROW_O)
         gl.store(out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
-                 + (PARITY * 256 + gl.arange(0, 256, col_o))[None, :], (acc * inv[:, None]).to(gl.bfloat16))
+                 + (PARITY * 256 + gl.arange(0, 256, COL_O))[None, :], (acc * inv[:, None]).to(gl.bfloat16))
         if PARITY == 0:
-            l_off = pid_t.to(gl.int64) * stride_lt + pid_h * 64 + gl.arange(0, 64, row_s)
+            l_off = pid_t.to(gl.int64) * stride_lt + pid_h * 64 + gl.arange(0, 64, ROW_S)
             gl.store(lse_ptr + l_off, gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf")))
             gl.store(ml_ptr + l_off, m_i * LN2_C)
 
@@ -98,22 +102,13 @@ if G.GLUON_AVAILABLE:
         [256 PARITY, 256 PARITY + 256) of the output; warpgroup 0 also writes
         lse and max_logits. Its blocks' row maxima and sums go to ``m_mine`` / ``l_mine``
         [64], the other's come from ``m_other`` / ``l_other``."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 256, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         OTHER: gl.constexpr = 1 - PARITY
 
         mbarrier.wait(q_bar, 0)  # q, copied by the producer
 
-        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([64], gl.float32, row_s)
-        acc = gl.zeros([64, 256], gl.float32, o_layout)
+        m_i = gl.full([64], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([64], gl.float32, ROW_S)
+        acc = gl.zeros([64, 256], gl.float32, O_LAYOUT)
         kn = k_nope.index(PARITY)  # this warpgroup's stage; the other's is stage OTHER
         kt = k_tail.index(PARITY)
         v_own = kn.slice(PARITY * 256, 256, dim=1)
@@ -121,11 +116,11 @@ if G.GLUON_AVAILABLE:
         n_pairs = gl.cdiv(topk, 2 * BLOCK_K)
         for i in range(n_pairs):
             phase = i & 1
-            kk = (2 * i + PARITY) * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
+            kk = (2 * i + PARITY) * BLOCK_K + gl.arange(0, BLOCK_K, layout=COL_S)
             idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
             mbarrier.wait(ready.index(PARITY), phase)
             fence_async_shared()  # the producer's copies, read next by wgmma
-            s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
+            s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, S_LAYOUT),
                               use_acc=False, is_async=True)
             s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
@@ -136,7 +131,7 @@ if G.GLUON_AVAILABLE:
             G._barrier()
             mbarrier.arrive(handed_m.index(PARITY), count=1)
             mbarrier.wait(handed_m.index(OTHER), phase)
-            m_new = gl.maximum(m_i, gl.maximum(gl.max(s, 1), m_other.load(row_s)))
+            m_new = gl.maximum(m_i, gl.maximum(gl.max(s, 1), m_other.load(ROW_S)))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
             alpha = gl.exp2(m_i - m_use)
             m_i = m_new
@@ -149,10 +144,10 @@ if G.GLUON_AVAILABLE:
             fence_async_shared()
             G._barrier()
             mbarrier.arrive(handed_p.index(PARITY), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_own, acc, is_async=True)
+            acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+            acc = warpgroup_mma(gl.convert_layout(p16, P_LAYOUT), v_own, acc, is_async=True)
             mbarrier.wait(handed_p.index(OTHER), phase)
-            l_oth = l_other.load(row_s)
+            l_oth = l_other.load(ROW_S)
             if PARITY == 0:  # the even block's sum first in both warpgroups: the same l in both
                 l_i = l_i * alpha + l_own + l_oth
             else:
@@ -277,112 +272,160 @@ if G.GLUON_AVAILABLE:
             async_copy.mbarrier_arrive(ready.index(2), increment_count=False)
 
     @gluon.jit
+    def _sp_qk_left(q_left, kl, ready, phase, BLOCK_K: gl.constexpr):
+        """Warpgroup 0's q . k over the left half of stage 0 (issued as soon as it is there)."""
+        mbarrier.wait(ready.index(0), phase)
+        fence_async_shared()
+        return warpgroup_mma(q_left, kl.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, S_LAYOUT),
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _sp_qk_right(s, q_right, q_tail, kr, kt, ready, phase):
+        """The rest of warpgroup 0's q . k: the right half of stage 0 and its rope columns."""
+        mbarrier.wait(ready.index(1), phase)
+        fence_async_shared()
+        s = warpgroup_mma(q_right, kr.permute((1, 0)), s, is_async=True)
+        return warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _sp_pair0(s, acc, m_i, l_i, i, idx_row, topk, n_kv, qk_scale, q_left, q_right, q_tail, k_left, k_right,
+                  k_tail, p1_smem, ready, free, sync, m_0, m_1, NEXT: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Warpgroup 0's pair i, from its block's q . k ``s`` (issued): softmax with its own
+        max, p0 . v0 at once, then the pair's final max from warpgroup 1, p0 rescaled and
+        handed over, and p1 . v1. NEXT: the next pair's q . k is issued behind p1 . v1 and
+        returned (else ``s`` itself). Returns (s, acc, m_i, l_i)."""
+        phase = i & 1
+        kk = 2 * i * BLOCK_K + gl.arange(0, BLOCK_K, layout=COL_S)
+        idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        valid = (idx >= 0) & (idx < n_kv)
+        s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_0.store(m_new)
+        G._barrier()
+        mbarrier.arrive(sync.index(0), count=1)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), P_LAYOUT), k_left.index(0), acc, is_async=True)
+        mbarrier.wait(sync.index(1), phase)
+        m_fin = m_1.load(ROW_S)
+        scale = gl.exp2(m_new - gl.where(m_fin == float("-inf"), 0.0, m_fin))
+        k_tail.index(0).store((p * scale[:, None]).to(gl.bfloat16))  # q . k is done with the rope columns
+        fence_async_shared()
+        G._barrier()
+        mbarrier.arrive(sync.index(2), count=1)
+        l_i = l_i * scale
+        m_i = m_fin
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(free.index(0), count=1)  # stage 0's left half: nothing else reads it
+        acc = acc * gl.convert_layout(scale, ROW_O)[:, None]
+        mbarrier.wait(sync.index(3), phase)
+        acc = warpgroup_mma(p1_smem, k_left.index(1), acc, is_async=True)
+        if NEXT:  # the next pair's left q . k goes on behind p1 . v1
+            nxt = _sp_qk_left(q_left, k_left.index(0), ready, phase ^ 1, BLOCK_K)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(free.index(2), count=1)  # stage 1's left half
+        mbarrier.arrive(sync.index(4), count=1)  # p1 read
+        if NEXT:
+            nxt = _sp_qk_right(nxt, q_right, q_tail, k_right.index(0), k_tail.index(0), ready, phase ^ 1)
+        else:
+            nxt = s
+        return nxt, acc, m_i, l_i
+
+    @gluon.jit
+    def _sp_pair1(acc, m_i, l_i, i, idx_row, topk, n_kv, qk_scale, q_left, q_right, q_tail, k_left, k_right,
+                  k_tail, p1_smem, ready, free, sync, m_0, m_1, BLOCK_K: gl.constexpr):
+        """Warpgroup 1's pair i: q . k of its block (right half first: the producer fills it
+        first), the pair's final max from warpgroup 0's and its own, p1 . v1 and p1 handed
+        over, then p0 . v0. Returns (acc, m_i, l_i)."""
+        phase = i & 1
+        kk = (2 * i + 1) * BLOCK_K + gl.arange(0, BLOCK_K, layout=COL_S)
+        idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
+        mbarrier.wait(ready.index(3), phase)
+        fence_async_shared()
+        s = warpgroup_mma(q_right, k_right.index(1).permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, S_LAYOUT),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma(q_tail, k_tail.index(1).permute((1, 0)), s, is_async=True)
+        mbarrier.wait(ready.index(2), phase)
+        fence_async_shared()
+        s = warpgroup_mma(q_left, k_left.index(1).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        valid = (idx >= 0) & (idx < n_kv)
+        s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+        mbarrier.wait(sync.index(0), phase)
+        m_new = gl.maximum(m_0.load(ROW_S), gl.max(s, 1))  # warpgroup 0's max holds the running one
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        m_1.store(m_new)
+        G._barrier()
+        mbarrier.arrive(sync.index(1), count=1)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        p16 = p.to(gl.bfloat16)
+        acc = warpgroup_mma(gl.convert_layout(p16, P_LAYOUT), k_right.index(1), acc, is_async=True)
+        mbarrier.wait(sync.index(4), phase ^ 1)  # warpgroup 0 has read the last pair's p1
+        p1_smem.store(p16)
+        fence_async_shared()
+        G._barrier()
+        mbarrier.arrive(sync.index(3), count=1)
+        mbarrier.wait(sync.index(2), phase)
+        acc = warpgroup_mma(k_tail.index(0), k_right.index(0), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(free.index(3), count=1)  # stage 1's right half
+        mbarrier.arrive(free.index(1), count=1)  # stage 0's right half (and p0)
+        return acc, m_i, l_i
+
+    @gluon.jit
     def _sp_attend(idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                    stride_ot, stride_oh, stride_lt, q_left, q_right, q_tail, k_left, k_right, k_tail, p1_smem,
-                   ready, free, sync, q_bar, m_0, m_1, l_0, l_1, PARITY: gl.constexpr, BLOCK_K: gl.constexpr):
+                   ready, free, sync, q_bar, m_0, m_1, l_0, l_1, PARITY: gl.constexpr, BLOCK_K: gl.constexpr,
+                   EARLY_QK: gl.constexpr):
         """Consumer warpgroup PARITY of the split design: blocks 2 i + PARITY from stage
         PARITY, the d_v columns [256 PARITY, 256 PARITY + 256) of the output. The row max is
         chained, not exchanged: warpgroup 0 takes its block's max and starts p0 . v at once;
         warpgroup 1 takes the max of that and its own block (the pair's final max), then
         warpgroup 0 rescales. sync: 0 warpgroup 0's max, 1 the final max, 2 p0 stored (in
         stage 0's rope columns), 3 p1 stored (p1_smem), 4 p1 read, 5 / 6 the row sums at
-        the end."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 256, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        the end. EARLY_QK: warpgroup 0 issues the next pair's q . k behind its last p . v
+        of a pair, so that the tensor cores go on while it waits and arrives."""
 
         mbarrier.wait(q_bar, 0)  # q, copied by the producer
-        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([64], gl.float32, row_s)
-        acc = gl.zeros([64, 256], gl.float32, o_layout)
-        kl = k_left.index(PARITY)
-        kr = k_right.index(PARITY)
-        kt = k_tail.index(PARITY)
+        m_i = gl.full([64], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([64], gl.float32, ROW_S)
+        acc = gl.zeros([64, 256], gl.float32, O_LAYOUT)
         n_pairs = gl.cdiv(topk, 2 * BLOCK_K)
-        for i in range(n_pairs):
-            phase = i & 1
-            kk = (2 * i + PARITY) * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
-            idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
-            if PARITY == 0:  # left half first: the producer fills it first
-                mbarrier.wait(ready.index(0), phase)
-                fence_async_shared()
-                s = warpgroup_mma(q_left, kl.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
-                                  use_acc=False, is_async=True)
-                mbarrier.wait(ready.index(1), phase)
-                fence_async_shared()
-                s = warpgroup_mma(q_right, kr.permute((1, 0)), s, is_async=True)
-                s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
+        if PARITY == 0:
+            kl = k_left.index(0)
+            kr = k_right.index(0)
+            kt = k_tail.index(0)
+            if EARLY_QK:
+                if n_pairs > 0:  # the first pair's q . k here, each later one behind the pair before
+                    s = _sp_qk_right(_sp_qk_left(q_left, kl, ready, 0, BLOCK_K), q_right, q_tail, kr, kt, ready, 0)
+                    for i in range(n_pairs - 1):
+                        s, acc, m_i, l_i = _sp_pair0(s, acc, m_i, l_i, i, idx_row, topk, n_kv, qk_scale, q_left,
+                                                     q_right, q_tail, k_left, k_right, k_tail, p1_smem, ready, free,
+                                                     sync, m_0, m_1, True, BLOCK_K)
+                    s, acc, m_i, l_i = _sp_pair0(s, acc, m_i, l_i, n_pairs - 1, idx_row, topk, n_kv, qk_scale,
+                                                 q_left, q_right, q_tail, k_left, k_right, k_tail, p1_smem, ready,
+                                                 free, sync, m_0, m_1, False, BLOCK_K)
             else:
-                mbarrier.wait(ready.index(3), phase)
-                fence_async_shared()
-                s = warpgroup_mma(q_right, kr.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
-                                  use_acc=False, is_async=True)
-                s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
-                mbarrier.wait(ready.index(2), phase)
-                fence_async_shared()
-                s = warpgroup_mma(q_left, kl.permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            valid = (idx >= 0) & (idx < n_kv)
-            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-            if PARITY == 0:
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
-                alpha = gl.exp2(m_i - m_use)
-                p = gl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_0.store(m_new)
-                G._barrier()
-                mbarrier.arrive(sync.index(0), count=1)
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), k_left.index(0), acc,
-                                    is_async=True)
-                mbarrier.wait(sync.index(1), phase)
-                m_fin = m_1.load(row_s)
-                scale = gl.exp2(m_new - gl.where(m_fin == float("-inf"), 0.0, m_fin))
-                kt.store((p * scale[:, None]).to(gl.bfloat16))  # q . k is done with the rope columns
-                fence_async_shared()
-                G._barrier()
-                mbarrier.arrive(sync.index(2), count=1)
-                l_i = l_i * scale
-                m_i = m_fin
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(free.index(0), count=1)  # stage 0's left half: nothing else reads it
-                acc = acc * gl.convert_layout(scale, row_o)[:, None]
-                mbarrier.wait(sync.index(3), phase)
-                acc = warpgroup_mma(p1_smem, k_left.index(1), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(free.index(2), count=1)  # stage 1's left half
-                mbarrier.arrive(sync.index(4), count=1)  # p1 read
-            else:
-                mbarrier.wait(sync.index(0), phase)
-                m_new = gl.maximum(m_0.load(row_s), gl.max(s, 1))  # warpgroup 0's max holds the running one
-                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = gl.exp2(m_i - m_use)
-                p = gl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
-                m_1.store(m_new)
-                G._barrier()
-                mbarrier.arrive(sync.index(1), count=1)
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                p16 = p.to(gl.bfloat16)
-                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), k_right.index(1), acc, is_async=True)
-                mbarrier.wait(sync.index(4), phase ^ 1)  # warpgroup 0 has read the last pair's p1
-                p1_smem.store(p16)
-                fence_async_shared()
-                G._barrier()
-                mbarrier.arrive(sync.index(3), count=1)
-                mbarrier.wait(sync.index(2), phase)
-                acc = warpgroup_mma(k_tail.index(0), k_right.index(0), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(free.index(3), count=1)  # stage 1's right half
-                mbarrier.arrive(free.index(1), count=1)  # stage 0's right half (and p0)
+                for i in range(n_pairs):
+                    s = _sp_qk_right(_sp_qk_left(q_left, kl, ready, i & 1, BLOCK_K), q_right, q_tail, kr, kt, ready,
+                                     i & 1)
+                    s, acc, m_i, l_i = _sp_pair0(s, acc, m_i, l_i, i, idx_row, topk, n_kv, qk_scale, q_left,
+                                                 q_right, q_tail, k_left, k_right, k_tail, p1_smem, ready, free,
+                                                 sync, m_0, m_1, False, BLOCK_K)
+        else:
+            for i in range(n_pairs):
+                acc, m_i, l_i = _sp_pair1(acc, m_i, l_i, i, idx_row, topk, n_kv, qk_scale, q_left, q_right, q_tail,
+                                          k_left, k_right, k_tail, p1_smem, ready, free, sync, m_0, m_1, BLOCK_K)
 
         # each warpgroup summed its own blocks' rows, both at the same final max
         if PARITY == 0:
@@ -395,7 +438,7 @@ if G.GLUON_AVAILABLE:
             G._barrier()
             mbarrier.arrive(sync.index(6), count=1)
             mbarrier.wait(sync.index(5), 0)
-        l_i = l_0.load(row_s) + l_1.load(row_s)
+        l_i = l_0.load(ROW_S) + l_1.load(ROW_S)
         _pp_store(acc, m_i, l_i, out_ptr, ml_ptr, lse_ptr, pid_t, pid_h, stride_ot, stride_oh, stride_lt, PARITY,
                   BLOCK_K)
 
@@ -403,7 +446,7 @@ if G.GLUON_AVAILABLE:
     def split_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr, n_kv, topk, h_q, qk_scale,
                      stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
                      BLOCK_K: gl.constexpr, num_warps: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     WG0: gl.constexpr = 0, WG1: gl.constexpr = 1):
+                     EARLY_QK: gl.constexpr, WG0: gl.constexpr = 0, WG1: gl.constexpr = 1):
         """The split design's kernel (see the module docstring); WG0 / WG1: the consumer
         partitions' parities, written out as constexprs."""
         gl.static_assert(num_warps == 4, "the default partition is the producer warpgroup")
@@ -440,10 +483,10 @@ if G.GLUON_AVAILABLE:
                            q_left, q_right, q_tail, k_left, k_right, k_tail, ready, free, q_bar, BLOCK_K)),
             (_sp_attend, (idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                           stride_ot, stride_oh, stride_lt, q_left, q_right, q_tail, k_left, k_right, k_tail, p1_smem,
-                          ready, free, sync, q_bar, m_0, m_1, l_0, l_1, WG0, BLOCK_K)),
+                          ready, free, sync, q_bar, m_0, m_1, l_0, l_1, WG0, BLOCK_K, EARLY_QK)),
             (_sp_attend, (idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                           stride_ot, stride_oh, stride_lt, q_left, q_right, q_tail, k_left, k_right, k_tail, p1_smem,
-                          ready, free, sync, q_bar, m_0, m_1, l_0, l_1, WG1, BLOCK_K)),
+                          ready, free, sync, q_bar, m_0, m_1, l_0, l_1, WG1, BLOCK_K, EARLY_QK)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -465,7 +508,8 @@ def run_pingpong(q, kv, idx, sm_scale, config=None, split=False):
     kernel[(h_q // G.BLOCK_H * t_q, )](
         q, kv, idx, out, ml, lse, kv.shape[0], idx.shape[1], h_q, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), ml.stride(0),
-        BLOCK_K=BLOCK_K, num_warps=4, CONSUMER_REGS=cfg["CONSUMER_REGS"], maxnreg=cfg["maxnreg"])
+        BLOCK_K=BLOCK_K, num_warps=4, CONSUMER_REGS=cfg["CONSUMER_REGS"], maxnreg=cfg["maxnreg"],
+        **(dict(EARLY_QK=cfg["EARLY_QK"]) if split else {}))
     return out, ml, lse
 
 
@@ -475,7 +519,8 @@ VARIANTS = {"gluon": lambda q, kv, idx, s: G.run_sparse_mla_fwd_sm90(q, kv, idx,
             "pingpong": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s),
             "pingpong_c232": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, dict(CONSUMER_REGS=232)),
             "split": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, split=True),
-            "split_c216": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, dict(CONSUMER_REGS=216), split=True)}
+            "split_c216": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, dict(CONSUMER_REGS=216), split=True),
+            "split_early": lambda q, kv, idx, s: run_pingpong(q, kv, idx, s, dict(EARLY_QK=True), split=True)}
 
 
 def build_report():
@@ -485,7 +530,8 @@ def build_report():
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, cfg, split in (("pingpong", {}, False), ("pingpong_c232", dict(CONSUMER_REGS=232), False),
-                             ("split", {}, True), ("split_c216", dict(CONSUMER_REGS=216), True)):
+                             ("split", {}, True), ("split_c216", dict(CONSUMER_REGS=216), True),
+                             ("split_early", dict(EARLY_QK=True), True)):
         q = torch.randn(8, 128, D_QK, generator=g, dtype=torch.bfloat16)
         kv = torch.randn(1024, D_QK, generator=g, dtype=torch.bfloat16)
         idx = torch.randint(0, 1024, (8, 2048), dtype=torch.int32, generator=g)
