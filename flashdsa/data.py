@@ -279,14 +279,16 @@ CURRICULUM_START = REPEAT_SPAN  # the curriculum's largest distance at data step
 def curriculum_distances(step: int, floor: int, seq_len: int, steps: int,
                          max_distance: int | None = None) -> tuple[int, int | None]:
     """(min, max) retrieval distance (passkey distance or repeat offset) at data step
-    ``step`` of a curriculum of ``steps`` data steps: the largest distance grows linearly
-    from CURRICULUM_START tokens to the whole window, and the smallest is half of it
-    (at least CURRICULUM_START) until that reaches ``floor``, so that the distances
-    always vary and the answer can only be found by its content; from ``steps`` on, the
-    plain ones: (``floor``, ``max_distance``)."""
+    ``step`` of a curriculum of ``steps`` data steps: the largest distance grows
+    geometrically from CURRICULUM_START tokens to the whole window (it doubles in equal
+    numbers of steps, so that short distances, where the copy is learned first, get as
+    many steps as long ones), and the smallest is half of it (at least CURRICULUM_START)
+    until that reaches ``floor``, so that the distances always vary and the answer can
+    only be found by its content; from ``steps`` on, the plain ones: (``floor``,
+    ``max_distance``)."""
     if step >= steps:
         return floor, max_distance
-    largest = int(CURRICULUM_START + (seq_len - CURRICULUM_START) * step / steps)
+    largest = int(CURRICULUM_START * (max(seq_len, CURRICULUM_START) / CURRICULUM_START) ** (step / steps))
     return min(floor, max(CURRICULUM_START, largest // 2)), largest
 
 

@@ -198,15 +198,17 @@ def test_user_files(tmp_path):
 
 
 def test_passkey_curriculum():
-    """The largest distance grows from CURRICULUM_START to the window; the smallest grows
-    with it to the floor and stays below it, so that the distances vary once the largest
-    is past twice CURRICULUM_START; after the curriculum the batches are the plain ones."""
+    """The largest distance grows geometrically from CURRICULUM_START to the window; the
+    smallest grows with it to the floor and stays below it, so that the distances vary
+    once the largest is past twice CURRICULUM_START; after the curriculum the batches are
+    the plain ones."""
     from flashdsa.data import CURRICULUM_START, curriculum_distances
 
     steps, floor, n = 100, 2049, 8192
     ramp = [curriculum_distances(s, floor, n, steps) for s in range(steps)]
     assert ramp[0] == (CURRICULUM_START, CURRICULUM_START) and all(lo <= hi for lo, hi in ramp)
-    assert [hi for _, hi in ramp] == sorted(hi for _, hi in ramp) and ramp[-1][1] > n - 100
+    assert [hi for _, hi in ramp] == sorted(hi for _, hi in ramp) and ramp[-1][1] > 0.9 * n
+    assert abs(ramp[steps // 2][1] - (CURRICULUM_START * n) ** 0.5) <= 1   # geometric: the mean of the ends
     assert [lo for lo, _ in ramp] == sorted(lo for lo, _ in ramp)
     assert all(CURRICULUM_START <= lo <= floor for lo, _ in ramp) and ramp[-1][0] == floor
     assert all(lo < hi for lo, hi in ramp if hi >= 2 * CURRICULUM_START)
