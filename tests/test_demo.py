@@ -202,6 +202,11 @@ def test_quality_study_toy(tmp_path):
     assert res["comparison"]["pretrain_steps"] == 4 and set(res["probe_seconds_per_step"]) == {
         "dense", "warmup", "sparse"}
     assert {"loss_gap_pct", "retrieval_gap_points", "indexer_recall_pct"} <= set(res["summary"])
+    rec, summ = res["rows"][-1]["indexer_recall"], res["summary"]   # recall against the oracle's mass
+    shares = [r / o for r, o in zip(rec["per_layer"], rec["oracle_per_layer"])]
+    assert all(0 < x <= 1 + 1e-6 for x in shares)
+    assert summ["recall_of_oracle_pct"] == pytest.approx(100 * rec["mean"] / rec["oracle_mean"])
+    assert summ["recall_of_oracle_min_layer_pct"] == pytest.approx(100 * min(shares))
     assert "torch" in res and "command" in res
     legends = {"quality_study_toy_loss.svg": set(res["stages"]),
                "quality_study_toy_loss_by_position.svg": {r["name"] for r in res["rows"]},
