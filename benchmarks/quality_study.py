@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                     "(default: the window less the 64 digits)")
     ap.add_argument("--curriculum-steps", type=int, default=0,
                     help="retrieval distance curriculum over the first data steps (pretraining): the largest "
-                         "passkey distance or repeat offset grows from 64 tokens to the window "
+                         "passkey distance or repeat offset grows geometrically from 64 tokens to the window "
                          "(flashdsa.data.curriculum_distances)")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     ap.add_argument("--eval-windows", type=int, default=16)

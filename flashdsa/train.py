@@ -114,7 +114,7 @@ class TrainConfig:
     plant_max_distance: int | None = None  # the largest distance planted (passkey default: anywhere earlier;
                                            # repeat default: plant_distance exactly)
     plant_curriculum: int = 0        # for data steps below this, the largest distance (passkey) or offset
-                                     # (repeat) grows from 64 tokens to the window
+                                     # (repeat) grows geometrically from 64 tokens to the window
                                      # (flashdsa.data.curriculum_distances); 0: none
     indexer_loss_weight: float = 1.0
     backend: str = "auto"
