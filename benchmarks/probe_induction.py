@@ -10,6 +10,8 @@ Tasks (256-token windows, batch 8, dense attention, AdamW):
   span): the copy sits at a fixed offset, which relative position alone can find.
 - ``copy``: random digits with one span of 48 copied to a later random offset: the copy
   must be found by content (a match on the preceding digits).
+- ``copy_wide``: the same with the copied span drawn from the 128 byte values 128-255
+  (none of which occur around it), so one preceding token locates the copy.
 - ``recall``: random digits with 8 (marker, value) pairs in the first half and the 8
   markers again in the second half (markers are unique bytes 1..8): predict the value
   after each repeated marker, a one-token content match.
@@ -43,12 +45,19 @@ def repeat_window(g):
     return plant_repeat(x, SEQ // 2 + 1, g, span=SEQ // 2)    # (window, logits rows whose next token is predictable)
 
 
-def copy_window(g, span=48):
+def copy_window(g, span=48, alphabet=None):
+    """``alphabet``: (first token, count) of the copied span's symbols (default: the window's digits)."""
     x = torch.randint(0, 10, (SEQ + 1,), generator=g) + 48
     a = int(torch.randint(0, SEQ // 2 - span, (1,), generator=g))
     b = int(torch.randint(a + span + 8, SEQ + 1 - span, (1,), generator=g))
+    if alphabet is not None:
+        x[a:a + span] = torch.randint(0, alphabet[1], (span,), generator=g) + alphabet[0]
     x[b:b + span] = x[a:a + span]
     return x, torch.arange(b + 1, b + span - 1)
+
+
+def copy_wide_window(g):
+    return copy_window(g, alphabet=(128, 128))
 
 
 def recall_window(g, pairs=8):
@@ -62,7 +71,7 @@ def recall_window(g, pairs=8):
     return x, queries
 
 
-TASKS = {"repeat": repeat_window, "copy": copy_window, "recall": recall_window}
+TASKS = {"repeat": repeat_window, "copy": copy_window, "copy_wide": copy_wide_window, "recall": recall_window}
 
 
 def run(task: str, lr: float, steps: int, seed: int = 0) -> dict:
@@ -95,12 +104,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 4e-3])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "probe_induction.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     result = dict(**environment(), model="tiny", seq_len=SEQ, batch_size=BATCH,
-                  runs=[run(task, lr, args.steps) for task in TASKS for lr in args.lr])
+                  runs=[run(task, lr, args.steps) for task in args.tasks for lr in args.lr])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
