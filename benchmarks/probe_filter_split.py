@@ -5,8 +5,14 @@ copy ceiling) and takes about 11 us (eager profile, 2026-12-03). More programs w
 tiles each put more loads in flight.
 
 For each (batch, context) and each split of the key axis (the default and 2x, 4x, 8x its
-programs, down to one tile a program): the top-k replayed from a CUDA graph, checked to
-select the default's sets, and the kernels of the fastest (torch.profiler).
+programs, down to one tile a program, and the candidate rule below): the top-k replayed
+from a CUDA graph, checked to select the default's sets, and the kernels of the fastest
+(torch.profiler).
+
+The candidate rule (``rule_split``), from the first run (2026-12-03 22:46 UTC: batch 4 x
+128K and batch 32 x 32K were 6-7% faster with 4-8 key tiles a program than with the
+default's 16-29, batch 1 no faster with fewer than 4): about 8 programs an SM, but at
+least 4 tiles a program, and never fewer programs than the default.
 
     python -m benchmarks.probe_filter_split     # -> $OUT/probe_filter_split.json (or benchmarks/results/)
 
@@ -25,10 +31,18 @@ from benchmarks.bench_indexer import TOPK, threshold_decode_cases  # noqa: E402
 from benchmarks.common import kernel_table, measure_ceilings, write_result  # noqa: E402
 from benchmarks.cost_curve import graph_us  # noqa: E402
 from flashdsa.ops.indexer import threshold  # noqa: E402
+from flashdsa.ops.common import num_sms  # noqa: E402
 from flashdsa.ops.indexer.scores import choose_split  # noqa: E402
 
-CASES = ((1, 32768), (1, 65536), (1, 131072), (4, 131072), (32, 32768))
+CASES = ((1, 32768), (1, 65536), (1, 131072), (4, 131072), (8, 32768), (8, 131072), (32, 32768), (32, 131072),
+         (128, 131072))
 FACTORS = (1, 2, 4, 8)
+
+
+def rule_split(p, default: int) -> int:
+    """The candidate split of the key axis (module docstring)."""
+    bn = p.cfg["BLOCK_N"]
+    return max(default, min(triton.cdiv(8 * num_sms(p.q.device), p.n_prog()), triton.cdiv(p.n_pos, 4 * bn)))
 
 
 def main() -> None:
@@ -38,8 +52,9 @@ def main() -> None:
         default = choose_split(p.n_prog(), p.n_pos, bn, q8.device, bn)[0]
         row = {"batch": bsz, "context": ctx, "default_split": default}
         best = (float("inf"), None)
-        for f in FACTORS:
-            n_split = min(default * f, triton.cdiv(p.n_pos, bn))
+        row["rule_split"] = rule_split(p, default)
+        splits = sorted({min(default * f, triton.cdiv(p.n_pos, bn)) for f in FACTORS} | {row["rule_split"]})
+        for n_split in splits:
 
             def run(n_split=n_split):
                 return threshold.select_topk(p, TOPK, bn, n_split=n_split, method="threshold")
