@@ -1,6 +1,8 @@
 """Build the GPU kernels for sm_90 (Hopper) on any machine, no GPU needed, and report
 their resources: registers, spill stack, shared memory (the training kernels, the indexer
-top-k's and the paged decode's).
+top-k's and the paged decode's), and the instructions of each kernel's main loop (the
+loop around its tensor-core MMA in the SASS: all of them, the barriers, the shared
+memory traffic of layout conversions).
 
     python -m benchmarks.sm90_build            # table of every kernel at the sm90 block sizes
 
@@ -90,17 +92,50 @@ def _specialize(fn: JITFunction, args, kwargs):
     return signature, constexprs, attrs
 
 
-def _resources(cubin: bytes) -> dict:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _nvidia_tool(name: str, cubin: bytes, *flags: str) -> str:
+    """stdout of the wheel's ``name`` (cuobjdump, nvdisasm) run on ``cubin``."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        return subprocess.run([tool, *flags, path], capture_output=True, text=True).stdout
+
+
+def _resources(cubin: bytes) -> dict:
+    text = _nvidia_tool("cuobjdump", cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", text)
     if not m:
         raise RuntimeError(f"cuobjdump gave no resource usage: {text[-300:]!r}")
     return dict(regs=int(m.group(1)), spill_stack=int(m.group(2)))
+
+
+_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_MMA = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA")   # wgmma (sm_90) and mma.sync tensor-core ops
+LOOP_OPS = ("BAR", "STS", "LDS", "STG", "LDL", "STL")
+
+
+def main_loop(sass: str) -> dict | None:
+    """Instructions of a kernel's main loop, from its SASS (nvdisasm): the innermost loop (a
+    label and a later branch back to it) around the first tensor-core MMA. {"instr": all of
+    them, and the count of each of LOOP_OPS: barriers, shared stores and loads (layout
+    conversions go through shared memory between two barriers), global stores, local
+    memory (spills)}; None without an MMA inside a loop."""
+    lines = sass.splitlines()
+    mma = next((i for i, l in enumerate(lines) if (m := _SASS_OP.match(l)) and m.group(1) in _MMA), None)
+    if mma is None:
+        return None
+    for start in range(mma, -1, -1):
+        m = _LABEL.match(lines[start])
+        if not m:
+            continue
+        end = next((i for i in range(mma, len(lines)) if "BRA" in lines[i] and f"({m.group(1)})" in lines[i]), None)
+        if end is None:
+            continue
+        ops = [m.group(1).split(".")[0] for l in lines[start:end + 1] if (m := _SASS_OP.match(l))]
+        return dict(instr=len(ops), **{op: ops.count(op) for op in LOOP_OPS})
+    return None
 
 
 @contextlib.contextmanager
@@ -153,7 +188,9 @@ def build(launches, arch: int = 90, keep_going: bool = False) -> list[dict]:
                 raise
             rows.append(dict(kernel=fn.fn.__name__, **opts, error=str(e).strip().splitlines()[-1][:160]))
             continue
-        rows.append(dict(kernel=fn.fn.__name__, **opts, shared=k.metadata.shared, **_resources(k.asm["cubin"])))
+        loop = main_loop(_nvidia_tool("nvdisasm", k.asm["cubin"], "-c"))
+        rows.append(dict(kernel=fn.fn.__name__, **opts, shared=k.metadata.shared, **_resources(k.asm["cubin"]),
+                         **({"loop": loop} if loop else {})))
     return rows
 
 
@@ -379,8 +416,11 @@ def main():
                 if r["shared"] > limit:
                     flag += "  OVER SHARED LIMIT"
                     over += 1
+                loop = (f"  loop {r['loop']['instr']:4d} instr, {r['loop']['BAR']:2d} BAR, "
+                        f"{r['loop']['STS'] + r['loop']['LDS']:2d} STS/LDS" if "loop" in r else "")
                 print(f"sm_{arch} {case:34s} {r['kernel']:34s} warps {r['num_warps']} stages {r['num_stages']}  "
-                      f"shared {r['shared']:6d}  regs {r['regs']:3d}  spill {r['spill_stack']:4d}{flag}", flush=True)
+                      f"shared {r['shared']:6d}  regs {r['regs']:3d}  spill {r['spill_stack']:4d}{loop}{flag}",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

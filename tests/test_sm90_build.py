@@ -30,6 +30,30 @@ def test_kernels_build_for_sm90_within_shared_memory():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(" shared ") >= 40, r.stdout  # every kernel of the report was built
     assert "rows_topk_kernel" in r.stdout and "indexer_select_kernel" in r.stdout, r.stdout
+    # the main loop of each MMA kernel is found in its SASS (the scores kernel's: one per mode)
+    assert sum("indexer_scores_kernel" in line and " BAR, " in line for line in r.stdout.splitlines()) >= 4, r.stdout
+
+
+def test_main_loop_of_a_sass_listing():
+    """main_loop: the innermost loop around the first MMA, its instructions counted by opcode
+    (predicated ones too); nothing without an MMA in a loop."""
+    from benchmarks.sm90_build import main_loop
+
+    sass = """\
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS R2, [R3] ;
+.L_x_1:
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   QGMMA.64x256x32.F32.E4M3.E4M3 R24, gdesc[UR24], RZ, !UPT ;
+        /*0040*/               @P0 STG.E desc[UR14][R26.64], R40 ;
+        /*0050*/                   STS.128 [R2+UR12], R4 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+    assert main_loop(sass) == dict(instr=5, BAR=1, STS=1, LDS=0, STG=1, LDL=0, STL=0)
+    assert main_loop(sass.replace("QGMMA", "FFMA")) is None
 
 
 # What the A100 (sm_80) path cannot run today (docs/testing.md): several training kernels
