@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from unittest import mock
 
 import torch
@@ -93,9 +94,9 @@ if GLUON_AVAILABLE:
     @gluon.jit
     def gluon_filter_kernel(q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, thr_ptr, bkey_ptr, bidx_ptr, cnt_ptr,
                             S, S_kv, split_len, n_split, SC, stride_qs, stride_qh, stride_k, stride_ws,
-                            num_warps: gl.constexpr):
+                            OVERLAP: gl.constexpr, num_warps: gl.constexpr):
         """Grid (query blocks of 4 rows, key splits of ``split_len``), one warpgroup; the
-        latest rows first (their ranges are the longest)."""
+        latest rows first (their ranges are the longest). OVERLAP: see VARIANTS."""
         gl.static_assert(num_warps == 4, "one warpgroup: the m64 wgmma")
         pid_q = gl.num_programs(0) - 1 - gl.program_id(0)
         pid_s = gl.program_id(1)
@@ -148,15 +149,31 @@ if GLUON_AVAILABLE:
             async_copy.commit_group()
             kt = k_smem.index(st)
             zero = gl.zeros([BLOCK_N, 64], gl.float32, ACC_L)
-            a0 = warpgroup_mma(kt, q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-            a1 = warpgroup_mma(kt, q_smem.index(1).permute((1, 0)), zero, use_acc=False, is_async=True)
-            a2 = warpgroup_mma(kt, q_smem.index(2).permute((1, 0)), zero, use_acc=False, is_async=True)
-            a3 = warpgroup_mma(kt, q_smem.index(3).permute((1, 0)), zero, use_acc=False, is_async=True)
-            a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=0, deps=(a0, a1, a2, a3))
-            cnt0 = _keep(a0, w0, kscale, offs, hi, ok0, ks0, ke0, thr0, sb0, cnt0, SC, bkey_ptr, bidx_ptr)
-            cnt1 = _keep(a1, w1, kscale, offs, hi, ok1, ks1, ke1, thr1, sb1, cnt1, SC, bkey_ptr, bidx_ptr)
-            cnt2 = _keep(a2, w2, kscale, offs, hi, ok2, ks2, ke2, thr2, sb2, cnt2, SC, bkey_ptr, bidx_ptr)
-            cnt3 = _keep(a3, w3, kscale, offs, hi, ok3, ks3, ke3, thr3, sb3, cnt3, SC, bkey_ptr, bidx_ptr)
+            if OVERLAP:
+                # two rows' MMAs in flight at a time: the next row's runs during this row's epilogue
+                a0 = warpgroup_mma(kt, q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a1 = warpgroup_mma(kt, q_smem.index(1).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a0 = warpgroup_mma_wait(num_outstanding=1, deps=(a0, ))
+                cnt0 = _keep(a0, w0, kscale, offs, hi, ok0, ks0, ke0, thr0, sb0, cnt0, SC, bkey_ptr, bidx_ptr)
+                a2 = warpgroup_mma(kt, q_smem.index(2).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a1 = warpgroup_mma_wait(num_outstanding=1, deps=(a1, ))
+                cnt1 = _keep(a1, w1, kscale, offs, hi, ok1, ks1, ke1, thr1, sb1, cnt1, SC, bkey_ptr, bidx_ptr)
+                a3 = warpgroup_mma(kt, q_smem.index(3).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a2 = warpgroup_mma_wait(num_outstanding=1, deps=(a2, ))
+                cnt2 = _keep(a2, w2, kscale, offs, hi, ok2, ks2, ke2, thr2, sb2, cnt2, SC, bkey_ptr, bidx_ptr)
+                a3 = warpgroup_mma_wait(num_outstanding=0, deps=(a3, ))
+                cnt3 = _keep(a3, w3, kscale, offs, hi, ok3, ks3, ke3, thr3, sb3, cnt3, SC, bkey_ptr, bidx_ptr)
+            else:
+                # the 4 rows' MMAs, then the 4 epilogues
+                a0 = warpgroup_mma(kt, q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a1 = warpgroup_mma(kt, q_smem.index(1).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a2 = warpgroup_mma(kt, q_smem.index(2).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a3 = warpgroup_mma(kt, q_smem.index(3).permute((1, 0)), zero, use_acc=False, is_async=True)
+                a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=0, deps=(a0, a1, a2, a3))
+                cnt0 = _keep(a0, w0, kscale, offs, hi, ok0, ks0, ke0, thr0, sb0, cnt0, SC, bkey_ptr, bidx_ptr)
+                cnt1 = _keep(a1, w1, kscale, offs, hi, ok1, ks1, ke1, thr1, sb1, cnt1, SC, bkey_ptr, bidx_ptr)
+                cnt2 = _keep(a2, w2, kscale, offs, hi, ok2, ks2, ke2, thr2, sb2, cnt2, SC, bkey_ptr, bidx_ptr)
+                cnt3 = _keep(a3, w3, kscale, offs, hi, ok3, ks3, ke3, thr3, sb3, cnt3, SC, bkey_ptr, bidx_ptr)
         async_copy.wait_group(0)
         col = gl.arange(0, BLOCK_N, layout=KEY_L)
         gl.store(cnt_ptr + sb0 + col, cnt0, mask=ok0 & (col < BLOCK_N))
@@ -172,7 +189,8 @@ def serves(p) -> bool:
             and p.cfg["BLOCK_N"] == BLOCK_N.value and p.cfg["BLOCK_Q"] == 4)
 
 
-def launch_filter(p, mode, split, pos_stride=1, out=None, thr=None, bkey=None, bidx=None, cnt=None, sc=0):
+def launch_filter(p, mode, split, pos_stride=1, out=None, thr=None, bkey=None, bidx=None, cnt=None, sc=0,
+                  overlap=True):
     """flashdsa.ops.indexer.scores.launch_scores with the Gluon filter for the slots mode of
     the problems it serves (:func:`serves`), the product's kernel for everything else."""
     if mode != Sc.SCORES_SLOTS or pos_stride != 1 or not serves(p):
@@ -180,7 +198,14 @@ def launch_filter(p, mode, split, pos_stride=1, out=None, thr=None, bkey=None, b
     n_split, split_len = split
     gluon_filter_kernel[(p.n_prog(), n_split)](
         p.q, p.k, p.ksc, p.w, p.ks, p.ke, thr, bkey, bidx, cnt, p.rows, p.n_pos, split_len, n_split, sc,
-        p.q.stride(0), p.q.stride(1), p.k.stride(0), p.w.stride(0), num_warps=4)
+        p.q.stride(0), p.q.stride(1), p.k.stride(0), p.w.stride(0), OVERLAP=overlap, num_warps=4)
+
+
+# The Gluon variants compared: "gluon": two rows' MMAs in flight, the next row's running
+# during a row's epilogue (2 accumulators live; 224 registers, no spills on Triton 3.6);
+# "gluon_all4": the 4 rows' MMAs, then the 4 epilogues (4 accumulators live; 255
+# registers and 56 bytes of spills on 3.6).
+VARIANTS = {"gluon": launch_filter, "gluon_all4": partial(launch_filter, overlap=False)}
 
 
 def prefill_problem(s_q: int, s_kv: int, seed: int):
@@ -207,39 +232,49 @@ def filter_buffers(p):
     return split, sc, thr, n
 
 
+def _slots(launch, p, split, sc, thr, n):
+    """(counts [n], keys [n, sc], indices [n, sc]) of one filter ``launch`` on ``p``, into
+    buffers poisoned beforehand (-7 counts, -1 indices)."""
+    cnt = torch.full((n, ), -7, dtype=torch.int32, device="cuda")
+    bkey = torch.zeros(n * sc, dtype=torch.int32, device="cuda")
+    bidx = torch.full((n * sc, ), -1, dtype=torch.int32, device="cuda")
+    launch(p, Sc.SCORES_SLOTS, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
+    return cnt, bkey.view(n, sc), bidx.view(n, sc)
+
+
 def check(results) -> bool:
+    """Each variant against the product's filter (slot counts, entries) and the product's
+    threshold top-k run with it (selected sets), at odd sizes and bench_indexer's 4096 x 32K."""
     rows = []
     for seed, (s_q, s_kv) in enumerate([(4096, 32768), (333, 9000), (1000, 20000), (7, 5000)]):
         _, p = prefill_problem(s_q, s_kv, seed)
         split, sc, thr, n = filter_buffers(p)
-        got = {}
-        for name, launch in (("triton", Sc.launch_scores), ("gluon", launch_filter)):
-            cnt = torch.full((n, ), -7, dtype=torch.int32, device="cuda")
-            bkey = torch.zeros(n * sc, dtype=torch.int32, device="cuda")
-            bidx = torch.full((n * sc, ), -1, dtype=torch.int32, device="cuda")
-            launch(p, Sc.SCORES_SLOTS, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
-            got[name] = (cnt, bkey.view(n, sc), bidx.view(n, sc))
-        (c0, k0, i0), (c1, k1, i1) = got["triton"], got["gluon"]
+        c0, k0, i0 = _slots(Sc.launch_scores, p, split, sc, thr, n)
         filled = torch.arange(sc, device="cuda")[None, :] < c0.clamp(max=sc)[:, None]
-        both = filled & (c0 == c1)[:, None]   # entries of slots that kept as many in both
-        row = dict(s_q=s_q, s_kv=s_kv, n_split=split[0], slots_same_count=float((c0 == c1).float().mean()),
-                   entries_same=float(((k0 == k1) & (i0 == i1))[both].float().mean()) if both.any() else 1.0,
-                   max_key_diff=int((k0 - k1)[both].abs().max()) if both.any() else 0)
         want = Th.select_topk(p, TOPK, 4 * p.cfg["BLOCK_N"], method="threshold")
-        with mock.patch.object(Th, "launch_scores", launch_filter):
-            have = Th.select_topk(p, TOPK, 4 * p.cfg["BLOCK_N"], method="threshold")
-        same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(want.cpu(), have.cpu())]
-        row["topk_rows_same"] = sum(same) / len(same)
+        row = dict(s_q=s_q, s_kv=s_kv, n_split=split[0])
+        for name, launch in VARIANTS.items():
+            c1, k1, i1 = _slots(launch, p, split, sc, thr, n)
+            both = filled & (c0 == c1)[:, None]   # entries of slots that kept as many in both
+            with mock.patch.object(Th, "launch_scores", launch):
+                have = Th.select_topk(p, TOPK, 4 * p.cfg["BLOCK_N"], method="threshold")
+            same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(want.cpu(), have.cpu())]
+            row[name] = dict(slots_same_count=float((c0 == c1).float().mean()),
+                             entries_same=float(((k0 == k1) & (i0 == i1))[both].float().mean()) if both.any() else 1.0,
+                             max_key_diff=int((k0 - k1)[both].abs().max()) if both.any() else 0,
+                             topk_rows_same=sum(same) / len(same))
         rows.append(row)
         print(row, flush=True)
     results["check"] = rows
-    ok = all(r["slots_same_count"] > 0.999 and r["topk_rows_same"] > 0.999 for r in rows)
+    ok = all(r[n]["slots_same_count"] > 0.999 and r[n]["topk_rows_same"] > 0.999 for r in rows for n in VARIANTS)
     results["check_passed"] = ok
     print("check passed" if ok else "CHECK FAILED", flush=True)
     return ok
 
 
 def speed(results):
+    """Milliseconds at 4096 queries x 8K / 32K / 128K: the logits, each filter alone, and the
+    threshold top-k with each filter."""
     rows = []
     for s_kv in (8192, 32768, 131072):
         (q8, k8, ksc, w, ks, ke), p = prefill_problem(4096, s_kv, 0)
@@ -248,19 +283,16 @@ def speed(results):
         bkey = torch.empty(n * sc, dtype=torch.int32, device="cuda")
         bidx = torch.empty(n * sc, dtype=torch.int32, device="cuda")
         row = dict(s_kv=s_kv, logits_ms=bench_ms(lambda: Sc.indexer_logits(q8, k8, ksc, w, ks, ke)))
-        for name, launch in (("triton", Sc.launch_scores), ("gluon", launch_filter)):
+        for name, launch in {"triton": Sc.launch_scores, **VARIANTS}.items():
             row[f"filter_{name}_ms"] = bench_ms(lambda launch=launch: launch(
                 p, Sc.SCORES_SLOTS, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc))
-        mode = Sc.SCORES_SLOTS
-        row["topk_triton_ms"] = bench_ms(lambda: Th.select_topk(p, TOPK, 4 * p.cfg["BLOCK_N"], method="threshold",
-                                                                mode=mode))
-        with mock.patch.object(Th, "launch_scores", launch_filter):
-            row["topk_gluon_ms"] = bench_ms(lambda: Th.select_topk(p, TOPK, 4 * p.cfg["BLOCK_N"],
-                                                                   method="threshold", mode=mode))
-        row["topk_triton_over_logits"] = row["topk_triton_ms"] / row["logits_ms"]
-        row["topk_gluon_over_logits"] = row["topk_gluon_ms"] / row["logits_ms"]
+            with mock.patch.object(Th, "launch_scores", launch):
+                row[f"topk_{name}_ms"] = t = bench_ms(lambda: Th.select_topk(
+                    p, TOPK, 4 * p.cfg["BLOCK_N"], method="threshold", mode=Sc.SCORES_SLOTS))
+            row[f"topk_{name}_over_logits"] = t / row["logits_ms"]
         rows.append(row)
         print(row, flush=True)
+        del q8, k8, p, bkey, bidx, cnt
     results["speed"] = rows
     print_table(rows, list(rows[0].keys()))
 
@@ -280,7 +312,8 @@ def build_report():
         buf = torch.zeros(n * 64, dtype=torch.int32)
         thr = torch.zeros(p.rows, dtype=torch.int32)
         with capture_launches() as launches:
-            launch_filter(p, Sc.SCORES_SLOTS, (1, 32768), thr=thr, bkey=buf, bidx=buf, cnt=buf[:n], sc=64)
+            for launch in VARIANTS.values():
+                launch(p, Sc.SCORES_SLOTS, (1, 32768), thr=thr, bkey=buf, bidx=buf, cnt=buf[:n], sc=64)
             Sc.launch_scores(p, Sc.SCORES_SLOTS, (1, 32768), thr=thr, bkey=buf, bidx=buf, cnt=buf[:n], sc=64)
     rows = build(launches, 90, keep_going=True)
     for r in rows:
