@@ -355,9 +355,10 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
 
 
 def gluon_launches(arch: int = 90) -> dict[str, list]:
-    """The launches of the Gluon kernels (flashdsa/ops/sparse_mla/fwd_sm90.py), at 64 and
-    128 heads, over bf16 rows and over fp8_ds_mla rows; they are built for sm_90 only (no
-    case for other targets)."""
+    """The launches of the Gluon kernels: the sparse MLA forward (flashdsa/ops/sparse_mla/
+    fwd_sm90.py) at 64 and 128 heads, over bf16 rows and over fp8_ds_mla rows, and the
+    indexer's threshold filter (flashdsa/ops/indexer/filter_sm90.py); they are built for
+    sm_90 only (no case for other targets)."""
     if arch != 90:
         return {}
     from flashdsa.layout import MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
@@ -376,6 +377,20 @@ def gluon_launches(arch: int = 90) -> dict[str, list]:
     with capture_launches() as launches:
         run_sparse_mla_decode_sm90_fp8(q, c8, sc[:, MLA_SCALE_OFF:], pe[:, MLA_ROPE_OFF:], idx, 0.04)
     cases["sparse_mla_decode gluon fp8_ds_mla h128"] = launches
+    from flashdsa.ops.indexer import ragged_problem
+    from flashdsa.ops.indexer.filter_sm90 import run_filter_sm90
+
+    with dispatch_as(90):   # the indexer's sm90 block sizes, e4m3 operands
+        s, s_kv = 64, 32768
+        ke = torch.arange(s_kv - s + 1, s_kv + 1, dtype=torch.int32)
+        p = ragged_problem(torch.randn(s, 64, 128, generator=g).to(torch.float8_e4m3fn),
+                           torch.randn(s_kv, 128, generator=g).to(torch.float8_e4m3fn),
+                           torch.rand(s_kv, generator=g), torch.randn(s, 64, generator=g), torch.zeros_like(ke), ke)
+        n = p.rows * p.cfg["BLOCK_N"]
+        buf = torch.zeros(n * 64, dtype=torch.int32)
+        with capture_launches() as launches:
+            run_filter_sm90(p, (1, s_kv), torch.zeros(s, dtype=torch.int32), buf, buf, buf[:n], 64)
+    cases["indexer threshold filter gluon"] = launches
     return cases
 
 
@@ -410,7 +425,7 @@ def main():
                     over += 1
                     continue
                 flag = "  SPILLS" if r["spill_stack"] else ""
-                if r["spill_stack"] and case.startswith("sparse_mla_fwd gluon"):
+                if r["spill_stack"] and "gluon" in case:
                     flag += " (a Gluon kernel: its registers are laid out by hand)"
                     over += 1
                 if r["shared"] > limit:

@@ -65,7 +65,8 @@ def _launch_mode(torch) -> str:
 
 
 def _sparse_mla_paths(torch) -> list[tuple[str, str]]:
-    """flashdsa info's rows on the sparse MLA kernels that backend="auto" runs here."""
+    """flashdsa info's rows on the sparse MLA kernels and the indexer filter that
+    backend="auto" runs here."""
     if not torch.cuda.is_available():
         return [("sparse MLA forward, decode", "reference (no CUDA device)")]
     from .backend import triton_available
@@ -80,7 +81,9 @@ def _sparse_mla_paths(torch) -> list[tuple[str, str]]:
     return [("sparse MLA forward", "gluon (the Hopper kernel: bf16, d_qk 576, d_v 512, h_q a multiple of 64, no "
                                    "probabilities); triton otherwise"),
             ("sparse MLA decode", "gluon (bf16 and fp8_ds_mla caches) with enough queries to need no split-k; "
-                                  "triton with split-k")]
+                                  "triton with split-k"),
+            ("indexer top-k filter", "gluon (prefill rows: 64 heads of 128 e4m3 values, the key axis in at most "
+                                     "4 splits); triton for decode rows and finer splits")]
 
 
 def cmd_info(args: argparse.Namespace) -> int:

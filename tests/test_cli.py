@@ -31,6 +31,7 @@ def test_info_names_the_sparse_mla_kernels(monkeypatch):
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: None)
     rows = dict(_sparse_mla_paths(torch))
     assert rows["sparse MLA forward"].startswith("gluon") and "split-k" in rows["sparse MLA decode"]
+    assert rows["indexer top-k filter"].startswith("gluon")
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: "built for sm_90")
     assert _sparse_mla_paths(torch) == [("sparse MLA forward, decode", "triton (built for sm_90)")]
 

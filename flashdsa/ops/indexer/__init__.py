@@ -9,6 +9,7 @@
     threshold.py  the top-k of long rows: sample thresholds, keep-above-threshold pass,
                   select kernel; :func:`select_topk` (which picks the method),
                   :func:`indexer_topk`
+    filter_sm90.py  the threshold top-k's filter pass in Gluon on Hopper (sm_90)
     streaming.py  the streaming top-k kernel: exact on any input, the fallback
     paged.py      the paged problem, :func:`paged_indexer_logits`,
                   :func:`paged_indexer_topk` and :func:`indexer_cache_write`

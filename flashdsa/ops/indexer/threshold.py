@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..common import interpreted, num_sms, pdl_launch, pdl_prologue
 from .direct import direct_topk, prefers_direct
+from .filter_sm90 import filter_launcher
 from .scores import (
     SCORES_ATOMIC,
     SCORES_SLOTS,
@@ -53,6 +54,8 @@ SLOTS_MAX_SPLIT = 4            # per-slot buffers while the key axis has at most
 SELECT_CHUNK = 1024            # candidates a step of the select kernel's second pass (slots)
 SELECT_CHUNK_ATOMIC = 4096     # the same with one buffer a row: a decode row's candidates in one step
 CAP_SIGMAS = 4                 # see candidate_capacity
+FILTER_PROGRAMS_PER_SM = 8     # decode rows: the filter's split aims at this many programs an SM ...
+FILTER_MIN_TILES = 4           # ... with at least this many key tiles a program (see filter_split)
 
 
 @triton.jit
@@ -202,6 +205,22 @@ def candidate_capacity(topk: int, n_pos: int, slots: bool) -> int:
     return expected + math.ceil(CAP_SIGMAS * expected / math.sqrt(rank))
 
 
+def filter_split(p: Problem, min_split: int, n_split: int | None = None) -> tuple[int, int]:
+    """(n_split, split_len) of the filter pass: ``choose_split``'s, except that paged
+    (decode) rows, too few to fill the GPU, split the key axis further: to about
+    FILTER_PROGRAMS_PER_SM programs an SM, but never below FILTER_MIN_TILES key tiles a
+    program (benchmarks/probe_filter_split.py measures the choice)."""
+    n_pos = max(p.n_pos, 1)
+    split = choose_split(p.n_prog(), n_pos, p.cfg["BLOCK_N"], p.q.device, min_split, n_split)
+    if n_split is not None or not p.paged:
+        return split
+    want = min(triton.cdiv(FILTER_PROGRAMS_PER_SM * num_sms(p.q.device), p.n_prog()),
+               triton.cdiv(n_pos, FILTER_MIN_TILES * p.cfg["BLOCK_N"]))
+    if want <= split[0]:
+        return split
+    return choose_split(p.n_prog(), n_pos, p.cfg["BLOCK_N"], p.q.device, min_split, want)
+
+
 def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = None,
                    mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """([rows, topk] int32 indices, -1 padded, [rows] int32 fail flags) of the
@@ -209,7 +228,7 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     (default: slots while the key axis has at most SLOTS_MAX_SPLIT splits)."""
     dev = p.q.device
     bn = p.cfg["BLOCK_N"]
-    split = choose_split(p.n_prog(), max(p.n_pos, 1), bn, dev, min_split, n_split)
+    split = filter_split(p, min_split, n_split)
     if mode is None:
         mode = SCORES_SLOTS if split[0] <= SLOTS_MAX_SPLIT else SCORES_ATOMIC
     cap = candidate_capacity(topk, p.n_pos, mode == SCORES_SLOTS)
@@ -222,7 +241,11 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
     thr = sample_thresholds(p, topk, zero_cnt=cnt if mode == SCORES_ATOMIC else None)
     bkey = scratch(p.rows * n_slots * sc, device=dev)
     bidx = scratch(p.rows * n_slots * sc, device=dev)
-    launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
+    run_filter = filter_launcher(p) if mode == SCORES_SLOTS else None   # the Gluon filter on Hopper
+    if run_filter is not None:
+        run_filter(p, split, thr, bkey, bidx, cnt, sc)
+    else:
+        launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
     out = scratch(p.rows, topk, device=dev)
     fail = scratch(p.rows, device=dev)
     sc_pad = triton.next_power_of_2(sc)
