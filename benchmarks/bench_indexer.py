@@ -172,10 +172,18 @@ def run_decode(bsz, ctx, ceil, next_n=1, cfg=None):
                 copy_ratio=(kv_bytes / t_topk / 1e6) / ceil["copy_gbps"])
 
 
+# scores-kernel variants of the logits (store) pass, beside the product's ({}); "n_split"
+# splits the key axis (the product's choice is 1 at 4096 queries)
 SWEEP_LOGITS = [
-    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_Q=4, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_Q=2, num_warps=8, num_stages=3),
+    {},
+    dict(store_warps=4),
+    dict(num_stages=2),
+    dict(num_stages=4),
+    dict(num_stages=5),
+    dict(BLOCK_Q=8),
+    dict(BLOCK_Q=2),
+    dict(BLOCK_N=128, BLOCK_Q=2),
+    dict(n_split=2),
 ]
 # the threshold top-k's candidate modes, at the default block sizes of the scoring pass
 SWEEP_TOPK = [dict(mode=ops.SCORES_SLOTS), dict(mode=ops.SCORES_ATOMIC),
@@ -184,15 +192,19 @@ SWEEP_TOPK = [dict(mode=ops.SCORES_SLOTS), dict(mode=ops.SCORES_ATOMIC),
 
 def sweep(ceil, log):
     out = dict(logits=[], topk=[])
-    inp = prefill_inputs(32768)
-    flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
-    for cfg in SWEEP_LOGITS:
-        try:
-            t = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg))
-            out["logits"].append(dict(cfg=cfg, ms=t, tflops=flops / t / 1e9))
-        except Exception as e:  # a variant that fails to compile must not stop the others
-            out["logits"].append(dict(cfg=cfg, error=repr(e)[:300]))
-        log(f"sweep logits 32K {out['logits'][-1]}")
+    for s_kv in (32768, 131072):
+        inp = prefill_inputs(s_kv)
+        flops = 2 * int((inp[5] - inp[4]).sum()) * H * D
+        for v in SWEEP_LOGITS:
+            cfg = {k: x for k, x in v.items() if k != "n_split"}
+            try:
+                t = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg, n_split=v.get("n_split")))
+                out["logits"].append(dict(s_kv=s_kv, variant=v, ms=t, tflops=flops / t / 1e9,
+                                          ratio_to_fp8_matmul=flops / t / 1e9 / ceil["fp8_matmul_tflops"]))
+            except Exception as e:  # a variant that fails to compile must not stop the others
+                out["logits"].append(dict(s_kv=s_kv, variant=v, error=repr(e)[:300]))
+            log(f"sweep logits {s_kv} {out['logits'][-1]}")
+        del inp
     inp = prefill_inputs(131072)
     logits = ops.indexer_logits(*inp)
     rows = list(range(0, S_Q, S_Q // 16)) + [S_Q - 1]

@@ -1,6 +1,6 @@
 """Experiment (issue 17): the threshold top-k's sample, sparser and with a wider margin.
 
-    python -m benchmarks.probe_threshold_sample             # H200: every variant at 8K, 32K, 128K
+    python -m benchmarks.probe_threshold_sample             # H200: every variant at 8K, 16K, 32K, 128K
     TRITON_INTERPRET=1 python -m benchmarks.probe_threshold_sample --small   # CPU logic check
 
 At 4096 queries x 32K keys the threshold top-k (flashdsa/ops/indexer/threshold.py) costs
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
 
-# (SAMPLE_STRIDE, MARGIN_NUM, MARGIN_DEN): the product's first
+# (SAMPLE_STRIDE, MARGIN_NUM, MARGIN_DEN), the product's first; --variants picks others
 VARIANTS = [(16, 3, 2), (32, 3, 2), (32, 7, 4), (32, 2, 1), (64, 2, 1)]
 
 
@@ -81,6 +81,7 @@ def child(variant, shapes, device):
                    flagged_rows=int(fail.sum()), topk_max_abs_diff=worst,
                    logits_ms=time(lambda: ops.indexer_logits(*inp)),
                    threshold_ms=time(lambda: ops.indexer_topk(*inp, topk, method="threshold")),
+                   auto_ms=time(lambda: ops.indexer_topk(*inp, topk)),
                    sample_ms=time(lambda: ops.sample_thresholds(p, topk)))
         if row["logits_ms"]:
             row["threshold_over_logits"] = row["threshold_ms"] / row["logits_ms"]
@@ -92,16 +93,19 @@ def child(variant, shapes, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="shapes small enough for the interpreter (CPU)")
+    ap.add_argument("--variants", nargs="+", metavar="STRIDE:NUM:DEN",
+                    help="variants to run (default: %s)" % " ".join(":".join(map(str, v)) for v in VARIANTS))
     ap.add_argument("--child", type=int, nargs=3, metavar=("STRIDE", "NUM", "DEN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = ([(48, 600, 8, 64, 64), (40, 1500, 8, 64, 96)] if args.small
-              else [(4096, s_kv, 64, 128, 2048) for s_kv in (8192, 32768, 131072)])
+              else [(4096, s_kv, 64, 128, 2048) for s_kv in (8192, 16384, 32768, 131072)])
     if args.child:
         print(json.dumps(child(tuple(args.child), shapes, device)), flush=True)
         return
-    results = {"ceilings": measure_ceilings() if device == "cuda" else None, "variants": VARIANTS, "rows": []}
-    for v in VARIANTS:
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants] if args.variants else VARIANTS
+    results = {"ceilings": measure_ceilings() if device == "cuda" else None, "variants": variants, "rows": []}
+    for v in variants:
         cmd = [sys.executable, "-m", "benchmarks.probe_threshold_sample", "--child", *map(str, v)]
         cmd += ["--small"] if args.small else []
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -9,7 +9,7 @@ from flashdsa.cache import PagedIndexerCache
 from flashdsa.ops import indexer as ops
 from flashdsa.ops.indexer import direct
 from flashdsa.reference import paged_indexer as pref
-from tests.ops.test_indexer import poison_scratch, small_chunks
+from tests.ops.test_indexer import make_inputs, poison_scratch, small_chunks
 from tests.utils import KERNEL_DEVICE, rel_err, requires_cuda
 
 DEV = KERNEL_DEVICE
@@ -177,6 +177,37 @@ def test_paged_direct_in_chunks(monkeypatch):
     assert torch.equal(ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], method="direct"), whole)
     r = pref.paged_indexer_logits(q8.cpu(), cache.kv.cpu(), w.double().cpu(), cl.cpu(), bt.cpu())
     check_paged_topk(whole, r, bt, ctx, next_n, topk, atol=kernel_atol(q8, cache, w, cl, bt, r))
+
+
+def test_direct_pdl_for_decode_rows_only(monkeypatch):
+    """The direct method's select is a PDL launch for decode (paged) rows, where the
+    launches of a step overlap, and a plain launch for prefill (ragged) rows: there its
+    programs, started early, would take the SMs from the scores kernel."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["PDL"])
+                kw.pop("launch_pdl", None)
+                return self.kernel[grid](*args, **dict(kw, PDL=False))
+            return launch
+
+    monkeypatch.setattr(direct, "pdl_launch", lambda device: dict(PDL=True, launch_pdl=True))
+    monkeypatch.setattr(direct, "rows_topk_kernel", Recorder(direct.rows_topk_kernel))
+    ctx, topk = [150, 97], 16
+    max_blocks = max(ctx) // 64 + 1
+    cache, bt, cl = make_cache(ctx, 32, max_blocks)
+    q8, w = make_queries(len(ctx), 1, 4, 32)
+    p = ops.paged_problem(q8, cache.kv, w, cl, bt, max_blocks * 64)
+    ops.select_topk(p, topk, 8 * p.cfg["BLOCK_N"], method="direct")
+    assert launched == [True]
+    pr = ops.ragged_problem(*make_inputs(7, 300, 4, 32, ranges="ragged"))
+    ops.select_topk(pr, topk, 4 * pr.cfg["BLOCK_N"], method="direct")
+    assert launched == [True, False]
 
 
 def kernel_atol(q8, cache, w, cl, bt, r):

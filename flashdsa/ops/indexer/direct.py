@@ -112,10 +112,12 @@ def direct_topk(p: Problem, topk: int, min_split: int) -> torch.Tensor:
     n_pos = max(p.n_pos, 1)
     out = torch.empty(p.rows, topk, dtype=torch.int32, device=dev)
     block = triton.next_power_of_2(n_pos)
+    # PDL for decode rows only: a prefill chunk's select programs, launched early, would
+    # wait in their prologue on SMs that the scores kernel's later waves still need
+    pdl = pdl_launch(dev) if p.paged else dict(PDL=False)
     for r0, sub, scores in scored_chunks(p, 1, DIRECT_BYTES, min_split):
         rows_topk_kernel[(sub.rows,)](
             scores, sub.ks, sub.ke, sub.bt, out[r0:r0 + sub.rows], scores.stride(0),
             sub.bt.stride(0) if p.paged else 0, topk, p.next_n, n_pos, BLOCK=block, CHUNK=min(block, DIRECT_CHUNK),
-            TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block),
-            **pdl_launch(dev))
+            TOPK_PAD=triton.next_power_of_2(topk), PAGE=PAGE_SIZE, PAGED=p.paged, num_warps=_warps(block), **pdl)
     return out
