@@ -199,9 +199,9 @@ if GLUON_AVAILABLE:
     @gluon.jit
     def _fp8_gather_partition(c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
                               k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
-                              PIECE: gl.constexpr, FIRST: gl.constexpr, STEP: gl.constexpr):
+                              PIECE: gl.constexpr):
         """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's rows into
-        stage j % NUM_STAGES as bf16, for blocks j = FIRST, FIRST + STEP, ... Each row's e4m3 bytes are loaded 16 a thread, a piece
+        stage j % NUM_STAGES as bf16. Each row's e4m3 bytes are loaded 16 a thread, a piece
         of PIECE columns at a time: the next piece's loads are issued before this piece is
         scaled and stored, and a block's first piece before the wait for its stage, so the
         gathers' latency overlaps the conversion and the consumers. The rope values go by
@@ -216,7 +216,7 @@ if GLUON_AVAILABLE:
         cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, deq_l))
         cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
         n_blocks = gl.cdiv(topk, BLOCK_K)
-        for j in range(FIRST, n_blocks, STEP):
+        for j in range(n_blocks):
             st = j % NUM_STAGES
             kk = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, deq_l))
             idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
@@ -251,7 +251,7 @@ if GLUON_AVAILABLE:
         """The producer: the cp.async gather of bf16 rows, or the dequantizing one of fp8_ds_mla rows."""
         if FP8:
             _fp8_gather_partition(kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
-                                  k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, PIECE, 0, 1)
+                                  k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, PIECE)
         else:
             _gather_partition(kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
                               BLOCK_K, NUM_STAGES)
