@@ -268,6 +268,12 @@ def test_direct_chunks_and_auto_dispatch(monkeypatch):
                               (4096, short + 1, False), (128, wave + 1, False), (4096, 100, True)):
         assert direct.direct_wins(rows, n_pos, 132) == want, (rows, n_pos)
     assert not direct.direct_wins(128, wave, 0)  # no GPU: short rows only
+    # paged (decode) rows: directly only short rows, at least a fifth as many as the SMs
+    for rows, n_pos, want in ((26, very_short, True), (128, very_short, True), (25, very_short, False),
+                              (1, very_short, False), (128, very_short + 1, False), (128, wave, False),
+                              (4096, short, False)):
+        assert direct.direct_wins(rows, n_pos, 132, paged=True) == want, (rows, n_pos)
+    assert direct.direct_wins(1, short, 0, paged=True)  # no GPU: as ragged rows
     with pytest.raises(ValueError, match="method"):
         ops.select_topk(p, 16, 64, method="radix")
 

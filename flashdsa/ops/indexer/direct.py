@@ -20,8 +20,9 @@ from .scores import Problem, row_length, scored_chunks
 from .selection import INT32_MIN_C, chunk_take, kth_cut, score_key
 
 DIRECT_SHORT_POS = 8192         # "auto" takes the direct method for rows of at most this many keys,
-DIRECT_MAX_POS = 16384          # up to this many unless the rows are few (a small decode batch),
+DIRECT_MAX_POS = 16384          # up to this many unless the rows are few,
 DIRECT_WAVE_MAX_POS = 32768     # and up to this many when its programs (a row each) fill about one wave
+                                # (see direct_wins; paged rows: DIRECT_SHORT_POS, enough rows)
 DIRECT_BYTES = 256 * 2 ** 20    # the scores of one chunk of rows at most
 DIRECT_CHUNK = 1024             # scores a step of the select's second pass
 
@@ -30,19 +31,28 @@ def prefers_direct(p: Problem) -> bool:
     """Whether "auto" takes the direct method for ``p``: :func:`direct_wins` with the
     GPU's SM count (short rows only under the interpreter or on CPU)."""
     sms = num_sms(p.q.device) if p.q.device.type == "cuda" and not interpreted() else 0
-    return direct_wins(p.rows, p.n_pos, sms)
+    return direct_wins(p.rows, p.n_pos, sms, p.paged)
 
 
-def direct_wins(rows: int, n_pos: int, sms: int) -> bool:
-    """The measured crossovers on an H200 (docs/benchmarks_indexer.md): the direct method
-    for rows of at most DIRECT_SHORT_POS keys; up to DIRECT_MAX_POS keys unless there are
-    fewer rows than a third of the SMs (there one program's select of a whole row is
-    slower than the threshold method's passes spread over the GPU: 1 row of 16K); for
-    rows of up to DIRECT_WAVE_MAX_POS keys when the rows fill the GPU about once (between
-    a third of and twice as many rows as SMs; 32 rows of 32K are faster by threshold, 64
-    and 128 directly), where the threshold method's passes cost more than one wave of
-    long selects. Many long rows (prefill) and few (small decode batches) go to the
-    threshold method. Without a GPU (sms 0): the direct method up to DIRECT_MAX_POS."""
+def direct_wins(rows: int, n_pos: int, sms: int, paged: bool = False) -> bool:
+    """The measured crossovers on an H200 (docs/benchmarks_indexer.md).
+
+    Paged (decode) rows, whose threshold passes split the key axis down to a few tiles a
+    program (``threshold.filter_split``): the direct method only for rows of at most
+    DIRECT_SHORT_POS keys, and only when they are at least a fifth as many as the SMs
+    (one row of 8K: 25 us by threshold against 26-28 directly, 32 rows: 48-49 against
+    48; 128 rows of 32K: 251-253 against 264 us).
+
+    Ragged (prefill) rows: the direct method for rows of at most DIRECT_SHORT_POS keys; up
+    to DIRECT_MAX_POS keys when there are at least a third as many rows as SMs (4096 rows
+    of 16K: 1.52 ms against 1.63); up to DIRECT_WAVE_MAX_POS keys while the rows fill the
+    GPU about once (a third of to twice as many rows as SMs), where one wave of long
+    selects beat the threshold passes when it was measured on decode rows, before their
+    finer split. Many long rows (4096 of 32K: 3.03 ms by threshold against 3.68) go to
+    the threshold method. Without a GPU (sms 0): the direct method up to DIRECT_MAX_POS,
+    paged rows too."""
+    if paged and sms > 0:
+        return n_pos <= DIRECT_SHORT_POS and rows >= sms // 5
     if n_pos <= DIRECT_SHORT_POS:
         return True
     if n_pos <= DIRECT_MAX_POS:
