@@ -40,8 +40,6 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
     cfg.update(config or {})
     if "store_warps" not in (config or {}):
         cfg["store_warps"] = cfg["num_warps"]  # one warp count for every mode in decode
-    if "store_maxnreg" not in (config or {}):
-        cfg.pop("store_maxnreg", None)   # the prefill's register cap is for its 8-warp programs
     return cfg
 
 

@@ -42,12 +42,10 @@ from .selection import score_key
 # depth of the key tiles (8 KB each at D = 128 in fp8); store_warps: num_warps of the
 # scores kernel when it writes the scores (SCORES_STORE; 8 on sm90: two warpgroups, each
 # the dot of half the query rows, so each keeps its head sums to itself), where the
-# filter modes and the streaming top-k run faster at 4; store_maxnreg: registers a thread
-# of the scores kernel when it writes scores, so that two of its 8-warp programs fit an SM
-# (the threshold sample's strided keys would otherwise take 140). The measurements behind
-# them are in docs/benchmarks_indexer.md.
+# filter modes and the streaming top-k run faster at 4. The measurements behind them
+# are in docs/benchmarks_indexer.md.
 CONFIGS = {
-    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3, store_warps=8, store_maxnreg=128),
+    "sm90": dict(BLOCK_N=64, QH=256, num_warps=4, num_stages=3, store_warps=8),
     "sm80": dict(BLOCK_N=64, QH=128, num_warps=4, num_stages=3),
     "small": dict(BLOCK_N=16, QH=32, num_warps=4, num_stages=1),
 }
@@ -423,7 +421,6 @@ def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int
     split = (n_split, split_len) in units of pos_stride positions."""
     n_split, split_len = split
     dummy = p.w
-    regs = p.cfg.get("store_maxnreg") if mode == SCORES_STORE else None
     indexer_scores_kernel[(p.n_prog(), n_split)](
         p.q, p.k, p.ksc, p.w, p.ks, p.ke, p.ctx, p.bt, dummy if out is None else out,
         dummy if thr is None else thr, dummy if bkey is None else bkey, dummy if bidx is None else bidx,
@@ -432,7 +429,7 @@ def launch_scores(p: Problem, mode: int, split: tuple[int, int], pos_stride: int
         p.q.stride(0), p.q.stride(1), 0 if p.paged else p.k.stride(0), p.w.stride(0),
         p.bt.stride(0) if p.paged else 0, 0 if out is None else out.stride(0), **p.dims(),
         BLOCK_Q=p.cfg["BLOCK_Q"], BLOCK_N=p.cfg["BLOCK_N"], PAGE=PAGE_SIZE, DOT=dot_mode(p.q), PAGED=p.paged,
-        HEAVY_FIRST=not p.paged, MODE=mode, **pdl_launch(p.q.device), **({"maxnreg": regs} if regs else {}),
+        HEAVY_FIRST=not p.paged, MODE=mode, **pdl_launch(p.q.device),
         num_warps=p.cfg["store_warps"] if mode == SCORES_STORE else p.cfg["num_warps"], num_stages=p.cfg["num_stages"])
 
 
