@@ -17,7 +17,8 @@ the split outside every row's range get -inf, as in the Triton kernel.
     python -m benchmarks.probe_gluon_logits           # H200: check against the Triton kernel, then time
 
 The check compares the scores with the product's logits (the same products summed in
-another order: within a few ulps of fp32; the -inf entries exactly) at odd sizes, on
+another order: the largest difference within 1e-5 of the largest score; the -inf entries
+exactly) at odd sizes, on
 ragged and empty ranges and at bench_indexer's 4096 x 32K. The timing: both kernels at
 4096 queries x 8K, 16K, 32K, 128K, against the fp8 matmul ceiling of the same run.
 Results: ``probe_gluon_logits.json`` under $OUT or benchmarks/results/.
@@ -192,7 +193,8 @@ def check(results) -> bool:
         got = gluon_logits(*inp)
         fin = torch.isfinite(want)
         same_inf = bool(torch.equal(fin, torch.isfinite(got)))
-        err = float(((got - want)[fin].abs() / want[fin].abs().clamp(min=1e-3)).max()) if fin.any() else 0.0
+        # the head sums' order differs: the largest difference against the largest score
+        err = float((got - want)[fin].abs().max() / want[fin].abs().max()) if fin.any() else 0.0
         row = dict(s_q=s_q, s_kv=s_kv, ranges=ranges, same_inf=same_inf, max_rel_diff=err)
         row["ok"] = same_inf and err < 1e-5
         ok &= row["ok"]
