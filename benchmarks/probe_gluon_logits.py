@@ -18,9 +18,9 @@ the split outside every row's range get -inf, as in the Triton kernel.
 
 The check compares the scores with the product's logits (the same products summed in
 another order: the largest difference within 1e-5 of the largest score; the -inf entries
-exactly) at odd sizes, on
-ragged and empty ranges and at bench_indexer's 4096 x 32K. The timing: both kernels at
-4096 queries x 8K, 16K, 32K, 128K, against the fp8 matmul ceiling of the same run.
+exactly) at odd sizes, on ragged and empty ranges and at bench_indexer's 4096 x 32K. The
+timing: both kernels at 4096 queries x 8K, 16K, 32K, 128K (the Gluon kernel with 3 and 4
+key tiles in flight), against the fp8 matmul ceiling of the same run.
 Results: ``probe_gluon_logits.json`` under $OUT or benchmarks/results/.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result  # noqa: E402
 from flashdsa.ops.indexer import filter_sm90 as F  # noqa: E402
 from flashdsa.ops.indexer import scores as Sc  # noqa: E402
+
+STAGE_VARIANTS = (3, 4)   # key tiles in flight (the product's filter: 3)
 
 if F.GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -151,9 +153,10 @@ if F.GLUON_AVAILABLE:
         _fill(o3, ok3, hi_t, n_end)
 
 
-def gluon_logits(q8, k8, k_scale, w, ks, ke, n_split=None):
+def gluon_logits(q8, k8, k_scale, w, ks, ke, n_split=None, stages=F.STAGES):
     """[S, S_kv] fp32 scores as ``flashdsa.ops.indexer.indexer_logits``, by the Gluon kernel
-    (e4m3 q8 [S, 64, 128] and k8 [S_kv, 128], contiguous last dimensions)."""
+    (e4m3 q8 [S, 64, 128] and k8 [S_kv, 128], contiguous last dimensions) with ``stages``
+    key tiles in flight."""
     s, s_kv = q8.shape[0], k8.shape[0]
     out = torch.empty(s, s_kv, dtype=torch.float32, device=q8.device)
     if s == 0 or s_kv == 0:
@@ -162,7 +165,7 @@ def gluon_logits(q8, k8, k_scale, w, ks, ke, n_split=None):
     n_split, split_len = Sc.choose_split(p.n_prog(), s_kv, F.BLOCK_N, q8.device, 4 * F.BLOCK_N, n_split)
     indexer_logits_sm90_kernel[(p.n_prog(), n_split)](
         p.q, p.k, p.ksc, p.w, p.ks, p.ke, out, s, s_kv, split_len,
-        p.q.stride(0), p.q.stride(1), p.k.stride(0), p.w.stride(0), out.stride(0), STAGES=F.STAGES, num_warps=4)
+        p.q.stride(0), p.q.stride(1), p.k.stride(0), p.w.stride(0), out.stride(0), STAGES=stages, num_warps=4)
     return out
 
 
@@ -191,6 +194,8 @@ def check(results) -> bool:
         inp = inputs(s_q, s_kv, s_q + s_kv, ranges)
         want = Sc.indexer_logits(*inp)
         got = gluon_logits(*inp)
+        for st in STAGE_VARIANTS:   # every variant timed below gives the same scores
+            assert torch.equal(gluon_logits(*inp, stages=st), got), st
         fin = torch.isfinite(want)
         same_inf = bool(torch.equal(fin, torch.isfinite(got)))
         # the head sums' order differs: the largest difference against the largest score
@@ -208,7 +213,9 @@ def speed(results, ceil):
         inp = inputs(4096, s_kv, 0)
         tflop = 2 * int((inp[5] - inp[4]).clamp(min=0).sum()) * 64 * 128 / 1e12
         row = {"s_kv": s_kv}
-        for name, fn in (("triton", lambda: Sc.indexer_logits(*inp)), ("gluon", lambda: gluon_logits(*inp))):
+        runs = [("triton", lambda: Sc.indexer_logits(*inp))]
+        runs += [(f"gluon_{st}stages", lambda st=st: gluon_logits(*inp, stages=st)) for st in STAGE_VARIANTS]
+        for name, fn in runs:
             ms = bench_ms(fn)
             row[f"{name}_ms"] = ms
             row[f"{name}_x_fp8"] = round(tflop / ms * 1e3 / ceil["fp8_matmul_tflops"], 4)
