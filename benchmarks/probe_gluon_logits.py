@@ -231,9 +231,10 @@ def build() -> None:
     with dispatch_as(90):
         inp = inputs(64, 32768, 0, device="cpu")
         with capture_launches() as launches:
-            gluon_logits(*inp)
-    for row in build_launches(launches):
-        print(row, flush=True)
+            for st in STAGE_VARIANTS:
+                gluon_logits(*inp, stages=st)
+    for st, row in zip(STAGE_VARIANTS, build_launches(launches)):
+        print(dict(stages=st, **row), flush=True)
 
 
 def main() -> None:
