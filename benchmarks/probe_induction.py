@@ -16,6 +16,10 @@ Tasks (256-token windows, batch 8, dense attention, AdamW):
   markers again in the second half (markers are unique bytes 1..8): predict the value
   after each repeated marker, a one-token content match.
 
+``--model vanilla`` trains a plain pre-norm transformer of the same width, depth and head
+count instead (full multi-head attention with RoPE on every dimension, a GELU MLP, no MLA
+latent, no indexer): whether a task's failure belongs to flashdsa's model or to the budget.
+
 Reported: the accuracy of the predictable tokens (the repeat after its first token, the
 copy after its first two; the value after each repeated marker; flashdsa.evaluate's
 score_answers, on the training batch) every 50 steps, and the step where it first
@@ -28,6 +32,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -74,9 +79,51 @@ def recall_window(g, pairs=8):
 TASKS = {"repeat": repeat_window, "copy": copy_window, "copy_wide": copy_wide_window, "recall": recall_window}
 
 
-def run(task: str, lr: float, steps: int, seed: int = 0) -> dict:
+def _rope(x: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on every dimension of x [B, heads, T, d] (pairs of adjacent dims)."""
+    d, t = x.shape[-1], x.shape[-2]
+    ang = torch.arange(t, dtype=torch.float32)[:, None] / 10000.0 ** (torch.arange(0, d, 2) / d)
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1).flatten(-2)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 3 * width), torch.nn.GELU(), torch.nn.Linear(3 * width, width))
+
+    def forward(self, x):
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class VanillaLM(torch.nn.Module):
+    """The ``--model vanilla`` baseline: the tiny preset's width, depth, heads and vocabulary."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = preset_config("tiny", SEQ)
+        w = cfg.hidden_size
+        self.embed = torch.nn.Embedding(cfg.vocab_size, w)
+        self.blocks = torch.nn.ModuleList(_Block(w, cfg.num_attention_heads) for _ in range(cfg.num_hidden_layers))
+        self.norm, self.head = torch.nn.LayerNorm(w), torch.nn.Linear(w, cfg.vocab_size)
+
+    def forward(self, x, attention=None):
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = blk(h)
+        return types.SimpleNamespace(logits=self.head(self.norm(h)))
+
+
+def run(task: str, lr: float, steps: int, seed: int = 0, model_name: str = "tiny", every: int = 50) -> dict:
     seed_everything(seed)
-    model = DSAForCausalLM(preset_config("tiny", SEQ))
+    model = VanillaLM() if model_name == "vanilla" else DSAForCausalLM(preset_config("tiny", SEQ))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
     curve, first_half, t0 = [], None, time.perf_counter()
@@ -89,14 +136,14 @@ def run(task: str, lr: float, steps: int, seed: int = 0) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % every == 0 or step == steps - 1:
             rows = torch.stack([r for _, r in windows])
             acc = score_answers(logits.detach(), x, rows)[0].float().mean().item()
             curve.append({"step": step, "loss": loss.item(), "accuracy": acc})
             if first_half is None and acc >= 0.5:
                 first_half = step
             print(f"{task} lr {lr:g} step {step}: loss {loss.item():.3f}, accuracy {acc:.2f}", flush=True)
-    return {"task": task, "lr": lr, "steps": steps, "first_step_at_50pct": first_half, "curve": curve,
+    return {"model": model_name, "task": task, "lr": lr, "steps": steps, "first_step_at_50pct": first_half, "curve": curve,
             "seconds": time.perf_counter() - t0}
 
 
@@ -105,12 +152,16 @@ def main():
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 4e-3])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--model", default="tiny", choices=("tiny", "vanilla"),
+                    help="the DSA tiny preset (dense attention) or a plain transformer of its size")
+    ap.add_argument("--every", type=int, default=50, help="steps between accuracy reports")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "probe_induction.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result = dict(**environment(), model="tiny", seq_len=SEQ, batch_size=BATCH,
-                  runs=[run(task, lr, args.steps) for task in args.tasks for lr in args.lr])
+    result = dict(**environment(), model=args.model, seq_len=SEQ, batch_size=BATCH,
+                  runs=[run(task, lr, args.steps, model_name=args.model, every=args.every)
+                        for task in args.tasks for lr in args.lr])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
