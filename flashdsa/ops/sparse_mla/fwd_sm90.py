@@ -24,10 +24,11 @@ is the limit), so one program runs per SM.
 
 The fp8_ds_mla rows of the paged decode (flashdsa.layout: 512 e4m3 values in 4 tiles of
 128 with an fp32 scale each, then 64 bf16 rope values) run the same program with another
-producer: it loads each gathered row's e4m3 bytes in pieces of ``PIECE`` columns (the next
-piece's loads in flight while one is converted, a block's first piece issued before the
-wait for its stage), scales them in fp32 and stores bf16 into the stage, and copies the
-rope values by cp.async; the consumers see bf16 rows as before.
+producer: it copies a block's e4m3 bytes by cp.async into the upper half of the stage
+that will hold its bf16 rows, the rope values into the stage's tail and the scales into
+registers, waits for its copies, and dequantizes in place (scaled in fp32, stored as
+bf16), each overwrite of the staged bytes behind a barrier of the partition; the
+consumers see bf16 rows as before.
 
 Only the fast shapes run here: bf16 q, d_qk 576, d_v 512, h_q a multiple of 64, no
 probabilities, no split-k. Everything else takes the Triton kernels (see
@@ -63,6 +64,9 @@ try:  # Gluon ships with Triton; without it the Triton kernels serve every GPU
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # a barrier of the running partition's warps: gl.barrier in newer Tritons (3.9), thread_barrier in 3.6
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    # a shared-memory view as another dtype and shape: reinterpret in newer Tritons (3.9), _reinterpret in 3.6
+    from triton.experimental.gluon.language._core import shared_memory_descriptor as _smem_desc
+    _NEW_REINTERPRET = gl.constexpr(hasattr(_smem_desc, "reinterpret"))
     GLUON_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     GLUON_AVAILABLE = False
@@ -76,10 +80,9 @@ BLOCK_H = 64
 # producer's share after the launch (the consumers take the rest: spill-free on the Triton
 # 3.6 and 3.9 builds, where 40 spills).
 SM90_GLUON = dict(BLOCK_K=64, NUM_STAGES=2, num_warps=8, maxnreg=168, PRODUCER_REGS=56)
-# fp8_ds_mla rows: the dequantizing producer holds a piece of PIECE columns in flight while
-# it converts another (PIECE <= 128: one scale a piece); 88 registers are the fewest with
-# which neither partition spills on the Triton 3.6 and 3.9 builds.
-SM90_GLUON_FP8 = dict(SM90_GLUON, PRODUCER_REGS=88, PIECE=128)
+# fp8_ds_mla rows: the dequantizing producer takes 88 registers, the most that leaves the
+# consumers their 208 (the split is of 168 x 12 warps), and spill-free on Triton 3.6 and 3.9.
+SM90_GLUON_FP8 = dict(SM90_GLUON, PRODUCER_REGS=88)
 
 
 def gluon_device(device: torch.device) -> str | None:
@@ -197,61 +200,96 @@ if GLUON_AVAILABLE:
             idx_n, idx_t = _load_slots(idx_row, (j + 1) * BLOCK_K, topk, BLOCK_K, 4)
 
     @gluon.jit
+    def _fp8_staging(stage):
+        """The upper 32 KB of a [64, 512] bf16 stage as two [64, 256] byte tiles. The stage is
+        laid out for wgmma in eight [64, 64] column chunks of 8 KB, so the first tile (the e4m3
+        bytes of columns 0-255) lies where bf16 columns 256-383 go and the second (columns
+        256-511) where bf16 columns 384-511 go. 16-byte vectors are swizzled by row: 16 rows
+        x 2 vectors a warp hit every bank."""
+        lay: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, [1, 0])
+        if _NEW_REINTERPRET:
+            v = stage.reinterpret(gl.uint8, [256, 256], lay)
+        else:
+            v = stage._reinterpret(gl.uint8, [256, 256], lay)
+        return v.slice(128, 64, dim=0), v.slice(192, 64, dim=0)
+
+    @gluon.jit
+    def _dequant_tile(x, dst, c0: gl.constexpr, scale):
+        """e4m3 bytes ``x`` [64, 128] times the rows' tile ``scale``, stored as bf16 into
+        columns c0 + [0, 128) of the stage ``dst``."""
+        v = x.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale[:, None]
+        dst.slice(c0, 128, dim=1).store(v.to(gl.bfloat16))
+
+    @gluon.jit
     def _fp8_gather_partition(c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
-                              k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
-                              PIECE: gl.constexpr):
-        """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's rows into
-        stage j % NUM_STAGES as bf16. Each row's e4m3 bytes are loaded 16 a thread, a piece
-        of PIECE columns at a time: the next piece's loads are issued before this piece is
-        scaled and stored, and a block's first piece before the wait for its stage, so the
-        gathers' latency overlaps the conversion and the consumers. The rope values go by
-        cp.async. The stage's ready barrier takes this partition's one arrival after its
-        stores (fenced for the wgmma that reads them) and its threads' copy arrivals."""
-        gl.static_assert(PIECE <= 128, "a piece takes one scale: at most one 128-column tile")
-        N_PIECES: gl.constexpr = 512 // PIECE
-        # rows spread over the threads the same way in both layouts (a thread's row index
-        # serves its e4m3 loads and its rope copies)
-        deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
+                              k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's e4m3 bytes by
+        cp.async into the upper half of stage j % NUM_STAGES (:func:`_fp8_staging`), its rope
+        values into the stage's tail, its scales into registers; once its copies land, the
+        bf16 rows are written over the stage: columns 0-255 into the lower half, 256-383 over
+        the staged bytes of columns 0-255, 384-511 (read into registers first) over the rest,
+        each overwrite behind a barrier of the partition. Invalid indices copy nothing and
+        leave zeros (scale 0). One arrival on the stage's ready barrier, after a fence for
+        the wgmma that will read the stage."""
+        gl.static_assert(BLOCK_K == 64, "a stage's upper half holds the 64 x 512 bytes of a block")
+        cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])      # 4 rows x 128 bytes a warp
+        deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])    # a row a thread pair
         tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
-        cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, deq_l))
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, cp_l))
         cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
+        lanes = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, cp_l))
+        lanes_d = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, deq_l))
         n_blocks = gl.cdiv(topk, BLOCK_K)
+        idx = gl.load(idx_row + lanes, mask=lanes < topk, other=-1)
         for j in range(n_blocks):
             st = j % NUM_STAGES
-            kk = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, deq_l))
-            idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)
             valid = (idx >= 0) & (idx < n_kv)
             row = gl.where(valid, idx, 0).to(gl.int64)
+            kd = j * BLOCK_K + lanes_d
+            idx_d = gl.load(idx_row + kd, mask=kd < topk, other=-1)
+            valid_d = (idx_d >= 0) & (idx_d < n_kv)
+            sc = sc_ptr + gl.where(valid_d, idx_d, 0).to(gl.int64) * stride_sc
+            s0 = gl.load(sc, mask=valid_d, other=0.0)
+            s1 = gl.load(sc + 1, mask=valid_d, other=0.0)
+            s2 = gl.load(sc + 2, mask=valid_d, other=0.0)
+            s3 = gl.load(sc + 3, mask=valid_d, other=0.0)
+            idx_t = gl.convert_layout(idx_d, gl.SliceLayout(1, tail_l))
+            valid_t = (idx_t >= 0) & (idx_t < n_kv)
+            row_t = gl.where(valid_t, idx_t, 0).to(gl.int64)
+            mbarrier.wait(empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
+            dst = k_nope.index(st)
+            lo, hi = _fp8_staging(dst)
             # a cache row is 656 bytes: its e4m3 bytes start on 16-byte boundaries
             src = c8_ptr + gl.multiple_of(row * stride_c8, 16)[:, None] + cols[None, :]
-            sc_row = sc_ptr + row * stride_sc
-            x = gl.load(src, mask=valid[:, None], other=0.0)
-            row_t = gl.convert_layout(row, gl.SliceLayout(1, tail_l))
-            valid_t = gl.convert_layout(valid, gl.SliceLayout(1, tail_l))
-            mbarrier.wait(empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
+            for c in gl.static_range(2):
+                _async_load(lo.slice(c * 128, 128, dim=1), src + c * 128, mask=valid[:, None])
+                _async_load(hi.slice(c * 128, 128, dim=1), src + (256 + c * 128), mask=valid[:, None])
             _async_load(k_tail.index(st), pe_ptr + gl.multiple_of(row_t * stride_pe, 8)[:, None] + cols_t[None, :],
                         mask=valid_t[:, None])
-            dst = k_nope.index(st)
-            for p in gl.static_range(N_PIECES):
-                if p + 1 < N_PIECES:
-                    x_next = gl.load(src + (p + 1) * PIECE, mask=valid[:, None], other=0.0)
-                scale = gl.load(sc_row + (p * PIECE) // 128, mask=valid, other=0.0)
-                dst.slice(p * PIECE, PIECE, dim=1).store((x.to(gl.float32) * scale[:, None]).to(gl.bfloat16))
-                if p + 1 < N_PIECES:
-                    x = x_next
+            async_copy.commit_group()
+            kn = (j + 1) * BLOCK_K + lanes
+            idx = gl.load(idx_row + kn, mask=kn < topk, other=-1)  # the next block's, while the copies fly
+            async_copy.wait_group(0)
+            _barrier()  # every thread's copies have landed
+            _dequant_tile(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0)
+            _dequant_tile(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1)
+            _barrier()  # the first byte tile is read: columns 256-383 may overwrite it
+            _dequant_tile(hi.slice(0, 128, dim=1).load(deq_l), dst, 256, s2)
+            last = hi.slice(128, 128, dim=1).load(deq_l)
+            _barrier()  # the second byte tile is read: columns 384-511 may overwrite it
+            _dequant_tile(last, dst, 384, s3)
             fence_async_shared()
-            _barrier()  # every thread of this partition has stored its pieces
+            _barrier()  # every thread of this partition has stored its rows
             mbarrier.arrive(ready.index(st), count=1)
-            async_copy.mbarrier_arrive(ready.index(st), increment_count=False)
 
     @gluon.jit
     def _producer_partition(kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
                             k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
-                            FP8: gl.constexpr, PIECE: gl.constexpr):
+                            FP8: gl.constexpr):
         """The producer: the cp.async gather of bf16 rows, or the dequantizing one of fp8_ds_mla rows."""
         if FP8:
             _fp8_gather_partition(kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
-                                  k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, PIECE)
+                                  k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES)
         else:
             _gather_partition(kv_ptr, idx_row, n_kv, topk, stride_kv, k_nope, k_tail, ready, empty,
                               BLOCK_K, NUM_STAGES)
@@ -351,7 +389,7 @@ if GLUON_AVAILABLE:
         n_kv, topk, h_q, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        FP8: gl.constexpr, PIECE: gl.constexpr,
+        FP8: gl.constexpr,
     ):
         """bf16 rows (kv_ptr, FP8 False; sc_ptr and pe_ptr unused) or fp8_ds_mla rows (FP8:
         kv_ptr the e4m3 bytes, sc_ptr the fp32 scales, pe_ptr the bf16 rope values)."""
@@ -361,16 +399,16 @@ if GLUON_AVAILABLE:
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
         pid_t = gl.program_id(0) // n_hb
-        # ready: one asynchronous arrival per producer thread (its copies), and with fp8 rows
-        # one more after the producer's stores
-        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 129 if FP8 else 128)
+        # ready: one asynchronous arrival per producer thread (its copies); with fp8 rows the
+        # producer's one arrival after its stores
+        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 1 if FP8 else 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                                  h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                                  q_nope, q_tail, k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, num_warps)),
             (_producer_partition, (kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
-                                   k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, FP8, PIECE)),
+                                   k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, FP8)),
         ], [4], [PRODUCER_REGS])
 
 
@@ -409,6 +447,5 @@ def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
         q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
         idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, PIECE=cfg.get("PIECE", SM90_GLUON_FP8["PIECE"]),
-        maxnreg=cfg["maxnreg"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, maxnreg=cfg["maxnreg"])
     return out, max_logits, lse
