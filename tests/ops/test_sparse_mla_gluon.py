@@ -7,6 +7,7 @@ tests/test_sm90_build.py compiles the kernel for sm_90 and fails on spills. The 
 """
 import pytest
 import torch
+import triton
 
 import flashdsa
 from flashdsa import reference as ref
@@ -184,6 +185,26 @@ def _adversarial_slots(idx, n, seed):
 def _adversarial(s_q, s_kv, h_q, topk, seed):
     q, kv, idx = _inputs(s_q, s_kv, h_q, topk, "cuda", seed=seed)
     return q, kv, _adversarial_slots(idx, s_kv, seed)
+
+
+@pytest.mark.skipif(not fwd_sm90.GLUON_AVAILABLE or fwd_sm90._triton_version(triton.__version__) < (3, 9),
+                    reason="reads a shared layout's linear layout (Triton 3.9's Python API)")
+def test_fp8_staging_lies_under_the_upper_column_chunks():
+    """The fp8_ds_mla producer stages a block's e4m3 bytes in the upper 32 KB of the stage's
+    [64, 512] bf16 tile and dequantizes in place, which is right only if that tile (the
+    layout _allocate gives it) stores [64, 64] column chunks one after another: the three
+    highest offset bits must step the column by 64, 128 and 256, and no lower bit by 64
+    or more. Checked here, on CPU, against Triton's own linear layout."""
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    builder = gluon_ir.GluonOpBuilder(ctx)
+    layout = gl.NVMMASharedLayout.get_default_for([fwd_sm90.SM90_GLUON_FP8["BLOCK_K"], 512], gl.bfloat16)
+    bases = builder.to_linear_layout(layout._to_ir(builder), [fwd_sm90.SM90_GLUON_FP8["BLOCK_K"], 512]).offset_bases
+    assert [list(b) for b in bases[-3:]] == [[0, 64], [0, 128], [0, 256]]
+    assert all(col < 64 for _, col in bases[:-3])
 
 
 @requires_cuda
