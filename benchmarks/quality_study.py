@@ -19,7 +19,7 @@ benchmarks/results/quality_study.json (or $OUT/...) and two SVG plots beside it 
         # a study longer than one call: each call trains until its time limit, saves
         # model, optimizer, data position and RNG under .study/ (ignored by git, so it stays
         # on a GPU machine between calls) and exits; the same command again continues, and
-        # the call that finishes evaluates and writes the result
+        # the call that finishes evaluates and writes the result, also into .study/
 
 Step counts follow from a time budget: a short probe times one step of each stage, then
 pretraining gets ``--pretrain-share`` of the training time and the two branches split the rest
@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     name = "quality_study_toy" if args.toy else "quality_study"
     path = write_result(name, res, out_dir)
     print("wrote", path)
+    if args.state_dir:  # a second copy beside the run's state, which outlives the output folder's
+        print("wrote", write_result(name, res, args.state_dir))
     try:
         print("wrote", *write_plots(res, out_dir, name))
     except ModuleNotFoundError as e:

@@ -309,5 +309,6 @@ def test_quality_study_resumes_in_time_limited_calls(tmp_path):
     assert calls > 1 and (tmp_path / "state" / "plan.json").exists()
     res = json.loads((tmp_path / "quality_study_toy.json").read_text())
     assert res["comparison"]["pretrain_steps"] == 4 and len(res["rows"]) == 3
+    assert json.loads((tmp_path / "state" / "quality_study_toy.json").read_text())["summary"] == res["summary"]
     with pytest.raises(SystemExit):
         study(["--toy", "--time-limit-s", "10"])
