@@ -1,7 +1,7 @@
 """Experiment (issue 15): fewer barriers in the consumers of the Hopper sparse MLA forward.
 
 The consumers' main loop of the product (flashdsa/ops/sparse_mla/fwd_sm90.py,
-``_attend_partition``; SASS built for sm_90 on the CPU) waits at nine 256-thread barriers
+``_attend_partition``; its SASS for sm_90, read by hand) waits at nine 256-thread barriers
 for every 64-row block: three for the row max shared by the two warpgroups (each holds half
 of the block's keys), two for the row sums, three for moving p from the score layout into
 the register operand of p @ v (two rounds through the ~2 KB of shared memory left), one
