@@ -14,8 +14,11 @@ base 2), with what Triton's language cannot express:
   computed once (Triton's chained-dot rule puts both warpgroups along the heads and
   computes it twice); the output accumulator [64, 512] is split the same way along d_v
   (128 fp32 registers a thread);
-- both products are asynchronous wgmma from shared memory (q stays resident: [64, 512]
-  and [64, 64] tiles), p goes to the second product from registers;
+- both products are asynchronous wgmma with their operands in shared memory (q stays
+  resident: [64, 512] and [64, 64] tiles); p [64, BLOCK_K] goes to the second product
+  through the stage's rope columns, which only the first reads, and the row sums of the
+  online softmax stay in each thread's registers until after the loop, so the
+  warpgroups exchange only the row max, p and the end of a block;
 - registers move between the partitions (``setmaxnreg``): the producer runs on
   ``PRODUCER_REGS`` a thread, the consumers on what is left under ``maxnreg``.
 
@@ -295,22 +298,42 @@ if GLUON_AVAILABLE:
                               BLOCK_K, NUM_STAGES)
 
     @gluon.jit
+    def _pair_sum(x):
+        """x [64, N] in the score layout, whose threads hold columns in adjacent pairs ->
+        [64, N // 2], each pair added in its thread (no exchange between threads); keeps
+        half the registers of x."""
+        a, b = gl.split(x.reshape([64, x.shape[1] // 2, 2]))
+        return a + b
+
+    @gluon.jit
     def _attend_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
-                     h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                     q_nope, q_tail, k_nope, k_tail, ready, empty,
-                     BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                          q_nope, q_tail, k_nope, k_tail, ready, empty,
+                          BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """The attention partition (the two consumer warpgroups): q into shared memory, then
         for each block: wait for its stage, s = q . k^T (split along the rows), the online
-        softmax, acc += p @ v (split along d_v), free the stage; then the outputs."""
+        softmax, p stored over the stage's rope columns, acc += p @ v (split along d_v, p read
+        from shared memory), free the stage; then the outputs.
+
+        The rope columns of a stage ([BLOCK_K, 64]) are read only by q . k, which both
+        warpgroups have finished once they have exchanged the row max, so the bf16 p
+        [64 heads, BLOCK_K rows] takes their place as the A operand of p @ v. The row sums are
+        not exchanged in the loop: each thread keeps its terms (its pairs of adjacent columns
+        added), scaled by alpha each block, and they are reduced across the warpgroups once,
+        after the loop. The warpgroups meet at five barriers a block in Triton 3.6's build:
+        three for the row max (two rounds through shared memory, and one that keeps a block's
+        first write there behind the last block's reads; 3.9 exchanges it in one round: four
+        barriers), one once p is in place, and the one before the single arrival that frees
+        the stage."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, BLOCK_K // 2, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, 256, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        gl.static_assert(BLOCK_K == 64, "p [64, BLOCK_K] takes the place of a stage's [BLOCK_K, 64] rope columns")
 
         # q of this token's 64 heads: rows pid_h * 64 + [0, 64) of q[pid_t], copied as gathered rows are
         h_n, h_t = _row_range(pid_h * 64, 64, num_warps)
@@ -321,7 +344,8 @@ if GLUON_AVAILABLE:
         _barrier()
 
         m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([64], gl.float32, row_s)
+        l_part = _pair_sum(gl.zeros([64, BLOCK_K], gl.float32, s_layout))  # this thread's terms of the row sums
+        row_l: gl.constexpr = gl.SliceLayout(1, l_part.type.layout)
         acc = gl.zeros([64, 512], gl.float32, o_layout)
         n_blocks = gl.cdiv(topk, BLOCK_K)
         for j in range(n_blocks):
@@ -331,24 +355,29 @@ if GLUON_AVAILABLE:
             mbarrier.wait(ready.index(st), (j // NUM_STAGES) & 1)
             fence_async_shared()  # the producer's copies, read next by wgmma
             kn = k_nope.index(st)
+            kt = k_tail.index(st)
             s = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([64, BLOCK_K], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-            s = warpgroup_mma(q_tail, k_tail.index(st).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             valid = (idx >= 0) & (idx < n_kv)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+            # the row max crosses the warpgroups: past it, both have finished reading kt
             m_new = gl.maximum(m_i, gl.max(s, 1))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
+            l_part = l_part * gl.convert_layout(alpha, row_l)[:, None] + _pair_sum(p)
             m_i = m_new
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(p_op, kn, acc, is_async=True)
+            kt.store(p.to(gl.bfloat16))  # over the rope columns: the A operand of p @ v
+            fence_async_shared()
+            _barrier()  # both warpgroups' halves of p are in place
+            acc = warpgroup_mma(kt, kn, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(st), count=1)  # both warpgroups are done with the stage
 
+        l_i = gl.convert_layout(gl.sum(l_part, 1), row_s)  # the row sums, across the warpgroups
         has = l_i > 0.0
         inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)  # rows with no valid index: acc is 0
         out = (acc * inv[:, None]).to(gl.bfloat16)
