@@ -12,7 +12,7 @@ ranges. Ceilings measured in the same run: an 8192^3 e4m3 matmul (torch._scaled_
 an 8192^3 bf16 matmul (cuBLAS), a device-to-device copy. Peak memory is the growth of
 torch's peak allocation over what the inputs already hold.
 
-    python benchmarks/bench_indexer.py                 # full benchmark -> benchmarks/results/indexer.json
+    python benchmarks/bench_indexer.py                 # full benchmark -> indexer.json under $OUT or benchmarks/results
     python benchmarks/bench_indexer.py --sweep         # also time block-size variants
     python benchmarks/bench_indexer.py --only decode --out benchmarks/results/indexer_decode.json
 """
@@ -228,8 +228,9 @@ def main():
     ap.add_argument("--no-main", action="store_true", help="only the sweep")
     ap.add_argument("--only", choices=("prefill", "decode"), default=None,
                     help="run one of the two tables (decode: about half a minute)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                   "indexer.json"))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"), "indexer.json"),
+                    help="result JSON (default: indexer.json under $OUT when set, else benchmarks/results)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
