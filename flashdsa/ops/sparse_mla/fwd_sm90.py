@@ -306,9 +306,21 @@ if GLUON_AVAILABLE:
         return a + b
 
     @gluon.jit
+    def _row_max(s, m_buf):
+        """Row max of the score tile s [64, N] split along its columns between the two
+        warpgroups (warpgroup w holds columns [w * N / 2, (w + 1) * N / 2)): each warpgroup
+        reduces its half within its own warps, writes it to ``m_buf`` [64, 2] in shared
+        memory, and after one barrier both read the two halves (in the score layout, where
+        a thread holds adjacent columns in pairs: both halves of a row in one thread)."""
+        part = gl.max(s.reshape([64, 2, s.shape[1] // 2]), 2)  # [64, 2]: half w, held by warpgroup w
+        m_buf.store(part)
+        _barrier()
+        return gl.max(m_buf.load(s.type.layout), 1)
+
+    @gluon.jit
     def _attend_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                           h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                          q_nope, q_tail, k_nope, k_tail, ready, empty,
+                          q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf,
                           BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """The attention partition (the two consumer warpgroups): q into shared memory, then
         for each block: wait for its stage, s = q . k^T (split along the rows), the online
@@ -320,11 +332,11 @@ if GLUON_AVAILABLE:
         [64 heads, BLOCK_K rows] takes their place as the A operand of p @ v. The row sums are
         not exchanged in the loop: each thread keeps its terms (its pairs of adjacent columns
         added), scaled by alpha each block, and they are reduced across the warpgroups once,
-        after the loop. The warpgroups meet at five barriers a block in Triton 3.6's build:
-        three for the row max (two rounds through shared memory, and one that keeps a block's
-        first write there behind the last block's reads; 3.9 exchanges it in one round: four
-        barriers), one once p is in place, and the one before the single arrival that frees
-        the stage."""
+        after the loop. The row max is exchanged by hand (``_row_max``) through ``m_buf``, in
+        one round. The warpgroups meet at three barriers a block in Triton 3.6's build: the
+        row max, p in place, and the one before the single arrival that frees the stage
+        (Triton 3.9 adds one before the row max's write, which the barrier on p already
+        orders after the last block's reads)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, BLOCK_K // 2, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -362,8 +374,9 @@ if GLUON_AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             valid = (idx >= 0) & (idx < n_kv)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-            # the row max crosses the warpgroups: past it, both have finished reading kt
-            m_new = gl.maximum(m_i, gl.max(s, 1))
+            # the row max crosses the warpgroups: past it, both have finished reading kt; the
+            # other's reads of m_buf precede the barrier on p, which precedes the next write
+            m_new = gl.maximum(m_i, _row_max(s, m_buf))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
@@ -396,7 +409,8 @@ if GLUON_AVAILABLE:
         """The shared memory of a program: q ([64, 512] and [64, 64] bf16 tiles), the ring
         of NUM_STAGES stages of gathered rows ([BLOCK_K, 512] and [BLOCK_K, 64]), and each
         stage's mbarriers: ready (READY_COUNT arrivals: the producer's) and empty (one
-        arrival of the consumers, after their barrier)."""
+        arrival of the consumers, after their barrier); and ``m_buf`` [64, 2] fp32, where
+        the consumer warpgroups exchange their halves of the row max."""
         q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512],
                                            gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16))
         q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64],
@@ -410,7 +424,8 @@ if GLUON_AVAILABLE:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=READY_COUNT)
             mbarrier.init(empty.index(i), count=1)
-        return q_nope, q_tail, k_nope, k_tail, ready, empty
+        m_buf = gl.allocate_shared_memory(gl.float32, [64, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        return q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf
 
     @gluon.jit
     def sparse_mla_fwd_sm90_kernel(
@@ -430,12 +445,13 @@ if GLUON_AVAILABLE:
         pid_t = gl.program_id(0) // n_hb
         # ready: one asynchronous arrival per producer thread (its copies); with fp8 rows the
         # producer's one arrival after its stores
-        q_nope, q_tail, k_nope, k_tail, ready, empty = _allocate(BLOCK_K, NUM_STAGES, 1 if FP8 else 128)
+        q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf = _allocate(BLOCK_K, NUM_STAGES, 1 if FP8 else 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
             (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                                  h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                                 q_nope, q_tail, k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, num_warps)),
+                                 q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf, BLOCK_K, NUM_STAGES,
+                                 num_warps)),
             (_producer_partition, (kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
                                    k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, FP8)),
         ], [4], [PRODUCER_REGS])
