@@ -226,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-retrieval", type=int, default=32)
     ap.add_argument("--eval-recall", type=int, default=2)
     ap.add_argument("--max-bytes", type=int, default=None)
+    ap.add_argument("--pretrain-gate", type=float, default=0.0, metavar="SHARE",
+                    help="stop after pretraining (exit 1, before the branches) unless the dense model gets at "
+                         "least this share of the retrieval's digits right, e.g. 0.9 (default 0: no gate)")
     ap.add_argument("--state-dir", default=None,
                     help="resumable run: stage checkpoints and the step plan live here; rerun to continue")
     ap.add_argument("--time-limit-s", type=float, default=None,
@@ -280,7 +283,8 @@ def main(argv=None) -> int:
                           plant_prob=args.plant_prob, plant_curriculum=args.curriculum_steps,
                           backend=args.backend,
                           eval_windows=args.eval_windows, eval_retrieval=args.eval_retrieval,
-                          eval_recall=args.eval_recall, eval_by_distance=True, log_every=10)
+                          eval_recall=args.eval_recall, eval_by_distance=True, log_every=10,
+                          pretrain_gate=args.pretrain_gate)
 
     plan_path = Path(args.state_dir) / "plan.json" if args.state_dir else None
     if plan_path is not None and plan_path.exists():   # a later call of a resumable run: the same plan
@@ -325,6 +329,13 @@ def main(argv=None) -> int:
         print(f"paused in stage {res['paused']!r} after {time.perf_counter() - t_start:.0f} s; "
               f"the same command again continues", flush=True)
         return 0
+    if "gated" in res:
+        g = res["gated"]
+        print(f"stopped after pretraining: the dense model gets {100 * g['digit_accuracy']:.1f}% of the "
+              f"{cc.retrieval} digits right, under --pretrain-gate {100 * g['gate']:.1f}%; the branches would "
+              f"compare no retrieval. Pretrain longer (--pretrain-steps) or plant the task more "
+              f"(--plant-prob)", flush=True)
+        return 1
     res["probe_seconds_per_step"] = sec
     res["notes"] = notes
     if device.type == "cuda":   # MFU: each stage's model FLOPs (DSAForCausalLM.train_flops_per_token) a second

@@ -50,4 +50,6 @@ class ComparisonConfig:
     eval_by_distance: bool = False   # also accuracy by distance bucket (flashdsa.evaluate.distance_buckets);
                                      # passkey, or a repeat with retrieval_max_distance
     untrained_indexer_row: bool = True   # also evaluate (a) with DSA and its never-trained indexer
+    pretrain_gate: float = 0.0       # stop before the branches unless the pretrained dense model gets at least
+                                     # this share of the retrieval's digits right (0: no gate)
     log_every: int = 25

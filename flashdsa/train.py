@@ -427,8 +427,13 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     them. A call with the same ``state_dir`` skips what is done and resumes the stage in
     progress exactly (flashdsa.train.train's TrainState). ``deadline`` (a
     ``time.perf_counter()`` value): stop training once it passes; the result is then
-    ``{"paused": stage, ...}`` and the same call again continues."""
-    from .evaluate import distance_buckets, evaluate, throughput
+    ``{"paused": stage, ...}`` and the same call again continues.
+
+    ``cc.pretrain_gate`` > 0: after pretraining, the dense model's retrieval is evaluated
+    (kept in the pretraining stage's summary as "retrieval"); below the gate the branches
+    are not run and the result is ``{"gated": {...}, "stages", "comparison"}``: a
+    comparison of retrieval is moot when the dense model has not learned it."""
+    from .evaluate import distance_buckets, evaluate, retrieval_accuracy, throughput
 
     seed_everything(cc.seed)
     mcfg = model_config or preset_config(cc.preset, cc.seq_len)
@@ -501,6 +506,16 @@ def run_comparison(cc: ComparisonConfig, corpus: Corpus, device="cpu", model_con
     try:
         pre = run("pretrain (dense)", "pretrain", TrainConfig(stage="dense", steps=cc.pretrain_steps, lr=cc.lr,
                                                              warmup_steps=max(cc.pretrain_steps // 20, 1), **base), 0)
+        if cc.pretrain_gate > 0:
+            got = rows_of("pretrain_retrieval", lambda: retrieval_accuracy(
+                model, corpus, cc.seq_len, n=cc.eval_retrieval, distance=cc.retrieval_distance, task=cc.retrieval,
+                attention="dense", backend=cc.backend, max_distance=cc.retrieval_max_distance))
+            stages["pretrain (dense)"]["retrieval"] = got
+            log(f"pretrained dense model: {100 * got['digit_accuracy']:.1f}% of the {cc.retrieval} digits right "
+                f"(gate {100 * cc.pretrain_gate:.1f}%)")
+            if got["digit_accuracy"] < cc.pretrain_gate:
+                return {"gated": dict(digit_accuracy=got["digit_accuracy"], gate=cc.pretrain_gate),
+                        "stages": stages, "comparison": dataclasses.asdict(cc)}
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         branch = dict(warmup_steps=max(cc.branch_steps // 20, 1), **base)
         run("(a) dense continued", "dense", TrainConfig(stage="dense", steps=cc.branch_steps, lr=cc.branch_lr,

@@ -222,6 +222,26 @@ def test_quality_study_toy(tmp_path):
     assert eq["seconds"] == min(eq["seconds_a"], eq["seconds_b"]) and eq["finished_first"] in ("(a) dense", "(b) DSA")
 
 
+def test_quality_study_pretrain_gate(tmp_path, capsys):
+    """--pretrain-gate: a dense model under the gate stops the study after pretraining (exit
+    1, saying why), its retrieval kept in the state dir; no branch is trained."""
+    from benchmarks.quality_study import main as study
+
+    n = torch.get_num_threads()
+    state = tmp_path / "state"
+    try:
+        assert study(["--toy", "--seq-len", "128", "--pretrain-steps", "2", "--branch-steps", "2",
+                      "--warmup-steps", "1", "--max-bytes", str(1 << 18), "--out", str(tmp_path),
+                      "--state-dir", str(state), "--pretrain-gate", "1.01"]) == 1
+    finally:
+        torch.set_num_threads(n)
+    assert "stopped after pretraining" in capsys.readouterr().out
+    got = json.loads((state / "pretrain_retrieval_rows.json").read_text())
+    assert 0 <= got["digit_accuracy"] <= 1 and got["task"] == "passkey"   # the study's default task
+    assert (state / "pretrain" / "done.json").exists() and not (state / "dense").exists()
+    assert not (tmp_path / "quality_study_toy.json").exists()
+
+
 def test_quality_study_repeat_by_distance(tmp_path, capsys):
     """--retrieval-task repeat: digits copied at offsets from 4 x index_topk to the window's
     end, scored overall and by distance bucket; offsets the window cannot hold are refused."""

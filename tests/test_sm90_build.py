@@ -58,11 +58,13 @@ def test_main_loop_of_a_sass_listing():
 
 # What the A100 (sm_80) path cannot run today (docs/testing.md): several training kernels
 # need more shared memory than its 163 KB (the backward's ds/dkv kernels fall back to
-# smaller blocks when the launch fails; the loss kernels do not). Nothing on sm_100.
+# smaller blocks when the launch fails; the loss kernels do not). On sm_100 Triton 3.6 (the
+# one torch 2.11 pins) lays out the backward's ds kernel in 244 KB, over the 227 KB limit;
+# it falls back the same way. Nothing else on sm_100.
 KNOWN_BROKEN = {
     ("sm_80", "indexer_kl_fwd_kernel"), ("sm_80", "indexer_kl_bwd_kernel"),
     ("sm_80", "sparse_mla_bwd_ds_kernel"), ("sm_80", "sparse_mla_bwd_dkv_kernel"),
-}
+} | ({("sm_100", "sparse_mla_bwd_ds_kernel")} if triton.__version__.startswith("3.6.") else set())
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(_BIN, "cuobjdump")),
