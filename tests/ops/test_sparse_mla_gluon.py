@@ -201,8 +201,8 @@ def test_fp8_staging_lies_under_the_upper_column_chunks():
     ctx = ir.context()
     ir.load_dialects(ctx)
     builder = gluon_ir.GluonOpBuilder(ctx)
-    layout = gl.NVMMASharedLayout.get_default_for([fwd_sm90.SM90_GLUON_FP8["BLOCK_K"], 512], gl.bfloat16)
-    bases = builder.to_linear_layout(layout._to_ir(builder), [fwd_sm90.SM90_GLUON_FP8["BLOCK_K"], 512]).offset_bases
+    layout = gl.NVMMASharedLayout.get_default_for([fwd_sm90.SM90_GLUON["BLOCK_K"], 512], gl.bfloat16)
+    bases = builder.to_linear_layout(layout._to_ir(builder), [fwd_sm90.SM90_GLUON["BLOCK_K"], 512]).offset_bases
     assert [list(b) for b in bases[-3:]] == [[0, 64], [0, 128], [0, 256]]
     assert all(col < 64 for _, col in bases[:-3])
 

@@ -7,20 +7,23 @@ base 2), with what Triton's language cannot express:
 - warp specialization: a producer partition of 4 warps gathers the selected rows by
   cp.async into a ring of ``NUM_STAGES`` shared-memory stages (invalid indices copy
   nothing and leave zeros) and signals each stage on an mbarrier as its copies land;
-  the two consumer warpgroups free a stage on another mbarrier once both products have
-  read it. The consumers never compute a gather address;
-- the score tile s = q . k^T [64 heads, BLOCK_K rows] is split between the consumer
-  warpgroups along the rows (``warps_per_cta = [4, 2]``), so each q . k product is
-  computed once (Triton's chained-dot rule puts both warpgroups along the heads and
-  computes it twice); the output accumulator [64, 512] is split the same way along d_v
-  (128 fp32 registers a thread);
-- both products are asynchronous wgmma with their operands in shared memory (q stays
-  resident: [64, 512] and [64, 64] tiles); p [64, BLOCK_K] goes to the second product
-  through the stage's rope columns, which only the first reads, and the row sums of the
-  online softmax stay in each thread's registers until after the loop, so the
-  warpgroups exchange only the row max, p and the end of a block;
-- registers move between the partitions (``setmaxnreg``): the producer runs on
-  ``PRODUCER_REGS`` a thread, the consumers on what is left under ``maxnreg``.
+  the consumers never compute a gather address;
+- two consumer warpgroups in different roles (TileLang's pipelined DSA kernel assigns them
+  so). The softmax warpgroup computes the whole score tile s = q . k^T [64 heads,
+  BLOCK_K rows] (one m64n64 product a block, so q is read from shared memory once), runs
+  the online softmax with each row inside the warpgroup (row max and sum by shuffles, no
+  exchange), writes p (bf16) over the stage's rope columns, which only its q . k reads,
+  and alpha beside it, signals the value warpgroup on an mbarrier and computes
+  p @ v over d_v columns 0-255; the value warpgroup rescales its accumulator by alpha and
+  computes p @ v over columns 256-511. Each frees the stage with one arrival. While the
+  value warpgroup multiplies block j, the softmax warpgroup is on block j + 1's q . k and
+  softmax, so the softmax overlaps MMAs without more stages;
+- all products are asynchronous wgmma with their operands in shared memory (q stays
+  resident: [64, 512] and [64, 64] tiles); each accumulator [64, 256] is 128 fp32
+  registers a thread;
+- registers move between the partitions (``setmaxnreg``): the value warpgroup runs on
+  ``VALUE_REGS`` a thread, the producer on ``PRODUCER_REGS``, the softmax warpgroup on
+  what is left under ``maxnreg`` x 12 warps.
 
 Shared memory at BLOCK_K 64 and 2 stages: q 72 KB + 2 x 72 KB of rows = 216 KB (227 KB
 is the limit), so one program runs per SM.
@@ -78,14 +81,12 @@ D_V = 512
 D_TAIL = 64
 BLOCK_H = 64
 # BLOCK_K: gathered rows a step; NUM_STAGES: shared-memory stages of gathered rows;
-# num_warps: the consumer warps (the producer's 4 come on top); maxnreg: registers a thread
-# at launch (65536 / 384 threads, rounded down to a multiple of 8); PRODUCER_REGS: the
-# producer's share after the launch (the consumers take the rest: spill-free on the Triton
-# 3.6 and 3.9 builds, where 40 spills).
-SM90_GLUON = dict(BLOCK_K=64, NUM_STAGES=2, num_warps=8, maxnreg=168, PRODUCER_REGS=56)
-# fp8_ds_mla rows: the dequantizing producer takes 88 registers, the most that leaves the
-# consumers their 208 (the split is of 168 x 12 warps), and spill-free on Triton 3.6 and 3.9.
-SM90_GLUON_FP8 = dict(SM90_GLUON, PRODUCER_REGS=88)
+# num_warps: the softmax warpgroup's (the value warpgroup's 4 and the producer's 4 come on
+# top); maxnreg: registers a thread at launch (65536 / 384 threads, rounded down to a
+# multiple of 8); VALUE_REGS and PRODUCER_REGS: the workers' shares after the launch (the
+# softmax warpgroup takes the rest, at most 256). The value warpgroup spills below 160; the
+# dequantizing producer of fp8_ds_mla rows needs 88 or more.
+SM90_GLUON = dict(BLOCK_K=64, NUM_STAGES=2, num_warps=4, maxnreg=168, VALUE_REGS=160, PRODUCER_REGS=88)
 
 
 def gluon_device(device: torch.device) -> str | None:
@@ -228,7 +229,8 @@ if GLUON_AVAILABLE:
                               k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
         """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's e4m3 bytes by
         cp.async into the upper half of stage j % NUM_STAGES (:func:`_fp8_staging`), its rope
-        values into the stage's tail, its scales into registers; once its copies land, the
+        values into the stage's tail, its scales into registers (the block's indices, loaded a
+        block ahead, moved into their layout); once its copies land, the
         bf16 rows are written over the stage: columns 0-255 into the lower half, 256-383 over
         the staged bytes of columns 0-255, 384-511 (read into registers first) over the rest,
         each overwrite behind a barrier of the partition. Invalid indices copy nothing and
@@ -241,15 +243,13 @@ if GLUON_AVAILABLE:
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, cp_l))
         cols_t = gl.arange(0, 64, layout=gl.SliceLayout(0, tail_l))
         lanes = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, cp_l))
-        lanes_d = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, deq_l))
         n_blocks = gl.cdiv(topk, BLOCK_K)
         idx = gl.load(idx_row + lanes, mask=lanes < topk, other=-1)
         for j in range(n_blocks):
             st = j % NUM_STAGES
             valid = (idx >= 0) & (idx < n_kv)
             row = gl.where(valid, idx, 0).to(gl.int64)
-            kd = j * BLOCK_K + lanes_d
-            idx_d = gl.load(idx_row + kd, mask=kd < topk, other=-1)
+            idx_d = gl.convert_layout(idx, gl.SliceLayout(1, deq_l))
             valid_d = (idx_d >= 0) & (idx_d < n_kv)
             sc = sc_ptr + gl.where(valid_d, idx_d, 0).to(gl.int64) * stride_sc
             s0 = gl.load(sc, mask=valid_d, other=0.0)
@@ -298,48 +298,20 @@ if GLUON_AVAILABLE:
                               BLOCK_K, NUM_STAGES)
 
     @gluon.jit
-    def _pair_sum(x):
-        """x [64, N] in the score layout, whose threads hold columns in adjacent pairs ->
-        [64, N // 2], each pair added in its thread (no exchange between threads); keeps
-        half the registers of x."""
-        a, b = gl.split(x.reshape([64, x.shape[1] // 2, 2]))
-        return a + b
-
-    @gluon.jit
-    def _row_max(s, m_buf):
-        """Row max of the score tile s [64, N] split along its columns between the two
-        warpgroups (warpgroup w holds columns [w * N / 2, (w + 1) * N / 2)): each warpgroup
-        reduces its half within its own warps, writes it to ``m_buf`` [64, 2] in shared
-        memory, and after one barrier both read the two halves (in the score layout, where
-        a thread holds adjacent columns in pairs: both halves of a row in one thread)."""
-        part = gl.max(s.reshape([64, 2, s.shape[1] // 2]), 2)  # [64, 2]: half w, held by warpgroup w
-        m_buf.store(part)
-        _barrier()
-        return gl.max(m_buf.load(s.type.layout), 1)
-
-    @gluon.jit
-    def _attend_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
-                          h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                          q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf,
-                          BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """The attention partition (the two consumer warpgroups): q into shared memory, then
-        for each block: wait for its stage, s = q . k^T (split along the rows), the online
-        softmax, p stored over the stage's rope columns, acc += p @ v (split along d_v, p read
-        from shared memory), free the stage; then the outputs.
-
-        The rope columns of a stage ([BLOCK_K, 64]) are read only by q . k, which both
-        warpgroups have finished once they have exchanged the row max, so the bf16 p
-        [64 heads, BLOCK_K rows] takes their place as the A operand of p @ v. The row sums are
-        not exchanged in the loop: each thread keeps its terms (its pairs of adjacent columns
-        added), scaled by alpha each block, and they are reduced across the warpgroups once,
-        after the loop. The row max is exchanged by hand (``_row_max``) through ``m_buf``, in
-        one round. The warpgroups meet at three barriers a block in Triton 3.6's build: the
-        row max, p in place, and the one before the single arrival that frees the stage
-        (Triton 3.9 adds one before the row max's write, which the barrier on p already
-        orders after the last block's reads)."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, BLOCK_K // 2, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+    def _softmax_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
+                           h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                           q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done,
+                           BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """The softmax warpgroup (the default partition, 4 warps): q into shared memory, then
+        for each block: wait for its stage, s = q . k^T over the whole block (m64n64), the
+        online softmax with each row in one warpgroup (row max and sum by shuffles), alpha
+        into ``alpha_buf`` and p (bf16) over the stage's rope columns, which only this q . k
+        reads; signal the value warpgroup (``p_ready``), acc += p @ v over d_v columns
+        0-255, free the stage (one of its two arrivals). After the loop: 1 / l into
+        ``l_buf`` for the value warpgroup (``done``), then this half of out, lse, max_logits."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_K, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, 256, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -348,19 +320,17 @@ if GLUON_AVAILABLE:
         gl.static_assert(BLOCK_K == 64, "p [64, BLOCK_K] takes the place of a stage's [BLOCK_K, 64] rope columns")
 
         # q of this token's 64 heads: rows pid_h * 64 + [0, 64) of q[pid_t], copied as gathered rows are
-        h_n, h_t = _row_range(pid_h * 64, 64, num_warps)
-        _issue_rows(q_ptr + pid_t.to(gl.int64) * stride_qt, h_n, h_t, h_q, stride_qh, q_nope, q_tail, num_warps)
+        h_n, h_t = _row_range(pid_h * 64, 64, 4)
+        _issue_rows(q_ptr + pid_t.to(gl.int64) * stride_qt, h_n, h_t, h_q, stride_qh, q_nope, q_tail, 4)
         async_copy.commit_group()
         async_copy.wait_group(0)
         fence_async_shared()  # q is read by wgmma (the async proxy)
         _barrier()
 
         m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-        l_part = _pair_sum(gl.zeros([64, BLOCK_K], gl.float32, s_layout))  # this thread's terms of the row sums
-        row_l: gl.constexpr = gl.SliceLayout(1, l_part.type.layout)
-        acc = gl.zeros([64, 512], gl.float32, o_layout)
-        n_blocks = gl.cdiv(topk, BLOCK_K)
-        for j in range(n_blocks):
+        l_i = gl.zeros([64], gl.float32, row_s)
+        acc = gl.zeros([64, 256], gl.float32, o_layout)
+        for j in range(gl.cdiv(topk, BLOCK_K)):
             st = j % NUM_STAGES
             kk = j * BLOCK_K + gl.arange(0, BLOCK_K, layout=col_s)
             idx = gl.load(idx_row + kk, mask=kk < topk, other=-1)  # for the mask, in the score layout
@@ -374,29 +344,31 @@ if GLUON_AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             valid = (idx >= 0) & (idx < n_kv)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-            # the row max crosses the warpgroups: past it, both have finished reading kt; the
-            # other's reads of m_buf precede the barrier on p, which precedes the next write
-            m_new = gl.maximum(m_i, _row_max(s, m_buf))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while all masked
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
-            l_part = l_part * gl.convert_layout(alpha, row_l)[:, None] + _pair_sum(p)
+            l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            kt.store(p.to(gl.bfloat16))  # over the rope columns: the A operand of p @ v
+            alpha_buf.index(st).store(alpha)
+            kt.store(p.to(gl.bfloat16))  # over the rope columns: the A operand of both p @ v
             fence_async_shared()
-            _barrier()  # both warpgroups' halves of p are in place
-            acc = warpgroup_mma(kt, kn, acc, is_async=True)
+            _barrier()  # the warpgroup's p and alpha are in place
+            mbarrier.arrive(p_ready.index(st), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = warpgroup_mma(kt, kn.slice(0, 256, dim=1), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(empty.index(st), count=1)  # both warpgroups are done with the stage
+            mbarrier.arrive(empty.index(st), count=1)
 
-        l_i = gl.convert_layout(gl.sum(l_part, 1), row_s)  # the row sums, across the warpgroups
         has = l_i > 0.0
-        inv = gl.convert_layout(1.0 / gl.where(has, l_i, 1.0), row_o)  # rows with no valid index: acc is 0
-        out = (acc * inv[:, None]).to(gl.bfloat16)
+        inv = 1.0 / gl.where(has, l_i, 1.0)  # rows with no valid index: acc is 0
+        l_buf.store(inv)
+        _barrier()
+        mbarrier.arrive(done.index(0), count=1)
+        out = (acc * gl.convert_layout(inv, row_o)[:, None]).to(gl.bfloat16)
         heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
         o_ptrs = (out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
-                  + gl.arange(0, 512, col_o)[None, :])
+                  + gl.arange(0, 256, col_o)[None, :])
         gl.store(o_ptrs, out)
         heads = pid_h * 64 + gl.arange(0, 64, row_s)
         l_off = pid_t.to(gl.int64) * stride_lt + heads
@@ -405,12 +377,40 @@ if GLUON_AVAILABLE:
         gl.store(ml_ptr + l_off, m_i * LN2_C)
 
     @gluon.jit
+    def _value_partition(out_ptr, topk, pid_t, pid_h, stride_ot, stride_oh, k_nope, k_tail, empty, p_ready,
+                         alpha_buf, l_buf, done, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """The value warpgroup (a worker, 4 warps): for each block, once the softmax warpgroup
+        has signalled its p (``p_ready``): acc *= alpha, acc += p @ v over d_v columns
+        256-511, free the stage (the other arrival); after the loop, this half of out scaled
+        by the 1 / l the softmax warpgroup leaves in ``l_buf``."""
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, 256, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        acc = gl.zeros([64, 256], gl.float32, o_layout)
+        for j in range(gl.cdiv(topk, BLOCK_K)):
+            st = j % NUM_STAGES
+            mbarrier.wait(p_ready.index(st), (j // NUM_STAGES) & 1)
+            fence_async_shared()  # p (this CTA's stores) and the producer's rows, read next by wgmma
+            acc = acc * alpha_buf.index(st).load(row_o)[:, None]
+            acc = warpgroup_mma(k_tail.index(st), k_nope.index(st).slice(256, 256, dim=1), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(st), count=1)
+        mbarrier.wait(done.index(0), 0)
+        out = (acc * l_buf.load(row_o)[:, None]).to(gl.bfloat16)
+        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
+        o_ptrs = (out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
+                  + (256 + gl.arange(0, 256, col_o))[None, :])
+        gl.store(o_ptrs, out)
+
+    @gluon.jit
     def _allocate(BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
         """The shared memory of a program: q ([64, 512] and [64, 64] bf16 tiles), the ring
-        of NUM_STAGES stages of gathered rows ([BLOCK_K, 512] and [BLOCK_K, 64]), and each
-        stage's mbarriers: ready (READY_COUNT arrivals: the producer's) and empty (one
-        arrival of the consumers, after their barrier); and ``m_buf`` [64, 2] fp32, where
-        the consumer warpgroups exchange their halves of the row max."""
+        of NUM_STAGES stages of gathered rows ([BLOCK_K, 512] and [BLOCK_K, 64]), each
+        stage's alpha [64] fp32 and mbarriers: ready (READY_COUNT arrivals: the producer's),
+        p_ready (the softmax warpgroup's one) and empty (one arrival of each consumer
+        warpgroup); and 1 / l [64] fp32 with its mbarrier ``done``."""
         q_nope = gl.allocate_shared_memory(gl.bfloat16, [64, 512],
                                            gl.NVMMASharedLayout.get_default_for([64, 512], gl.bfloat16))
         q_tail = gl.allocate_shared_memory(gl.bfloat16, [64, 64],
@@ -421,23 +421,29 @@ if GLUON_AVAILABLE:
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], gl.bfloat16))
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        p_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=READY_COUNT)
-            mbarrier.init(empty.index(i), count=1)
-        m_buf = gl.allocate_shared_memory(gl.float32, [64, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        return q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf
+            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(p_ready.index(i), count=1)
+        mbarrier.init(done.index(0), count=1)
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_buf = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 64], flat)
+        l_buf = gl.allocate_shared_memory(gl.float32, [64], flat)
+        return q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done
 
     @gluon.jit
     def sparse_mla_fwd_sm90_kernel(
         q_ptr, kv_ptr, sc_ptr, pe_ptr, idx_ptr, out_ptr, ml_ptr, lse_ptr,
         n_kv, topk, h_q, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
-        BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        FP8: gl.constexpr,
+        BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, VALUE_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, FP8: gl.constexpr,
     ):
         """bf16 rows (kv_ptr, FP8 False; sc_ptr and pe_ptr unused) or fp8_ds_mla rows (FP8:
         kv_ptr the e4m3 bytes, sc_ptr the fp32 scales, pe_ptr the bf16 rope values)."""
-        gl.static_assert(num_warps == 8, "two consumer warpgroups: the score tile split along its rows")
+        gl.static_assert(num_warps == 4, "the default partition is the softmax warpgroup")
         # one program per (token, head block), head blocks fastest: the programs of one token
         # run together and share its gathered rows through L2 (a 1-D grid: no 65535 limit)
         n_hb = h_q // 64
@@ -445,16 +451,19 @@ if GLUON_AVAILABLE:
         pid_t = gl.program_id(0) // n_hb
         # ready: one asynchronous arrival per producer thread (its copies); with fp8 rows the
         # producer's one arrival after its stores
-        q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf = _allocate(BLOCK_K, NUM_STAGES, 1 if FP8 else 128)
+        q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done = _allocate(
+            BLOCK_K, NUM_STAGES, 1 if FP8 else 128)
         idx_row = idx_ptr + pid_t.to(gl.int64) * stride_it
         gl.warp_specialize([
-            (_attend_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
-                                 h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                                 q_nope, q_tail, k_nope, k_tail, ready, empty, m_buf, BLOCK_K, NUM_STAGES,
-                                 num_warps)),
+            (_softmax_partition, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
+                                  h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                                  q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done,
+                                  BLOCK_K, NUM_STAGES)),
+            (_value_partition, (out_ptr, topk, pid_t, pid_h, stride_ot, stride_oh, k_nope, k_tail, empty, p_ready,
+                                alpha_buf, l_buf, done, BLOCK_K, NUM_STAGES)),
             (_producer_partition, (kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
                                    k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, FP8)),
-        ], [4], [PRODUCER_REGS])
+        ], [4, 4], [VALUE_REGS, PRODUCER_REGS])
 
 
 def run_sparse_mla_fwd_sm90(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float,
@@ -473,8 +482,8 @@ def run_sparse_mla_decode_sm90_fp8(q: torch.Tensor, c8: torch.Tensor, scales: to
     used), ``scales`` [N, 4+] fp32 from the scale offset, ``rope`` [N, 64+] bf16 from the
     rope offset; idx [T, topk] int32 slots (validated; :func:`gluon_fp8_supported` holds)
     -> (out [T, h_q, 512] bf16, max_logits, lse [T, h_q] fp32 natural log); ``config``
-    overrides keys of SM90_GLUON_FP8."""
-    return _launch(q, c8, scales, rope, idx, sm_scale, dict(SM90_GLUON_FP8, **(config or {})))
+    overrides keys of SM90_GLUON."""
+    return _launch(q, c8, scales, rope, idx, sm_scale, dict(SM90_GLUON, **(config or {})))
 
 
 def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
@@ -492,5 +501,5 @@ def _launch(q, kv, scales, rope, idx, sm_scale, cfg):
         q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
         idx.stride(0), out.stride(0), out.stride(1), max_logits.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, maxnreg=cfg["maxnreg"])
+        VALUE_REGS=cfg["VALUE_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, maxnreg=cfg["maxnreg"])
     return out, max_logits, lse
