@@ -1,24 +1,16 @@
-"""Experiment (issue 15): the softmax warpgroup of the Hopper sparse MLA forward with less
-work on its critical path.
+"""Experiment (issue 15): when the softmax warpgroup of the Hopper sparse MLA forward hands
+p to the value warpgroup.
 
-The product (flashdsa/ops/sparse_mla/fwd_sm90.py) has a softmax warpgroup that, every
-block, scales s by the softmax scale, takes the row max, rescales its [64, 256] fp32
-accumulator by alpha (128 multiplies a thread) and computes p = exp2(s - m). Two changes,
-alone and together:
+In the product (flashdsa/ops/sparse_mla/fwd_sm90.py) the softmax warpgroup signals
+``p_ready`` as soon as p and alpha are in shared memory, so both halves of p @ v run at
+once and the stage is freed when both are done. TileLang's pipelined kernel signals after
+its own half of p @ v has completed, so the value warpgroup's half runs beside the next
+block's q . k instead. ``late`` does that.
 
-- ``ffma``: the row max on the unscaled scores, p = exp2(s * scale - m) (one fused
-  multiply-add a score instead of a multiply and a subtract);
-- ``lazy``: the reference max m_ref that p, the accumulators and the row sums are taken
-  against moves only when a row's max exceeds it by more than 8 (log2 units), so p stays
-  below 2^8 (exact in bf16's range, far from fp32 overflow); when no row of the
-  warpgroup moves (a uniform test: one reduction over the warpgroup), the accumulator is
-  not rescaled. The value warpgroup still multiplies by alpha (1 then). lse is
-  m_ref + log2(l), max_logits the true running max.
+    python -m benchmarks.probe_gluon_signal --build   # CPU: registers and spills for sm_90
+    python -m benchmarks.probe_gluon_signal           # H200: check against float64, then time
 
-    python -m benchmarks.probe_gluon_lazy --build   # CPU: registers and spills for sm_90
-    python -m benchmarks.probe_gluon_lazy           # H200: check against float64, then time
-
-Results: ``probe_gluon_lazy.json`` under $OUT or benchmarks/results/.
+Results: ``probe_gluon_signal.json`` under $OUT or benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -33,7 +25,7 @@ from benchmarks.common import bench_ms, measure_ceilings, print_table, write_res
 from flashdsa.ops.sparse_mla import fwd_sm90 as F  # noqa: E402
 
 SM_SCALE = 0.1352
-VARIANTS = {"ffma": (True, False), "lazy": (False, True), "ffma_lazy": (True, True)}
+VARIANTS = {"same": False, "late": True}  # "same": the product's schedule, built here (a noise check)
 
 if F.GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -49,7 +41,7 @@ if F.GLUON_AVAILABLE:
     def _softmax_variant(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                          h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                          q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done,
-                         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, FFMA: gl.constexpr, LAZY: gl.constexpr):
+                         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, LATE: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_K, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -65,8 +57,7 @@ if F.GLUON_AVAILABLE:
         fence_async_shared()
         _barrier()
 
-        m_i = gl.full([64], float("-inf"), gl.float32, row_s)  # the true running max (scaled)
-        m_ref = gl.full([64], float("-inf"), gl.float32, row_s)  # the max p is taken against
+        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([64], gl.float32, row_s)
         acc = gl.zeros([64, 256], gl.float32, o_layout)
         for j in range(gl.cdiv(topk, BLOCK_K)):
@@ -82,38 +73,24 @@ if F.GLUON_AVAILABLE:
             s = warpgroup_mma(q_tail, kt.permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             valid = (idx >= 0) & (idx < n_kv)
-            if FFMA:
-                s = gl.where(valid[None, :], s, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            else:
-                s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-            if LAZY:
-                ref_new = gl.where(m_new > m_ref + 8.0, m_new, m_ref)
-            else:
-                ref_new = m_new
-            m_use = gl.where(ref_new == float("-inf"), 0.0, ref_new)
-            alpha = gl.exp2(gl.where(m_ref == float("-inf"), float("-inf"), m_ref) - m_use)
-            if FFMA:
-                p = gl.exp2(s * qk_scale - m_use[:, None])
-            else:
-                p = gl.exp2(s - m_use[:, None])
+            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             alpha_buf.index(st).store(alpha)
             kt.store(p.to(gl.bfloat16))
             fence_async_shared()
             _barrier()
-            mbarrier.arrive(p_ready.index(st), count=1)
-            if LAZY:
-                moved = gl.max((ref_new != m_ref).to(gl.int32), 0)
-                if moved > 0:
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            else:
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            m_ref = ref_new
+            if not LATE:
+                mbarrier.arrive(p_ready.index(st), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(kt, kn.slice(0, 256, dim=1), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if LATE:
+                mbarrier.arrive(p_ready.index(st), count=1)
             mbarrier.arrive(empty.index(st), count=1)
 
         has = l_i > 0.0
@@ -128,7 +105,7 @@ if F.GLUON_AVAILABLE:
         gl.store(o_ptrs, out)
         heads = pid_h * 64 + gl.arange(0, 64, row_s)
         l_off = pid_t.to(gl.int64) * stride_lt + heads
-        lse = gl.where(has, (m_ref + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf"))
+        lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf"))
         gl.store(lse_ptr + l_off, lse)
         gl.store(ml_ptr + l_off, m_i * LN2_C)
 
@@ -138,7 +115,7 @@ if F.GLUON_AVAILABLE:
         n_kv, topk, h_q, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, VALUE_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, FP8: gl.constexpr, FFMA: gl.constexpr, LAZY: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, FP8: gl.constexpr, LATE: gl.constexpr,
     ):
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
@@ -150,7 +127,7 @@ if F.GLUON_AVAILABLE:
             (_softmax_variant, (q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                                 h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                                 q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done,
-                                BLOCK_K, NUM_STAGES, FFMA, LAZY)),
+                                BLOCK_K, NUM_STAGES, LATE)),
             (_value_partition, (out_ptr, topk, pid_t, pid_h, stride_ot, stride_oh, k_nope, k_tail, empty, p_ready,
                                 alpha_buf, l_buf, done, BLOCK_K, NUM_STAGES)),
             (_producer_partition, (kv_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_kv, stride_sc, stride_pe,
@@ -160,7 +137,7 @@ if F.GLUON_AVAILABLE:
 
 def run_variant(variant, q, kv, idx, scales=None, rope=None):
     """(out, max_logits, lse) of one launch of ``variant_kernel`` and the compiled kernel."""
-    ffma, lazy = VARIANTS[variant]
+    late = VARIANTS[variant]
     cfg = F.SM90_GLUON
     fp8 = scales is not None
     t_q, h_q, _ = q.shape
@@ -172,7 +149,7 @@ def run_variant(variant, q, kv, idx, scales=None, rope=None):
         q.stride(0), q.stride(1), kv.stride(0), scales.stride(0) if fp8 else 0, rope.stride(0) if fp8 else 0,
         idx.stride(0), out.stride(0), out.stride(1), ml.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-        VALUE_REGS=cfg["VALUE_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, FFMA=ffma, LAZY=lazy,
+        VALUE_REGS=cfg["VALUE_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], FP8=fp8, LATE=late,
         maxnreg=cfg["maxnreg"])
     return (out, ml, lse), k
 
@@ -298,7 +275,7 @@ def main() -> None:
     results["speed"] = []
     speed(results["speed"], ceil)
     print_table(results["speed"], ["case"] + [k for k in results["speed"][0] if k.endswith("_ms")])
-    print("wrote", write_result("probe_gluon_lazy", results))
+    print("wrote", write_result("probe_gluon_signal", results))
 
 
 if __name__ == "__main__":
