@@ -128,6 +128,19 @@ def tile_scores(k8, kscale, qT, w, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
+def query_rows(pid_q, S, NEXT_N, BLOCK_Q: tl.constexpr, PAGED: tl.constexpr):
+    """The program's query rows [BLOCK_Q] and their mask, as :func:`load_rows` numbers them."""
+    j = tl.arange(0, BLOCK_Q)
+    if PAGED:
+        rows = pid_q * NEXT_N + j
+        rmask = j < NEXT_N
+    else:
+        rows = pid_q * BLOCK_Q + j
+        rmask = rows < S
+    return rows, rmask
+
+
+@triton.jit
 def load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
               stride_qs, stride_qh, stride_ws,
               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr,
@@ -139,15 +152,12 @@ def load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
     sequence b of NEXT_N query tokens): rows b * NEXT_N + j, keys [0, ctx_b - NEXT_N + j + 1)
     (SPEC 4's causal rule for multi-token decode)."""
     j = tl.arange(0, BLOCK_Q)
+    rows, rmask = query_rows(pid_q, S, NEXT_N, BLOCK_Q, PAGED)
     if PAGED:
-        rows = pid_q * NEXT_N + j
-        rmask = j < NEXT_N
         ctx = tl.load(ctx_ptr + pid_q)
         ks = tl.zeros([BLOCK_Q], dtype=tl.int32)
         ke = tl.where(rmask, tl.maximum(ctx - NEXT_N + j + 1, 0), 0)
     else:
-        rows = pid_q * BLOCK_Q + j
-        rmask = rows < S
         ks = tl.load(ks_ptr + rows, mask=rmask, other=0)
         ke = tl.load(ke_ptr + rows, mask=rmask, other=0)
     # column m of the dot = (row j, head h) = (m // H_PAD, m % H_PAD)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ...layout import PAGE_SIZE
 from ..common import pdl_launch, pdl_prologue
-from .scores import (Problem, block_range, choose_split, dot_mode, load_keys, load_rows, program_split,
+from .scores import (Problem, block_range, choose_split, dot_mode, load_keys, load_rows, program_split, query_rows,
                      tile_scores)
 from .selection import INT32_MIN, INT32_MIN_C, score_key, scratch, take_topk
 
@@ -73,11 +73,12 @@ def indexer_topk_kernel(
     flashdsa.ops.common.pdl_prologue."""
     pdl_prologue(PDL)
     pid_q, pid_s, n_start, n_end = program_split(split_len, S_kv, HEAVY_FIRST)
+    if ONLY_FAILED:  # almost every program holds no flagged row: it exits before loading its queries
+        f_rows, f_mask = query_rows(pid_q, S, NEXT_N, BLOCK_Q, PAGED)
+        if tl.max(tl.load(fail_ptr + f_rows, mask=f_mask, other=0)) == 0:
+            return
     qT, w, rows, rmask, ks, ke = load_rows(q_ptr, w_ptr, ks_ptr, ke_ptr, ctx_ptr, pid_q, S, H, NEXT_N,
                                            stride_qs, stride_qh, stride_ws, D, D_PAD, BLOCK_Q, H_PAD, PAGED)
-    if ONLY_FAILED:
-        if tl.max(tl.load(fail_ptr + rows, mask=rmask, other=0)) == 0:
-            return
     lo, hi = block_range(ks, ke, rmask, n_start, n_end, BLOCK_N)
     base = (rows.to(tl.int64) * n_split + pid_s) * CAP  # [BLOCK_Q] buffer rows
     jr = tl.arange(0, BLOCK_Q)
