@@ -230,12 +230,13 @@ if GLUON_AVAILABLE:
         """The dequantizing partition (4 warps) for fp8_ds_mla rows: block j's e4m3 bytes by
         cp.async into the upper half of stage j % NUM_STAGES (:func:`_fp8_staging`), its rope
         values into the stage's tail, its scales into registers (the block's indices, loaded a
-        block ahead, moved into their layout); once its copies land, the
-        bf16 rows are written over the stage: columns 0-255 into the lower half, 256-383 over
-        the staged bytes of columns 0-255, 384-511 (read into registers first) over the rest,
-        each overwrite behind a barrier of the partition. Invalid indices copy nothing and
-        leave zeros (scale 0). One arrival on the stage's ready barrier, after a fence for
-        the wgmma that will read the stage."""
+        block ahead, moved into their layout); the copies of columns 0-255 and the rope values
+        form one group, those of 256-511 a second, so that the first is converted while the
+        second is in flight. The bf16 rows are written over the stage: columns 0-255 into the
+        lower half, 256-383 over the staged bytes of columns 0-255, 384-511 (read into
+        registers first) over the rest, each overwrite behind a barrier of the partition.
+        Invalid indices copy nothing and leave zeros (scale 0). One arrival on the stage's
+        ready barrier, after a fence for the wgmma that will read the stage."""
         gl.static_assert(BLOCK_K == 64, "a stage's upper half holds the 64 x 512 bytes of a block")
         cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])      # 4 rows x 128 bytes a warp
         deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])    # a row a thread pair
@@ -264,19 +265,24 @@ if GLUON_AVAILABLE:
             lo, hi = _fp8_staging(dst)
             # a cache row is 656 bytes: its e4m3 bytes start on 16-byte boundaries
             src = c8_ptr + gl.multiple_of(row * stride_c8, 16)[:, None] + cols[None, :]
+            # two copy groups: the bytes of columns 0-255 with the rope values, then those of
+            # 256-511, which land while the first are converted (into the lower half)
             for c in gl.static_range(2):
                 _async_load(lo.slice(c * 128, 128, dim=1), src + c * 128, mask=valid[:, None])
-                _async_load(hi.slice(c * 128, 128, dim=1), src + (256 + c * 128), mask=valid[:, None])
             _async_load(k_tail.index(st), pe_ptr + gl.multiple_of(row_t * stride_pe, 8)[:, None] + cols_t[None, :],
                         mask=valid_t[:, None])
             async_copy.commit_group()
+            for c in gl.static_range(2):
+                _async_load(hi.slice(c * 128, 128, dim=1), src + (256 + c * 128), mask=valid[:, None])
+            async_copy.commit_group()
             kn = (j + 1) * BLOCK_K + lanes
             idx = gl.load(idx_row + kn, mask=kn < topk, other=-1)  # the next block's, while the copies fly
-            async_copy.wait_group(0)
-            _barrier()  # every thread's copies have landed
+            async_copy.wait_group(1)
+            _barrier()  # every thread's first group has landed
             _dequant_tile(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0)
             _dequant_tile(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1)
-            _barrier()  # the first byte tile is read: columns 256-383 may overwrite it
+            async_copy.wait_group(0)
+            _barrier()  # the second group has landed and the first byte tile is read: 256-383 may overwrite it
             _dequant_tile(hi.slice(0, 128, dim=1).load(deq_l), dst, 256, s2)
             last = hi.slice(128, 128, dim=1).load(deq_l)
             _barrier()  # the second byte tile is read: columns 384-511 may overwrite it
