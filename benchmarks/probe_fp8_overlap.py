@@ -1,18 +1,24 @@
 """Experiment (issue 15): the fp8_ds_mla producer, its copies overlapped with its
-conversion, and a bf16 conversion.
+conversion, and its conversion without the conversion instructions.
 
 The product's dequantizing producer (flashdsa/ops/sparse_mla/fwd_sm90.py) sets the pace of
-the fp8 decode: for each block it copies all 512 e4m3 bytes of each row, waits for every
-copy (the whole gather latency exposed once a block), then converts. Two changes here,
-alone and together:
+the fp8 decode. First version of this probe (commit 63f0897, 2026-12-04 18:00 UTC,
+``benchmarks/results/issue15/probe_fp8_overlap_1800.json``): ``split`` (the copies in
+two groups, columns 0-255 converted while 256-511 land: 0.447 against 0.452 ms, now in
+the product) and ``bf16`` (e4m3 -> bf16 and the scale in bf16 through Triton's
+conversions: 0.587 ms, slower: its F2F conversions replace fp32 multiplies).
 
-- ``split``: the bytes of columns 0-255 (with the rope values) and of 256-511 go in two
-  copy groups; columns 0-255 are converted into the stage's lower half while the second
-  group is still in flight (it lands in the upper quarter, which that conversion does
-  not touch).
-- ``bf16``: e4m3 converted to bf16 and scaled in bf16 instead of through fp32. The scales
-  of fp8_ds_mla are powers of two (flashdsa.layout), so both are exact and the outputs
-  must equal the product's bit for bit.
+This version: the product's conversion goes e4m3x2 -> f16x2 -> fp32 (F2FP, HADD2),
+multiplies by the scale in fp32 and packs to bf16 (F2FP), two conversion instructions a
+pair of values. The variants build the bf16 bits with integer operations instead
+(byte permute, shift, masks: the e4m3 sign, exponent and mantissa placed in a bf16
+that holds 2^-120 x the value, normal or subnormal) and scale by bf16 multiplies, which
+are exact because fp8_ds_mla's scales are powers of two (flashdsa.layout):
+
+- ``asm1``: one multiply by 2^120 x scale (exact while the scale is at most 2^7);
+- ``asm2``: a multiply by 2^120, then by the scale (exact for every scale).
+
+The outputs must equal the product's bit for bit.
 
     python -m benchmarks.probe_fp8_overlap --build   # CPU: registers, spills, SASS size for sm_90
     python -m benchmarks.probe_fp8_overlap           # H200: check, then time
@@ -33,8 +39,8 @@ from flashdsa.ops.sparse_mla import fwd_sm90 as F  # noqa: E402
 
 SM_SCALE = 0.1352
 H_Q = 128
-# variant -> (SPLIT, BF16)
-VARIANTS = {"split": (True, False), "bf16": (False, True), "split_bf16": (True, True)}
+# variant -> (SPLIT, CVT: see _convert)
+VARIANTS = {"asm1": (True, 1), "asm2": (True, 2)}
 
 if F.GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -45,21 +51,44 @@ if F.GLUON_AVAILABLE:
     from flashdsa.ops.sparse_mla.fwd_sm90 import (_allocate, _async_load, _barrier, _fp8_staging,
                                                   _softmax_partition, _value_partition)
 
+    # e4m3 bytes -> bf16 by integer operations: each byte's sign to bit 15 of a 16-bit half,
+    # its 7 other bits to bits 4-10 (exponent field e, mantissa m), which read as a bf16
+    # hold 2^-120 x the e4m3 value (normal or subnormal alike; the bf16 multiply keeps
+    # subnormals); then multiplied by 2^120 x the tile's power-of-two scale
+    _E4M3_HALVES = gl.constexpr(
+        "{ .reg .b32 w, v, t;\n"
+        "prmt.b32 w, $2, 0, 0x1404; shr.b32 v, w, 4; and.b32 v, v, 0x07f007f0; and.b32 t, w, 0x80008000;\n"
+        "or.b32 v, v, t; mul.rn.bf16x2 $0, v, $3;\n"
+        "prmt.b32 w, $2, 0, 0x3424; shr.b32 v, w, 4; and.b32 v, v, 0x07f007f0; and.b32 t, w, 0x80008000;\n"
+        "or.b32 v, v, t; mul.rn.bf16x2 $1, v, $4; }")
+    _E4M3_HALVES2 = gl.constexpr(
+        "{ .reg .b32 w, v, t;\n"
+        "prmt.b32 w, $2, 0, 0x1404; shr.b32 v, w, 4; and.b32 v, v, 0x07f007f0; and.b32 t, w, 0x80008000;\n"
+        "or.b32 v, v, t; mov.b32 t, 0x7B807B80; mul.rn.bf16x2 v, v, t; mul.rn.bf16x2 $0, v, $3;\n"
+        "prmt.b32 w, $2, 0, 0x3424; shr.b32 v, w, 4; and.b32 v, v, 0x07f007f0; and.b32 t, w, 0x80008000;\n"
+        "or.b32 v, v, t; mov.b32 t, 0x7B807B80; mul.rn.bf16x2 v, v, t; mul.rn.bf16x2 $1, v, $4; }")
+
     @gluon.jit
-    def _convert(x, dst, c0: gl.constexpr, scale, BF16: gl.constexpr):
-        """e4m3 bytes ``x`` [64, 128] times the rows' ``scale``, as bf16 into columns c0 + [0, 128)."""
-        if BF16:
-            v = x.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16) * scale.to(gl.bfloat16)[:, None]
-        else:
+    def _convert(x, dst, c0: gl.constexpr, scale, CVT: gl.constexpr):
+        """e4m3 bytes ``x`` [64, 128] times the rows' ``scale``, as bf16 into columns c0 +
+        [0, 128): through fp32 (CVT 0, the product), or by integer operations and one bf16
+        multiply by 2^120 x scale (CVT 1: exact for scales up to 2^7) or two (CVT 2)."""
+        if CVT == 0:
             v = (x.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale[:, None]).to(gl.bfloat16)
+        elif CVT == 1:
+            c = (scale * 1.329227995784916e36).to(gl.bfloat16)[:, None].broadcast_to(x.shape)
+            v = gl.inline_asm_elementwise(_E4M3_HALVES, "=r,=r,r,r,r", [x, c], gl.bfloat16, True, 4)
+        else:
+            c = scale.to(gl.bfloat16)[:, None].broadcast_to(x.shape)
+            v = gl.inline_asm_elementwise(_E4M3_HALVES2, "=r,=r,r,r,r", [x, c], gl.bfloat16, True, 4)
         dst.slice(c0, 128, dim=1).store(v)
 
     @gluon.jit
     def _producer(c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
                   k_nope, k_tail, ready, empty, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  SPLIT: gl.constexpr, BF16: gl.constexpr):
+                  SPLIT: gl.constexpr, CVT: gl.constexpr):
         """The product's fp8 producer with the copies of columns 256-511 in a second group
-        (SPLIT) and the conversion in bf16 (BF16)."""
+        (SPLIT) and the conversion CVT (:func:`_convert`)."""
         cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         deq_l: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
         tail_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
@@ -100,20 +129,20 @@ if F.GLUON_AVAILABLE:
             if SPLIT:
                 async_copy.wait_group(1)
                 _barrier()  # every thread's bytes of columns 0-255 have landed
-                _convert(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0, BF16)
-                _convert(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1, BF16)
+                _convert(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0, CVT)
+                _convert(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1, CVT)
                 async_copy.wait_group(0)
                 _barrier()  # columns 256-511 have landed and the first byte tile is read
             else:
                 async_copy.wait_group(0)
                 _barrier()
-                _convert(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0, BF16)
-                _convert(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1, BF16)
+                _convert(lo.slice(0, 128, dim=1).load(deq_l), dst, 0, s0, CVT)
+                _convert(lo.slice(128, 128, dim=1).load(deq_l), dst, 128, s1, CVT)
                 _barrier()
-            _convert(hi.slice(0, 128, dim=1).load(deq_l), dst, 256, s2, BF16)
+            _convert(hi.slice(0, 128, dim=1).load(deq_l), dst, 256, s2, CVT)
             last = hi.slice(128, 128, dim=1).load(deq_l)
             _barrier()
-            _convert(last, dst, 384, s3, BF16)
+            _convert(last, dst, 384, s3, CVT)
             fence_async_shared()
             _barrier()
             mbarrier.arrive(ready.index(st), count=1)
@@ -124,7 +153,7 @@ if F.GLUON_AVAILABLE:
         n_kv, topk, h_q, qk_scale,
         stride_qt, stride_qh, stride_c8, stride_sc, stride_pe, stride_it, stride_ot, stride_oh, stride_lt,
         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        SPLIT: gl.constexpr, BF16: gl.constexpr, num_warps: gl.constexpr,
+        SPLIT: gl.constexpr, CVT: gl.constexpr, num_warps: gl.constexpr,
     ):
         n_hb = h_q // 64
         pid_h = gl.program_id(0) % n_hb
@@ -140,13 +169,13 @@ if F.GLUON_AVAILABLE:
             (_value_partition, (out_ptr, topk, pid_t, pid_h, stride_ot, stride_oh, k_nope, k_tail, empty, p_ready,
                                 alpha_buf, l_buf, done, BLOCK_K, NUM_STAGES)),
             (_producer, (c8_ptr, sc_ptr, pe_ptr, idx_row, n_kv, topk, stride_c8, stride_sc, stride_pe,
-                         k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, SPLIT, BF16)),
+                         k_nope, k_tail, ready, empty, BLOCK_K, NUM_STAGES, SPLIT, CVT)),
         ], [4, 4], [VALUE_REGS, PRODUCER_REGS])
 
 
 def run_variant(variant, q, c8, scales, rope, idx):
     """(out, max_logits, lse) of one launch of ``overlap_kernel``."""
-    split, bf16 = VARIANTS[variant]
+    split, cvt = VARIANTS[variant]
     cfg = F.SM90_GLUON
     t_q, h_q, _ = q.shape
     out = torch.empty(t_q, h_q, F.D_V, dtype=q.dtype, device=q.device)
@@ -157,7 +186,7 @@ def run_variant(variant, q, c8, scales, rope, idx):
         q.stride(0), q.stride(1), c8.stride(0), scales.stride(0), rope.stride(0),
         idx.stride(0), out.stride(0), out.stride(1), ml.stride(0),
         BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], VALUE_REGS=cfg["VALUE_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], SPLIT=split, BF16=bf16, num_warps=cfg["num_warps"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], SPLIT=split, CVT=cvt, num_warps=cfg["num_warps"],
         maxnreg=cfg["maxnreg"])
     return out, ml, lse
 
