@@ -304,6 +304,15 @@ if GLUON_AVAILABLE:
                               BLOCK_K, NUM_STAGES)
 
     @gluon.jit
+    def _store_half(out_ptr, out, pid_t, pid_h, stride_ot, stride_oh, C0: gl.constexpr, o_layout: gl.constexpr):
+        """A consumer warpgroup's half of the output: ``out`` [64 heads, 256] bf16 (in the
+        accumulator's layout ``o_layout``) into columns C0 + [0, 256) of heads pid_h * 64 +
+        [0, 64) of out[pid_t]."""
+        heads = pid_h * 64 + gl.arange(0, 64, gl.SliceLayout(1, o_layout))
+        cols = C0 + gl.arange(0, 256, gl.SliceLayout(0, o_layout))
+        gl.store(out_ptr + pid_t.to(gl.int64) * stride_ot + heads[:, None] * stride_oh + cols[None, :], out)
+
+    @gluon.jit
     def _softmax_partition(q_ptr, idx_row, out_ptr, ml_ptr, lse_ptr, n_kv, topk, qk_scale, pid_t, pid_h,
                            h_q, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                            q_nope, q_tail, k_nope, k_tail, ready, empty, p_ready, alpha_buf, l_buf, done,
@@ -322,7 +331,6 @@ if GLUON_AVAILABLE:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         gl.static_assert(BLOCK_K == 64, "p [64, BLOCK_K] takes the place of a stage's [BLOCK_K, 64] rope columns")
 
         # q of this token's 64 heads: rows pid_h * 64 + [0, 64) of q[pid_t], copied as gathered rows are
@@ -371,11 +379,8 @@ if GLUON_AVAILABLE:
         l_buf.store(inv)
         _barrier()
         mbarrier.arrive(done.index(0), count=1)
-        out = (acc * gl.convert_layout(inv, row_o)[:, None]).to(gl.bfloat16)
-        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
-        o_ptrs = (out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
-                  + gl.arange(0, 256, col_o)[None, :])
-        gl.store(o_ptrs, out)
+        _store_half(out_ptr, (acc * gl.convert_layout(inv, row_o)[:, None]).to(gl.bfloat16), pid_t, pid_h,
+                    stride_ot, stride_oh, 0, o_layout)
         heads = pid_h * 64 + gl.arange(0, 64, row_s)
         l_off = pid_t.to(gl.int64) * stride_lt + heads
         lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2_C, float("inf"))
@@ -392,7 +397,6 @@ if GLUON_AVAILABLE:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, 256, 16])
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         acc = gl.zeros([64, 256], gl.float32, o_layout)
         for j in range(gl.cdiv(topk, BLOCK_K)):
             st = j % NUM_STAGES
@@ -404,11 +408,8 @@ if GLUON_AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(st), count=1)
         mbarrier.wait(done.index(0), 0)
-        out = (acc * l_buf.load(row_o)[:, None]).to(gl.bfloat16)
-        heads_o = pid_h * 64 + gl.arange(0, 64, row_o)
-        o_ptrs = (out_ptr + pid_t.to(gl.int64) * stride_ot + heads_o[:, None] * stride_oh
-                  + (256 + gl.arange(0, 256, col_o))[None, :])
-        gl.store(o_ptrs, out)
+        _store_half(out_ptr, (acc * l_buf.load(row_o)[:, None]).to(gl.bfloat16), pid_t, pid_h, stride_ot, stride_oh,
+                    256, o_layout)
 
     @gluon.jit
     def _allocate(BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
