@@ -28,7 +28,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, environment, measure_ceilings  # noqa: E402
+from benchmarks.common import bench_clocked, bench_ms, environment, measure_ceilings  # noqa: E402
 from flashdsa.layout import PAGE_SIZE, indexer_block_bytes  # noqa: E402
 from flashdsa.ops import indexer as ops  # noqa: E402
 
@@ -88,8 +88,8 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
     ks, ke = inp[4], inp[5]
     pairs = int((ke - ks).sum())
     flops = 2 * pairs * H * D
-    t_log = bench_ms(lambda: ops.indexer_logits(*inp, config=cfg_logits))
-    t_topk = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
+    t_log, clk_log = bench_clocked(lambda: ops.indexer_logits(*inp, config=cfg_logits))
+    t_topk, clk_topk = bench_clocked(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk))
     t_thr = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, config=cfg_topk, method="threshold"))
     t_direct = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, method="direct")) if s_kv <= 32768 else None
     t_stream = bench_ms(lambda: ops.indexer_topk(*inp, TOPK, method="streaming"), rep=50)
@@ -105,6 +105,7 @@ def run_prefill(s_kv, ceil, cfg_logits=None, cfg_topk=None, check=True):
                threshold_topk_ms=t_thr, direct_topk_ms=t_direct,
                logits_plus_torch_topk_ms=t_log + t_torch_topk, torch_topk_ms=t_torch_topk,
                peak_mem_logits_mib=mem_logits / 2 ** 20, peak_mem_fused_topk_mib=mem_topk / 2 ** 20,
+               logits_sm_mhz=clk_log.get("sm_mhz"), fused_topk_sm_mhz=clk_topk.get("sm_mhz"),
                **threshold_phases(inp, cfg_topk))
     if check:
         rows = list(range(0, S_Q, S_Q // 64)) + [S_Q - 1]

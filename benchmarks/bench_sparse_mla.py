@@ -24,7 +24,7 @@ import multiprocessing as mp
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+from benchmarks.common import bench_clocked, bench_ms, measure_ceilings, print_table, write_result
 
 S_Q, TOPK, D_QK, D_V = 4096, 2048, 576, 512
 SM_SCALE = 0.1352
@@ -170,8 +170,8 @@ def main():
         for h in (128, 64):
             q, kv, idx = make_inputs(S_Q, s_kv, h)
             f = flops(S_Q, h, TOPK)
-            ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=config))
-            row = {"s_q": S_Q, "s_kv": s_kv, "h_q": h, "topk": TOPK, "ms": ms, "tflops": f / ms * 1e-9}
+            ms, clocks = bench_clocked(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, config=config))
+            row = {"s_q": S_Q, "s_kv": s_kv, "h_q": h, "topk": TOPK, "ms": ms, "tflops": f / ms * 1e-9, **clocks}
             row["vs_bf16_matmul"] = row["tflops"] / bf16_ceiling
             if config is None:
                 t_ms = bench_ms(lambda: run_sparse_mla_fwd(q, kv, idx, SM_SCALE, D_V, impl="triton"))

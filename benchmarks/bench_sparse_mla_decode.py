@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import bench_ms, measure_ceilings, print_table, write_result
+from benchmarks.common import ClockMonitor, bench_ms, measure_ceilings, print_table, write_result
 
 H_Q, D_QK, D_V, TOPK, PAGE = 128, 576, 512, 2048, 64
 SM_SCALE = 0.1352
@@ -160,12 +160,14 @@ def main():
                             sparse_mla_decode(q, c, idx, SM_SCALE, D_V, fmt, config=cfg))
                     eager = bench_ms(call)
                     try:
-                        ms, timing = graph_ms(call), "cuda_graph"
+                        with ClockMonitor() as mon:
+                            ms = graph_ms(call)
+                        timing = "cuda_graph"
                     except Exception as e:  # noqa: BLE001 - keep the eager number
                         print("graph capture failed:", str(e)[:200], flush=True)
                         ms, timing = eager, "eager"
                     row = {"format": fmt, "batch": b, "s_q": s_q, "context": ctx, "topk": topk, "ms": ms,
-                           "timing": timing, "eager_ms": eager, "tflops": f / ms * 1e-9}
+                           "timing": timing, "eager_ms": eager, "tflops": f / ms * 1e-9, **mon.summary()}
                     row["vs_bf16_matmul"] = row["tflops"] / ceil["bf16_matmul_tflops"]
                     if b * s_q * topk * D_QK * 2 <= 2 ** 31:
                         if fmt == "bf16":

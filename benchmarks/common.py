@@ -10,6 +10,8 @@ import datetime
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -23,6 +25,65 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+class ClockMonitor:
+    """The current GPU's SM clock (MHz) and board power (W), sampled by ``nvidia-smi`` every
+    ``interval_ms`` while the ``with`` block runs. An H200 lowers its clock under load
+    (power), by different amounts for different work, so a ratio of two throughputs is
+    only read right beside the clocks each ran at. :meth:`summary` is empty where
+    nvidia-smi is missing."""
+
+    def __init__(self, interval_ms: int = 10):
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float]] = []
+        self._proc = None
+
+    def __enter__(self):
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            dev = torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpu = visible.split(",")[dev] if visible else str(dev)  # an index or UUID nvidia-smi takes
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "-i", gpu, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 "-lms", str(self.interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            torch.cuda.synchronize()
+            self._proc.terminate()
+            out, _ = self._proc.communicate()
+            self.samples += self.parse(out)
+        return False
+
+    @staticmethod
+    def parse(text: str) -> list[tuple[float, float]]:
+        """(MHz, W) of each ``clocks.sm, power.draw`` line nvidia-smi printed; lines cut by
+        its termination or reading "[N/A]" are skipped."""
+        samples = []
+        for line in text.splitlines():
+            try:
+                mhz, watts = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            samples.append((mhz, watts))
+        return samples
+
+    def summary(self) -> dict:
+        """sm_mhz (mean), sm_mhz_min, sm_mhz_max, power_w (mean), samples; {} without samples."""
+        if not self.samples:
+            return {}
+        mhz = [m for m, _ in self.samples]
+        return {"sm_mhz": round(sum(mhz) / len(mhz)), "sm_mhz_min": round(min(mhz)), "sm_mhz_max": round(max(mhz)),
+                "power_w": round(sum(w for _, w in self.samples) / len(self.samples)), "samples": len(mhz)}
+
+
+def bench_clocked(fn, warmup: int = 25, rep: int = 100) -> tuple[float, dict]:
+    """:func:`bench_ms` of ``fn`` and the clocks it ran at (:class:`ClockMonitor`'s summary)."""
+    with ClockMonitor() as mon:
+        ms = bench_ms(fn, warmup=warmup, rep=rep)
+    return ms, mon.summary()
+
+
 def measure_ceilings(n: int = 8192, repeats: int = 3) -> dict:
     """The ceilings every benchmark reports against, measured now on this device:
     cuBLAS bf16 matmul and fp8 (e4m3, torch._scaled_mm) matmul TFLOP/s on random n^3,
@@ -31,7 +92,8 @@ def measure_ceilings(n: int = 8192, repeats: int = 3) -> dict:
     Each is timed ``repeats`` times, interleaved, and the best is reported (``*_runs``
     keep every reading): the same matmul reads several percent apart from one timing to
     the next on an H200 (power and clocks), and a low reading would flatter the ratios
-    computed against it."""
+    computed against it. ``<name>_sm_mhz`` is the mean SM clock during the best reading
+    and ``<name>_sm_mhz_runs`` during each (None where nvidia-smi is missing)."""
     dev = "cuda"
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
@@ -41,16 +103,29 @@ def measure_ceilings(n: int = 8192, repeats: int = 3) -> dict:
     one = torch.ones((), device=dev)
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    runs = {"bf16_matmul_tflops": [], "fp8_matmul_tflops": [], "copy_gbps": []}
+    cases = {
+        "bf16_matmul_tflops": (lambda: a @ b, flops * 1e-9),
+        "fp8_matmul_tflops": (lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                              flops * 1e-9),
+        "copy_gbps": (lambda: dst.copy_(src), 2 * src.numel() * 1e-6),
+    }
+    runs = {k: [] for k in cases}
+    clocks = {k: [] for k in cases}
     for _ in range(repeats):
-        runs["bf16_matmul_tflops"].append(flops / bench_ms(lambda: a @ b) * 1e-9)
-        runs["fp8_matmul_tflops"].append(flops / bench_ms(lambda: torch._scaled_mm(
-            a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)) * 1e-9)
-        runs["copy_gbps"].append(2 * src.numel() / bench_ms(lambda: dst.copy_(src)) * 1e-6)
-    del a, b, a8, b8, src, dst
+        for k, (fn, work) in cases.items():
+            ms, clk = bench_clocked(fn)
+            runs[k].append(work / ms)
+            clocks[k].append(clk.get("sm_mhz"))
+    del a, b, a8, b8, src, dst, cases
     torch.cuda.empty_cache()
-    out = {k: max(v) for k, v in runs.items()}
-    out.update({f"{k}_runs": [round(x, 1) for x in v] for k, v in runs.items()})
+    out = {}
+    for k, v in runs.items():
+        best = max(range(repeats), key=v.__getitem__)
+        out[k] = v[best]
+        out[f"{k}_runs"] = [round(x, 1) for x in v]
+        # the SM clock (MHz, mean) during each reading, and during the best one
+        out[f"{k.rsplit('_', 1)[0]}_sm_mhz_runs"] = clocks[k]
+        out[f"{k.rsplit('_', 1)[0]}_sm_mhz"] = clocks[k][best]
     return out
 
 
