@@ -69,16 +69,20 @@ class ClockMonitor:
         return samples
 
     def summary(self) -> dict:
-        """sm_mhz (mean), sm_mhz_min, sm_mhz_max, power_w (mean), samples; {} without samples."""
+        """sm_mhz (median), sm_mhz_min, sm_mhz_max, power_w (median), samples; {} without samples."""
         if not self.samples:
             return {}
-        mhz = [m for m, _ in self.samples]
-        return {"sm_mhz": round(sum(mhz) / len(mhz)), "sm_mhz_min": round(min(mhz)), "sm_mhz_max": round(max(mhz)),
-                "power_w": round(sum(w for _, w in self.samples) / len(self.samples)), "samples": len(mhz)}
+        mhz = sorted(m for m, _ in self.samples)
+        watts = sorted(w for _, w in self.samples)
+        return {"sm_mhz": round(mhz[len(mhz) // 2]), "sm_mhz_min": round(mhz[0]), "sm_mhz_max": round(mhz[-1]),
+                "power_w": round(watts[len(watts) // 2]), "samples": len(mhz)}
 
 
 def bench_clocked(fn, warmup: int = 25, rep: int = 100) -> tuple[float, dict]:
-    """:func:`bench_ms` of ``fn`` and the clocks it ran at (:class:`ClockMonitor`'s summary)."""
+    """:func:`bench_ms` of ``fn`` and the clocks it ran at (:class:`ClockMonitor`'s summary
+    over the timing, after a first call outside it, which may compile)."""
+    fn()
+    torch.cuda.synchronize()
     with ClockMonitor() as mon:
         ms = bench_ms(fn, warmup=warmup, rep=rep)
     return ms, mon.summary()
@@ -92,7 +96,7 @@ def measure_ceilings(n: int = 8192, repeats: int = 3) -> dict:
     Each is timed ``repeats`` times, interleaved, and the best is reported (``*_runs``
     keep every reading): the same matmul reads several percent apart from one timing to
     the next on an H200 (power and clocks), and a low reading would flatter the ratios
-    computed against it. ``<name>_sm_mhz`` is the mean SM clock during the best reading
+    computed against it. ``<name>_sm_mhz`` is the median SM clock during the best reading
     and ``<name>_sm_mhz_runs`` during each (None where nvidia-smi is missing)."""
     dev = "cuda"
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)

@@ -9,7 +9,7 @@ def test_clock_lines_parsed_and_summarized():
     mon = ClockMonitor()
     mon.samples = ClockMonitor.parse("1980, 650.25\n1755, 700.75\n[N/A], [N/A]\n1830, 6\n17")
     assert mon.samples == [(1980.0, 650.25), (1755.0, 700.75), (1830.0, 6.0)]
-    assert mon.summary() == {"sm_mhz": 1855, "sm_mhz_min": 1755, "sm_mhz_max": 1980, "power_w": 452,
+    assert mon.summary() == {"sm_mhz": 1830, "sm_mhz_min": 1755, "sm_mhz_max": 1980, "power_w": 650,
                              "samples": 3}
 
 

@@ -206,7 +206,7 @@ def test_threshold_flags_short_rows():
         out = torch.empty(5, 4, dtype=torch.int32, device=DEV)
         fail = torch.empty(5, dtype=torch.int32, device=DEV)
         ops.indexer_select_kernel[(5,)](bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, 8, 4, 1, p.n_pos,
-                                        NS_PAD=n_slots, SC_PAD=8, CHUNK=8, TOPK_PAD=4, PAGED=False)
+                                        NS_PAD=n_slots, SC_PAD=8, CHUNK=max(n_slots, 8), TOPK_PAD=4, PAGED=False)
         assert fail.tolist() == (n > 0).int().tolist()
         assert bool((out == -1).all())
 

@@ -59,12 +59,18 @@ FILTER_MIN_TILES = 4           # ... with at least this many key tiles a program
 
 
 @triton.jit
-def _slot_entries(cnt_ptr, r, n_slots, SC, e, SC_PAD: tl.constexpr):
-    """(present mask, offset in the row's slot buffers) of entries e of row r, entry e
-    being position e % SC_PAD of slot e // SC_PAD."""
-    slot = e // SC_PAD
+def _slot_entries(cnt_ptr, r, n_slots, SC, p0, CHUNK: tl.constexpr, NS_PAD: tl.constexpr):
+    """(present mask, offset in the row's slot buffers) of a chunk of row r's entries:
+    positions p0 + [0, CHUNK // NS_PAD) of every slot (lanes slot-major, so that a warp
+    reads runs of consecutive entries). Stepping through positions, the second pass ends
+    after the fullest slot's last entry instead of at the slots' capacity."""
+    tl.static_assert(CHUNK % NS_PAD == 0, "a chunk holds whole positions of every slot")
+    P: tl.constexpr = CHUNK // NS_PAD
+    e = tl.arange(0, CHUNK)
+    slot = e // P
+    pos = p0 + e % P
     cnt = tl.load(cnt_ptr + r * n_slots + slot, mask=slot < n_slots, other=0)
-    return (e % SC_PAD) < tl.minimum(cnt, SC), (r * n_slots + slot) * SC + e % SC_PAD
+    return pos < tl.minimum(cnt, SC), (r * n_slots + slot) * SC + pos
 
 
 @triton.jit
@@ -78,8 +84,9 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     candidates cannot give the exact answer: a slot overflowed, or fewer than
     min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`).
     Two passes (:func:`kth_cut` over the keys of all slots, then :func:`chunk_take`
-    over CHUNK entries of the slots at a time, where the indices are read; the next
-    chunk's keys are loaded while one is taken). PDL: see flashdsa.ops.common.pdl_prologue."""
+    over CHUNK entries of the slots at a time, position-major (:func:`_slot_entries`), where
+    the indices are read; the next chunk's keys are loaded while one is taken). PDL: see
+    flashdsa.ops.common.pdl_prologue."""
     pdl_prologue(PDL)
     r = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, NS_PAD)
@@ -90,20 +97,19 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     keys = tl.reshape(keys, [NS_PAD * SC_PAD])
     nvalid = tl.sum(tl.minimum(cnt, SC), axis=0)
     short = nvalid < tl.minimum(topk, row_length(r, ks_ptr, ke_ptr, NEXT_N, n_pos, PAGED))
-    tl.store(fail_ptr + r, ((tl.max(cnt) > SC) | short).to(tl.int32))
+    c_max = tl.max(cnt, axis=0)
+    tl.store(fail_ptr + r, ((c_max > SC) | short).to(tl.int32))
     T, n_gt, full, cut = kth_cut(keys, nvalid, tl.load(thr_ptr + r), topk)
     out_row = out_ptr + r * topk
-    e2 = tl.arange(0, CHUNK)
     n_take = nvalid * 0
     n_eq = nvalid * 0
-    present, off = _slot_entries(cnt_ptr, r, n_slots, SC, e2, SC_PAD)
+    present, off = _slot_entries(cnt_ptr, r, n_slots, SC, 0, CHUNK, NS_PAD)
     kk_next = tl.load(bkey_ptr + off, mask=present, other=INT32_MIN_C)
-    # one slot (atomic appends): its entries are a prefix, the loop ends with them
-    e_end = tl.where(n_slots == 1, nvalid, n_slots * SC_PAD)
-    for e0 in range(0, e_end, CHUNK):
-        present, off = _slot_entries(cnt_ptr, r, n_slots, SC, e0 + e2, SC_PAD)
+    # entries up to the fullest slot's last position (one slot, atomic appends: its prefix)
+    for p0 in range(0, tl.minimum(c_max, SC), CHUNK // NS_PAD):
+        present, off = _slot_entries(cnt_ptr, r, n_slots, SC, p0, CHUNK, NS_PAD)
         kk = kk_next
-        present_n, off_n = _slot_entries(cnt_ptr, r, n_slots, SC, e0 + CHUNK + e2, SC_PAD)
+        present_n, off_n = _slot_entries(cnt_ptr, r, n_slots, SC, p0 + CHUNK // NS_PAD, CHUNK, NS_PAD)
         kk_next = tl.load(bkey_ptr + off_n, mask=present_n, other=INT32_MIN_C)  # in flight while this chunk is taken
         take, pos, n_take, n_eq = chunk_take(kk, present, T, n_gt, full, cut, topk, n_take, n_eq)
         tl.store(out_row + pos, tl.load(bidx_ptr + off, mask=take, other=-1), mask=take)
@@ -248,12 +254,13 @@ def threshold_topk(p: Problem, topk: int, min_split: int, n_split: int | None = 
         launch_scores(p, mode, split, thr=thr, bkey=bkey, bidx=bidx, cnt=cnt, sc=sc)
     out = scratch(p.rows, topk, device=dev)
     fail = scratch(p.rows, device=dev)
-    sc_pad = triton.next_power_of_2(sc)
-    chunk = SELECT_CHUNK if mode == SCORES_SLOTS else SELECT_CHUNK_ATOMIC
+    sc_pad, ns_pad = triton.next_power_of_2(sc), triton.next_power_of_2(n_slots)
+    # a chunk takes whole positions of every slot (at least one entry of each)
+    chunk = max(ns_pad, min(SELECT_CHUNK if mode == SCORES_SLOTS else SELECT_CHUNK_ATOMIC, ns_pad * sc_pad))
     if p.rows:
         indexer_select_kernel[(p.rows,)](
             bkey, bidx, cnt, thr, p.ks, p.ke, out, fail, n_slots, sc, topk, p.next_n, p.n_pos,
-            NS_PAD=triton.next_power_of_2(n_slots), SC_PAD=sc_pad, CHUNK=min(chunk, triton.next_power_of_2(n_slots) * sc_pad),
+            NS_PAD=ns_pad, SC_PAD=sc_pad, CHUNK=chunk,
             TOPK_PAD=triton.next_power_of_2(topk), PAGED=p.paged, num_warps=select_warps(p), **pdl_launch(dev))
     return out, fail
 
