@@ -43,7 +43,7 @@ class ClockMonitor:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             gpu = visible.split(",")[dev] if visible else str(dev)  # an index or UUID nvidia-smi takes
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "-i", gpu, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                ["nvidia-smi", "-i", gpu, "--query-gpu=clocks.sm,power.draw.instant", "--format=csv,noheader,nounits",
                  "-lms", str(self.interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 
@@ -57,7 +57,7 @@ class ClockMonitor:
 
     @staticmethod
     def parse(text: str) -> list[tuple[float, float]]:
-        """(MHz, W) of each ``clocks.sm, power.draw`` line nvidia-smi printed; lines cut by
+        """(MHz, W) of each ``clocks.sm, power.draw.instant`` line nvidia-smi printed; lines cut by
         its termination or reading "[N/A]" are skipped."""
         samples = []
         for line in text.splitlines():
