@@ -1,10 +1,8 @@
-"""Steps of the top-k's search (flashdsa.ops.indexer.selection.kth_search), on CPU: numpy
-models over the int32 score keys of synthetic rows, each checked against a sort. Bisection
-without and with the early stop (the search before 2026-12-04 20:00 UTC), and the
-interpolated search the kernels run now (probes placed by the bracket's counts, an eighth
-inside it, a bisection after a step that did not halve the bracket).
+"""Steps of the top-k's binary search (flashdsa.ops.indexer.selection.kth_search) with and
+without its early stop, on CPU: a numpy model of the same search over the int32 score keys
+of synthetic rows, checked against a sort.
 
-    python -m benchmarks.probe_search_steps      # prints mean / max steps by score shape and row length
+    python -m benchmarks.probe_search_steps      # prints mean steps by score shape and row length
 
 Rows: sums of 64 ReLU'd normals weighted by uniforms (the shape of index scores), plain
 normals, and normals rounded to 1/8 (heavy ties: the early stop never fires there).
@@ -36,52 +34,23 @@ def search(keys: np.ndarray, k: int, early: bool) -> tuple[int, int]:
     return int(keys[keys >= lo].min()), steps
 
 
-def interpolated(keys: np.ndarray, k: int) -> tuple[int, int]:
-    """(the k-th largest key, steps) of kth_search's interpolated search."""
-    lo, hi, c_lo, c_hi, steps, bisect = int(keys.min()), int(keys.max()), len(keys), 0, 0, False
-    while hi > lo:
-        width = hi + 1 - lo
-        guess = lo + (c_lo - k) * width // (c_lo - c_hi)
-        guess = min(max(guess, lo + max(width // 8, 1)), hi - width // 8)
-        mid = lo + (hi - lo + 1) // 2 if bisect else guess
-        c = int((keys >= mid).sum())
-        steps += 1
-        old = hi - lo
-        if c == k:
-            lo = hi = mid
-            break
-        if c >= k:
-            lo, c_lo = mid, c
-        else:
-            hi, c_hi = mid - 1, c
-        bisect = not bisect and hi - lo > old // 2
-    return int(keys[keys >= lo].min()), steps
-
-
 def main():
     rng = np.random.default_rng(0)
     shapes = {"relu-sum": lambda n: np.maximum(rng.standard_normal((n, 64)), 0) @ rng.random(64),
-              "relu-sum, signed w": lambda n: np.maximum(rng.standard_normal((n, 64)), 0) @ rng.standard_normal(64),
               "normal": lambda n: rng.standard_normal(n),
               "ties (1/8 grid)": lambda n: np.round(rng.standard_normal(n) * 8) / 8}
-    # (row length, k, candidates only): a direct row, a threshold select's candidates
-    # (the keys at or above about rank 1.5 k of a 32K row), a sample's threshold rank
-    cases = ((8192, TOPK, False), (32768, TOPK, True), (2048, 192, False))
-    print(f"{'scores':20s} {'n':>6s} {'k':>5s} {'bisect':>8s} {'early stop':>10s} {'interpolated':>12s}   (mean / max steps)")
+    print(f"{'scores':16s} {'n':>6s} {'steps':>6s} {'early stop':>10s}")
     for name, gen in shapes.items():
-        for n, k, cand in cases:
-            runs = {"bisect": [], "early": [], "interp": []}
+        for n in (6000, 8192, 32768):
+            full, early = [], []
             for _ in range(20):
                 keys = score_keys(gen(n))
-                if cand:
-                    keys = keys[keys >= np.sort(keys)[-(3 * k) // 2]]
-                want = np.sort(keys)[-k]
-                for label, (t, st) in (("bisect", search(keys, k, False)), ("early", search(keys, k, True)),
-                                       ("interp", interpolated(keys, k))):
-                    assert t == want
-                    runs[label].append(st)
-            cols = " ".join(f"{np.mean(v):5.1f}/{max(v):<3d}" for v in runs.values())
-            print(f"{name:20s} {len(keys) if cand else n:6d} {k:5d} {cols}")
+                t_full, s_full = search(keys, TOPK, False)
+                t_early, s_early = search(keys, TOPK, True)
+                assert t_full == t_early == np.sort(keys)[-TOPK]
+                full.append(s_full)
+                early.append(s_early)
+            print(f"{name:16s} {n:6d} {np.mean(full):6.1f} {np.mean(early):10.1f}")
 
 
 if __name__ == "__main__":

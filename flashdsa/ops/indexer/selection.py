@@ -29,41 +29,27 @@ def score_key(s):
 @triton.jit
 def kth_search(keys, nvalid, thr, k):
     """(T, count(keys >= T)): T the k-th largest of one row's keys [CAP] (INT32_MIN: no
-    entry; nvalid entries, all >= ``thr``), exact (any value when nvalid < k). A search
-    on the int32 key range with the invariant count(key >= lo) >= k > count(key >= hi +
-    1), both counts carried along; ``thr`` (the last threshold, a lower bound of the
-    entries) tightens the start.
+    entry; nvalid entries, all >= ``thr``), exact (any value when nvalid < k). Binary
+    search on the int32 key range with the invariant count(key >= lo) >= k >
+    count(key >= hi + 1), the count at lo carried along; ``thr`` (the last threshold, a
+    lower bound of the entries) tightens the start.
 
-    Each step counts the keys at or above a probe. The probe interpolates between the
-    bracket's ends by their counts (where the count would reach k if the keys were
-    spread evenly over the bracket), kept an eighth of the bracket inside it; a step that
-    did not halve the bracket is followed by a bisection, so that a step halves it at
-    least every second step. The search stops at a probe with exactly k keys at or
-    above it: the answer is then the least of those k (one more reduction). On index-like
-    scores that takes 9-13 steps on average for rows of 2K-8K keys, against 11-18 for a
-    bisection (``python -m benchmarks.probe_search_steps``); ties at the k-th key, which
-    the early stop cannot end, take about 10% more steps than a bisection's bit width."""
+    The search stops early at a midpoint with exactly k keys at or above it: the answer
+    is then the least of those k (one more reduction). On distinct scores that happens
+    once the bracket holds a few keys, after about log2(nvalid) + 2 steps instead of
+    the bit width of the bracket (up to 31); ties at the k-th key run to the end."""
     lo = tl.min(tl.where(keys > INT32_MIN_C, keys, 2147483647), axis=0)
     lo = tl.maximum(lo, thr).to(tl.int64)
     hi = tl.max(keys, axis=0).to(tl.int64)
     lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
     c_lo = nvalid.to(tl.int32)
-    c_hi = c_lo * 0  # count(key >= hi + 1): none above the largest
-    bisect = c_lo * 0  # 0: interpolate, 1: bisect; start by interpolating
     while hi > lo:
-        width = hi + 1 - lo
-        frac = (c_lo - k).to(tl.float32) / (c_lo - c_hi).to(tl.float32)
-        guess = lo + (frac * width.to(tl.float32)).to(tl.int64)
-        guess = tl.minimum(tl.maximum(guess, lo + tl.maximum(width // 8, 1)), hi - width // 8)
-        mid = tl.where(bisect != 0, lo + (hi - lo + 1) // 2, guess)
+        mid = lo + (hi - lo + 1) // 2
         c = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0)
         ok = c >= k
-        old = hi - lo
         lo = tl.where(ok, mid, lo)
         c_lo = tl.where(ok, c, c_lo)
-        c_hi = tl.where(ok, c_hi, c)
         hi = tl.where(c == k, mid, tl.where(ok, hi, mid - 1))
-        bisect = ((bisect == 0) & (hi - lo > old // 2)).to(tl.int32)
     return tl.min(tl.where(keys >= lo.to(tl.int32), keys, 2147483647), axis=0), c_lo
 
 
