@@ -84,9 +84,9 @@ def indexer_select_kernel(bkey_ptr, bidx_ptr, cnt_ptr, thr_ptr, ks_ptr, ke_ptr, 
     candidates cannot give the exact answer: a slot overflowed, or fewer than
     min(topk, n) scores passed the threshold thr [r] (n: :func:`row_length`).
     Two passes (:func:`kth_cut` over the keys of all slots, then :func:`chunk_take`
-    over CHUNK entries of the slots at a time, position-major (:func:`_slot_entries`), where
-    the indices are read; the next chunk's keys are loaded while one is taken). PDL: see
-    flashdsa.ops.common.pdl_prologue."""
+    over CHUNK entries at a time, stepping through the slots' positions
+    (:func:`_slot_entries`), where the indices are read; the next chunk's keys are loaded
+    while one is taken). PDL: see flashdsa.ops.common.pdl_prologue."""
     pdl_prologue(PDL)
     r = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, NS_PAD)
