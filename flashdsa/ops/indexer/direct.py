@@ -82,19 +82,21 @@ def rows_topk_kernel(s_ptr, ks_ptr, ke_ptr, bt_ptr, out_ptr, stride_s, stride_bt
     end = start + n
     row = s_ptr + r * stride_s
     e = tl.arange(0, BLOCK)
-    inr = (e >= start) & (e < end)
-    keys = tl.where(inr, score_key(tl.load(row + e, mask=inr, other=0.0)), INT32_MIN_C)
+    # the whole row in vector loads (its scores outside [start, end) are not read as keys)
+    v = tl.load(row + e, mask=e < n_pos, other=0.0)
+    keys = tl.where((e >= start) & (e < end), score_key(v), INT32_MIN_C)
     T, n_gt, full, cut = kth_cut(keys, n, INT32_MIN_C, topk)
     out_row = out_ptr + r * topk
     c = tl.arange(0, CHUNK)
     n_take = n * 0
     n_eq = n * 0
-    v_next = tl.load(row + start + c, mask=start + c < end, other=0.0)
-    for c0 in range(start, end, CHUNK):
+    a0 = start // CHUNK * CHUNK  # aligned pieces: vector loads
+    v_next = tl.load(row + a0 + c, mask=a0 + c < n_pos, other=0.0)
+    for c0 in range(a0, end, CHUNK):
         off = c0 + c
-        m = off < end
+        m = (off >= start) & (off < end)
         kk = score_key(v_next)
-        v_next = tl.load(row + off + CHUNK, mask=off + CHUNK < end, other=0.0)  # in flight while this chunk is taken
+        v_next = tl.load(row + off + CHUNK, mask=off + CHUNK < n_pos, other=0.0)  # in flight while this chunk is taken
         take, pos, n_take, n_eq = chunk_take(kk, m, T, n_gt, full, cut, topk, n_take, n_eq)
         if PAGED:
             blk = tl.load(bt_ptr + (r // NEXT_N) * stride_bt + off // PAGE, mask=take, other=0)

@@ -27,30 +27,50 @@ def score_key(s):
 
 
 @triton.jit
+def _halve(lo, hi, c_lo, c, k, mid):
+    """One step of :func:`kth_search`'s bracket, given c = count(key >= mid)."""
+    ok = c >= k
+    return tl.where(ok, mid, lo), tl.where(c == k, mid, tl.where(ok, hi, mid - 1)), tl.where(ok, c, c_lo)
+
+
+@triton.jit
 def kth_search(keys, nvalid, thr, k):
-    """(T, count(keys >= T)): T the k-th largest of one row's keys [CAP] (INT32_MIN: no
-    entry; nvalid entries, all >= ``thr``), exact (any value when nvalid < k). Binary
-    search on the int32 key range with the invariant count(key >= lo) >= k >
-    count(key >= hi + 1), the count at lo carried along; ``thr`` (the last threshold, a
-    lower bound of the entries) tightens the start.
+    """(T, count(keys >= T), rel, base): T the k-th largest of one row's keys [CAP]
+    (INT32_MIN: no entry; nvalid entries, all >= ``thr``), exact (any value when nvalid <
+    k); rel = keys - base clamped to the search's first bracket (all in [0, 2^31)), which
+    :func:`kth_cut` counts from instead of the keys. Binary search on the int32 key
+    range with the invariant count(key >= lo) >= k > count(key >= hi + 1), the count at
+    lo carried along; ``thr`` (the last threshold, a lower bound of the entries) tightens
+    the start.
 
     The search stops early at a midpoint with exactly k keys at or above it: the answer
     is then the least of those k (one more reduction). On distinct scores that happens
     once the bracket holds a few keys, after about log2(nvalid) + 2 steps instead of
-    the bit width of the bracket (up to 31); ties at the k-th key run to the end."""
+    the bit width of the bracket (up to 31); ties at the k-th key run to the end.
+
+    Once the bracket spans less than 2^31 keys (at once, unless the row holds scores of
+    both signs far apart: then after one or two compares of the keys), the search counts
+    on rel, base = the bracket's low end: rel - m < 0 exactly when rel < m, so a count is
+    a subtraction and the sign bit's sum, half the instructions of a compare and a
+    select a key. Only rel is live from then on."""
     lo = tl.min(tl.where(keys > INT32_MIN_C, keys, 2147483647), axis=0)
     lo = tl.maximum(lo, thr).to(tl.int64)
     hi = tl.max(keys, axis=0).to(tl.int64)
     lo = tl.where(nvalid >= k, lo, hi)  # nothing to search in a short row
     c_lo = nvalid.to(tl.int32)
+    while hi - lo > 2147483646:
+        mid = lo + (hi - lo + 1) // 2
+        lo, hi, c_lo = _halve(lo, hi, c_lo, tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0), k, mid)
+    base = lo.to(tl.int32)
+    # [0, hi + 1 - lo] < 2^31: the keys above the bracket (after a compare step) at its top + 1
+    rel = tl.where(keys > hi.to(tl.int32), (hi + 1 - lo).to(tl.int32), tl.maximum(keys, base) - base)
+    n_all = c_lo * 0 + keys.numel
     while hi > lo:
         mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        ok = c >= k
-        lo = tl.where(ok, mid, lo)
-        c_lo = tl.where(ok, c, c_lo)
-        hi = tl.where(c == k, mid, tl.where(ok, hi, mid - 1))
-    return tl.min(tl.where(keys >= lo.to(tl.int32), keys, 2147483647), axis=0), c_lo
+        below = tl.sum(((rel - (mid - base).to(tl.int32)) >> 31) & 1, axis=0)  # entries with rel < mid - base
+        lo, hi, c_lo = _halve(lo, hi, c_lo, n_all - below, k, mid)
+    t = (lo - base.to(tl.int64)).to(tl.int32)
+    return tl.min(tl.where(rel >= t, rel, 2147483647), axis=0) + base, c_lo, rel, base
 
 
 @triton.jit
@@ -89,12 +109,12 @@ def kth_cut(keys, nvalid, thr, k):
     entries, all >= thr): (T = the k-th largest key, n_gt = entries above T when ties
     are cut, else 0, full = more than k entries, cut = ties at T must be cut). Only the keys need be live: the second
     pass (:func:`chunk_take`) re-reads the entries a chunk at a time."""
-    T, c_ge = kth_search(keys, nvalid, thr, k)
+    T, c_ge, rel, base = kth_search(keys, nvalid, thr, k)
     full = nvalid > k
     cut = full & (c_ge > k)  # T > INT32_MIN when full
     n_gt = (nvalid * 0).to(tl.int32)  # needed only to cut ties
     if cut:
-        n_gt = tl.sum((keys > T).to(tl.int32), axis=0)
+        n_gt = tl.sum((rel > T - base).to(tl.int32), axis=0)
     return T, n_gt, full, cut
 
 
