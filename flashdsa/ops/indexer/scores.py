@@ -115,15 +115,24 @@ def tile_scores(k8, kscale, qT, w, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     """Weighted ReLU head sum of one key tile.
 
     k8 [BLOCK_N, D_PAD], qT [D_PAD, BLOCK_Q * H_PAD], w [BLOCK_Q * H_PAD] fp32 (0 on padded
-    heads and rows), kscale [BLOCK_N] fp32. Returns [BLOCK_N, BLOCK_Q] fp32."""
+    heads and rows), kscale [BLOCK_N] fp32. Returns [BLOCK_N, BLOCK_Q] fp32.
+
+    The ReLU of the even dot columns is a max (ALU pipe), that of the odd ones x + |x|
+    = 2 ReLU(x) (an add, FMA pipe) with the weight halved: the same products, rounded
+    once in the same multiply-adds, with the epilogue's work shared between the two
+    pipes (an MMA accumulator keeps each even column and the next in one thread)."""
     if DOT == 0:
         acc = tl.dot(k8, qT)
     elif DOT == 1:
         acc = tl.dot(_fp16(k8), _fp16(qT))
     else:
         acc = tl.dot(k8.to(tl.float32), qT.to(tl.float32), input_precision="ieee")
-    acc = tl.maximum(acc, 0.0) * w[None, :]
-    s = tl.sum(tl.reshape(acc, [BLOCK_N, BLOCK_Q, H_PAD]), axis=2)
+    QH: tl.constexpr = BLOCK_Q * H_PAD
+    a, b = tl.split(tl.reshape(acc, [BLOCK_N, QH // 2, 2]))
+    relu = tl.reshape(tl.join(tl.maximum(a, 0.0), b + tl.abs(b)), [BLOCK_N, QH])
+    w_even, w_odd = tl.split(tl.reshape(w, [QH // 2, 2]))
+    w = tl.reshape(tl.join(w_even, w_odd * 0.5), [QH])
+    s = tl.sum(tl.reshape(relu * w[None, :], [BLOCK_N, BLOCK_Q, H_PAD]), axis=2)
     return s * kscale[:, None]
 
 
