@@ -55,8 +55,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _row(pid_q, j, S, ks_ptr, ke_ptr, thr_ptr, w_ptr, stride_ws, n_split, pid_s):
-        """Query row j of the program: (valid, ks, ke, thr, its first slot column, w [64],
-        the odd heads' halved)."""
+        """Query row j of the program: (valid, ks, ke, thr, its first slot column, w [64])."""
         r = pid_q * 4 + j
         ok = r < S
         ks = gl.load(ks_ptr + r, mask=ok, other=0)
@@ -64,7 +63,6 @@ if GLUON_AVAILABLE:
         thr = gl.load(thr_ptr + r, mask=ok, other=0)
         heads = gl.arange(0, 64, layout=HEAD_L)
         w = gl.load(w_ptr + r.to(gl.int64) * stride_ws + heads, mask=(heads < 64) & ok, other=0.0)
-        w = gl.where(heads % 2 == 1, w * 0.5, w)  # see _keep
         sbase = (r.to(gl.int64) * n_split + pid_s) * _BN
         return ok, ks, ke, thr, sbase, w
 
@@ -73,11 +71,7 @@ if GLUON_AVAILABLE:
         """One row's epilogue of a tile: the weighted ReLU head sum times the keys' scales,
         its int32 score keys, those at or above the threshold into the row's slots (column
         c of the tile into slot column c, at its running count); returns the new counts."""
-        # as scores.tile_scores: the even heads' ReLU a max, the odd heads' x + |x| with
-        # their weights halved (in _row); each thread holds an even column and the next
-        a, b = gl.split(gl.reshape(acc, [_BN, 32, 2]))
-        relu = gl.convert_layout(gl.reshape(gl.join(gl.maximum(a, 0.0), b + gl.abs(b)), [_BN, 64]), ACC_L)
-        s = gl.sum(relu * w[None, :], axis=1) * kscale
+        s = gl.sum(gl.maximum(acc, 0.0) * w[None, :], axis=1) * kscale
         b = s.to(gl.int32, bitcast=True)
         key = gl.where(b >= 0, b, b ^ 0x7FFFFFFF)
         keep = (offs >= ks) & (offs < ke) & (offs < hi) & ok & (key >= thr)
