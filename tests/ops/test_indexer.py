@@ -13,6 +13,8 @@ import pkgutil
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from flashdsa import api
 from flashdsa import reference as ref
@@ -227,6 +229,60 @@ def test_topk_exact_ties_and_rising_scores():
         check_topk(idx, r64, ks, ke, topk, atol=1e-9 * float(r64[torch.isfinite(r64)].abs().max()))
         idx = run_topk((q8, k8, rising, weights, ks, ke), topk, None, method, mode)
         check_topk(idx, r64r, ks, ke, topk, atol=1e-5 * float(r64r[torch.isfinite(r64r)].abs().max()))
+
+
+@triton.jit
+def _kth_kernel(x_ptr, n_ptr, k_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Row r of x [rows, BLOCK] (its first n [r] entries): (T, count(keys >= T), entries
+    above T when ties at T are cut, else 0) of selection.kth_search and kth_cut."""
+    r = tl.program_id(0)
+    e = tl.arange(0, BLOCK)
+    n = tl.load(n_ptr + r)
+    k = tl.load(k_ptr + r)
+    v = tl.load(x_ptr + r * BLOCK + e)
+    keys = tl.where(e < n, selection.score_key(v), selection.INT32_MIN_C)
+    T, c_ge, rel, base = selection.kth_search(keys, n, selection.INT32_MIN_C, k)
+    T2, n_gt, full, cut = selection.kth_cut(keys, n, selection.INT32_MIN_C, k)
+    tl.store(out_ptr + r * 4, T)
+    tl.store(out_ptr + r * 4 + 1, c_ge)
+    tl.store(out_ptr + r * 4 + 2, n_gt)
+    tl.store(out_ptr + r * 4 + 3, T2)
+
+
+def test_kth_search_on_wide_and_tied_keys():
+    """The search's k-th key, its count and the count above it when ties are cut, against
+    torch, on rows whose keys span more than 2^31 (scores of both signs far apart: the
+    search compares keys before it counts by sign), rows of one sign, heavy ties, -inf
+    holes and rows shorter than k."""
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    rows, block = 23, 512
+    x = torch.randn(rows, block, generator=g, dtype=torch.float64)
+    scale = 10.0 ** torch.randint(-3, 30, (rows, 1), generator=g)
+    x = (x * scale).float()
+    x[1::4] = x[1::4].abs()                                               # one sign
+    x[2::4] = torch.round(x[2::4] / scale[2::4].float() * 2)               # ties
+    x[3::4][torch.rand(x[3::4].shape, generator=g) < 0.3] = float("-inf")  # holes
+    n = torch.randint(1, block + 1, (rows,), generator=g, dtype=torch.int32)
+    k = torch.randint(1, 300, (rows,), generator=g, dtype=torch.int32)
+    out = torch.zeros(rows, 4, dtype=torch.int32, device=DEV)
+    _kth_kernel[(rows,)](x.to(DEV), n.to(DEV), k.to(DEV), out, BLOCK=block)
+    out = out.cpu()
+    b = x.view(torch.int32)
+    keys = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    wide = 0
+    for r in range(rows):
+        kr = keys[r, :n[r]].long()
+        wide += int(kr.max() - kr.min() > 2 ** 31 - 1)
+        if n[r] < k[r]:
+            continue   # any T (the callers take every entry)
+        want = kr.sort(descending=True).values[k[r] - 1]
+        c_ge = int((kr >= want).sum())
+        assert int(out[r, 0]) == want and int(out[r, 3]) == want, (seed, r)
+        assert int(out[r, 1]) == c_ge, (seed, r)
+        if n[r] > k[r] and c_ge > k[r]:
+            assert int(out[r, 2]) == int((kr > want).sum()), (seed, r)
+    assert wide >= 3, (seed, wide)
 
 
 def test_direct_chunks_and_auto_dispatch(monkeypatch):
