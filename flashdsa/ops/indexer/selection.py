@@ -64,7 +64,7 @@ def kth_search(keys, nvalid, thr, k):
     base = lo.to(tl.int32)
     # [0, hi + 1 - lo] < 2^31: the keys above the bracket (after a compare step) at its top + 1
     rel = tl.where(keys > hi.to(tl.int32), (hi + 1 - lo).to(tl.int32), tl.maximum(keys, base) - base)
-    n_all = c_lo * 0 + keys.numel
+    n_all = c_lo * 0 + keys.numel  # entries of the tile, as a scalar tensor (rel 0 for the empty ones)
     while hi > lo:
         mid = lo + (hi - lo + 1) // 2
         below = tl.sum(((rel - (mid - base).to(tl.int32)) >> 31) & 1, axis=0)  # entries with rel < mid - base
