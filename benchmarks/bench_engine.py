@@ -7,11 +7,16 @@ The model: V3.2's attention shapes per head (MLA with kv_lora 512 + rope 64, 128
 nope / v heads, the 64 x 128 FP8 lightning indexer, top-k 2048) at a small width
 (``--hidden``, ``--heads``, ``--layers``, dense SwiGLU MLP, byte vocabulary), random
 bf16 weights. Prompts are random tokens of ``--prompt-len`` each, greedy, EOS ignored.
+``--experts N``: V3's MoE instead of the dense MLP after the first layer (N routed
+experts in 8 groups, 4 groups and 8 experts a token, one shared expert, each of width
+``--hidden`` / 4).
 
 For each batch size and each engine setting (``default``: ``LLM(model)`` as a user makes
 it, CUDA graphs on where they work; ``eager``: ``cuda_graphs=False``, the engine's
-default before graphs were), the requests go through the engine's step loop (what
-``LLM.generate`` runs) twice, the first pass a warm-up (Triton compiles each shape once):
+default before graphs were; ``per_expert``: eager, with the MoE layers' per-expert
+forward, which reads the expert counts on the host, as before the engine stacked the
+experts), the requests go through the engine's step loop (what ``LLM.generate`` runs)
+twice, the first pass a warm-up (Triton compiles each shape once):
 
 - prefill: from adding the requests until every one has its first token (chunks of
   ``max_num_batched_tokens``; sequences done early decode beside later chunks);
@@ -36,13 +41,16 @@ from flashdsa.data import BOS, EOS, VOCAB_SIZE
 
 
 def small_v32(args) -> DSAConfig:
+    moe = dict(n_routed_experts=args.experts, num_experts_per_tok=8, n_group=8, topk_group=4,
+               n_shared_experts=1, moe_intermediate_size=args.hidden // 4, first_k_dense_replace=1)
+    moe = moe if args.experts else dict(n_routed_experts=None)
     if args.toy:
-        return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, n_routed_experts=None,
+        return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, **moe,
                          hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
                          v_head_dim=16, index_n_heads=4, index_head_dim=32, index_topk=32, rope_factor=1.0,
                          max_position_embeddings=4096, tie_word_embeddings=False)
-    return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, n_routed_experts=None,
+    return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, **moe,
                      hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                      num_hidden_layers=args.layers, num_attention_heads=args.heads, q_lora_rank=args.hidden // 2,
                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -95,11 +103,13 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-model-len", type=int, default=65536, help="the model's max_position_embeddings")
-    ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager"))
+    ap.add_argument("--experts", type=int, default=None,
+                    help="routed experts of MoE layers after the first (default: dense MLPs only)")
+    ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager", "per_expert"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from flashdsa.engine import LLM, EngineConfig
-    from flashdsa.model import DSAForCausalLM
+    from flashdsa.model import DSAForCausalLM, MoE
 
     prompt_len = args.prompt_len or (96 if args.toy else 32768)
     steps = args.decode_steps or (4 if args.toy else 64)
@@ -121,6 +131,10 @@ def main() -> None:
         t0 = time.perf_counter()
         llm = LLM(model, num_blocks=n_blocks, max_num_seqs=max(args.batches), **engine_args)
         build_s = time.perf_counter() - t0
+        if setting == "per_expert":   # the engine stacked the experts: undo it
+            for m in model.modules():
+                if isinstance(m, MoE):
+                    m._stacked = None
         graphs = getattr(llm.engine.runner, "graphs", None)
         for b in args.batches:
             prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]

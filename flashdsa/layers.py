@@ -160,7 +160,7 @@ class MLAOutput(NamedTuple):
     indexer_loss: torch.Tensor | None
 
 
-def _merge_rows(linears: list) -> torch.Tensor:
+def merge_rows(linears: list) -> torch.Tensor:
     """One weight tensor holding the given bias-free linears' weights as row blocks, each
     linear's weight turned into a view of its block."""
     w = torch.cat([m.weight.detach() for m in linears])
@@ -353,7 +353,7 @@ class MLA(nn.Module):
         down = [self.q_a_proj, self.kv_a_proj_with_mqa, ix.wk]
         if ix.weights_proj.weight.dtype == dt:
             down.append(ix.weights_proj)
-        self._merged = (_merge_rows(down), _merge_rows([self.q_b_proj, ix.wq_b]), len(down))
+        self._merged = (merge_rows(down), merge_rows([self.q_b_proj, ix.wq_b]), len(down))
 
     def _rope_fn(self, x: torch.Tensor):
         """MLA's interleaved RoPE: on a GPU without autograd one kernel (instead of the

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DSAConfig
-from .layers import MLA, MLAOutput, RMSNorm
+from .layers import MLA, MLAOutput, RMSNorm, merge_rows
 
 
 class DSAOutput(NamedTuple):
@@ -137,9 +137,34 @@ class MoEGate(nn.Module):
         return weights * self.scale, ids
 
 
+# torch's grouped GEMM (public as F.grouped_mm in recent releases, torch._grouped_mm since 2.8)
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_unsupported(dtype: torch.dtype, device: torch.device) -> str | None:
+    """None when torch's grouped GEMM takes operands of ``dtype`` on ``device`` (its CUDA
+    kernels: bf16 on sm_90 and sm_100; on CPU: bf16, fp16 and fp32), else why not."""
+    if _GROUPED_MM is None:
+        return f"this torch ({torch.__version__}) has no grouped GEMM (torch >= 2.8 has)"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"torch's grouped GEMM on CUDA takes bf16 weights, not {dtype}"
+        if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+            return "torch's grouped GEMM on CUDA needs sm_90 or sm_100"
+        return None
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    return f"torch's grouped GEMM does not take {dtype} on {device.type}"
+
+
 class MoE(nn.Module):
-    """Routed experts + always-on shared experts (DeepSeek-V3). Tokens are grouped by
-    expert with one sort, so each expert runs one matmul over its tokens."""
+    """Routed experts + always-on shared experts (DeepSeek-V3).
+
+    Two forwards with the same result: tokens grouped by expert with one sort, each
+    expert one matmul over its tokens (reads the group sizes on the host); or, after
+    :meth:`stack_experts` and without autograd, two grouped GEMMs over all experts
+    (:meth:`grouped_forward`: fixed shapes, no host synchronization, so a CUDA graph can
+    capture it)."""
 
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -148,11 +173,41 @@ class MoE(nn.Module):
                                      for _ in range(cfg.n_routed_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self._stacked = None   # (w13 [E, 2 * I, hidden], w2 [E, hidden, I], why not grouped): see stack_experts
+
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        """For inference: store the routed experts' weights in two tensors, gate and up
+        projections as w13 [E, 2 * I, hidden] (each expert's gate rows, then its up rows)
+        and down projections as w2 [E, hidden, I], each expert's weights becoming views of
+        them (same values and names, still trainable; moving the module afterwards undoes
+        it). The forward then takes :meth:`grouped_forward` where torch's grouped GEMM
+        takes the weights (:func:`grouped_mm_unsupported`)."""
+        e = len(self.experts)
+        w13 = merge_rows([lin for m in self.experts for lin in (m.gate_proj, m.up_proj)])
+        w2 = merge_rows([m.down_proj for m in self.experts])
+        self._stacked = (w13.view(e, -1, w13.shape[-1]), w2.view(e, -1, w2.shape[-1]),
+                         grouped_mm_unsupported(w13.dtype, w13.device))
+
+    def grouped_unsupported(self) -> str | None:
+        """None when the forward takes :meth:`grouped_forward` (without autograd), else why not."""
+        if self._stacked is None or self._stacked[0].data_ptr() != self.experts[0].gate_proj.weight.data_ptr():
+            return "the MoE experts are not stacked (MoE.stack_experts)"
+        return self._stacked[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)                                  # [T, k]
+        if x.shape[0] and not torch.is_grad_enabled() and self.grouped_unsupported() is None:
+            out = self.grouped_forward(x, weights, ids)
+        else:
+            out = self._sorted_forward(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+    def _sorted_forward(self, x, weights, ids):
         flat = ids.flatten()
         order = flat.argsort()
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -166,9 +221,24 @@ class MoE(nn.Module):
                 y = self.experts[e](x[rows]) * w_sorted[start:start + n, None].to(x.dtype)
                 out.index_add_(0, rows, y)
                 start += n
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out.view(shape)
+        return out
+
+    def grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output [T, hidden] for x [T, hidden] and the router's weights
+        and expert ids [T, k], by two grouped GEMMs over the (token, expert) pairs sorted
+        by expert; needs :meth:`stack_experts`. Every shape follows from T, and the group
+        ends are computed on the device: no host synchronization."""
+        w13, w2, _ = self._stacked
+        t, k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        experts = torch.arange(w13.shape[0], device=x.device, dtype=flat.dtype)
+        ends = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)   # [E] group ends
+        h = _GROUPED_MM(x[order // k], w13.transpose(1, 2), offs=ends)                # [T * k, 2 * I]
+        gate, up = h.chunk(2, dim=-1)
+        y = _GROUPED_MM(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)             # [T * k, hidden]
+        pairs = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)           # back to token order
+        return (pairs * weights[..., None].to(x.dtype)).sum(1)
 
 
 class DecoderLayer(nn.Module):

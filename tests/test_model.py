@@ -151,6 +151,78 @@ def test_moe_matches_per_token_loop():
     torch.testing.assert_close(out.view(-1, 16), ref, rtol=1e-5, atol=1e-5)
 
 
+def _moe(dtype, **kw):
+    moe = MoE(tiny_config(hidden_size=16, **kw))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 37])
+def test_stacked_experts_grouped_forward_equals_per_expert_forward(dtype, tokens):
+    """After stack_experts, forwards without autograd take two grouped GEMMs (one token:
+    most experts get none); against the float64 module both forwards err alike (budget:
+    twice the per-expert forward's error, plus fp32 rounding). Names, values and the
+    trainable path stay as they were."""
+    moe = _moe(dtype)
+    exact = _moe(torch.float64)
+    exact.load_state_dict(moe.state_dict())
+    x = torch.randn(tokens, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = exact(x)
+        per_expert = moe(x.to(dtype)).double()
+        state = {k: v.clone() for k, v in moe.state_dict().items()}
+        moe.stack_experts()
+        assert moe.grouped_unsupported() is None
+        assert all(torch.equal(v, state[k]) for k, v in moe.state_dict().items())
+        w13, w2, _ = moe._stacked
+        assert moe.experts[1].up_proj.weight.data_ptr() == w13[1, 16:].data_ptr()
+        assert moe.experts[2].down_proj.weight.data_ptr() == w2[2].data_ptr()
+        calls = []
+        grouped = moe.grouped_forward
+        moe.grouped_forward = lambda *a: calls.append(1) or grouped(*a)
+        got = moe(x.to(dtype)).double()
+        assert calls == [1]
+    err_grouped = float((got - ref).abs().max())
+    err_expert = float((per_expert - ref).abs().max())
+    assert err_grouped <= 2 * err_expert + 1e-6 * float(ref.abs().max()), (err_grouped, err_expert)
+    moe.grouped_forward = lambda *a: pytest.fail("autograd must take the per-expert forward")
+    moe(x.to(dtype)).float().sum().backward()
+    chosen = moe.gate(x.to(dtype))[1].unique().tolist()
+    assert all(moe.experts[e].gate_proj.weight.grad is not None for e in chosen)
+
+
+def test_grouped_moe_forward_has_no_host_sync():
+    """The grouped forward traces into one graph (torch.compile fullgraph: a host read of
+    the expert counts would break it, as it does for the per-expert forward), which is
+    what lets a CUDA graph capture an MoE decode step."""
+    moe = _moe(torch.bfloat16)
+    moe.stack_experts()
+    x = torch.randn(9, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        w, ids = moe.gate(x)
+        want = moe.grouped_forward(x, w, ids)
+        got = torch.compile(moe.grouped_forward, backend="eager", fullgraph=True)(x, w, ids)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(Exception, match="[Dd]ata.dependent|tolist|GuardOnDataDependent"):
+            torch.compile(moe._sorted_forward, backend="eager", fullgraph=True)(x, w, ids)
+
+
+def test_grouped_moe_unsupported_says_why():
+    """Where torch's grouped GEMM does not take the weights the per-expert forward runs, and
+    grouped_unsupported names the reason (the engine's CUDA-graph check reports it)."""
+    from flashdsa.model import grouped_mm_unsupported
+    assert "float64" in grouped_mm_unsupported(torch.float64, torch.device("cpu"))
+    assert "bf16" in grouped_mm_unsupported(torch.float32, torch.device("cuda"))
+    moe = _moe(torch.float64)
+    assert "not stacked" in moe.grouped_unsupported()
+    moe.stack_experts()
+    assert "float64" in moe.grouped_unsupported()
+    moe.float()   # moving the module gives the experts their own storage again
+    assert "not stacked" in moe.grouped_unsupported()
+
+
 def test_bad_arguments_are_named():
     model = DSAForCausalLM(tiny_config())
     with pytest.raises(ValueError, match="attention"):

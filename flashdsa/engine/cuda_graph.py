@@ -8,9 +8,11 @@ also for rows whose context is within top-k, which select all of it (the eager s
 the kernels does the same). Batches are padded up to a captured size (1, 2, 4, 8, 16,
 32, ...); padding rows decode position 0 of a scratch block that no sequence owns.
 
-"Where possible": only decode-only steps, only on a GPU with the Triton kernels, and
-only for models without MoE layers (the MoE forward reads expert counts on the host).
-When capture fails, the engine warns and stays eager.
+"Where possible": only decode-only steps, only on a GPU with the Triton kernels, and,
+in models with MoE layers, only where their experts run as grouped GEMMs (the engine
+stacks them: :meth:`flashdsa.model.MoE.stack_experts`; bf16 weights on sm_90 or sm_100),
+since the per-expert forward reads the expert counts on the host. When capture fails,
+the engine warns and stays eager.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ def graphs_supported(model, device: torch.device, backend: str) -> str | None:
         return "CUDA graphs need a CUDA device"
     if backend == "reference":
         return "CUDA graphs need the Triton kernels (backend 'auto' or 'triton')"
-    if any(isinstance(layer.mlp, MoE) for layer in model.model.layers):
-        return "the MoE forward synchronizes with the host (expert counts): not capturable"
+    for layer in model.model.layers:
+        why = layer.mlp.grouped_unsupported() if isinstance(layer.mlp, MoE) else None
+        if why is not None:
+            return f"the MoE layers read their expert counts on the host (no grouped GEMM: {why})"
     return None
 
 

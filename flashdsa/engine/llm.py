@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layers import LightningIndexer
+from ..model import MoE
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
 from .sampler import SamplingParams, sample
@@ -63,8 +64,9 @@ class LLMEngine:
     tokens the scheduler picked and returns a :class:`RequestOutput` for every request
     that got a new token or finished. Not thread safe: one thread drives it
     (see engine.server for the serving loop). At start every layer's projections are
-    merged (:meth:`flashdsa.layers.MLA.merge_projections`: the model's weights become
-    views of the merged tensors, same values)."""
+    merged (:meth:`flashdsa.layers.MLA.merge_projections`) and the routed experts of
+    every MoE layer stacked (:meth:`flashdsa.model.MoE.stack_experts`): the model's
+    weights become views of the merged tensors, same values and names."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval()
@@ -76,6 +78,8 @@ class LLMEngine:
         self.model_config = cfg
         for layer in model.model.layers:   # one GEMM per input for MLA's and the indexer's projections
             layer.self_attn.merge_projections()
+            if isinstance(layer.mlp, MoE):  # grouped GEMMs over the experts: no host sync, capturable
+                layer.mlp.stack_experts()
         self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -243,6 +243,23 @@ def test_cuda_graphs_switch():
         assert parser.parse_args(["generate", "random:tiny", *flags]).cuda_graphs is want
 
 
+def test_engine_stacks_experts_and_captures_moe_models():
+    """The engine stacks every MoE layer's experts (the grouped forward: no host sync), so
+    CUDA graphs refuse an MoE model only where torch's grouped GEMM does not take its
+    weights (here float64), and say so."""
+    from flashdsa.engine.cuda_graph import graphs_supported
+    from flashdsa.model import MoE
+    cuda = torch.device("cuda")   # the check itself needs no GPU
+    for dtype, why in ((torch.bfloat16, None), (torch.float64, "float64")):
+        model = tiny_model(seed=5, dtype=dtype)
+        assert "MoE" in graphs_supported(model, cuda, "auto")
+        LLMEngine(model, config=EngineConfig(num_blocks=4))
+        moe = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        assert moe and all(m._stacked is not None for m in moe)
+        got = graphs_supported(model, cuda, "auto")
+        assert got is None if why is None else why in got, got
+
+
 def test_engine_merges_projections_and_model_stays_usable(tmp_path):
     """The engine merges each layer's projections (views of one tensor per input): the
     model keeps its values, still saves and reloads through save_pretrained, and its own

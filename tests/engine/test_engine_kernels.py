@@ -174,9 +174,11 @@ def test_graph_decode_body_matches_eager_step(monkeypatch):
 
 
 @requires_cuda
-def test_cuda_graph_decode_matches_eager():
-    """Dense-MLP model (MoE is not capturable): captured decode == eager decode."""
-    model = tiny_model(seed=43, dtype=torch.bfloat16, std=0.02, n_routed_experts=None, kv_lora_rank=512,
+@pytest.mark.parametrize("experts", [None, 4])
+def test_cuda_graph_decode_matches_eager(experts):
+    """Dense-MLP and MoE models (the engine's stacked experts: grouped GEMMs): captured
+    decode == eager decode."""
+    model = tiny_model(seed=43, dtype=torch.bfloat16, std=0.02, n_routed_experts=experts, kv_lora_rank=512,
                        qk_rope_head_dim=64, hidden_size=256, num_attention_heads=16, index_n_heads=8,
                        index_head_dim=128, index_topk=64, max_position_embeddings=1024).cuda()
     g = torch.Generator().manual_seed(7)
