@@ -8,7 +8,7 @@ import torch
 
 from flashdsa.config import DSAConfig
 from flashdsa.model import MLP, CausalLMOutput, DSAForCausalLM, DSAOutput, MoE, MoEGate
-from tests.utils import OFFICIAL_671B
+from tests.utils import OFFICIAL_671B, requires_cuda
 
 
 def tiny_config(**kw) -> DSAConfig:
@@ -151,24 +151,25 @@ def test_moe_matches_per_token_loop():
     torch.testing.assert_close(out.view(-1, 16), ref, rtol=1e-5, atol=1e-5)
 
 
-def _moe(dtype, **kw):
+def _moe(dtype, device="cpu", **kw):
     moe = MoE(tiny_config(hidden_size=16, **kw))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    return moe.to(dtype)
+    return moe.to(device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=requires_cuda)])
 @pytest.mark.parametrize("tokens", [1, 7, 37])
-def test_stacked_experts_grouped_forward_equals_per_expert_forward(dtype, tokens):
+def test_stacked_experts_grouped_forward_equals_per_expert_forward(device, dtype, tokens):
     """After stack_experts, forwards without autograd take two grouped GEMMs (one token:
     most experts get none); against the float64 module both forwards err alike (budget:
     twice the per-expert forward's error, plus fp32 rounding). Names, values and the
-    trainable path stay as they were."""
-    moe = _moe(dtype)
-    exact = _moe(torch.float64)
+    trainable path stay as they were. On a GPU: torch's CUDA grouped GEMM (bf16)."""
+    moe = _moe(dtype, device)
+    exact = _moe(torch.float64, device)
     exact.load_state_dict(moe.state_dict())
-    x = torch.randn(tokens, 16, dtype=torch.float64)
+    x = torch.randn(tokens, 16, dtype=torch.float64, device=device)
     with torch.no_grad():
         ref = exact(x)
         per_expert = moe(x.to(dtype)).double()

@@ -57,6 +57,30 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
 
 
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take (free device memory plus torch's
+    cached free blocks); None off CUDA (no limit checked)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def stack_experts(model, free_bytes: int | None) -> None:
+    """Stack the routed experts of every MoE layer of ``model``
+    (:meth:`flashdsa.model.MoE.stack_experts`: grouped GEMMs, no host sync, so MoE
+    decode steps can be captured in CUDA graphs). Stacking a layer briefly holds its
+    experts twice: where ``free_bytes`` cannot take the largest layer's experts, nothing
+    is stacked and the engine warns (MoE layers then run expert by expert, eagerly)."""
+    moe = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    need = max((sum(p.numel() * p.element_size() for p in m.experts.parameters()) for m in moe), default=0)
+    if free_bytes is not None and need > free_bytes:
+        warnings.warn(f"flashdsa engine: stacking an MoE layer's experts needs {need / 2 ** 30:.2f} GiB free, "
+                      f"{free_bytes / 2 ** 30:.2f} GiB are: MoE layers run expert by expert (no CUDA graphs)")
+        return
+    for m in moe:
+        m.stack_experts()
+
+
 class LLMEngine:
     """Continuous-batching inference over paged caches for a DSAForCausalLM.
 
@@ -78,8 +102,7 @@ class LLMEngine:
         self.model_config = cfg
         for layer in model.model.layers:   # one GEMM per input for MLA's and the indexer's projections
             layer.self_attn.merge_projections()
-            if isinstance(layer.mlp, MoE):  # grouped GEMMs over the experts: no host sync, capturable
-                layer.mlp.stack_experts()
+        stack_experts(model, free_device_bytes(next(model.parameters()).device))
         self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -246,8 +246,10 @@ def test_cuda_graphs_switch():
 def test_engine_stacks_experts_and_captures_moe_models():
     """The engine stacks every MoE layer's experts (the grouped forward: no host sync), so
     CUDA graphs refuse an MoE model only where torch's grouped GEMM does not take its
-    weights (here float64), and say so."""
+    weights (here float64), and say so; without the memory to stack a layer's experts
+    it warns and leaves them."""
     from flashdsa.engine.cuda_graph import graphs_supported
+    from flashdsa.engine.llm import stack_experts
     from flashdsa.model import MoE
     cuda = torch.device("cuda")   # the check itself needs no GPU
     for dtype, why in ((torch.bfloat16, None), (torch.float64, "float64")):
@@ -258,6 +260,10 @@ def test_engine_stacks_experts_and_captures_moe_models():
         assert moe and all(m._stacked is not None for m in moe)
         got = graphs_supported(model, cuda, "auto")
         assert got is None if why is None else why in got, got
+    model = tiny_model(seed=5, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="stacking an MoE layer's experts needs"):
+        stack_experts(model, free_bytes=1000)   # the tiny MoE layer's experts take 18 KB in bf16
+    assert "not stacked" in graphs_supported(model, cuda, "auto")
 
 
 def test_engine_merges_projections_and_model_stays_usable(tmp_path):
