@@ -69,6 +69,11 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.disabled: str | None = None
+        # the block table on the host, kept across steps: row i holds the first
+        # self._rows[i][1] blocks of the list self._rows[i][0] (None: scratch only), so a
+        # step writes only rows whose sequence changed or got a block
+        self._table = torch.full((n, max_blocks), scratch_block, dtype=torch.int32)
+        self._rows: list[tuple[list | None, int]] = [(None, 0)] * n
 
     def _meta(self, b: int) -> StepMetadata:
         return StepMetadata(positions=self.positions[:b], slots=self.slots[:b], token_seq=self.token_seq[:b],
@@ -124,6 +129,23 @@ class DecodeGraphs:
         return all(n == 1 and seq.num_computed == seq.num_tokens - 1 and len(seq.blocks) <= self.max_blocks
                    for seq, n in scheduled)
 
+    def _set_row(self, i: int, blocks: list | None) -> None:
+        """Host block-table row i := ``blocks`` (a sequence's block list, None: padding),
+        writing only what changed since the last step (the list is the sequence's own: it
+        grows in place and is replaced when the sequence is preempted or freed)."""
+        held, n = self._rows[i]
+        if blocks is None:
+            if held is not None:
+                self._table[i].fill_(self.scratch_block)
+                self._rows[i] = (None, 0)
+            return
+        if held is not blocks:
+            self._table[i].fill_(self.scratch_block)
+            n = 0
+        if len(blocks) > n:
+            self._table[i, n:len(blocks)] = torch.tensor(blocks[n:], dtype=torch.int32)
+        self._rows[i] = (blocks, len(blocks))
+
     @torch.inference_mode()
     def run(self, scheduled) -> tuple[torch.Tensor, list[int]]:
         """Replay the graph of the smallest captured size >= len(scheduled) (without a
@@ -131,14 +153,15 @@ class DecodeGraphs:
         b = len(scheduled)
         size = next(s for s in self.sizes if s >= b)
         ids, pos, slots, ctx = [], [], [], []
-        table = torch.full((size, self.max_blocks), self.scratch_block, dtype=torch.int32)
         for i, (seq, _) in enumerate(scheduled):
             p = seq.num_computed
-            ids.append(seq.tokens[p])
+            ids.append(seq.token_slice(p, p + 1)[0])
             pos.append(p)
             slots.append(seq.blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
             ctx.append(p + 1)
-            table[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+            self._set_row(i, seq.blocks)
+        for i in range(b, size):
+            self._set_row(i, None)
         pad = size - b
         ids += [0] * pad
         pos += [0] * pad
@@ -148,7 +171,7 @@ class DecodeGraphs:
         self.positions[:size].copy_(torch.tensor(pos), non_blocking=True)
         self.slots[:size].copy_(torch.tensor(slots), non_blocking=True)
         self.context_lens[:size].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
-        self.block_table[:size].copy_(table, non_blocking=True)
+        self.block_table[:size].copy_(self._table[:size], non_blocking=True)
         if size in self.graphs:
             graph, out = self.graphs[size]
             graph.replay()

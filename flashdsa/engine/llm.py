@@ -181,24 +181,40 @@ class LLMEngine:
             ids.add(eos)
         return ids
 
+    def _detokenize(self, seq: Sequence, end: int, flush: bool = False) -> int:
+        """Append the text of output_ids[read_offset:end] to seq.text; returns how many
+        characters it grew. Incremental: the new text is what decoding from prefix_offset
+        adds to decoding up to read_offset (a few tokens of context, for tokenizers whose
+        decoding of a token depends on its neighbours), so a step costs a few tokens, not
+        the whole output. Text that ends in a partial UTF-8 character (U+FFFD) waits for
+        the next token, unless ``flush`` (the request ends)."""
+        prefix = self.tokenizer.decode(seq.output_ids[seq.prefix_offset:seq.read_offset])
+        new = self.tokenizer.decode(seq.output_ids[seq.prefix_offset:end])
+        if len(new) <= len(prefix) or (new.endswith("\ufffd") and not flush):
+            return 0
+        seq.text += new[len(prefix):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, end
+        return len(new) - len(prefix)
+
     def _append(self, seq: Sequence, token: int) -> None:
         """Add a sampled token; update the text and decide whether the request is done."""
         seq.output_ids.append(token)
         p = seq.params
+        n = len(seq.output_ids)
         if token in self._stop_ids(p):
             seq.finish_reason = "stop"
-            seq.text = self.tokenizer.decode(seq.output_ids[:-1])
+            self._detokenize(seq, n - 1, flush=True)        # the stop token's text is not kept
         else:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            for s in p.stop:
-                # only the tail can hold a new match: the text grew by a few characters
-                cut = seq.text.find(s, max(0, len(seq.text) - len(s) - 8))
+            done = len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            grew = self._detokenize(seq, n, flush=done)
+            for s in p.stop if grew else ():
+                # only the tail can hold a new match: the text grew by ``grew`` characters
+                cut = seq.text.find(s, max(0, len(seq.text) - len(s) - grew + 1))
                 if s and cut >= 0:
                     seq.text, seq.finish_reason = seq.text[:cut], "stop"
                     break
-        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens
-                                          or seq.num_tokens >= self.max_model_len):
-            seq.finish_reason = "length"
+            if seq.finish_reason is None and done:
+                seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.status = Status.FINISHED
             self.scheduler.free(seq)

@@ -30,7 +30,7 @@ class ModelRunner:
             pos = torch.arange(start, start + n)
             blocks = torch.tensor(seq.blocks, dtype=torch.int64)
             table[b, : len(seq.blocks)] = blocks.to(torch.int32)
-            ids.append(torch.tensor(seq.tokens[start:start + n], dtype=torch.int64))
+            ids.append(torch.tensor(seq.token_slice(start, start + n), dtype=torch.int64))
             positions.append(pos)
             slots.append(blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE)
             token_seq.append(torch.full((n,), b, dtype=torch.int64))

@@ -44,11 +44,22 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.text = ""                 # detokenized output (the engine keeps it up to date)
+        self.prefix_offset = 0         # output_ids[prefix_offset:read_offset]: the tokens the last
+        self.read_offset = 0           # new text was decoded after (see LLMEngine._detokenize)
         self.generator = make_generator(params)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole token list (decode steps read one)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     @property
     def num_tokens(self) -> int:

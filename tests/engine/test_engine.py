@@ -107,6 +107,59 @@ def test_stop_tokens_strings_and_max_tokens():
     assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
 
 
+def test_incremental_text_equals_decoding_the_whole_output():
+    """The engine decodes a few tokens a step, not the whole output: the text grows by
+    whole characters (a UTF-8 character split over tokens waits for its last byte, an
+    invalid byte is replaced as the full decode replaces it), equals the full decode of
+    the output whenever that has no partial character at its end, and at the end (length,
+    stop token, stop string) exactly as the full decode gives it."""
+    from flashdsa.engine.scheduler import Sequence
+    engine = LLMEngine(tiny_model(), config=EngineConfig(num_blocks=8))
+    tok = engine.tokenizer
+    raw = list("aé€😀 b".encode()) + [0xE2, 0x82, ord("x"), 0x80, ord("y")] + list("ñ end".encode())
+    cases = [(raw, SamplingParams(max_tokens=len(raw), **GREEDY), "length", tok.decode(raw)),
+             (raw[:2] + [tok.eos_token_id], SamplingParams(max_tokens=99, temperature=0), "stop", tok.decode(raw[:2])),
+             (raw, SamplingParams(max_tokens=99, stop=["😀 "], **GREEDY), "stop", "aé€")]
+    for ids, params, reason, want in cases:
+        seq = Sequence("r", [65], params)
+        engine.scheduler.add(seq)
+        for i, t in enumerate(ids):
+            engine._append(seq, t)
+            assert "\ufffd" not in seq.text[-1:] or seq.finished, (i, seq.text)
+            full = tok.decode(seq.output_ids)
+            if not seq.finished and not full.endswith("\ufffd"):
+                assert seq.text == full, (i, seq.text, full)
+            if seq.finished:
+                break
+        assert seq.finish_reason == reason and seq.text == want, (reason, seq.text, want)
+
+
+def test_graph_inputs_keep_the_block_table_across_steps():
+    """The captured decode's host block table is written row by row as sequences join,
+    leave, grow a block or are preempted (a new block list): after every step it equals
+    the table built from scratch."""
+    from types import SimpleNamespace
+
+    from flashdsa.engine.cuda_graph import DecodeGraphs
+    graphs = DecodeGraphs(SimpleNamespace(device=torch.device("cpu")), max_batch=4, max_blocks=6, scratch_block=99)
+    a, b, c = [3, 4], [7], [1, 2, 5]
+    steps = [[a, b], [a, b, c], [b, c], [b, c], [c, b, a], [c]]
+    for step, lists in enumerate(steps):
+        if step == 3:
+            b.append(8)          # b grew a block
+        if step == 4:
+            c = [9]              # c was preempted and came back with a new list
+            lists[0] = c
+        for i, blocks in enumerate(lists):
+            graphs._set_row(i, blocks)
+        for i in range(len(lists), 4):
+            graphs._set_row(i, None)
+        want = torch.full((4, 6), 99, dtype=torch.int32)
+        for i, blocks in enumerate(lists):
+            want[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        assert torch.equal(graphs._table, want), step
+
+
 def test_sampling_seed_and_batch_independence():
     model = tiny_model(seed=8)
     prompts = prompts_of([6, 11, 20], seed=9)
