@@ -13,6 +13,7 @@ operands and top-k on the main stream, and joins before the sparse decode.
 
     python -m benchmarks.probe_decode_overlap                    # H200 (about 2 min)
     python -m benchmarks.probe_decode_overlap --toy              # CPU: the logic only
+    TRITON_INTERPRET=1 python -m benchmarks.probe_decode_overlap --toy --backend triton   # + the kernels
 
 For each context and batch: both steps of ``--layers`` V3.2 layers, captured in CUDA
 graphs (as the engine and ``benchmarks.cost_curve`` run decode), timed in turns
@@ -105,11 +106,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--backend", default=None, help="default: auto on a GPU, reference on CPU")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.toy
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    backend = "auto" if cuda else "reference"
+    backend = args.backend or ("auto" if cuda else "reference")
     contexts = args.contexts or ([256] if args.toy else [8192, 32768, 131072])
     cfg = DSAConfig(**(TOY if args.toy else V32), rope_factor=1.0 if args.toy else 40.0,
                     max_position_embeddings=max(163840, max(contexts)))
