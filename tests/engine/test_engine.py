@@ -296,23 +296,28 @@ def test_cuda_graphs_switch():
         assert parser.parse_args(["generate", "random:tiny", *flags]).cuda_graphs is want
 
 
-def test_engine_stacks_experts_and_captures_moe_models():
+def test_engine_stacks_experts_and_captures_moe_models(tmp_path):
     """The engine stacks every MoE layer's experts (the grouped forward: no host sync), so
     CUDA graphs refuse an MoE model only where torch's grouped GEMM does not take its
-    weights (here float64), and say so; without the memory to stack a layer's experts
-    it warns and leaves them."""
+    weights (here float64), and say so; the model still saves and reloads with its
+    values; without the memory to stack a layer's experts it warns and leaves them."""
+    from flashdsa.checkpoint import from_pretrained, save_pretrained
     from flashdsa.engine.cuda_graph import graphs_supported
     from flashdsa.engine.llm import stack_experts
     from flashdsa.model import MoE
     cuda = torch.device("cuda")   # the check itself needs no GPU
     for dtype, why in ((torch.bfloat16, None), (torch.float64, "float64")):
         model = tiny_model(seed=5, dtype=dtype)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
         assert "MoE" in graphs_supported(model, cuda, "auto")
         LLMEngine(model, config=EngineConfig(num_blocks=4))
         moe = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
         assert moe and all(m._stacked is not None for m in moe)
         got = graphs_supported(model, cuda, "auto")
         assert got is None if why is None else why in got, got
+        save_pretrained(model, tmp_path / str(dtype))
+        again = from_pretrained(tmp_path / str(dtype))
+        assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
     model = tiny_model(seed=5, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="stacking an MoE layer's experts needs"):
         stack_experts(model, free_bytes=1000)   # the tiny MoE layer's experts take 18 KB in bf16
