@@ -60,11 +60,17 @@ class DecodeGraphs:
         self.sizes.append(max_batch)
         dev = runner.device
         n = max_batch
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), scratch_block * PAGE_SIZE, dtype=torch.int64, device=dev)
-        self.block_table = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # the static inputs in two buffers, each filled on the host (pinned on a GPU) and
+        # sent in one copy a step: int64 rows ids, positions, slots; int32 context_lens
+        # [n], then the block table [n, max_blocks]
+        pin = dev.type == "cuda"
+        self._h64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
+        self._h32 = torch.empty(n * (max_blocks + 1), dtype=torch.int32, pin_memory=pin)
+        self._i64 = torch.empty_like(self._h64, device=dev)
+        self._i32 = torch.empty_like(self._h32, device=dev)
+        self.ids, self.positions, self.slots = self._i64
+        self.context_lens = self._i32[:n]
+        self.block_table = self._i32[n:].view(n, max_blocks)
         self.token_seq = torch.arange(n, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -72,8 +78,10 @@ class DecodeGraphs:
         # the block table on the host, kept across steps: row i holds the first
         # self._rows[i][1] blocks of the list self._rows[i][0] (None: scratch only), so a
         # step writes only rows whose sequence changed or got a block
-        self._table = torch.full((n, max_blocks), scratch_block, dtype=torch.int32)
+        self._table = self._h32[n:].view(n, max_blocks)
         self._rows: list[tuple[list | None, int]] = [(None, 0)] * n
+        self._sent = torch.cuda.Event() if pin else None   # the last step's copies (host buffers in use)
+        self._reset_padding()
 
     def _meta(self, b: int) -> StepMetadata:
         return StepMetadata(positions=self.positions[:b], slots=self.slots[:b], token_seq=self.token_seq[:b],
@@ -93,11 +101,15 @@ class DecodeGraphs:
         return model.lm_head(inner.norm(x)).float()
 
     def _reset_padding(self) -> None:
-        self.ids.zero_()
-        self.positions.zero_()
-        self.slots.fill_(self.scratch_block * PAGE_SIZE)
-        self.block_table.fill_(self.scratch_block)
-        self.context_lens.fill_(1)
+        """Every row a padding row (position 0 of the scratch block), on the host and the device."""
+        n = self._h64.shape[1]
+        self._h64[0:2].zero_()
+        self._h64[2].fill_(self.scratch_block * PAGE_SIZE)
+        self._h32[:n].fill_(1)
+        self._h32[n:].fill_(self.scratch_block)
+        self._rows = [(None, 0)] * n
+        self._i64.copy_(self._h64)
+        self._i32.copy_(self._h32)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -152,6 +164,8 @@ class DecodeGraphs:
         captured graph, e.g. in CPU tests, the same body runs eagerly)."""
         b = len(scheduled)
         size = next(s for s in self.sizes if s >= b)
+        if self._sent is not None:
+            self._sent.synchronize()   # the last step's copies have read the host buffers
         ids, pos, slots, ctx = [], [], [], []
         for i, (seq, _) in enumerate(scheduled):
             p = seq.num_computed
@@ -167,11 +181,14 @@ class DecodeGraphs:
         pos += [0] * pad
         slots += [self.scratch_block * PAGE_SIZE] * pad
         ctx += [1] * pad
-        self.ids[:size].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(pos), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots), non_blocking=True)
-        self.context_lens[:size].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
-        self.block_table[:size].copy_(self._table[:size], non_blocking=True)
+        n = self._h64.shape[1]
+        self._h64[:, :size] = torch.tensor([ids, pos, slots], dtype=torch.int64)
+        self._h32[:size] = torch.tensor(ctx, dtype=torch.int32)
+        self._i64.copy_(self._h64, non_blocking=True)
+        used = n + size * self.max_blocks            # context_lens and the table's first size rows
+        self._i32[:used].copy_(self._h32[:used], non_blocking=True)
+        if self._sent is not None:
+            self._sent.record()
         if size in self.graphs:
             graph, out = self.graphs[size]
             graph.replay()
