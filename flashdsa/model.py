@@ -141,14 +141,17 @@ class MoEGate(nn.Module):
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_unsupported(dtype: torch.dtype, device: torch.device) -> str | None:
-    """None when torch's grouped GEMM takes operands of ``dtype`` on ``device`` (its CUDA
-    kernels: bf16 on sm_90 and sm_100; on CPU: bf16, fp16 and fp32), else why not."""
+def grouped_mm_unsupported(dtype: torch.dtype, device: torch.device, widths: tuple = ()) -> str | None:
+    """None when torch's grouped GEMM takes operands of ``dtype`` on ``device`` whose rows
+    are ``widths`` elements long (its CUDA kernels: bf16 on sm_90 and sm_100, rows of a
+    multiple of 16 bytes; on CPU: bf16, fp16 and fp32), else why not."""
     if _GROUPED_MM is None:
         return f"this torch ({torch.__version__}) has no grouped GEMM (torch >= 2.8 has)"
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             return f"torch's grouped GEMM on CUDA takes bf16 weights, not {dtype}"
+        if any(w % 8 for w in widths):
+            return f"torch's grouped GEMM on CUDA needs rows of a multiple of 16 bytes (widths {widths})"
         if torch.cuda.get_device_capability(device)[0] not in (9, 10):
             return "torch's grouped GEMM on CUDA needs sm_90 or sm_100"
         return None
@@ -187,7 +190,7 @@ class MoE(nn.Module):
         w13 = merge_rows([lin for m in self.experts for lin in (m.gate_proj, m.up_proj)])
         w2 = merge_rows([m.down_proj for m in self.experts])
         self._stacked = (w13.view(e, -1, w13.shape[-1]), w2.view(e, -1, w2.shape[-1]),
-                         grouped_mm_unsupported(w13.dtype, w13.device))
+                         grouped_mm_unsupported(w13.dtype, w13.device, (w13.shape[-1], w2.shape[-1])))
 
     def grouped_unsupported(self) -> str | None:
         """None when the forward takes :meth:`grouped_forward` (without autograd), else why not."""

@@ -216,6 +216,7 @@ def test_grouped_moe_unsupported_says_why():
     from flashdsa.model import grouped_mm_unsupported
     assert "float64" in grouped_mm_unsupported(torch.float64, torch.device("cpu"))
     assert "bf16" in grouped_mm_unsupported(torch.float32, torch.device("cuda"))
+    assert "16 bytes" in grouped_mm_unsupported(torch.bfloat16, torch.device("cuda"), (7168, 100))
     moe = _moe(torch.float64)
     assert "not stacked" in moe.grouped_unsupported()
     moe.stack_experts()
