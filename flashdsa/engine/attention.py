@@ -9,7 +9,9 @@ tokens of several sequences together (``x [T, hidden]``). For each layer this
 3. picks, for each query at position p, the key positions it attends to:
    all of [0, p] when p + 1 <= index_topk (the top-k of that few candidates is all
    of them, so this "dense path" is exact and skips the indexer), else the indexer's
-   top-k over the cached keys of its sequence,
+   top-k over the cached keys of its sequence (on the kernels: the paged top-k for the
+   sequences with one new token, together; a prefill chunk's keys gathered per
+   sequence for the ragged top-k),
 4. runs sparse MLA attention (absorbed form) over those physical slots and maps the
    latent output back through W_UV and o_proj.
 
@@ -133,8 +135,22 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
     if not any(len(r) for r in rows_of):
         return indices
+    # sequences with one new token (decodes beside a prefill chunk): on the kernels, one
+    # paged top-k over all their cached keys, as a decode step runs it
+    single = [b for b, r in enumerate(rows_of) if kernels and len(r) == 1 and
+              meta.query_start[b + 1] - meta.query_start[b] == 1]
+    if single:
+        from ..ops import indexer as ix_ops
+        dev = x.device
+        rows = torch.tensor([meta.query_start[b] for b in single], device=dev)
+        seqs = torch.tensor(single, device=dev)
+        indices[rows] = ix_ops.paged_indexer_topk(q8[rows][:, None].contiguous(), caches.index_layer(layer),
+                                                  weights[rows].contiguous(), meta.context_lens[seqs],
+                                                  meta.block_table[seqs], topk,
+                                                  max_context_len=max(meta.context_host[b] for b in single))
+    done = set(single)
     for b, r in enumerate(rows_of):
-        if not len(r):
+        if not len(r) or b in done:
             continue
         n = meta.context_host[b]
         slots = meta.slots_of(b, n)                              # [n] logical -> physical

@@ -16,10 +16,11 @@ from tests.utils import HAS_CUDA, requires_cuda
 from .tiny import tiny_model
 
 
-def _logits(model, kv, backend, prompts, decode_steps):
-    """Logits of the prefill step and of ``decode_steps`` decode steps."""
+def _logits(model, kv, backend, prompts, decode_steps, budget=4096):
+    """Logits of the prefill step and of ``decode_steps`` decode steps (``budget``:
+    tokens a step; small, the prefill is chunked and mixed with decodes)."""
     engine = LLMEngine(model, config=EngineConfig(num_blocks=32, kv_cache_dtype=kv, backend=backend,
-                                                  max_num_batched_tokens=4096))
+                                                  max_num_batched_tokens=budget))
     return _logits_engine(engine, prompts, decode_steps)
 
 
@@ -113,6 +114,29 @@ def test_interpreted_kernels_match_reference(monkeypatch):
     sel_got = log[:]
     log.clear()
     ref = _logits(model, "auto", "reference", prompts, 2)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert float((a - b).norm() / b.norm()) < 1e-4, step
+    _assert_same_selections(sel_got, log, rel=1e-5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU test below covers the kernels on a GPU")
+def test_interpreted_mixed_steps_match_reference(monkeypatch):
+    """Steps of 16 tokens: the first prompt (12 tokens) decodes beside the second's
+    prefill chunks. The kernels' engine selects those decode rows with one paged top-k a
+    step and layer (counted) and matches the reference engine: logits and selections."""
+    from flashdsa.ops import indexer as ix_ops
+    model = tiny_model(seed=31, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (12, 40)]
+    rows = []
+    real = ix_ops.paged_indexer_topk
+    monkeypatch.setattr(ix_ops, "paged_indexer_topk", lambda q8, *a, **k: rows.append(q8.shape[0]) or real(q8, *a, **k))
+    log = _record_selections(monkeypatch)
+    got = _logits(model, "auto", "triton", prompts, 4, budget=16)
+    sel_got = log[:]
+    log.clear()
+    ref = _logits(model, "auto", "reference", prompts, 4, budget=16)
+    assert rows[:6] == [1] * 6, rows   # three mixed steps of one decode row, two layers each
     for step, (a, b) in enumerate(zip(got, ref)):
         assert float((a - b).norm() / b.norm()) < 1e-4, step
     _assert_same_selections(sel_got, log, rel=1e-5)
