@@ -166,6 +166,8 @@ def test_kernel_engine_matches_reference_engine(monkeypatch, budget):
         log.clear()
         ref = _logits(model16, kv, "reference", prompts, 3, budget)
         for step, (a, b, x) in enumerate(zip(got, ref, exact)):
+            if not x.numel():   # no sequence finished its prompt in this step: no logits
+                continue
             err_kernel = float((a - x).norm() / x.norm())
             err_ref = float((b - x).norm() / x.norm())
             assert err_kernel <= 1.5 * err_ref + 1e-3, (kv, step, err_kernel, err_ref)
