@@ -9,7 +9,9 @@ nope / v heads, the 64 x 128 FP8 lightning indexer, top-k 2048) at a small width
 bf16 weights. Prompts are random tokens of ``--prompt-len`` each, greedy, EOS ignored.
 ``--experts N``: V3's MoE instead of the dense MLP after the first layer (N routed
 experts in 8 groups, 4 groups and 8 experts a token, one shared expert, each of width
-``--hidden`` / 4).
+``--hidden`` / 4). ``--vocab V``: a vocabulary of V tokens (DeepSeek's: 129280; the
+prompts stay bytes), and ``--temperature``, ``--top-p``: sampled instead of greedy (the
+sampler's cost grows with the vocabulary).
 
 For each batch size and each engine setting (``default``: ``LLM(model)`` as a user makes
 it, CUDA graphs on where they work; ``eager``: ``cuda_graphs=False``, the engine's
@@ -45,12 +47,12 @@ def small_v32(args) -> DSAConfig:
                n_shared_experts=1, moe_intermediate_size=args.hidden // 4, first_k_dense_replace=1)
     moe = moe if args.experts else dict(n_routed_experts=None)
     if args.toy:
-        return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, **moe,
+        return DSAConfig(vocab_size=args.vocab, bos_token_id=BOS, eos_token_id=EOS, **moe,
                          hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
                          v_head_dim=16, index_n_heads=4, index_head_dim=32, index_topk=32, rope_factor=1.0,
                          max_position_embeddings=4096, tie_word_embeddings=False)
-    return DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, **moe,
+    return DSAConfig(vocab_size=args.vocab, bos_token_id=BOS, eos_token_id=EOS, **moe,
                      hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                      num_hidden_layers=args.layers, num_attention_heads=args.heads, q_lora_rank=args.hidden // 2,
                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -69,12 +71,12 @@ def max_tokens(decode_steps: int, prompt_tokens: int, chunk: int) -> int:
     return decode_steps + prompt_tokens // chunk + 2
 
 
-def measure(engine, prompts, decode_steps: int) -> dict:
+def measure(engine, prompts, decode_steps: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """Seconds of the prefill phase and of ``decode_steps`` decode-only steps (see the
     module docstring); the requests are aborted afterwards."""
     from flashdsa.engine import SamplingParams
     room = max_tokens(decode_steps, sum(len(p) for p in prompts), engine.config.max_num_batched_tokens)
-    params = SamplingParams(temperature=0, max_tokens=room, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=room, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     seqs = [engine.sequences[i] for i in ids]
     sync()
@@ -103,6 +105,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-model-len", type=int, default=65536, help="the model's max_position_embeddings")
+    ap.add_argument("--vocab", type=int, default=VOCAB_SIZE, help="vocabulary size (default: the byte tokens')")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--experts", type=int, default=None,
                     help="routed experts of MoE layers after the first (default: dense MLPs only)")
     ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager", "per_expert"))
@@ -119,6 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = DSAForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if cuda else torch.float32).eval()
     result = {"config": dataclasses.asdict(cfg), "prompt_len": prompt_len, "decode_steps": steps,
+              "temperature": args.temperature, "top_p": args.top_p,
               "params": sum(p.numel() for p in model.parameters()), "rows": []}
     if cuda:
         result["ceilings"] = measure_ceilings()
@@ -138,8 +144,8 @@ def main() -> None:
         graphs = getattr(llm.engine.runner, "graphs", None)
         for b in args.batches:
             prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]
-            measure(llm.engine, prompts, steps)                          # warm-up: compiles
-            m = measure(llm.engine, prompts, steps)
+            measure(llm.engine, prompts, steps, args.temperature, args.top_p)   # warm-up: compiles
+            m = measure(llm.engine, prompts, steps, args.temperature, args.top_p)
             row = {"setting": setting, "batch": b, "cuda_graphs": bool(graphs and graphs.graphs),
                    "engine_build_s": round(build_s, 2), "prefill_s": round(m["prefill_s"], 3),
                    "prefill_tokens_per_s": round(b * prompt_len / m["prefill_s"], 1),

@@ -55,37 +55,60 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
+def filter_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Temperature, top-k and top-p (nucleus) filtering of ``logits [N, V]``, row i with
+    ``temperature[i]`` (> 0), ``top_k[i]`` (0: all) and ``top_p[i]`` (1: all), all rows in
+    one sort on the logits' device. Returns (probabilities [N, V] fp32 in descending
+    order of the logits, each row summing to 1; that order [N, V]). Top-k keeps every
+    token whose logit reaches the k-th largest (ties included); top-p keeps a token when
+    the mass of the tokens before it is below top_p, so the most likely token stays."""
+    n, v = logits.shape
+    scaled, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=v), v)
+    scaled = scaled.masked_fill(scaled < scaled.gather(1, (k - 1)[:, None]), float("-inf"))
+    p = torch.softmax(scaled, dim=-1)
+    before = p.cumsum(-1) - p
+    p = p.masked_fill((before >= top_p[:, None]) & (top_p < 1.0)[:, None], 0.0)
+    return p / p.sum(-1, keepdim=True), order
+
+
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Probabilities [V] fp32 after temperature, top-k and top-p (nucleus) filtering."""
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # keep token i when the mass of the tokens before it is below top_p: the most
-        # likely token always stays
-        before = sorted_p.cumsum(0) - sorted_p
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        probs = probs / probs.sum()
-    return probs
+    """Probabilities [V] fp32 of one row of logits after :func:`filter_sorted`'s filtering."""
+    dev = logits.device
+    p, order = filter_sorted(logits[None], torch.tensor([temperature], dtype=torch.float32, device=dev),
+                             torch.tensor([top_k], device=dev), torch.tensor([top_p], dtype=torch.float32, device=dev))
+    return torch.zeros_like(p[0]).scatter_(0, order[0], p[0])
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """One token per row of ``logits [N, V]``; row i follows ``params[i]`` and draws from
-    ``generators[i]`` (a seeded CPU generator, or None for the global one)."""
+    ``generators[i]`` (a seeded CPU generator, or None for torch's global one).
+
+    The sampled rows are filtered together on the logits' device (:func:`filter_sorted`);
+    each draws one uniform number from its generator on the host and takes the token
+    where that falls in its cumulative distribution. A row's token depends on its logits,
+    its parameters and its generator only (not on the batch), and a seed gives the same
+    tokens on every device up to the float rounding of the distribution."""
     out = [0] * logits.shape[0]
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
         ids = logits[greedy].argmax(-1).tolist()
         for i, t in zip(greedy, ids):
             out[i] = t
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        # sampled on the CPU so that a seed gives the same tokens on every device
-        probs = filter_logits(logits[i].cpu(), p.temperature, p.top_k, p.top_p)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        dev = logits.device
+        ps = [params[i] for i in drawn]
+        temperature = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
+        if any(p.top_k or p.top_p < 1.0 for p in ps):
+            probs, order = filter_sorted(logits[drawn], temperature, torch.tensor([p.top_k for p in ps], device=dev),
+                                         torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev))
+        else:   # temperature only: no sort
+            probs, order = torch.softmax(logits[drawn].float() / temperature[:, None], dim=-1), None
+        u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in drawn], device=dev)
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
+        tokens = pick if order is None else order.gather(1, pick)
+        for i, t in zip(drawn, tokens[:, 0].tolist()):
+            out[i] = t
     return out
