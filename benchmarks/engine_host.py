@@ -1,15 +1,16 @@
 """Host time of the engine's decode step, without a GPU: what ``LLMEngine.step`` spends in
 Python and torch's CPU ops around a decode step that replays a CUDA graph (scheduling,
 the graph's static inputs, sampling, detokenization, the outputs), with the replay
-itself stubbed out.
+itself stubbed out (its logits: fixed random numbers).
 
     python -m benchmarks.engine_host                        # batch 1 and 32, 32K contexts
     python -m benchmarks.engine_host --batches 1 --contexts 8192 131072 --output-len 2048
 
 Each of ``--batches`` sequences holds a context of ``--contexts`` tokens, the last
 ``--output-len`` of them generated (the text the engine detokenizes), and decodes
-``--steps`` tokens greedily; the model is a tiny random one whose captured decode is
-replaced by a graph whose replay does nothing and whose logits are zeros. Prints and
+``--steps`` tokens, greedily unless ``--temperature`` (and ``--top-p``) say otherwise;
+the model is a tiny random one with ``--vocab`` tokens whose captured decode is
+replaced by a graph whose replay does nothing and whose logits are fixed random numbers. Prints and
 writes (benchmarks/results/engine_host.json, or $OUT) the median host milliseconds of a
 step over ``--repeat`` timings. On a GPU the step also copies its static inputs to the
 device; that and the replay are not in these numbers.
@@ -39,8 +40,8 @@ class _NoReplay:
         pass
 
 
-def engine_with_stub_graphs(batch: int, context: int, steps: int) -> LLMEngine:
-    cfg = DSAConfig(vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, n_routed_experts=None,
+def engine_with_stub_graphs(batch: int, context: int, steps: int, vocab: int = VOCAB_SIZE) -> LLMEngine:
+    cfg = DSAConfig(vocab_size=vocab, bos_token_id=BOS, eos_token_id=EOS, n_routed_experts=None,
                     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                     index_n_heads=2, index_head_dim=16, index_topk=8, rope_factor=1.0,
@@ -50,19 +51,21 @@ def engine_with_stub_graphs(batch: int, context: int, steps: int) -> LLMEngine:
     engine = LLMEngine(model, config=EngineConfig(num_blocks=batch * per_seq + 1, max_num_seqs=batch))
     graphs = DecodeGraphs(engine.runner, batch, per_seq, scratch_block=batch * per_seq)
     for size in graphs.sizes:
-        graphs.graphs[size] = (_NoReplay(), torch.zeros(size, cfg.vocab_size))
+        logits = torch.randn(size, cfg.vocab_size, generator=torch.Generator().manual_seed(size))
+        graphs.graphs[size] = (_NoReplay(), logits)
     engine.runner.graphs = graphs
     return engine
 
 
-def add_decoding(engine: LLMEngine, batch: int, context: int, output_len: int, steps: int) -> None:
+def add_decoding(engine: LLMEngine, batch: int, context: int, output_len: int, steps: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> None:
     """``batch`` requests whose ``context`` tokens are cached but the last sampled one."""
     g = torch.Generator().manual_seed(0)
     for _ in range(batch):
         tokens = torch.randint(32, 127, (context,), generator=g).tolist()   # printable ASCII
         prompt, output = tokens[:context - output_len], tokens[context - output_len:]
-        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len + steps + 2,
-                                                        ignore_eos=True))
+        rid = engine.add_request(prompt, SamplingParams(temperature=temperature, top_p=top_p, seed=0,
+                                                        max_tokens=output_len + steps + 2, ignore_eos=True))
         seq = engine.sequences[rid]
         engine.scheduler.waiting.remove(seq)
         seq.output_ids = list(output)
@@ -74,11 +77,12 @@ def add_decoding(engine: LLMEngine, batch: int, context: int, output_len: int, s
         engine.scheduler.running.append(seq)
 
 
-def host_ms(batch: int, context: int, output_len: int, steps: int, repeat: int) -> float:
+def host_ms(batch: int, context: int, output_len: int, steps: int, repeat: int, vocab: int = VOCAB_SIZE,
+            temperature: float = 0.0, top_p: float = 1.0) -> float:
     times = []
     for _ in range(repeat):
-        engine = engine_with_stub_graphs(batch, context, steps)
-        add_decoding(engine, batch, context, output_len, steps)
+        engine = engine_with_stub_graphs(batch, context, steps, vocab)
+        add_decoding(engine, batch, context, output_len, steps, temperature, top_p)
         engine.step()   # warm-up
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -104,13 +108,18 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512, help="generated tokens already in each context")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=VOCAB_SIZE, help="vocabulary size (DeepSeek's: 129280)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
     for context in args.contexts:
         for b in args.batches:
-            ms = host_ms(b, context, args.output_len, args.steps, args.repeat)
-            rows.append({"batch": b, "context": context, "output_len": args.output_len, "host_ms_per_step": round(ms, 4)})
+            ms = host_ms(b, context, args.output_len, args.steps, args.repeat, args.vocab, args.temperature,
+                         args.top_p)
+            rows.append({"batch": b, "context": context, "output_len": args.output_len, "vocab": args.vocab,
+                         "temperature": args.temperature, "top_p": args.top_p, "host_ms_per_step": round(ms, 4)})
             print(rows[-1], flush=True)
     result = {"command": "python -m benchmarks.engine_host " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
