@@ -12,7 +12,9 @@ Each of ``--batches`` sequences holds a context of ``--contexts`` tokens, the la
 the model is a tiny random one with ``--vocab`` tokens whose captured decode is
 replaced by a graph whose replay does nothing and whose logits are fixed random numbers. Prints and
 writes (benchmarks/results/engine_host.json, or $OUT) the median host milliseconds of a
-step over ``--repeat`` timings. On a GPU the step also copies its static inputs to the
+step over ``--repeat`` timings. ``--mixed``: instead, the host milliseconds of the eager
+step's metadata (``ModelRunner.build_metadata``) for a mixed step: batch - 1 decoding
+sequences beside the first prefill chunk of one more (a step of 2048 tokens). On a GPU the step also copies its static inputs to the
 device; that and the replay are not in these numbers.
 """
 from __future__ import annotations
@@ -101,6 +103,23 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def mixed_metadata_ms(batch: int, context: int, output_len: int, repeat: int) -> float:
+    engine = engine_with_stub_graphs(batch, context, 1)
+    add_decoding(engine, batch - 1, context, output_len, 1)
+    engine.add_request(torch.randint(0, 256, (context,), generator=torch.Generator().manual_seed(1)).tolist(),
+                       SamplingParams(temperature=0, max_tokens=1))
+    scheduled = engine.scheduler.schedule()
+    assert len(scheduled) == batch and scheduled[-1][1] > 1, [n for _, n in scheduled]
+    times = []
+    for _ in range(repeat):
+        engine.runner.build_metadata(scheduled)   # warm-up
+        t0 = time.perf_counter()
+        for _ in range(20):
+            engine.runner.build_metadata(scheduled)
+        times.append((time.perf_counter() - t0) * 1e3 / 20)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -111,21 +130,29 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=VOCAB_SIZE, help="vocabulary size (DeepSeek's: 129280)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--mixed", action="store_true", help="time the eager mixed step's metadata instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
     for context in args.contexts:
         for b in args.batches:
-            ms = host_ms(b, context, args.output_len, args.steps, args.repeat, args.vocab, args.temperature,
-                         args.top_p)
-            rows.append({"batch": b, "context": context, "output_len": args.output_len, "vocab": args.vocab,
-                         "temperature": args.temperature, "top_p": args.top_p, "host_ms_per_step": round(ms, 4)})
+            if args.mixed:
+                if b < 2:
+                    continue
+                rows.append({"batch": b, "context": context, "mixed_metadata_ms": round(
+                    mixed_metadata_ms(b, context, args.output_len, args.repeat), 4)})
+            else:
+                ms = host_ms(b, context, args.output_len, args.steps, args.repeat, args.vocab, args.temperature,
+                             args.top_p)
+                rows.append({"batch": b, "context": context, "output_len": args.output_len, "vocab": args.vocab,
+                             "temperature": args.temperature, "top_p": args.top_p, "host_ms_per_step": round(ms, 4)})
             print(rows[-1], flush=True)
     result = {"command": "python -m benchmarks.engine_host " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host_cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(), "rows": rows}
-    print("wrote", write_result("engine_host", result, os.environ.get("OUT") or None))
+    print("wrote", write_result("engine_host_mixed" if args.mixed else "engine_host", result,
+                                os.environ.get("OUT") or None))
 
 
 if __name__ == "__main__":

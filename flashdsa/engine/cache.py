@@ -70,6 +70,39 @@ def blocks_needed(num_tokens: int) -> int:
     return -(-num_tokens // PAGE_SIZE)
 
 
+class HostBlockTable:
+    """A block table ``table [rows, width]`` int32 on the host that is kept across steps:
+    row i holds the first n blocks of one sequence's block list (the rest ``fill``), and
+    :meth:`set_row` writes only what changed since the last step. A sequence's block list
+    grows in place and is replaced by a new list when the sequence is preempted or
+    freed, so the list itself (held here) tells whether a row still belongs to it."""
+
+    def __init__(self, table: torch.Tensor, fill: int):
+        self.table = table
+        self.fill = fill
+        self._rows: list[tuple[list | None, int]] = [(None, 0)] * table.shape[0]
+
+    def reset(self) -> None:
+        """Every row ``fill`` only."""
+        self.table.fill_(self.fill)
+        self._rows = [(None, 0)] * self.table.shape[0]
+
+    def set_row(self, i: int, blocks: list | None) -> None:
+        """Row i := ``blocks`` (a sequence's block list; None: ``fill`` only)."""
+        held, n = self._rows[i]
+        if blocks is None:
+            if held is not None:
+                self.table[i].fill_(self.fill)
+                self._rows[i] = (None, 0)
+            return
+        if held is not blocks:
+            self.table[i].fill_(self.fill)
+            n = 0
+        if len(blocks) > n:
+            self.table[i, n:len(blocks)] = torch.tensor(blocks[n:], dtype=torch.int32)
+        self._rows[i] = (blocks, len(blocks))
+
+
 class PagedCaches:
     """The latent cache and the indexer key cache of every layer, one page table.
 

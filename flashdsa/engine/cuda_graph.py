@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .attention import StepMetadata, paged_mla_attention
-from .cache import PAGE_SIZE
+from .cache import PAGE_SIZE, HostBlockTable
 
 
 def graphs_supported(model, device: torch.device, backend: str) -> str | None:
@@ -75,11 +75,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.disabled: str | None = None
-        # the block table on the host, kept across steps: row i holds the first
-        # self._rows[i][1] blocks of the list self._rows[i][0] (None: scratch only), so a
-        # step writes only rows whose sequence changed or got a block
-        self._table = self._h32[n:].view(n, max_blocks)
-        self._rows: list[tuple[list | None, int]] = [(None, 0)] * n
+        self._table = HostBlockTable(self._h32[n:].view(n, max_blocks), scratch_block)
         self._sent = torch.cuda.Event() if pin else None   # the last step's copies (host buffers in use)
         self._reset_padding()
 
@@ -106,8 +102,7 @@ class DecodeGraphs:
         self._h64[0:2].zero_()
         self._h64[2].fill_(self.scratch_block * PAGE_SIZE)
         self._h32[:n].fill_(1)
-        self._h32[n:].fill_(self.scratch_block)
-        self._rows = [(None, 0)] * n
+        self._table.reset()
         self._i64.copy_(self._h64)
         self._i32.copy_(self._h32)
 
@@ -141,23 +136,6 @@ class DecodeGraphs:
         return all(n == 1 and seq.num_computed == seq.num_tokens - 1 and len(seq.blocks) <= self.max_blocks
                    for seq, n in scheduled)
 
-    def _set_row(self, i: int, blocks: list | None) -> None:
-        """Host block-table row i := ``blocks`` (a sequence's block list, None: padding),
-        writing only what changed since the last step (the list is the sequence's own: it
-        grows in place and is replaced when the sequence is preempted or freed)."""
-        held, n = self._rows[i]
-        if blocks is None:
-            if held is not None:
-                self._table[i].fill_(self.scratch_block)
-                self._rows[i] = (None, 0)
-            return
-        if held is not blocks:
-            self._table[i].fill_(self.scratch_block)
-            n = 0
-        if len(blocks) > n:
-            self._table[i, n:len(blocks)] = torch.tensor(blocks[n:], dtype=torch.int32)
-        self._rows[i] = (blocks, len(blocks))
-
     @torch.inference_mode()
     def run(self, scheduled) -> tuple[torch.Tensor, list[int]]:
         """Replay the graph of the smallest captured size >= len(scheduled) (without a
@@ -173,9 +151,9 @@ class DecodeGraphs:
             pos.append(p)
             slots.append(seq.blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
             ctx.append(p + 1)
-            self._set_row(i, seq.blocks)
+            self._table.set_row(i, seq.blocks)
         for i in range(b, size):
-            self._set_row(i, None)
+            self._table.set_row(i, None)
         pad = size - b
         ids += [0] * pad
         pos += [0] * pad

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .attention import StepMetadata, paged_mla_attention
-from .cache import PAGE_SIZE, PagedCaches
+from .cache import PAGE_SIZE, HostBlockTable, PagedCaches
 
 
 class ModelRunner:
@@ -17,35 +17,69 @@ class ModelRunner:
         self.backend = backend
         self.device = next(model.parameters()).device
         self.graphs = None  # engine.cuda_graph.DecodeGraphs when decode steps are captured
+        self._table: HostBlockTable | None = None   # see _host_table
 
     def build_metadata(self, scheduled):
         """Token ids [T], the step metadata, the packed rows whose logits are sampled
         (the last token of every sequence whose chunk reaches its end) and the indices
-        into ``scheduled`` of those sequences."""
-        ids, positions, slots, token_seq, query_start, ctx, sample_rows, sample_seqs = [], [], [], [], [0], [], [], []
+        into ``scheduled`` of those sequences. Sequences with one new token (decodes) are
+        handled as host integers, chunks as tensors; the block table rows are kept
+        across steps (:class:`HostBlockTable`)."""
         width = max(len(seq.blocks) for seq, _ in scheduled)
-        table = torch.zeros(len(scheduled), width, dtype=torch.int32)
+        table = self._host_table(len(scheduled), width)
+        ids, positions, slots = [], [], []       # tensors, in scheduled order
+        run_ids, run_pos, run_slots = [], [], []  # host ints of consecutive one-token sequences
+        counts, query_start, ctx, sample_rows, sample_seqs = [], [0], [], [], []
+
+        def flush():
+            if run_ids:
+                ids.append(torch.tensor(run_ids, dtype=torch.int64))
+                positions.append(torch.tensor(run_pos, dtype=torch.int64))
+                slots.append(torch.tensor(run_slots, dtype=torch.int64))
+                run_ids.clear()
+                run_pos.clear()
+                run_slots.clear()
+
         for b, (seq, n) in enumerate(scheduled):
             start = seq.num_computed
-            pos = torch.arange(start, start + n)
-            blocks = torch.tensor(seq.blocks, dtype=torch.int64)
-            table[b, : len(seq.blocks)] = blocks.to(torch.int32)
-            ids.append(torch.tensor(seq.token_slice(start, start + n), dtype=torch.int64))
-            positions.append(pos)
-            slots.append(blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE)
-            token_seq.append(torch.full((n,), b, dtype=torch.int64))
+            blocks = seq.blocks
+            table.set_row(b, blocks)
+            if n == 1:
+                run_ids.append(seq.token_slice(start, start + 1)[0])
+                run_pos.append(start)
+                run_slots.append(blocks[start // PAGE_SIZE] * PAGE_SIZE + start % PAGE_SIZE)
+            else:
+                flush()
+                pos = torch.arange(start, start + n)
+                first = start // PAGE_SIZE
+                blk = torch.tensor(blocks[first:(start + n - 1) // PAGE_SIZE + 1], dtype=torch.int64)
+                ids.append(torch.tensor(seq.token_slice(start, start + n), dtype=torch.int64))
+                positions.append(pos)
+                slots.append(blk[pos // PAGE_SIZE - first] * PAGE_SIZE + pos % PAGE_SIZE)
+            counts.append(n)
             query_start.append(query_start[-1] + n)
             ctx.append(start + n)
             if start + n == seq.num_tokens:
                 sample_rows.append(query_start[-1] - 1)
                 sample_seqs.append(b)
+        flush()
         dev = self.device
+        token_seq = torch.repeat_interleave(torch.arange(len(scheduled)), torch.tensor(counts))
         meta = StepMetadata(
-            positions=torch.cat(positions).to(dev), slots=torch.cat(slots).to(dev),
-            token_seq=torch.cat(token_seq).to(dev), block_table=table.to(dev),
+            positions=torch.cat(positions).to(dev), slots=torch.cat(slots).to(dev), token_seq=token_seq.to(dev),
+            block_table=table.table[:len(scheduled), :width].to(dev, copy=True),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), query_start=query_start,
             context_host=ctx)
         return torch.cat(ids).to(dev), meta, sample_rows, sample_seqs
+
+    def _host_table(self, rows: int, width: int) -> HostBlockTable:
+        """The eager steps' host block table, grown (and rewritten) when a step needs more
+        rows or blocks than it has."""
+        t = self._table
+        if t is None or t.table.shape[0] < rows or t.table.shape[1] < width:
+            shape = (max(rows, 2 * t.table.shape[0]) if t else rows, max(width, 2 * t.table.shape[1]) if t else width)
+            t = self._table = HostBlockTable(torch.zeros(shape, dtype=torch.int32), 0)
+        return t
 
     @torch.inference_mode()
     def forward(self, scheduled) -> tuple[torch.Tensor, list[int]]:

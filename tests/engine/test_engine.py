@@ -134,14 +134,12 @@ def test_incremental_text_equals_decoding_the_whole_output():
         assert seq.finish_reason == reason and seq.text == want, (reason, seq.text, want)
 
 
-def test_graph_inputs_keep_the_block_table_across_steps():
-    """The captured decode's host block table is written row by row as sequences join,
-    leave, grow a block or are preempted (a new block list): after every step it equals
-    the table built from scratch."""
-    from types import SimpleNamespace
-
-    from flashdsa.engine.cuda_graph import DecodeGraphs
-    graphs = DecodeGraphs(SimpleNamespace(device=torch.device("cpu")), max_batch=4, max_blocks=6, scratch_block=99)
+def test_host_block_table_across_steps():
+    """The engine's host block tables (the captured decode's, the eager steps') are
+    written row by row as sequences join, leave, grow a block or are preempted (a new
+    block list): after every step the table equals one built from scratch."""
+    from flashdsa.engine.cache import HostBlockTable
+    table = HostBlockTable(torch.full((4, 6), 99, dtype=torch.int32), 99)
     a, b, c = [3, 4], [7], [1, 2, 5]
     steps = [[a, b], [a, b, c], [b, c], [b, c], [c, b, a], [c]]
     for step, lists in enumerate(steps):
@@ -151,13 +149,13 @@ def test_graph_inputs_keep_the_block_table_across_steps():
             c = [9]              # c was preempted and came back with a new list
             lists[0] = c
         for i, blocks in enumerate(lists):
-            graphs._set_row(i, blocks)
+            table.set_row(i, blocks)
         for i in range(len(lists), 4):
-            graphs._set_row(i, None)
+            table.set_row(i, None)
         want = torch.full((4, 6), 99, dtype=torch.int32)
         for i, blocks in enumerate(lists):
             want[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        assert torch.equal(graphs._table, want), step
+        assert torch.equal(table.table, want), step
 
 
 def test_sampling_seed_and_batch_independence():
