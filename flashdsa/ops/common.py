@@ -5,6 +5,8 @@ Host functions here assume validated inputs, as every launcher in flashdsa.ops d
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -12,7 +14,8 @@ import triton.language as tl
 from ..backend import triton_interpreted as interpreted
 
 __all__ = [
-    "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "has_tma", "fp8_native", "pdl_launch",
+    "LOG2E", "LN2", "LOG2E_C", "LN2_C", "interpreted", "nvidia_compiled", "capability", "has_tma", "fp8_native",
+    "pdl_launch",
     "pdl_prologue",
     "num_sms", "last_dim_contiguous", "e4m3_byte", "e4m3_to_f32", "round_as", "quantize_rows_ue8m0",
     "reduce_slots_fixed_order",
@@ -31,10 +34,25 @@ def nvidia_compiled() -> bool:
     return not interpreted() and torch.version.hip is None
 
 
+@functools.lru_cache(maxsize=None)
+def _device_query(query, device: torch.device):
+    return query(device)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, asked once per device (the launchers
+    ask on every call, and an eager decode step makes dozens). The cache is keyed by the
+    query function too, so a patched one (the dispatch tests) is asked again; a device
+    without an index (the current one, which may change) is not cached."""
+    if device.index is None:
+        return torch.cuda.get_device_capability(device)
+    return _device_query(torch.cuda.get_device_capability, device)
+
+
 def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can store through TMA descriptors (NVIDIA sm_90 and
     later, compiled, not interpreted)."""
-    return device.type == "cuda" and nvidia_compiled() and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and nvidia_compiled() and capability(device)[0] >= 9
 
 
 def pdl_launch(device: torch.device) -> dict:
@@ -64,13 +82,15 @@ def fp8_native(device: torch.device) -> bool:
     """Whether Triton has the e4m3 type on this device (sm_89 and later; the interpreter too)."""
     if device.type != "cuda" or interpreted():
         return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return capability(device) >= (8, 9)
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere: grids stay small)."""
     if device.type == "cuda" and not interpreted():
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        if device.index is None:
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return _device_query(torch.cuda.get_device_properties, device).multi_processor_count
     return 1
 
 

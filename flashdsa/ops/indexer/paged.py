@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ...layout import PAGE_SIZE
-from ..common import interpreted, quantize_rows_ue8m0
+from ..common import capability, interpreted, quantize_rows_ue8m0
 from .scores import SCORES_STORE, Problem, as_bytes_without_e4m3, choose_split, default_config, launch_scores
 from .threshold import select_topk
 
@@ -33,7 +33,7 @@ def _paged_config(q8: torch.Tensor, next_n: int, topk: bool, config: dict | None
     h = q8.shape[2]
     h_pad = triton.next_power_of_2(h)
     cfg = default_config(q8.device, h, topk=topk)
-    if q8.device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(q8.device) >= (9, 0):
+    if q8.device.type == "cuda" and not interpreted() and capability(q8.device) >= (9, 0):
         cfg.update(PAGED_SM90["topk" if topk else "logits"])
     # all next_n tokens of a sequence in one program (and N = BLOCK_Q * H_PAD >= 16)
     cfg["BLOCK_Q"] = max(triton.next_power_of_2(next_n), triton.cdiv(16, h_pad))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..common import LOG2E, interpreted, last_dim_contiguous, reduce_slots_fixed_order
+from ..common import LOG2E, capability, interpreted, last_dim_contiguous, reduce_slots_fixed_order
 from .kernels import (indexer_kl_bwd_kernel, indexer_kl_fwd_kernel, indexer_kl_warmup_bwd_kernel,
                       indexer_kl_warmup_fwd_kernel)
 
@@ -44,7 +44,7 @@ def _config(q: torch.Tensor | None, iq: torch.Tensor, tiled: bool = False) -> di
     if not iq.is_cuda or interpreted() or (q is not None and q.shape[2] <= 128) or iq.shape[2] < 64:
         return dict(CONFIGS["small"])
     h_q = None if q is None else (64 if tiled else q.shape[1])
-    return config_for(h_q, torch.cuda.get_device_capability(iq.device))
+    return config_for(h_q, capability(iq.device))
 
 
 def query_block(h_q: int, h_i: int) -> int:

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from ...layout import MLA_D_NOPE, MLA_D_ROPE, MLA_FP8_BYTES, MLA_ROPE_OFF, MLA_SCALE_OFF, mla_byte_views
-from ..common import interpreted, last_dim_contiguous, num_sms
+from ..common import capability, interpreted, last_dim_contiguous, num_sms
 from .fwd import KvRows, resolve_config, run_over_rows
 from .fwd_sm90 import gluon_fp8_supported, gluon_fwd_supported, run_sparse_mla_decode_sm90_fp8, run_sparse_mla_fwd_sm90
 
@@ -37,7 +37,7 @@ ONE_QUERY_MAX_TOPK = 16384
 def one_query_config(device: torch.device, t_q: int, topk: int, fp8: bool, config: dict | None) -> dict | None:
     """``config`` with the one-query blocks put under it where they apply (see ONE_QUERY_SM90)."""
     if (t_q != 1 or topk > ONE_QUERY_MAX_TOPK or fp8 or device.type != "cuda" or interpreted()
-            or torch.cuda.get_device_capability(device)[0] != 9):
+            or capability(device)[0] != 9):
         return config
     return {**ONE_QUERY_SM90, **(config or {})}
 

@@ -44,6 +44,7 @@ from ..common import (
     LN2_C,
     LOG2E,
     LOG2E_C,
+    capability,
     e4m3_byte,
     e4m3_to_f32,
     fp8_native,
@@ -89,7 +90,7 @@ CONFIGS = {
 def default_config(device: torch.device, h_q: int, d_v: int, fp8: bool = False) -> dict:
     """Block sizes for a problem; tiny/odd shapes get small blocks."""
     if d_v > 256 and device.type == "cuda" and not interpreted():
-        major, _ = torch.cuda.get_device_capability(device)
+        major, _ = capability(device)
         if major < 9:
             cfg = dict(CONFIGS["sm80"])
         else:

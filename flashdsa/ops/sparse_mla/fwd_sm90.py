@@ -47,7 +47,7 @@ import re
 import torch
 import triton
 
-from ..common import LN2_C, LOG2E, interpreted
+from ..common import LN2_C, LOG2E, capability, interpreted
 
 # The Gluon API these kernels are written against (warp_specialize taking a list of
 # (function, arguments) pairs, the Hopper mbarrier and wgmma modules) is Triton 3.6's,
@@ -98,7 +98,7 @@ def gluon_device(device: torch.device) -> str | None:
                 f"found {triton.__version__}")
     if device.type != "cuda" or interpreted():
         return "the Gluon kernels run on CUDA tensors, compiled (not in the Triton interpreter)"
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    if capability(device) != (9, 0):
         return "the Gluon kernels are built for sm_90 (Hopper) GPUs"
     return None
 
