@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..layers import LightningIndexer
 from ..model import MoE
@@ -281,10 +283,12 @@ class LLM:
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args))
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt (a string, a list of token ids, or a list of either);
-        returns one :class:`RequestOutput` per prompt, in order."""
+        returns one :class:`RequestOutput` per prompt, in order. ``use_tqdm``: a progress
+        bar of the finished requests and generated tokens on stderr, where that is a
+        terminal."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -298,10 +302,17 @@ class LLM:
                 rid = self.engine.add_request(list(prompt), p)
             ids.append(rid)
         done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        tokens = 0
+        with tqdm(total=len(ids), desc="generate", unit="req", file=sys.stderr, disable=None if use_tqdm else True,
+                  leave=False) as bar:
+            while self.engine.has_unfinished_requests():
+                outs = self.engine.step()
+                tokens += len(outs)
+                for out in outs:
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+                bar.set_postfix_str(f"{tokens} tokens", refresh=False)
         return [done[i] for i in ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
