@@ -194,7 +194,9 @@ class MoE(nn.Module):
 
     def grouped_unsupported(self) -> str | None:
         """None when the forward takes :meth:`grouped_forward` (without autograd), else why not."""
-        if self._stacked is None or self._stacked[0].data_ptr() != self.experts[0].gate_proj.weight.data_ptr():
+        if self._stacked is not None and self._stacked[0].data_ptr() != self.experts[0].gate_proj.weight.data_ptr():
+            self._stacked = None   # the module moved: its experts have storage of their own again
+        if self._stacked is None:
             return "the MoE experts are not stacked (MoE.stack_experts)"
         return self._stacked[2]
 
