@@ -64,6 +64,22 @@ def _launch_mode(torch) -> str:
     return "plain (programmatic dependent launch needs NVIDIA sm_90 or later)"
 
 
+def _engine_decode(torch) -> str:
+    """How the engine's decode steps run on this machine (flashdsa info)."""
+    from .backend import triton_available
+
+    if not torch.cuda.is_available():
+        return "eager (CUDA graphs need a CUDA device)"
+    if not triton_available():
+        return "eager (CUDA graphs need the Triton kernels)"
+    from .model import grouped_mm_unsupported
+
+    why = grouped_mm_unsupported(torch.bfloat16, torch.device("cuda", 0))
+    if why is None:
+        return "CUDA graphs (bf16 MoE layers as grouped GEMMs)"
+    return f"CUDA graphs; models with MoE layers eagerly ({why})"
+
+
 def _sparse_mla_paths(torch) -> list[tuple[str, str]]:
     """flashdsa info's rows on the sparse MLA kernels and the indexer filter that
     backend="auto" runs here."""
@@ -125,6 +141,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("backend auto", "triton" if triton_available() and torch.cuda.is_available() else "reference"),
         *_sparse_mla_paths(torch),
         ("decode launches", _launch_mode(torch)),
+        ("engine decode", _engine_decode(torch)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

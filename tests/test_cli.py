@@ -15,7 +15,7 @@ def test_info_prints_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for key in ("flashdsa", "torch", "triton", "device", "backend reference", "backend auto", "decode launches",
-                "sparse MLA forward"):
+                "sparse MLA forward", "engine decode"):
         assert key in out
 
 
@@ -34,6 +34,21 @@ def test_info_names_the_sparse_mla_kernels(monkeypatch):
     assert rows["indexer top-k filter"].startswith("gluon")
     monkeypatch.setattr(fwd_sm90, "gluon_device", lambda device: "built for sm_90")
     assert _sparse_mla_paths(torch) == [("sparse MLA forward, decode", "triton (built for sm_90)")]
+
+
+def test_info_says_how_the_engine_decodes(monkeypatch):
+    """CUDA graphs on a GPU with the kernels, MoE models included where torch's grouped
+    GEMM runs (sm_90); eagerly elsewhere, and why."""
+    import torch
+
+    from flashdsa.cli import _engine_decode
+
+    assert _engine_decode(torch).startswith("eager") or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _engine_decode(torch) == "CUDA graphs (bf16 MoE layers as grouped GEMMs)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "MoE layers eagerly" in _engine_decode(torch) and "sm_90" in _engine_decode(torch)
 
 
 def _run(*args):
