@@ -81,6 +81,8 @@ def stack_experts(model, free_bytes: int | None) -> None:
         return
     for m in moe:
         m.stack_experts()
+    if moe and torch.cuda.is_available():
+        torch.cuda.empty_cache()   # the experts' old storage back to the device, for the caches' sizing
 
 
 class LLMEngine:
