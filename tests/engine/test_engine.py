@@ -14,6 +14,7 @@ from flashdsa.engine import (
 )
 from flashdsa.engine.cache import NoFreeBlocks
 from flashdsa.engine.sampler import filter_logits
+from tests.utils import requires_cuda
 
 from .tiny import boundary_ties, reference_greedy, tiny_model
 
@@ -187,17 +188,20 @@ def test_filter_logits_top_p_top_k():
     torch.testing.assert_close(sharp, probs ** 2 / (probs ** 2).sum())
 
 
-def test_sampler_filters_rows_together_and_draws_their_distribution():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_sampler_filters_rows_together_and_draws_their_distribution(device):
     """Rows with their own temperature, top-k and top-p filtered in one batch equal each
     row filtered alone; 20000 seeded draws of each row's token land on its filtered
     distribution (every frequency within 4 standard deviations, filtered-out tokens
-    never), with and without the sort that top-k and top-p need."""
+    never), with and without the sort that top-k and top-p need. On a GPU the filtering
+    runs there."""
     from flashdsa.engine.sampler import filter_sorted, make_generator, sample
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 7, generator=g) * 2
+    logits = (torch.randn(3, 7, generator=g) * 2).to(device)
     cfg = [(0.7, 0, 0.8), (1.3, 3, 1.0), (1.0, 2, 0.5)]
-    p, order = filter_sorted(logits, torch.tensor([c[0] for c in cfg]), torch.tensor([c[1] for c in cfg]),
-                             torch.tensor([c[2] for c in cfg]))
+    p, order = filter_sorted(logits, torch.tensor([c[0] for c in cfg], device=device),
+                             torch.tensor([c[1] for c in cfg], device=device),
+                             torch.tensor([c[2] for c in cfg], device=device))
     batched = torch.zeros_like(p).scatter_(1, order, p)
     for r, c in enumerate(cfg):
         torch.testing.assert_close(batched[r], filter_logits(logits[r], *c), rtol=0, atol=0)
@@ -210,7 +214,7 @@ def test_sampler_filters_rows_together_and_draws_their_distribution():
             for r, t in enumerate(sample(logits, params, gens)):
                 counts[r, t] += 1
         want = torch.stack([filter_logits(logits[r], sp.temperature, sp.top_k, sp.top_p)
-                            for r, sp in enumerate(params)])
+                            for r, sp in enumerate(params)]).cpu()
         sd = (want * (1 - want) / n).sqrt()
         assert ((counts / n - want).abs() <= 4 * sd + 1e-12).all(), (counts / n, want)
 
