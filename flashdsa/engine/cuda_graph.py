@@ -149,7 +149,7 @@ class DecodeGraphs:
             p = seq.num_computed
             ids.append(seq.token_slice(p, p + 1)[0])
             pos.append(p)
-            slots.append(seq.blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
+            slots.append(seq.slot(p))
             ctx.append(p + 1)
             self._table.set_row(i, seq.blocks)
         for i in range(b, size):

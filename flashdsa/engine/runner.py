@@ -47,7 +47,7 @@ class ModelRunner:
             if n == 1:
                 run_ids.append(seq.token_slice(start, start + 1)[0])
                 run_pos.append(start)
-                run_slots.append(blocks[start // PAGE_SIZE] * PAGE_SIZE + start % PAGE_SIZE)
+                run_slots.append(seq.slot(start))
             else:
                 flush()
                 pos = torch.arange(start, start + n)

@@ -15,7 +15,7 @@ import enum
 import itertools
 from collections import deque
 
-from .cache import BlockAllocator, blocks_needed
+from .cache import PAGE_SIZE, BlockAllocator, blocks_needed
 from .sampler import SamplingParams, make_generator
 
 
@@ -51,6 +51,10 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def slot(self, pos: int) -> int:
+        """The physical cache slot of position ``pos`` (its block must be allocated)."""
+        return self.blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """tokens[start:end] without building the whole token list (decode steps read one)."""
