@@ -84,15 +84,16 @@ def dense_indices(meta: StepMetadata, topk: int) -> torch.Tensor:
     return torch.where(j[None, :] <= meta.positions[:, None], phys, -1).to(torch.int32)
 
 
-def select_indices_static(q8: torch.Tensor, weights: torch.Tensor, meta: StepMetadata, icache: torch.Tensor,
-                          topk: int) -> torch.Tensor:
-    """Decode selection without host synchronization (for CUDA graphs): the paged
-    indexer kernel runs for every row over at most block_table.shape[1] * 64 positions.
-    A row with position + 1 <= topk gets every slot of its context (the top-k of at most
-    topk keys), the set :func:`dense_indices` gives the eager step."""
+def paged_select(q8: torch.Tensor, weights: torch.Tensor, icache: torch.Tensor, context_lens: torch.Tensor,
+                 block_table: torch.Tensor, topk: int, max_context_len: int) -> torch.Tensor:
+    """Selection of one-token queries (q8 [R, H_I, D], weights [R, H_I]) by the paged
+    indexer kernel over their sequences' cached keys (context_lens [R], block_table
+    [R, blocks]), at most ``max_context_len`` positions, with no host synchronization (a
+    CUDA graph can capture it). A row with position + 1 <= topk gets every slot of its
+    context (the top-k of at most topk keys), the set :func:`dense_indices` gives."""
     from ..ops.indexer import paged_indexer_topk
-    return paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), meta.context_lens,
-                              meta.block_table, topk, max_context_len=meta.block_table.shape[1] * PAGE_SIZE)
+    return paged_indexer_topk(q8[:, None].contiguous(), icache, weights.contiguous(), context_lens, block_table,
+                              topk, max_context_len=max_context_len)
 
 
 def index_operands(indexer, x, qr, cos, sin, raw, meta: StepMetadata, caches: PagedCaches, layer: int,
@@ -119,8 +120,9 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
                    static: bool = False, raw=None) -> torch.Tensor:
     """Write the indexer keys of the new tokens, then return the attended physical slots
     [T, topk] int32 (-1 padded) of every query (see the module docstring, step 3).
-    ``static``: a decode step captured in a CUDA graph (see select_indices_static; an
-    eager decode step on the kernels selects the same way)."""
+    ``static``: a decode step captured in a CUDA graph (:func:`paged_select` for every
+    row, over block_table.shape[1] * 64 positions; an eager decode step on the kernels
+    selects the same way)."""
     indexer = attn.indexer
     topk = indexer.topk
     kernels = resolve_backend(backend, x) == "triton"
@@ -130,7 +132,8 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     if static or (meta.is_decode and kernels):
         # one query per sequence: the paged kernel scores the cache in place, for every
         # row (a row within top-k selects its whole context), with no host sync
-        return select_indices_static(q8, weights, meta, caches.index_layer(layer), topk)
+        return paged_select(q8, weights, caches.index_layer(layer), meta.context_lens, meta.block_table, topk,
+                            meta.block_table.shape[1] * PAGE_SIZE)
     indices = dense_indices(meta, topk)
     rows_of = [meta.sparse_rows(b, topk) for b in range(meta.num_seqs)]
     if not any(len(r) for r in rows_of):
@@ -140,14 +143,10 @@ def select_indices(attn, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, s
     single = [b for b, r in enumerate(rows_of) if kernels and len(r) == 1 and
               meta.query_start[b + 1] - meta.query_start[b] == 1]
     if single:
-        from ..ops import indexer as ix_ops
-        dev = x.device
-        rows = torch.tensor([meta.query_start[b] for b in single], device=dev)
-        seqs = torch.tensor(single, device=dev)
-        indices[rows] = ix_ops.paged_indexer_topk(q8[rows][:, None].contiguous(), caches.index_layer(layer),
-                                                  weights[rows].contiguous(), meta.context_lens[seqs],
-                                                  meta.block_table[seqs], topk,
-                                                  max_context_len=max(meta.context_host[b] for b in single))
+        rows = torch.tensor([meta.query_start[b] for b in single], device=x.device)
+        seqs = torch.tensor(single, device=x.device)
+        indices[rows] = paged_select(q8[rows], weights[rows], caches.index_layer(layer), meta.context_lens[seqs],
+                                     meta.block_table[seqs], topk, max(meta.context_host[b] for b in single))
     done = set(single)
     for b, r in enumerate(rows_of):
         if not len(r) or b in done:
