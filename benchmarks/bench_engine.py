@@ -17,13 +17,19 @@ For each batch size and each engine setting (``default``: ``LLM(model)`` as a us
 it, CUDA graphs on where they work; ``eager``: ``cuda_graphs=False``, the engine's
 default before graphs were; ``per_expert``: eager, with the MoE layers' per-expert
 forward, which reads the expert counts on the host, as before the engine stacked the
-experts), the requests go through the engine's step loop (what ``LLM.generate`` runs)
-twice, the first pass a warm-up (Triton compiles each shape once):
+experts; ``no_prefix_cache``: ``enable_prefix_caching=False``), the requests go through
+the engine's step loop (what ``LLM.generate`` runs) twice, the first pass a warm-up
+(Triton compiles each shape once) on other random prompts, so that the timed pass finds
+nothing in the prefix cache:
 
 - prefill: from adding the requests until every one has its first token (chunks of
   ``max_num_batched_tokens``; sequences done early decode beside later chunks);
 - decode: then ``--decode-steps`` steps in which every sequence decodes one token, all of
-  them still running: decode tokens/s = batch * steps / time.
+  them still running: decode tokens/s = batch * steps / time;
+- follow-up: once those requests are done, a request for each of ``--follow-up`` more
+  tokens after its prompt (the next turn of a chat over the same document) until its
+  first token: with prefix caching only the new tokens and the prompt's last block are
+  computed.
 
 Results go to benchmarks/results/bench_engine.json ($OUT when set), with the ceilings of
 the same run.
@@ -95,6 +101,20 @@ def measure(engine, prompts, decode_steps: int, temperature: float = 0.0, top_p:
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
 
+def follow_up(engine, prompts, n_new: int, g: torch.Generator) -> float:
+    """Seconds until a request of each prompt + ``n_new`` random tokens has its first token."""
+    from flashdsa.engine import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sync()
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p + torch.randint(0, 256, (n_new,), generator=g).tolist(), params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", action="store_true")
@@ -110,7 +130,9 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--experts", type=int, default=None,
                     help="routed experts of MoE layers after the first (default: dense MLPs only)")
-    ap.add_argument("--settings", nargs="+", default=["default", "eager"], choices=("default", "eager", "per_expert"))
+    ap.add_argument("--follow-up", type=int, default=64, help="new tokens of the follow-up requests")
+    ap.add_argument("--settings", nargs="+", default=["default", "eager"],
+                    choices=("default", "eager", "per_expert", "no_prefix_cache"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from flashdsa.engine import LLM, EngineConfig
@@ -131,8 +153,10 @@ def main() -> None:
     name = "bench_engine_toy" if args.toy else "bench_engine"
     g = torch.Generator().manual_seed(1)
     for setting in args.settings:
-        engine_args = {} if setting == "default" else {"cuda_graphs": False}
-        room = max_tokens(steps, max(args.batches) * prompt_len, EngineConfig.max_num_batched_tokens)
+        engine_args = {"default": {}, "no_prefix_cache": {"enable_prefix_caching": False}}.get(
+            setting, {"cuda_graphs": False})
+        room = max(max_tokens(steps, max(args.batches) * prompt_len, EngineConfig.max_num_batched_tokens),
+                   args.follow_up + 1)
         n_blocks = max(args.batches) * (-(-(prompt_len + room) // 64) + 1) + 8
         t0 = time.perf_counter()
         llm = LLM(model, num_blocks=n_blocks, max_num_seqs=max(args.batches), **engine_args)
@@ -143,14 +167,16 @@ def main() -> None:
                     m._stacked = None
         graphs = getattr(llm.engine.runner, "graphs", None)
         for b in args.batches:
-            prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]
-            measure(llm.engine, prompts, steps, args.temperature, args.top_p)   # warm-up: compiles
-            m = measure(llm.engine, prompts, steps, args.temperature, args.top_p)
+            for _ in range(2):   # a warm-up (compiles), then the timed pass on other prompts
+                prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]
+                m = measure(llm.engine, prompts, steps, args.temperature, args.top_p)
+                m["follow_up_s"] = follow_up(llm.engine, prompts, args.follow_up, g)
             row = {"setting": setting, "batch": b, "cuda_graphs": bool(graphs and graphs.graphs),
                    "engine_build_s": round(build_s, 2), "prefill_s": round(m["prefill_s"], 3),
                    "prefill_tokens_per_s": round(b * prompt_len / m["prefill_s"], 1),
                    "decode_tokens_per_s": round(b * steps / m["decode_s"], 1),
-                   "decode_ms_per_step": round(m["decode_s"] * 1e3 / steps, 3)}
+                   "decode_ms_per_step": round(m["decode_s"] * 1e3 / steps, 3),
+                   "follow_up_ttft_s": round(m["follow_up_s"], 4)}
             result["rows"].append(row)
             print(row, flush=True)
             write_result(name, result, args.out or os.environ.get("OUT"))   # after each row: a cut run keeps it

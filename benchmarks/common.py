@@ -133,11 +133,20 @@ def measure_ceilings(n: int = 8192, repeats: int = 3) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     import triton
 
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 from flashdsa.config import DSAConfig
 from flashdsa.data import BOS, EOS, VOCAB_SIZE
 from flashdsa.engine import EngineConfig, LLMEngine, SamplingParams
@@ -77,6 +76,7 @@ def add_decoding(engine: LLMEngine, batch: int, context: int, output_len: int, s
         seq.blocks = engine.allocator.allocate(blocks_needed(context))
         seq.status = Status.RUNNING
         engine.scheduler.running.append(seq)
+        engine.scheduler.cache_blocks(seq)   # as its prefill and decode steps did
 
 
 def host_ms(batch: int, context: int, output_len: int, steps: int, repeat: int, vocab: int = VOCAB_SIZE,
@@ -92,15 +92,6 @@ def host_ms(batch: int, context: int, output_len: int, steps: int, repeat: int, 
             assert len(outs) == batch and not any(o.finished for o in outs)
         times.append((time.perf_counter() - t0) * 1e3 / steps)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    """The host CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def mixed_metadata_ms(batch: int, context: int, output_len: int, repeat: int) -> float:

@@ -15,6 +15,9 @@ The byte layouts are those of flashdsa.layout.
 """
 from __future__ import annotations
 
+import itertools
+from collections import Counter, OrderedDict
+
 import torch
 
 from .. import api
@@ -29,41 +32,133 @@ class NoFreeBlocks(RuntimeError):
     """Raised by :meth:`BlockAllocator.allocate` when the pool is exhausted."""
 
 
+ROOT = 0  # the parent key of a sequence's first block
+
+
 class BlockAllocator:
-    """A free list of physical block ids ``0 .. num_blocks - 1``.
+    """Physical block ids ``0 .. num_blocks - 1``, reference counted, with an optional
+    prefix cache.
 
     Blocks are handed out lowest id first (a deterministic layout makes failures
-    reproducible) and returned with :meth:`free`."""
+    reproducible). A block may be held by several sequences at once (a shared prompt
+    prefix); :meth:`free` drops one reference of each block it is given.
 
-    def __init__(self, num_blocks: int):
+    Prefix cache (``prefix_caching=True``): once a block's 64 positions are written, its
+    sequence registers it (:meth:`register`) under the key (key of the block before it,
+    its 64 token ids), so the key of a block stands for every token up to its end. A
+    later sequence that starts with the same tokens takes those blocks (:meth:`match`,
+    then :meth:`acquire`) instead of computing them. Keys compare the token ids
+    themselves (no hash can collide), and the cached rows are what computing the same
+    tokens at the same positions writes. A registered block that no sequence holds stays
+    cached and counts as free: when a block is needed and no uncached one is free, the
+    least recently released cached block is evicted (its key dropped), the end of a
+    sequence before its start."""
+
+    def __init__(self, num_blocks: int, prefix_caching: bool = False):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks: expected a positive int, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
-        self._used: set[int] = set()
+        self.prefix_caching = prefix_caching
+        self._free = list(range(num_blocks - 1, -1, -1))  # uncached, unheld: a stack, pop() gives the lowest id
+        self._refs: dict[int, int] = {}                    # held blocks -> number of holders
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unheld: least recently released first
+        self._block_of: dict[tuple, int] = {}               # key -> its cached block
+        self._key_of: dict[int, tuple] = {}                 # cached block -> (key, its node id)
+        self._nodes = itertools.count(ROOT + 1)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks :meth:`allocate` can hand out (cached ones no sequence holds included)."""
+        return len(self._free) + len(self._idle)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
         """``n`` block ids, or :class:`NoFreeBlocks` (nothing is taken then)."""
-        if n > len(self._free):
-            raise NoFreeBlocks(f"asked for {n} blocks, {len(self._free)} free of {self.num_blocks}")
-        out = [self._free.pop() for _ in range(n)]
-        self._used.update(out)
+        if n > self.num_free:
+            raise NoFreeBlocks(f"asked for {n} blocks, {self.num_free} free of {self.num_blocks}")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._idle.popitem(last=False)
+                del self._block_of[self._key_of.pop(b)[0]]
+            self._refs[b] = 1
+            out.append(b)
         return out
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if b not in self._used:
+        """Drop one reference of each of ``blocks`` (a sequence's list, in order). A block
+        no sequence holds then returns to the pool: cached ones as evictable, the last
+        of the list first in line."""
+        for b, n in Counter(blocks).items():
+            if self._refs.get(b, 0) < n:
                 raise ValueError(f"block {b} is not allocated (double free?)")
-            self._used.remove(b)
-        # keep the stack ordered so the lowest free id comes out next
-        self._free = sorted(self._free + list(blocks), reverse=True)
+        released = False
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            del self._refs[b]
+            if b in self._key_of:
+                self._idle[b] = None
+            else:
+                self._free.append(b)
+                released = True
+        if released:  # keep the stack ordered so the lowest free id comes out next
+            self._free.sort(reverse=True)
+
+    def match(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
+        """(blocks, their node ids): the cached blocks that hold the first full blocks of
+        ``tokens``, at most ``max_blocks``, up to the first one not cached. Takes nothing
+        (see :meth:`acquire`)."""
+        blocks, nodes = [], []
+        node = ROOT
+        for i in range(max_blocks if self.prefix_caching else 0):
+            b = self._block_of.get((node, tuple(tokens[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])))
+            if b is None:
+                break
+            node = self._key_of[b][1]
+            blocks.append(b)
+            nodes.append(node)
+        return blocks, nodes
+
+    def num_idle(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` are cached blocks no sequence holds (taking them lowers
+        :attr:`num_free`)."""
+        return sum(b in self._idle for b in blocks)
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Take one more reference of each of ``blocks`` (cached blocks from :meth:`match`)."""
+        for b in blocks:
+            if b in self._idle:
+                del self._idle[b]
+                self._refs[b] = 1
+            else:
+                self._refs[b] += 1
+
+    def register(self, block: int, parent: int, tokens: list[int]) -> int:
+        """Cache held ``block``, whose 64 positions hold ``tokens`` after the block of node
+        ``parent`` (ROOT for a sequence's first block); returns its node id, the parent
+        of the next block. A block with those contents cached already stays the cached
+        one (its node is returned; ``block`` stays uncached); without prefix caching
+        nothing is cached and ROOT is returned."""
+        if not self.prefix_caching:
+            return ROOT
+        key = (parent, tuple(tokens))
+        held = self._block_of.get(key)
+        if held is not None:
+            return self._key_of[held][1]
+        if self._refs.get(block, 0) < 1:
+            raise ValueError(f"block {block} is not allocated: only a held block can be cached")
+        if block in self._key_of:
+            raise ValueError(f"block {block} is cached already under another key")
+        node = next(self._nodes)
+        self._block_of[key] = block
+        self._key_of[block] = (key, node)
+        return node
 
 
 def blocks_needed(num_tokens: int) -> int:

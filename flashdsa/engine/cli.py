@@ -31,7 +31,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (prefill chunk)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture decode steps in CUDA graphs (default: on where they work: GPU, Triton "
-                        "kernels, no MoE layers; --no-cuda-graphs decodes eagerly)")
+                        "kernels, MoE layers as grouped GEMMs; --no-cuda-graphs decodes eagerly)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cache blocks of earlier requests that start with the same tokens "
+                        "(default: on; --no-prefix-caching computes every prompt in full)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* models")
 
 
@@ -83,7 +86,7 @@ def build_llm(args):
     return LLM(model, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend,
-               cuda_graphs=args.cuda_graphs)
+               cuda_graphs=args.cuda_graphs, enable_prefix_caching=args.prefix_caching)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -106,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for out in outs:
         if args.json:
             print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.finish_reason}))
+                              "finish_reason": out.finish_reason, "cached_tokens": out.metrics["cached_tokens"]}))
         else:
             print(out.text)
     return 0

@@ -32,9 +32,12 @@ class EngineConfig:
         (the prefill chunk size).
     backend: "auto" | "triton" | "reference" for every op.
     cuda_graphs: capture decode steps in CUDA graphs (see engine/cuda_graph.py). None
-        (default): on where they work (a CUDA device, the Triton kernels, no MoE
-        layers), eager elsewhere without a warning; True: on, with a warning where they
+        (default): on where they work (a CUDA device, the Triton kernels, MoE layers
+        that run as grouped GEMMs), eager elsewhere without a warning; True: on, with a warning where they
         cannot be; False: off (every step eager).
+    enable_prefix_caching: reuse the cache blocks of earlier requests that hold the
+        same leading tokens (a shared system prompt, the earlier turns of a chat):
+        those tokens are not computed again (see engine.cache.BlockAllocator).
     """
     kv_cache_dtype: str = "auto"
     num_blocks: int | None = None
@@ -44,6 +47,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     backend: str = "auto"
     cuda_graphs: bool | None = None
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -56,6 +60,8 @@ class RequestOutput:
     text: str
     finished: bool
     finish_reason: str | None = None          # "stop" | "length" | "abort"
+    # "preemptions": times the request was preempted; "cached_tokens": prompt tokens
+    # taken from the prefix cache
     metrics: dict = field(default_factory=dict)
 
 
@@ -127,7 +133,7 @@ class LLMEngine:
         # with CUDA graphs one extra block, owned by no sequence, takes the padding rows
         self.caches = PagedCaches(cfg.num_hidden_layers, num_blocks + use_graphs, latent_dim, cfg.index_head_dim,
                                   c.kv_cache_dtype, self.dtype, self.device, cfg.kv_lora_rank, c.backend)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, prefix_caching=c.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.caches, c.backend)
         if use_graphs:
@@ -225,7 +231,8 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, list(seq.output_ids), seq.text,
-                             seq.finished, seq.finish_reason, {"preemptions": seq.num_preemptions})
+                             seq.finished, seq.finish_reason,
+                             {"preemptions": seq.num_preemptions, "cached_tokens": seq.num_cached_tokens})
 
     def step(self) -> list[RequestOutput]:
         """One forward pass; outputs of the requests that got a token this step."""
@@ -235,6 +242,7 @@ class LLMEngine:
         logits, which = self.runner.forward(scheduled)
         for seq, n in scheduled:
             seq.num_computed += n
+            self.scheduler.cache_blocks(seq)
         outs = []
         if which:
             seqs = [scheduled[b][0] for b in which]

@@ -8,6 +8,11 @@ prefill its next chunk), then waiting sequences while tokens, blocks and
 steps. When a running sequence needs a block and none is free, the most recently
 arrived running sequence is preempted: its blocks are freed, it returns to the front
 of the queue and later recomputes its prompt and the tokens it had generated (no swap).
+
+With prefix caching (the allocator's, see :class:`BlockAllocator`) a sequence that is
+admitted takes the cached blocks that hold the start of its tokens and computes only
+the rest; its own blocks are cached as they fill (:meth:`Scheduler.cache_blocks`). At
+least its last token is always computed, for the logits it samples from.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import enum
 import itertools
 from collections import deque
 
-from .cache import PAGE_SIZE, BlockAllocator, blocks_needed
+from .cache import PAGE_SIZE, ROOT, BlockAllocator, blocks_needed
 from .sampler import SamplingParams, make_generator
 
 
@@ -41,6 +46,8 @@ class Sequence:
         self.status = Status.WAITING
         self.blocks: list[int] = []
         self.num_computed = 0          # tokens whose cache rows are written
+        self.block_nodes: list[int] = []  # prefix-cache node ids of blocks[:len(block_nodes)]
+        self.num_cached_tokens = 0     # prompt tokens taken from the prefix cache when first scheduled
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.text = ""                 # detokenized output (the engine keeps it up to date)
@@ -98,6 +105,7 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
         seq.blocks = []
+        seq.block_nodes = []
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -117,6 +125,18 @@ class Scheduler:
         if seq.blocks:
             self.allocator.free(seq.blocks)
             seq.blocks = []
+            seq.block_nodes = []
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Register the blocks of ``seq`` that its computed tokens filled since the last
+        call in the prefix cache (a no-op without prefix caching)."""
+        if not self.allocator.prefix_caching:
+            return
+        nodes = seq.block_nodes
+        for i in range(len(nodes), seq.num_computed // PAGE_SIZE):
+            parent = nodes[-1] if nodes else ROOT
+            nodes.append(self.allocator.register(seq.blocks[i], parent,
+                                                 seq.token_slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)))
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """[(sequence, number of new tokens)] for the next step, blocks allocated."""
@@ -144,12 +164,21 @@ class Scheduler:
         # would only make them thrash
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = blocks_needed(seq.num_computed + n) - len(seq.blocks)
-            if need > self.allocator.num_free:
+            # the cached blocks that start its tokens (never all of them: the last is computed)
+            hit, nodes = (self.allocator.match(seq.tokens, (seq.num_tokens - 1) // PAGE_SIZE)
+                          if self.allocator.prefix_caching else ([], []))
+            cached = len(hit) * PAGE_SIZE
+            n = min(seq.num_tokens - cached, budget)
+            need = blocks_needed(cached + n) - len(hit)
+            if need > self.allocator.num_free - self.allocator.num_idle(hit):
                 break
             self.waiting.popleft()
-            seq.blocks += self.allocator.allocate(need)
+            self.allocator.acquire(hit)
+            seq.blocks += hit + self.allocator.allocate(need)
+            seq.block_nodes = nodes
+            seq.num_computed = cached
+            if not seq.num_preemptions:
+                seq.num_cached_tokens = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.running.sort(key=lambda s: s.arrival)

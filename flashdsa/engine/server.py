@@ -376,7 +376,8 @@ async def _next(q: asyncio.Queue) -> RequestOutput:
 
 def _usage(n_prompt: int, out: RequestOutput) -> dict:
     n = len(out.token_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
+            "prompt_tokens_details": {"cached_tokens": out.metrics.get("cached_tokens", 0)}}
 
 
 def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLimits | None = None) -> FastAPI:

@@ -29,6 +29,21 @@ def test_generate_matches_llm(capsys):
     assert all(x["finish_reason"] == "length" for x in lines)
 
 
+def test_generate_prefix_caching_switch(capsys):
+    """Two prompts that share their first 130 bytes: with the default prefix caching the
+    second, admitted after the first's prefill, takes two cached blocks; with
+    --no-prefix-caching none; the tokens are the same."""
+    shared = "s" * 130
+    lines = {}
+    for flag in ([], ["--no-prefix-caching"]):
+        assert main(["generate", "random:tiny", "--prompt", shared + "a", "--prompt", shared + "bc",
+                     "--max-tokens", "4", "--ignore-eos", "--max-num-batched-tokens", "64", "--json", *flag]) == 0
+        lines[bool(flag)] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["cached_tokens"] for x in lines[False]] == [0, 128]
+    assert [x["cached_tokens"] for x in lines[True]] == [0, 0]
+    assert [x["token_ids"] for x in lines[False]] == [x["token_ids"] for x in lines[True]]
+
+
 def test_generate_rejects_too_long(capsys):
     assert main(["generate", "random:tiny", "--prompt", "x" * 30, "--max-model-len", "32",
                  "--max-tokens", "8"]) == 2

@@ -12,7 +12,7 @@ from flashdsa.engine import (
     PagedCaches,
     SamplingParams,
 )
-from flashdsa.engine.cache import NoFreeBlocks
+from flashdsa.engine.cache import PAGE_SIZE, ROOT, NoFreeBlocks
 from flashdsa.engine.sampler import filter_logits
 from tests.utils import requires_cuda
 
@@ -230,6 +230,112 @@ def test_block_allocator():
     assert a.allocate(2) == [0, 2]
     with pytest.raises(ValueError, match="double free"):
         a.free([0, 0])
+
+
+def test_block_allocator_prefix_cache():
+    """Blocks are found by their tokens AND every token before them; a block held by
+    two sequences is released by the second free; unheld cached blocks count as free and
+    are evicted only when no uncached block is, the end of a sequence first."""
+    a_tok, b_tok, c_tok = ([i] * PAGE_SIZE for i in (1, 2, 3))
+    a = BlockAllocator(4, prefix_caching=True)
+    x = a.allocate(3)
+    n0 = a.register(x[0], ROOT, a_tok)
+    n1 = a.register(x[1], n0, b_tok)
+    assert a.match(a_tok + b_tok + c_tok, 3) == ([x[0], x[1]], [n0, n1])
+    assert a.match(a_tok + b_tok, 1) == ([x[0]], [n0])            # at most max_blocks
+    assert a.match(a_tok + c_tok + b_tok, 3) == ([x[0]], [n0])     # stops at the first miss
+    assert a.match(b_tok + b_tok, 2) == ([], [])                   # b_tok cached only after a_tok
+    assert a.match(a_tok[:-1] + [9] + b_tok, 2) == ([], [])         # one token differs
+    assert a.register(x[2], ROOT, a_tok) == n0                     # same contents: the cached block stays
+    a.acquire([x[0], x[1]])                                        # a second sequence takes the prefix
+    a.free(x)                                                      # the first ends
+    assert a.num_free == 2 and a.num_idle([x[0], x[1]]) == 0       # x[2] (uncached) and block 3
+    a.free([x[0], x[1]])
+    assert a.num_free == 4 and a.num_idle(x) == 2
+    assert a.allocate(2) == [2, 3]                                 # uncached blocks go first
+    assert a.allocate(1) == [x[1]]                                 # then the sequence's end is evicted
+    assert a.match(a_tok + b_tok, 2) == ([x[0]], [n0])
+    with pytest.raises(ValueError, match="not allocated"):
+        a.register(x[0], ROOT, c_tok)                              # x[0] is cached but nobody holds it
+    a.acquire([x[0]])
+    assert a.num_free == 0
+    with pytest.raises(NoFreeBlocks):
+        a.allocate(1)
+    off = BlockAllocator(2)
+    y = off.allocate(1)
+    assert off.register(y[0], ROOT, a_tok) == ROOT and off.match(a_tok + b_tok, 1) == ([], [])
+    off.free(y)
+    assert off.num_free == 2 and off.num_idle(y) == 0
+
+
+def test_prefix_caching_skips_cached_tokens_and_keeps_outputs():
+    """Requests that share leading blocks with earlier ones compute only the rest and
+    decode the reference's tokens: a shared prefix, a repeated prompt of whole blocks
+    (its last block is computed again, for its logits), the next turn of a chat (prompt +
+    answer + more), and a prompt whose second block equals a cached one after another
+    first block (no hit). The last case and the token counts fail if blocks were found
+    by their own tokens alone or not skipped."""
+    model = tiny_model(seed=21)
+    prefix, tails = prompts_of([150], seed=22)[0], prompts_of([7, 30, 1], seed=23)
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=24, max_num_batched_tokens=64))
+    steps = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+
+    def run(prompts):
+        ids = [engine.add_request(p, params) for p in prompts]
+        done, steps[:] = {}, []
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        return [done[i] for i in ids], sum(n for step in steps for _, n in step)
+
+    (first,), n_first = run([prefix + tails[0]])
+    assert first.metrics["cached_tokens"] == 0 and n_first == 157 + 5
+    outs, n = run([prefix + t for t in tails])
+    assert [o.metrics["cached_tokens"] for o in outs] == [128] * 3
+    assert n == sum(150 + len(t) - 128 + 5 for t in tails)
+    second_turn = prefix + tails[0] + first.token_ids + tails[1]
+    whole = prefix[:128]
+    r, t = prompts_of([64, 64], seed=24)
+    other_first = r + t + tails[2]                 # caches t's block after r's
+    outs2, _ = run([second_turn, whole, other_first])
+    assert [o.metrics["cached_tokens"] for o in outs2] == [128, 64, 0]
+    crossed = prefix[:64] + t + tails[1]           # t's block is cached, but not after prefix[:64]
+    (last,), _ = run([crossed])
+    assert last.metrics["cached_tokens"] == 64
+    for p, o in zip([prefix + tails[0]] + [prefix + t for t in tails] + [second_turn, whole, other_first, crossed],
+                    [first] + outs + outs2 + [last]):
+        assert o.token_ids == reference_greedy(model, p, 6), len(p)
+    assert engine.allocator.num_free == 24
+
+
+def test_prefix_caching_under_eviction_and_preemption():
+    """A pool too small to keep every request's blocks: cached blocks are evicted and
+    sequences preempted (and readmitted onto cached blocks), and every output stays
+    the reference's; the same requests without prefix caching decode the same."""
+    model = tiny_model(seed=25)
+    base = prompts_of([70], seed=26)[0]
+    prompts = [base + t for t in prompts_of([20, 45, 3, 60, 11], seed=27)]
+    outs = {}
+    for caching in (True, False):
+        engine = LLMEngine(model, config=EngineConfig(num_blocks=4, max_num_batched_tokens=32, max_num_seqs=5,
+                                                      enable_prefix_caching=caching))
+        done = {}
+        pending = list(enumerate(prompts))
+        steps = 0
+        while pending or engine.has_unfinished_requests():
+            if pending and steps % 4 == 0:
+                i, p = pending.pop(0)
+                engine.add_request(p, SamplingParams(max_tokens=20, **GREEDY), request_id=str(i))
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+            steps += 1
+        assert engine.scheduler.num_preemptions > 0 and engine.allocator.num_free == 4
+        outs[caching] = [done[str(i)] for i in range(len(prompts))]
+    assert any(o.metrics["cached_tokens"] for o in outs[True])
+    assert not any(o.metrics["cached_tokens"] for o in outs[False])
+    for p, a, b in zip(prompts, outs[True], outs[False]):
+        assert a.token_ids == b.token_ids == reference_greedy(model, p, 20)
 
 
 def test_fp8_ds_mla_cache_roundtrip_and_engine():

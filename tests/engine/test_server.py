@@ -64,12 +64,26 @@ def test_completion(server, model):
     assert r["object"] == "text_completion" and r["model"] == "tiny"
     assert r["choices"][0]["text"] == expected_text(model, tok, tok.encode("Hello, DSA!"), 12)
     assert r["choices"][0]["finish_reason"] == "length"
-    assert r["usage"] == {"prompt_tokens": 11, "completion_tokens": 12, "total_tokens": 23}
+    assert r["usage"] == {"prompt_tokens": 11, "completion_tokens": 12, "total_tokens": 23,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     # a prompt of token ids
     ids = [5, 77, 140, 33, 9]
     status, r = post(server.url + "/v1/completions", {"prompt": ids, "max_tokens": 7, "temperature": 0,
                                                       "ignore_eos": True})
     assert status == 200 and r["choices"][0]["text"] == expected_text(model, tok, ids, 7)
+
+
+def test_usage_counts_prefix_cached_tokens(server, model):
+    """A prompt that repeats the first 128 tokens of an earlier one reports them as
+    cached (the OpenAI usage field), and its text is the reference's."""
+    tok = server.loop.engine.tokenizer
+    first = "The lightning indexer scores every earlier token; the top-k keeps 2048 of them. " * 2
+    body = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    _, r = post(server.url + "/v1/completions", dict(body, prompt=first + "Once."))
+    assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    _, r = post(server.url + "/v1/completions", dict(body, prompt=first + "Twice, then."))
+    assert r["usage"]["prompt_tokens"] > 128 and r["usage"]["prompt_tokens_details"] == {"cached_tokens": 128}
+    assert r["choices"][0]["text"] == expected_text(model, tok, tok.encode(first + "Twice, then."), 5)
 
 
 def test_chat(server, model):
