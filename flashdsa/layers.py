@@ -306,16 +306,18 @@ class MLA(nn.Module):
         check_tensor("positions", positions, shape=(t,), layout="[T]")
         check_cu_seqlens(cu_seqlens, t)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor, indexer_raw: bool = False):
+    def project(self, x: torch.Tensor, positions: torch.Tensor, indexer_raw: bool = False,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The projections every attention path starts from (also used by the engine and
         the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
         [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
-        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`).
-        ``indexer_raw``: an eighth output, the indexer's projections
+        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`;
+        ``cos_sin``: those of ``positions``, already computed for a layer of the same
+        :attr:`rope_config`). ``indexer_raw``: an eighth output, the indexer's projections
         (:meth:`LightningIndexer.project_raw`), computed in the same GEMMs as MLA's after
         :meth:`merge_projections`."""
         t = x.shape[0]
-        cos, sin = self.rope_cos_sin(positions)
+        cos, sin = cos_sin if cos_sin is not None else self.rope_cos_sin(positions)
         ix = self.indexer
         merged = self._merged if indexer_raw else None
         if merged is not None and merged[0].data_ptr() == self.q_a_proj.weight.data_ptr():
@@ -362,6 +364,12 @@ class MLA(nn.Module):
             from .ops.norm_rope import rope_interleaved
             return rope_interleaved
         return lambda z, c, s: apply_rope(z, c, s, interleaved=True)
+
+    @property
+    def rope_config(self) -> tuple:
+        """What the RoPE cos/sin depend on besides the positions: layers with equal
+        configurations have equal :meth:`rope_cos_sin`."""
+        return self._rope_args + (self.rope_scale,)
 
     def rope_cos_sin(self, positions: torch.Tensor):
         """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the

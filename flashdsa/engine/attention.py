@@ -21,7 +21,7 @@ the references (:func:`sparse_mla_paged` has a lean one of its own).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,7 @@ class StepMetadata:
     context_host: python list [B], context_lens on the host (no device sync to read it);
     the new tokens of sequence b are positions context_host[b] - (query_start[b + 1] -
     query_start[b]) .. context_host[b] - 1.
+    rope: the RoPE cos/sin of ``positions`` by rotary configuration (:meth:`cos_sin`).
     """
     positions: torch.Tensor
     slots: torch.Tensor
@@ -53,6 +54,15 @@ class StepMetadata:
     context_lens: torch.Tensor
     query_start: list
     context_host: list
+    rope: dict = field(default_factory=dict)
+
+    def cos_sin(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE cos/sin [T, r // 2] of the step's positions for MLA layer ``attn``:
+        computed by the first layer of its rotary configuration, reused by the others."""
+        key = attn.rope_config
+        if key not in self.rope:
+            self.rope[key] = attn.rope_cos_sin(self.positions)
+        return self.rope[key]
 
     @property
     def num_seqs(self) -> int:
@@ -190,7 +200,8 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden].
     ``static``: a decode step with no host synchronization, for CUDA graph capture
     (kernels only; see engine/cuda_graph.py)."""
-    qr, q_nope, q_pe, kv, k_pe, cos, sin, raw = attn.project(x, meta.positions, indexer_raw=True)
+    qr, q_nope, q_pe, kv, k_pe, cos, sin, raw = attn.project(x, meta.positions, indexer_raw=True,
+                                                             cos_sin=meta.cos_sin(attn))
     q_full, kv_full, w_uv = attn.absorb(q_nope, q_pe, kv, k_pe)             # [T, H, c + r], [T, 1, c + r]
     caches.write_latent(layer, meta.slots, kv_full[:, 0])
 
