@@ -212,14 +212,16 @@ def dense_prefill(layers, x, positions, kcache, vcache, n_seqs: int, ctx: int, c
         attn.o_proj(o.transpose(1, 2).reshape(t, h * attn.v_dim))
 
 
-def dense_decode(layers, x, positions, caches, meta, ctx: int, impl: str, all_idx=None, backend="auto"):
-    """Absorbed dense MLA decode: every head over all ``ctx`` latent rows of its sequence."""
+def dense_decode(layers, x, caches, meta, ctx: int, impl: str, all_idx=None, backend="auto"):
+    """Absorbed dense MLA decode: every head over all ``ctx`` latent rows of its sequence
+    (the latent write and the query as the DSA step computes them)."""
     b = x.shape[0]
+    cos, sin = layers[0].rope_cos_sin(meta.positions)
     for i, attn in enumerate(layers):
-        q_nope, q_pe, kv, k_pe = _projections(attn, x, positions)
-        caches.write_latent(i, meta.slots, torch.cat((kv, k_pe[:, 0]), dim=-1))
-        w_uk, w_uv = attn._kv_b().split((attn.nope, attn.v_dim), dim=1)
-        q = torch.cat((torch.einsum("thd,hdc->thc", q_nope, w_uk), q_pe), dim=-1)        # [b, H, 576]
+        _, q, kv_pe, _ = attn.project_inputs(x)
+        caches.write_latent_rows(i, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
+        q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
+        q, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))               # [b, H, 576]
         if impl == "bmm":
             rows = caches.latent_layer(i).view(-1, caches.latent_dim)
             kvc = rows[: b * meta.block_table.shape[1] * PAGE_SIZE].view(b, -1, caches.latent_dim)[:, :ctx]
@@ -233,15 +235,22 @@ def dense_decode(layers, x, positions, caches, meta, ctx: int, impl: str, all_id
 
 
 def projections_only(layers, x, positions):
-    """The part both models share: the MLA projections and o_proj (for the core times)."""
+    """The part both models share (for the core times): the RoPE cos/sin, the MLA
+    projections' GEMMs, the RoPE of the queries and o_proj. The latent's RMSNorm and RoPE
+    belong to each model's use of it (the cache write in decode, the MHA keys in dense
+    prefill)."""
+    cos, sin = layers[0].rope_cos_sin(positions)
     for attn in layers:
-        _projections(attn, x, positions)
+        _, q, _, _ = attn.project_inputs(x)
+        attn.rope_fn(x)(q[..., attn.nope:], cos, sin)
         attn.o_proj(x.new_zeros(x.shape[0], attn.n_heads * attn.v_dim))
 
 
 def dsa_step(layers, x, meta, caches, backend="auto", static=False):
+    """The engine's step over ``layers`` (its cos/sin once, as ``run_layers``)."""
+    cos_sin = layers[0].rope_cos_sin(meta.positions)
     for i, attn in enumerate(layers):
-        paged_mla_attention(attn, x, meta, caches, i, backend, static=static)
+        paged_mla_attention(attn, x, meta, caches, i, backend, static, cos_sin)
 
 
 # --- the sanity check (same run as the timings) ---------------------------------------------
@@ -384,11 +393,11 @@ def run(args) -> dict:
                     graph=static)
             measure(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), b)
             measure(f"decode_proj_b{b}", lambda: projections_only(layers, x, meta.positions), b, graph=True)
-            measure(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+            measure(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, caches, meta, ctx,
                                                                    "bmm"), b, graph=True)
             all_idx = (table[:b, :, None].long() * PAGE_SIZE + torch.arange(PAGE_SIZE, device=device)).view(b, 1, -1)
             all_idx = all_idx[..., :ctx].to(torch.int32).contiguous()
-            measure(f"decode_dense_kernel_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+            measure(f"decode_dense_kernel_b{b}", lambda: dense_decode(layers, x, caches, meta, ctx,
                                                                       "kernel", all_idx, args.backend), b,
                     graph=True)
             dense = [v for v in (row[f"decode_dense_bmm_b{b}"], row[f"decode_dense_kernel_b{b}"]) if v is not None]
@@ -397,7 +406,7 @@ def run(args) -> dict:
                 profile(f"decode_dsa_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend, static),
                         graph=static)
                 profile(f"decode_dsa_eager_b{b}", lambda: dsa_step(layers, x, meta, caches, args.backend), host=True)
-                profile(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, meta.positions, caches, meta, ctx,
+                profile(f"decode_dense_bmm_b{b}", lambda: dense_decode(layers, x, caches, meta, ctx,
                                                                        "bmm"), graph=True)
         for phase in ("prefill", "decode"):
             for b in (1, args.prefill_batch if phase == "prefill" else args.decode_batch):

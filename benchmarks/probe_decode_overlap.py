@@ -8,7 +8,7 @@ latent cache write wait for nothing of it. The product's step
 (``flashdsa.engine.attention.paged_mla_attention``) runs them one after the other, the
 query projection merged with the indexer's wq_b into one GEMM. The variant here
 (:func:`overlapped_attention`) computes the indexer's queries first (wq_b alone), forks a
-side stream for q_b_proj, RoPE, the absorption and the latent write, runs the indexer's
+side stream for the latent write, q_b_proj, RoPE and the absorption, runs the indexer's
 operands and top-k on the main stream, and joins before the sparse decode.
 
     python -m benchmarks.probe_decode_overlap                    # H200 (about 2 min)
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_result
-from benchmarks.cost_curve import TOY, V32, dsa_step, graphed, make_caches, make_layers, step_metadata, time_ms
+from benchmarks.cost_curve import TOY, V32, graphed, make_caches, make_layers, step_metadata, time_ms
 from flashdsa.config import DSAConfig
 from flashdsa.engine.attention import StepMetadata, select_indices, sparse_mla_paged
 
@@ -50,13 +50,13 @@ def _side_stream(device: torch.device):
     return _SIDE[device]
 
 
-def overlapped_attention(attn, x: torch.Tensor, meta: StepMetadata, caches, layer: int, backend: str = "auto",
-                         static: bool = False) -> torch.Tensor:
+def overlapped_attention(attn, x: torch.Tensor, meta: StepMetadata, caches, layer: int, backend: str,
+                         static: bool, cos_sin) -> torch.Tensor:
     """``paged_mla_attention`` with the query path beside the top-k chain (see the module
     docstring); the same math, the merged weights of ``MLA.merge_projections``."""
     t = x.shape[0]
     ix = attn.indexer
-    cos, sin = attn.rope_cos_sin(meta.positions)
+    cos, sin = cos_sin
     w_x, w_qr, n_x = attn._merged
     outs = F.linear(x, w_x).split([attn.q_a_proj.out_features, attn.kv_a_proj_with_mqa.out_features,
                                    ix.head_dim, ix.n_heads][:n_x], dim=-1)
@@ -68,13 +68,10 @@ def overlapped_attention(attn, x: torch.Tensor, meta: StepMetadata, caches, laye
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        q = F.linear(qr, w_qr[:nq])
-        q_nope, q_pe = q.view(t, attn.n_heads, attn.nope + attn.rope).split((attn.nope, attn.rope), dim=-1)
-        kv, k_pe = kv_pe.split((attn.kv_lora_rank, attn.rope), dim=-1)
-        kv = attn.kv_a_layernorm(kv)
-        rope = attn._rope_fn(x)
-        q_full, kv_full, w_uv = attn.absorb(q_nope, rope(q_pe, cos, sin), kv, rope(k_pe[:, None, :], cos, sin))
-        caches.write_latent(layer, meta.slots, kv_full[:, 0])
+        caches.write_latent_rows(layer, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
+        q_nope, q_pe = F.linear(qr, w_qr[:nq]).view(t, attn.n_heads, attn.nope + attn.rope).split(
+            (attn.nope, attn.rope), dim=-1)
+        q_full, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))
         q_full = q_full.contiguous()
     iq = F.linear(qr, w_qr[nq:])
     raw = (iq.view(t, ix.n_heads, ix.head_dim), ik, iw)
@@ -87,12 +84,14 @@ def overlapped_attention(attn, x: torch.Tensor, meta: StepMetadata, caches, laye
 
 
 def overlapped_step(layers, x, meta, caches, backend="auto", static=False):
-    return [overlapped_attention(attn, x, meta, caches, i, backend, static=static) for i, attn in enumerate(layers)]
+    cos_sin = layers[0].rope_cos_sin(meta.positions)
+    return [overlapped_attention(attn, x, meta, caches, i, backend, static, cos_sin) for i, attn in enumerate(layers)]
 
 
 def product_step(layers, x, meta, caches, backend="auto", static=False):
     from flashdsa.engine.attention import paged_mla_attention
-    return [paged_mla_attention(attn, x, meta, caches, i, backend, static=static) for i, attn in enumerate(layers)]
+    cos_sin = layers[0].rope_cos_sin(meta.positions)
+    return [paged_mla_attention(attn, x, meta, caches, i, backend, static, cos_sin) for i, attn in enumerate(layers)]
 
 
 def rel_err(a: list, b: list) -> float:

@@ -351,6 +351,14 @@ def decode_launches(arch: int = 90) -> dict[str, list]:
         rope_interleaved(torch.randn(4, 128, 64, dtype=torch.bfloat16), cos, sin)
         rope_cos_sin(torch.arange(t), torch.rand(32), 0.8)
     cases["rms_norm, rope, rope cos/sin (hidden, q_lora, kv_lora; 128 heads)"] = launches
+    from flashdsa.ops.mla_cache import write_latent_rows
+    with capture_launches() as launches:
+        kv_pe = torch.randn(t, 576, dtype=torch.bfloat16)
+        write_latent_rows(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), "bf16", kv_pe, torch.ones(512), 1e-6,
+                          cos, sin, torch.arange(t))
+        write_latent_rows(torch.zeros(2, 64, 1, 656, dtype=torch.uint8), "fp8_ds_mla", kv_pe, torch.ones(512),
+                          1e-6, cos, sin, torch.arange(t))
+    cases["latent cache write (RMSNorm + RoPE + store; bf16, fp8_ds_mla)"] = launches
     return cases
 
 

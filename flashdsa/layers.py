@@ -20,6 +20,7 @@ from . import api
 from ._validate import check, check_cu_seqlens, check_tensor
 from .backend import fused_inference
 from .config import DSAConfig
+from .reference.norm import rms_norm
 from .reference.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
 
@@ -34,11 +35,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_inference(x) and x.stride(-1) == 1:
-            from .ops.norm_rope import rms_norm
-            return rms_norm(x, self.weight, self.eps)     # one launch (inference on a GPU)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+            from .ops.norm_rope import rms_norm as fused_rms_norm
+            return fused_rms_norm(x, self.weight, self.eps)     # one launch (inference on a GPU)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def causal_ranges(cu_seqlens: torch.Tensor, total: int):
@@ -306,18 +305,13 @@ class MLA(nn.Module):
         check_tensor("positions", positions, shape=(t,), layout="[T]")
         check_cu_seqlens(cu_seqlens, t)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor, indexer_raw: bool = False,
-                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """The projections every attention path starts from (also used by the engine and
-        the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
-        [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
-        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`;
-        ``cos_sin``: those of ``positions``, already computed for a layer of the same
-        :attr:`rope_config`). ``indexer_raw``: an eighth output, the indexer's projections
-        (:meth:`LightningIndexer.project_raw`), computed in the same GEMMs as MLA's after
+    def project_inputs(self, x: torch.Tensor, indexer_raw: bool = False):
+        """The GEMMs of :meth:`project`: (qr [T, q_lora_rank] normalized, q [T, H, nope + r]
+        before RoPE, kv_pe [T, c + r] = the latent and k_pe before their RMSNorm and RoPE,
+        the indexer's projections or None). ``indexer_raw``: also the indexer's projections
+        (:meth:`LightningIndexer.project_raw`), in the same GEMMs as MLA's after
         :meth:`merge_projections`."""
         t = x.shape[0]
-        cos, sin = cos_sin if cos_sin is not None else self.rope_cos_sin(positions)
         ix = self.indexer
         merged = self._merged if indexer_raw else None
         if merged is not None and merged[0].data_ptr() == self.q_a_proj.weight.data_ptr():
@@ -334,10 +328,21 @@ class MLA(nn.Module):
             q = self.q_b_proj(qr)
             kv_pe = self.kv_a_proj_with_mqa(x)
             raw = ix.project_raw(x, qr) if indexer_raw else None
-        q_nope, q_pe = q.view(t, self.n_heads, self.nope + self.rope).split((self.nope, self.rope), dim=-1)
+        return qr, q.view(t, self.n_heads, self.nope + self.rope), kv_pe, raw
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, indexer_raw: bool = False):
+        """The projections every attention path starts from (also used by the engine and
+        the evaluations): the query latent qr [T, q_lora_rank], q_nope [T, H, nope], q_pe
+        [T, H, r] (rotated), the normalized latent kv [T, c], k_pe [T, 1, r] (rotated), and
+        the RoPE cos/sin [T, r // 2] shared with the indexer (see :meth:`rope_cos_sin`).
+        ``indexer_raw``: an eighth output, the indexer's projections (see
+        :meth:`project_inputs`)."""
+        cos, sin = self.rope_cos_sin(positions)
+        qr, q, kv_pe, raw = self.project_inputs(x, indexer_raw)
+        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
         kv, k_pe = kv_pe.split((self.kv_lora_rank, self.rope), dim=-1)
         kv = self.kv_a_layernorm(kv)                                          # [T, c]
-        rope = self._rope_fn(x)
+        rope = self.rope_fn(x)
         out = (qr, q_nope, rope(q_pe, cos, sin), kv, rope(k_pe[:, None, :], cos, sin), cos, sin)
         return out + (raw,) if indexer_raw else out
 
@@ -357,19 +362,13 @@ class MLA(nn.Module):
             down.append(ix.weights_proj)
         self._merged = (merge_rows(down), merge_rows([self.q_b_proj, ix.wq_b]), len(down))
 
-    def _rope_fn(self, x: torch.Tensor):
+    def rope_fn(self, x: torch.Tensor):
         """MLA's interleaved RoPE: on a GPU without autograd one kernel (instead of the
         torch ops' nine), else :func:`apply_rope`."""
         if fused_inference(x) and self.rope & (self.rope - 1) == 0:
             from .ops.norm_rope import rope_interleaved
             return rope_interleaved
         return lambda z, c, s: apply_rope(z, c, s, interleaved=True)
-
-    @property
-    def rope_config(self) -> tuple:
-        """What the RoPE cos/sin depend on besides the positions: layers with equal
-        configurations have equal :meth:`rope_cos_sin`."""
-        return self._rope_args + (self.rope_scale,)
 
     def rope_cos_sin(self, positions: torch.Tensor):
         """RoPE cos and sin [T, r // 2] of positions [T], times YaRN's ``rope_scale`` (1 for the
@@ -386,11 +385,16 @@ class MLA(nn.Module):
     def absorb(self, q_nope, q_pe, kv, k_pe):
         """Absorbed (MQA) operands: q_full [T, H, c + r] (q_nope through W_UK), the latent
         rows kv_full [T, 1, c + r], and W_UV [H, v, c] to map the output back."""
-        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
-        q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
+        q_full, w_uv = self.absorb_query(q_nope, q_pe)
         kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
         return q_full, kv_full, w_uv
+
+    def absorb_query(self, q_nope, q_pe):
+        """The absorbed query q_full [T, H, c + r] (q_nope through W_UK, then the rotated
+        q_pe) and W_UV [H, v, c] (see :meth:`absorb`)."""
+        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
+        return torch.cat((q_lat, q_pe), dim=-1), w_uv
 
     @staticmethod
     def freeze_all_but_indexer(module: nn.Module, freeze: bool = True) -> list[nn.Parameter]:

@@ -21,7 +21,7 @@ the references (:func:`sparse_mla_paged` has a lean one of its own).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,6 @@ class StepMetadata:
     context_host: python list [B], context_lens on the host (no device sync to read it);
     the new tokens of sequence b are positions context_host[b] - (query_start[b + 1] -
     query_start[b]) .. context_host[b] - 1.
-    rope: the RoPE cos/sin of ``positions`` by rotary configuration (:meth:`cos_sin`).
     """
     positions: torch.Tensor
     slots: torch.Tensor
@@ -54,15 +53,6 @@ class StepMetadata:
     context_lens: torch.Tensor
     query_start: list
     context_host: list
-    rope: dict = field(default_factory=dict)
-
-    def cos_sin(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
-        """The RoPE cos/sin [T, r // 2] of the step's positions for MLA layer ``attn``:
-        computed by the first layer of its rotary configuration, reused by the others."""
-        key = attn.rope_config
-        if key not in self.rope:
-            self.rope[key] = attn.rope_cos_sin(self.positions)
-        return self.rope[key]
 
     @property
     def num_seqs(self) -> int:
@@ -195,15 +185,19 @@ def sparse_mla_paged(q: torch.Tensor, caches: PagedCaches, layer: int, indices: 
 
 
 def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: PagedCaches, layer: int,
-                        backend: str = "auto", static: bool = False) -> torch.Tensor:
+                        backend: str = "auto", static: bool = False,
+                        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The attention sub-layer of ``layer`` for packed new tokens ``x [T, hidden]``
     (already normed). ``attn`` is a :class:`flashdsa.layers.MLA`. Returns [T, hidden].
     ``static``: a decode step with no host synchronization, for CUDA graph capture
-    (kernels only; see engine/cuda_graph.py)."""
-    qr, q_nope, q_pe, kv, k_pe, cos, sin, raw = attn.project(x, meta.positions, indexer_raw=True,
-                                                             cos_sin=meta.cos_sin(attn))
-    q_full, kv_full, w_uv = attn.absorb(q_nope, q_pe, kv, k_pe)             # [T, H, c + r], [T, 1, c + r]
-    caches.write_latent(layer, meta.slots, kv_full[:, 0])
+    (kernels only; see engine/cuda_graph.py). ``cos_sin``: the RoPE cos/sin of
+    ``meta.positions`` (:meth:`MLA.rope_cos_sin`), computed once for every layer of a
+    step (:func:`run_layers`); None: computed here."""
+    cos, sin = cos_sin if cos_sin is not None else attn.rope_cos_sin(meta.positions)
+    qr, q, kv_pe, raw = attn.project_inputs(x, indexer_raw=True)
+    caches.write_latent_rows(layer, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
+    q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
+    q_full, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))   # [T, H, c + r]
 
     indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static, raw)
 
@@ -212,3 +206,19 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
                              attn.kv_lora_rank, backend)                     # [T, H, c]
     out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                          # [T, H, v]
     return attn.o_proj(out.flatten(1))
+
+
+def run_layers(model, ids: torch.Tensor, meta: StepMetadata, caches: PagedCaches, backend: str = "auto",
+               static: bool = False) -> torch.Tensor:
+    """The decoder layers of a :class:`flashdsa.model.DSAForCausalLM` over the packed new
+    tokens ``ids [T]`` with the engine's paged attention: the hidden states [T, hidden]
+    before the final norm. The RoPE cos/sin of the step are computed once (every layer of
+    the model has the same rotary configuration)."""
+    inner = model.model
+    x = inner.embed_tokens(ids)
+    cos_sin = inner.layers[0].self_attn.rope_cos_sin(meta.positions)
+    for i, layer in enumerate(inner.layers):
+        h = layer.input_layernorm(x)
+        x = x + paged_mla_attention(layer.self_attn, h, meta, caches, i, backend, static, cos_sin)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x

@@ -23,7 +23,8 @@ import torch
 from .. import api
 from ..cache import PagedIndexerCache
 from ..layout import MLA_FP8_BYTES, PAGE_SIZE, indexer_block_bytes
-from ..reference.mla_cache import dequantize_mla_cache
+from ..backend import resolve_backend
+from ..reference.mla_cache import dequantize_mla_cache, latent_rows
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_ds_mla")
 
@@ -263,6 +264,20 @@ class PagedCaches:
             flat[slots] = api.quantize_mla_cache(rows.contiguous(), backend=self.backend)
         else:
             flat[slots] = rows.to(flat.dtype)
+
+    def write_latent_rows(self, layer: int, slots: torch.Tensor, kv_pe: torch.Tensor, norm, cos: torch.Tensor,
+                          sin: torch.Tensor) -> None:
+        """Store the latent rows of MLA's kv_a output ``kv_pe [N, c + r]`` at physical
+        ``slots [N]``: the latent through ``norm`` (the layer's kv_a_layernorm), k_pe
+        rotated by ``cos``/``sin`` [N, r // 2] (flashdsa.reference.mla_cache.latent_rows).
+        On the kernels one launch (flashdsa.ops.mla_cache.write_latent_rows), where the
+        norm, the RoPE, a cat, the fp8 quantization and an indexed store take one each."""
+        r = kv_pe.shape[1] - norm.weight.shape[0]
+        if resolve_backend(self.backend, kv_pe) == "triton" and r & (r - 1) == 0 and kv_pe.stride(-1) == 1:
+            from ..ops.mla_cache import write_latent_rows
+            write_latent_rows(self.latent[layer], self.kv_format, kv_pe, norm.weight, norm.eps, cos, sin, slots)
+        else:
+            self.write_latent(layer, slots, latent_rows(kv_pe, norm.weight, norm.eps, cos, sin))
 
     def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         """Quantize indexer keys ``keys [N, D]`` (one ue8m0 scale a token) and store them at

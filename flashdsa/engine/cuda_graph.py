@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .attention import StepMetadata, paged_mla_attention
+from .attention import StepMetadata, run_layers
 from .cache import PAGE_SIZE, HostBlockTable
 
 
@@ -87,14 +87,8 @@ class DecodeGraphs:
     def decode_body(self, b: int) -> torch.Tensor:
         """The captured computation: logits [b, vocab] fp32 of the static inputs."""
         model, caches, backend = self.runner.model, self.runner.caches, self.runner.backend
-        meta = self._meta(b)
-        inner = model.model
-        x = inner.embed_tokens(self.ids[:b])
-        for i, layer in enumerate(inner.layers):
-            h = layer.input_layernorm(x)
-            x = x + paged_mla_attention(layer.self_attn, h, meta, caches, i, backend, static=True)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.lm_head(inner.norm(x)).float()
+        x = run_layers(model, self.ids[:b], self._meta(b), caches, backend, static=True)
+        return model.lm_head(model.model.norm(x)).float()
 
     def _reset_padding(self) -> None:
         """Every row a padding row (position 0 of the scratch block), on the host and the device."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import StepMetadata, paged_mla_attention
+from .attention import StepMetadata, run_layers
 from .cache import PAGE_SIZE, HostBlockTable, PagedCaches
 
 
@@ -88,13 +88,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(scheduled):
             return self.graphs.run(scheduled)
         ids, meta, rows, which = self.build_metadata(scheduled)
-        inner = self.model.model
-        x = inner.embed_tokens(ids)
-        for i, layer in enumerate(inner.layers):
-            h = layer.input_layernorm(x)
-            x = x + paged_mla_attention(layer.self_attn, h, meta, self.caches, i, self.backend)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = run_layers(self.model, ids, meta, self.caches, self.backend)
         if not rows:
             return x.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), which
-        h = inner.norm(x[torch.tensor(rows, device=x.device)])
+        h = self.model.model.norm(x[torch.tensor(rows, device=x.device)])
         return self.model.lm_head(h).float(), which

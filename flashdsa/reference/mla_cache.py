@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..layout import MLA_D_NOPE, MLA_FP8_BYTES, MLA_N_TILES, MLA_TILE
+from .norm import rms_norm
 from .quant import AMAX_FLOOR, FP8_MAX
+from .rope import apply_rope
 
 _SCALE_BYTES = slice(MLA_D_NOPE, MLA_D_NOPE + 4 * MLA_N_TILES)  # bytes of the fp32 scales
 
@@ -51,6 +53,28 @@ def dequantize_mla_cache(cache: torch.Tensor, dtype: torch.dtype = torch.bfloat1
     pe = cache[..., _SCALE_BYTES.stop:].contiguous().view(torch.bfloat16)
     c = (c8.float().unflatten(-1, (MLA_N_TILES, MLA_TILE)) * scale[..., None]).flatten(-2)
     return torch.cat([c.to(dtype), pe.to(dtype)], dim=-1)
+
+
+def latent_rows(kv_pe: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+    """The latent cache rows [T, c + r] of MLA's kv_a projection output ``kv_pe [T, c + r]``
+    (c = weight's size): the latent RMS-normalized times ``weight``, then k_pe rotated by
+    ``cos``/``sin`` [T, r // 2] (pairs 2i, 2i + 1), each rounded to kv_pe's dtype, as
+    :meth:`flashdsa.layers.MLA.project` computes them."""
+    c = weight.shape[0]
+    k_pe = apply_rope(kv_pe[:, None, c:], cos, sin, interleaved=True)[:, 0]
+    return torch.cat([rms_norm(kv_pe[:, :c], weight, eps), k_pe], dim=-1)
+
+
+def write_latent_rows(cache: torch.Tensor, kv_format: str, kv_pe: torch.Tensor, weight: torch.Tensor, eps: float,
+                      cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store :func:`latent_rows` at physical ``slots [T]`` (< 0: skipped) of one layer's
+    paged latent cache ``cache [num_blocks, 64, 1, W]`` ("bf16": any float dtype, W = c +
+    r; "fp8_ds_mla": uint8, W = 656), in place."""
+    flat = cache.view(-1, cache.shape[-1])
+    ok = slots >= 0
+    rows = latent_rows(kv_pe[ok], weight, eps, cos[ok], sin[ok])
+    flat[slots[ok].long()] = quantize_mla_cache(rows) if kv_format == "fp8_ds_mla" else rows.to(flat.dtype)
 
 
 def cache_rows(kv_cache: torch.Tensor, kv_format: str, dtype: torch.dtype | None = None) -> torch.Tensor:

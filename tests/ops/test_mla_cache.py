@@ -115,3 +115,51 @@ def test_e4m3_byte_encoder_matches_torch_cast():
     _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     want = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(out.cpu(), want), f"{int((out.cpu() != want).sum())} of {x.numel()} bytes differ"
+
+
+@pytest.mark.parametrize("kv_format,model_dtype,cache_dtype,c,r", [
+    ("bf16", torch.bfloat16, torch.bfloat16, 512, 64),
+    ("bf16", torch.float32, torch.float32, 24, 8),       # "auto" cache of an fp32 model; c not a power of two
+    ("bf16", torch.float32, torch.bfloat16, 512, 64),    # rounded to the model dtype, then to the cache's
+    ("fp8_ds_mla", torch.bfloat16, torch.uint8, 512, 64),
+])
+@pytest.mark.parametrize("t", [1, 7, 37])
+def test_latent_write_kernel_matches_reference(kv_format, model_dtype, cache_dtype, c, r, t):
+    """The fused latent write (RMSNorm + RoPE + store, one launch) against the reference
+    (flashdsa.reference.mla_cache.write_latent_rows, the engine's unfused path): rows
+    written at their slots only (padding slots -1 and every other row untouched), within
+    the reference's own error against float64 (twice it, for another summation order,
+    plus a few fp32 roundings); fp8_ds_mla rows dequantized first."""
+    from flashdsa.ops.mla_cache import write_latent_rows
+    g = torch.Generator().manual_seed(t * 7 + c)
+    width = 656 if kv_format == "fp8_ds_mla" else c + r
+    gemm_out = torch.randn(t, 100 + c + r, generator=g) * torch.rand(t, 1, generator=g) * 5
+    kv_pe = gemm_out.to(model_dtype)[:, 100:]                           # a strided slice, as of the merged GEMM
+    weight = torch.rand(c, generator=g) + 0.5
+    pos = torch.randint(0, 150000, (t,), generator=g)
+    inv = torch.rand(r // 2, generator=g)
+    cos, sin = torch.cos(pos[:, None] * inv), torch.sin(pos[:, None] * inv)
+    slots = torch.randperm(3 * 64, generator=g)[:t]
+    slots[1::3] = -1
+    sentinel = torch.full((3, 64, 1, width), 0xAB if kv_format == "fp8_ds_mla" else float("nan")).to(cache_dtype)
+    got = sentinel.clone().to(KERNEL_DEVICE)
+    write_latent_rows(got, kv_format, kv_pe.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), 1e-6,
+                      cos.to(KERNEL_DEVICE), sin.to(KERNEL_DEVICE), slots.to(KERNEL_DEVICE))
+    want = sentinel.clone()
+    R.write_latent_rows(want, kv_format, kv_pe, weight, 1e-6, cos, sin, slots)
+    got, ok = got.cpu().view(3 * 64, width), slots >= 0
+    want, written = want.view(3 * 64, width), slots[ok]
+    untouched = torch.ones(3 * 64, dtype=torch.bool)
+    untouched[written] = False
+    assert torch.equal(got[untouched].view(torch.uint8), want[untouched].view(torch.uint8))
+    exact = R.latent_rows(kv_pe[ok].double(), weight.double(), 1e-6, cos[ok].double(), sin[ok].double())
+    if kv_format == "fp8_ds_mla":
+        got_rows, want_rows = R.dequantize_mla_cache(got[written], torch.float64), \
+            R.dequantize_mla_cache(want[written], torch.float64)
+    else:
+        got_rows, want_rows = got[written].double(), want[written].double()
+    for part in (slice(0, c), slice(c, c + r)):
+        err = float((got_rows[:, part] - exact[:, part]).abs().max())
+        budget = 2 * float((want_rows[:, part] - exact[:, part]).abs().max()) + \
+            8 * 2.0 ** -24 * float(exact[:, part].abs().max())
+        assert err <= budget, (part, err, budget)
