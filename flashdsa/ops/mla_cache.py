@@ -160,12 +160,13 @@ def write_latent_rows(cache: torch.Tensor, kv_format: str, kv_pe: torch.Tensor, 
                       cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> None:
     """flashdsa.reference.mla_cache.write_latent_rows in one launch: RMSNorm of the latent,
     RoPE of k_pe and the (quantized) store of both at ``slots`` (inputs assumed validated:
-    kv_pe [T, c + r] with a contiguous last dim, cos/sin [T, r // 2] fp32 with a
-    contiguous last dim, r a power of two, slots [T] integer; fp8_ds_mla needs c = 512, r
-    = 64). CUDA-graph capturable: no host sync."""
+    kv_pe [T, c + r] with a contiguous last dim, cos/sin [T, r // 2] fp32, r a power of
+    two, slots [T] integer; fp8_ds_mla needs c = 512, r = 64). CUDA-graph capturable: no
+    host sync."""
     n = kv_pe.shape[0]
     if n == 0:
         return
+    cos, sin = cos.contiguous(), sin.contiguous()   # one row stride for both
     c = weight.shape[0]
     r = kv_pe.shape[1] - c
     flat = cache.view(-1, cache.shape[-1])
