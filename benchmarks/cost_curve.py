@@ -220,8 +220,7 @@ def dense_decode(layers, x, caches, meta, ctx: int, impl: str, all_idx=None, bac
     for i, attn in enumerate(layers):
         _, q, kv_pe, _ = attn.project_inputs(x)
         caches.write_latent_rows(i, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
-        q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
-        q, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))               # [b, H, 576]
+        q, w_uv = attn.absorbed_query(q, cos, sin)                                           # [b, H, 576]
         if impl == "bmm":
             rows = caches.latent_layer(i).view(-1, caches.latent_dim)
             kvc = rows[: b * meta.block_table.shape[1] * PAGE_SIZE].view(b, -1, caches.latent_dim)[:, :ctx]

@@ -69,10 +69,8 @@ def overlapped_attention(attn, x: torch.Tensor, meta: StepMetadata, caches, laye
         side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         caches.write_latent_rows(layer, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
-        q_nope, q_pe = F.linear(qr, w_qr[:nq]).view(t, attn.n_heads, attn.nope + attn.rope).split(
-            (attn.nope, attn.rope), dim=-1)
-        q_full, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))
-        q_full = q_full.contiguous()
+        q = F.linear(qr, w_qr[:nq]).view(t, attn.n_heads, attn.nope + attn.rope)
+        q_full, w_uv = attn.absorbed_query(q, cos, sin)
     iq = F.linear(qr, w_qr[nq:])
     raw = (iq.view(t, ix.n_heads, ix.head_dim), ik, iw)
     indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static, raw)

@@ -385,16 +385,27 @@ class MLA(nn.Module):
     def absorb(self, q_nope, q_pe, kv, k_pe):
         """Absorbed (MQA) operands: q_full [T, H, c + r] (q_nope through W_UK), the latent
         rows kv_full [T, 1, c + r], and W_UV [H, v, c] to map the output back."""
-        q_full, w_uv = self.absorb_query(q_nope, q_pe)
+        w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
+        q_full = torch.cat((q_lat, q_pe), dim=-1)                             # [T, H, c + r]
         kv_full = torch.cat((kv[:, None, :], k_pe), dim=-1)                   # [T, 1, c + r]
         return q_full, kv_full, w_uv
 
-    def absorb_query(self, q_nope, q_pe):
-        """The absorbed query q_full [T, H, c + r] (q_nope through W_UK, then the rotated
-        q_pe) and W_UV [H, v, c] (see :meth:`absorb`)."""
+    def absorbed_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The q_full and W_UV of :meth:`absorb` from q [T, H, nope + r] before RoPE (the q
+        of :meth:`project_inputs`), for inference: W_UK's product and the rotated q_pe are
+        written into one contiguous q_full [T, H, c + r] (no cat)."""
         w_uk, w_uv = self._kv_b().split((self.nope, self.v_dim), dim=1)
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)                    # [T, H, c]
-        return torch.cat((q_lat, q_pe), dim=-1), w_uv
+        q_nope, q_pe = q.split((self.nope, self.rope), dim=-1)
+        c = self.kv_lora_rank
+        q_full = q.new_empty(q.shape[0], self.n_heads, c + self.rope)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :c])   # [H, T, c] view
+        if fused_inference(q) and self.rope & (self.rope - 1) == 0:
+            from .ops.norm_rope import rope_interleaved
+            rope_interleaved(q_pe, cos, sin, out=q_full[..., c:])
+        else:
+            q_full[..., c:] = apply_rope(q_pe, cos, sin, interleaved=True)
+        return q_full, w_uv
 
     @staticmethod
     def freeze_all_but_indexer(module: nn.Module, freeze: bool = True) -> list[nn.Parameter]:

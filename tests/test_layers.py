@@ -160,6 +160,28 @@ def test_merged_projections_equal_separate_ones(weights_fp32):
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in zip(flat(again), flat(want)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_engine_pieces_equal_project_and_absorb(dtype):
+    """The engine's inference pieces give the module's operands: project_inputs + the
+    latent rows (flashdsa.reference.mla_cache.latent_rows) = project's kv and k_pe, and
+    absorbed_query (W_UK's product and the RoPE written into one buffer) = absorb's
+    q_full, contiguous."""
+    from flashdsa.reference.mla_cache import latent_rows
+    torch.manual_seed(1)
+    attn = MLA(tiny_mla_config()).to(dtype).eval()
+    x, pos = torch.randn(9, attn.cfg.hidden_size, dtype=dtype), torch.randint(0, 5000, (9,))
+    with torch.no_grad():
+        qr, q_nope, q_pe, kv, k_pe, cos, sin = attn.project(x, pos)
+        want_q, want_kv, want_uv = attn.absorb(q_nope, q_pe, kv, k_pe)
+        qr2, q, kv_pe, raw = attn.project_inputs(x)
+        got_q, got_uv = attn.absorbed_query(q, cos, sin)
+        rows = latent_rows(kv_pe, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, cos, sin)
+    assert raw is None and torch.equal(qr2, qr)
+    assert torch.equal(rows, want_kv[:, 0]) and torch.equal(got_uv, want_uv)
+    assert got_q.is_contiguous() and got_q.shape == want_q.shape
+    torch.testing.assert_close(got_q, want_q, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+
+
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     """A bf16 model keeps its RoPE frequencies and angles in fp32: in bf16, positions past
     256 would share angles (1000 and 1001 would rotate alike)."""

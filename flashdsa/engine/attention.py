@@ -196,12 +196,10 @@ def paged_mla_attention(attn, x: torch.Tensor, meta: StepMetadata, caches: Paged
     cos, sin = cos_sin if cos_sin is not None else attn.rope_cos_sin(meta.positions)
     qr, q, kv_pe, raw = attn.project_inputs(x, indexer_raw=True)
     caches.write_latent_rows(layer, meta.slots, kv_pe, attn.kv_a_layernorm, cos, sin)
-    q_nope, q_pe = q.split((attn.nope, attn.rope), dim=-1)
-    q_full, w_uv = attn.absorb_query(q_nope, attn.rope_fn(x)(q_pe, cos, sin))   # [T, H, c + r]
+    q_full, w_uv = attn.absorbed_query(q, cos, sin)                          # [T, H, c + r]
 
     indices = select_indices(attn, x, qr, cos, sin, meta, caches, layer, backend, static, raw)
 
-    q_full = q_full.contiguous()
     o_lat = sparse_mla_paged(q_full, caches, layer, indices, attn.softmax_scale,
                              attn.kv_lora_rank, backend)                     # [T, H, c]
     out = torch.einsum("thc,hdc->thd", o_lat, w_uv)                          # [T, H, v]

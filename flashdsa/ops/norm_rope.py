@@ -48,11 +48,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def rope_interleaved_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, stride_xt, stride_xh, stride_cs,
-                            R: tl.constexpr, BLOCK_H: tl.constexpr):
+                            stride_yt, stride_yh, R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token t = program 0, heads of block program 1: y [t, h, 2i : 2i + 2] = the pair
     (x1, x2) = x [t, h, 2i : 2i + 2] rotated by angle i: (x1 cos - x2 sin, x1 sin + x2 cos).
     Each head's R values are loaded and stored as one contiguous row and split into their
-    pairs in registers. y [T, n_heads, R] contiguous."""
+    pairs in registers. y [T, n_heads, R] with a contiguous last dim."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, R)
@@ -64,21 +64,25 @@ def rope_interleaved_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, stride_xt, 
     s = tl.load(sin_ptr + t * stride_cs + i)[None, :]
     ty = y_ptr.dtype.element_ty
     y = tl.reshape(tl.join(round_as(x1 * c - x2 * s, ty), round_as(x1 * s + x2 * c, ty)), [BLOCK_H, R])
-    tl.store(y_ptr + t * n_heads * R + h[:, None] * R + j[None, :], y.to(ty), mask=m)
+    tl.store(y_ptr + t * stride_yt + h[:, None] * stride_yh + j[None, :], y.to(ty), mask=m)
 
 
-def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """MLA's RoPE of x [T, H, R] (any strides; R / 2 a power of two) by cos/sin
-    [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R].
-    A program takes one token's heads in blocks of about 2048 values (several programs
-    a token, so that a decode step's few tokens still spread over SMs)."""
+    [T, R / 2] fp32: pairs (2i, 2i + 1) rotated; returns a new contiguous [T, H, R], or
+    ``out`` (a [T, H, R] tensor of x's dtype with a contiguous last dim, for example the
+    tail of a wider row) written in place. A program takes one token's heads in blocks of
+    about 2048 values (several programs a token, so that a decode step's few tokens
+    still spread over SMs)."""
     t, h, r = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    y = torch.empty(t, h, r, dtype=x.dtype, device=x.device)
+    y = torch.empty(t, h, r, dtype=x.dtype, device=x.device) if out is None else out
     if t:
         block_h = max(1, min(triton.next_power_of_2(h), 2048 // r))
         rope_interleaved_kernel[(t, triton.cdiv(h, block_h))](x, cos, sin, y, h, x.stride(0), x.stride(1),
-                                                              cos.stride(0), R=r, BLOCK_H=block_h, num_warps=4)
+                                                              cos.stride(0), y.stride(0), y.stride(1), R=r,
+                                                              BLOCK_H=block_h, num_warps=4)
     return y
 
 

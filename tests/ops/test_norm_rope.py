@@ -49,6 +49,11 @@ def test_rope_interleaved_matches_apply_rope(dtype, t, h, r):
     want = apply_rope(x.double(), cos.double(), sin.double(), interleaved=True)
     assert_within_torch_error(got, apply_rope(x, cos, sin, interleaved=True), want, x.abs().max())
     assert got.is_contiguous() and got.shape == x.shape
+    # into the tail of wider rows (the absorbed query's q_pe part), the rest untouched
+    wide = torch.full((t, h, 512 + r), float("nan"), dtype=dtype, device=DEV)
+    y = rope_interleaved(x.to(DEV), cos.to(DEV), sin.to(DEV), out=wide[..., 512:])
+    assert y.data_ptr() == wide[..., 512:].data_ptr() and torch.equal(wide[..., 512:].cpu(), got)
+    assert wide[..., :512].isnan().all()
 
 
 @pytest.mark.parametrize("half,scale", [(32, 1.0), (32, 0.8), (8, 1.0), (5, 1.0)])
