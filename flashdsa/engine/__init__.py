@@ -10,14 +10,14 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {"PAGE_SIZE": "cache", "BlockAllocator": "cache", "PagedCaches": "cache", "LLM": "llm",
             "EngineConfig": "llm", "LLMEngine": "llm", "RequestOutput": "llm", "SamplingParams": "sampler",
-            "ByteTokenizer": "tokenizer"}
+            "TokenLogprob": "sampler", "ByteTokenizer": "tokenizer"}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:   # the same names for type checkers and IDEs
     from .cache import PAGE_SIZE, BlockAllocator, PagedCaches
     from .llm import LLM, EngineConfig, LLMEngine, RequestOutput
-    from .sampler import SamplingParams
+    from .sampler import SamplingParams, TokenLogprob
     from .tokenizer import ByteTokenizer
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams", "ByteTokenizer",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams", "TokenLogprob", "ByteTokenizer",
            "BlockAllocator", "PagedCaches", "PAGE_SIZE"]

@@ -50,6 +50,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each generated token's log-probability and the N likeliest tokens' (0-20)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
@@ -101,15 +103,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("no prompt: pass --prompt or pipe lines on stdin")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.sample_seed, max_tokens=args.max_tokens, stop=args.stop,
-                            ignore_eos=args.ignore_eos)
+                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     llm = build_llm(args)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     outs = llm.generate(prompts, params)
     for out in outs:
         if args.json:
-            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.finish_reason, "cached_tokens": out.metrics["cached_tokens"]}))
+            line = {"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason, "cached_tokens": out.metrics["cached_tokens"]}
+            if out.logprobs is not None:
+                line["logprobs"] = [{"logprob": lp.logprob, "top": lp.top} for lp in out.logprobs]
+            print(json.dumps(line))
         else:
             print(out.text)
     return 0

@@ -14,7 +14,7 @@ from ..layers import LightningIndexer
 from ..model import MoE
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
 from .tokenizer import default_tokenizer
 
@@ -63,6 +63,7 @@ class RequestOutput:
     # "preemptions": times the request was preempted; "cached_tokens": prompt tokens
     # taken from the prefix cache
     metrics: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None   # one a token of token_ids, when SamplingParams.logprobs asks
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -232,7 +233,8 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, list(seq.output_ids), seq.text,
                              seq.finished, seq.finish_reason,
-                             {"preemptions": seq.num_preemptions, "cached_tokens": seq.num_cached_tokens})
+                             {"preemptions": seq.num_preemptions, "cached_tokens": seq.num_cached_tokens},
+                             None if seq.logprobs is None else list(seq.logprobs))
 
     def step(self) -> list[RequestOutput]:
         """One forward pass; outputs of the requests that got a token this step."""
@@ -247,6 +249,11 @@ class LLMEngine:
         if which:
             seqs = [scheduled[b][0] for b in which]
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+            if want:
+                lps = token_logprobs(logits[want], [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])
+                for i, lp in zip(want, lps):
+                    seqs[i].logprobs.append(lp)
             for seq, tok in zip(seqs, tokens):
                 self._append(seq, tok)
                 outs.append(self._output(seq))

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOGPROBS = 20   # most likely tokens a request may ask for with each generated one
+
+
 @dataclass
 class SamplingParams:
     """How to pick the tokens of one request.
@@ -20,6 +23,10 @@ class SamplingParams:
         is kept in ``token_ids`` but not in the text. The tokenizer's eos is added
         unless ``ignore_eos``.
     stop: strings that end the request; the text is cut before the stop string.
+    logprobs: None, or return with every generated token its log-probability under the
+        model (the log-softmax of its logits, before temperature and filtering) and the
+        ``logprobs`` most likely tokens of that step (0 to MAX_LOGPROBS; 0: the
+        generated token's only).
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -29,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,10 +49,34 @@ class SamplingParams:
             raise ValueError(f"top_k: expected an int >= 0, got {self.top_k!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
             raise ValueError(f"max_tokens: expected an int >= 1, got {self.max_tokens!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs: expected None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (natural log of the softmax of
+    its logits, before temperature and filtering), and the ``SamplingParams.logprobs``
+    most likely tokens of that step as (token id, log-probability), most likely first."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], n_top: list[int]) -> list[TokenLogprob]:
+    """The :class:`TokenLogprob` of each row of ``logits [N, V]``: of its token ``tokens[i]``
+    and its ``n_top[i]`` most likely tokens (one log-softmax and one copy to the host)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    k = max(n_top)
+    top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    return [TokenLogprob(t, c, list(zip(top_id[i][:n], top_lp[i][:n])))
+            for i, (t, c, n) in enumerate(zip(tokens, chosen, n_top))]
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

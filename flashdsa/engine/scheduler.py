@@ -54,6 +54,7 @@ class Sequence:
         self.prefix_offset = 0         # output_ids[prefix_offset:read_offset]: the tokens the last
         self.read_offset = 0           # new text was decoded after (see LLMEngine._detokenize)
         self.generator = make_generator(params)
+        self.logprobs: list | None = [] if params.logprobs is not None else None   # TokenLogprob a token
 
     @property
     def tokens(self) -> list[int]:

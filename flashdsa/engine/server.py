@@ -39,7 +39,7 @@ except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f'the server needs {e.name}: pip install "flashdsa[serve]"', name=e.name) from e
 
 from .llm import LLMEngine, RequestOutput
-from .sampler import SamplingParams
+from .sampler import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
@@ -300,8 +300,16 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
         raise RequestError(f"seed: expected an integer, got {seed!r}", param="seed")
     if body.get("n", 1) != 1:
         raise RequestError("n: only n = 1 is supported", param="n")
-    if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
-        raise RequestError("logprobs and echo are not supported", param="logprobs")
+    if body.get("echo"):
+        raise RequestError("echo is not supported", param="echo")
+    if chat:   # logprobs: true / false; top_logprobs: how many alternatives
+        if not isinstance(body.get("logprobs", False), bool):
+            raise RequestError(f"logprobs: expected true or false, got {body['logprobs']!r}", param="logprobs")
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise RequestError("top_logprobs: needs logprobs: true", param="top_logprobs")
+        logprobs = number("top_logprobs", 0, 0, MAX_LOGPROBS, integer=True) if body.get("logprobs") else None
+    else:      # logprobs: how many alternatives (0: the sampled token's only), absent or null: none
+        logprobs = None if body.get("logprobs") is None else number("logprobs", 0, 0, MAX_LOGPROBS, integer=True)
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -311,7 +319,8 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     if not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, got {stream!r}", param="stream")
     params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
-                            seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")))
+                            seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")),
+                            logprobs=logprobs)
     return prompt, prompt_ids, params, stream
 
 
@@ -374,6 +383,38 @@ async def _next(q: asyncio.Queue) -> RequestOutput:
     return item
 
 
+def _token_text(tok, token_id: int) -> tuple[str, list[int] | None]:
+    """A token's text in the logprobs fields and its bytes: the tokenizer's
+    ``token_bytes(id)`` where it has one (bytes that are not whole UTF-8 characters are
+    written "bytes:\\xNN...", as the OpenAI API does), else its decoded text."""
+    raw = tok.token_bytes(token_id) if hasattr(tok, "token_bytes") else None
+    if raw is None:
+        text = tok.decode([token_id])
+        return text, list(text.encode())
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def _logprobs(tok, chat: bool, out: RequestOutput, start: int) -> dict:
+    """The logprobs field of a choice for the output's tokens start.. (OpenAI formats:
+    chat ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions ``{tokens,
+    token_logprobs, top_logprobs, text_offset}``, text_offset counted in the completion
+    text decoded so far)."""
+    lps: list[TokenLogprob] = out.logprobs[start:]
+    if chat:
+        def item(token_id: int, logprob: float) -> dict:
+            text, raw = _token_text(tok, token_id)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"content": [dict(item(lp.token_id, lp.logprob), top_logprobs=[item(i, v) for i, v in lp.top])
+                            for lp in lps]}
+    return {"tokens": [_token_text(tok, lp.token_id)[0] for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token_text(tok, i)[0]: v for i, v in lp.top} for lp in lps],
+            "text_offset": [len(tok.decode(out.token_ids[:i])) for i in range(start, start + len(lps))]}
+
+
 def _usage(n_prompt: int, out: RequestOutput) -> dict:
     n = len(out.token_ids)
     return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
@@ -416,21 +457,28 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
                 out = await _next(q)
         finally:
             loop.release(rid)
-        choice = {"index": 0, "finish_reason": out.finish_reason}
+        choice = {"index": 0, "finish_reason": out.finish_reason,
+                  "logprobs": None if out.logprobs is None else _logprobs(loop.engine.tokenizer, chat, out, 0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
-            choice.update(text=out.text, logprobs=None)
+            choice["text"] = out.text
         return JSONResponse(dict(envelope(rid, chat, False), choices=[choice], usage=_usage(n_prompt, out)))
 
     async def events(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, stops: list[str]):
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+        lp_sent = 0   # tokens whose logprobs went out: a chunk carries those of the tokens since the last one
+
+        def chunk(text: str | None, finish: str | None, role: bool = False, out: RequestOutput | None = None):
+            nonlocal lp_sent
             c = envelope(rid, chat, True)
+            lps = None
+            if out is not None and out.logprobs is not None:
+                lps, lp_sent = _logprobs(loop.engine.tokenizer, chat, out, lp_sent), len(out.logprobs)
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-                c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lps}]
             else:
-                c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
+                c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": lps}]
             return c
 
         def event(obj) -> bytes:
@@ -448,10 +496,10 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
                     break
                 n = _stream_text(out.text, sent, out.finished, stops)
                 if n > sent:
-                    yield event(chunk(out.text[sent:n], None))
+                    yield event(chunk(out.text[sent:n], None, out=out))
                     sent = n
                 if out.finished:
-                    yield event(dict(chunk(None, out.finish_reason), usage=_usage(n_prompt, out)))
+                    yield event(dict(chunk(None, out.finish_reason, out=out), usage=_usage(n_prompt, out)))
                     break
             yield format_sse_event(data_str="[DONE]")
         finally:        # also when the client went away: the response task is cancelled

@@ -2,7 +2,8 @@
 
 The engine only calls ``encode(text) -> list[int]``, ``decode(ids) -> str``,
 ``eos_token_id``, ``bos_token_id`` and ``apply_chat_template(messages) -> str``; any
-object with those works (e.g. a thin wrapper of a Hugging Face tokenizer).
+object with those works (e.g. a thin wrapper of a Hugging Face tokenizer). The server
+also uses ``token_bytes(id) -> bytes`` where a tokenizer has it (the logprobs fields).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return data.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (none for the specials)."""
+        return bytes([token_id]) if token_id < 256 else b""
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """A plain-text chat format: one "<role>: <content>" line per message, then

@@ -44,6 +44,15 @@ def test_generate_prefix_caching_switch(capsys):
     assert [x["token_ids"] for x in lines[False]] == [x["token_ids"] for x in lines[True]]
 
 
+def test_generate_logprobs(capsys):
+    assert main(["generate", "random:tiny", "--prompt", "abc", "--max-tokens", "3", "--ignore-eos", "--json",
+                 "--logprobs", "2"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert len(line["logprobs"]) == 3 and all(len(x["top"]) == 2 and x["logprob"] <= 0 for x in line["logprobs"])
+    assert main(["generate", "random:tiny", "--prompt", "abc", "--logprobs", "21"]) == 2
+    assert "logprobs" in capsys.readouterr().err
+
+
 def test_generate_rejects_too_long(capsys):
     assert main(["generate", "random:tiny", "--prompt", "x" * 30, "--max-model-len", "32",
                  "--max-tokens", "8"]) == 2

@@ -177,6 +177,36 @@ def test_sampling_seed_and_batch_independence():
     assert tiny_p == reference_greedy(model, prompts[0], 10)
 
 
+def test_logprobs_are_the_models():
+    """Each generated token's log-probability and the top ones equal the log-softmax of
+    the full model's logits at that step (to 2e-6: the engine samples from fp32 logits),
+    for a greedy and a sampled request in one batch (the sampled one's under the
+    untempered distribution); a request that does not ask gets None."""
+    model = tiny_model(seed=31)
+    prompts = prompts_of([12, 70], seed=32)
+    params = [SamplingParams(max_tokens=5, logprobs=3, **GREEDY),
+              SamplingParams(max_tokens=5, temperature=1.5, seed=3, logprobs=0, ignore_eos=True),
+              SamplingParams(max_tokens=2, **GREEDY)]
+    outs = LLM(model, num_blocks=8).generate(prompts + prompts[:1], params)
+    for p, o, n_top in zip(prompts, outs, (3, 0)):
+        assert len(o.logprobs) == len(o.token_ids) == 5
+        seq = list(p)
+        for tok, lp in zip(o.token_ids, o.logprobs):
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor(seq), backend="reference").logits[-1].double(), -1)
+            assert lp.token_id == tok and abs(lp.logprob - float(ref[tok])) < 2e-6
+            top = ref.topk(n_top)
+            assert [i for i, _ in lp.top] == top.indices.tolist()
+            assert all(abs(v - w) < 2e-6 for (_, v), w in zip(lp.top, top.values.tolist()))
+            seq.append(tok)
+    assert all(lp.top[0][0] == lp.token_id for lp in outs[0].logprobs)     # greedy: the likeliest token
+    assert min(lp.logprob for lp in outs[1].logprobs) < float(max(lp.logprob for lp in outs[0].logprobs))
+    assert outs[2].logprobs is None
+    for bad in (-1, 21, 2.0):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=bad)
+
+
 def test_filter_logits_top_p_top_k():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()

@@ -11,6 +11,7 @@ import urllib.request
 
 import openai
 import pytest
+import torch
 
 from flashdsa.engine import EngineConfig, LLMEngine
 from flashdsa.engine.server import ServerLimits, start_server
@@ -86,6 +87,46 @@ def test_usage_counts_prefix_cached_tokens(server, model):
     assert r["choices"][0]["text"] == expected_text(model, tok, tok.encode(first + "Twice, then."), 5)
 
 
+def test_logprobs_completions_and_chat(server, model):
+    """logprobs of text completions (token_logprobs = the model's log-softmax at each step,
+    to fp32 rounding; top_logprobs most likely first; text_offset into the text) and of
+    chat (top_logprobs alternatives), the same streamed (the chunks' entries joined) as
+    not; the openai client parses both."""
+    tok = server.loop.engine.tokenizer
+    ids = tok.encode("Hello, DSA!")
+    body = {"prompt": "Hello, DSA!", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    _, r = post(server.url + "/v1/completions", body)
+    lp = r["choices"][0]["logprobs"]
+    want = reference_greedy(model, ids, 6)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids + want[:2]), backend="reference").logits[-3:].double(), -1)
+    for i in range(3):
+        assert abs(lp["token_logprobs"][i] - float(ref[i, want[i]])) < 2e-6
+        top = list(lp["top_logprobs"][i].values())
+        assert len(top) == 2 and top[0] >= top[1] and abs(top[0] - lp["token_logprobs"][i]) < 1e-9   # greedy
+    assert lp["text_offset"] == [len(tok.decode(want[:i])) for i in range(6)]
+    _, s = post(server.url + "/v1/completions", dict(body, stream=True))
+    parts = [e["choices"][0]["logprobs"] for e in sse_events(s) if e["choices"][0]["logprobs"]]
+    assert {k: [x for p in parts for x in p[k]] for k in lp} == lp
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 3}
+    _, r = post(server.url + "/v1/chat/completions", chat)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(c["top_logprobs"]) == 3 for c in content)
+    assert all(c["top_logprobs"][0]["logprob"] == c["logprob"] and isinstance(c["bytes"], list) for c in content)
+    _, s = post(server.url + "/v1/chat/completions", dict(chat, stream=True))
+    assert [c for e in sse_events(s) if e["choices"][0]["logprobs"]
+            for c in e["choices"][0]["logprobs"]["content"]] == content
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    got = client.chat.completions.create(model="tiny", **{k: v for k, v in chat.items() if k != "ignore_eos"},
+                                         extra_body={"ignore_eos": True})
+    assert [c.logprob for c in got.choices[0].logprobs.content] == [c["logprob"] for c in content]
+    _, r = post(server.url + "/v1/completions", dict(body, logprobs=None))
+    assert r["choices"][0]["logprobs"] is None
+
+
 def test_chat(server, model):
     tok = server.loop.engine.tokenizer
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is sparse attention?"}]
@@ -153,6 +194,14 @@ def test_stop_string_streaming_matches(server, model):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
      "messages"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": -1}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing", {"prompt": "hi"}, 404, None),
 ])
