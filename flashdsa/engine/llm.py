@@ -64,6 +64,8 @@ class RequestOutput:
     # taken from the prefix cache
     metrics: dict = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None   # one a token of token_ids, when SamplingParams.logprobs asks
+    # one a prompt token (None for the first), when SamplingParams.prompt_logprobs asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -234,7 +236,8 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, list(seq.output_ids), seq.text,
                              seq.finished, seq.finish_reason,
                              {"preemptions": seq.num_preemptions, "cached_tokens": seq.num_cached_tokens},
-                             None if seq.logprobs is None else list(seq.logprobs))
+                             None if seq.logprobs is None else list(seq.logprobs),
+                             None if seq.prompt_logprobs is None else list(seq.prompt_logprobs))
 
     def step(self) -> list[RequestOutput]:
         """One forward pass; outputs of the requests that got a token this step."""
@@ -246,6 +249,15 @@ class LLMEngine:
             seq.num_computed += n
             self.scheduler.cache_blocks(seq)
         outs = []
+        for b in [b for b in which if not scheduled[b][0].params.max_tokens]:   # prompt scored: done
+            seq = scheduled[b][0]
+            seq.status, seq.finish_reason = Status.FINISHED, "length"
+            self.scheduler.free(seq)
+            outs.append(self._output(seq))
+            self.sequences.pop(seq.request_id, None)
+        keep = [i for i, b in enumerate(which) if scheduled[b][0].params.max_tokens]
+        if len(keep) < len(which):
+            logits, which = logits[keep], [which[i] for i in keep]
         if which:
             seqs = [scheduled[b][0] for b in which]
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

@@ -5,6 +5,9 @@ import torch
 
 from .attention import StepMetadata, run_layers
 from .cache import PAGE_SIZE, HostBlockTable, PagedCaches
+from .sampler import token_logprobs
+
+PROMPT_ROWS = 512   # prompt rows whose logits are held at once when a prompt is scored
 
 
 class ModelRunner:
@@ -72,6 +75,23 @@ class ModelRunner:
             context_host=ctx)
         return torch.cat(ids).to(dev), meta, sample_rows, sample_seqs
 
+    def _score_prompts(self, x: torch.Tensor, scheduled, meta) -> None:
+        """Append to ``seq.prompt_logprobs`` of the scheduled sequences that ask for them the
+        :class:`TokenLogprob` of each prompt token whose previous position is among this
+        step's rows and not scored yet (a preempted sequence recomputes rows it scored).
+        The rows' logits are made PROMPT_ROWS at a time."""
+        for b, (seq, n) in enumerate(scheduled):
+            scored = seq.prompt_logprobs
+            if scored is None or len(scored) >= len(seq.prompt_ids):
+                continue
+            start = meta.context_host[b] - n                          # position of the sequence's first row
+            p0, p1 = max(start, len(scored) - 1), min(start + n, len(seq.prompt_ids) - 1)
+            t0 = meta.query_start[b] - start
+            for q0 in range(p0, p1, PROMPT_ROWS):
+                q1 = min(q0 + PROMPT_ROWS, p1)
+                logits = self.model.lm_head(self.model.model.norm(x[t0 + q0:t0 + q1]))
+                scored += token_logprobs(logits, seq.prompt_ids[q0 + 1:q1 + 1], [seq.params.prompt_logprobs] * (q1 - q0))
+
     def _host_table(self, rows: int, width: int) -> HostBlockTable:
         """The eager steps' host block table, grown (and rewritten) when a step needs more
         rows or blocks than it has."""
@@ -89,6 +109,7 @@ class ModelRunner:
             return self.graphs.run(scheduled)
         ids, meta, rows, which = self.build_metadata(scheduled)
         x = run_layers(self.model, ids, meta, self.caches, self.backend)
+        self._score_prompts(x, scheduled, meta)
         if not rows:
             return x.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), which
         h = self.model.model.norm(x[torch.tensor(rows, device=x.device)])

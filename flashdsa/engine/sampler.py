@@ -18,7 +18,8 @@ class SamplingParams:
     top_k: keep only the k most likely tokens (0 = all).
     seed: seeds this request's own generator, so its samples do not depend on the
         other requests of the batch (None: drawn from torch's global generator).
-    max_tokens: most new tokens; the request ends with finish_reason "length".
+    max_tokens: most new tokens; the request ends with finish_reason "length" (0: none,
+        the prompt is only scored, with ``prompt_logprobs``).
     stop_token_ids: tokens that end the request (finish_reason "stop"); the stop token
         is kept in ``token_ids`` but not in the text. The tokenizer's eos is added
         unless ``ignore_eos``.
@@ -27,6 +28,8 @@ class SamplingParams:
         model (the log-softmax of its logits, before temperature and filtering) and the
         ``logprobs`` most likely tokens of that step (0 to MAX_LOGPROBS; 0: the
         generated token's only).
+    prompt_logprobs: None, or the same for every prompt token after the first (given
+        the tokens before it); the prompt is then computed whole (no prefix caching).
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -37,6 +40,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,10 +51,12 @@ class SamplingParams:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k: expected an int >= 0, got {self.top_k!r}")
-        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
-            raise ValueError(f"max_tokens: expected an int >= 1, got {self.max_tokens!r}")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs: expected None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 0):
+            raise ValueError(f"max_tokens: expected an int >= 0, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name}: expected None or an int in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @property
     def greedy(self) -> bool:

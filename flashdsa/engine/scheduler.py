@@ -12,7 +12,8 @@ of the queue and later recomputes its prompt and the tokens it had generated (no
 With prefix caching (the allocator's, see :class:`BlockAllocator`) a sequence that is
 admitted takes the cached blocks that hold the start of its tokens and computes only
 the rest; its own blocks are cached as they fill (:meth:`Scheduler.cache_blocks`). At
-least its last token is always computed, for the logits it samples from.
+least its last token is always computed, for the logits it samples from, and all of a
+prompt whose tokens are scored (``prompt_logprobs``).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class Sequence:
         self.read_offset = 0           # new text was decoded after (see LLMEngine._detokenize)
         self.generator = make_generator(params)
         self.logprobs: list | None = [] if params.logprobs is not None else None   # TokenLogprob a token
+        # TokenLogprob a prompt token (None for the first), filled as the prompt is computed
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
 
     @property
     def tokens(self) -> list[int]:
@@ -167,7 +170,7 @@ class Scheduler:
             seq = self.waiting[0]
             # the cached blocks that start its tokens (never all of them: the last is computed)
             hit, nodes = (self.allocator.match(seq.tokens, (seq.num_tokens - 1) // PAGE_SIZE)
-                          if self.allocator.prefix_caching else ([], []))
+                          if self.allocator.prefix_caching and seq.prompt_logprobs is None else ([], []))
             cached = len(hit) * PAGE_SIZE
             n = min(seq.num_tokens - cached, budget)
             need = blocks_needed(cached + n) - len(hit)

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server: FastAPI on uvicorn (``pip install "flashdsa[serve]"``).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``"stream": true`` for server-sent events), ``GET /v1/models``, ``GET /health``.
+``"stream": true`` for server-sent events and ``logprobs``; completions with ``echo``),
+``GET /v1/models``, ``GET /health``.
 
 Threads: uvicorn's event loop parses HTTP and runs the endpoints; ONE engine thread
 (:class:`EngineLoop`) owns the :class:`LLMEngine`: it takes new requests and aborts from
@@ -239,7 +240,8 @@ def _message_text(i: int, content) -> str:
 
 
 def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
-    """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams, stream)."""
+    """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams,
+    stream, echo)."""
     tok = engine.tokenizer
     if chat:
         msgs = body.get("messages")
@@ -284,9 +286,15 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
             raise RequestError(f"{name}: expected {kind} in [{lo}, {hi}], got {v!r}", param=name)
         return v
 
+    echo = body.get("echo", False)
+    if chat and echo:
+        raise RequestError("echo: a completions parameter, not of chat", param="echo")
+    if not isinstance(echo, bool):
+        raise RequestError(f"echo: expected true or false, got {echo!r}", param="echo")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
     body = dict(body, max_tokens=max_tokens)
-    max_tokens = number("max_tokens", lim.default_max_tokens, 1, lim.max_tokens, integer=True)
+    # with echo, max_tokens 0 returns the prompt (and its logprobs) alone
+    max_tokens = number("max_tokens", lim.default_max_tokens, 0 if echo else 1, lim.max_tokens, integer=True)
     if len(prompt_ids) + max_tokens > engine.max_model_len:
         raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                            f"context of {engine.max_model_len} tokens", param="max_tokens")
@@ -300,8 +308,6 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
         raise RequestError(f"seed: expected an integer, got {seed!r}", param="seed")
     if body.get("n", 1) != 1:
         raise RequestError("n: only n = 1 is supported", param="n")
-    if body.get("echo"):
-        raise RequestError("echo is not supported", param="echo")
     if chat:   # logprobs: true / false; top_logprobs: how many alternatives
         if not isinstance(body.get("logprobs", False), bool):
             raise RequestError(f"logprobs: expected true or false, got {body['logprobs']!r}", param="logprobs")
@@ -320,8 +326,8 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
         raise RequestError(f"stream: expected true or false, got {stream!r}", param="stream")
     params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")),
-                            logprobs=logprobs)
-    return prompt, prompt_ids, params, stream
+                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    return prompt, prompt_ids, params, stream, echo
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -397,22 +403,31 @@ def _token_text(tok, token_id: int) -> tuple[str, list[int] | None]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
-def _logprobs(tok, chat: bool, out: RequestOutput, start: int) -> dict:
-    """The logprobs field of a choice for the output's tokens start.. (OpenAI formats:
-    chat ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions ``{tokens,
-    token_logprobs, top_logprobs, text_offset}``, text_offset counted in the completion
-    text decoded so far)."""
-    lps: list[TokenLogprob] = out.logprobs[start:]
-    if chat:
-        def item(token_id: int, logprob: float) -> dict:
-            text, raw = _token_text(tok, token_id)
-            return {"token": text, "logprob": logprob, "bytes": raw}
-        return {"content": [dict(item(lp.token_id, lp.logprob), top_logprobs=[item(i, v) for i, v in lp.top])
-                            for lp in lps]}
-    return {"tokens": [_token_text(tok, lp.token_id)[0] for lp in lps],
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{_token_text(tok, i)[0]: v for i, v in lp.top} for lp in lps],
-            "text_offset": [len(tok.decode(out.token_ids[:i])) for i in range(start, start + len(lps))]}
+def _chat_logprobs(tok, out: RequestOutput, start: int) -> dict:
+    """The logprobs field of a chat choice for the output's tokens start.. (OpenAI's
+    ``{"content": [{token, logprob, bytes, top_logprobs}]}``)."""
+    def item(token_id: int, logprob: float) -> dict:
+        text, raw = _token_text(tok, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+    return {"content": [dict(item(lp.token_id, lp.logprob), top_logprobs=[item(i, v) for i, v in lp.top])
+                        for lp in out.logprobs[start:]]}
+
+
+def _text_logprobs(tok, ids: list[int], lps: list, start: int, base: int) -> dict:
+    """The logprobs field of a text completion (OpenAI's ``{tokens, token_logprobs,
+    top_logprobs, text_offset}``) for tokens ids[start:] with their TokenLogprob ``lps``
+    (None for a prompt's first token); text_offset is counted in the text decoded from
+    ``ids``, plus ``base``."""
+    return {"tokens": [_token_text(tok, t)[0] for t in ids[start:]],
+            "token_logprobs": [None if lp is None else lp.logprob for lp in lps[start:]],
+            "top_logprobs": [None if lp is None else {_token_text(tok, i)[0]: v for i, v in lp.top}
+                             for lp in lps[start:]],
+            "text_offset": [base + len(tok.decode(ids[:i])) for i in range(start, len(ids))]}
+
+
+def _joined(*parts: dict) -> dict:
+    """Text-completion logprobs fields of consecutive tokens, as one."""
+    return {k: [x for p in parts for x in p[k]] for k in parts[0]}
 
 
 def _usage(n_prompt: int, out: RequestOutput) -> dict:
@@ -450,30 +465,48 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
         return {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": kind, "created": int(time.time()),
                 "model": model_name}
 
-    async def complete(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int) -> JSONResponse:
+    tok = loop.engine.tokenizer
+
+    def echoed(out: RequestOutput) -> tuple[str, dict | None]:
+        """The prompt's text and its logprobs fields (None without logprobs), for echo."""
+        text = out.prompt if out.prompt is not None else tok.decode(out.prompt_token_ids)
+        if out.prompt_logprobs is None:
+            return text, None
+        return text, _text_logprobs(tok, out.prompt_token_ids, out.prompt_logprobs, 0, 0)
+
+    async def complete(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, echo: bool) -> JSONResponse:
         try:
             out = await _next(q)
             while not out.finished:
                 out = await _next(q)
         finally:
             loop.release(rid)
-        choice = {"index": 0, "finish_reason": out.finish_reason,
-                  "logprobs": None if out.logprobs is None else _logprobs(loop.engine.tokenizer, chat, out, 0)}
+        choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
+            if out.logprobs is not None:
+                choice["logprobs"] = _chat_logprobs(tok, out, 0)
         else:
-            choice["text"] = out.text
+            head, head_lps = echoed(out) if echo else ("", None)
+            choice["text"] = head + out.text
+            if out.logprobs is not None:
+                lps = _text_logprobs(tok, out.token_ids, out.logprobs, 0, len(head))
+                choice["logprobs"] = lps if head_lps is None else _joined(head_lps, lps)
         return JSONResponse(dict(envelope(rid, chat, False), choices=[choice], usage=_usage(n_prompt, out)))
 
-    async def events(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, stops: list[str]):
+    async def events(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, stops: list[str], echo: bool):
         lp_sent = 0   # tokens whose logprobs went out: a chunk carries those of the tokens since the last one
+        head = 0      # echo: the length of the prompt's text, which the completion's text offsets follow
+        pending = echo   # the prompt's text is still to be sent
 
-        def chunk(text: str | None, finish: str | None, role: bool = False, out: RequestOutput | None = None):
+        def chunk(text: str | None, finish: str | None, role: bool = False, out: RequestOutput | None = None,
+                  lps: dict | None = None):
             nonlocal lp_sent
             c = envelope(rid, chat, True)
-            lps = None
             if out is not None and out.logprobs is not None:
-                lps, lp_sent = _logprobs(loop.engine.tokenizer, chat, out, lp_sent), len(out.logprobs)
+                lps = (_chat_logprobs(tok, out, lp_sent) if chat else
+                       _text_logprobs(tok, out.token_ids, out.logprobs, lp_sent, head))
+                lp_sent = len(out.logprobs)
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
                 c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lps}]
@@ -494,6 +527,10 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
                 except RequestError as e:
                     yield event(e.body())
                     break
+                if pending:   # the prompt first, once it is computed
+                    text, lps = echoed(out)
+                    head, pending = len(text), False
+                    yield event(chunk(text, None, lps=lps))
                 n = _stream_text(out.text, sent, out.finished, stops)
                 if n > sent:
                     yield event(chunk(out.text[sent:n], None, out=out))
@@ -511,12 +548,12 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
         if model is not None and model != model_name:
             raise RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`", 404,
                                param="model", code="model_not_found", kind="invalid_request_error")
-        prompt, prompt_ids, params, stream = _parse(body, chat, loop.engine, lim)
+        prompt, prompt_ids, params, stream, echo = _parse(body, chat, loop.engine, lim)
         rid, q = loop.submit(prompt_ids, params, prompt)
         if stream:
-            return EventSourceResponse(events(rid, q, chat, len(prompt_ids), params.stop),
+            return EventSourceResponse(events(rid, q, chat, len(prompt_ids), params.stop, echo),
                                        headers={"Cache-Control": "no-cache"})
-        return await complete(rid, q, chat, len(prompt_ids))
+        return await complete(rid, q, chat, len(prompt_ids), echo)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

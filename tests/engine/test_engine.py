@@ -207,6 +207,43 @@ def test_logprobs_are_the_models():
             SamplingParams(logprobs=bad)
 
 
+def test_prompt_logprobs_score_the_whole_prompt():
+    """prompt_logprobs: every prompt token after the first gets the log-probability the
+    full model gives it after the tokens before it (to 2e-6, fp32), and its top tokens,
+    across prefill chunks, beside a request that does not ask, for a prompt whose pages
+    are in the prefix cache (computed again: no cached tokens) and under preemption in a
+    small pool; max_tokens=0 only scores the prompt."""
+    model = tiny_model(seed=33)
+    prompts = prompts_of([130, 23], seed=34)
+
+    def check(p, o, n_top):
+        assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor(p), backend="reference").logits.double(), -1)
+        for i, lp in enumerate(o.prompt_logprobs[1:], 1):
+            assert lp.token_id == p[i] and abs(lp.logprob - float(ref[i - 1, p[i]])) < 2e-6, i
+            assert [t for t, _ in lp.top] == ref[i - 1].topk(n_top).indices.tolist()
+
+    llm = LLM(model, num_blocks=8, max_num_batched_tokens=32)
+    first = llm.generate(prompts, [SamplingParams(max_tokens=0, prompt_logprobs=2, **GREEDY),
+                                   SamplingParams(max_tokens=4, **GREEDY)])
+    check(prompts[0], first[0], 2)
+    assert first[0].token_ids == [] and first[0].finish_reason == "length"
+    assert first[1].prompt_logprobs is None and first[1].token_ids == reference_greedy(model, prompts[1], 4)
+    again = llm.generate(prompts[:1], SamplingParams(max_tokens=3, prompt_logprobs=1, **GREEDY))[0]
+    assert again.metrics["cached_tokens"] == 0 and again.token_ids == reference_greedy(model, prompts[0], 3)
+    check(prompts[0], again, 1)
+    small = LLMEngine(model, config=EngineConfig(num_blocks=3, max_num_batched_tokens=24, max_num_seqs=3))
+    ids = [small.add_request(p, SamplingParams(max_tokens=30, prompt_logprobs=0, **GREEDY))
+           for p in prompts_of([60, 70, 20], seed=35)]
+    done = {}
+    while small.has_unfinished_requests():
+        done.update((o.request_id, o) for o in small.step() if o.finished)
+    assert small.scheduler.num_preemptions > 0
+    for p, i in zip(prompts_of([60, 70, 20], seed=35), ids):
+        check(p, done[i], 0)
+
+
 def test_filter_logits_top_p_top_k():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server through real HTTP clients (urllib and the official
 ``openai`` client) on 127.0.0.1: completions, chat (string and text-part content),
-streaming, the model name checked, bad requests -> 4xx with an OpenAI error object,
+streaming, logprobs and echo, prefix-cached tokens in usage, the model name checked,
+bad requests -> 4xx with an OpenAI error object,
 16 concurrent requests, the concurrency limit. Expected texts come from step-by-step
 reference decoding of the same tiny model. Raw, malformed HTTP: test_server_http.py."""
 import json
@@ -127,6 +128,40 @@ def test_logprobs_completions_and_chat(server, model):
     assert r["choices"][0]["logprobs"] is None
 
 
+def test_echo_scores_the_prompt(server, model):
+    """echo (what evaluation harnesses send to score a text): the prompt's text before the
+    completion, and with logprobs its tokens' log-probabilities under the model (None for
+    the first), top_logprobs and text offsets, then the completion's; max_tokens 0 scores
+    the prompt alone; streamed, the same fields joined."""
+    tok = server.loop.engine.tokenizer
+    prompt = "Sparse attention keeps the top 2048 tokens of every query."
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids), backend="reference").logits.double(), -1)
+    body = {"prompt": prompt, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 1}
+    _, r = post(server.url + "/v1/completions", body)
+    c = r["choices"][0]
+    lp = c["logprobs"]
+    assert c["text"] == prompt and c["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 0
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(abs(lp["token_logprobs"][i] - float(ref[i - 1, ids[i]])) < 2e-6 for i in range(1, len(ids)))
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    _, r = post(server.url + "/v1/completions", dict(body, max_tokens=3, ignore_eos=True))
+    c = r["choices"][0]
+    want = reference_greedy(model, ids, 3)
+    assert c["text"] == prompt + tok.decode(want) and len(c["logprobs"]["tokens"]) == len(ids) + 3
+    assert c["logprobs"]["text_offset"][len(ids):] == [len(prompt) + len(tok.decode(want[:i])) for i in range(3)]
+    assert c["logprobs"]["token_logprobs"][:len(ids)] == lp["token_logprobs"]
+    _, s = post(server.url + "/v1/completions", dict(body, max_tokens=3, ignore_eos=True, stream=True))
+    events = sse_events(s)
+    assert "".join(e["choices"][0]["text"] for e in events) == c["text"]
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert {k: [x for p in parts for x in p[k]] for k in c["logprobs"]} == c["logprobs"]
+    _, r = post(server.url + "/v1/completions", dict(body, logprobs=None))
+    assert r["choices"][0]["text"] == prompt and r["choices"][0]["logprobs"] is None
+
+
 def test_chat(server, model):
     tok = server.loop.engine.tokenizer
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is sparse attention?"}]
@@ -194,7 +229,9 @@ def test_stop_string_streaming_matches(server, model):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
      "messages"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
