@@ -13,7 +13,9 @@ With prefix caching (the allocator's, see :class:`BlockAllocator`) a sequence th
 admitted takes the cached blocks that hold the start of its tokens and computes only
 the rest; its own blocks are cached as they fill (:meth:`Scheduler.cache_blocks`). At
 least its last token is always computed, for the logits it samples from, and all of a
-prompt whose tokens are scored (``prompt_logprobs``).
+prompt whose tokens are scored (``prompt_logprobs``). A sequence whose next page a
+running sequence is computing waits for it to be cached (requests that arrive together
+with a shared start compute it once).
 """
 from __future__ import annotations
 
@@ -142,6 +144,22 @@ class Scheduler:
             nodes.append(self.allocator.register(seq.blocks[i], parent,
                                                  seq.token_slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)))
 
+    def _computing(self, seq: Sequence, cached: int) -> bool:
+        """Whether a running sequence is computing the page of ``seq`` after its ``cached``
+        tokens (the same tokens up to that page's end, not computed yet): ``seq`` then
+        waits for the page to be cached instead of computing it too (requests that share
+        a prompt's start and arrive together, e.g. one system prompt)."""
+        end = cached + PAGE_SIZE
+        if not self.allocator.prefix_caching or seq.prompt_logprobs is not None or end > seq.num_tokens - 1:
+            return False
+        head = None
+        for r in self.running:
+            if r.num_computed < end <= r.num_tokens:
+                head = seq.token_slice(0, end) if head is None else head
+                if r.token_slice(0, end) == head:
+                    return True
+        return False
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """[(sequence, number of new tokens)] for the next step, blocks allocated."""
         budget = self.max_num_batched_tokens
@@ -172,6 +190,8 @@ class Scheduler:
             hit, nodes = (self.allocator.match(seq.tokens, (seq.num_tokens - 1) // PAGE_SIZE)
                           if self.allocator.prefix_caching and seq.prompt_logprobs is None else ([], []))
             cached = len(hit) * PAGE_SIZE
+            if self._computing(seq, cached):
+                break                        # its next page is being computed: it will be cached
             n = min(seq.num_tokens - cached, budget)
             need = blocks_needed(cached + n) - len(hit)
             if need > self.allocator.num_free - self.allocator.num_idle(hit):

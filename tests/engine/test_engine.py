@@ -377,6 +377,27 @@ def test_prefix_caching_skips_cached_tokens_and_keeps_outputs():
     assert engine.allocator.num_free == 24
 
 
+def test_requests_arriving_together_compute_a_shared_start_once():
+    """Three requests with a 150-token shared start, added together with room for all in
+    one step: the later two wait while the first computes the shared pages, then take
+    them from the cache (128 tokens each), and all decode the reference's tokens."""
+    model = tiny_model(seed=37)
+    shared = prompts_of([150], seed=38)[0]
+    prompts = [shared + t for t in prompts_of([7, 30, 2], seed=39)]
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=24, max_num_batched_tokens=512))
+    steps = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=4, **GREEDY)) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert [done[i].metrics["cached_tokens"] for i in ids] == [0, 128, 128]
+    assert sum(n for step in steps for _, n in step) == sum(len(p) + 3 for p in prompts) - 2 * 128
+    for p, i in zip(prompts, ids):
+        assert done[i].token_ids == reference_greedy(model, p, 4)
+
+
 def test_prefix_caching_under_eviction_and_preemption():
     """A pool too small to keep every request's blocks: cached blocks are evicted and
     sequences preempted (and readmitted onto cached blocks), and every output stays
