@@ -90,7 +90,8 @@ class ModelRunner:
             for q0 in range(p0, p1, PROMPT_ROWS):
                 q1 = min(q0 + PROMPT_ROWS, p1)
                 logits = self.model.lm_head(self.model.model.norm(x[t0 + q0:t0 + q1]))
-                scored += token_logprobs(logits, seq.prompt_ids[q0 + 1:q1 + 1], [seq.params.prompt_logprobs] * (q1 - q0))
+                scored += token_logprobs(logits, seq.prompt_ids[q0 + 1:q1 + 1],
+                                         [seq.params.prompt_logprobs] * (q1 - q0))
 
     def _host_table(self, rows: int, width: int) -> HostBlockTable:
         """The eager steps' host block table, grown (and rewritten) when a step needs more

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 
 try:
@@ -74,13 +75,15 @@ class ServerLimits:
     ask for; max_concurrent: requests in flight (more get 429); max_body_bytes: request
     body size (413 beyond); request_timeout: seconds a client may take to send its body
     (408 beyond: a body shorter than its Content-Length, or one sent too slowly);
-    default_max_tokens: when the request gives none."""
+    default_max_tokens: when the request gives none; max_n: most choices (``n``) a request
+    may ask for (each is a request of the engine and takes one of max_concurrent)."""
     max_prompt_tokens: int = 8192
     max_tokens: int = 4096
     max_concurrent: int = 64
     max_body_bytes: int = 1 << 20
     request_timeout: float = 30.0
     default_max_tokens: int = 16
+    max_n: int = 16
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -241,7 +244,7 @@ def _message_text(i: int, content) -> str:
 
 def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams,
-    stream, echo)."""
+    stream, echo, n)."""
     tok = engine.tokenizer
     if chat:
         msgs = body.get("messages")
@@ -306,8 +309,7 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestError(f"seed: expected an integer, got {seed!r}", param="seed")
-    if body.get("n", 1) != 1:
-        raise RequestError("n: only n = 1 is supported", param="n")
+    n = number("n", 1, 1, lim.max_n, integer=True)
     if chat:   # logprobs: true / false; top_logprobs: how many alternatives
         if not isinstance(body.get("logprobs", False), bool):
             raise RequestError(f"logprobs: expected true or false, got {body['logprobs']!r}", param="logprobs")
@@ -327,7 +329,7 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")),
                             logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
-    return prompt, prompt_ids, params, stream, echo
+    return prompt, prompt_ids, params, stream, echo, n
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -430,10 +432,12 @@ def _joined(*parts: dict) -> dict:
     return {k: [x for p in parts for x in p[k]] for k in parts[0]}
 
 
-def _usage(n_prompt: int, out: RequestOutput) -> dict:
-    n = len(out.token_ids)
+def _usage(n_prompt: int, outs: list[RequestOutput]) -> dict:
+    """The usage of a response of one choice a request output: the prompt counted once
+    (its cached tokens: the first choice's), the completions' tokens summed."""
+    n = sum(len(out.token_ids) for out in outs)
     return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
-            "prompt_tokens_details": {"cached_tokens": out.metrics.get("cached_tokens", 0)}}
+            "prompt_tokens_details": {"cached_tokens": outs[0].metrics.get("cached_tokens", 0)}}
 
 
 def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLimits | None = None) -> FastAPI:
@@ -474,14 +478,9 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
             return text, None
         return text, _text_logprobs(tok, out.prompt_token_ids, out.prompt_logprobs, 0, 0)
 
-    async def complete(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, echo: bool) -> JSONResponse:
-        try:
-            out = await _next(q)
-            while not out.finished:
-                out = await _next(q)
-        finally:
-            loop.release(rid)
-        choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
+    def choice_of(i: int, out: RequestOutput, chat: bool, echo: bool) -> dict:
+        """Choice ``i`` of a non-streamed response from its request's final output."""
+        choice = {"index": i, "finish_reason": out.finish_reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
             if out.logprobs is not None:
@@ -492,55 +491,96 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
             if out.logprobs is not None:
                 lps = _text_logprobs(tok, out.token_ids, out.logprobs, 0, len(head))
                 choice["logprobs"] = lps if head_lps is None else _joined(head_lps, lps)
-        return JSONResponse(dict(envelope(rid, chat, False), choices=[choice], usage=_usage(n_prompt, out)))
+        return choice
 
-    async def events(rid: str, q: asyncio.Queue, chat: bool, n_prompt: int, stops: list[str], echo: bool):
-        lp_sent = 0   # tokens whose logprobs went out: a chunk carries those of the tokens since the last one
-        head = 0      # echo: the length of the prompt's text, which the completion's text offsets follow
-        pending = echo   # the prompt's text is still to be sent
+    async def complete(subs: list, chat: bool, n_prompt: int, echo: bool) -> JSONResponse:
+        outs = []
+        try:
+            for _, q in subs:
+                out = await _next(q)
+                while not out.finished:
+                    out = await _next(q)
+                outs.append(out)
+        finally:
+            for rid, _ in subs:
+                loop.release(rid)
+        choices = [choice_of(i, out, chat, echo) for i, out in enumerate(outs)]
+        return JSONResponse(dict(envelope(subs[0][0], chat, False), choices=choices, usage=_usage(n_prompt, outs)))
 
-        def chunk(text: str | None, finish: str | None, role: bool = False, out: RequestOutput | None = None,
-                  lps: dict | None = None):
-            nonlocal lp_sent
+    async def events(subs: list, chat: bool, n_prompt: int, stops: list[str], echo: bool):
+        rid = subs[0][0]
+        merged: asyncio.Queue = asyncio.Queue()   # (choice index, output or RequestError)
+
+        async def pump(i: int, q: asyncio.Queue) -> None:
+            while True:
+                try:
+                    out = await _next(q)
+                except RequestError as e:
+                    await merged.put((i, e))
+                    return
+                await merged.put((i, out))
+                if out.finished:
+                    return
+
+        @dataclass
+        class State:   # a choice's stream so far
+            sent: int = 0      # characters of its text sent
+            lp_sent: int = 0   # tokens whose logprobs went out: a chunk carries those since the last one
+            head: int = 0      # echo: the prompt's text length, which the completion's text offsets follow
+            pending: bool = echo   # echo: the prompt's text is still to be sent
+
+        states = [State() for _ in subs]
+
+        def chunk(i: int, text: str | None, finish: str | None, role: bool = False,
+                  out: RequestOutput | None = None, lps: dict | None = None) -> dict:
+            st = states[i]
             c = envelope(rid, chat, True)
             if out is not None and out.logprobs is not None:
-                lps = (_chat_logprobs(tok, out, lp_sent) if chat else
-                       _text_logprobs(tok, out.token_ids, out.logprobs, lp_sent, head))
-                lp_sent = len(out.logprobs)
+                lps = (_chat_logprobs(tok, out, st.lp_sent) if chat else
+                       _text_logprobs(tok, out.token_ids, out.logprobs, st.lp_sent, st.head))
+                st.lp_sent = len(out.logprobs)
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-                c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lps}]
+                c["choices"] = [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lps}]
             else:
-                c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": lps}]
+                c["choices"] = [{"index": i, "text": text or "", "finish_reason": finish, "logprobs": lps}]
             return c
 
         def event(obj) -> bytes:
             return format_sse_event(data_str=json.dumps(obj))
 
+        tasks = [asyncio.ensure_future(pump(i, q)) for i, (_, q) in enumerate(subs)]
         try:
             if chat:
-                yield event(chunk(None, None, role=True))
-            sent = 0
-            while True:
-                try:
-                    out = await _next(q)
-                except RequestError as e:
-                    yield event(e.body())
+                for i in range(len(subs)):
+                    yield event(chunk(i, None, None, role=True))
+            finals: dict[int, RequestOutput] = {}
+            while len(finals) < len(subs):
+                i, out = await merged.get()
+                if isinstance(out, RequestError):
+                    yield event(out.body())
                     break
-                if pending:   # the prompt first, once it is computed
+                st = states[i]
+                if st.pending:   # the prompt first, once it is computed
                     text, lps = echoed(out)
-                    head, pending = len(text), False
-                    yield event(chunk(text, None, lps=lps))
-                n = _stream_text(out.text, sent, out.finished, stops)
-                if n > sent:
-                    yield event(chunk(out.text[sent:n], None, out=out))
-                    sent = n
+                    st.head, st.pending = len(text), False
+                    yield event(chunk(i, text, None, lps=lps))
+                n = _stream_text(out.text, st.sent, out.finished, stops)
+                if n > st.sent:
+                    yield event(chunk(i, out.text[st.sent:n], None, out=out))
+                    st.sent = n
                 if out.finished:
-                    yield event(dict(chunk(None, out.finish_reason, out=out), usage=_usage(n_prompt, out)))
-                    break
+                    finals[i] = out
+                    last = chunk(i, None, out.finish_reason, out=out)
+                    if len(finals) == len(subs):   # the usage of all choices, with the last one's end
+                        last["usage"] = _usage(n_prompt, [finals[k] for k in sorted(finals)])
+                    yield event(last)
             yield format_sse_event(data_str="[DONE]")
         finally:        # also when the client went away: the response task is cancelled
-            loop.release(rid)
+            for t in tasks:
+                t.cancel()
+            for r, _ in subs:
+                loop.release(r)
 
     async def generate(request: Request, chat: bool):
         body = await _read_json(request, lim)
@@ -548,12 +588,20 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
         if model is not None and model != model_name:
             raise RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`", 404,
                                param="model", code="model_not_found", kind="invalid_request_error")
-        prompt, prompt_ids, params, stream, echo = _parse(body, chat, loop.engine, lim)
-        rid, q = loop.submit(prompt_ids, params, prompt)
+        prompt, prompt_ids, params, stream, echo, n = _parse(body, chat, loop.engine, lim)
+        subs = []   # (request id, queue) of each choice; choice i's seed is seed + i
+        try:
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                subs.append(loop.submit(prompt_ids, dataclasses.replace(params, seed=seed), prompt))
+        except RequestError:
+            for rid, _ in subs:
+                loop.release(rid)
+            raise
         if stream:
-            return EventSourceResponse(events(rid, q, chat, len(prompt_ids), params.stop, echo),
+            return EventSourceResponse(events(subs, chat, len(prompt_ids), params.stop, echo),
                                        headers={"Cache-Control": "no-cache"})
-        return await complete(rid, q, chat, len(prompt_ids), echo)
+        return await complete(subs, chat, len(prompt_ids), echo)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

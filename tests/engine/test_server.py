@@ -162,6 +162,36 @@ def test_echo_scores_the_prompt(server, model):
     assert r["choices"][0]["text"] == prompt and r["choices"][0]["logprobs"] is None
 
 
+def test_n_choices(server, model):
+    """n: n choices, choice i sampled as a request of seed + i alone would be (greedy: all
+    the reference's), the completion tokens summed in usage; streamed, each choice's
+    chunks carry its index and join to its text; the openai client reads them."""
+    tok = server.loop.engine.tokenizer
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.9, "seed": 5, "ignore_eos": True}
+    _, r = post(server.url + "/v1/completions", dict(body, n=3))
+    texts = [c["text"] for c in r["choices"]]
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    for i in range(3):
+        _, one = post(server.url + "/v1/completions", dict(body, seed=5 + i))
+        assert one["choices"][0]["text"] == texts[i]
+    assert r["usage"]["completion_tokens"] == 18 and r["usage"]["prompt_tokens"] == len(tok.encode(body["prompt"]))
+    _, s = post(server.url + "/v1/completions", dict(body, n=3, stream=True))
+    events = sse_events(s)
+    assert ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i)
+            for i in range(3)] == texts
+    assert sum("usage" in e for e in events) == 1 and events[-1]["usage"]["completion_tokens"] == 18
+    greedy = dict(body, temperature=0, n=2)
+    _, r = post(server.url + "/v1/completions", greedy)
+    want = expected_text(model, tok, tok.encode(body["prompt"]), 6)
+    assert [c["text"] for c in r["choices"]] == [want, want]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    got = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                         max_tokens=3, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert got.choices[0].message.content == got.choices[1].message.content
+    assert server.loop.in_flight == 0
+
+
 def test_chat(server, model):
     tok = server.loop.engine.tokenizer
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is sparse attention?"}]
@@ -220,7 +250,8 @@ def test_stop_string_streaming_matches(server, model):
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -305,6 +336,8 @@ def test_concurrency_limit_gives_429(model):
         handle.loop.resume()
         t.join(timeout=60)
         assert first["r"][0] == 200
+        status, r = post(handle.url + "/v1/completions", {"prompt": "b", "max_tokens": 3, "n": 2})
+        assert status == 429 and handle.loop.in_flight == 0   # n choices take n slots; none is kept
         assert post(handle.url + "/v1/completions", {"prompt": "c", "max_tokens": 2})[0] == 200
     finally:
         handle.loop.resume()
