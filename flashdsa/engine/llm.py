@@ -33,8 +33,8 @@ class EngineConfig:
     backend: "auto" | "triton" | "reference" for every op.
     cuda_graphs: capture decode steps in CUDA graphs (see engine/cuda_graph.py). None
         (default): on where they work (a CUDA device, the Triton kernels, MoE layers
-        that run as grouped GEMMs), eager elsewhere without a warning; True: on, with a warning where they
-        cannot be; False: off (every step eager).
+        that run as grouped GEMMs), eager elsewhere without a warning; True: on, with a
+        warning where they cannot be; False: off (every step eager).
     enable_prefix_caching: reuse the cache blocks of earlier requests that hold the
         same leading tokens (a shared system prompt, the earlier turns of a chat):
         those tokens are not computed again (see engine.cache.BlockAllocator).
