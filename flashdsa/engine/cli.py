@@ -36,6 +36,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the cache blocks of earlier requests that start with the same tokens "
                         "(default: on; --no-prefix-caching computes every prompt in full)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* models")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a Hugging Face tokenizer's directory (default: MODEL's tokenizer files if it has "
+                        "them, else the byte-level tokenizer)")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -85,8 +88,15 @@ def build_llm(args):
         dtype = device = None
     else:
         model, device = args.model, args.device
-    return LLM(model, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    tokenizer = None
+    if args.tokenizer is not None:
+        from ..errors import UsageError
+        from .tokenizer import TOKENIZER_FILES, load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer is None:
+            raise UsageError(f"--tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {args.tokenizer}")
+    return LLM(model, tokenizer, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype,
+               num_blocks=args.num_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend,
                cuda_graphs=args.cuda_graphs, enable_prefix_caching=args.prefix_caching)
 

@@ -16,7 +16,7 @@ from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
 from .sampler import SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
-from .tokenizer import default_tokenizer
+from .tokenizer import ByteTokenizer, default_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -117,6 +117,9 @@ class LLMEngine:
             layer.self_attn.merge_projections()
         stack_experts(model, free_device_bytes(next(model.parameters()).device))
         self.tokenizer = tokenizer or default_tokenizer(cfg.vocab_size)
+        if getattr(self.tokenizer, "vocab_size", 0) > cfg.vocab_size:
+            raise ValueError(f"tokenizer: {self.tokenizer.vocab_size} tokens, more than the model's vocabulary of "
+                             f"{cfg.vocab_size}")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -297,7 +300,9 @@ class LLM:
         model: a checkpoint directory (config.json + safetensors, see
             flashdsa.checkpoint.from_pretrained), a ``train_state.pt`` of ``flashdsa train``
             or a DSAForCausalLM.
-        tokenizer: object with encode/decode/eos_token_id (default: byte-level).
+        tokenizer: object with encode/decode/eos_token_id (see engine.tokenizer; default:
+            the checkpoint directory's Hugging Face tokenizer where it has one, else the
+            byte-level tokenizer).
         device, dtype: where and how to load a checkpoint (default cuda + bf16 when a GPU
             is present, else cpu + the checkpoint's dtype).
         **engine_args: fields of :class:`EngineConfig`.
@@ -306,7 +311,13 @@ class LLM:
     def __init__(self, model, tokenizer=None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, **engine_args):
         if isinstance(model, (str, os.PathLike)):
-            model = load_model(model, device, dtype)
+            path = model
+            if tokenizer is None:
+                tokenizer = load_tokenizer(path)
+            model = load_model(path, device, dtype)
+            if tokenizer is None and model.config.vocab_size != ByteTokenizer.vocab_size:
+                warnings.warn(f"flashdsa engine: {path} has no tokenizer files; the byte-level tokenizer's ids mean "
+                              f"nothing to a vocabulary of {model.config.vocab_size} tokens: pass tokenizer=")
         elif device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args))

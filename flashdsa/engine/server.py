@@ -256,7 +256,10 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
                 raise RequestError(f"messages[{i}]: expected {{'role': 'system'|'user'|'assistant', "
                                    "'content': str or a list of text parts}", param="messages")
             parsed.append({"role": m["role"], "content": _message_text(i, m["content"])})
-        prompt = tok.apply_chat_template(parsed)
+        try:
+            prompt = tok.apply_chat_template(parsed)
+        except ValueError as e:   # no chat template
+            raise RequestError(str(e), param="messages") from e
         prompt_ids = tok.encode(prompt)
     else:
         prompt = body.get("prompt")

@@ -2,10 +2,13 @@
 
 The engine only calls ``encode(text) -> list[int]``, ``decode(ids) -> str``,
 ``eos_token_id``, ``bos_token_id`` and ``apply_chat_template(messages) -> str``; any
-object with those works (e.g. a thin wrapper of a Hugging Face tokenizer). The server
-also uses ``token_bytes(id) -> bytes`` where a tokenizer has it (the logprobs fields).
+object with those works; :class:`HFTokenizer` wraps a Hugging Face tokenizer (what
+``LLM`` loads from a checkpoint directory's tokenizer files). The server also uses
+``token_bytes(id) -> bytes`` where a tokenizer has it (the logprobs fields).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from .. import data
 
@@ -33,6 +36,54 @@ class ByteTokenizer:
         "assistant:" for the reply."""
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nassistant:"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class HFTokenizer:
+    """The engine's tokenizer interface over a Hugging Face tokenizer (what a checkpoint
+    directory's tokenizer files load as; :func:`load_tokenizer`).
+
+    ``encode`` adds the tokenizer's special tokens (its BOS) unless the text already starts
+    with the BOS token, as the text of ``apply_chat_template`` does (the chat template
+    writes it); ``decode`` drops special tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The messages through the tokenizer's chat template, ending with the assistant's
+        turn (a ValueError where the tokenizer has no template)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: send a plain prompt (/v1/completions), or "
+                             "set the tokenizer's chat_template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_tokenizer(path) -> HFTokenizer | None:
+    """The Hugging Face tokenizer of a checkpoint directory (its tokenizer files, read by
+    transformers' AutoTokenizer), or None where the directory has none (a byte-level model
+    of ``flashdsa train``, say). Tokenizer files without transformers installed are an
+    error, not a silent fall back to byte tokens."""
+    path = Path(path)
+    if not path.is_dir() or not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError(f"{path} has a Hugging Face tokenizer; reading it needs transformers "
+                          "(pip install transformers), or pass tokenizer=") from e
+    return HFTokenizer(AutoTokenizer.from_pretrained(path))
 
 
 def default_tokenizer(vocab_size: int) -> ByteTokenizer:

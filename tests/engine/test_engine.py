@@ -512,6 +512,62 @@ def test_llm_from_checkpoint_directory(tmp_path):
     assert [o.token_ids for o in from_dir] == [o.token_ids for o in direct]
 
 
+def tiny_hf_tokenizer(chat_template: bool = True):
+    """A Hugging Face tokenizer of 120 tokens (a BPE trained here, <s> and </s> specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, sparse attention keeps the top tokens"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}assistant:{% endif %}")
+    return hf
+
+
+def test_llm_reads_the_checkpoint_directorys_tokenizer(tmp_path, capsys):
+    """LLM(directory) takes the directory's Hugging Face tokenizer: its ids (one BOS, also
+    after the chat template, which writes it), its decoded text, its eos; a directory
+    without tokenizer files and a vocabulary the byte tokenizer does not fit warns; a
+    tokenizer larger than the vocabulary, a chat without a template and a --tokenizer
+    directory without files are errors that say so."""
+    from flashdsa.cli import main
+    from flashdsa.engine.tokenizer import HFTokenizer
+    model = tiny_model(seed=17, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    hf = tiny_hf_tokenizer()
+    hf.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), device="cpu")
+    assert isinstance(llm.tokenizer, HFTokenizer) and llm.tokenizer.eos_token_id == hf.eos_token_id
+    out = llm.generate(["hello world"], SamplingParams(max_tokens=6, **GREEDY))[0]
+    assert out.prompt_token_ids == hf.encode("hello world") and out.prompt_token_ids.count(hf.bos_token_id) == 1
+    assert out.token_ids == reference_greedy(model, out.prompt_token_ids, 6)
+    assert out.text == hf.decode(out.token_ids, skip_special_tokens=True)
+    chat = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=2, **GREEDY))
+    assert chat.prompt_token_ids[0] == hf.bos_token_id and chat.prompt_token_ids.count(hf.bos_token_id) == 1
+    no_template = tmp_path / "no_template"
+    model.save_pretrained(no_template)
+    tiny_hf_tokenizer(chat_template=False).save_pretrained(no_template)
+    with pytest.raises(ValueError, match="chat template"):
+        LLM(str(no_template), device="cpu").chat([{"role": "user", "content": "hello"}])
+    wide = tmp_path / "wide"
+    tiny_model(seed=17, dtype=torch.float32, vocab_size=300).save_pretrained(wide)
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        LLM(str(wide), device="cpu")
+    small = tmp_path / "small"
+    tiny_model(seed=17, dtype=torch.float32, vocab_size=100).save_pretrained(small)
+    hf.save_pretrained(small)
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        LLM(str(small), device="cpu")
+    assert main(["generate", str(tmp_path), "--tokenizer", str(wide), "--prompt", "x"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
 def test_cuda_graphs_switch():
     """cuda_graphs: None (default) decodes eagerly without a word where graphs cannot run
     (here: CPU), True says why it cannot, False is off; anything else is an error. The
