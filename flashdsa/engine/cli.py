@@ -66,6 +66,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt a request may send")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429")
+    p.add_argument("--max-n", type=int, default=16, help="most choices (n) a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger get 413")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds a client may take to send its request body; slower get 408")
@@ -139,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                           max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
-                          request_timeout=args.request_timeout)
+                          request_timeout=args.request_timeout, max_n=args.max_n)
     llm = build_llm(args)
     serve(llm.engine, args.host, args.port, args.served_model_name or args.model, limits)
     return 0
