@@ -14,7 +14,7 @@ from ..layers import LightningIndexer
 from ..model import MoE
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
-from .sampler import SamplingParams, TokenLogprob, sample, token_logprobs
+from .sampler import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, Status
 from .tokenizer import ByteTokenizer, default_tokenizer, load_tokenizer
 
@@ -263,7 +263,9 @@ class LLMEngine:
             logits, which = logits[keep], [which[i] for i in keep]
         if which:
             seqs = [scheduled[b][0] for b in which]
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            params = [s.params for s in seqs]
+            penalized = apply_penalties(logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+            tokens = sample(penalized, params, [s.generator for s in seqs])
             want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
             if want:
                 lps = token_logprobs(logits[want], [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])

@@ -30,6 +30,12 @@ class SamplingParams:
         generated token's only).
     prompt_logprobs: None, or the same for every prompt token after the first (given
         the tokens before it); the prompt is then computed whole (no prefix caching).
+    presence_penalty, frequency_penalty: subtracted from the logit of every token the
+        request has generated, once and once per occurrence (the OpenAI API's, in [-2, 2]).
+    repetition_penalty: the logits of every token of the prompt and the output are
+        divided by it where positive and multiplied where not (Hugging Face's, > 0; 1: none).
+    Penalties act before temperature, top-k and top-p (and on greedy picks too);
+    ``logprobs`` are of the model's logits, without them.
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -41,6 +47,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -53,6 +62,13 @@ class SamplingParams:
             raise ValueError(f"top_k: expected an int >= 0, got {self.top_k!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 0):
             raise ValueError(f"max_tokens: expected an int >= 0, got {self.max_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and -2 <= v <= 2):
+                raise ValueError(f"{name}: expected a number in [-2, 2], got {v!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not (isinstance(rp, (int, float)) and 0 < rp <= 10):
+            raise ValueError(f"repetition_penalty: expected a number in (0, 10], got {rp!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS):
@@ -61,6 +77,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
 @dataclass
@@ -83,6 +103,38 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], n_top: list[int]) ->
     top_lp, top_id = top_lp.tolist(), top_id.tolist()
     return [TokenLogprob(t, c, list(zip(top_id[i][:n], top_lp[i][:n])))
             for i, (t, c, n) in enumerate(zip(tokens, chosen, n_top))]
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> torch.Tensor:
+    """``logits [N, V]`` with the penalties of ``params[i]`` applied to row i (see
+    :class:`SamplingParams`; ``prompts[i]``, ``outputs[i]``: the row's tokens so far). A
+    new tensor when some row has penalties, else ``logits`` itself."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    dev, v = logits.device, logits.shape[1]
+    out = logits.float().clone()
+    sub = out[rows]
+
+    def counts_of(lists: list[list[int]]) -> torch.Tensor:
+        """[R, V] occurrences of each token in each row's list."""
+        c = torch.zeros(len(rows), v, device=dev)
+        row = torch.tensor([r for r, toks in enumerate(lists) for _ in toks], dtype=torch.long)
+        tok = torch.tensor([t for toks in lists for t in toks], dtype=torch.long)
+        return c.index_put_((row.to(dev), tok.to(dev)), torch.ones(len(tok), device=dev), accumulate=True)
+
+    ps = [params[i] for i in rows]
+    generated = counts_of([outputs[i] for i in rows])
+    freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
+    sub = sub - freq * generated - pres * (generated > 0)
+    if any(p.repetition_penalty != 1 for p in ps):
+        seen = counts_of([prompts[i] + outputs[i] for i in rows]) > 0
+        rp = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    out[rows] = sub
+    return out
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -242,6 +242,20 @@ def _message_text(i: int, content) -> str:
                        param="messages")
 
 
+# OpenAI request fields this server does not implement, with the values that ask for
+# nothing (accepted): any other value is a 400 naming the field
+_UNSUPPORTED = {
+    "logit_bias": lambda v, n: not v,
+    "suffix": lambda v, n: not v,
+    "best_of": lambda v, n: v in (None, 1, n),
+    "tools": lambda v, n: not v,
+    "functions": lambda v, n: not v,
+    "tool_choice": lambda v, n: v in (None, "none"),
+    "function_call": lambda v, n: v in (None, "none"),
+    "response_format": lambda v, n: v in (None, {"type": "text"}),
+}
+
+
 def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams,
     stream, echo, n)."""
@@ -329,9 +343,19 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, got {stream!r}", param="stream")
+    presence = number("presence_penalty", 0.0, -2.0, 2.0)
+    frequency = number("frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = number("repetition_penalty", 1.0, 0.0, 10.0)
+    if repetition == 0:
+        raise RequestError("repetition_penalty: expected a number in (0, 10], got 0", param="repetition_penalty")
+    for name, fine in _UNSUPPORTED.items():   # what would change the answer and is not done: refused, not ignored
+        if name in body and not fine(body[name], n):
+            raise RequestError(f"{name}: not supported by this server (got {body[name]!r})", param=name)
     params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")),
-                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+                            logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                            presence_penalty=float(presence), frequency_penalty=float(frequency),
+                            repetition_penalty=float(repetition))
     return prompt, prompt_ids, params, stream, echo, n
 
 

@@ -16,7 +16,7 @@ from flashdsa.engine.cache import PAGE_SIZE, ROOT, NoFreeBlocks
 from flashdsa.engine.sampler import filter_logits
 from tests.utils import requires_cuda
 
-from .tiny import boundary_ties, reference_greedy, tiny_model
+from .tiny import boundary_ties, penalized_greedy, reference_greedy, tiny_model
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -242,6 +242,34 @@ def test_prompt_logprobs_score_the_whole_prompt():
     assert small.scheduler.num_preemptions > 0
     for p, i in zip(prompts_of([60, 70, 20], seed=35), ids):
         check(p, done[i], 0)
+
+
+def test_penalties_match_their_definition():
+    """Presence, frequency and repetition penalties, each and together, beside a request
+    without any in the same batch: greedy tokens equal decoding the full model with the
+    penalties written out; a strong presence penalty repeats no token; logprobs stay the
+    model's (unpenalized)."""
+    model = tiny_model(seed=41)
+    prompt = prompts_of([25], seed=42)[0]
+    cases = [dict(presence_penalty=1.5), dict(frequency_penalty=0.7), dict(repetition_penalty=1.8),
+             dict(presence_penalty=0.5, frequency_penalty=-0.3, repetition_penalty=0.6), {}]
+    outs = LLM(model, num_blocks=16).generate([prompt] * len(cases),
+                                              [SamplingParams(max_tokens=12, logprobs=0, **GREEDY, **c)
+                                               for c in cases])
+    names = {"presence_penalty": "presence", "frequency_penalty": "frequency", "repetition_penalty": "repetition"}
+    for c, o in zip(cases, outs):
+        assert o.token_ids == penalized_greedy(model, prompt, 12, **{names[k]: v for k, v in c.items()}), c
+    assert outs[-1].token_ids == reference_greedy(model, prompt, 12)
+    assert any(o.token_ids != outs[-1].token_ids for o in outs[:-1])
+    strong = LLM(model, num_blocks=16).generate([prompt], SamplingParams(max_tokens=20, presence_penalty=2.0,
+                                                                          **GREEDY))[0]
+    assert len(set(strong.token_ids)) == 20
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(prompt), backend="reference").logits[-1].double(), -1)
+    assert abs(outs[2].logprobs[0].logprob - float(ref[outs[2].token_ids[0]])) < 2e-6   # penalized from step 1
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty="1"), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
 
 
 def test_filter_logits_top_p_top_k():

@@ -17,7 +17,7 @@ import torch
 from flashdsa.engine import EngineConfig, LLMEngine
 from flashdsa.engine.server import ServerLimits, start_server
 
-from .tiny import reference_greedy, tiny_model
+from .tiny import penalized_greedy, reference_greedy, tiny_model
 
 LIMITS = ServerLimits(max_prompt_tokens=200, max_tokens=64, max_concurrent=32, max_body_bytes=4096)
 
@@ -192,6 +192,21 @@ def test_n_choices(server, model):
     assert server.loop.in_flight == 0
 
 
+def test_penalties(server, model):
+    """presence, frequency and repetition penalties reach the sampler (the tokens of
+    greedy decoding with the penalties written out); fields asking for nothing (an empty
+    logit_bias, tool_choice "none", a text response_format) are accepted."""
+    tok = server.loop.engine.tokenizer
+    body = {"prompt": "abcabcabc", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "presence_penalty": 1.2,
+            "frequency_penalty": 0.4, "repetition_penalty": 1.3, "logit_bias": {}}
+    _, r = post(server.url + "/v1/completions", body)
+    want = penalized_greedy(model, tok.encode("abcabcabc"), 8, presence=1.2, frequency=0.4, repetition=1.3)
+    assert r["choices"][0]["text"] == tok.decode(want)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tool_choice": "none",
+            "response_format": {"type": "text"}}
+    assert post(server.url + "/v1/chat/completions", chat)[0] == 200
+
+
 def test_chat(server, model):
     tok = server.loop.engine.tokenizer
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is sparse attention?"}]
@@ -270,6 +285,13 @@ def test_stop_string_streaming_matches(server, model):
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": -1}, 400, "top_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing", {"prompt": "hi"}, 404, None),
 ])

@@ -68,3 +68,19 @@ def boundary_ties(model, seq: list[int]) -> int:
             v = logits[t, :t + 1].sort(descending=True).values
             ties += bool(v[k_top - 1] == v[k_top])
     return ties
+
+
+@torch.no_grad()
+def penalized_greedy(model, prompt, n, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding of the full model with the penalties written out (the OpenAI API's
+    presence and frequency penalties, Hugging Face's repetition penalty)."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor(seq), backend="reference").logits[-1].double()
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        for t in set(seq):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
