@@ -51,6 +51,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     p.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this where positive (1: none)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from generated tokens' logits")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted from generated tokens' logits once per occurrence")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -114,7 +119,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("no prompt: pass --prompt or pipe lines on stdin")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.sample_seed, max_tokens=args.max_tokens, stop=args.stop,
-                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                            ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty)
     llm = build_llm(args)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

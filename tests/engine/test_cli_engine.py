@@ -51,6 +51,8 @@ def test_generate_logprobs(capsys):
     assert len(line["logprobs"]) == 3 and all(len(x["top"]) == 2 and x["logprob"] <= 0 for x in line["logprobs"])
     assert main(["generate", "random:tiny", "--prompt", "abc", "--logprobs", "21"]) == 2
     assert "logprobs" in capsys.readouterr().err
+    assert main(["generate", "random:tiny", "--prompt", "abc", "--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty" in capsys.readouterr().err
 
 
 def test_generate_rejects_too_long(capsys):
