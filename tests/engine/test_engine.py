@@ -426,6 +426,70 @@ def test_requests_arriving_together_compute_a_shared_start_once():
         assert done[i].token_ids == reference_greedy(model, p, 4)
 
 
+def check_pool(engine) -> None:
+    """The allocator's books against the sequences: every block is free, cached-idle or
+    held, by as many live sequences as hold it; a block two sequences hold is a cached one
+    inside both computed prefixes; a cached block a sequence holds holds its tokens."""
+    a = engine.allocator
+    live = [s for s in engine.scheduler.running] + [s for s in engine.scheduler.waiting if s.blocks]
+    holders = {}
+    for s in live:
+        for b in s.blocks:
+            holders[b] = holders.get(b, 0) + 1
+    assert holders == a._refs
+    assert not set(a._free) & set(holders) and not set(a._idle) & set(holders)
+    assert len(a._free) + len(a._idle) + len(holders) == a.num_blocks
+    for s in live:
+        for i, b in enumerate(s.blocks):
+            if holders[b] > 1:
+                assert b in a._key_of and (i + 1) * PAGE_SIZE <= s.num_computed
+        for i, node in enumerate(s.block_nodes):
+            key = a._key_of.get(s.blocks[i])
+            if key is not None and key[1] == node:
+                assert list(key[0][1]) == s.token_slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)
+
+
+def test_prefix_caching_random_traffic_keeps_books_and_outputs():
+    """Seeded random traffic over a pool of 6 pages: prompts drawn from a few shared
+    starts and from turns of earlier requests, arrivals at random steps, some aborted,
+    preemptions: after every step the allocator's books hold (check_pool), and every
+    request that finishes decodes the reference's tokens (those whose reference selection
+    has a tie at the top-k boundary, which two correct runs may break differently, are
+    not compared: at most a third)."""
+    model = tiny_model(seed=43, index_n_heads=16)   # 16 indexer heads: few keys score exactly 0
+    g = torch.Generator().manual_seed(44)
+    starts = prompts_of([70, 130, 20], seed=45)
+    engine = LLMEngine(model, config=EngineConfig(num_blocks=6, max_num_batched_tokens=48, max_num_seqs=5))
+    done, prompts, aborted = {}, {}, set()
+    for _ in range(400):
+        if len(prompts) < 14 and int(torch.randint(0, 3, (1,), generator=g)) == 0:
+            base = starts[int(torch.randint(0, 3, (1,), generator=g))]
+            if done and int(torch.randint(0, 2, (1,), generator=g)):
+                prev = list(done.values())[int(torch.randint(0, len(done), (1,), generator=g))]
+                base = prev.prompt_token_ids + prev.token_ids
+            tail = torch.randint(0, 256, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+            p = (base + tail)[:200]
+            prompts[engine.add_request(p, SamplingParams(max_tokens=12, **GREEDY))] = p
+        if engine.sequences and int(torch.randint(0, 25, (1,), generator=g)) == 0:
+            rid = list(engine.sequences)[0]
+            engine.abort_request(rid)
+            aborted.add(rid)
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+        check_pool(engine)
+        if len(prompts) >= 14 and not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests() and engine.allocator.num_free == 6
+    assert engine.scheduler.num_preemptions > 0 and sum(o.metrics["cached_tokens"] > 0 for o in done.values()) >= 3
+    compared = 0
+    for rid, o in done.items():
+        assert rid not in aborted
+        ref = reference_greedy(model, prompts[rid], 12)
+        if boundary_ties(model, prompts[rid] + ref) == 0:
+            assert o.token_ids == ref, rid
+            compared += 1
+    assert compared >= 2 * len(done) / 3, (compared, len(done))
+
+
 def test_prefix_caching_under_eviction_and_preemption():
     """A pool too small to keep every request's blocks: cached blocks are evicted and
     sequences preempted (and readmitted onto cached blocks), and every output stays
