@@ -31,6 +31,10 @@ nothing in the prefix cache:
   first token: with prefix caching only the new tokens and the prompt's last block are
   computed.
 
+``--shared N``: every prompt of a pass starts with the same N tokens (a system prompt,
+one document asked several questions), then its own: with prefix caching the batch
+computes them once (the later requests wait for the pages, then take them).
+
 Results go to benchmarks/results/bench_engine.json ($OUT when set), with the ceilings of
 the same run.
 """
@@ -131,6 +135,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=None,
                     help="routed experts of MoE layers after the first (default: dense MLPs only)")
     ap.add_argument("--follow-up", type=int, default=64, help="new tokens of the follow-up requests")
+    ap.add_argument("--shared", type=int, default=0, help="leading tokens every prompt of a pass shares")
     ap.add_argument("--settings", nargs="+", default=["default", "eager"],
                     choices=("default", "eager", "per_expert", "no_prefix_cache"))
     ap.add_argument("--out", default=None)
@@ -145,7 +150,7 @@ def main() -> None:
     cfg = small_v32(args)
     torch.manual_seed(0)
     model = DSAForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if cuda else torch.float32).eval()
-    result = {"config": dataclasses.asdict(cfg), "prompt_len": prompt_len, "decode_steps": steps,
+    result = {"config": dataclasses.asdict(cfg), "prompt_len": prompt_len, "shared": args.shared, "decode_steps": steps,
               "temperature": args.temperature, "top_p": args.top_p,
               "params": sum(p.numel() for p in model.parameters()), "rows": []}
     if cuda:
@@ -168,7 +173,9 @@ def main() -> None:
         graphs = getattr(llm.engine.runner, "graphs", None)
         for b in args.batches:
             for _ in range(2):   # a warm-up (compiles), then the timed pass on other prompts
-                prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(b)]
+                shared = torch.randint(0, 256, (min(args.shared, prompt_len),), generator=g).tolist()
+                prompts = [shared + torch.randint(0, 256, (prompt_len - len(shared),), generator=g).tolist()
+                           for _ in range(b)]
                 m = measure(llm.engine, prompts, steps, args.temperature, args.top_p)
                 m["follow_up_s"] = follow_up(llm.engine, prompts, args.follow_up, g)
             row = {"setting": setting, "batch": b, "cuda_graphs": bool(graphs and graphs.graphs),
