@@ -47,12 +47,31 @@ class HFTokenizer:
 
     ``encode`` adds the tokenizer's special tokens (its BOS) unless the text already starts
     with the BOS token, as the text of ``apply_chat_template`` does (the chat template
-    writes it); ``decode`` drops special tokens."""
+    writes it); ``decode`` drops special tokens; ``token_bytes`` knows a byte-level BPE's
+    bytes (the logprobs fields of the server)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.eos_token_id, self.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+        self._special = set(tokenizer.all_special_ids)
+        self._bytes_of = None   # byte-level BPE (GPT-2's, DeepSeek's): a token's characters -> its bytes
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and type(backend.decoder).__name__ == "ByteLevel":
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+            self._bytes_of = {ch: b for b, ch in bytes_to_unicode().items()}
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for (none for a special token), where the tokenizer is a
+        byte-level BPE; else None (the server then writes the token's decoded text)."""
+        if token_id in self._special:
+            return b""
+        if self._bytes_of is None:
+            return None
+        try:
+            return bytes(self._bytes_of[ch] for ch in self.tokenizer.convert_ids_to_tokens(token_id))
+        except KeyError:   # a token outside the byte alphabet (an added token)
+            return None
 
     def encode(self, text: str) -> list[int]:
         bos = self.tokenizer.bos_token

@@ -605,7 +605,8 @@ def test_llm_from_checkpoint_directory(tmp_path):
 
 
 def tiny_hf_tokenizer(chat_template: bool = True):
-    """A Hugging Face tokenizer of 120 tokens (a BPE trained here, <s> and </s> specials)."""
+    """A Hugging Face tokenizer: a byte-level BPE trained here (the 256 bytes, a few merges,
+    <s> and </s>), of fewer tokens than the tiny model's vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -640,6 +641,9 @@ def test_llm_reads_the_checkpoint_directorys_tokenizer(tmp_path, capsys):
     assert out.prompt_token_ids == hf.encode("hello world") and out.prompt_token_ids.count(hf.bos_token_id) == 1
     assert out.token_ids == reference_greedy(model, out.prompt_token_ids, 6)
     assert out.text == hf.decode(out.token_ids, skip_special_tokens=True)
+    ids = hf.encode("hello wörld", add_special_tokens=False)     # byte-level: a token's bytes, for logprobs
+    assert b"".join(llm.tokenizer.token_bytes(i) for i in ids) == "hello wörld".encode()
+    assert llm.tokenizer.token_bytes(hf.bos_token_id) == b""
     chat = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=2, **GREEDY))
     assert chat.prompt_token_ids[0] == hf.bos_token_id and chat.prompt_token_ids.count(hf.bos_token_id) == 1
     no_template = tmp_path / "no_template"
