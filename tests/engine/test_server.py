@@ -366,7 +366,10 @@ def test_concurrency_limit_gives_429(model):
         handle.shutdown()
 
 
-def test_client_disconnect_aborts_request(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_aborts_request(server, n):
+    """A streaming client that goes away: its request (every choice of it) is released at
+    once and aborted in the engine."""
     import http.client
     engine = server.loop.engine
     aborted = []
@@ -375,7 +378,7 @@ def test_client_disconnect_aborts_request(server):
     try:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps(
-            {"prompt": "abc", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}),
+            {"prompt": "abc", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True, "n": n}),
             {"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200
@@ -390,7 +393,7 @@ def test_client_disconnect_aborts_request(server):
         server.loop.resume()
         while engine.has_unfinished_requests() and time.time() < deadline:
             time.sleep(0.01)                 # then the engine thread aborts it
-        assert len(aborted) == 1 and not engine.has_unfinished_requests()
+        assert len(aborted) == n and not engine.has_unfinished_requests()
     finally:
         server.loop.resume()
         engine.abort_request = abort
