@@ -1,7 +1,7 @@
 """The engine's latent cache write: the fused kernel (flashdsa.ops.mla_cache.write_latent_rows:
 RMSNorm of the latent, RoPE of k_pe and the store, fp8_ds_mla quantization included, one
-launch) against the unfused sequence it replaced (the RMSNorm and RoPE kernels, a cat, the
-quantization kernel for fp8_ds_mla and an indexed store).
+launch) against the unfused sequence (the RMSNorm and RoPE kernels, a cat, the quantization
+kernel for fp8_ds_mla and an indexed store).
 
     python -m benchmarks.bench_latent_write            # GPU: V3.2 widths, 1 / 32 / 2048 tokens
     TRITON_INTERPRET=1 python -m benchmarks.bench_latent_write --toy --tokens 1 7   # CPU: the logic only
@@ -28,7 +28,7 @@ from flashdsa.reference import mla_cache as R
 
 
 def unfused(cache, kv_format, kv_pe, norm, cos, sin, slots):
-    """The engine's latent write before the fused kernel: five launches (four for bf16)."""
+    """The latent write through the separate kernels and torch ops: five launches (four for bf16)."""
     c = norm.weight.shape[0]
     kv = rms_norm(kv_pe[:, :c], norm.weight, norm.eps)
     k_pe = rope_interleaved(kv_pe[:, None, c:], cos, sin)[:, 0]

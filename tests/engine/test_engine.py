@@ -519,8 +519,8 @@ def test_prefix_caching_under_eviction_and_preemption():
 
 
 def test_rope_cos_sin_once_a_step(monkeypatch):
-    """The layers of a step share one RoPE cos/sin computation (a launch a layer on a GPU
-    before): three steps, three computations, and the reference's tokens."""
+    """The layers of a step share one RoPE cos/sin computation: three steps, three
+    computations, and the reference's tokens."""
     from flashdsa.layers import MLA
     model = tiny_model(seed=29)
     prompt = prompts_of([20], seed=30)[0]
