@@ -16,7 +16,7 @@ from flashdsa.engine.cache import PAGE_SIZE, ROOT, NoFreeBlocks
 from flashdsa.engine.sampler import filter_logits
 from tests.utils import requires_cuda
 
-from .tiny import boundary_ties, penalized_greedy, reference_greedy, tiny_model
+from .tiny import boundary_ties, penalized_greedy, reference_greedy, tiny_hf_tokenizer, tiny_model
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -602,25 +602,6 @@ def test_llm_from_checkpoint_directory(tmp_path):
     from_dir = LLM(str(tmp_path), device="cpu").generate(prompts, params)
     direct = LLM(model).generate(prompts, params)
     assert [o.token_ids for o in from_dir] == [o.token_ids for o in direct]
-
-
-def tiny_hf_tokenizer(chat_template: bool = True):
-    """A Hugging Face tokenizer: a byte-level BPE trained here (the 256 bytes, a few merges,
-    <s> and </s>), of fewer tokens than the tiny model's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world, sparse attention keeps the top tokens"] * 20,
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "</s>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    if chat_template:
-        hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                            "{% if add_generation_prompt %}assistant:{% endif %}")
-    return hf
 
 
 def test_llm_reads_the_checkpoint_directorys_tokenizer(tmp_path, capsys):

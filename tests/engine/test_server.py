@@ -17,7 +17,7 @@ import torch
 from flashdsa.engine import EngineConfig, LLMEngine
 from flashdsa.engine.server import ServerLimits, start_server
 
-from .tiny import penalized_greedy, reference_greedy, tiny_model
+from .tiny import penalized_greedy, reference_greedy, tiny_hf_tokenizer, tiny_model
 
 LIMITS = ServerLimits(max_prompt_tokens=200, max_tokens=64, max_concurrent=32, max_body_bytes=4096)
 
@@ -339,6 +339,27 @@ def test_16_concurrent_requests(server, model):
                 else "".join(e["choices"][0]["text"] for e in sse_events(r)))
         assert text == expected_text(model, tok, tok.encode(prompts[i]), 12), i
     assert server.loop.in_flight == 0
+
+
+def test_hugging_face_tokenizer(model):
+    """A server over a Hugging Face tokenizer: chat through its template, logprobs with the
+    tokens' bytes from the byte-level BPE (joined: the completion's UTF-8 text)."""
+    from flashdsa.engine.tokenizer import HFTokenizer
+    tok = HFTokenizer(tiny_hf_tokenizer())
+    engine = LLMEngine(model, tok, config=EngineConfig(num_blocks=8))
+    handle = start_server(engine, limits=LIMITS, model_name="tiny")
+    try:
+        _, r = post(handle.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                          "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                                                          "logprobs": True})
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
+        want = reference_greedy(model, ids, 6)
+        content = r["choices"][0]["logprobs"]["content"]
+        assert r["choices"][0]["message"]["content"] == tok.decode(want)
+        assert b"".join(bytes(c["bytes"]) for c in content) == b"".join(tok.token_bytes(t) for t in want)
+        assert r["usage"]["prompt_tokens"] == len(ids)
+    finally:
+        handle.shutdown()
 
 
 def test_concurrency_limit_gives_429(model):

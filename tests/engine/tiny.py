@@ -1,4 +1,5 @@
-"""A tiny random DSAForCausalLM for engine tests, and step-by-step reference decoding."""
+"""A tiny random DSAForCausalLM for engine tests, step-by-step reference decoding (greedy,
+and with the penalties written out) and a tiny Hugging Face tokenizer."""
 import torch
 
 from flashdsa.config import DSAConfig
@@ -84,3 +85,22 @@ def penalized_greedy(model, prompt, n, presence=0.0, frequency=0.0, repetition=1
         out.append(int(logits.argmax()))
         seq.append(out[-1])
     return out
+
+
+def tiny_hf_tokenizer(chat_template: bool = True):
+    """A Hugging Face tokenizer: a byte-level BPE trained here (the 256 bytes, a few merges,
+    <s> and </s>), of fewer tokens than the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, sparse attention keeps the top tokens"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}assistant:{% endif %}")
+    return hf
