@@ -14,7 +14,7 @@ from ..layers import LightningIndexer
 from ..model import MoE
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
-from .sampler import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
+from .sampler import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs, token_mask
 from .scheduler import Scheduler, Sequence, Status
 from .tokenizer import ByteTokenizer, default_tokenizer, load_tokenizer
 
@@ -264,7 +264,10 @@ class LLMEngine:
         if which:
             seqs = [scheduled[b][0] for b in which]
             params = [s.params for s in seqs]
-            penalized = apply_penalties(logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+            for s in seqs:   # a prompt's token mask, made once (a repetition penalty reads it every step)
+                if s.params.repetition_penalty != 1 and s.prompt_seen is None:
+                    s.prompt_seen = token_mask(s.prompt_ids, logits.shape[1], logits.device)
+            penalized = apply_penalties(logits, params, [s.output_ids for s in seqs], [s.prompt_seen for s in seqs])
             tokens = sample(penalized, params, [s.generator for s in seqs])
             want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
             if want:

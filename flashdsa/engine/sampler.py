@@ -105,36 +105,41 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], n_top: list[int]) ->
             for i, (t, c, n) in enumerate(zip(tokens, chosen, n_top))]
 
 
-def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
-                    outputs: list[list[int]]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
+                    prompt_seen: list[torch.Tensor | None]) -> torch.Tensor:
     """``logits [N, V]`` with the penalties of ``params[i]`` applied to row i (see
-    :class:`SamplingParams`; ``prompts[i]``, ``outputs[i]``: the row's tokens so far). A
-    new tensor when some row has penalties, else ``logits`` itself."""
+    :class:`SamplingParams`): ``outputs[i]`` are the row's generated tokens and
+    ``prompt_seen[i]`` a bool [V] mask of its prompt's tokens (:func:`token_mask`; needed
+    where it has a repetition penalty). A new tensor when some row has penalties, else
+    ``logits`` itself."""
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
     dev, v = logits.device, logits.shape[1]
     out = logits.float().clone()
-    sub = out[rows]
-
-    def counts_of(lists: list[list[int]]) -> torch.Tensor:
-        """[R, V] occurrences of each token in each row's list."""
-        c = torch.zeros(len(rows), v, device=dev)
-        row = torch.tensor([r for r, toks in enumerate(lists) for _ in toks], dtype=torch.long)
-        tok = torch.tensor([t for toks in lists for t in toks], dtype=torch.long)
-        return c.index_put_((row.to(dev), tok.to(dev)), torch.ones(len(tok), device=dev), accumulate=True)
-
     ps = [params[i] for i in rows]
-    generated = counts_of([outputs[i] for i in rows])
+    generated = torch.zeros(len(rows), v, device=dev)
+    row = torch.tensor([r for r, i in enumerate(rows) for _ in outputs[i]], dtype=torch.long)
+    tok = torch.tensor([t for i in rows for t in outputs[i]], dtype=torch.long)
+    generated.index_put_((row.to(dev), tok.to(dev)), torch.ones(len(tok), device=dev), accumulate=True)
     freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
     pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
-    sub = sub - freq * generated - pres * (generated > 0)
+    sub = out[rows] - freq * generated - pres * (generated > 0)
     if any(p.repetition_penalty != 1 for p in ps):
-        seen = counts_of([prompts[i] + outputs[i] for i in rows]) > 0
+        none = torch.zeros(v, dtype=torch.bool, device=dev)
+        seen = torch.stack([prompt_seen[i] if p.repetition_penalty != 1 else none
+                            for i, p in zip(rows, ps)]) | (generated > 0)
         rp = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
     out[rows] = sub
     return out
+
+
+def token_mask(tokens: list[int], vocab: int, device) -> torch.Tensor:
+    """bool [vocab]: which tokens occur in ``tokens``."""
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(tokens, dtype=torch.long, device=device)] = True
+    return mask
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

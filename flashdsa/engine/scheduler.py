@@ -60,6 +60,7 @@ class Sequence:
         self.logprobs: list | None = [] if params.logprobs is not None else None   # TokenLogprob a token
         # TokenLogprob a prompt token (None for the first), filled as the prompt is computed
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_seen = None        # bool [vocab] of the prompt's tokens (for a repetition penalty)
 
     @property
     def tokens(self) -> list[int]:
