@@ -390,7 +390,8 @@ def test_concurrency_limit_gives_429(model):
 @pytest.mark.parametrize("n", [1, 3])
 def test_client_disconnect_aborts_request(server, n):
     """A streaming client that goes away: its request (every choice of it) is released at
-    once and aborted in the engine."""
+    once and aborted in the engine (a choice the engine had not taken yet is dropped
+    instead: the engine thread was paused after the first token)."""
     import http.client
     engine = server.loop.engine
     aborted = []
@@ -414,7 +415,7 @@ def test_client_disconnect_aborts_request(server, n):
         server.loop.resume()
         while engine.has_unfinished_requests() and time.time() < deadline:
             time.sleep(0.01)                 # then the engine thread aborts it
-        assert len(aborted) == n and not engine.has_unfinished_requests()
+        assert 1 <= len(aborted) <= n and not engine.has_unfinished_requests() and not engine.sequences
     finally:
         server.loop.resume()
         engine.abort_request = abort
