@@ -184,8 +184,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.finished:
-            self.scheduler.free(seq)
-            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            self._finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -232,8 +231,12 @@ class LLMEngine:
             if seq.finish_reason is None and done:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            seq.status = Status.FINISHED
-            self.scheduler.free(seq)
+            self._finish(seq, seq.finish_reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a request: its reason, its blocks back to the pool (its output is still sent)."""
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.free(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, list(seq.output_ids), seq.text,
@@ -252,14 +255,12 @@ class LLMEngine:
             seq.num_computed += n
             self.scheduler.cache_blocks(seq)
         outs = []
-        for b in [b for b in which if not scheduled[b][0].params.max_tokens]:   # prompt scored: done
-            seq = scheduled[b][0]
-            seq.status, seq.finish_reason = Status.FINISHED, "length"
-            self.scheduler.free(seq)
-            outs.append(self._output(seq))
-            self.sequences.pop(seq.request_id, None)
         keep = [i for i, b in enumerate(which) if scheduled[b][0].params.max_tokens]
-        if len(keep) < len(which):
+        if len(keep) < len(which):   # max_tokens 0: the prompt is computed (and scored), nothing sampled
+            for seq in [scheduled[b][0] for b in which if not scheduled[b][0].params.max_tokens]:
+                self._finish(seq, "length")
+                outs.append(self._output(seq))
+                self.sequences.pop(seq.request_id, None)
             logits, which = logits[keep], [which[i] for i in keep]
         if which:
             seqs = [scheduled[b][0] for b in which]
