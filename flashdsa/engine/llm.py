@@ -1,6 +1,7 @@
 """The engine (add requests, step) and the offline ``LLM.generate`` front end."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -14,7 +15,7 @@ from ..layers import LightningIndexer
 from ..model import MoE
 from .cache import PAGE_SIZE, BlockAllocator, PagedCaches, blocks_needed
 from .runner import ModelRunner
-from .sampler import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs, token_mask
+from .sampler import SamplingParams, TokenLogprob, apply_penalties, choices_of, sample, token_logprobs, token_mask
 from .scheduler import Scheduler, Sequence, Status
 from .tokenizer import ByteTokenizer, default_tokenizer, load_tokenizer
 
@@ -66,6 +67,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None   # one a token of token_ids, when SamplingParams.logprobs asks
     # one a prompt token (None for the first), when SamplingParams.prompt_logprobs asks
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # LLM.generate with SamplingParams.n > 1: every choice's output (this one is choice 0)
+    choices: list[RequestOutput] | None = None
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -165,6 +168,9 @@ class LLMEngine:
                     request_id: str | None = None, prompt: str | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError when it cannot fit."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"n: an engine request is one choice, got n={params.n} (LLM.generate and the server "
+                             "make n requests: engine.sampler.choices_of)")
         if not prompt_ids:
             raise ValueError("prompt: expected at least one token")
         vocab = self.model_config.vocab_size
@@ -332,25 +338,24 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt (a string, a list of token ids, or a list of either);
-        returns one :class:`RequestOutput` per prompt, in order. ``use_tqdm``: a progress
-        bar of the finished requests and generated tokens on stderr, where that is a
-        terminal."""
+        returns one :class:`RequestOutput` per prompt, in order (with ``n`` > 1: choice 0,
+        all n in its ``choices``; the prompt's full pages are computed once). ``use_tqdm``:
+        a progress bar of the finished requests and generated tokens on stderr, where that
+        is a terminal."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
-        ids = []
+        ids = []   # the engine requests of each prompt, one a choice
         for prompt, p in zip(prompts, params):
-            if isinstance(prompt, str):
-                rid = self.engine.add_request(self.tokenizer.encode(prompt), p, prompt=prompt)
-            else:
-                rid = self.engine.add_request(list(prompt), p)
-            ids.append(rid)
+            text = prompt if isinstance(prompt, str) else None
+            prompt_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
+            ids.append([self.engine.add_request(prompt_ids, c, prompt=text) for c in choices_of(p or SamplingParams())])
         done: dict[str, RequestOutput] = {}
         tokens = 0
-        with tqdm(total=len(ids), desc="generate", unit="req", file=sys.stderr, disable=None if use_tqdm else True,
-                  leave=False) as bar:
+        with tqdm(total=sum(map(len, ids)), desc="generate", unit="req", file=sys.stderr,
+                  disable=None if use_tqdm else True, leave=False) as bar:
             while self.engine.has_unfinished_requests():
                 outs = self.engine.step()
                 tokens += len(outs)
@@ -359,7 +364,13 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
                 bar.set_postfix_str(f"{tokens} tokens", refresh=False)
-        return [done[i] for i in ids]
+        outs = []
+        for rids in ids:
+            out = done[rids[0]]
+            if len(rids) > 1:
+                out = dataclasses.replace(out, choices=[done[r] for r in rids])
+            outs.append(out)
+        return outs
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """One chat completion: the messages through the tokenizer's chat template."""

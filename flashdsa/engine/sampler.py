@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class SamplingParams:
         divided by it where positive and multiplied where not (Hugging Face's, > 0; 1: none).
     Penalties act before temperature, top-k and top-p (and on greedy picks too);
     ``logprobs`` are of the model's logits, without them.
+    n: choices of the same prompt (``LLM.generate`` and the server; :func:`choices_of`):
+        choice i is what a request with seed ``seed + i`` gives alone.
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -50,6 +53,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    n: int = 1
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -60,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k: expected an int >= 0, got {self.top_k!r}")
+        if isinstance(self.n, bool) or not (isinstance(self.n, int) and self.n >= 1):
+            raise ValueError(f"n: expected an int >= 1, got {self.n!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 0):
             raise ValueError(f"max_tokens: expected an int >= 0, got {self.max_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -81,6 +87,13 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+
+def choices_of(params: SamplingParams) -> list[SamplingParams]:
+    """The parameters of each of ``params.n`` choices, one engine request each: n 1, and
+    choice i seeded ``seed + i`` (unseeded choices draw from torch's generator)."""
+    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]
 
 
 @dataclass

@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import uuid
-import dataclasses
 from dataclasses import dataclass
 
 try:
@@ -41,7 +40,7 @@ except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f'the server needs {e.name}: pip install "flashdsa[serve]"', name=e.name) from e
 
 from .llm import LLMEngine, RequestOutput
-from .sampler import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from .sampler import MAX_LOGPROBS, SamplingParams, TokenLogprob, choices_of
 
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
@@ -258,7 +257,7 @@ _UNSUPPORTED = {
 
 def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
     """Validate a request body; returns (prompt text or None, prompt ids, SamplingParams,
-    stream, echo, n)."""
+    stream, echo)."""
     tok = engine.tokenizer
     if chat:
         msgs = body.get("messages")
@@ -355,8 +354,8 @@ def _parse(body: dict, chat: bool, engine: LLMEngine, lim: ServerLimits):
                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=bool(body.get("ignore_eos")),
                             logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
                             presence_penalty=float(presence), frequency_penalty=float(frequency),
-                            repetition_penalty=float(repetition))
-    return prompt, prompt_ids, params, stream, echo, n
+                            repetition_penalty=float(repetition), n=n)
+    return prompt, prompt_ids, params, stream, echo
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -615,12 +614,11 @@ def create_app(loop: EngineLoop, model_name: str = "flashdsa", limits: ServerLim
         if model is not None and model != model_name:
             raise RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`", 404,
                                param="model", code="model_not_found", kind="invalid_request_error")
-        prompt, prompt_ids, params, stream, echo, n = _parse(body, chat, loop.engine, lim)
-        subs = []   # (request id, queue) of each choice; choice i's seed is seed + i
+        prompt, prompt_ids, params, stream, echo = _parse(body, chat, loop.engine, lim)
+        subs = []   # (request id, queue) of each choice
         try:
-            for i in range(n):
-                seed = None if params.seed is None else params.seed + i
-                subs.append(loop.submit(prompt_ids, dataclasses.replace(params, seed=seed), prompt))
+            for choice in choices_of(params):
+                subs.append(loop.submit(prompt_ids, choice, prompt))
         except RequestError:
             for rid, _ in subs:
                 loop.release(rid)

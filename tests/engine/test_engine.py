@@ -449,6 +449,30 @@ def check_pool(engine) -> None:
                 assert list(key[0][1]) == s.token_slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)
 
 
+def test_generate_n_choices():
+    """SamplingParams(n=3): one output per prompt, its ``choices`` the three (greedy: all
+    the reference's; seeded: choice i what seed + i gives alone), a 150-token prompt's
+    full pages computed once; one engine request is one choice."""
+    model = tiny_model(seed=47)
+    prompt = prompts_of([150], seed=48)[0]
+    llm = LLM(model, num_blocks=24, max_num_batched_tokens=512)
+    greedy, sampled = llm.generate([prompt, prompt[:40]], [SamplingParams(n=3, max_tokens=5, **GREEDY),
+                                                           SamplingParams(n=3, max_tokens=5, temperature=1.0,
+                                                                          seed=7, ignore_eos=True)])
+    want = reference_greedy(model, prompt, 5)
+    assert len(greedy.choices) == 3 and greedy.choices[0] is not None and greedy.token_ids == want
+    assert [c.token_ids for c in greedy.choices] == [want] * 3
+    assert [c.metrics["cached_tokens"] for c in greedy.choices] == [0, 128, 128]
+    alone = [llm.generate([prompt[:40]], SamplingParams(max_tokens=5, temperature=1.0, seed=7 + i,
+                                                        ignore_eos=True))[0].token_ids for i in range(3)]
+    assert [c.token_ids for c in sampled.choices] == alone and sampled.token_ids == alone[0]
+    assert llm.generate([prompt[:40]], SamplingParams(max_tokens=2, **GREEDY))[0].choices is None
+    with pytest.raises(ValueError, match="one choice"):
+        llm.engine.add_request(prompt, SamplingParams(n=2))
+    with pytest.raises(ValueError, match="n:"):
+        SamplingParams(n=0)
+
+
 def test_prefix_caching_random_traffic_keeps_books_and_outputs():
     """Seeded random traffic over a pool of 6 pages: prompts drawn from a few shared
     starts and from turns of earlier requests, arrivals at random steps, some aborted,
