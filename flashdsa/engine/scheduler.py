@@ -145,13 +145,18 @@ class Scheduler:
             nodes.append(self.allocator.register(seq.blocks[i], parent,
                                                  seq.token_slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)))
 
+    def _shares(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may take pages from the prefix cache: with prefix caching, unless
+        its prompt is scored (cached pages have no logits)."""
+        return self.allocator.prefix_caching and seq.prompt_logprobs is None
+
     def _computing(self, seq: Sequence, cached: int) -> bool:
         """Whether a running sequence is computing the page of ``seq`` after its ``cached``
         tokens (the same tokens up to that page's end, not computed yet): ``seq`` then
         waits for the page to be cached instead of computing it too (requests that share
         a prompt's start and arrive together, e.g. one system prompt)."""
         end = cached + PAGE_SIZE
-        if not self.allocator.prefix_caching or seq.prompt_logprobs is not None or end > seq.num_tokens - 1:
+        if not self._shares(seq) or end > seq.num_tokens - 1:
             return False
         head = None
         for r in self.running:
@@ -189,7 +194,7 @@ class Scheduler:
             seq = self.waiting[0]
             # the cached blocks that start its tokens (never all of them: the last is computed)
             hit, nodes = (self.allocator.match(seq.tokens, (seq.num_tokens - 1) // PAGE_SIZE)
-                          if self.allocator.prefix_caching and seq.prompt_logprobs is None else ([], []))
+                          if self._shares(seq) else ([], []))
             cached = len(hit) * PAGE_SIZE
             if self._computing(seq, cached):
                 break                        # its next page is being computed: it will be cached
